@@ -1,0 +1,47 @@
+//! Every error a client can see, as one gRPC status with a message naming the
+//! gid and what was wrong. A redirect carries the leader's address in the
+//! `tandem-leader` metadata key as well as in the message.
+
+use tonic::{Code, Status};
+
+use crate::raft::NodeError;
+use crate::state::Rejection;
+
+pub fn from_node_error(error: NodeError) -> Status {
+    let code = match &error {
+        NodeError::NotLeader { .. }
+        | NodeError::Unknown
+        | NodeError::Timeout(_)
+        | NodeError::Stopped(_)
+        | NodeError::TransferringLeadership { .. } => Code::Unavailable,
+        NodeError::Overloaded(_) => Code::ResourceExhausted,
+        NodeError::Membership(_) => Code::FailedPrecondition,
+    };
+    let mut status = Status::new(code, error.to_string());
+    if let NodeError::NotLeader {
+        leader_address: Some(address),
+        ..
+    } = &error
+        && let Ok(value) = address.parse()
+    {
+        status
+            .metadata_mut()
+            .insert(tandem_proto::LEADER_METADATA_KEY, value);
+    }
+    status
+}
+
+pub fn from_rejection(rejection: Rejection) -> Status {
+    let code = match &rejection {
+        Rejection::ProtocolMismatch { .. } => Code::AlreadyExists,
+        Rejection::NotFound { .. } => Code::NotFound,
+        Rejection::InvalidState { .. } => Code::FailedPrecondition,
+        Rejection::Invalid(_) => Code::InvalidArgument,
+        Rejection::TooManyActive { .. } => Code::ResourceExhausted,
+    };
+    Status::new(code, rejection.to_string())
+}
+
+pub fn invalid(message: impl Into<String>) -> Status {
+    Status::invalid_argument(message.into())
+}

@@ -1,0 +1,198 @@
+//! Calling participants: `grpc://host:port` (the `tandem.v1.Participant`
+//! service) and `http(s)://…` (POST). Connections are pooled per endpoint;
+//! every call has a deadline and carries the gid, branch, op, protocol and
+//! fencing token.
+//!
+//! Outcomes: HTTP 2xx success, 409 business failure, anything else
+//! transient; gRPC OK success, ABORTED / FAILED_PRECONDITION business
+//! failure, anything else transient. A business failure's message is the
+//! participant's own words (its response body or status message), kept and
+//! shown by Get.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::participant_client::ParticipantClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::convert::protocol_to_pb;
+use crate::state::command::OpOutcome;
+use crate::state::types::{Fence, Op, Protocol};
+
+/// Header (HTTP) and metadata (gRPC) names participants read.
+pub const HEADER_GID: &str = "tandem-gid";
+pub const HEADER_BRANCH_ID: &str = "tandem-branch-id";
+pub const HEADER_OP: &str = "tandem-op";
+pub const HEADER_PROTOCOL: &str = "tandem-protocol";
+pub const HEADER_FENCE_TERM: &str = "tandem-fence-term";
+pub const HEADER_FENCE_INDEX: &str = "tandem-fence-index";
+
+/// How much of a participant's error text is kept.
+const ERROR_BYTES_MAX: usize = 1024;
+/// gRPC channels kept at most; beyond it the table is cleared (they reconnect).
+const CHANNELS_MAX: usize = 4096;
+
+/// One call to make.
+#[derive(Clone, Debug)]
+pub struct BranchCall<'a> {
+    pub gid: &'a str,
+    pub branch_id: &'a str,
+    pub op: Op,
+    pub protocol: Protocol,
+    pub endpoint: &'a str,
+    pub payload: &'a [u8],
+    pub fence: Fence,
+    pub timeout: Duration,
+}
+
+pub struct BranchCaller {
+    http: reqwest::Client,
+    grpc: Mutex<HashMap<String, Channel>>,
+}
+
+impl Default for BranchCaller {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BranchCaller {
+    pub fn new() -> BranchCaller {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .expect("an HTTP client with static settings");
+        BranchCaller {
+            http,
+            grpc: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn call(&self, call: BranchCall<'_>) -> OpOutcome {
+        if let Some(rest) = call.endpoint.strip_prefix("grpc://") {
+            self.call_grpc(rest.trim_end_matches('/'), &call).await
+        } else {
+            self.call_http(&call).await
+        }
+    }
+
+    async fn call_http(&self, call: &BranchCall<'_>) -> OpOutcome {
+        let content_type = if serde_json::from_slice::<serde::de::IgnoredAny>(call.payload).is_ok()
+        {
+            "application/json"
+        } else {
+            "application/octet-stream"
+        };
+        let request = self
+            .http
+            .post(call.endpoint)
+            .timeout(call.timeout)
+            .header(HEADER_GID, call.gid)
+            .header(HEADER_BRANCH_ID, call.branch_id)
+            .header(HEADER_OP, call.op.name())
+            .header(HEADER_PROTOCOL, call.protocol.name())
+            .header(HEADER_FENCE_TERM, call.fence.term.to_string())
+            .header(HEADER_FENCE_INDEX, call.fence.index.to_string())
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(call.payload.to_vec());
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status();
+                if status.is_success() {
+                    return OpOutcome::Succeeded;
+                }
+                let body = response.bytes().await.unwrap_or_default();
+                let text = truncate(String::from_utf8_lossy(&body).trim());
+                let message = if text.is_empty() {
+                    format!("HTTP {status}")
+                } else {
+                    text
+                };
+                if status == reqwest::StatusCode::CONFLICT {
+                    OpOutcome::Failed(message)
+                } else {
+                    OpOutcome::Transient(format!("HTTP {}: {message}", status.as_u16()))
+                }
+            }
+            Err(e) if e.is_timeout() => {
+                OpOutcome::Transient(format!("no answer within {:?}", call.timeout))
+            }
+            Err(e) => {
+                OpOutcome::Transient(truncate(&format!("{}: {}", call.endpoint, error_chain(&e))))
+            }
+        }
+    }
+
+    fn channel(&self, authority: &str) -> Result<Channel, String> {
+        let mut channels = self.grpc.lock().expect("channel table lock");
+        if let Some(channel) = channels.get(authority) {
+            return Ok(channel.clone());
+        }
+        if channels.len() >= CHANNELS_MAX {
+            channels.clear();
+        }
+        let channel = Endpoint::from_shared(format!("http://{authority}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(authority.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    async fn call_grpc(&self, authority: &str, call: &BranchCall<'_>) -> OpOutcome {
+        let channel = match self.channel(authority) {
+            Ok(c) => c,
+            Err(e) => return OpOutcome::Transient(format!("grpc://{authority}: {e}")),
+        };
+        let mut request = tonic::Request::new(pb::BranchCallRequest {
+            gid: call.gid.to_string(),
+            branch_id: call.branch_id.to_string(),
+            op: call.op.name().to_string(),
+            payload: call.payload.to_vec(),
+            fence_term: call.fence.term,
+            fence_index: call.fence.index,
+            protocol: protocol_to_pb(call.protocol) as i32,
+        });
+        request.set_timeout(call.timeout);
+        let mut client = ParticipantClient::new(channel);
+        match tokio::time::timeout(call.timeout, client.call(request)).await {
+            Ok(Ok(_)) => OpOutcome::Succeeded,
+            Ok(Err(status)) => match status.code() {
+                tonic::Code::Aborted | tonic::Code::FailedPrecondition => {
+                    OpOutcome::Failed(truncate(status.message()))
+                }
+                code => {
+                    OpOutcome::Transient(truncate(&format!("gRPC {code:?}: {}", status.message())))
+                }
+            },
+            Err(_) => OpOutcome::Transient(format!("no answer within {:?}", call.timeout)),
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn truncate(text: &str) -> String {
+    if text.len() <= ERROR_BYTES_MAX {
+        return text.to_string();
+    }
+    let mut end = ERROR_BYTES_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}

@@ -1,0 +1,354 @@
+//! Command-line interface. The shapes of these commands and of their JSON
+//! output are relied on by tooling: change them only compatibly.
+
+mod bench;
+mod output;
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tandem_coordinator::config::{ServeArgs, ServeConfig};
+use tandem_coordinator::state::{Protocol, TxState};
+use tandem_sdk::{Client, proto as pb};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem: a Raft-replicated distributed transaction coordinator"
+)]
+pub struct Cli {
+    /// Log output: human-readable lines or JSON objects.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "TANDEM_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter (tracing env-filter syntax), e.g. "info,raft=warn".
+    #[arg(long, global = true, default_value = "info", env = "TANDEM_LOG")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a coordinator node (with no flags: a single node on 127.0.0.1:7070,
+    /// data in ./tandem-data).
+    Serve(Box<ServeArgs>),
+    /// Inspect and change cluster membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Begin and inspect transactions.
+    Tx {
+        #[command(subcommand)]
+        command: TxCommand,
+    },
+    /// Measure throughput and latency against a running cluster.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EndpointArg {
+    /// Any node of the cluster, or a comma-separated list of them.
+    #[arg(long, env = "TANDEM_ENDPOINT", default_value = "127.0.0.1:7070")]
+    pub endpoint: String,
+}
+
+impl EndpointArg {
+    pub fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::builder([self.endpoint.as_str()])
+            .retry_deadline(Duration::from_secs(20))
+            .build()?)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Every node's id, address, role, term, commit and applied index.
+    Status {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a node (started with --join): as a learner, promoted to voter once
+    /// it has caught up.
+    Add {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        #[arg(long)]
+        id: u64,
+        /// HOST:PORT the new node serves on.
+        #[arg(long)]
+        address: String,
+        /// Leave it a learner.
+        #[arg(long)]
+        learner_only: bool,
+    },
+    /// Remove a node from the cluster.
+    Remove {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TxCommand {
+    /// Begin a transaction and print its gid.
+    Begin {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// saga, tcc, xa, 2pc, 3pc or msg.
+        #[arg(long)]
+        protocol: String,
+        /// The gid; generated when omitted.
+        #[arg(long)]
+        gid: Option<String>,
+        /// Abort if not decided within this long, e.g. 30s.
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Opaque payload kept with the transaction (UTF-8 text).
+        #[arg(long)]
+        payload: Option<String>,
+    },
+    /// Show one transaction.
+    Get {
+        gid: String,
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List transactions, ordered by gid.
+    List {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// active, preparing, committing, aborting, committed or aborted.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        protocol: Option<String>,
+        /// Page size (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue after this gid (a previous page's next token).
+        #[arg(long)]
+        page_token: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(*args).await,
+
+        Command::Cluster { command } => cluster(command).await,
+        Command::Tx { command } => tx(command).await,
+        Command::Bench { command } => bench::run(command).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig::resolve(args)?;
+    // Fail-stop: a node that hit a bug (or a failpoint's panic) must not limp
+    // on with half its tasks dead; its peers carry on and it restarts clean.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(%info, "panic; aborting the process");
+        default_hook(info);
+        std::process::abort();
+    }));
+    tandem_coordinator::server::serve(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+    }
+}
+
+async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Status { endpoint, json } => {
+            let status = endpoint.client()?.cluster_status().await?;
+            if json {
+                println!("{}", output::cluster_json(&status));
+            } else {
+                print!("{}", output::cluster_table(&status));
+            }
+        }
+        ClusterCommand::Add {
+            endpoint,
+            id,
+            address,
+            learner_only,
+        } => {
+            let m = endpoint
+                .client()?
+                .add_node(id, &address, learner_only)
+                .await?;
+            println!("voters {:?} learners {:?}", m.voters, m.learners);
+        }
+        ClusterCommand::Remove { endpoint, id } => {
+            let m = endpoint.client()?.remove_node(id).await?;
+            println!("voters {:?} learners {:?}", m.voters, m.learners);
+        }
+    }
+    Ok(())
+}
+
+fn parse_protocol(name: &str) -> anyhow::Result<pb::Protocol> {
+    let protocol = Protocol::from_name(name).with_context(|| {
+        format!(
+            "unknown protocol {name:?}; expected one of {}",
+            Protocol::ALL.map(|p| p.name()).join(", ")
+        )
+    })?;
+    Ok(match protocol {
+        Protocol::Saga => pb::Protocol::Saga,
+        Protocol::Tcc => pb::Protocol::Tcc,
+        Protocol::Xa => pb::Protocol::Xa,
+        Protocol::TwoPc => pb::Protocol::TwoPc,
+        Protocol::ThreePc => pb::Protocol::ThreePc,
+        Protocol::Msg => pb::Protocol::Msg,
+    })
+}
+
+fn parse_state(name: &str) -> anyhow::Result<pb::TxState> {
+    let state = TxState::from_name(name).with_context(|| {
+        format!(
+            "unknown state {name:?}; expected one of {}",
+            TxState::ALL.map(|s| s.name()).join(", ")
+        )
+    })?;
+    Ok(match state {
+        TxState::Active => pb::TxState::Active,
+        TxState::Preparing => pb::TxState::Preparing,
+        TxState::Committing => pb::TxState::Committing,
+        TxState::Aborting => pb::TxState::Aborting,
+        TxState::Committed => pb::TxState::Committed,
+        TxState::Aborted => pb::TxState::Aborted,
+    })
+}
+
+async fn tx(command: TxCommand) -> anyhow::Result<()> {
+    match command {
+        TxCommand::Begin {
+            endpoint,
+            protocol,
+            gid,
+            timeout,
+            payload,
+        } => {
+            let protocol = parse_protocol(&protocol)?;
+            let timeout_ms = match timeout {
+                Some(t) => {
+                    let d = humantime::parse_duration(&t)
+                        .with_context(|| format!("--timeout {t:?} is not a duration like 30s"))?;
+                    u32::try_from(d.as_millis()).context("--timeout is too long")?
+                }
+                None => 0,
+            };
+            let gid = gid.unwrap_or_else(tandem_sdk::new_gid);
+            let request = pb::BeginRequest {
+                gid,
+                protocol: protocol as i32,
+                options: Some(pb::TxOptions {
+                    timeout_ms,
+                    ..Default::default()
+                }),
+                payload: payload.unwrap_or_default().into_bytes(),
+            };
+            let response = endpoint.client()?.begin_with(request).await?;
+            let tx = response.transaction.unwrap_or_default();
+            println!("{}", tx.gid);
+        }
+        TxCommand::Get {
+            gid,
+            endpoint,
+            json,
+        } => {
+            let tx = endpoint.client()?.get(&gid).await?;
+            if json {
+                println!("{}", output::tx_json(&tx));
+            } else {
+                print!("{}", output::tx_text(&tx));
+            }
+        }
+        TxCommand::List {
+            endpoint,
+            state,
+            protocol,
+            limit,
+            page_token,
+            json,
+        } => {
+            let request = pb::ListRequest {
+                state: state
+                    .as_deref()
+                    .map(parse_state)
+                    .transpose()?
+                    .map_or(0, |s| s as i32),
+                protocol: protocol
+                    .as_deref()
+                    .map(parse_protocol)
+                    .transpose()?
+                    .map_or(0, |p| p as i32),
+                limit,
+                page_token: page_token.unwrap_or_default(),
+            };
+            if limit == 0 {
+                bail!("--limit must be at least 1");
+            }
+            let page = endpoint.client()?.list(request).await?;
+            if json {
+                println!("{}", output::list_json(&page));
+            } else {
+                print!("{}", output::list_text(&page));
+            }
+        }
+    }
+    Ok(())
+}

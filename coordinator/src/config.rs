@@ -1,0 +1,413 @@
+//! `tandem serve` configuration: command-line flags, `TANDEM_*` environment
+//! variables and an optional TOML file, resolved in that order of precedence
+//! over the built-in defaults into one validated [`ServeConfig`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::raft::NodeConfig;
+use crate::state::types::RetryPolicy;
+use crate::state::validate::PAYLOAD_BYTES_HARD_MAX;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+pub const DEFAULT_DATA_DIR: &str = "./tandem-data";
+pub const DEFAULT_CLUSTER_NAME: &str = "tandem";
+
+/// Flags of `tandem serve`. Every one can also come from the environment
+/// (`TANDEM_<NAME>`) or the `--config` file (same names, snake_case).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (flags and environment win).
+    #[arg(long, env = "TANDEM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's Raft id (non-zero). [default: 1]
+    #[arg(long, env = "TANDEM_ID")]
+    pub id: Option<u64>,
+    /// Address to serve gRPC on. [default: 127.0.0.1:7070]
+    #[arg(long, env = "TANDEM_LISTEN")]
+    pub listen: Option<String>,
+    /// Address peers and clients dial to reach this node. [default: --listen]
+    #[arg(long, env = "TANDEM_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Founding members as ID=HOST:PORT,…; this node must be one of them.
+    /// [default: this node alone]
+    #[arg(long, env = "TANDEM_PEERS")]
+    pub peers: Option<String>,
+    /// Start with an empty data directory and wait to be added to a running
+    /// cluster (`tandem cluster add`) instead of founding one.
+    #[arg(long, env = "TANDEM_JOIN")]
+    pub join: bool,
+    /// Where the Raft log and snapshots live. [default: ./tandem-data]
+    #[arg(long, env = "TANDEM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Nodes refuse Raft traffic from another cluster name. [default: tandem]
+    #[arg(long, env = "TANDEM_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// A follower that hears nothing from the leader this long (randomized up
+    /// to twice this) starts an election. [default: 1000]
+    #[arg(long, env = "TANDEM_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
+    /// Leader heartbeat interval. [default: 100]
+    #[arg(long, env = "TANDEM_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Snapshot the state machine (and compact the log) every this many
+    /// applied entries. [default: 20000]
+    #[arg(long, env = "TANDEM_SNAPSHOT_INTERVAL_ENTRIES")]
+    pub snapshot_interval_entries: Option<u64>,
+    /// Log entries kept behind a snapshot for lagging followers. [default: 5000]
+    #[arg(long, env = "TANDEM_LOG_RETAIN_ENTRIES")]
+    pub log_retain_entries: Option<u64>,
+    /// How long finished transactions stay readable before they are collected,
+    /// e.g. "10m". [default: 10m]
+    #[arg(long, env = "TANDEM_RETENTION")]
+    pub retention: Option<String>,
+    /// Finished transactions kept at most; the oldest are collected first.
+    /// [default: 200000]
+    #[arg(long, env = "TANDEM_FINISHED_MAX")]
+    pub finished_max: Option<usize>,
+    /// Largest transaction or branch payload accepted. [default: 65536]
+    #[arg(long, env = "TANDEM_PAYLOAD_BYTES_MAX")]
+    pub payload_bytes_max: Option<usize>,
+    /// Unfinished transactions accepted at most; Begin beyond it is refused
+    /// with RESOURCE_EXHAUSTED. [default: 1000000]
+    #[arg(long, env = "TANDEM_ACTIVE_MAX")]
+    pub active_max: Option<usize>,
+    /// Timeout of a transaction that does not set one. [default: 60s]
+    #[arg(long, env = "TANDEM_DEFAULT_TIMEOUT")]
+    pub default_timeout: Option<String>,
+}
+
+/// The same settings in a TOML file. Unknown keys are an error, so a typo is
+/// not silently ignored.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<u64>,
+    listen: Option<String>,
+    advertise: Option<String>,
+    peers: Option<String>,
+    join: Option<bool>,
+    data_dir: Option<PathBuf>,
+    cluster_name: Option<String>,
+    election_timeout_ms: Option<u64>,
+    heartbeat_interval_ms: Option<u64>,
+    snapshot_interval_entries: Option<u64>,
+    log_retain_entries: Option<u64>,
+    retention: Option<String>,
+    finished_max: Option<usize>,
+    payload_bytes_max: Option<usize>,
+    active_max: Option<usize>,
+    default_timeout: Option<String>,
+}
+
+/// Limits and defaults the API applies before anything is proposed.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub payload_bytes_max: usize,
+    pub active_max: usize,
+    pub timeout_ms_default: u32,
+    pub timeout_ms_max: u32,
+    pub branch_timeout_ms_default: u32,
+    pub branch_timeout_ms_max: u32,
+    pub retry_default: RetryPolicy,
+    pub retry_interval_ms_max: u32,
+    pub retry_attempts_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            payload_bytes_max: 64 * 1024,
+            active_max: 1_000_000,
+            timeout_ms_default: 60_000,
+            timeout_ms_max: 24 * 3600 * 1000,
+            branch_timeout_ms_default: 5_000,
+            branch_timeout_ms_max: 300_000,
+            retry_default: RetryPolicy {
+                initial_interval_ms: 100,
+                max_interval_ms: 10_000,
+                max_attempts: 10,
+            },
+            retry_interval_ms_max: 3_600_000,
+            retry_attempts_max: 1_000_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub node: NodeConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+fn err(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+impl ServeConfig {
+    pub fn resolve(args: ServeArgs) -> Result<ServeConfig, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let id = args.id.or(file.id).unwrap_or(1);
+        if id == 0 {
+            return Err(err("--id must be non-zero"));
+        }
+        let listen_text = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_text.parse().map_err(|e| {
+            err(format!(
+                "--listen {listen_text:?} is not an IP:PORT address: {e}"
+            ))
+        })?;
+        let address = args.advertise.or(file.advertise).unwrap_or(listen_text);
+        check_host_port("--advertise", &address)?;
+        let peers = match args.peers.or(file.peers) {
+            Some(text) => parse_peers(&text)?,
+            None => BTreeMap::from([(id, address.clone())]),
+        };
+        let join = args.join || file.join.unwrap_or(false);
+        if let Some(own) = peers.get(&id)
+            && *own != address
+        {
+            return Err(err(format!(
+                "--peers gives node {id} the address {own}, but it serves on {address} (set --advertise)"
+            )));
+        }
+        let election_ms = args
+            .election_timeout_ms
+            .or(file.election_timeout_ms)
+            .unwrap_or(1000);
+        let heartbeat_ms = args
+            .heartbeat_interval_ms
+            .or(file.heartbeat_interval_ms)
+            .unwrap_or(100);
+        if heartbeat_ms == 0 || election_ms < 3 * heartbeat_ms {
+            return Err(err(format!(
+                "--election-timeout-ms ({election_ms}) must be at least three heartbeat intervals ({heartbeat_ms}, non-zero)"
+            )));
+        }
+        // Ticks of at most 50ms keep timing precise for short timeouts.
+        let tick_ms = heartbeat_ms.min(50);
+        let retention = parse_duration(
+            "--retention",
+            args.retention
+                .or(file.retention)
+                .as_deref()
+                .unwrap_or("10m"),
+        )?;
+        let default_timeout = parse_duration(
+            "--default-timeout",
+            args.default_timeout
+                .or(file.default_timeout)
+                .as_deref()
+                .unwrap_or("60s"),
+        )?;
+        let mut limits = Limits::default();
+        limits.payload_bytes_max = args
+            .payload_bytes_max
+            .or(file.payload_bytes_max)
+            .unwrap_or(limits.payload_bytes_max);
+        if limits.payload_bytes_max > PAYLOAD_BYTES_HARD_MAX {
+            return Err(err(format!(
+                "--payload-bytes-max {} is over the hard limit {PAYLOAD_BYTES_HARD_MAX}",
+                limits.payload_bytes_max
+            )));
+        }
+        limits.active_max = args
+            .active_max
+            .or(file.active_max)
+            .unwrap_or(limits.active_max);
+        let timeout_ms = u32::try_from(default_timeout.as_millis())
+            .ok()
+            .filter(|ms| *ms > 0 && *ms <= limits.timeout_ms_max)
+            .ok_or_else(|| err("--default-timeout must be between 1ms and 24h"))?;
+        limits.timeout_ms_default = timeout_ms;
+        let snapshot_interval_entries = args
+            .snapshot_interval_entries
+            .or(file.snapshot_interval_entries)
+            .unwrap_or(20_000);
+        if snapshot_interval_entries == 0 {
+            return Err(err("--snapshot-interval-entries must be non-zero"));
+        }
+        let cluster_name = args
+            .cluster_name
+            .or(file.cluster_name)
+            .unwrap_or_else(|| DEFAULT_CLUSTER_NAME.to_string());
+        if cluster_name.is_empty() || cluster_name.len() > 64 {
+            return Err(err("--cluster-name must be 1 to 64 bytes"));
+        }
+        let node = NodeConfig {
+            id,
+            cluster_name,
+            address,
+            peers,
+            join,
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            tick: Duration::from_millis(tick_ms),
+            election_ticks: (election_ms / tick_ms) as usize,
+            heartbeat_ticks: (heartbeat_ms / tick_ms).max(1) as usize,
+            snapshot_interval_entries,
+            log_retain_entries: args
+                .log_retain_entries
+                .or(file.log_retain_entries)
+                .unwrap_or(5_000),
+            retention,
+            finished_max: args.finished_max.or(file.finished_max).unwrap_or(200_000),
+        };
+        Ok(ServeConfig {
+            listen,
+            node,
+            limits,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| err(format!("{}: {e}", path.display())))
+}
+
+fn parse_duration(flag: &str, text: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text).map_err(|e| {
+        err(format!(
+            "{flag} {text:?} is not a duration like 30s or 10m: {e}"
+        ))
+    })
+}
+
+fn check_host_port(flag: &str, text: &str) -> Result<(), ConfigError> {
+    let ok = text
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if ok {
+        Ok(())
+    } else {
+        Err(err(format!("{flag} {text:?} is not HOST:PORT")))
+    }
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, address) = part
+            .split_once('=')
+            .ok_or_else(|| err(format!("--peers entry {part:?} is not ID=HOST:PORT")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|id| *id != 0)
+            .ok_or_else(|| {
+                err(format!(
+                    "--peers entry {part:?} has a bad id (non-zero integer)"
+                ))
+            })?;
+        check_host_port("--peers", address.trim())?;
+        if peers.insert(id, address.trim().to_string()).is_some() {
+            return Err(err(format!("--peers names node {id} twice")));
+        }
+    }
+    if peers.is_empty() {
+        return Err(err("--peers is empty"));
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_make_a_single_node_cluster() {
+        let config = ServeConfig::resolve(ServeArgs::default()).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.node.id, 1);
+        assert_eq!(
+            config.node.peers,
+            BTreeMap::from([(1, DEFAULT_LISTEN.to_string())])
+        );
+        assert_eq!(config.node.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert!(!config.node.join);
+    }
+
+    #[test]
+    fn peers_parse_and_must_agree_with_the_advertised_address() {
+        let peers = parse_peers("1=127.0.0.1:1, 2=127.0.0.1:2").unwrap();
+        assert_eq!(peers.len(), 2);
+        assert!(parse_peers("1=127.0.0.1:1,1=127.0.0.1:2").is_err());
+        assert!(parse_peers("x=127.0.0.1:1").is_err());
+        assert!(parse_peers("1=nohost").is_err());
+        let args = ServeArgs {
+            id: Some(2),
+            listen: Some("127.0.0.1:9000".into()),
+            peers: Some("1=127.0.0.1:1,2=127.0.0.1:2".into()),
+            ..Default::default()
+        };
+        let e = ServeConfig::resolve(args).unwrap_err().to_string();
+        assert!(e.contains("--advertise"), "{e}");
+    }
+
+    #[test]
+    fn file_settings_apply_below_flags_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tandem.toml");
+        std::fs::write(
+            &path,
+            "id = 3\nlisten = \"127.0.0.1:7373\"\nretention = \"1m\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            listen: Some("127.0.0.1:7474".into()),
+            ..Default::default()
+        };
+        let config = ServeConfig::resolve(args).unwrap();
+        assert_eq!(config.node.id, 3);
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7474");
+        assert_eq!(config.node.retention, Duration::from_secs(60));
+        std::fs::write(&path, "idd = 3\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let e = ServeConfig::resolve(args).unwrap_err().to_string();
+        assert!(e.contains("idd"), "{e}");
+    }
+
+    #[test]
+    fn timing_must_leave_room_for_heartbeats() {
+        let args = ServeArgs {
+            election_timeout_ms: Some(200),
+            heartbeat_interval_ms: Some(100),
+            ..Default::default()
+        };
+        assert!(ServeConfig::resolve(args).is_err());
+        let args = ServeArgs {
+            election_timeout_ms: Some(500),
+            heartbeat_interval_ms: Some(100),
+            ..Default::default()
+        };
+        let config = ServeConfig::resolve(args).unwrap();
+        assert_eq!(config.node.tick, Duration::from_millis(50));
+        assert_eq!(config.node.election_ticks, 10);
+        assert_eq!(config.node.heartbeat_ticks, 2);
+    }
+}

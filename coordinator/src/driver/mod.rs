@@ -1,0 +1,355 @@
+//! The driver: on the leader only, it makes the calls the protocols ask for
+//! and proposes what came back. It never decides — decisions are taken by
+//! `apply` from the facts it proposes — so a deposed leader's late proposals
+//! are harmless facts.
+//!
+//! One worker task per unfinished transaction. A worker reads the latest
+//! applied state of its transaction, asks [`protocol::next`] which calls
+//! should be under way, starts the missing ones (all of them concurrently),
+//! waits for a result, a change or a timer, and repeats until the transaction
+//! is terminal. Transient failures are retried with exponential backoff and
+//! jitter; an undecided transaction past its deadline gets a Timeout proposal.
+//!
+//! On becoming leader the loop hands over every unfinished transaction
+//! (`LeaderEvent::Lead`); on losing leadership every worker is stopped.
+//! The commit point holds by construction: phase-two calls come only from
+//! applied state, and a decision is applied only once committed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::branch::{BranchCall, BranchCaller};
+use crate::clock;
+use crate::protocol::{self, Call};
+use crate::raft::NodeHandle;
+use crate::raft::node::{LeaderEvent, NodeError};
+use crate::state::command::{Applied, Command, OpOutcome};
+use crate::state::types::{Op, RetryPolicy, Transaction};
+
+/// Calls in flight across all transactions; beyond it new calls wait.
+pub const CALLS_IN_FLIGHT_MAX: usize = 8192;
+
+/// Failpoints at the instants where a coordinator crash is most dangerous.
+pub mod failpoints {
+    /// After a prepare answer arrived, before it is proposed.
+    pub const DURING_PREPARE: &str = "driver-during-prepare";
+    /// Decision applied; no phase-two call has left yet.
+    pub const BEFORE_FANOUT: &str = "driver-before-fanout";
+    /// One phase-two call answered and recorded; others may not have left.
+    pub const MID_FANOUT: &str = "driver-mid-fanout";
+}
+
+pub struct Driver {
+    node: NodeHandle,
+    caller: Arc<BranchCaller>,
+    calls: Arc<Semaphore>,
+    workers: HashMap<String, watch::Sender<Arc<Transaction>>>,
+    tasks: JoinSet<()>,
+}
+
+impl Driver {
+    pub fn new(node: NodeHandle, caller: Arc<BranchCaller>) -> Driver {
+        Driver {
+            node,
+            caller,
+            calls: Arc::new(Semaphore::new(CALLS_IN_FLIGHT_MAX)),
+            workers: HashMap::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<LeaderEvent>) {
+        let mut leading = false;
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(LeaderEvent::Lead { term, txs }) => {
+                        self.stop_all();
+                        leading = true;
+                        tracing::info!(term, count = txs.len(), "driver: resuming transactions");
+                        for tx in txs {
+                            self.dispatch(tx);
+                        }
+                    }
+                    Some(LeaderEvent::Changed(tx)) => {
+                        if leading {
+                            self.dispatch(tx);
+                        }
+                    }
+                    Some(LeaderEvent::Follow) => {
+                        leading = false;
+                        tracing::info!("driver: no longer leader; stopping every worker");
+                        self.stop_all();
+                    }
+                    None => {
+                        self.stop_all();
+                        return;
+                    }
+                },
+                // Reap finished workers so the set does not grow.
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        self.workers.clear();
+        self.tasks.abort_all();
+    }
+
+    fn dispatch(&mut self, tx: Arc<Transaction>) {
+        if tx.state.is_terminal() {
+            // The worker sees it too and ends.
+            if let Some(worker) = self.workers.remove(&tx.gid) {
+                let _ = worker.send(tx);
+            }
+            return;
+        }
+        if let Some(worker) = self.workers.get(&tx.gid)
+            && !worker.is_closed()
+        {
+            worker.send_if_modified(|current| {
+                let newer = tx.version > current.version;
+                if newer {
+                    *current = tx.clone();
+                }
+                newer
+            });
+            return;
+        }
+        let (sender, receiver) = watch::channel(tx.clone());
+        self.workers.insert(tx.gid.clone(), sender);
+        let worker = Worker {
+            node: self.node.clone(),
+            caller: self.caller.clone(),
+            calls: self.calls.clone(),
+        };
+        self.tasks.spawn(worker.run(receiver));
+    }
+}
+
+#[derive(Clone)]
+struct Worker {
+    node: NodeHandle,
+    caller: Arc<BranchCaller>,
+    calls: Arc<Semaphore>,
+}
+
+/// What a finished call task reports to its worker.
+struct Done {
+    /// The call this was; `None` for a Timeout proposal.
+    key: Option<(String, Op)>,
+    /// The transaction after the proposal, when it was applied.
+    tx: Option<Arc<Transaction>>,
+    transient: bool,
+}
+
+impl Worker {
+    async fn run(self, mut updates: watch::Receiver<Arc<Transaction>>) {
+        let mut current = updates.borrow_and_update().clone();
+        let mut in_flight: HashSet<(String, Op)> = HashSet::new();
+        let mut retry_at: HashMap<(String, Op), Instant> = HashMap::new();
+        let mut calls: JoinSet<Done> = JoinSet::new();
+        let mut timeout_sent_at: Option<Instant> = None;
+        let mut fanned_out = false;
+
+        loop {
+            if current.state.is_terminal() {
+                return;
+            }
+            let now = Instant::now();
+            let mut wake = now + Duration::from_secs(60);
+
+            if !current.is_decided() {
+                let left_ms = current.deadline_ms - clock::now_ms();
+                if left_ms <= 0 {
+                    // Re-propose at most once a second if the first was lost.
+                    if timeout_sent_at
+                        .is_none_or(|at| now.duration_since(at) > Duration::from_secs(1))
+                    {
+                        timeout_sent_at = Some(now);
+                        let node = self.node.clone();
+                        let gid = current.gid.clone();
+                        calls.spawn(async move {
+                            let command = Command::Timeout {
+                                gid: gid.clone(),
+                                now_ms: clock::now_ms(),
+                            };
+                            let tx = propose(&node, command).await;
+                            Done {
+                                key: None,
+                                tx,
+                                transient: false,
+                            }
+                        });
+                    }
+                    wake = wake.min(now + Duration::from_secs(1));
+                } else {
+                    wake = wake.min(now + Duration::from_millis(left_ms as u64));
+                }
+            }
+
+            // A saga's actions run at most `concurrency` at a time.
+            let actions_max = match current.options.concurrency {
+                0 => usize::MAX,
+                n => n as usize,
+            };
+            let mut actions = in_flight.iter().filter(|(_, op)| *op == Op::Action).count();
+            let next = protocol::next(&current);
+            for call in next {
+                if call.op == Op::Action && actions >= actions_max {
+                    break;
+                }
+                let key = (call.branch_id.clone(), call.op);
+                if in_flight.contains(&key) {
+                    continue;
+                }
+                if let Some(at) = retry_at.get(&key)
+                    && *at > now
+                {
+                    wake = wake.min(*at);
+                    continue;
+                }
+                if current.is_decided() && !fanned_out {
+                    // The decision is applied, so committed; nothing of phase
+                    // two has left this node yet.
+                    fail::fail_point!(failpoints::BEFORE_FANOUT);
+                    fanned_out = true;
+                }
+                if call.op == Op::Action {
+                    actions += 1;
+                }
+                in_flight.insert(key);
+                calls.spawn(self.clone().call(current.clone(), call));
+            }
+
+            tokio::select! {
+                changed = updates.changed() => {
+                    if changed.is_err() {
+                        // The driver stopped this worker (leadership lost).
+                        return;
+                    }
+                    let tx = updates.borrow_and_update().clone();
+                    if tx.version > current.version {
+                        current = tx;
+                    }
+                }
+                Some(done) = calls.join_next(), if !calls.is_empty() => {
+                    let Ok(done) = done else { continue };
+                    if let Some(tx) = done.tx
+                        && tx.version > current.version {
+                            current = tx;
+                        }
+                    let Some(key) = done.key else { continue };
+                    in_flight.remove(&key);
+                    if done.transient {
+                        let attempts = current
+                            .branch(&key.0)
+                            .and_then(|b| b.op(key.1))
+                            .map_or(1, |o| o.attempts);
+                        let policy = current.retry_policy(&key.0);
+                        retry_at.insert(key, Instant::now() + backoff(policy, attempts));
+                    } else {
+                        retry_at.remove(&key);
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Makes one call and proposes its outcome.
+    async fn call(self, tx: Arc<Transaction>, call: Call) -> Done {
+        let key = Some((call.branch_id.clone(), call.op));
+        let Ok(_permit) = self.calls.clone().acquire_owned().await else {
+            return Done {
+                key,
+                tx: None,
+                transient: true,
+            };
+        };
+        let payload = tx
+            .branch(&call.branch_id)
+            .map(|b| b.payload.clone())
+            .unwrap_or_default();
+        let outcome = self
+            .caller
+            .call(BranchCall {
+                gid: &tx.gid,
+                branch_id: &call.branch_id,
+                op: call.op,
+                protocol: tx.protocol,
+                endpoint: &call.endpoint,
+                payload: &payload,
+                fence: call.fence,
+                timeout: Duration::from_millis(u64::from(tx.options.branch_timeout_ms)),
+            })
+            .await;
+        if call.op == Op::Prepare {
+            fail::fail_point!(failpoints::DURING_PREPARE);
+        }
+        let transient = matches!(outcome, OpOutcome::Transient(_));
+        if let OpOutcome::Transient(error) = &outcome {
+            tracing::debug!(gid = %tx.gid, branch = %call.branch_id, op = %call.op, %error, "call failed; will retry");
+        }
+        let succeeded_phase_two = tx.is_decided() && outcome == OpOutcome::Succeeded;
+        let command = Command::OpResult {
+            gid: tx.gid.clone(),
+            branch_id: call.branch_id.clone(),
+            op: call.op,
+            outcome,
+            now_ms: clock::now_ms(),
+        };
+        let applied = propose(&self.node, command).await;
+        if succeeded_phase_two && applied.is_some() {
+            fail::fail_point!(failpoints::MID_FANOUT);
+        }
+        Done {
+            key,
+            transient: transient || applied.is_none(),
+            tx: applied,
+        }
+    }
+}
+
+/// Proposes a command; the transaction after it, or `None` if it did not
+/// get in (not leader, overloaded, refused — the worker will look again).
+async fn propose(node: &NodeHandle, command: Command) -> Option<Arc<Transaction>> {
+    let gid = command.gid().unwrap_or_default().to_string();
+    match node.propose(command).await {
+        Ok(Ok(Applied::Updated { tx } | Applied::Begun { tx, .. })) => Some(tx),
+        Ok(Ok(Applied::Collected { .. })) => None,
+        Ok(Err(rejection)) => {
+            tracing::warn!(%gid, %rejection, "the driver's proposal was refused");
+            None
+        }
+        Err(NodeError::NotLeader { .. }) => None,
+        Err(e) => {
+            tracing::debug!(%gid, error = %e, "the driver's proposal did not get in");
+            None
+        }
+    }
+}
+
+/// Exponential backoff with jitter: the n-th retry waits
+/// `initial × 2^(n-1)`, capped at `max`, then a random half of it is shaved
+/// off so that retries of many transactions spread out.
+fn backoff(policy: RetryPolicy, attempts: u32) -> Duration {
+    let initial = u64::from(policy.initial_interval_ms.max(1));
+    let max = u64::from(
+        policy
+            .max_interval_ms
+            .max(policy.initial_interval_ms)
+            .max(1),
+    );
+    let exp = attempts.saturating_sub(1).min(30);
+    let full = initial.saturating_mul(1 << exp).min(max);
+    let jitter = rand::rng().random_range(0..=full / 2);
+    Duration::from_millis(full - jitter)
+}

@@ -1,0 +1,12 @@
+//! Tandem: a distributed transaction coordinator whose decisions are
+//! replicated through Raft. See ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod branch;
+pub mod clock;
+pub mod config;
+pub mod driver;
+pub mod protocol;
+pub mod raft;
+pub mod server;
+pub mod state;

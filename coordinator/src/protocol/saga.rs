@@ -1,0 +1,455 @@
+//! Saga: submitted whole, with its steps; each step has an action and a
+//! compensation. Steps run in order (sequential) or as a dependency DAG
+//! (concurrent, with a limit on steps in flight, which the driver enforces).
+//!
+//! | state    | event                                                  | next state | effect |
+//! |----------|--------------------------------------------------------|------------|--------|
+//! | (none)   | SubmitSaga                                             | Active     | actions whose dependencies are met run |
+//! | Active   | an action succeeded, others left                       | Active     | actions that became runnable run |
+//! | Active   | the last action succeeded                              | Committed  | decision forward; compensations skipped |
+//! | Active   | an action failed (business), or exhausted its attempts | Aborting   | **decision compensate** at this entry |
+//! | Active   | Abort, Timeout                                         | Aborting   | decision compensate |
+//! | Aborting | a compensation succeeded                               | Aborting   | compensations whose dependants are undone run |
+//! | Aborting | the last compensation succeeded                        | Aborted    | |
+//!
+//! **Which steps are compensated.** At the decision, every step whose action
+//! may have run — every step whose dependencies had all succeeded, the failed
+//! one included — keeps its compensation pending; the others are skipped
+//! (their action never ran and never will: actions only start from applied
+//! state, and after the decision none does). A compensation for an action
+//! that in fact never ran, or is still in flight, reaches a participant
+//! before its action: the barrier makes it a no-op and refuses the late
+//! action, and the fencing token (the decision's entry, newer than the
+//! submit's) does too.
+//!
+//! **Order.** A compensation runs only after the compensations of every
+//! step that depends on its step are done: reverse dependency order.
+//! Compensations are retried until they succeed; one that keeps failing shows
+//! in Get with its attempts and last error.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::{Call, Changed, decide, record, record_phase_two};
+use crate::state::command::{ApplyContext, OpOutcome, Rejection, SagaStepSpec};
+use crate::state::types::{Branch, BranchOp, Op, OpState, Outcome, Transaction, TxState};
+use crate::state::validate::{self, BRANCHES_HARD_MAX, InvalidInput};
+
+/// Checks a saga's steps: at least one, unique valid ids, valid endpoints,
+/// dependencies that exist and form no cycle.
+pub fn validate_steps(gid: &str, steps: &[SagaStepSpec]) -> Result<(), InvalidInput> {
+    let other = |problem: String| InvalidInput::Other {
+        gid: gid.to_string(),
+        problem,
+    };
+    if steps.is_empty() {
+        return Err(other("a saga needs at least one step".into()));
+    }
+    if steps.len() > BRANCHES_HARD_MAX {
+        return Err(other(format!(
+            "a saga has at most {BRANCHES_HARD_MAX} steps, not {}",
+            steps.len()
+        )));
+    }
+    let mut ids = BTreeSet::new();
+    for step in steps {
+        validate::branch_id(gid, &step.branch_id)?;
+        if !ids.insert(step.branch_id.as_str()) {
+            return Err(other(format!("step id {} is used twice", step.branch_id)));
+        }
+        validate::endpoint(gid, &step.action)?;
+        validate::endpoint(gid, &step.compensate)?;
+    }
+    for step in steps {
+        for dep in &step.after {
+            if !ids.contains(dep.as_str()) {
+                return Err(other(format!(
+                    "step {} comes after {dep}, which is not a step of this saga",
+                    step.branch_id
+                )));
+            }
+            if *dep == step.branch_id {
+                return Err(other(format!("step {} comes after itself", step.branch_id)));
+            }
+        }
+    }
+    // Kahn's algorithm: whatever is left has a cycle.
+    let mut indegree: BTreeMap<&str, usize> = steps
+        .iter()
+        .map(|s| (s.branch_id.as_str(), s.after.len()))
+        .collect();
+    let mut ready: VecDeque<&str> = indegree
+        .iter()
+        .filter(|(_, d)| **d == 0)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut done = 0;
+    while let Some(id) = ready.pop_front() {
+        done += 1;
+        for step in steps.iter().filter(|s| s.after.iter().any(|d| d == id)) {
+            let d = indegree
+                .get_mut(step.branch_id.as_str())
+                .expect("known step");
+            *d -= 1;
+            if *d == 0 {
+                ready.push_back(&step.branch_id);
+            }
+        }
+    }
+    if done < steps.len() {
+        let stuck: Vec<&str> = indegree
+            .iter()
+            .filter(|(_, d)| **d > 0)
+            .map(|(id, _)| *id)
+            .collect();
+        return Err(other(format!(
+            "the steps' dependencies form a cycle among {}",
+            stuck.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The saga's branches as submitted, every op pending.
+pub fn branches(steps: Vec<SagaStepSpec>, now_ms: i64) -> Vec<Branch> {
+    let op = |op, endpoint| BranchOp {
+        op,
+        endpoint,
+        state: OpState::Pending,
+        attempts: 0,
+        last_error: String::new(),
+        updated_at_ms: now_ms,
+    };
+    steps
+        .into_iter()
+        .map(|s| Branch {
+            branch_id: s.branch_id,
+            ops: vec![op(Op::Action, s.action), op(Op::Compensate, s.compensate)],
+            payload: s.payload,
+            after: s.after,
+            retry: s.retry,
+        })
+        .collect()
+}
+
+fn action_state(tx: &Transaction, branch_id: &str) -> Option<OpState> {
+    tx.branch(branch_id)
+        .and_then(|b| b.op(Op::Action))
+        .map(|o| o.state)
+}
+
+/// A step may run (or may have run) once all its dependencies succeeded.
+fn runnable(tx: &Transaction, branch: &Branch) -> bool {
+    branch
+        .after
+        .iter()
+        .all(|dep| action_state(tx, dep) == Some(OpState::Succeeded))
+}
+
+pub fn next(tx: &Transaction) -> Vec<Call> {
+    let call = |b: &Branch, op: Op| {
+        let o = b.op(op).expect("saga branches have both ops");
+        Call {
+            branch_id: b.branch_id.clone(),
+            op,
+            endpoint: o.endpoint.clone(),
+            fence: tx.fence,
+            attempts: o.attempts,
+        }
+    };
+    match tx.state {
+        TxState::Active => tx
+            .branches
+            .iter()
+            .filter(|b| {
+                b.op(Op::Action)
+                    .is_some_and(|o| o.state == OpState::Pending)
+                    && runnable(tx, b)
+            })
+            .map(|b| call(b, Op::Action))
+            .collect(),
+        TxState::Aborting => tx
+            .branches
+            .iter()
+            .filter(|b| {
+                b.op(Op::Compensate)
+                    .is_some_and(|o| o.state == OpState::Pending)
+            })
+            .filter(|b| {
+                // Every step that depends on this one is undone (or skipped).
+                tx.branches
+                    .iter()
+                    .filter(|d| d.after.contains(&b.branch_id))
+                    .all(|d| {
+                        d.op(Op::Compensate).is_some_and(|o| {
+                            matches!(o.state, OpState::Succeeded | OpState::Skipped)
+                        })
+                    })
+            })
+            .map(|b| call(b, Op::Compensate))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// At the decision to compensate: keep the compensations of every step that
+/// may have run, skip the others.
+pub fn mark_compensations(tx: &mut Transaction) {
+    let may_have_run: Vec<bool> = tx.branches.iter().map(|b| runnable(tx, b)).collect();
+    for (branch, may) in tx.branches.iter_mut().zip(may_have_run) {
+        if !may && let Some(o) = branch.op_mut(Op::Compensate) {
+            o.state = OpState::Skipped;
+        }
+    }
+}
+
+pub fn on_result(
+    tx: &mut Transaction,
+    branch_id: &str,
+    op: Op,
+    outcome: &OpOutcome,
+    ctx: ApplyContext,
+    now_ms: i64,
+) -> Result<Changed, Rejection> {
+    if op == Op::Compensate {
+        return Ok(record_phase_two(tx, branch_id, op, outcome, now_ms));
+    }
+    if tx.state != TxState::Active {
+        // An action's answer after the decision: its compensation (if it
+        // may have run) is already pending.
+        return Ok(false);
+    }
+    if !record(tx, branch_id, op, outcome, now_ms) {
+        return Ok(false);
+    }
+    let branch = tx.branch(branch_id).expect("recorded above").clone();
+    let action = branch
+        .op(Op::Action)
+        .expect("saga branches have an action")
+        .clone();
+    let max_attempts = tx.retry_policy(branch_id).max_attempts;
+    match outcome {
+        OpOutcome::Failed(error) => {
+            decide(
+                tx,
+                Outcome::Abort,
+                format!("step {branch_id} failed: {error}"),
+                ctx,
+                now_ms,
+            );
+        }
+        OpOutcome::Transient(error) if action.attempts >= max_attempts => {
+            let reason = format!("step {branch_id} failed {} times: {error}", action.attempts);
+            decide(tx, Outcome::Abort, reason, ctx, now_ms);
+        }
+        OpOutcome::Transient(_) => {}
+        OpOutcome::Succeeded => {
+            let all_done = tx.branches.iter().all(|b| {
+                b.op(Op::Action)
+                    .is_some_and(|o| o.state == OpState::Succeeded)
+            });
+            if all_done {
+                decide(
+                    tx,
+                    Outcome::Commit,
+                    "every step succeeded".into(),
+                    ctx,
+                    now_ms,
+                );
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{at, tx};
+    use super::super::{on_abort, on_result as on_any_result};
+    use super::*;
+    use crate::state::types::Protocol;
+
+    fn step(id: &str, after: &[&str]) -> SagaStepSpec {
+        SagaStepSpec {
+            branch_id: id.into(),
+            action: format!("http://svc/{id}/action"),
+            compensate: format!("http://svc/{id}/compensate"),
+            payload: Vec::new(),
+            after: after.iter().map(|s| s.to_string()).collect(),
+            retry: None,
+        }
+    }
+
+    /// order → (inventory ‖ payment) → shipping
+    fn dag() -> Transaction {
+        let mut t = tx(Protocol::Saga);
+        t.branches = branches(
+            vec![
+                step("order", &[]),
+                step("inventory", &["order"]),
+                step("payment", &["order"]),
+                step("shipping", &["inventory", "payment"]),
+            ],
+            0,
+        );
+        t
+    }
+
+    fn calls(t: &Transaction) -> Vec<(String, Op)> {
+        next(t).into_iter().map(|c| (c.branch_id, c.op)).collect()
+    }
+
+    fn ok(t: &mut Transaction, id: &str, op: Op, index: u64) {
+        on_any_result(t, id, op, &OpOutcome::Succeeded, at(index), index as i64).unwrap();
+    }
+
+    #[test]
+    fn validation_refuses_cycles_duplicates_unknown_deps_and_empty_sagas() {
+        assert_eq!(
+            validate_steps("g", &[step("a", &[]), step("b", &["a"])]),
+            Ok(())
+        );
+        let e = |steps: &[SagaStepSpec]| validate_steps("g", steps).unwrap_err().to_string();
+        assert!(e(&[]).contains("at least one step"));
+        assert!(e(&[step("a", &[]), step("a", &[])]).contains("used twice"));
+        assert!(e(&[step("a", &["zz"])]).contains("not a step"));
+        assert!(e(&[step("a", &["a"])]).contains("after itself"));
+        let cycle = e(&[
+            step("a", &["c"]),
+            step("b", &["a"]),
+            step("c", &["b"]),
+            step("d", &[]),
+        ]);
+        assert!(cycle.contains("cycle among a, b, c"), "{cycle}");
+        let mut bad = step("a", &[]);
+        bad.compensate = "nope".into();
+        assert!(e(&[bad]).contains("malformed"));
+    }
+
+    #[test]
+    fn saga_actions_follow_the_dag_and_finish_forward() {
+        let mut t = dag();
+        assert_eq!(calls(&t), vec![("order".into(), Op::Action)]);
+        ok(&mut t, "order", Op::Action, 2);
+        assert_eq!(
+            calls(&t),
+            vec![
+                ("inventory".into(), Op::Action),
+                ("payment".into(), Op::Action)
+            ]
+        );
+        ok(&mut t, "payment", Op::Action, 3);
+        assert_eq!(
+            calls(&t),
+            vec![("inventory".into(), Op::Action)],
+            "shipping waits for inventory"
+        );
+        ok(&mut t, "inventory", Op::Action, 4);
+        assert_eq!(calls(&t), vec![("shipping".into(), Op::Action)]);
+        ok(&mut t, "shipping", Op::Action, 5);
+        assert_eq!(t.state, TxState::Committed);
+        assert_eq!(t.decision.as_ref().unwrap().outcome, Outcome::Commit);
+        assert!(calls(&t).is_empty());
+    }
+
+    #[test]
+    fn saga_failure_compensates_what_may_have_run_in_reverse_order() {
+        let mut t = dag();
+        ok(&mut t, "order", Op::Action, 2);
+        ok(&mut t, "inventory", Op::Action, 3);
+        on_any_result(
+            &mut t,
+            "payment",
+            Op::Action,
+            &OpOutcome::Failed("card declined".into()),
+            at(4),
+            4,
+        )
+        .unwrap();
+        assert_eq!(t.state, TxState::Aborting);
+        assert_eq!(t.error, "step payment failed: card declined");
+        assert_eq!(t.fence.index, 4, "compensations carry the decision's token");
+        // Shipping never became runnable: skipped. Order is compensated last.
+        let shipping = t
+            .branch("shipping")
+            .unwrap()
+            .op(Op::Compensate)
+            .unwrap()
+            .state;
+        assert_eq!(shipping, OpState::Skipped);
+        assert_eq!(
+            calls(&t),
+            vec![
+                ("inventory".into(), Op::Compensate),
+                ("payment".into(), Op::Compensate)
+            ]
+        );
+        ok(&mut t, "inventory", Op::Compensate, 5);
+        assert_eq!(
+            calls(&t),
+            vec![("payment".into(), Op::Compensate)],
+            "order waits for payment"
+        );
+        ok(&mut t, "payment", Op::Compensate, 6);
+        assert_eq!(calls(&t), vec![("order".into(), Op::Compensate)]);
+        ok(&mut t, "order", Op::Compensate, 7);
+        assert_eq!(t.state, TxState::Aborted);
+    }
+
+    #[test]
+    fn saga_no_forward_step_after_compensation_began() {
+        let mut t = dag();
+        ok(&mut t, "order", Op::Action, 2);
+        on_abort(&mut t, "user cancelled", at(3), 3).unwrap();
+        assert!(calls(&t).iter().all(|(_, op)| *op == Op::Compensate));
+        // A late success of an in-flight action changes nothing.
+        assert_eq!(
+            on_any_result(
+                &mut t,
+                "inventory",
+                Op::Action,
+                &OpOutcome::Succeeded,
+                at(4),
+                4
+            ),
+            Ok(false)
+        );
+        assert!(calls(&t).iter().all(|(_, op)| *op == Op::Compensate));
+    }
+
+    #[test]
+    fn saga_exhausted_action_retries_compensate_and_compensations_never_give_up() {
+        let mut t = dag();
+        for i in 0..3 {
+            on_any_result(
+                &mut t,
+                "order",
+                Op::Action,
+                &OpOutcome::Transient("503".into()),
+                at(2 + i),
+                2,
+            )
+            .unwrap();
+        }
+        assert_eq!(t.state, TxState::Aborting);
+        assert!(t.error.contains("failed 3 times"), "{}", t.error);
+        for i in 0..20 {
+            on_any_result(
+                &mut t,
+                "order",
+                Op::Compensate,
+                &OpOutcome::Transient("down".into()),
+                at(10 + i),
+                10,
+            )
+            .unwrap();
+        }
+        let c = t
+            .branch("order")
+            .unwrap()
+            .op(Op::Compensate)
+            .unwrap()
+            .clone();
+        assert_eq!((c.state, c.attempts), (OpState::Pending, 20));
+        assert_eq!(calls(&t), vec![("order".into(), Op::Compensate)]);
+    }
+}

@@ -1,0 +1,336 @@
+//! Two-phase commit, driven by the coordinator: it asks every branch to
+//! prepare, decides, then tells every branch.
+//!
+//! | state      | event                                   | next state | effect |
+//! |------------|-----------------------------------------|------------|--------|
+//! | Active     | RegisterBranch                          | Active     | branch enlisted |
+//! | Active     | Commit (no branches)                    | Committed  | decision commit |
+//! | Active     | Commit                                  | Preparing  | `prepare` to every branch |
+//! | Active     | Abort, Timeout                          | Aborting   | decision abort |
+//! | Preparing  | last `prepare` succeeded                | Committing | **decision commit** at this entry |
+//! | Preparing  | a `prepare` failed (vote no)            | Aborting   | decision abort |
+//! | Preparing  | a `prepare` failed transiently `max_attempts` times | Aborting | decision abort |
+//! | Preparing  | Abort, Timeout                          | Aborting   | decision abort |
+//! | Committing | every `commit` acknowledged             | Committed  | |
+//! | Aborting   | every `rollback` acknowledged           | Aborted    | |
+//!
+//! Rollback goes to every branch, prepared or not: a participant treats a
+//! rollback of something it never prepared as done, and keeps a tombstone so
+//! a late prepare cannot revive it. Presumed abort: no decision, no commit.
+
+use super::{Changed, decide, finish_if_done, invalid_state, record, record_phase_two};
+use crate::state::command::{ApplyContext, OpOutcome, Rejection};
+use crate::state::types::{Fence, Op, OpState, Outcome, Transaction, TxState};
+
+/// (required, optional) operations of a 2PC branch.
+pub const BRANCH_OPS: (&[Op], &[Op]) = (&[Op::Prepare, Op::Commit, Op::Rollback], &[]);
+
+pub fn on_commit(
+    tx: &mut Transaction,
+    ctx: ApplyContext,
+    now_ms: i64,
+) -> Result<Changed, Rejection> {
+    match tx.state {
+        TxState::Active if tx.branches.is_empty() => {
+            decide(
+                tx,
+                Outcome::Commit,
+                "no branches to prepare".into(),
+                ctx,
+                now_ms,
+            );
+            Ok(true)
+        }
+        TxState::Active => {
+            tx.state = TxState::Preparing;
+            tx.fence = Fence {
+                term: ctx.term,
+                index: ctx.index,
+            };
+            Ok(true)
+        }
+        TxState::Preparing | TxState::Committing | TxState::Committed => Ok(false),
+        TxState::Aborting | TxState::Aborted => Err(invalid_state(
+            tx,
+            format!("cannot commit: it was aborted ({})", tx.error),
+        )),
+    }
+}
+
+pub fn on_result(
+    tx: &mut Transaction,
+    branch_id: &str,
+    op: Op,
+    outcome: &OpOutcome,
+    ctx: ApplyContext,
+    now_ms: i64,
+) -> Result<Changed, Rejection> {
+    if op != Op::Prepare {
+        return Ok(record_phase_two(tx, branch_id, op, outcome, now_ms));
+    }
+    if tx.state != TxState::Preparing {
+        // A prepare answer after the decision: the decision stands, and phase
+        // two reaches this branch anyway.
+        return Ok(false);
+    }
+    if !record(tx, branch_id, op, outcome, now_ms) {
+        return Ok(false);
+    }
+    let max_attempts = tx.options.retry.max_attempts;
+    let prepare = tx
+        .branch(branch_id)
+        .and_then(|b| b.op(Op::Prepare))
+        .cloned()
+        .expect("recorded above");
+    match outcome {
+        OpOutcome::Failed(error) => {
+            let reason = format!("branch {branch_id} voted no: {error}");
+            decide(tx, Outcome::Abort, reason, ctx, now_ms);
+        }
+        OpOutcome::Transient(error) if prepare.attempts >= max_attempts => {
+            let reason = format!(
+                "branch {branch_id} could not prepare after {} attempts: {error}",
+                prepare.attempts
+            );
+            decide(tx, Outcome::Abort, reason, ctx, now_ms);
+        }
+        OpOutcome::Transient(_) => {}
+        OpOutcome::Succeeded => {
+            let all_prepared = tx.branches.iter().all(|b| {
+                b.op(Op::Prepare)
+                    .is_some_and(|o| o.state == OpState::Succeeded)
+            });
+            if all_prepared {
+                decide(
+                    tx,
+                    Outcome::Commit,
+                    "every branch prepared".into(),
+                    ctx,
+                    now_ms,
+                );
+            }
+        }
+    }
+    finish_if_done(tx, now_ms);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{at, spec, tx};
+    use super::super::{next, on_abort, on_register, on_result, on_timeout};
+    use super::*;
+    use crate::state::types::Protocol;
+
+    fn prepared_pair() -> Transaction {
+        let mut t = tx(Protocol::TwoPc);
+        on_register(&mut t, spec(Protocol::TwoPc, "a"), 1).unwrap();
+        on_register(&mut t, spec(Protocol::TwoPc, "b"), 1).unwrap();
+        t
+    }
+
+    fn calls(t: &Transaction) -> Vec<(String, Op)> {
+        next(t).into_iter().map(|c| (c.branch_id, c.op)).collect()
+    }
+
+    #[test]
+    fn commit_point_is_the_entry_of_the_last_prepare() {
+        let mut t = prepared_pair();
+        assert!(calls(&t).is_empty(), "nothing is called before Commit");
+        on_commit(&mut t, at(10), 10).unwrap();
+        assert_eq!(t.state, TxState::Preparing);
+        assert_eq!(
+            calls(&t),
+            vec![("a".into(), Op::Prepare), ("b".into(), Op::Prepare)]
+        );
+        assert!(
+            next(&t)
+                .iter()
+                .all(|c| c.fence == Fence { term: 2, index: 10 })
+        );
+
+        on_result(&mut t, "a", Op::Prepare, &OpOutcome::Succeeded, at(11), 11).unwrap();
+        assert_eq!(t.state, TxState::Preparing);
+        assert_eq!(calls(&t), vec![("b".into(), Op::Prepare)]);
+        on_result(&mut t, "b", Op::Prepare, &OpOutcome::Succeeded, at(12), 12).unwrap();
+        assert_eq!(t.state, TxState::Committing);
+        let decision = t.decision.clone().unwrap();
+        assert_eq!((decision.outcome, decision.index), (Outcome::Commit, 12));
+        // Phase two carries the decision's token.
+        assert_eq!(
+            calls(&t),
+            vec![("a".into(), Op::Commit), ("b".into(), Op::Commit)]
+        );
+        assert!(
+            next(&t)
+                .iter()
+                .all(|c| c.fence == Fence { term: 2, index: 12 })
+        );
+
+        on_result(&mut t, "a", Op::Commit, &OpOutcome::Succeeded, at(13), 13).unwrap();
+        on_result(
+            &mut t,
+            "b",
+            Op::Commit,
+            &OpOutcome::Transient("down".into()),
+            at(14),
+            14,
+        )
+        .unwrap();
+        assert_eq!(t.state, TxState::Committing);
+        assert_eq!(t.branch("b").unwrap().op(Op::Commit).unwrap().attempts, 1);
+        on_result(&mut t, "b", Op::Commit, &OpOutcome::Succeeded, at(15), 15).unwrap();
+        assert_eq!(t.state, TxState::Committed);
+        assert_eq!(t.finished_at_ms, Some(15));
+        assert!(calls(&t).is_empty());
+    }
+
+    #[test]
+    fn atomicity_a_no_vote_rolls_back_every_branch() {
+        let mut t = prepared_pair();
+        on_commit(&mut t, at(10), 10).unwrap();
+        on_result(&mut t, "a", Op::Prepare, &OpOutcome::Succeeded, at(11), 11).unwrap();
+        on_result(
+            &mut t,
+            "b",
+            Op::Prepare,
+            &OpOutcome::Failed("insufficient funds".into()),
+            at(12),
+            12,
+        )
+        .unwrap();
+        assert_eq!(t.state, TxState::Aborting);
+        assert_eq!(t.error, "branch b voted no: insufficient funds");
+        assert_eq!(
+            calls(&t),
+            vec![("a".into(), Op::Rollback), ("b".into(), Op::Rollback)]
+        );
+        on_result(&mut t, "a", Op::Rollback, &OpOutcome::Succeeded, at(13), 13).unwrap();
+        on_result(&mut t, "b", Op::Rollback, &OpOutcome::Succeeded, at(14), 14).unwrap();
+        assert_eq!(t.state, TxState::Aborted);
+    }
+
+    #[test]
+    fn atomicity_a_late_prepare_answer_cannot_change_the_decision() {
+        let mut t = prepared_pair();
+        on_commit(&mut t, at(10), 10).unwrap();
+        on_timeout(&mut t, at(11), 5_000).unwrap();
+        assert_eq!(t.state, TxState::Aborting);
+        for branch in ["a", "b"] {
+            assert_eq!(
+                on_result(
+                    &mut t,
+                    branch,
+                    Op::Prepare,
+                    &OpOutcome::Succeeded,
+                    at(12),
+                    12
+                ),
+                Ok(false)
+            );
+        }
+        assert_eq!(t.decision.as_ref().unwrap().outcome, Outcome::Abort);
+        // A commit answer is not what phase two asked for: ignored too.
+        assert_eq!(
+            on_result(&mut t, "a", Op::Commit, &OpOutcome::Succeeded, at(13), 13),
+            Ok(false)
+        );
+    }
+
+    #[test]
+    fn prepare_gives_up_after_max_attempts_and_aborts() {
+        let mut t = prepared_pair();
+        on_commit(&mut t, at(10), 10).unwrap();
+        for i in 0..3 {
+            assert_eq!(t.state, TxState::Preparing, "attempt {i}");
+            on_result(
+                &mut t,
+                "a",
+                Op::Prepare,
+                &OpOutcome::Transient("refused".into()),
+                at(11 + i),
+                11,
+            )
+            .unwrap();
+        }
+        assert_eq!(t.state, TxState::Aborting);
+        assert!(
+            t.error.contains("could not prepare after 3 attempts"),
+            "{}",
+            t.error
+        );
+    }
+
+    #[test]
+    fn phase_two_never_gives_up_and_shows_the_last_error() {
+        let mut t = prepared_pair();
+        on_abort(&mut t, "user cancelled", at(10), 10).unwrap();
+        for i in 0..10 {
+            on_result(
+                &mut t,
+                "a",
+                Op::Rollback,
+                &OpOutcome::Failed("db down".into()),
+                at(11 + i),
+                11,
+            )
+            .unwrap();
+        }
+        let op = t.branch("a").unwrap().op(Op::Rollback).unwrap().clone();
+        assert_eq!(t.state, TxState::Aborting);
+        assert_eq!(op.state, OpState::Pending);
+        assert_eq!(op.attempts, 10);
+        assert_eq!(op.last_error, "participant refused rollback: db down");
+        assert_eq!(
+            calls(&t),
+            vec![("a".into(), Op::Rollback), ("b".into(), Op::Rollback)]
+        );
+    }
+
+    #[test]
+    fn commit_and_abort_are_idempotent_and_contradictions_refused() {
+        let mut t = prepared_pair();
+        assert_eq!(on_commit(&mut t, at(10), 10), Ok(true));
+        assert_eq!(on_commit(&mut t, at(11), 11), Ok(false));
+        assert_eq!(
+            on_abort(&mut t, "", at(12), 12),
+            Ok(true),
+            "abort while preparing"
+        );
+        assert_eq!(on_abort(&mut t, "", at(13), 13), Ok(false));
+        let e = on_commit(&mut t, at(14), 14).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "transaction g is aborting: cannot commit: it was aborted (aborted by the application)"
+        );
+    }
+
+    #[test]
+    fn idempotency_a_repeated_commit_returns_an_abort_its_votes_caused() {
+        let mut t = prepared_pair();
+        super::super::on_commit(&mut t, at(10), 10).unwrap();
+        on_result(
+            &mut t,
+            "a",
+            Op::Prepare,
+            &OpOutcome::Failed("no".into()),
+            at(11),
+            11,
+        )
+        .unwrap();
+        assert_eq!(t.state, TxState::Aborting);
+        // The client's retry of the same Commit after a lost reply.
+        assert_eq!(super::super::on_commit(&mut t, at(12), 12), Ok(false));
+        // But committing what the application itself aborted is refused.
+        let mut u = prepared_pair();
+        on_abort(&mut u, "no thanks", at(10), 10).unwrap();
+        assert!(super::super::on_commit(&mut u, at(11), 11).is_err());
+    }
+
+    #[test]
+    fn an_empty_transaction_commits_at_once() {
+        let mut t = tx(Protocol::TwoPc);
+        on_commit(&mut t, at(3), 3).unwrap();
+        assert_eq!(t.state, TxState::Committed);
+    }
+}

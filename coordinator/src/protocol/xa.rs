@@ -1,0 +1,71 @@
+//! XA: each branch does `XA START … XA END, XA PREPARE` (or PostgreSQL's
+//! `PREPARE TRANSACTION`) inside the application's call to the participant,
+//! after registering. The application's Commit is the vote "every branch
+//! prepared"; the coordinator drives phase two through the participants.
+//!
+//! | state      | event                         | next state | effect |
+//! |------------|-------------------------------|------------|--------|
+//! | Active     | RegisterBranch                | Active     | branch enlisted |
+//! | Active     | Commit                        | Committing | **decision commit** at this entry |
+//! | Active     | Abort, Timeout                | Aborting   | decision abort |
+//! | Committing | every `commit` acknowledged   | Committed  | |
+//! | Aborting   | every `rollback` acknowledged | Aborted    | |
+//!
+//! A participant that prepared and then lost contact resolves its xid by
+//! asking the coordinator (the SDK's recovery scan): presumed abort for an
+//! unknown gid or one past its deadline.
+
+use super::{Changed, commit_app_driven};
+use crate::state::command::{ApplyContext, Rejection};
+use crate::state::types::{Op, Transaction};
+
+/// (required, optional) operations of an XA branch. `prepare` happens in
+/// the application's call, not the coordinator's.
+pub const BRANCH_OPS: (&[Op], &[Op]) = (&[Op::Commit, Op::Rollback], &[]);
+
+pub fn on_commit(
+    tx: &mut Transaction,
+    ctx: ApplyContext,
+    now_ms: i64,
+) -> Result<Changed, Rejection> {
+    commit_app_driven(tx, ctx, now_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{at, spec, tx};
+    use super::super::{next, on_abort, on_register, on_result};
+    use super::*;
+    use crate::state::command::OpOutcome;
+    use crate::state::types::{Outcome, Protocol, TxState};
+
+    #[test]
+    fn commit_decides_at_once_and_phase_two_commits_every_branch() {
+        let mut t = tx(Protocol::Xa);
+        on_register(&mut t, spec(Protocol::Xa, "pg"), 1).unwrap();
+        on_register(&mut t, spec(Protocol::Xa, "maria"), 2).unwrap();
+        assert!(next(&t).is_empty());
+        on_commit(&mut t, at(3), 3).unwrap();
+        assert_eq!(
+            t.decision.as_ref().map(|d| (d.outcome, d.index)),
+            Some((Outcome::Commit, 3))
+        );
+        let ops: Vec<_> = next(&t).into_iter().map(|c| c.op).collect();
+        assert_eq!(ops, vec![Op::Commit, Op::Commit]);
+        on_result(&mut t, "pg", Op::Commit, &OpOutcome::Succeeded, at(4), 4).unwrap();
+        on_result(&mut t, "maria", Op::Commit, &OpOutcome::Succeeded, at(5), 5).unwrap();
+        assert_eq!(t.state, TxState::Committed);
+    }
+
+    #[test]
+    fn abort_rolls_back_every_branch() {
+        let mut t = tx(Protocol::Xa);
+        on_register(&mut t, spec(Protocol::Xa, "pg"), 1).unwrap();
+        on_abort(&mut t, "transfer refused", at(2), 2).unwrap();
+        let ops: Vec<_> = next(&t).into_iter().map(|c| c.op).collect();
+        assert_eq!(ops, vec![Op::Rollback]);
+        assert_eq!(t.error, "transfer refused");
+        on_result(&mut t, "pg", Op::Rollback, &OpOutcome::Succeeded, at(3), 3).unwrap();
+        assert_eq!(t.state, TxState::Aborted);
+    }
+}

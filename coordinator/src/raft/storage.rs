@@ -1,0 +1,720 @@
+//! Durable Raft state: the log and hard state in TiKV's raft-engine, and
+//! state-machine snapshots as checksummed files. Implements `raft::Storage`.
+//!
+//! Layout of a data directory:
+//! * `raft-log/` — raft-engine files: entries, the hard state, and the
+//!   `truncated` mark (index and term of the last entry compaction removed).
+//! * `snapshots/snap-<index>-<term>.snap` — the newest state-machine snapshot
+//!   (older ones are deleted once a newer one is durable).
+//!
+//! Crash safety rests on two orderings: a snapshot file is durable (written to
+//! a temporary name, fsync'd, renamed, directory fsync'd) before the log is
+//! compacted behind it or cleaned for it; and a snapshot installed from the
+//! leader replaces the log, hard state and truncated mark in one raft-engine
+//! batch. `open` repairs the one gap left — a crash after the file but before
+//! that batch — by cleaning a log that does not continue the snapshot.
+
+use std::cell::Cell;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use raft_engine::{Command as EngineCommand, Engine, LogBatch, MessageExt};
+
+/// raft-engine multiplexes many Raft groups; Tandem has one.
+const GROUP: u64 = 1;
+const KEY_HARD_STATE: &[u8] = b"hard_state";
+const KEY_TRUNCATED: &[u8] = b"truncated";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"TNDMSNP1";
+/// Snapshot files larger than this are refused when read (a corrupt length
+/// must not make us allocate the machine's memory).
+const SNAPSHOT_BYTES_MAX: u64 = 8 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("raft log: {0}")]
+    Engine(#[from] raft_engine::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("snapshot {path}: {problem}")]
+    CorruptSnapshot { path: PathBuf, problem: String },
+    #[error("raft log: {0}")]
+    Protobuf(#[from] protobuf::ProtobufError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+struct EntryExt;
+
+impl MessageExt for EntryExt {
+    type Entry = Entry;
+
+    fn index(e: &Entry) -> u64 {
+        e.index
+    }
+}
+
+/// The initial state of a brand-new cluster member.
+pub struct Bootstrap {
+    pub voters: Vec<u64>,
+    /// The state machine at index 1 (the members' addresses), encoded.
+    pub state: Vec<u8>,
+}
+
+/// Index of the bootstrap snapshot. Every founding member starts from the same
+/// snapshot at this index, so a node that joins later (empty log, index 0)
+/// always needs a snapshot or the log from here on.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+const BOOTSTRAP_TERM: u64 = 1;
+
+pub struct LogStore {
+    engine: Engine,
+    hard_state: HardState,
+    /// Index and term of the last entry compaction removed; `first_index` is
+    /// one past it, and raft needs its term to match the next append.
+    truncated: (u64, u64),
+    /// The newest snapshot, data included, for followers that need it.
+    snapshot: Snapshot,
+    snap_dir: PathBuf,
+    /// Set when raft asked for a snapshot the newest one cannot serve (it
+    /// predates the receiver joining); the loop then takes a fresh one.
+    snapshot_wanted: Cell<bool>,
+}
+
+impl LogStore {
+    /// Opens (creating if needed) the store under `dir`. `bootstrap` seeds an
+    /// empty store as a founding member; without it an empty store waits for a
+    /// leader to send a snapshot (joining an existing cluster).
+    pub fn open(dir: &Path, bootstrap: Option<Bootstrap>) -> Result<LogStore, StoreError> {
+        let log_dir = dir.join("raft-log");
+        let snap_dir = dir.join("snapshots");
+        fs::create_dir_all(&log_dir).map_err(io_err(&log_dir))?;
+        fs::create_dir_all(&snap_dir).map_err(io_err(&snap_dir))?;
+        let config = raft_engine::Config {
+            dir: log_dir.to_string_lossy().into_owned(),
+            // The engine may rewrite or purge files once they exceed this;
+            // compaction behind snapshots keeps the live log far smaller.
+            purge_threshold: raft_engine::ReadableSize::gb(1),
+            target_file_size: raft_engine::ReadableSize::mb(64),
+            // Entries are small and the disk's bandwidth is not the limit;
+            // LZ4 on every large batch only costs the Raft thread CPU.
+            batch_compression_threshold: raft_engine::ReadableSize(0),
+
+            ..Default::default()
+        };
+        let engine = Engine::open(config)?;
+        let hard_state = engine
+            .get_message::<HardState>(GROUP, KEY_HARD_STATE)?
+            .unwrap_or_default();
+        let truncated = engine
+            .get(GROUP, KEY_TRUNCATED)
+            .map(|v| decode_pair(&v))
+            .unwrap_or((0, 0));
+        let snapshot = load_newest_snapshot(&snap_dir)?.unwrap_or_default();
+        let mut store = LogStore {
+            engine,
+            hard_state,
+            truncated,
+            snapshot,
+            snap_dir,
+            snapshot_wanted: Cell::new(false),
+        };
+        let fresh = store.snapshot.get_metadata().index == 0
+            && store.hard_state == HardState::default()
+            && store.engine.last_index(GROUP).is_none();
+        match bootstrap {
+            Some(bootstrap) if fresh => store.bootstrap(bootstrap)?,
+            _ => store.reconcile_with_snapshot()?,
+        }
+        Ok(store)
+    }
+
+    fn bootstrap(&mut self, bootstrap: Bootstrap) -> Result<(), StoreError> {
+        let mut snapshot = Snapshot::default();
+        let meta = snapshot.mut_metadata();
+        meta.index = BOOTSTRAP_INDEX;
+        meta.term = BOOTSTRAP_TERM;
+        meta.mut_conf_state().set_voters(bootstrap.voters);
+        snapshot.set_data(bootstrap.state.into());
+        write_snapshot_file(&self.snap_dir, &snapshot)?;
+        self.hard_state.term = BOOTSTRAP_TERM;
+        self.hard_state.commit = BOOTSTRAP_INDEX;
+        self.truncated = (BOOTSTRAP_INDEX, BOOTSTRAP_TERM);
+        let mut batch = LogBatch::default();
+        batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
+        batch.put(GROUP, KEY_TRUNCATED.to_vec(), encode_pair(self.truncated))?;
+        self.engine.write(&mut batch, true)?;
+        self.snapshot = snapshot;
+        Ok(())
+    }
+
+    /// Makes the log continue the newest snapshot: if a crash came between
+    /// writing a received snapshot and replacing the log, the old log is
+    /// cleaned now.
+    fn reconcile_with_snapshot(&mut self) -> Result<(), StoreError> {
+        let meta = self.snapshot.get_metadata().clone();
+        if meta.index == 0 {
+            return Ok(());
+        }
+        let continues = meta.index <= self.truncated.0
+            || (meta.index <= self.last_index_raw()
+                && self.entry_term(meta.index)? == Some(meta.term));
+        let mut batch = LogBatch::default();
+        if !continues {
+            tracing::warn!(
+                snapshot_index = meta.index,
+                "the raft log does not continue the newest snapshot; replacing it"
+            );
+            batch.add_command(GROUP, EngineCommand::Clean);
+            self.truncated = (meta.index, meta.term);
+        }
+        if self.hard_state.commit < meta.index {
+            self.hard_state.commit = meta.index;
+        }
+        if self.hard_state.term < meta.term {
+            self.hard_state.term = meta.term;
+        }
+        batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
+        batch.put(GROUP, KEY_TRUNCATED.to_vec(), encode_pair(self.truncated))?;
+        self.engine.write(&mut batch, true)?;
+        Ok(())
+    }
+
+    fn last_index_raw(&self) -> u64 {
+        self.engine.last_index(GROUP).unwrap_or(self.truncated.0)
+    }
+
+    fn entry_term(&self, index: u64) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .engine
+            .get_entry::<EntryExt>(GROUP, index)?
+            .map(|e| e.term))
+    }
+
+    /// Appends entries and records the hard state in one write; one fsync
+    /// when `sync`. This is the group commit: every proposal gathered into
+    /// one Raft Ready shares it.
+    pub fn persist(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        let mut batch = LogBatch::with_capacity(entries.len().max(1));
+        if !entries.is_empty() {
+            batch.add_entries::<EntryExt>(GROUP, entries)?;
+        }
+        if let Some(hs) = hard_state {
+            self.hard_state = hs.clone();
+        }
+        if hard_state.is_some() || !entries.is_empty() {
+            batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
+        }
+        if !batch.is_empty() {
+            self.engine.write(&mut batch, sync)?;
+        }
+        Ok(())
+    }
+
+    /// Notes a commit index learnt after a Ready; written with the next batch.
+    /// (Losing it in a crash is harmless: the commit index is relearnt from
+    /// the leader, and snapshots raise it on open.)
+    pub fn note_commit(&mut self, commit: u64) {
+        self.hard_state.commit = self.hard_state.commit.max(commit);
+    }
+
+    /// Installs a snapshot received from the leader: the file first, then the
+    /// log replaced by it in one batch.
+    pub fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let meta = snapshot.get_metadata();
+        write_snapshot_file(&self.snap_dir, snapshot)?;
+        self.truncated = (meta.index, meta.term);
+        self.hard_state.commit = self.hard_state.commit.max(meta.index);
+        self.hard_state.term = self.hard_state.term.max(meta.term);
+        let mut batch = LogBatch::default();
+        batch.add_command(GROUP, EngineCommand::Clean);
+        batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
+        batch.put(GROUP, KEY_TRUNCATED.to_vec(), encode_pair(self.truncated))?;
+        self.engine.write(&mut batch, true)?;
+        self.snapshot = snapshot.clone();
+        remove_snapshots_before(&self.snap_dir, meta.index);
+        Ok(())
+    }
+
+    /// Adopts a snapshot this node made itself (its file already durable) and
+    /// compacts the log up to `compact_to` (exclusive), which must not pass
+    /// the snapshot: entries after it must stay.
+    pub fn adopt_snapshot(
+        &mut self,
+        snapshot: Snapshot,
+        compact_to: u64,
+    ) -> Result<(), StoreError> {
+        let index = snapshot.get_metadata().index;
+        assert!(
+            compact_to <= index + 1,
+            "compaction would pass the snapshot"
+        );
+        if index <= self.snapshot.get_metadata().index {
+            return Ok(());
+        }
+        self.snapshot = snapshot;
+        remove_snapshots_before(&self.snap_dir, index);
+        if compact_to > self.truncated.0 + 1 {
+            let last = compact_to - 1;
+            let term = self
+                .entry_term(last)?
+                .unwrap_or(self.snapshot.get_metadata().term);
+            let mut batch = LogBatch::default();
+            batch.add_command(GROUP, EngineCommand::Compact { index: compact_to });
+            batch.put(GROUP, KEY_TRUNCATED.to_vec(), encode_pair((last, term)))?;
+            self.engine.write(&mut batch, false)?;
+            self.truncated = (last, term);
+            self.engine.purge_expired_files()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything written without sync (on shutdown).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        Ok(self.engine.sync()?)
+    }
+
+    pub fn snapshot_meta(&self) -> &SnapshotMetadata {
+        self.snapshot.get_metadata()
+    }
+
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.snap_dir
+    }
+
+    /// The newest snapshot's state-machine bytes, to rebuild the state on start.
+    pub fn snapshot_data(&self) -> &[u8] {
+        self.snapshot.get_data()
+    }
+
+    /// Whether raft needed a newer snapshot than the store has; clears the flag.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.replace(false)
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+}
+
+impl raft::Storage for LogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        // The conf state as of the snapshot: committed entries after it are
+        // re-applied on start (Config::applied is the snapshot index), and
+        // their conf changes with them.
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.snapshot.get_metadata().get_conf_state().clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.truncated.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last_index_raw() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let mut out = Vec::with_capacity((high - low) as usize);
+        let max_size = max_size.into().map(|s| s as usize);
+        self.engine
+            .fetch_entries_to::<EntryExt>(GROUP, low, high, max_size, &mut out)
+            .map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.truncated.0 {
+            return Ok(self.truncated.1);
+        }
+        let meta = self.snapshot.get_metadata();
+        if idx == meta.index {
+            return Ok(meta.term);
+        }
+        if idx < self.truncated.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match self.entry_term(idx) {
+            Ok(Some(term)) => Ok(term),
+            Ok(None) => Err(raft::Error::Store(StorageError::Unavailable)),
+            Err(e) => Err(raft::Error::Store(StorageError::Other(Box::new(e)))),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.truncated.0 + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index_raw())
+    }
+
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let meta = self.snapshot.get_metadata();
+        let conf = meta.get_conf_state();
+        // A node added after this snapshot would refuse it: it is not in the
+        // snapshot's configuration.
+        let includes_receiver = conf.voters.contains(&to) || conf.learners.contains(&to);
+        if meta.index >= request_index.max(1) && includes_receiver {
+            Ok(self.snapshot.clone())
+        } else {
+            self.snapshot_wanted.set(true);
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ))
+        }
+    }
+}
+
+fn encode_pair((a, b): (u64, u64)) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&a.to_le_bytes());
+    v.extend_from_slice(&b.to_le_bytes());
+    v
+}
+
+fn decode_pair(v: &[u8]) -> (u64, u64) {
+    let word = |i: usize| {
+        v.get(i..i + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+    };
+    (word(0), word(8))
+}
+
+fn snapshot_file_name(index: u64, term: u64) -> String {
+    format!("snap-{index:020}-{term:020}.snap")
+}
+
+fn parse_snapshot_file_name(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("snap-")?.strip_suffix(".snap")?;
+    let (index, term) = rest.split_once('-')?;
+    Some((index.parse().ok()?, term.parse().ok()?))
+}
+
+/// Writes a snapshot durably: temporary file, fsync, rename, fsync of the
+/// directory. Safe to call from any thread.
+///
+/// Layout: magic, index, term, conf-state length and bytes (protobuf), data
+/// length and bytes, then a CRC32 of everything before it.
+pub fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<PathBuf, StoreError> {
+    let meta = snapshot.get_metadata();
+    let final_path = dir.join(snapshot_file_name(meta.index, meta.term));
+    let tmp_path = final_path.with_extension("tmp");
+    let conf = meta.get_conf_state().write_to_bytes()?;
+    let data = snapshot.get_data();
+    let mut buf = Vec::with_capacity(64 + conf.len() + data.len());
+    buf.extend_from_slice(SNAPSHOT_MAGIC);
+    buf.extend_from_slice(&meta.index.to_le_bytes());
+    buf.extend_from_slice(&meta.term.to_le_bytes());
+    buf.extend_from_slice(&(conf.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&conf);
+    buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    buf.extend_from_slice(data);
+    let crc = crc32fast::hash(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    let mut file = fs::File::create(&tmp_path).map_err(io_err(&tmp_path))?;
+    file.write_all(&buf).map_err(io_err(&tmp_path))?;
+    file.sync_all().map_err(io_err(&tmp_path))?;
+    drop(file);
+    fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(final_path)
+}
+
+fn read_snapshot_file(path: &Path) -> Result<Snapshot, StoreError> {
+    let corrupt = |problem: &str| StoreError::CorruptSnapshot {
+        path: path.to_path_buf(),
+        problem: problem.to_string(),
+    };
+    let mut file = fs::File::open(path).map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    if len > SNAPSHOT_BYTES_MAX {
+        return Err(corrupt("larger than the snapshot size limit"));
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut buf).map_err(io_err(path))?;
+    if buf.len() < SNAPSHOT_MAGIC.len() + 36 || &buf[..8] != SNAPSHOT_MAGIC {
+        return Err(corrupt("not a Tandem snapshot"));
+    }
+    let (body, crc) = buf.split_at(buf.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let mut at = 8;
+    let mut word = || -> Result<u64, StoreError> {
+        let w = body
+            .get(at..at + 8)
+            .ok_or_else(|| corrupt("truncated"))?
+            .try_into()
+            .expect("8-byte slice");
+        at += 8;
+        Ok(u64::from_le_bytes(w))
+    };
+    let index = word()?;
+    let term = word()?;
+    let conf_len = word()? as usize;
+    let conf_end = at
+        .checked_add(conf_len)
+        .ok_or_else(|| corrupt("truncated"))?;
+    let conf_bytes = body.get(at..conf_end).ok_or_else(|| corrupt("truncated"))?;
+    let conf = ConfState::parse_from_bytes(conf_bytes)?;
+    at = conf_end;
+    let data_len = u64::from_le_bytes(
+        body.get(at..at + 8)
+            .ok_or_else(|| corrupt("truncated"))?
+            .try_into()
+            .expect("8-byte slice"),
+    ) as usize;
+    at += 8;
+    let data = body
+        .get(at..at + data_len)
+        .ok_or_else(|| corrupt("truncated"))?;
+    let mut snapshot = Snapshot::default();
+    let meta = snapshot.mut_metadata();
+    meta.index = index;
+    meta.term = term;
+    meta.set_conf_state(conf);
+    snapshot.set_data(data.to_vec().into());
+    Ok(snapshot)
+}
+
+fn snapshot_files(dir: &Path) -> Result<Vec<(u64, u64, PathBuf)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some((index, term)) = parse_snapshot_file_name(name) {
+            out.push((index, term, entry.path()));
+        } else if name.ends_with(".tmp") {
+            // A snapshot whose write was interrupted; never renamed, never used.
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn load_newest_snapshot(dir: &Path) -> Result<Option<Snapshot>, StoreError> {
+    match snapshot_files(dir)?.pop() {
+        Some((_, _, path)) => Ok(Some(read_snapshot_file(&path)?)),
+        None => Ok(None),
+    }
+}
+
+fn remove_snapshots_before(dir: &Path, index: u64) {
+    let Ok(files) = snapshot_files(dir) else {
+        return;
+    };
+    for (i, _, path) in files {
+        if i < index
+            && let Err(e) = fs::remove_file(&path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove an old snapshot");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: format!("e{index}").into_bytes().into(),
+            ..Default::default()
+        }
+    }
+
+    fn bootstrap() -> Option<Bootstrap> {
+        Some(Bootstrap {
+            voters: vec![1, 2, 3],
+            state: b"initial".to_vec(),
+        })
+    }
+
+    #[test]
+    fn durability_bootstrap_then_appends_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = LogStore::open(dir.path(), bootstrap()).unwrap();
+            assert_eq!(store.first_index().unwrap(), 2);
+            assert_eq!(store.last_index().unwrap(), 1);
+            assert_eq!(store.term(1).unwrap(), 1);
+            let mut hs = store.hard_state().clone();
+            hs.term = 2;
+            hs.vote = 3;
+            store
+                .persist(&[entry(2, 2), entry(3, 2)], Some(&hs), true)
+                .unwrap();
+        }
+        let store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        let state = store.initial_state().unwrap();
+        assert_eq!(state.hard_state.vote, 3);
+        assert_eq!(state.conf_state.voters, vec![1, 2, 3]);
+        assert_eq!(store.last_index().unwrap(), 3);
+        let got = store
+            .entries(2, 4, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(got, vec![entry(2, 2), entry(3, 2)]);
+        assert_eq!(store.snapshot_data(), b"initial");
+    }
+
+    #[test]
+    fn durability_conflicting_append_replaces_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        store
+            .persist(&[entry(2, 2), entry(3, 2), entry(4, 2)], None, true)
+            .unwrap();
+        store.persist(&[entry(3, 3)], None, true).unwrap();
+        assert_eq!(store.last_index().unwrap(), 3);
+        assert_eq!(store.term(3).unwrap(), 3);
+    }
+
+    #[test]
+    fn compaction_behind_a_snapshot_keeps_later_entries_and_terms() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
+        store.persist(&entries, None, true).unwrap();
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 8;
+        snap.mut_metadata().term = 2;
+        snap.mut_metadata()
+            .mut_conf_state()
+            .set_voters(vec![1, 2, 3]);
+        snap.set_data(b"at 8".to_vec().into());
+        write_snapshot_file(store.snapshot_dir(), &snap).unwrap();
+        store.adopt_snapshot(snap, 6).unwrap();
+        assert_eq!(store.first_index().unwrap(), 6);
+        assert_eq!(store.term(5).unwrap(), 2);
+        assert!(
+            store
+                .entries(5, 7, None, GetEntriesContext::empty(false))
+                .is_err()
+        );
+        assert_eq!(store.snapshot(8, 2).unwrap().get_data(), b"at 8");
+        drop(store);
+        let store = LogStore::open(dir.path(), None).unwrap();
+        assert_eq!(store.first_index().unwrap(), 6);
+        assert_eq!(store.last_index().unwrap(), 10);
+        assert_eq!(store.snapshot_meta().index, 8);
+        let files = snapshot_files(store.snapshot_dir()).unwrap();
+        assert_eq!(
+            files.len(),
+            1,
+            "the bootstrap snapshot is removed: {files:?}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_predating_the_receiver_is_refused_and_a_new_one_requested() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        assert!(
+            store.snapshot(1, 2).is_ok(),
+            "node 2 is in the bootstrap configuration"
+        );
+        assert!(!store.take_snapshot_wanted());
+        // Node 4 joined after the bootstrap snapshot: it would refuse it.
+        assert_eq!(
+            store.snapshot(1, 4).unwrap_err(),
+            raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)
+        );
+        assert!(store.take_snapshot_wanted());
+        assert!(!store.take_snapshot_wanted(), "taking the flag clears it");
+    }
+
+    #[test]
+    fn durability_received_snapshot_replaces_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        store
+            .persist(&[entry(2, 2), entry(3, 2)], None, true)
+            .unwrap();
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 50;
+        snap.mut_metadata().term = 7;
+        snap.mut_metadata()
+            .mut_conf_state()
+            .set_voters(vec![1, 2, 3, 4]);
+        snap.set_data(b"leader state".to_vec().into());
+        store.install_snapshot(&snap).unwrap();
+        store.persist(&[entry(51, 7)], None, true).unwrap();
+        drop(store);
+        let store = LogStore::open(dir.path(), None).unwrap();
+        assert_eq!(store.first_index().unwrap(), 51);
+        assert_eq!(store.last_index().unwrap(), 51);
+        assert_eq!(store.term(50).unwrap(), 7);
+        assert_eq!(store.hard_state().commit, 50);
+        assert_eq!(
+            store.initial_state().unwrap().conf_state.voters,
+            vec![1, 2, 3, 4]
+        );
+    }
+
+    #[test]
+    fn durability_crash_between_snapshot_file_and_log_replacement_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        store
+            .persist(&[entry(2, 2), entry(3, 2)], None, true)
+            .unwrap();
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 40;
+        snap.mut_metadata().term = 5;
+        snap.set_data(b"x".to_vec().into());
+        // The file is written, then the node dies before the log batch.
+        write_snapshot_file(store.snapshot_dir(), &snap).unwrap();
+        drop(store);
+        let store = LogStore::open(dir.path(), None).unwrap();
+        assert_eq!(store.first_index().unwrap(), 41);
+        assert_eq!(store.last_index().unwrap(), 40);
+        assert_eq!(store.term(40).unwrap(), 5);
+        assert_eq!(store.hard_state().commit, 40);
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_is_refused_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        let path = snapshot_files(store.snapshot_dir()).unwrap()[0].2.clone();
+        drop(store);
+        let mut bytes = fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let err = LogStore::open(dir.path(), bootstrap()).err().unwrap();
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    }
+}

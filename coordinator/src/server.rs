@@ -1,0 +1,135 @@
+//! Assembles a node: storage and the Raft loop, the peer transport, and the
+//! gRPC services (client API, cluster admin, health, reflection, and the
+//! debug service in failpoint builds) on one listener.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tandem_proto::v1::cluster_server::ClusterServer;
+use tandem_proto::v1::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use std::sync::Arc;
+
+use crate::api::cluster::ClusterService;
+use crate::branch::BranchCaller;
+use crate::driver::Driver;
+
+use crate::api::coordinator::CoordinatorService;
+use crate::config::ServeConfig;
+use crate::raft::node::{self, StartError};
+use crate::raft::transport::Transport;
+use crate::raft::{NodeHandle, Role};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Runs a node until `shutdown` resolves, then stops serving, lets the Raft
+/// loop flush, and returns.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            address: config.listen.to_string(),
+            source,
+        })?;
+    let node_config = config.node.clone();
+    let transport = Transport::new(
+        node_config.id,
+        node_config.address.clone(),
+        node_config.cluster_name.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    tracing::info!(
+        id = node_config.id,
+        listen = %config.listen,
+        address = %node_config.address,
+        data_dir = %node_config.data_dir.display(),
+        peers = ?node_config.peers,
+        join = node_config.join,
+        "starting tandem node"
+    );
+    let (leader_events, leader_events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (node, raft_thread) = node::start(node_config, transport.clone(), leader_events)?;
+    let driver = Driver::new(node.clone(), Arc::new(BranchCaller::new()));
+    let driver_task = tokio::spawn(driver.run(leader_events_rx));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(node.clone(), health));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(CoordinatorServer::new(CoordinatorService::new(
+            node.clone(),
+            config.limits.clone(),
+        )))
+        .add_service(ClusterServer::new(ClusterService::new(node.clone())))
+        .add_service(transport.service())
+        .add_service(health_service)
+        .add_service(reflection);
+    #[cfg(feature = "failpoints")]
+    let router = router.add_service(tandem_proto::v1::debug_server::DebugServer::new(
+        crate::api::debug::DebugService,
+    ));
+    let served = router
+        .serve_with_incoming_shutdown(
+            // The builder's tcp_nodelay does not reach sockets of an incoming
+            // we bind ourselves; without it, small replies wait on delayed ACKs.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await;
+    tracing::info!("gRPC server stopped; stopping the raft loop");
+    node.shutdown();
+    let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
+    driver_task.abort();
+    served?;
+    Ok(())
+}
+
+/// SERVING while this node knows a leader (it can serve reads and redirect
+/// writes), NOT_SERVING otherwise.
+async fn report_health(node: NodeHandle, health: tonic_health::server::HealthReporter) {
+    let mut status = node.watch_status();
+    let mut serving = None;
+    loop {
+        let now = {
+            let s = status.borrow_and_update();
+            s.leader_id != 0 && s.role != Role::Detached
+        };
+        if serving != Some(now) {
+            serving = Some(now);
+            let state = if now {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", state).await;
+            health
+                .set_service_status("tandem.v1.Coordinator", state)
+                .await;
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Commands: the only way the transaction table changes. Each is proposed by
+//! the leader with everything `apply` needs (time, generated ids) stamped in,
+//! so every replica computes the same result from the same log.
+//!
+//! Commands state *facts* (a branch answered, the application asked to
+//! commit, a deadline passed); the decision they may lead to is taken inside
+//! `apply`, by the protocol's transition table, at the entry that records the
+//! deciding fact — that entry is the commit point.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{Op, Protocol, RetryPolicy, Transaction, TxOptions, TxState};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Starts a transaction; a repeat with the same gid and protocol is answered
+    /// with the transaction already there.
+    Begin {
+        gid: String,
+        protocol: Protocol,
+        options: TxOptions,
+        payload: Vec<u8>,
+        /// The leader's clock when it proposed the command.
+        now_ms: i64,
+    },
+    /// Starts a saga with all its steps; a repeat with the same gid is
+    /// answered with the saga already there.
+    SubmitSaga {
+        gid: String,
+        options: TxOptions,
+        steps: Vec<SagaStepSpec>,
+        payload: Vec<u8>,
+        now_ms: i64,
+    },
+    /// Enlists a branch; a repeat with the same spec is a no-op.
+    RegisterBranch {
+        gid: String,
+        branch: BranchSpec,
+        now_ms: i64,
+    },
+    /// The application asks to commit. Idempotent once committing.
+    Commit { gid: String, now_ms: i64 },
+    /// The application (or a participant's recovery) asks to abort.
+    Abort {
+        gid: String,
+        reason: String,
+        now_ms: i64,
+    },
+    /// A participant answered a call (or the call failed in transit).
+    OpResult {
+        gid: String,
+        branch_id: String,
+        op: Op,
+        outcome: OpOutcome,
+        now_ms: i64,
+    },
+    /// The leader saw the transaction's deadline pass. Aborts it if it is
+    /// still undecided at `now_ms`; otherwise changes nothing.
+    Timeout { gid: String, now_ms: i64 },
+    /// Removes terminal transactions past their retention. Gids that are not
+    /// terminal (or not there) are left alone, so a late Gc is harmless.
+    Gc { gids: Vec<String> },
+}
+
+/// A branch as the application registers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchSpec {
+    pub branch_id: String,
+    /// Which operations the coordinator may call, and where.
+    pub ops: Vec<(Op, String)>,
+    pub payload: Vec<u8>,
+}
+
+/// A saga step as submitted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaStepSpec {
+    pub branch_id: String,
+    pub action: String,
+    pub compensate: String,
+    pub payload: Vec<u8>,
+    /// Steps whose action must succeed first.
+    pub after: Vec<String>,
+    pub retry: Option<RetryPolicy>,
+}
+
+/// How a call to a participant ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpOutcome {
+    Succeeded,
+    /// A business "no" (vote no, try failed, action rejected): final.
+    Failed(String),
+    /// Network, timeout, 5xx, UNAVAILABLE: retried with backoff.
+    Transient(String),
+}
+
+impl Command {
+    /// The gid a command is about, for logs, errors and change notification.
+    pub fn gid(&self) -> Option<&str> {
+        match self {
+            Command::Begin { gid, .. }
+            | Command::SubmitSaga { gid, .. }
+            | Command::RegisterBranch { gid, .. }
+            | Command::Commit { gid, .. }
+            | Command::Abort { gid, .. }
+            | Command::OpResult { gid, .. }
+            | Command::Timeout { gid, .. } => Some(gid),
+            Command::Gc { .. } => None,
+        }
+    }
+}
+
+/// Where in the log a command is being applied: decisions record it as their
+/// fencing token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ApplyContext {
+    pub index: u64,
+    pub term: u64,
+}
+
+/// What a command did, returned to the proposer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Applied {
+    Begun {
+        tx: Arc<Transaction>,
+        /// False when the gid already existed with the same protocol.
+        created: bool,
+    },
+    /// The transaction after the command (unchanged if it was a repeat).
+    Updated {
+        tx: Arc<Transaction>,
+    },
+    Collected {
+        removed: usize,
+    },
+}
+
+impl Applied {
+    pub fn tx(&self) -> Option<&Arc<Transaction>> {
+        match self {
+            Applied::Begun { tx, .. } | Applied::Updated { tx } => Some(tx),
+            Applied::Collected { .. } => None,
+        }
+    }
+}
+
+/// Why `apply` refused a command. Refusals change nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("transaction {gid} already exists with protocol {existing}, not {requested}")]
+    ProtocolMismatch {
+        gid: String,
+        existing: Protocol,
+        requested: Protocol,
+    },
+    #[error("transaction {gid} not found")]
+    NotFound { gid: String },
+    #[error("transaction {gid} is {state}: {what}")]
+    InvalidState {
+        gid: String,
+        state: TxState,
+        what: String,
+    },
+    #[error("{0}")]
+    Invalid(#[from] super::validate::InvalidInput),
+    #[error("the coordinator holds {active} unfinished transactions, its limit; retry later")]
+    TooManyActive { active: usize },
+}
+
+pub type ApplyResult = Result<Applied, Rejection>;

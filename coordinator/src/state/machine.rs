@@ -1,0 +1,649 @@
+//! The replicated state machine: the transaction table and the cluster's
+//! member addresses. `apply` is a pure function of (state, command) — no
+//! clocks, randomness or I/O — so every replica that applies the same log holds
+//! the same table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::sync::Arc;
+
+use imbl::OrdMap;
+use serde::{Deserialize, Serialize};
+
+use super::command::{Applied, ApplyContext, ApplyResult, Command, Rejection};
+use super::types::{Branch, Fence, Op, Protocol, Transaction, TxOptions, TxState};
+use super::validate::{self, GC_BATCH_MAX, PAYLOAD_BYTES_HARD_MAX};
+use crate::protocol;
+
+/// Unfinished transactions `apply` accepts at most, whatever a node's
+/// configuration says (the configurable, lower limit is checked before
+/// proposing).
+pub const ACTIVE_HARD_MAX: usize = 4_000_000;
+
+/// Entries a List page may scan before it returns what it found, so a filter
+/// that matches little cannot make one call walk the whole table.
+pub const LIST_SCAN_MAX: usize = 100_000;
+
+type TxTable = OrdMap<String, Arc<Transaction>>;
+
+#[derive(Clone, Debug, Default)]
+pub struct StateMachine {
+    /// Every transaction by gid. A persistent map: cloning it for a read view
+    /// or a snapshot is O(1), so neither blocks the Raft loop.
+    txs: TxTable,
+    /// Gids of unfinished transactions: what the driver resumes on becoming
+    /// leader, and what the admission limit counts. Derived from `txs`.
+    active: BTreeSet<String>,
+    /// Terminal transactions by finish time, oldest first, for Gc. Derived.
+    finished: BTreeSet<(i64, String)>,
+    /// Raft node id → gRPC address of every member, replicated with the
+    /// membership changes that introduced them.
+    members: BTreeMap<u64, String>,
+}
+
+impl StateMachine {
+    pub fn new(members: BTreeMap<u64, String>) -> StateMachine {
+        StateMachine {
+            members,
+            ..StateMachine::default()
+        }
+    }
+
+    pub fn apply(&mut self, command: Command, ctx: ApplyContext) -> ApplyResult {
+        match command {
+            Command::Begin {
+                gid,
+                protocol,
+                options,
+                payload,
+                now_ms,
+            } => {
+                validate::gid(&gid)?;
+                validate::payload(&gid, &payload, PAYLOAD_BYTES_HARD_MAX)?;
+                if let Some(tx) = self.txs.get(&gid) {
+                    if tx.protocol != protocol {
+                        return Err(Rejection::ProtocolMismatch {
+                            gid,
+                            existing: tx.protocol,
+                            requested: protocol,
+                        });
+                    }
+                    return Ok(Applied::Begun {
+                        tx: tx.clone(),
+                        created: false,
+                    });
+                }
+                let tx = NewTx {
+                    gid,
+                    protocol,
+                    options,
+                    payload,
+                    branches: Vec::new(),
+                };
+                self.create(tx, ctx, now_ms)
+            }
+            Command::SubmitSaga {
+                gid,
+                options,
+                steps,
+                payload,
+                now_ms,
+            } => {
+                validate::gid(&gid)?;
+                validate::payload(&gid, &payload, PAYLOAD_BYTES_HARD_MAX)?;
+                for step in &steps {
+                    validate::payload(&gid, &step.payload, PAYLOAD_BYTES_HARD_MAX)?;
+                }
+                protocol::saga::validate_steps(&gid, &steps)?;
+                if let Some(tx) = self.txs.get(&gid) {
+                    if tx.protocol != Protocol::Saga {
+                        return Err(Rejection::ProtocolMismatch {
+                            gid,
+                            existing: tx.protocol,
+                            requested: Protocol::Saga,
+                        });
+                    }
+                    let same = tx.branches.len() == steps.len()
+                        && tx.branches.iter().zip(&steps).all(|(b, s)| {
+                            b.branch_id == s.branch_id
+                                && b.after == s.after
+                                && b.payload == s.payload
+                                && b.op(Op::Action).is_some_and(|o| o.endpoint == s.action)
+                                && b.op(Op::Compensate)
+                                    .is_some_and(|o| o.endpoint == s.compensate)
+                        });
+                    if !same {
+                        return Err(Rejection::Invalid(validate::InvalidInput::Other {
+                            gid,
+                            problem: "a saga with this gid was already submitted with other steps"
+                                .into(),
+                        }));
+                    }
+                    return Ok(Applied::Begun {
+                        tx: tx.clone(),
+                        created: false,
+                    });
+                }
+                let tx = NewTx {
+                    gid,
+                    protocol: Protocol::Saga,
+                    options,
+                    payload,
+                    branches: protocol::saga::branches(steps, now_ms),
+                };
+                self.create(tx, ctx, now_ms)
+            }
+            Command::RegisterBranch {
+                gid,
+                branch,
+                now_ms,
+            } => {
+                validate::payload(&gid, &branch.payload, PAYLOAD_BYTES_HARD_MAX)?;
+                self.update(&gid, ctx, now_ms, |tx| {
+                    protocol::on_register(tx, branch, now_ms)
+                })
+            }
+            Command::Commit { gid, now_ms } => {
+                self.update(&gid, ctx, now_ms, |tx| protocol::on_commit(tx, ctx, now_ms))
+            }
+            Command::Abort {
+                gid,
+                reason,
+                now_ms,
+            } => self.update(&gid, ctx, now_ms, |tx| {
+                protocol::on_abort(tx, &reason, ctx, now_ms)
+            }),
+            Command::OpResult {
+                gid,
+                branch_id,
+                op,
+                outcome,
+                now_ms,
+            } => self.update(&gid, ctx, now_ms, |tx| {
+                protocol::on_result(tx, &branch_id, op, &outcome, ctx, now_ms)
+            }),
+            Command::Timeout { gid, now_ms } => self.update(&gid, ctx, now_ms, |tx| {
+                protocol::on_timeout(tx, ctx, now_ms)
+            }),
+            Command::Gc { gids } => {
+                let mut removed = 0;
+                for gid in gids.iter().take(GC_BATCH_MAX) {
+                    let terminal = self.txs.get(gid).is_some_and(|tx| tx.state.is_terminal());
+                    if terminal {
+                        self.remove(gid);
+                        removed += 1;
+                    }
+                }
+                Ok(Applied::Collected { removed })
+            }
+        }
+    }
+
+    /// Records a new transaction, active from this entry on.
+    fn create(&mut self, new: NewTx, ctx: ApplyContext, now_ms: i64) -> ApplyResult {
+        if self.active.len() >= ACTIVE_HARD_MAX {
+            return Err(Rejection::TooManyActive {
+                active: self.active.len(),
+            });
+        }
+        let tx = Arc::new(Transaction {
+            gid: new.gid,
+            protocol: new.protocol,
+            state: TxState::Active,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            deadline_ms: now_ms.saturating_add(i64::from(new.options.timeout_ms)),
+            finished_at_ms: None,
+            options: new.options,
+            branches: new.branches,
+            payload: new.payload,
+            error: String::new(),
+            decision: None,
+            fence: Fence {
+                term: ctx.term,
+                index: ctx.index,
+            },
+            version: ctx.index,
+            commit_requested: false,
+        });
+        self.insert(tx.clone());
+        Ok(Applied::Begun { tx, created: true })
+    }
+
+    /// Applies `change` to a copy of the transaction; stores the copy only if
+    /// something changed, so a repeat leaves the table (and `version`) as is.
+    fn update(
+        &mut self,
+        gid: &str,
+        ctx: ApplyContext,
+        now_ms: i64,
+        change: impl FnOnce(&mut Transaction) -> Result<protocol::Changed, Rejection>,
+    ) -> ApplyResult {
+        let current = self
+            .txs
+            .get(gid)
+            .cloned()
+            .ok_or_else(|| Rejection::NotFound {
+                gid: gid.to_string(),
+            })?;
+        let mut tx = (*current).clone();
+        if !change(&mut tx)? {
+            return Ok(Applied::Updated { tx: current });
+        }
+        tx.version = ctx.index;
+        tx.updated_at_ms = now_ms;
+        let tx = Arc::new(tx);
+        // In place: no key to clone, and the indexes change only when the
+        // transaction finishes (it never becomes unfinished again).
+        if let (None, Some(at)) = (current.finished_at_ms, tx.finished_at_ms) {
+            self.active.remove(gid);
+            self.finished.insert((at, tx.gid.clone()));
+        }
+        debug_assert!(
+            current.finished_at_ms.is_none() || current.finished_at_ms == tx.finished_at_ms
+        );
+        if let Some(slot) = self.txs.get_mut(gid) {
+            *slot = tx.clone();
+        }
+        Ok(Applied::Updated { tx })
+    }
+
+    /// Puts a transaction in the table, keeping the derived indexes in step.
+    fn insert(&mut self, tx: Arc<Transaction>) {
+        if let Some(old) = self.txs.get(&tx.gid)
+            && let Some(at) = old.finished_at_ms
+        {
+            self.finished.remove(&(at, old.gid.clone()));
+        }
+        match tx.finished_at_ms {
+            Some(at) => {
+                self.active.remove(&tx.gid);
+                self.finished.insert((at, tx.gid.clone()));
+            }
+            None => {
+                self.active.insert(tx.gid.clone());
+            }
+        }
+        self.txs.insert(tx.gid.clone(), tx);
+    }
+
+    fn remove(&mut self, gid: &str) {
+        if let Some(old) = self.txs.remove(gid) {
+            self.active.remove(gid);
+            if let Some(at) = old.finished_at_ms {
+                self.finished.remove(&(at, old.gid.clone()));
+            }
+        }
+    }
+
+    pub fn get(&self, gid: &str) -> Option<&Arc<Transaction>> {
+        self.txs.get(gid)
+    }
+
+    pub fn members(&self) -> &BTreeMap<u64, String> {
+        &self.members
+    }
+
+    /// Records a member's address (added by a membership change) or forgets a
+    /// removed member. Called when a conf-change entry is applied.
+    pub fn set_member(&mut self, id: u64, address: Option<String>) {
+        match address {
+            Some(address) => {
+                self.members.insert(id, address);
+            }
+            None => {
+                self.members.remove(&id);
+            }
+        }
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.txs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.txs.is_empty()
+    }
+
+    /// Unfinished gids, for the driver to resume.
+    pub fn active_gids(&self) -> impl Iterator<Item = &String> {
+        self.active.iter()
+    }
+
+    /// Terminal transactions to collect: every one finished before
+    /// `finished_before_ms`, and the oldest beyond `finished_max`; at most `limit`.
+    pub fn gc_candidates(
+        &self,
+        finished_before_ms: i64,
+        finished_max: usize,
+        limit: usize,
+    ) -> Vec<String> {
+        let excess = self.finished.len().saturating_sub(finished_max);
+        self.finished
+            .iter()
+            .enumerate()
+            .take_while(|(i, (at, _))| *i < excess || *at < finished_before_ms)
+            .take(limit.min(GC_BATCH_MAX))
+            .map(|(_, (_, gid))| gid.clone())
+            .collect()
+    }
+
+    /// A consistent, immutable copy of the table for readers, in O(1).
+    pub fn view(&self, applied_index: u64) -> ReadView {
+        ReadView {
+            txs: self.txs.clone(),
+            applied_index,
+        }
+    }
+
+    /// What a snapshot needs, copied in O(1) so it can be encoded off the
+    /// Raft loop while the loop goes on applying.
+    pub fn snapshot_source(&self) -> SnapshotSource {
+        SnapshotSource {
+            members: self.members.clone(),
+            txs: self.txs.clone(),
+        }
+    }
+
+    pub fn decode_snapshot(data: &[u8]) -> Result<StateMachine, super::codec::DecodeError> {
+        let snapshot: SnapshotIn = super::codec::decode(data)?;
+        let mut machine = StateMachine::new(snapshot.members);
+        for tx in snapshot.txs {
+            machine.insert(Arc::new(tx));
+        }
+        Ok(machine)
+    }
+}
+
+/// What a new transaction starts with.
+struct NewTx {
+    gid: String,
+    protocol: Protocol,
+    options: TxOptions,
+    payload: Vec<u8>,
+    branches: Vec<Branch>,
+}
+
+/// The state as of one applied index, ready to be encoded for a snapshot.
+pub struct SnapshotSource {
+    members: BTreeMap<u64, String>,
+    txs: TxTable,
+}
+
+impl SnapshotSource {
+    pub fn encode(&self) -> Vec<u8> {
+        let out = SnapshotOut {
+            members: &self.members,
+            txs: TxSeq(&self.txs),
+        };
+        super::codec::encode(&out)
+    }
+}
+
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    members: &'a BTreeMap<u64, String>,
+    txs: TxSeq<'a>,
+}
+
+/// Serializes the table's transactions as a sequence without copying them.
+struct TxSeq<'a>(&'a TxTable);
+
+impl Serialize for TxSeq<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for tx in self.0.values() {
+            seq.serialize_element(tx.as_ref())?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Deserialize)]
+struct SnapshotIn {
+    members: BTreeMap<u64, String>,
+    txs: Vec<Transaction>,
+}
+
+/// What a reader sees: the table as of `applied_index`.
+#[derive(Clone, Debug)]
+pub struct ReadView {
+    txs: TxTable,
+    pub applied_index: u64,
+}
+
+/// A List filter; `None` matches everything.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub state: Option<TxState>,
+    pub protocol: Option<Protocol>,
+}
+
+pub struct ListPage {
+    pub txs: Vec<Arc<Transaction>>,
+    /// The gid to continue after; `None` when the table has been walked to the end.
+    pub next_page_token: Option<String>,
+}
+
+impl ReadView {
+    pub fn get(&self, gid: &str) -> Option<Arc<Transaction>> {
+        self.txs.get(gid).cloned()
+    }
+
+    /// Transactions in gid order after `page_token`, at most `limit`, scanning
+    /// at most [`LIST_SCAN_MAX`] entries.
+    pub fn list(&self, filter: &ListFilter, limit: usize, page_token: Option<&str>) -> ListPage {
+        let start = match page_token {
+            Some(token) => Bound::Excluded(token.to_string()),
+            None => Bound::Unbounded,
+        };
+        let mut txs = Vec::new();
+        let mut last_seen = None;
+        for (scanned, (gid, tx)) in self.txs.range((start, Bound::Unbounded)).enumerate() {
+            if txs.len() == limit || scanned == LIST_SCAN_MAX {
+                return ListPage {
+                    txs,
+                    next_page_token: last_seen,
+                };
+            }
+            last_seen = Some(gid.clone());
+            let matches = filter.state.is_none_or(|s| s == tx.state)
+                && filter.protocol.is_none_or(|p| p == tx.protocol);
+            if matches {
+                txs.push(tx.clone());
+            }
+        }
+        ListPage {
+            txs,
+            next_page_token: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::types::{RetryPolicy, TxOptions};
+
+    fn ctx() -> ApplyContext {
+        ApplyContext { index: 7, term: 2 }
+    }
+
+    fn options() -> TxOptions {
+        TxOptions {
+            timeout_ms: 1_000,
+            retry: RetryPolicy {
+                initial_interval_ms: 100,
+                max_interval_ms: 1_000,
+                max_attempts: 5,
+            },
+            branch_timeout_ms: 500,
+            concurrency: 0,
+        }
+    }
+
+    fn begin(gid: &str, protocol: Protocol, now_ms: i64) -> Command {
+        Command::Begin {
+            gid: gid.to_string(),
+            protocol,
+            options: options(),
+            payload: b"data".to_vec(),
+            now_ms,
+        }
+    }
+
+    /// Marks a transaction terminal, as later protocol commands will.
+    fn finish(machine: &mut StateMachine, gid: &str, at: i64) {
+        let mut tx = (**machine.get(gid).unwrap()).clone();
+        tx.state = TxState::Committed;
+        tx.finished_at_ms = Some(at);
+        machine.insert(Arc::new(tx));
+    }
+
+    #[test]
+    fn durability_begin_records_the_transaction_with_leader_time() {
+        let mut m = StateMachine::default();
+        let Ok(Applied::Begun { tx, created }) = m.apply(begin("g1", Protocol::Saga, 5_000), ctx())
+        else {
+            panic!("begin refused")
+        };
+        assert!(created);
+        assert_eq!(tx.state, TxState::Active);
+        assert_eq!(tx.created_at_ms, 5_000);
+        assert_eq!(tx.deadline_ms, 6_000);
+        assert_eq!(tx.payload, b"data");
+        assert_eq!(m.active_count(), 1);
+    }
+
+    #[test]
+    fn idempotency_repeated_begin_returns_the_same_transaction() {
+        let mut m = StateMachine::default();
+        let first = m.apply(begin("g1", Protocol::Tcc, 1), ctx()).unwrap();
+        let again = m.apply(begin("g1", Protocol::Tcc, 99), ctx()).unwrap();
+        let (Applied::Begun { tx: a, .. }, Applied::Begun { tx: b, created }) = (first, again)
+        else {
+            panic!("unexpected results")
+        };
+        assert!(!created);
+        assert_eq!(a, b, "the repeat must not change the recorded transaction");
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn idempotency_begin_with_another_protocol_is_refused_and_changes_nothing() {
+        let mut m = StateMachine::default();
+        m.apply(begin("g1", Protocol::Tcc, 1), ctx()).unwrap();
+        let before = m.get("g1").cloned();
+        let err = m.apply(begin("g1", Protocol::Saga, 2), ctx()).unwrap_err();
+        assert!(matches!(err, Rejection::ProtocolMismatch { .. }));
+        assert_eq!(
+            err.to_string(),
+            "transaction g1 already exists with protocol tcc, not saga"
+        );
+        assert_eq!(m.get("g1").cloned(), before);
+    }
+
+    #[test]
+    fn bad_input_begin_with_invalid_gid_or_payload_stores_nothing() {
+        let mut m = StateMachine::default();
+        assert!(m.apply(begin("", Protocol::Saga, 1), ctx()).is_err());
+        assert!(
+            m.apply(begin(&"x".repeat(129), Protocol::Saga, 1), ctx())
+                .is_err()
+        );
+        let big = Command::Begin {
+            gid: "g".into(),
+            protocol: Protocol::Saga,
+            options: options(),
+            payload: vec![0; PAYLOAD_BYTES_HARD_MAX + 1],
+            now_ms: 1,
+        };
+        assert!(m.apply(big, ctx()).is_err());
+        assert!(m.is_empty());
+        assert_eq!(m.active_count(), 0);
+    }
+
+    #[test]
+    fn gc_removes_only_terminal_transactions() {
+        let mut m = StateMachine::default();
+        for gid in ["a", "b", "c"] {
+            m.apply(begin(gid, Protocol::Saga, 1), ctx()).unwrap();
+        }
+        finish(&mut m, "a", 10);
+        finish(&mut m, "b", 20);
+        let gc = Command::Gc {
+            gids: vec!["a".into(), "c".into(), "missing".into()],
+        };
+        assert_eq!(m.apply(gc, ctx()), Ok(Applied::Collected { removed: 1 }));
+        assert!(m.get("a").is_none());
+        assert!(m.get("b").is_some(), "b was not named");
+        assert!(
+            m.get("c").is_some(),
+            "c is active and must survive a Gc naming it"
+        );
+        assert_eq!(m.active_count(), 1);
+    }
+
+    #[test]
+    fn gc_candidates_follow_retention_and_the_count_limit() {
+        let mut m = StateMachine::default();
+        for (i, gid) in ["a", "b", "c", "d"].iter().enumerate() {
+            m.apply(begin(gid, Protocol::Saga, 1), ctx()).unwrap();
+            finish(&mut m, gid, 10 * (i as i64 + 1));
+        }
+        // Retention: finished strictly before 25 → a (10), b (20).
+        assert_eq!(m.gc_candidates(25, 100, 100), vec!["a", "b"]);
+        // Count limit: keep at most 1 → the three oldest go, whatever their age.
+        assert_eq!(m.gc_candidates(0, 1, 100), vec!["a", "b", "c"]);
+        assert_eq!(m.gc_candidates(0, 1, 2), vec!["a", "b"]);
+        assert!(m.gc_candidates(0, 100, 100).is_empty());
+    }
+
+    #[test]
+    fn snapshot_round_trip_restores_table_members_and_indexes() {
+        let mut m = StateMachine::new(BTreeMap::from([(1, "127.0.0.1:1".to_string())]));
+        m.apply(begin("a", Protocol::Xa, 1), ctx()).unwrap();
+        m.apply(begin("b", Protocol::Msg, 2), ctx()).unwrap();
+        finish(&mut m, "a", 7);
+        let restored = StateMachine::decode_snapshot(&m.snapshot_source().encode()).unwrap();
+        assert_eq!(restored.members(), m.members());
+        assert_eq!(restored.get("a"), m.get("a"));
+        assert_eq!(restored.get("b"), m.get("b"));
+        assert_eq!(restored.active_count(), 1);
+        assert_eq!(restored.gc_candidates(100, 100, 100), vec!["a"]);
+    }
+
+    #[test]
+    fn list_pages_in_gid_order_with_filters() {
+        let mut m = StateMachine::default();
+        for gid in ["a", "b", "c", "d", "e"] {
+            let protocol = if gid < "c" {
+                Protocol::Saga
+            } else {
+                Protocol::Tcc
+            };
+            m.apply(begin(gid, protocol, 1), ctx()).unwrap();
+        }
+        finish(&mut m, "d", 5);
+        let view = m.view(9);
+        let page = view.list(&ListFilter::default(), 2, None);
+        let gids: Vec<_> = page.txs.iter().map(|t| t.gid.as_str()).collect();
+        assert_eq!(gids, ["a", "b"]);
+        let next = view.list(&ListFilter::default(), 2, page.next_page_token.as_deref());
+        let gids: Vec<_> = next.txs.iter().map(|t| t.gid.as_str()).collect();
+        assert_eq!(gids, ["c", "d"]);
+        let filter = ListFilter {
+            state: Some(TxState::Active),
+            protocol: Some(Protocol::Tcc),
+        };
+        let page = view.list(&filter, 10, None);
+        let gids: Vec<_> = page.txs.iter().map(|t| t.gid.as_str()).collect();
+        assert_eq!(gids, ["c", "e"]);
+        assert_eq!(page.next_page_token, None);
+    }
+}

@@ -1,0 +1,284 @@
+//! The replicated data: transactions, their branches and decisions. Plain data,
+//! serialized into log entries and snapshots; no behaviour beyond small queries.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol a global transaction follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Protocol {
+    Saga,
+    Tcc,
+    Xa,
+    TwoPc,
+    ThreePc,
+    Msg,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 6] = [
+        Protocol::Saga,
+        Protocol::Tcc,
+        Protocol::Xa,
+        Protocol::TwoPc,
+        Protocol::ThreePc,
+        Protocol::Msg,
+    ];
+
+    /// The name used by the CLI and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Saga => "saga",
+            Protocol::Tcc => "tcc",
+            Protocol::Xa => "xa",
+            Protocol::TwoPc => "2pc",
+            Protocol::ThreePc => "3pc",
+            Protocol::Msg => "msg",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a transaction is in its life. `Committed` and `Aborted` are terminal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum TxState {
+    /// Phase one: branches register, saga actions run forward.
+    Active,
+    /// 2PC/3PC: collecting votes.
+    Preparing,
+    /// Decided to commit; phase two under way.
+    Committing,
+    /// Decided to abort; phase two under way.
+    Aborting,
+    Committed,
+    Aborted,
+}
+
+impl TxState {
+    pub const ALL: [TxState; 6] = [
+        TxState::Active,
+        TxState::Preparing,
+        TxState::Committing,
+        TxState::Aborting,
+        TxState::Committed,
+        TxState::Aborted,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TxState::Committed | TxState::Aborted)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TxState::Active => "active",
+            TxState::Preparing => "preparing",
+            TxState::Committing => "committing",
+            TxState::Aborting => "aborting",
+            TxState::Committed => "committed",
+            TxState::Aborted => "aborted",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<TxState> {
+        TxState::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+impl std::fmt::Display for TxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Outcome {
+    Commit,
+    Abort,
+}
+
+/// Exponential backoff with jitter for transient branch failures. Stored
+/// resolved (defaults filled in by the leader) so `apply` never reads config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    pub initial_interval_ms: u32,
+    pub max_interval_ms: u32,
+    pub max_attempts: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxOptions {
+    pub timeout_ms: u32,
+    pub retry: RetryPolicy,
+    pub branch_timeout_ms: u32,
+    /// Saga: steps in flight at most (0: no limit).
+    pub concurrency: u32,
+}
+
+/// The commit point: the entry that recorded the outcome. `(term, index)` is
+/// the fencing token every phase-two call carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub term: u64,
+    pub index: u64,
+    pub decided_at_ms: i64,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpState {
+    Pending,
+    Succeeded,
+    /// A business "no"; never retried.
+    Failed,
+    /// Not needed any more (the compensation of an action that never ran).
+    Skipped,
+}
+
+/// An operation a participant can be asked to perform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Op {
+    Prepare,
+    Commit,
+    Rollback,
+    Try,
+    Confirm,
+    Cancel,
+    Action,
+    Compensate,
+}
+
+impl Op {
+    pub const ALL: [Op; 8] = [
+        Op::Prepare,
+        Op::Commit,
+        Op::Rollback,
+        Op::Try,
+        Op::Confirm,
+        Op::Cancel,
+        Op::Action,
+        Op::Compensate,
+    ];
+
+    /// The name on the wire (gRPC field, HTTP header, URL path segment).
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Prepare => "prepare",
+            Op::Commit => "commit",
+            Op::Rollback => "rollback",
+            Op::Try => "try",
+            Op::Confirm => "confirm",
+            Op::Cancel => "cancel",
+            Op::Action => "action",
+            Op::Compensate => "compensate",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One operation of a branch with the endpoint that serves it and its progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchOp {
+    pub op: Op,
+    pub endpoint: String,
+    pub state: OpState,
+    pub attempts: u32,
+    pub last_error: String,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branch {
+    pub branch_id: String,
+    pub ops: Vec<BranchOp>,
+    pub payload: Vec<u8>,
+    /// Saga DAG: branch ids whose action must succeed before this one runs.
+    pub after: Vec<String>,
+    /// This branch's own retry policy (saga steps may set one).
+    pub retry: Option<RetryPolicy>,
+}
+
+impl Branch {
+    pub fn op(&self, op: Op) -> Option<&BranchOp> {
+        self.ops.iter().find(|o| o.op == op)
+    }
+
+    pub fn op_mut(&mut self, op: Op) -> Option<&mut BranchOp> {
+        self.ops.iter_mut().find(|o| o.op == op)
+    }
+}
+
+/// A fencing token: the term and log index of the entry a call acts on.
+/// Participants refuse a call whose token is older than one they accepted
+/// for the same gid. Ordered by term, then index.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Fence {
+    pub term: u64,
+    pub index: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    pub gid: String,
+    pub protocol: Protocol,
+    pub state: TxState,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// When an undecided transaction is aborted.
+    pub deadline_ms: i64,
+    /// Set when the transaction becomes terminal; the retention clock for Gc.
+    pub finished_at_ms: Option<i64>,
+    pub options: TxOptions,
+    pub branches: Vec<Branch>,
+    pub payload: Vec<u8>,
+    /// Why the transaction aborted: a branch's business error, a timeout, an abort.
+    pub error: String,
+    pub decision: Option<Decision>,
+    /// The entry that started the current phase (the decision's entry once
+    /// decided): the fencing token of every call the phase makes.
+    pub fence: Fence,
+    /// Log index of the last entry that changed this transaction.
+    pub version: u64,
+    /// The application asked to commit. A repeated Commit then answers with
+    /// whatever that request led to — even an abort after a no vote — rather
+    /// than an error; only a Commit after the application's own Abort is a
+    /// contradiction.
+    pub commit_requested: bool,
+}
+
+impl Transaction {
+    pub fn branch(&self, branch_id: &str) -> Option<&Branch> {
+        self.branches.iter().find(|b| b.branch_id == branch_id)
+    }
+
+    pub fn is_decided(&self) -> bool {
+        self.decision.is_some()
+    }
+
+    /// The retry policy of a branch: its own if it has one, else the
+    /// transaction's.
+    pub fn retry_policy(&self, branch_id: &str) -> RetryPolicy {
+        self.branch(branch_id)
+            .and_then(|b| b.retry)
+            .unwrap_or(self.options.retry)
+    }
+}

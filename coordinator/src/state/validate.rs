@@ -1,0 +1,195 @@
+//! Input checks shared by the API (before proposing, so bad input never reaches
+//! the log) and `apply` (so a command that got in anyway changes nothing).
+
+/// Hard limits that hold on every node regardless of its configuration:
+/// `apply` must not depend on per-node settings, or replicas could diverge.
+pub const GID_BYTES_MAX: usize = 128;
+pub const BRANCH_ID_BYTES_MAX: usize = 128;
+pub const ENDPOINT_BYTES_MAX: usize = 2048;
+/// Upper bound for any configurable payload limit.
+pub const PAYLOAD_BYTES_HARD_MAX: usize = 4 * 1024 * 1024;
+pub const BRANCHES_HARD_MAX: usize = 1024;
+/// An abort reason (kept as the transaction's error).
+pub const REASON_BYTES_MAX: usize = 1024;
+/// Gids in one Gc command.
+pub const GC_BATCH_MAX: usize = 10_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    #[error("gid is empty")]
+    EmptyGid,
+    #[error("gid {gid_prefix}… is {len} bytes; the limit is {max}")]
+    GidTooLong {
+        gid_prefix: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("gid {gid:?} has a character other than printable ASCII (no spaces)")]
+    GidCharacters { gid: String },
+    #[error("transaction {gid}: payload is {len} bytes; the limit is {max}")]
+    PayloadTooLarge { gid: String, len: usize, max: usize },
+    #[error("transaction {gid}: {problem}")]
+    Other { gid: String, problem: String },
+}
+
+/// A gid is 1..=128 bytes of printable ASCII without spaces, so it can travel
+/// in HTTP headers, gRPC metadata and XA xids unchanged.
+pub fn gid(gid: &str) -> Result<(), InvalidInput> {
+    if gid.is_empty() {
+        return Err(InvalidInput::EmptyGid);
+    }
+    if gid.len() > GID_BYTES_MAX {
+        let prefix: String = gid.chars().take(16).collect();
+        return Err(InvalidInput::GidTooLong {
+            gid_prefix: prefix,
+            len: gid.len(),
+            max: GID_BYTES_MAX,
+        });
+    }
+    if !gid.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(InvalidInput::GidCharacters {
+            gid: gid.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// A branch id: like a gid, at most [`BRANCH_ID_BYTES_MAX`] bytes.
+pub fn branch_id(gid: &str, branch_id: &str) -> Result<(), InvalidInput> {
+    let problem = if branch_id.is_empty() {
+        "branch id is empty".to_string()
+    } else if branch_id.len() > BRANCH_ID_BYTES_MAX {
+        format!(
+            "branch id is {} bytes; the limit is {BRANCH_ID_BYTES_MAX}",
+            branch_id.len()
+        )
+    } else if !branch_id.bytes().all(|b| b.is_ascii_graphic()) {
+        format!("branch id {branch_id:?} has a character other than printable ASCII (no spaces)")
+    } else {
+        return Ok(());
+    };
+    Err(InvalidInput::Other {
+        gid: gid.to_string(),
+        problem,
+    })
+}
+
+/// An endpoint is `grpc://HOST:PORT` or `http(s)://HOST[:PORT][/PATH]`.
+pub fn endpoint(gid: &str, endpoint: &str) -> Result<(), InvalidInput> {
+    let bad = |why: &str| InvalidInput::Other {
+        gid: gid.to_string(),
+        problem: format!(
+            "endpoint {endpoint:?} is malformed: {why} (expected grpc://HOST:PORT or http(s)://HOST[:PORT]/PATH)"
+        ),
+    };
+    if endpoint.len() > ENDPOINT_BYTES_MAX {
+        return Err(bad("too long"));
+    }
+    if !endpoint.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad("it has spaces or non-ASCII characters"));
+    }
+    let (scheme, rest) = endpoint.split_once("://").ok_or_else(|| bad("no scheme"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, Some(p)),
+        _ => (authority, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
+    if !host_ok {
+        return Err(bad("bad host"));
+    }
+    if let Some(port) = port
+        && !port.parse::<u16>().is_ok_and(|p| p > 0)
+    {
+        return Err(bad("bad port"));
+    }
+    match scheme {
+        "grpc" if port.is_none() => Err(bad("grpc endpoints need a port")),
+        "grpc" if !path.is_empty() && path != "/" => Err(bad("grpc endpoints take no path")),
+        "grpc" | "http" | "https" => Ok(()),
+        _ => Err(bad("unsupported scheme")),
+    }
+}
+
+pub fn payload(gid: &str, payload: &[u8], max: usize) -> Result<(), InvalidInput> {
+    let max = max.min(PAYLOAD_BYTES_HARD_MAX);
+    if payload.len() > max {
+        return Err(InvalidInput::PayloadTooLarge {
+            gid: gid.to_string(),
+            len: payload.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gid_accepts_printable_ascii_up_to_the_limit() {
+        assert_eq!(gid("order-42:a/b@c"), Ok(()));
+        assert_eq!(gid(&"g".repeat(GID_BYTES_MAX)), Ok(()));
+    }
+
+    #[test]
+    fn gid_rejects_empty_long_and_odd_characters() {
+        assert_eq!(gid(""), Err(InvalidInput::EmptyGid));
+        assert!(matches!(
+            gid(&"g".repeat(GID_BYTES_MAX + 1)),
+            Err(InvalidInput::GidTooLong { len: 129, .. })
+        ));
+        assert!(matches!(
+            gid("a b"),
+            Err(InvalidInput::GidCharacters { .. })
+        ));
+        assert!(matches!(gid("é"), Err(InvalidInput::GidCharacters { .. })));
+        assert!(matches!(
+            gid("a\nb"),
+            Err(InvalidInput::GidCharacters { .. })
+        ));
+    }
+
+    #[test]
+    fn endpoints_accept_grpc_and_http_and_name_what_is_wrong() {
+        for ok in [
+            "grpc://127.0.0.1:9000",
+            "grpc://svc-a:9000/",
+            "http://localhost/tandem/prepare",
+            "https://pay.example.com:8443/tcc",
+            "http://[::1]:8080/x",
+        ] {
+            assert_eq!(endpoint("g", ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("127.0.0.1:9000", "no scheme"),
+            ("ftp://h:1", "unsupported scheme"),
+            ("grpc://h", "need a port"),
+            ("grpc://h:1/path", "no path"),
+            ("http://:80/x", "bad host"),
+            ("http://h:99999/x", "bad port"),
+            ("http://h /x", "spaces"),
+        ] {
+            let e = endpoint("g7", bad).unwrap_err().to_string();
+            assert!(
+                e.contains(why) && e.starts_with("transaction g7"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn payload_limit_is_capped_by_the_hard_maximum() {
+        assert_eq!(payload("g", &[0; 10], 10), Ok(()));
+        assert!(payload("g", &[0; 11], 10).is_err());
+        let big = vec![0; PAYLOAD_BYTES_HARD_MAX + 1];
+        assert!(payload("g", &big, usize::MAX).is_err());
+    }
+}

@@ -1,0 +1,235 @@
+//! The client API's contract: bad input is refused with INVALID_ARGUMENT
+//! naming the problem and leaves nothing behind; followers redirect to the
+//! leader; the CLI's shape (exit codes, JSON) holds.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{BIN, Cluster, Options, list_all_from};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::Code;
+
+const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn raw_client(endpoint: &str) -> CoordinatorClient<tonic::transport::Channel> {
+    CoordinatorClient::connect(format!("http://{endpoint}"))
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_invalid_argument_naming_the_problem_and_stores_nothing() {
+    let options = Options {
+        extra: vec!["--payload-bytes-max".into(), "1024".into()],
+        ..Options::default()
+    };
+    let cluster = Cluster::start_with(1, options);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let endpoint = cluster.node(1).endpoint();
+    let mut client = raw_client(&endpoint).await;
+    let begin = |gid: &str, protocol: i32, payload: usize| pb::BeginRequest {
+        gid: gid.to_string(),
+        protocol,
+        payload: vec![b'x'; payload],
+        ..Default::default()
+    };
+    let saga = pb::Protocol::Saga as i32;
+    let cases = [
+        (begin("", saga, 0), "gid is empty"),
+        (
+            begin(&"g".repeat(129), saga, 0),
+            "is 129 bytes; the limit is 128",
+        ),
+        (begin("has space", saga, 0), "printable ASCII"),
+        (
+            begin("g-unknown", 99, 0),
+            "transaction g-unknown: unknown protocol 99",
+        ),
+        (
+            begin("g-none", 0, 0),
+            "transaction g-none: protocol is required",
+        ),
+        (
+            begin("g-big", saga, 1025),
+            "transaction g-big: payload is 1025 bytes; the limit is 1024",
+        ),
+    ];
+    for (request, expected) in cases {
+        let status = client
+            .begin(request)
+            .await
+            .expect_err("bad input must be refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(
+            status.message().contains(expected),
+            "message {:?} should contain {expected:?}",
+            status.message()
+        );
+    }
+    let mut too_long_timeout = begin("g-timeout", saga, 0);
+    too_long_timeout.options = Some(pb::TxOptions {
+        timeout_ms: u32::MAX,
+        ..Default::default()
+    });
+    let status = client
+        .begin(too_long_timeout)
+        .await
+        .expect_err("over the limit");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("timeout_ms"),
+        "{}",
+        status.message()
+    );
+
+    assert!(
+        list_all_from(&endpoint).await.is_empty(),
+        "refused Begins left state behind"
+    );
+    let status = client
+        .get(pb::GetRequest { gid: "nope".into() })
+        .await
+        .expect_err("unknown gid");
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.message(), "transaction nope not found");
+    // At the limit is fine.
+    client
+        .begin(begin("g-ok", saga, 1024))
+        .await
+        .expect("payload at the limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_redirect_writes_with_the_leaders_address() {
+    let cluster = Cluster::start(3);
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    let mut client = raw_client(&cluster.node(follower).endpoint()).await;
+    let status = client
+        .begin(pb::BeginRequest {
+            gid: "redirected".into(),
+            protocol: pb::Protocol::Saga as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a follower does not take writes");
+    let leader_address = cluster.node(leader).address.clone();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        status
+            .metadata()
+            .get(tandem_proto::LEADER_METADATA_KEY)
+            .and_then(|v| v.to_str().ok()),
+        Some(leader_address.as_str())
+    );
+    assert!(
+        status.message().contains(&leader_address),
+        "{}",
+        status.message()
+    );
+    // Nothing was stored by the refused call; the SDK, given only the
+    // follower, follows the redirect.
+    assert!(
+        list_all_from(&cluster.node(leader).endpoint())
+            .await
+            .is_empty()
+    );
+    let sdk = tandem_sdk::Client::connect([cluster.node(follower).endpoint()]).expect("client");
+    sdk.begin("redirected", pb::Protocol::Saga)
+        .await
+        .expect("SDK follows the redirect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_begin_get_list_and_cluster_status_keep_their_shape() {
+    let cluster = Cluster::start(3);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let endpoints = cluster.endpoints().join(",");
+    let run = |args: &[&str]| {
+        let output = Command::new(BIN).args(args).output().expect("run tandem");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).trim().to_string(),
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        )
+    };
+
+    let (ok, gid, _) = run(&[
+        "tx",
+        "begin",
+        "--endpoint",
+        &endpoints,
+        "--protocol",
+        "tcc",
+        "--gid",
+        "cli-1",
+    ]);
+    assert!(ok);
+    assert_eq!(gid, "cli-1");
+    let (ok, generated, _) = run(&["tx", "begin", "--endpoint", &endpoints, "--protocol", "2pc"]);
+    assert!(ok && !generated.is_empty());
+
+    let (ok, out, err) = run(&[
+        "tx",
+        "begin",
+        "--endpoint",
+        &endpoints,
+        "--protocol",
+        "saga",
+        "--gid",
+        "cli-1",
+    ]);
+    assert!(!ok, "a protocol clash must exit non-zero");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("cli-1") && err.contains("already exists"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&[
+        "tx",
+        "begin",
+        "--endpoint",
+        &endpoints,
+        "--protocol",
+        "bogus",
+    ]);
+    assert!(!ok && err.contains("unknown protocol"), "{err}");
+
+    let (ok, out, _) = run(&["tx", "get", "cli-1", "--endpoint", &endpoints, "--json"]);
+    assert!(ok);
+    let tx: serde_json::Value = serde_json::from_str(&out).expect("tx get --json");
+    assert_eq!(tx["gid"], "cli-1");
+    assert_eq!(tx["protocol"], "tcc");
+    assert_eq!(tx["state"], "active");
+
+    let (ok, out, _) = run(&[
+        "tx",
+        "list",
+        "--endpoint",
+        &endpoints,
+        "--state",
+        "active",
+        "--json",
+    ]);
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&out).expect("tx list --json");
+    assert_eq!(list["transactions"].as_array().map(Vec::len), Some(2));
+
+    let (ok, out, _) = run(&["cluster", "status", "--endpoint", &endpoints, "--json"]);
+    assert!(ok);
+    let status: serde_json::Value = serde_json::from_str(&out).expect("cluster status --json");
+    let leader = status["leader"].as_u64().expect("leader id");
+    let nodes = status["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3);
+    for node in nodes {
+        for key in ["id", "address", "role", "term", "commit", "applied"] {
+            assert!(!node[key].is_null(), "node entry lacks {key}: {node}");
+        }
+    }
+    let leaders: Vec<_> = nodes.iter().filter(|n| n["role"] == "leader").collect();
+    assert_eq!(leaders.len(), 1);
+    assert_eq!(leaders[0]["id"].as_u64(), Some(leader));
+}

@@ -1,0 +1,458 @@
+//! Test harness: real `tandem` processes on loopback ports, which tests kill
+//! (SIGKILL), pause (SIGSTOP), wipe and partition (failpoints over the Debug
+//! service). Every wait is bounded.
+
+#![allow(dead_code)]
+
+pub mod participant;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_proto::v1::debug_client::DebugClient;
+use tandem_sdk::Client;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// A free loopback port (bound, then released for the node to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub election_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub snapshot_interval_entries: u64,
+    pub log_retain_entries: u64,
+    pub extra: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            election_timeout_ms: 500,
+            heartbeat_interval_ms: 100,
+            snapshot_interval_entries: 20_000,
+            log_retain_entries: 5_000,
+            extra: Vec::new(),
+        }
+    }
+}
+
+pub struct Node {
+    pub id: u64,
+    pub address: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn endpoint(&self) -> String {
+        self.address.clone()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct Cluster {
+    pub name: String,
+    pub nodes: Vec<Node>,
+    pub options: Options,
+    /// Founding members, as passed to --peers.
+    peers: String,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start(size: u64) -> Cluster {
+        Cluster::start_with(size, Options::default())
+    }
+
+    pub fn start_with(size: u64, options: Options) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let name = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let nodes: Vec<Node> = (1..=size)
+            .map(|id| Node {
+                id,
+                address: format!("127.0.0.1:{}", free_port()),
+                data_dir: dir.path().join(format!("node-{id}")),
+                log: dir.path().join(format!("node-{id}.log")),
+                child: None,
+            })
+            .collect();
+        let peers = nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.address))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            name,
+            nodes,
+            options,
+            peers,
+            dir,
+        };
+        for id in 1..=size {
+            cluster.spawn(id, false);
+        }
+        cluster
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes.iter().find(|n| n.id == id).expect("node id")
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("node id")
+    }
+
+    fn spawn(&mut self, id: u64, join: bool) {
+        let options = self.options.clone();
+        let name = self.name.clone();
+        let peers = self.peers.clone();
+        let node = self.node_mut(id);
+        assert!(node.child.is_none(), "node {id} is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("log file");
+        let mut command = Command::new(BIN);
+        command
+            .arg("serve")
+            .args(["--id", &id.to_string()])
+            .args(["--listen", &node.address])
+            .args(["--data-dir", &node.data_dir.to_string_lossy()])
+            .args(["--cluster-name", &name])
+            .args([
+                "--election-timeout-ms",
+                &options.election_timeout_ms.to_string(),
+            ])
+            .args([
+                "--heartbeat-interval-ms",
+                &options.heartbeat_interval_ms.to_string(),
+            ])
+            .args([
+                "--snapshot-interval-entries",
+                &options.snapshot_interval_entries.to_string(),
+            ])
+            .args([
+                "--log-retain-entries",
+                &options.log_retain_entries.to_string(),
+            ])
+            .args(&options.extra)
+            .env("TANDEM_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        if join {
+            command.arg("--join");
+        } else {
+            command.args(["--peers", &peers]);
+        }
+        node.child = Some(command.spawn().expect("spawn tandem"));
+    }
+
+    /// Adds a node process that starts empty with --join (not yet a member).
+    pub fn spawn_joining(&mut self, id: u64) -> String {
+        let address = format!("127.0.0.1:{}", free_port());
+        self.nodes.push(Node {
+            id,
+            address: address.clone(),
+            data_dir: self.dir.path().join(format!("node-{id}")),
+            log: self.dir.path().join(format!("node-{id}.log")),
+            child: None,
+        });
+        self.spawn(id, true);
+        address
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.node_mut(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for a node to die by itself (a failpoint that panics aborts the
+    /// process); returns whether it did within `timeout`.
+    pub async fn wait_dead(&mut self, id: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = self.node_mut(id);
+            match node.child.as_mut().map(|c| c.try_wait()) {
+                None => return true,
+                Some(Ok(Some(_))) => {
+                    node.child = None;
+                    return true;
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        self.spawn(id, false);
+    }
+
+    pub fn restart_joining(&mut self, id: u64) {
+        self.spawn(id, true);
+    }
+
+    pub fn wipe(&mut self, id: u64) {
+        let node = self.node(id);
+        assert!(!node.is_running(), "wipe a stopped node");
+        let _ = std::fs::remove_dir_all(&node.data_dir);
+    }
+
+    fn signal(&self, id: u64, signal: nix::sys::signal::Signal) {
+        let child = self.node(id).child.as_ref().expect("running node");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+            .expect("signal");
+    }
+
+    pub fn pause(&self, id: u64) {
+        self.signal(id, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn resume(&self, id: u64) {
+        self.signal(id, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns its exit status code.
+    pub fn terminate(&mut self, id: u64) -> Option<i32> {
+        self.signal(id, nix::sys::signal::Signal::SIGTERM);
+        let mut child = self.node_mut(id).child.take().expect("running node");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(Node::endpoint)
+            .collect()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::builder(self.endpoints())
+            .retry_deadline(Duration::from_secs(30))
+            .build()
+            .expect("client")
+    }
+
+    pub async fn local_status(&self, id: u64) -> Option<pb::NodeStatus> {
+        let address = format!("http://{}", self.node(id).address);
+        let call = async {
+            let mut client = ClusterClient::connect(address).await.ok()?;
+            client
+                .local_status(pb::NodeStatusRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        };
+        tokio::time::timeout(Duration::from_secs(1), call)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits until a running node is leader and the other running voters
+    /// agree; returns (leader id, term).
+    pub async fn wait_leader(&self, timeout: Duration) -> (u64, u64) {
+        let ids: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.id)
+            .collect();
+        wait_for(timeout, "a leader", || async {
+            let mut statuses = Vec::new();
+            for &id in &ids {
+                if let Some(s) = self.local_status(id).await {
+                    statuses.push(s);
+                }
+            }
+            let leader = statuses.iter().find(|s| s.role == "leader")?;
+            let agreeing = statuses
+                .iter()
+                .filter(|s| s.leader_id == leader.id && s.term == leader.term)
+                .count();
+            (agreeing * 2 > ids.len()).then_some((leader.id, leader.term))
+        })
+        .await
+    }
+
+    /// Waits until node `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64, timeout: Duration) -> pb::NodeStatus {
+        wait_for(timeout, &format!("node {id} to apply {index}"), || async {
+            self.local_status(id).await.filter(|s| s.applied >= index)
+        })
+        .await
+    }
+
+    pub async fn set_failpoint(&self, id: u64, name: &str, actions: &str) {
+        let address = format!("http://{}", self.node(id).address);
+        let mut client = DebugClient::connect(address)
+            .await
+            .expect("connect for failpoint");
+        client
+            .set_failpoint(pb::SetFailpointRequest {
+                name: name.into(),
+                actions: actions.into(),
+            })
+            .await
+            .expect("set failpoint (is the binary built with --features failpoints?)");
+    }
+
+    pub fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.node(id).log).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- node {} log (last lines) ---", node.id);
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// Polls `probe` until it yields a value; panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every gid the node at `endpoint` holds, read from that node alone.
+pub async fn list_all_from(endpoint: &str) -> Vec<String> {
+    let mut client = tandem_proto::v1::coordinator_client::CoordinatorClient::connect(format!(
+        "http://{endpoint}"
+    ))
+    .await
+    .expect("connect");
+    let mut gids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list(pb::ListRequest {
+                limit: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        gids.extend(page.transactions.into_iter().map(|t| t.gid));
+        if page.next_page_token.is_empty() {
+            return gids;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Begins `count` saga transactions with `concurrency` callers through the
+/// SDK, each caller starting from a random node; returns the acknowledged gids.
+pub async fn begin_many(
+    cluster: &Cluster,
+    prefix: &str,
+    count: usize,
+    concurrency: usize,
+) -> Vec<String> {
+    use rand::seq::IndexedRandom;
+    let endpoints = cluster.endpoints();
+    let clients: Vec<Client> = endpoints
+        .iter()
+        .map(|first| {
+            let mut order = vec![first.clone()];
+            order.extend(endpoints.iter().filter(|e| *e != first).cloned());
+            Client::builder(order)
+                .retry_deadline(Duration::from_secs(30))
+                .build()
+                .expect("client")
+        })
+        .collect();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let clients = clients.clone();
+        let next = next.clone();
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return acked;
+                }
+                let gid = format!("{prefix}-{i:06}");
+                let client = clients.choose(&mut rand::rng()).expect("a client").clone();
+                client
+                    .begin(&gid, pb::Protocol::Saga)
+                    .await
+                    .unwrap_or_else(|e| panic!("begin {gid}: {e}"));
+                acked.push(gid);
+            }
+        }));
+    }
+    let mut acked = Vec::new();
+    for task in tasks {
+        acked.extend(task.await.expect("begin task"));
+    }
+    acked.sort();
+    acked
+}

@@ -1,0 +1,73 @@
+//! Plumbing the examples share: database pools and serving a participant.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tandem_sdk::participant::{BranchError, Handler, ParticipantServer};
+use tokio::net::TcpListener;
+
+pub async fn postgres(url: &str, max: u32) -> anyhow::Result<sqlx::PgPool> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {url}"))
+}
+
+pub async fn mysql(url: &str, max: u32) -> anyhow::Result<sqlx::MySqlPool> {
+    sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(max)
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to MariaDB at {url}"))
+}
+
+/// A SQLite database in a file (created if missing).
+pub async fn sqlite(path: &std::path::Path) -> anyhow::Result<sqlx::SqlitePool> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("opening SQLite at {}", path.display()))
+}
+
+/// A participant served on a loopback port until dropped.
+pub struct Service {
+    /// http://127.0.0.1:PORT
+    pub base: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn serve<H: Handler>(handler: H) -> anyhow::Result<Service> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let server = ParticipantServer::new(handler);
+    let task = tokio::spawn(async move {
+        if let Err(e) =
+            tandem_sdk::participant::serve(listener, server, std::future::pending()).await
+        {
+            tracing::error!(error = %e, "participant server stopped");
+        }
+    });
+    Ok(Service { base, task })
+}
+
+pub fn db(e: sqlx::Error) -> BranchError {
+    BranchError::Transient(e.to_string())
+}
+
+/// Parses a step's JSON payload.
+pub fn payload<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, BranchError> {
+    serde_json::from_slice(bytes).map_err(|e| BranchError::Failure(format!("bad payload: {e}")))
+}

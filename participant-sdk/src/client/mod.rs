@@ -1,0 +1,555 @@
+//! The application-side client: connects to any coordinator node, follows
+//! redirects to the leader, and retries across the endpoints it was given
+//! when a node is down. Every call it retries is idempotent on the
+//! coordinator, so a retry after an ambiguous failure is safe.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+mod saga;
+mod scope;
+
+pub use saga::{SagaBuilder, Step};
+pub use scope::GlobalTx;
+
+/// A fresh globally unique gid (UUID v7: time-ordered, so List pages follow
+/// creation order).
+pub fn new_gid() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad endpoint {endpoint:?}: {problem}")]
+    InvalidEndpoint { endpoint: String, problem: String },
+    /// A participant refused a call the application made through the SDK
+    /// (a TCC Try): its own words.
+    #[error("branch {branch_id} refused: {message}")]
+    BranchRefused { branch_id: String, message: String },
+    /// The coordinator answered with an error that retrying cannot fix.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(Status),
+    /// No node could take the call before the retry deadline.
+    #[error("no coordinator node took the call within {elapsed:?}: {last}")]
+    Unavailable { elapsed: Duration, last: String },
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::InvalidArgument => "invalid argument",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::FailedPrecondition => "failed precondition",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::Aborted => "aborted",
+        Code::PermissionDenied => "permission denied",
+        Code::Unauthenticated => "unauthenticated",
+        Code::Internal => "internal error",
+        _ => "error",
+    }
+}
+
+impl Error {
+    /// The gRPC code behind this error, if the coordinator answered.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Status(s) => Some(s.code()),
+            Error::Unavailable { .. } => Some(Code::Unavailable),
+            Error::InvalidEndpoint { .. } | Error::BranchRefused { .. } => None,
+        }
+    }
+}
+
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    call_timeout: Duration,
+    retry_deadline: Duration,
+    connect_timeout: Duration,
+}
+
+impl ClientBuilder {
+    /// Deadline of one attempt. [default: 15s]
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// How long a call keeps retrying (redirects, failover, overload) before
+    /// it gives up with [`Error::Unavailable`]. [default: 30s]
+    pub fn retry_deadline(mut self, deadline: Duration) -> Self {
+        self.retry_deadline = deadline;
+        self
+    }
+
+    /// [default: 1s]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Checks the endpoints; connections are made lazily, on first use.
+    pub fn build(self) -> Result<Client, Error> {
+        if self.endpoints.is_empty() {
+            return Err(Error::InvalidEndpoint {
+                endpoint: String::new(),
+                problem: "no endpoints given".into(),
+            });
+        }
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| normalize(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let current = endpoints[0].clone();
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoints,
+                channels: Mutex::new(HashMap::new()),
+                current: Mutex::new(current),
+                call_timeout: self.call_timeout,
+                retry_deadline: self.retry_deadline,
+                connect_timeout: self.connect_timeout,
+                http: reqwest::Client::builder()
+                    .timeout(self.call_timeout)
+                    .build()
+                    .map_err(|e| Error::InvalidEndpoint {
+                        endpoint: String::new(),
+                        problem: e.to_string(),
+                    })?,
+            }),
+        })
+    }
+}
+
+/// `host:port` or `http://host:port` → `http://host:port`.
+fn normalize(endpoint: &str) -> Result<String, Error> {
+    let endpoint = endpoint.trim();
+    let bad = |problem: &str| Error::InvalidEndpoint {
+        endpoint: endpoint.to_string(),
+        problem: problem.to_string(),
+    };
+    let url = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| bad("the scheme must be http or https"))?;
+    let host_port = rest.trim_end_matches('/');
+    let port_ok = host_port
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok || host_port.contains('/') {
+        return Err(bad("expected HOST:PORT"));
+    }
+    Endpoint::from_shared(url.clone()).map_err(|e| bad(&e.to_string()))?;
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// A handle to a coordinator cluster. Cheap to clone; clones share
+/// connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// As given (normalized); tried in turn when a node is down.
+    endpoints: Vec<String>,
+    /// One multiplexed HTTP/2 channel per node.
+    channels: Mutex<HashMap<String, Channel>>,
+    /// The node believed to lead; calls go there first.
+    current: Mutex<String>,
+    call_timeout: Duration,
+    retry_deadline: Duration,
+    connect_timeout: Duration,
+    /// For the calls the application makes to participants through the SDK.
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.inner.http
+    }
+
+    /// A client for the cluster reachable at any of `endpoints`
+    /// (`host:port`, several nodes or all of them).
+    pub fn connect<I, S>(endpoints: I) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Client::builder(endpoints).build()
+    }
+
+    pub fn builder<I, S>(endpoints: I) -> ClientBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        ClientBuilder {
+            endpoints: endpoints
+                .into_iter()
+                .flat_map(|e| {
+                    e.as_ref()
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+            call_timeout: Duration::from_secs(15),
+            retry_deadline: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    pub(crate) fn channel(&self, endpoint: &str) -> Channel {
+        let mut channels = self.inner.channels.lock().expect("channel table lock");
+        channels
+            .entry(endpoint.to_string())
+            .or_insert_with(|| {
+                Endpoint::from_shared(endpoint.to_string())
+                    .expect("endpoints are validated when they are added")
+                    .connect_timeout(self.inner.connect_timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(20))
+                    .connect_lazy()
+            })
+            .clone()
+    }
+
+    fn current(&self) -> String {
+        self.inner.current.lock().expect("current lock").clone()
+    }
+
+    fn set_current(&self, endpoint: &str) {
+        *self.inner.current.lock().expect("current lock") = endpoint.to_string();
+    }
+
+    fn next_endpoint(&self, after: &str) -> String {
+        let eps = &self.inner.endpoints;
+        let at = eps.iter().position(|e| e == after);
+        match at {
+            Some(i) => eps[(i + 1) % eps.len()].clone(),
+            None => eps[0].clone(),
+        }
+    }
+
+    /// Runs `call` against the leader, following redirects and failing over
+    /// until it succeeds, fails for good, or the retry deadline passes.
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Error>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_with_timeout(self.inner.call_timeout, call).await
+    }
+
+    /// [`Client::call`] with its own per-attempt deadline, for calls that
+    /// legitimately take long (adding a node waits for it to catch up).
+    pub async fn call_with_timeout<T, F, Fut>(
+        &self,
+        call_timeout: Duration,
+        mut call: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let started = Instant::now();
+        let mut target = self.current();
+        let mut backoff = Duration::from_millis(25);
+        let mut redirects = 0;
+        loop {
+            let attempt =
+                tokio::time::timeout(self.inner.call_timeout, call(self.channel(&target))).await;
+            let status = match attempt {
+                Ok(Ok(response)) => {
+                    self.set_current(&target);
+                    return Ok(response.into_inner());
+                }
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded(format!(
+                    "{target} did not answer within {call_timeout:?}"
+                )),
+            };
+            // Cancelled: the connection broke under the call (a node died);
+            // the outcome is unknown and every call here is idempotent.
+            let retryable = matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::ResourceExhausted
+                    | Code::DeadlineExceeded
+                    | Code::Unknown
+                    | Code::Cancelled
+            );
+
+            if !retryable {
+                return Err(Error::Status(status));
+            }
+            if started.elapsed() >= self.inner.retry_deadline {
+                return Err(Error::Unavailable {
+                    elapsed: started.elapsed(),
+                    last: format!("{target}: {}", status.message()),
+                });
+            }
+            let leader = status
+                .metadata()
+                .get(tandem_proto::LEADER_METADATA_KEY)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|a| normalize(a).ok());
+            match leader {
+                // Follow a redirect at once, a few times in a row at most.
+                Some(leader) if leader != target && redirects < 3 => {
+                    redirects += 1;
+                    target = leader;
+                    continue;
+                }
+                _ => {
+                    redirects = 0;
+                    if status.code() != Code::ResourceExhausted {
+                        target = self.next_endpoint(&target);
+                    }
+                }
+            }
+            let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+            tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Starts a transaction. Idempotent: repeating it with the same gid and
+    /// protocol returns the transaction already there.
+    pub async fn begin(&self, gid: &str, protocol: pb::Protocol) -> Result<pb::Transaction, Error> {
+        let request = pb::BeginRequest {
+            gid: gid.to_string(),
+            protocol: protocol as i32,
+            ..Default::default()
+        };
+        Ok(self
+            .begin_with(request)
+            .await?
+            .transaction
+            .unwrap_or_default())
+    }
+
+    /// Begin with every option of the request.
+    pub async fn begin_with(&self, request: pb::BeginRequest) -> Result<pb::BeginResponse, Error> {
+        self.call(|ch| {
+            let request = request.clone();
+            async move { CoordinatorClient::new(ch).begin(request).await }
+        })
+        .await
+    }
+
+    /// Enlists a branch: `ops` pairs an operation name with the endpoint
+    /// that serves it. Idempotent for the same branch id and spec.
+    pub async fn register_branch(
+        &self,
+        gid: &str,
+        branch_id: &str,
+        ops: &[(&str, &str)],
+        payload: Vec<u8>,
+    ) -> Result<pb::Transaction, Error> {
+        let request = pb::RegisterBranchRequest {
+            gid: gid.to_string(),
+            branch_id: branch_id.to_string(),
+            ops: ops
+                .iter()
+                .map(|(op, endpoint)| pb::BranchEndpoint {
+                    op: op.to_string(),
+                    endpoint: endpoint.to_string(),
+                })
+                .collect(),
+            payload,
+        };
+        let response = self
+            .call(|ch| {
+                let request = request.clone();
+                async move { CoordinatorClient::new(ch).register_branch(request).await }
+            })
+            .await?;
+        Ok(response.transaction.unwrap_or_default())
+    }
+
+    /// Asks to commit; with `wait`, returns once the transaction is
+    /// terminal (or `wait_timeout` passed). Safe to repeat: a repeat returns
+    /// the outcome already decided.
+    pub async fn commit(
+        &self,
+        gid: &str,
+        wait: bool,
+        wait_timeout: Duration,
+    ) -> Result<pb::Transaction, Error> {
+        let request = pb::CommitRequest {
+            gid: gid.to_string(),
+            wait,
+            wait_timeout_ms: wait_timeout.as_millis().min(u32::MAX as u128) as u32,
+        };
+        let response = self
+            .call_with_timeout(wait_timeout + self.inner.call_timeout, |ch| {
+                let request = request.clone();
+                async move { CoordinatorClient::new(ch).commit(request).await }
+            })
+            .await?;
+        Ok(response.transaction.unwrap_or_default())
+    }
+
+    /// Asks to abort an undecided transaction. Safe to repeat.
+    pub async fn abort(
+        &self,
+        gid: &str,
+        reason: &str,
+        wait: bool,
+        wait_timeout: Duration,
+    ) -> Result<pb::Transaction, Error> {
+        let request = pb::AbortRequest {
+            gid: gid.to_string(),
+            reason: reason.to_string(),
+            wait,
+            wait_timeout_ms: wait_timeout.as_millis().min(u32::MAX as u128) as u32,
+        };
+        let response = self
+            .call_with_timeout(wait_timeout + self.inner.call_timeout, |ch| {
+                let request = request.clone();
+                async move { CoordinatorClient::new(ch).abort(request).await }
+            })
+            .await?;
+        Ok(response.transaction.unwrap_or_default())
+    }
+
+    /// Begins a transaction and returns a scope to enlist branches and end it.
+    pub async fn begin_scope(
+        &self,
+        protocol: pb::Protocol,
+        options: pb::TxOptions,
+    ) -> Result<GlobalTx, Error> {
+        let gid = new_gid();
+        let request = pb::BeginRequest {
+            gid: gid.clone(),
+            protocol: protocol as i32,
+            options: Some(options),
+            payload: Vec::new(),
+        };
+        self.begin_with(request).await?;
+        Ok(GlobalTx {
+            client: self.clone(),
+            gid,
+            protocol,
+        })
+    }
+
+    pub async fn get(&self, gid: &str) -> Result<pb::Transaction, Error> {
+        let request = pb::GetRequest {
+            gid: gid.to_string(),
+        };
+        let response = self
+            .call(|ch| {
+                let request = request.clone();
+                async move { CoordinatorClient::new(ch).get(request).await }
+            })
+            .await?;
+        Ok(response.transaction.unwrap_or_default())
+    }
+
+    pub async fn list(&self, request: pb::ListRequest) -> Result<pb::ListResponse, Error> {
+        self.call(|ch| {
+            let request = request.clone();
+            async move { CoordinatorClient::new(ch).list(request).await }
+        })
+        .await
+    }
+
+    /// Calls one node only — no redirect, no failover. For reading a
+    /// particular node (tests, diagnostics).
+    pub async fn get_from(&self, endpoint: &str, gid: &str) -> Result<pb::Transaction, Error> {
+        let endpoint = normalize(endpoint)?;
+        let request = pb::GetRequest {
+            gid: gid.to_string(),
+        };
+        CoordinatorClient::new(self.channel(&endpoint))
+            .get(request)
+            .await
+            .map(|r| r.into_inner().transaction.unwrap_or_default())
+            .map_err(Error::Status)
+    }
+
+    /// Every member's status, as the node asked sees the cluster. Goes to
+    /// whichever node answers first (followers know the cluster too).
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
+        self.call(|ch| async move {
+            ClusterClient::new(ch)
+                .status(pb::ClusterStatusRequest {})
+                .await
+        })
+        .await
+    }
+
+    pub async fn add_node(
+        &self,
+        id: u64,
+        address: &str,
+        learner_only: bool,
+    ) -> Result<pb::MembershipResponse, Error> {
+        let request = pb::AddNodeRequest {
+            id,
+            address: address.to_string(),
+            learner_only,
+        };
+        // The coordinator waits up to a minute for the node to catch up.
+        self.call_with_timeout(Duration::from_secs(90), |ch| {
+            let request = request.clone();
+            async move { ClusterClient::new(ch).add_node(request).await }
+        })
+        .await
+    }
+
+    pub async fn remove_node(&self, id: u64) -> Result<pb::MembershipResponse, Error> {
+        self.call(|ch| async move {
+            ClusterClient::new(ch)
+                .remove_node(pb::RemoveNodeRequest { id })
+                .await
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_normalized_and_malformed_ones_refused() {
+        assert_eq!(
+            normalize("127.0.0.1:7070").unwrap(),
+            "http://127.0.0.1:7070"
+        );
+        assert_eq!(
+            normalize("http://node-1:7070/").unwrap(),
+            "http://node-1:7070"
+        );
+        assert!(normalize("127.0.0.1").is_err());
+        assert!(normalize("ftp://x:1").is_err());
+        assert!(normalize("host:0").is_err());
+        assert!(normalize("host:7070/path").is_err());
+        assert!(Client::connect(Vec::<String>::new()).is_err());
+        let client = Client::connect(["a:1,b:2", "c:3"]).unwrap();
+        assert_eq!(client.inner.endpoints.len(), 3);
+        assert_eq!(client.next_endpoint("http://c:3"), "http://a:1");
+    }
+}

@@ -1,0 +1,258 @@
+//! The participant side: what a service implements to take part in global
+//! transactions, and one server that exposes it over gRPC
+//! (`tandem.v1.Participant`, endpoints `grpc://host:port`) and HTTP
+//! (`POST /tandem/{op}`, endpoints `http://host:port/tandem/{op}`) on the same
+//! port. The HTTP contract is written down in `docs/http-participants.md`.
+//!
+//! Every call may arrive more than once, late, or out of order. Before a call
+//! reaches the handler, the server
+//! * refuses it if its fencing token is older than one already accepted for
+//!   the gid (a deposed coordinator leader's late call);
+//! * refuses a prepare, try or action that arrives after the rollback,
+//!   cancel or compensation of its branch (the tombstone);
+//! * serializes calls of one branch, so a rollback never runs beside the
+//!   prepare it undoes.
+//!
+//! The fencing table lives in memory (bounded); handlers that keep state in
+//! a database keep their own durable tombstone too (the XA helpers and the
+//! barrier do).
+
+mod roles;
+mod server;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+pub use roles::{Saga, SagaStep, Tcc, TccResource, TwoPhase, TwoPhaseResource};
+pub use server::{ParticipantServer, serve};
+
+/// The operations a participant can receive (their wire names).
+pub mod ops {
+    pub const PREPARE: &str = "prepare";
+    pub const COMMIT: &str = "commit";
+    pub const ROLLBACK: &str = "rollback";
+    pub const TRY: &str = "try";
+    pub const CONFIRM: &str = "confirm";
+    pub const CANCEL: &str = "cancel";
+    pub const ACTION: &str = "action";
+    pub const COMPENSATE: &str = "compensate";
+}
+
+/// HTTP headers (and gRPC metadata) carrying a call's identity.
+pub mod headers {
+    pub const GID: &str = "tandem-gid";
+    pub const BRANCH_ID: &str = "tandem-branch-id";
+    pub const OP: &str = "tandem-op";
+    pub const PROTOCOL: &str = "tandem-protocol";
+    pub const FENCE_TERM: &str = "tandem-fence-term";
+    pub const FENCE_INDEX: &str = "tandem-fence-index";
+}
+
+/// A coordinator leader's fencing token: term, then log index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fence {
+    pub term: u64,
+    pub index: u64,
+}
+
+/// Who is calling and about what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchContext {
+    pub gid: String,
+    pub branch_id: String,
+    pub op: String,
+    /// saga, tcc, xa, 2pc, 3pc, msg (empty if the caller did not say).
+    pub protocol: String,
+    pub fence: Fence,
+}
+
+/// A call as it reaches a handler.
+#[derive(Clone, Debug)]
+pub struct BranchRequest {
+    pub ctx: BranchContext,
+    pub payload: bytes::Bytes,
+}
+
+/// How a participant says no.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BranchError {
+    /// A business "no" (insufficient funds, vote no): final, not retried.
+    /// HTTP 409, gRPC FAILED_PRECONDITION.
+    #[error("{0}")]
+    Failure(String),
+    /// Try again later (database down, lock timeout). HTTP 503, gRPC
+    /// UNAVAILABLE.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// Serves every operation of a participant. The role adapters
+/// ([`TwoPhase`], [`Tcc`]) implement it from role traits; implement it
+/// directly to route operations yourself.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        request: BranchRequest,
+    ) -> impl Future<Output = Result<(), BranchError>> + Send;
+}
+
+/// Operations that undo a branch: after one of them, the branch's forward
+/// operation is refused.
+fn is_undo(op: &str) -> bool {
+    matches!(op, ops::ROLLBACK | ops::CANCEL | ops::COMPENSATE)
+}
+
+fn is_forward(op: &str) -> bool {
+    matches!(op, ops::PREPARE | ops::TRY | ops::ACTION)
+}
+
+/// Fencing tokens and tombstones seen per gid, and one lock per branch.
+/// Bounded: the oldest gids are forgotten first.
+pub struct Fences {
+    inner: Mutex<FenceTable>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct FenceTable {
+    highest: HashMap<String, Fence>,
+    /// (gid, branch_id) undone: forward calls to them are refused.
+    tombstones: HashMap<(String, String), Fence>,
+    order: VecDeque<String>,
+    locks: HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Default for Fences {
+    fn default() -> Self {
+        Fences::with_capacity(100_000)
+    }
+}
+
+impl Fences {
+    pub fn with_capacity(capacity: usize) -> Fences {
+        Fences {
+            inner: Mutex::new(FenceTable::default()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Checks a call against what was accepted before; records it if it
+    /// passes. Returns why it is refused otherwise.
+    pub fn admit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        let mut t = self.inner.lock().expect("fence lock");
+        if let Some(highest) = t.highest.get(&ctx.gid)
+            && ctx.fence < *highest
+        {
+            return Err(BranchError::Failure(format!(
+                "stale fencing token ({}, {}) for transaction {}: ({}, {}) was already accepted",
+                ctx.fence.term, ctx.fence.index, ctx.gid, highest.term, highest.index
+            )));
+        }
+        let key = (ctx.gid.clone(), ctx.branch_id.clone());
+        if is_forward(&ctx.op) && t.tombstones.contains_key(&key) {
+            return Err(BranchError::Failure(format!(
+                "branch {} of transaction {} was already undone; late {} refused",
+                ctx.branch_id, ctx.gid, ctx.op
+            )));
+        }
+        if !t.highest.contains_key(&ctx.gid) {
+            t.order.push_back(ctx.gid.clone());
+            while t.order.len() > self.capacity {
+                if let Some(old) = t.order.pop_front() {
+                    t.highest.remove(&old);
+                    t.tombstones.retain(|(gid, _), _| *gid != old);
+                }
+            }
+        }
+        let highest = t.highest.entry(ctx.gid.clone()).or_default();
+        *highest = (*highest).max(ctx.fence);
+        Ok(())
+    }
+
+    /// Records that a branch was undone (after its undo succeeded).
+    pub fn tombstone(&self, ctx: &BranchContext) {
+        let mut t = self.inner.lock().expect("fence lock");
+        t.tombstones
+            .insert((ctx.gid.clone(), ctx.branch_id.clone()), ctx.fence);
+    }
+
+    fn lock(&self, ctx: &BranchContext) -> Arc<tokio::sync::Mutex<()>> {
+        let mut t = self.inner.lock().expect("fence lock");
+        if t.locks.len() > self.capacity {
+            t.locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        t.locks
+            .entry((ctx.gid.clone(), ctx.branch_id.clone()))
+            .or_default()
+            .clone()
+    }
+}
+
+/// Runs a call through the fencing checks and the branch lock, then the
+/// handler.
+pub async fn dispatch<H: Handler>(
+    fences: &Fences,
+    handler: &H,
+    request: BranchRequest,
+) -> Result<(), BranchError> {
+    let lock = fences.lock(&request.ctx);
+    let _serialized = lock.lock().await;
+    fences.admit(&request.ctx)?;
+    let ctx = request.ctx.clone();
+    let result = handler.handle(request).await;
+    if result.is_ok() && is_undo(&ctx.op) {
+        fences.tombstone(&ctx);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(op: &str, term: u64, index: u64) -> BranchContext {
+        BranchContext {
+            gid: "g".into(),
+            branch_id: "b".into(),
+            op: op.into(),
+            protocol: "2pc".into(),
+            fence: Fence { term, index },
+        }
+    }
+
+    #[test]
+    fn idempotency_older_tokens_and_late_forward_calls_are_refused() {
+        let fences = Fences::default();
+        assert!(fences.admit(&ctx("prepare", 2, 10)).is_ok());
+        assert!(
+            fences.admit(&ctx("prepare", 2, 10)).is_ok(),
+            "a repeat is fine"
+        );
+        assert!(fences.admit(&ctx("rollback", 3, 20)).is_ok());
+        fences.tombstone(&ctx("rollback", 3, 20));
+        // The deposed leader's prepare, older token.
+        let e = fences.admit(&ctx("prepare", 2, 10)).unwrap_err();
+        assert!(e.to_string().contains("stale fencing token"), "{e}");
+        // Even with a current token, a prepare after the rollback is refused.
+        let e = fences.admit(&ctx("prepare", 3, 20)).unwrap_err();
+        assert!(e.to_string().contains("already undone"), "{e}");
+        assert!(
+            fences.admit(&ctx("rollback", 3, 20)).is_ok(),
+            "undo again is fine"
+        );
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let fences = Fences::with_capacity(2);
+        for gid in ["a", "b", "c"] {
+            let mut c = ctx("prepare", 1, 1);
+            c.gid = gid.into();
+            fences.admit(&c).unwrap();
+        }
+        let t = fences.inner.lock().unwrap();
+        assert_eq!(t.highest.len(), 2);
+        assert!(!t.highest.contains_key("a"));
+    }
+}

@@ -1,0 +1,169 @@
+//! One listener, two protocols: `tandem.v1.Participant` over gRPC and
+//! `POST /tandem/{op}` over HTTP, both dispatched through the fencing checks.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::participant_server::{Participant, ParticipantServer as GrpcServer};
+use tokio::net::TcpListener;
+
+use super::{BranchContext, BranchError, BranchRequest, Fence, Fences, Handler, dispatch, headers};
+
+/// A participant's handler with its fencing table, servable over gRPC and
+/// HTTP.
+pub struct ParticipantServer<H> {
+    handler: Arc<H>,
+    fences: Arc<Fences>,
+}
+
+impl<H> Clone for ParticipantServer<H> {
+    fn clone(&self) -> Self {
+        ParticipantServer {
+            handler: self.handler.clone(),
+            fences: self.fences.clone(),
+        }
+    }
+}
+
+impl<H: Handler> ParticipantServer<H> {
+    pub fn new(handler: H) -> Self {
+        ParticipantServer {
+            handler: Arc::new(handler),
+            fences: Arc::new(Fences::default()),
+        }
+    }
+
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// gRPC and HTTP routes, to serve alone or merge into an application's
+    /// own axum router.
+    pub fn router(&self) -> axum::Router {
+        let http = axum::Router::new()
+            .route("/tandem/{op}", axum::routing::post(http_call::<H>))
+            .with_state(self.clone());
+        let grpc = tonic::service::Routes::new(GrpcServer::new(self.clone())).into_axum_router();
+        http.merge(grpc)
+    }
+
+    pub async fn call(&self, request: BranchRequest) -> Result<(), BranchError> {
+        dispatch(&self.fences, self.handler.as_ref(), request).await
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown` resolves.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    server: ParticipantServer<H>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, server.router())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, (StatusCode, String)> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| (StatusCode::BAD_REQUEST, format!("missing header {name}")))
+}
+
+fn number(headers: &HeaderMap, name: &str) -> Result<u64, (StatusCode, String)> {
+    match headers.get(name) {
+        None => Ok(0),
+        Some(v) => v.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("header {name} is not a number"),
+            )
+        }),
+    }
+}
+
+async fn http_call<H: Handler>(
+    State(server): State<ParticipantServer<H>>,
+    Path(op): Path<String>,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> (StatusCode, String) {
+    let ctx = match (|| {
+        Ok::<_, (StatusCode, String)>(BranchContext {
+            gid: header(&headers, headers::GID)?.to_string(),
+            branch_id: header(&headers, headers::BRANCH_ID)?.to_string(),
+            op,
+            protocol: headers
+                .get(headers::PROTOCOL)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            fence: Fence {
+                term: number(&headers, headers::FENCE_TERM)?,
+                index: number(&headers, headers::FENCE_INDEX)?,
+            },
+        })
+    })() {
+        Ok(ctx) => ctx,
+        Err(bad) => return bad,
+    };
+    match server.call(BranchRequest { ctx, payload: body }).await {
+        Ok(()) => (StatusCode::OK, String::new()),
+        Err(BranchError::Failure(message)) => (StatusCode::CONFLICT, message),
+        Err(BranchError::Transient(message)) => (StatusCode::SERVICE_UNAVAILABLE, message),
+    }
+}
+
+fn protocol_name(value: i32) -> &'static str {
+    match pb::Protocol::try_from(value) {
+        Ok(pb::Protocol::Saga) => "saga",
+        Ok(pb::Protocol::Tcc) => "tcc",
+        Ok(pb::Protocol::Xa) => "xa",
+        Ok(pb::Protocol::TwoPc) => "2pc",
+        Ok(pb::Protocol::ThreePc) => "3pc",
+        Ok(pb::Protocol::Msg) => "msg",
+        _ => "",
+    }
+}
+
+#[tonic::async_trait]
+impl<H: Handler> Participant for ParticipantServer<H> {
+    async fn call(
+        &self,
+        request: tonic::Request<pb::BranchCallRequest>,
+    ) -> Result<tonic::Response<pb::BranchCallResponse>, tonic::Status> {
+        let r = request.into_inner();
+        if r.gid.is_empty() || r.branch_id.is_empty() || r.op.is_empty() {
+            return Err(tonic::Status::invalid_argument(
+                "gid, branch_id and op are required",
+            ));
+        }
+        let ctx = BranchContext {
+            gid: r.gid,
+            branch_id: r.branch_id,
+            op: r.op,
+            protocol: protocol_name(r.protocol).to_string(),
+            fence: Fence {
+                term: r.fence_term,
+                index: r.fence_index,
+            },
+        };
+        match ParticipantServer::call(
+            self,
+            BranchRequest {
+                ctx,
+                payload: r.payload.into(),
+            },
+        )
+        .await
+        {
+            Ok(()) => Ok(tonic::Response::new(pb::BranchCallResponse {})),
+            Err(BranchError::Failure(m)) => Err(tonic::Status::failed_precondition(m)),
+            Err(BranchError::Transient(m)) => Err(tonic::Status::unavailable(m)),
+        }
+    }
+}

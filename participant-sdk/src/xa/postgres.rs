@@ -1,0 +1,323 @@
+//! XA on PostgreSQL: `BEGIN`, the work, the branch row, `PREPARE TRANSACTION
+//! 'xid'`; later `COMMIT PREPARED` / `ROLLBACK PREPARED`. Needs
+//! `max_prepared_transactions > 0`.
+//!
+//! The xid is `tdm:<format id, 8 hex>:<branch length>:<branch>:<gid>`, at most
+//! 200 bytes (PostgreSQL's limit) — which bounds the gid and branch id.
+
+use futures::future::BoxFuture;
+use sqlx::{Connection, PgConnection, PgPool, Row};
+
+use super::{BranchRow, PreparedBranch, XaStore, format_id, transient};
+use crate::participant::{BranchContext, BranchError, TwoPhaseResource};
+
+/// PostgreSQL's limit on a prepared transaction's name.
+const XID_BYTES_MAX: usize = 199;
+/// How long a rollback waits for a concurrent prepare's row lock.
+const LOCK_TIMEOUT: &str = "2s";
+
+/// XA branches in one PostgreSQL database, for one coordinator cluster.
+#[derive(Clone)]
+pub struct PgXa {
+    pool: PgPool,
+    format_id: i32,
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+impl PgXa {
+    /// XA branches in the database behind `pool`, for the coordinator
+    /// cluster named `cluster_name`. Applies `migrations/postgres`.
+    pub async fn new(pool: PgPool, cluster_name: &str) -> Result<PgXa, sqlx::Error> {
+        sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+        Ok(PgXa {
+            pool,
+            format_id: format_id(cluster_name),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn prefix(&self) -> String {
+        format!("tdm:{:08x}:", self.format_id)
+    }
+
+    fn xid(&self, gid: &str, branch_id: &str) -> Result<String, BranchError> {
+        let xid = format!("{}{}:{branch_id}:{gid}", self.prefix(), branch_id.len());
+        if xid.len() > XID_BYTES_MAX {
+            return Err(BranchError::Failure(format!(
+                "transaction {gid}: gid and branch id {branch_id} are too long for a PostgreSQL xid ({} bytes; the limit is {XID_BYTES_MAX})",
+                xid.len()
+            )));
+        }
+        Ok(xid)
+    }
+
+    fn parse_xid(&self, xid: &str) -> Option<PreparedBranch> {
+        let rest = xid.strip_prefix(&self.prefix())?;
+        let (len, rest) = rest.split_once(':')?;
+        let len: usize = len.parse().ok()?;
+        let branch_id = rest.get(..len)?;
+        let gid = rest.get(len..)?.strip_prefix(':')?;
+        Some(PreparedBranch {
+            gid: gid.to_string(),
+            branch_id: branch_id.to_string(),
+        })
+    }
+
+    fn is_prepared<'a>(
+        conn: &'a mut PgConnection,
+        xid: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BranchError>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()",
+            )
+            .bind(xid)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(transient)?;
+            Ok(row.is_some())
+        })
+    }
+
+    fn row_state<'a>(
+        conn: &'a mut PgConnection,
+        ctx: &'a BranchContext,
+    ) -> BoxFuture<'a, Result<Option<BranchRow>, BranchError>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT state, fence_term, fence_index FROM tandem_xa_branches WHERE gid = $1 AND branch_id = $2",
+            )
+            .bind(&ctx.gid)
+            .bind(&ctx.branch_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(transient)?;
+            Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+        })
+    }
+
+    /// Runs `work` in a new transaction on one connection, records the
+    /// branch, and prepares it under this branch's xid. Repeating it for a
+    /// branch already prepared or committed succeeds without running `work`
+    /// again; after a rollback it is refused.
+    pub async fn prepare<F>(&self, ctx: &BranchContext, work: F) -> Result<(), BranchError>
+    where
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<(), BranchError>>
+            + Send
+            + 'static,
+    {
+        let xid = self.xid(&ctx.gid, &ctx.branch_id)?;
+        let this = self.clone();
+        let ctx = ctx.clone();
+        // Spawned so that a caller who gives up (a dropped HTTP request)
+        // cannot cancel it half-way with a transaction open on a pooled
+        // connection.
+        tokio::spawn(async move { this.prepare_inner(&ctx, &xid, work).await })
+            .await
+            .map_err(transient)?
+    }
+
+    /// Boxed with an explicit `Send` bound: rustc cannot prove the future
+    /// of an `async fn` that borrows a sqlx connection `Send` for any
+    /// lifetime inside `tokio::spawn`.
+    fn prepare_inner<'a, F>(
+        &'a self,
+        ctx: &'a BranchContext,
+        xid: &'a str,
+        work: F,
+    ) -> BoxFuture<'a, Result<(), BranchError>>
+    where
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<(), BranchError>>
+            + Send
+            + 'a,
+    {
+        Box::pin(async move {
+            let mut conn = self.pool.acquire().await.map_err(transient)?;
+            if Self::is_prepared(&mut conn, xid).await? {
+                return Ok(());
+            }
+            match Self::row_state(&mut conn, ctx).await? {
+                Some((state, ..)) if state == "committed" => return Ok(()),
+                Some(_) => return Err(late_prepare(ctx)),
+                None => {}
+            }
+            sqlx::Executor::execute(&mut *conn, sqlx::raw_sql("BEGIN"))
+                .await
+                .map_err(transient)?;
+            let result = async {
+                work(&mut conn).await?;
+                sqlx::query(
+                    "INSERT INTO tandem_xa_branches (gid, branch_id, state, fence_term, fence_index) VALUES ($1, $2, 'committed', $3, $4)",
+                )
+                .bind(&ctx.gid)
+                .bind(&ctx.branch_id)
+                .bind(ctx.fence.term as i64)
+                .bind(ctx.fence.index as i64)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| match &e {
+                    sqlx::Error::Database(d) if d.is_unique_violation() => late_prepare(ctx),
+                    _ => transient(e),
+                })?;
+                sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&format!("PREPARE TRANSACTION {}", quote(xid))))
+                    .await
+                    .map_err(transient)?;
+                Ok(())
+            }
+            .await;
+            if result.is_err()
+                && sqlx::Executor::execute(&mut *conn, sqlx::raw_sql("ROLLBACK"))
+                    .await
+                    .is_err()
+            {
+                // Never hand a connection in an unknown state back to the pool.
+                let _ = conn.detach().close().await;
+            }
+            result
+        })
+    }
+
+    fn commit_inner<'a>(
+        &'a self,
+        ctx: &'a BranchContext,
+    ) -> BoxFuture<'a, Result<(), BranchError>> {
+        Box::pin(async move {
+            let xid = self.xid(&ctx.gid, &ctx.branch_id)?;
+            let mut conn = self.pool.acquire().await.map_err(transient)?;
+            if Self::is_prepared(&mut conn, &xid).await? {
+                sqlx::Executor::execute(
+                    &mut *conn,
+                    sqlx::raw_sql(&format!("COMMIT PREPARED {}", quote(&xid))),
+                )
+                .await
+                .map_err(transient)?;
+                return Ok(());
+            }
+            match Self::row_state(&mut conn, ctx).await? {
+                Some((state, ..)) if state == "committed" => Ok(()),
+                Some(_) => Err(BranchError::Failure(format!(
+                    "branch {} of transaction {} was rolled back; it cannot commit",
+                    ctx.branch_id, ctx.gid
+                ))),
+                None => Err(BranchError::Failure(format!(
+                    "branch {} of transaction {} was never prepared here",
+                    ctx.branch_id, ctx.gid
+                ))),
+            }
+        })
+    }
+
+    fn rollback_inner<'a>(
+        &'a self,
+        ctx: &'a BranchContext,
+    ) -> BoxFuture<'a, Result<(), BranchError>> {
+        Box::pin(async move {
+            let xid = self.xid(&ctx.gid, &ctx.branch_id)?;
+            let mut conn = self.pool.acquire().await.map_err(transient)?;
+            if let Some((state, term, index)) = Self::row_state(&mut conn, ctx).await? {
+                if state == "committed" {
+                    return Err(BranchError::Failure(format!(
+                        "branch {} of transaction {} is committed; it cannot roll back",
+                        ctx.branch_id, ctx.gid
+                    )));
+                }
+                if (term as u64, index as u64) > (ctx.fence.term, ctx.fence.index) {
+                    return Err(BranchError::Failure("stale fencing token".into()));
+                }
+                return Ok(());
+            }
+            if Self::is_prepared(&mut conn, &xid).await? {
+                sqlx::Executor::execute(
+                    &mut *conn,
+                    sqlx::raw_sql(&format!("ROLLBACK PREPARED {}", quote(&xid))),
+                )
+                .await
+                .map_err(transient)?;
+            }
+            // The tombstone. A prepare still running holds this key's lock: wait
+            // briefly, then let the coordinator retry (it will find it prepared).
+            let mut tx = conn.begin().await.map_err(transient)?;
+            sqlx::Executor::execute(
+                &mut *tx,
+                sqlx::raw_sql(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")),
+            )
+            .await
+            .map_err(transient)?;
+            let inserted = sqlx::query(
+                "INSERT INTO tandem_xa_branches (gid, branch_id, state, fence_term, fence_index) VALUES ($1, $2, 'rolledback', $3, $4) ON CONFLICT (gid, branch_id) DO NOTHING",
+            )
+            .bind(&ctx.gid)
+            .bind(&ctx.branch_id)
+            .bind(ctx.fence.term as i64)
+            .bind(ctx.fence.index as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(transient)?;
+            tx.commit().await.map_err(transient)?;
+            if inserted.rows_affected() == 0 {
+                // Someone else's row appeared meanwhile: look again next time.
+                return Err(BranchError::Transient(
+                    "branch row changed during rollback; retry".into(),
+                ));
+            }
+            Ok(())
+        })
+    }
+}
+
+fn late_prepare(ctx: &BranchContext) -> BranchError {
+    BranchError::Failure(format!(
+        "branch {} of transaction {} was already rolled back; late prepare refused",
+        ctx.branch_id, ctx.gid
+    ))
+}
+
+impl XaStore for PgXa {
+    async fn prepared(&self) -> Result<Vec<PreparedBranch>, BranchError> {
+        let rows = sqlx::query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE $1",
+        )
+        .bind(format!("{}%", self.prefix()))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(transient)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| self.parse_xid(r.get::<String, _>(0).as_str()))
+            .collect())
+    }
+
+    async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        self.commit_inner(ctx).await
+    }
+
+    async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        self.rollback_inner(ctx).await
+    }
+}
+
+/// Serves commit and rollback for the coordinator. XA branches prepare in
+/// the application's call ([`PgXa::prepare`]), so a coordinator `prepare` is
+/// refused.
+impl TwoPhaseResource for PgXa {
+    async fn prepare(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), BranchError> {
+        Err(BranchError::Failure(format!(
+            "transaction {}: XA branches prepare in the application's call, not on the coordinator's request",
+            ctx.gid
+        )))
+    }
+
+    async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        self.commit_inner(ctx).await
+    }
+
+    async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        self.rollback_inner(ctx).await
+    }
+}

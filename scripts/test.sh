@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: prepares the local databases, then runs every test
+# (unit, property, and multi-process cluster tests against real PostgreSQL and
+# MariaDB) with cargo-nextest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/prepare-services.sh
+profile=default
+[ "${CI:-}" = "true" ] && profile=ci
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --profile "$profile" "$@"
+else
+  echo "cargo-nextest not found; falling back to cargo test" >&2
+  cargo test --workspace "$@"
+fi
