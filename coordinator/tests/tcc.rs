@@ -122,7 +122,14 @@ async fn no_blocking_a_confirm_interrupted_by_a_leader_kill_completes() {
             .await
             .unwrap();
     }
-    // The leader dies after the first confirm is answered and recorded.
+    // The leader dies after the first confirm is answered and recorded,
+    // while the payment's confirm is still on its way.
+    service
+        .recorder
+        .confirm_delay
+        .lock()
+        .unwrap()
+        .insert("payment".into(), Duration::from_millis(1_500));
     cluster
         .set_failpoint(leader, "driver-mid-fanout", "panic")
         .await;

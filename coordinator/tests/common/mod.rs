@@ -153,7 +153,10 @@ impl Cluster {
                 &options.log_retain_entries.to_string(),
             ])
             .args(&options.extra)
-            .env("TANDEM_LOG", "info")
+            .env(
+                "TANDEM_LOG",
+                std::env::var("TEST_TANDEM_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -189,6 +189,8 @@ pub struct StepRecorder {
     pub action_delay: Arc<Mutex<Duration>>,
     /// How long an undo takes.
     pub undo_delay: Arc<Mutex<Duration>>,
+    /// How long a confirm of the named branch takes.
+    pub confirm_delay: Arc<Mutex<HashMap<String, Duration>>>,
 }
 
 impl StepRecorder {
@@ -251,6 +253,15 @@ impl StepRecorder {
     }
 
     async fn confirm(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        let delay = self
+            .confirm_delay
+            .lock()
+            .unwrap()
+            .get(&ctx.branch_id)
+            .copied();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         let mut l = self.log.lock().unwrap();
         let key = Self::key(ctx);
         if !l.done.contains(&key) {
