@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tandem_sdk::Step;
@@ -18,24 +17,40 @@ use tandem_sdk::proto as pb;
 
 use super::EndpointArg;
 
+/// How the load is shaped; shared by every workload.
+#[derive(Args, Debug)]
+pub struct Load {
+    #[command(flatten)]
+    endpoint: EndpointArg,
+    /// Callers running at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// How long to measure.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Not counted: lets connections and the leader warm up.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Open loop: start this many transactions per second in all, spread
+    /// over the callers, and measure latency from each one's scheduled start
+    /// (so a stall is not hidden by callers waiting). Without it, each caller
+    /// starts its next transaction as soon as the last one ends.
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Begin transactions as fast as `--concurrency` callers can.
+    /// Begin transactions (no branches).
     Begin {
         #[command(flatten)]
-        endpoint: EndpointArg,
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        #[arg(long, default_value = "10s")]
-        duration: String,
-        /// Not counted: lets connections and the leader warm up.
-        #[arg(long, default_value = "2s")]
-        warmup: String,
+        load: Load,
+        /// Size of each transaction's payload.
         #[arg(long, default_value_t = 0)]
         payload_bytes: usize,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
     },
     /// Whole 2PC transactions: begin, register two branches on a no-op
     /// HTTP participant this command serves itself, commit and wait until
@@ -43,44 +58,19 @@ pub enum BenchCommand {
     #[command(name = "2pc")]
     TwoPc {
         #[command(flatten)]
-        endpoint: EndpointArg,
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        #[arg(long, default_value = "10s")]
-        duration: String,
-        #[arg(long, default_value = "2s")]
-        warmup: String,
-        #[arg(long)]
-        json: bool,
+        load: Load,
     },
-
     /// Two-step sequential sagas on a no-op HTTP participant this command
     /// serves itself; each call waits until the saga completed.
     Saga {
         #[command(flatten)]
-        endpoint: EndpointArg,
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        #[arg(long, default_value = "10s")]
-        duration: String,
-        #[arg(long, default_value = "2s")]
-        warmup: String,
-        #[arg(long)]
-        json: bool,
+        load: Load,
     },
     /// Two-branch TCC transactions: begin, try both branches (a no-op HTTP
     /// participant this command serves), commit and wait for both confirms.
     Tcc {
         #[command(flatten)]
-        endpoint: EndpointArg,
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        #[arg(long, default_value = "10s")]
-        duration: String,
-        #[arg(long, default_value = "2s")]
-        warmup: String,
-        #[arg(long)]
-        json: bool,
+        load: Load,
     },
 }
 
@@ -109,13 +99,6 @@ impl TccResource for NoOp {
 
     async fn cancel(&self, _: &BranchContext, _: &[u8]) -> Result<(), BranchError> {
         Ok(())
-    }
-}
-
-fn not_committed(tx: &pb::Transaction) -> tandem_sdk::Error {
-    tandem_sdk::Error::Unavailable {
-        elapsed: Duration::ZERO,
-        last: format!("transaction {} ended in state {}", tx.gid, tx.state),
     }
 }
 
@@ -150,18 +133,12 @@ async fn serve_participant<H: tandem_sdk::participant::Handler>(
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Begin {
-            endpoint,
-            concurrency,
-            duration,
-            warmup,
+            load,
             payload_bytes,
-            json,
         } => {
-            let duration = humantime::parse_duration(&duration).context("--duration")?;
-            let warmup = humantime::parse_duration(&warmup).context("--warmup")?;
-            let client = endpoint.client()?;
+            let client = load.endpoint.client()?;
             let payload = vec![b'x'; payload_bytes];
-            let report = closed_loop(concurrency, warmup, duration, move || {
+            load.run("begin", move || {
                 let client = client.clone();
                 let request = pb::BeginRequest {
                     gid: tandem_sdk::new_gid(),
@@ -171,26 +148,18 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
                 };
                 async move { client.begin_with(request).await.map(|_| ()) }
             })
-            .await;
-            report.print("begin", concurrency, json);
+            .await
         }
-        BenchCommand::TwoPc {
-            endpoint,
-            concurrency,
-            duration,
-            warmup,
-            json,
-        } => {
-            let duration = humantime::parse_duration(&duration).context("--duration")?;
-            let warmup = humantime::parse_duration(&warmup).context("--warmup")?;
-            let client = endpoint.client()?;
+        BenchCommand::TwoPc { load } => {
+            let client = load.endpoint.client()?;
             let base = serve_participant(TwoPhase(NoOp)).await?;
-            let ops: Vec<(String, String)> = ["prepare", "commit", "rollback"]
-                .iter()
-                .map(|op| (op.to_string(), format!("{base}/tandem/{op}")))
-                .collect();
-            let ops = std::sync::Arc::new(ops);
-            let report = closed_loop(concurrency, warmup, duration, move || {
+            let ops: Arc<Vec<(String, String)>> = Arc::new(
+                ["prepare", "commit", "rollback"]
+                    .iter()
+                    .map(|op| (op.to_string(), format!("{base}/tandem/{op}")))
+                    .collect(),
+            );
+            load.run("2pc", move || {
                 let (client, ops) = (client.clone(), ops.clone());
                 async move {
                     let gid = tandem_sdk::new_gid();
@@ -208,57 +177,30 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
                             .register_branch(&gid, branch, &refs, Vec::new())
                             .await?;
                     }
-                    let tx = client.commit(&gid, true, Duration::from_secs(30)).await?;
-                    if tx.state != pb::TxState::Committed as i32 {
-                        return Err(not_committed(&tx));
-                    }
-                    Ok(())
+                    committed(client.commit(&gid, true, Duration::from_secs(30)).await?)
                 }
             })
-            .await;
-            report.print("2pc", concurrency, json);
+            .await
         }
-        BenchCommand::Saga {
-            endpoint,
-            concurrency,
-            duration,
-            warmup,
-            json,
-        } => {
-            let duration = humantime::parse_duration(&duration).context("--duration")?;
-            let warmup = humantime::parse_duration(&warmup).context("--warmup")?;
-            let client = endpoint.client()?;
+        BenchCommand::Saga { load } => {
+            let client = load.endpoint.client()?;
             let base = serve_participant(Saga(NoOp)).await?;
-            let report = closed_loop(concurrency, warmup, duration, move || {
+            load.run("saga", move || {
                 let (client, base) = (client.clone(), base.clone());
                 async move {
-                    let tx = client
+                    let saga = client
                         .saga()
                         .step(Step::service("a", &base))
-                        .step(Step::service("b", &base))
-                        .submit_and_wait(Duration::from_secs(30))
-                        .await?;
-                    if tx.state != pb::TxState::Committed as i32 {
-                        return Err(not_committed(&tx));
-                    }
-                    Ok(())
+                        .step(Step::service("b", &base));
+                    committed(saga.submit_and_wait(Duration::from_secs(30)).await?)
                 }
             })
-            .await;
-            report.print("saga", concurrency, json);
+            .await
         }
-        BenchCommand::Tcc {
-            endpoint,
-            concurrency,
-            duration,
-            warmup,
-            json,
-        } => {
-            let duration = humantime::parse_duration(&duration).context("--duration")?;
-            let warmup = humantime::parse_duration(&warmup).context("--warmup")?;
-            let client = endpoint.client()?;
+        BenchCommand::Tcc { load } => {
+            let client = load.endpoint.client()?;
             let base = serve_participant(Tcc(NoOp)).await?;
-            let report = closed_loop(concurrency, warmup, duration, move || {
+            load.run("tcc", move || {
                 let (client, base) = (client.clone(), base.clone());
                 async move {
                     let tx = client
@@ -266,18 +208,37 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
                         .await?;
                     tx.try_branch("a", &base, Vec::new()).await?;
                     tx.try_branch("b", &base, Vec::new()).await?;
-                    let done = tx.commit().await?;
-                    if done.state != pb::TxState::Committed as i32 {
-                        return Err(not_committed(&done));
-                    }
-                    Ok(())
+                    committed(tx.commit().await?)
                 }
             })
-            .await;
-            report.print("tcc", concurrency, json);
+            .await
         }
     }
-    Ok(())
+}
+
+/// A transaction that ended other than committed counts as an error.
+fn committed(tx: pb::Transaction) -> Result<(), tandem_sdk::Error> {
+    if tx.state == pb::TxState::Committed as i32 {
+        return Ok(());
+    }
+    Err(tandem_sdk::Error::Unavailable {
+        elapsed: Duration::ZERO,
+        last: format!("transaction {} ended in state {}", tx.gid, tx.state),
+    })
+}
+
+impl Load {
+    async fn run<F, Fut>(&self, what: &str, op: F) -> anyhow::Result<()>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), tandem_sdk::Error>> + Send,
+    {
+        anyhow::ensure!(self.concurrency > 0, "--concurrency must be at least 1");
+        anyhow::ensure!(self.rate != Some(0), "--rate must be at least 1 per second");
+        let report = drive(self.concurrency, self.rate, self.warmup, self.duration, op).await;
+        report.print(what, self.concurrency, self.rate, self.json);
+        Ok(())
+    }
 }
 
 pub struct Report {
@@ -289,36 +250,41 @@ pub struct Report {
 }
 
 impl Report {
-    fn print(&self, what: &str, concurrency: usize, as_json: bool) {
-        let rate = self.ok as f64 / self.elapsed.as_secs_f64();
-        let us = |q: f64| self.histogram.value_at_quantile(q) as f64 / 1000.0;
+    fn print(&self, what: &str, concurrency: usize, rate: Option<u32>, as_json: bool) {
+        let per_second = self.ok as f64 / self.elapsed.as_secs_f64();
+        let ms = |q: f64| self.histogram.value_at_quantile(q) as f64 / 1000.0;
+        let max_ms = self.histogram.max() as f64 / 1000.0;
         if as_json {
             println!(
                 "{}",
                 json!({
                     "bench": what,
                     "concurrency": concurrency,
+                    "target_rate": rate,
                     "ok": self.ok,
                     "errors": self.errors,
                     "seconds": self.elapsed.as_secs_f64(),
-                    "per_second": rate,
-                    "p50_ms": us(0.5),
-                    "p99_ms": us(0.99),
-                    "p999_ms": us(0.999),
-                    "max_ms": self.histogram.max() as f64 / 1000.0,
+                    "per_second": per_second,
+                    "p50_ms": ms(0.5),
+                    "p99_ms": ms(0.99),
+                    "p999_ms": ms(0.999),
+                    "max_ms": max_ms,
                 })
             );
         } else {
+            let shape = match rate {
+                Some(rate) => format!("open loop at {rate}/s over {concurrency} callers"),
+                None => format!("closed loop with {concurrency} callers"),
+            };
             println!(
-                "{what}: {rate:.0}/s over {:.1}s with {concurrency} callers; {} ok, {} errors\n\
-                 latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                "{what}: {per_second:.0}/s over {:.1}s, {shape}; {} ok, {} errors\n\
+                 latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {max_ms:.2}",
                 self.elapsed.as_secs_f64(),
                 self.ok,
                 self.errors,
-                us(0.5),
-                us(0.99),
-                us(0.999),
-                self.histogram.max() as f64 / 1000.0
+                ms(0.5),
+                ms(0.99),
+                ms(0.999),
             );
         }
         if let Some(e) = &self.last_error {
@@ -327,10 +293,19 @@ impl Report {
     }
 }
 
-/// Runs `concurrency` callers, each calling `op` back to back; counts only
-/// the calls that start after `warmup` and end before `warmup + duration`.
-pub async fn closed_loop<F, Fut>(
+fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+/// Runs `concurrency` callers calling `op`. Closed loop (`rate` None): each
+/// caller calls again as soon as its last call ended, and latency is the
+/// call's own time. Open loop: caller `i` starts its calls on a fixed
+/// schedule, `rate / concurrency` per second, and latency runs from the
+/// scheduled start, so time spent behind schedule counts. Only calls
+/// scheduled after `warmup` that end before `warmup + duration` count.
+async fn drive<F, Fut>(
     concurrency: usize,
+    rate: Option<u32>,
     warmup: Duration,
     duration: Duration,
     op: F,
@@ -345,19 +320,28 @@ where
     let stop_at = measure_from + duration;
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
+    // Open loop: caller i's k-th call is due at start + (i + k·n) / rate.
+    let pace = rate.map(|rate| Duration::from_secs_f64(1.0 / f64::from(rate)));
     let mut tasks = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
+    for caller in 0..concurrency {
         let op = op.clone();
         let stop = stop.clone();
         let errors = errors.clone();
         tasks.push(tokio::spawn(async move {
-            let mut histogram =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut histogram = histogram();
             let mut last_error = None;
+            let mut due = pace.map(|p| start + p * caller as u32);
             while !stop.load(Ordering::Relaxed) {
-                let began = Instant::now();
+                if let Some(at) = due {
+                    if at >= stop_at {
+                        break;
+                    }
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                let began = due.unwrap_or_else(Instant::now);
                 let result = op().await;
                 let ended = Instant::now();
+                due = due.zip(pace).map(|(at, p)| at + p * concurrency as u32);
                 if began < measure_from || ended > stop_at {
                     continue;
                 }
@@ -374,22 +358,21 @@ where
             (histogram, last_error)
         }));
     }
-    tokio::time::sleep_until((stop_at).into()).await;
+    tokio::time::sleep_until(stop_at.into()).await;
     stop.store(true, Ordering::Relaxed);
-    let mut histogram =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut total = histogram();
     let mut last_error = None;
     for task in tasks {
         if let Ok((h, e)) = task.await {
-            let _ = histogram.add(h);
+            let _ = total.add(h);
             last_error = last_error.or(e);
         }
     }
     Report {
-        ok: histogram.len(),
+        ok: total.len(),
         errors: errors.load(Ordering::Relaxed),
         elapsed: duration,
-        histogram,
+        histogram: total,
         last_error,
     }
 }
