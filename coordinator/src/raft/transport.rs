@@ -1,10 +1,14 @@
 //! Raft messages between nodes over gRPC (`tandem.v1.RaftTransport`).
 //!
-//! Each peer has a bounded queue and one task that drains it: while a call is
-//! in flight new messages queue up and leave together in the next call, so
-//! batching grows with load. A failed call reports the peer unreachable to
-//! raft (which retransmits) and backs off exponentially up to a second;
-//! channels reconnect by themselves. Messages are raft-rs protobuf bytes.
+//! Each peer has a bounded queue and one task that drains it into batches:
+//! whatever waits when the task wakes leaves together, so batching grows with
+//! load. Ordinary messages flow over one long-lived client stream per peer
+//! (`Stream`), so no batch waits for the previous one's answer and no call
+//! setup is paid per batch; snapshots, which can be large, go in a call of
+//! their own (`Send`) with a longer deadline. A failed stream or call reports
+//! the peer unreachable to raft (which retransmits) and backs off
+//! exponentially up to a second; channels reconnect by themselves. Messages
+//! are raft-rs protobuf bytes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -23,8 +27,10 @@ use super::node::Input;
 
 /// Messages waiting per peer; beyond this they are dropped (raft resends).
 const PEER_QUEUE_MAX: usize = 4096;
-/// Messages per call.
+/// Messages per batch.
 const BATCH_MAX: usize = 1024;
+/// Batches in flight on a peer's stream before the sender waits.
+const STREAM_BATCHES_MAX: usize = 64;
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Snapshots can be large; give their call longer.
 const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -173,6 +179,7 @@ impl Transport {
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX);
         let mut backoff = BACKOFF_MIN;
         let mut failures = 0u64;
+        let mut stream: Option<PeerStream> = None;
         let mut batch = Vec::with_capacity(64);
         while let Some(first) = rx.recv().await {
             batch.clear();
@@ -186,49 +193,63 @@ impl Transport {
             if fail::eval(FAILPOINT_ISOLATE, |_| ()).is_some() {
                 continue;
             }
-            let snapshots = batch
-                .iter()
-                .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
-                .count();
-            let encoded: Vec<Vec<u8>> = batch
-                .iter()
-                .filter_map(|m| m.write_to_bytes().ok())
-                .collect();
-            let request = RaftBatch {
-                cluster_name: self.inner.cluster_name.clone(),
-                from_id: self.inner.id,
-                from_address: self.inner.address.clone(),
-                messages: encoded,
-            };
-            let timeout = if snapshots > 0 {
-                SNAPSHOT_CALL_TIMEOUT
-            } else {
-                CALL_TIMEOUT
-            };
-            let outcome = tokio::time::timeout(timeout, send(&mut client, request)).await;
-            let delivered = matches!(outcome, Ok(Ok(())));
-            for _ in 0..snapshots {
-                self.report(Input::SnapshotSent { to, delivered });
+            let (snapshots, ordinary): (Vec<Message>, Vec<Message>) = batch
+                .drain(..)
+                .partition(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+            let mut outcome = Ok(());
+            if !ordinary.is_empty() {
+                let open = stream.get_or_insert_with(|| PeerStream::open(&client));
+                outcome = open.send(self.batch(&ordinary)).await;
+                if outcome.is_err() {
+                    stream = None;
+                }
             }
-            if delivered {
+            if !snapshots.is_empty() {
+                let result = tokio::time::timeout(
+                    SNAPSHOT_CALL_TIMEOUT,
+                    client.send(self.batch(&snapshots)),
+                )
+                .await;
+                let result = match result {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status)) => Err(status.message().to_string()),
+                    Err(_) => Err("timed out".to_string()),
+                };
+                for _ in &snapshots {
+                    self.report(Input::SnapshotSent {
+                        to,
+                        delivered: result.is_ok(),
+                    });
+                }
+                outcome = outcome.and(result);
+            }
+            let Err(error) = outcome else {
                 if failures > 0 {
                     tracing::info!(to, %address, "peer reachable again");
                 }
                 failures = 0;
                 backoff = BACKOFF_MIN;
                 continue;
-            }
+            };
             failures += 1;
             if failures == 1 || failures.is_power_of_two() {
-                let error = match outcome {
-                    Ok(Err(status)) => status.message().to_string(),
-                    _ => "timed out".to_string(),
-                };
                 tracing::warn!(to, %address, failures, %error, "cannot reach peer");
             }
             self.report(Input::Unreachable(to));
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn batch(&self, messages: &[Message]) -> RaftBatch {
+        RaftBatch {
+            cluster_name: self.inner.cluster_name.clone(),
+            from_id: self.inner.id,
+            from_address: self.inner.address.clone(),
+            messages: messages
+                .iter()
+                .filter_map(|m| m.write_to_bytes().ok())
+                .collect(),
         }
     }
 
@@ -242,11 +263,45 @@ impl Transport {
     }
 }
 
-async fn send(
-    client: &mut RaftTransportClient<Channel>,
-    request: RaftBatch,
-) -> Result<(), tonic::Status> {
-    client.send(request).await.map(|_| ())
+/// One open `Stream` call to a peer: batches go into `queue`; the call runs
+/// in its own task and ends on the first error, which the next `send` sees.
+struct PeerStream {
+    queue: mpsc::Sender<RaftBatch>,
+    call: tokio::task::JoinHandle<Result<(), tonic::Status>>,
+}
+
+impl PeerStream {
+    fn open(client: &RaftTransportClient<Channel>) -> PeerStream {
+        let (queue, batches) = mpsc::channel(STREAM_BATCHES_MAX);
+        let mut client = client.clone();
+        let call = tokio::spawn(async move {
+            client
+                .stream(tokio_stream::wrappers::ReceiverStream::new(batches))
+                .await
+                .map(|_| ())
+        });
+        PeerStream { queue, call }
+    }
+
+    /// Queues a batch; waits (up to the call timeout) while the stream is
+    /// full, which is how a slow or stopped peer shows.
+    async fn send(&mut self, batch: RaftBatch) -> Result<(), String> {
+        match tokio::time::timeout(CALL_TIMEOUT, self.queue.send(batch)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(match (&mut self.call).await {
+                Ok(Err(status)) => status.message().to_string(),
+                Ok(Ok(())) => "the peer ended the stream".to_string(),
+                Err(e) => e.to_string(),
+            }),
+            Err(_) => Err("timed out".to_string()),
+        }
+    }
+}
+
+impl Drop for PeerStream {
+    fn drop(&mut self) {
+        self.call.abort();
+    }
 }
 
 pub struct RaftService {
@@ -259,7 +314,31 @@ impl RaftTransport for RaftService {
         &self,
         request: tonic::Request<RaftBatch>,
     ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
-        let batch = request.into_inner();
+        self.deliver(request.into_inner())?;
+        Ok(tonic::Response::new(RaftAck {}))
+    }
+
+    async fn stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<RaftBatch>>,
+    ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+        let mut batches = request.into_inner();
+        while let Some(batch) = batches.message().await? {
+            match self.deliver(batch) {
+                // Raft resends what a saturated loop could not take.
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    tracing::debug!("raft loop saturated; a batch from a peer was dropped");
+                }
+                other => other?,
+            }
+        }
+        Ok(tonic::Response::new(RaftAck {}))
+    }
+}
+
+impl RaftService {
+    /// Checks a batch and hands its messages to the Raft loop.
+    fn deliver(&self, batch: RaftBatch) -> Result<(), tonic::Status> {
         let inner = &self.transport.inner;
         if fail::eval(FAILPOINT_ISOLATE, |_| ()).is_some() {
             return Err(tonic::Status::unavailable("isolated by failpoint"));
@@ -295,6 +374,6 @@ impl RaftTransport for RaftService {
         {
             return Err(tonic::Status::resource_exhausted("raft loop saturated"));
         }
-        Ok(tonic::Response::new(RaftAck {}))
+        Ok(())
     }
 }
