@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${1:?number of nodes}; shift
 [ "${1:-}" = "--" ] && shift
-bin=./target/release/tandem
+bin=${TANDEM_BIN:-./target/release/tandem}
 [ -x "$bin" ] || cargo build --release -p tandem-coordinator
 dir=$(mktemp -d)
 peers=""
