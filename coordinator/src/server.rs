@@ -95,7 +95,14 @@ pub async fn serve(
             // The builder's tcp_nodelay does not reach sockets of an incoming
             // we bind ourselves; without it, small replies wait on delayed ACKs.
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+            {
+                let transport = transport.clone();
+                async move {
+                    shutdown.await;
+                    // Peers' streams never end by themselves.
+                    transport.close();
+                }
+            },
         )
         .await;
     tracing::info!("gRPC server stopped; stopping the raft loop");

@@ -329,14 +329,32 @@ async fn durability_removing_the_leader_hands_over_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durability_graceful_shutdown_on_sigterm_keeps_everything() {
-    let mut cluster = Cluster::start(1);
-    cluster.wait_leader(LEADER_TIMEOUT).await;
+    // Three nodes, so that peers hold replication streams open to the one
+    // stopping: a graceful shutdown must end them, not wait on them.
+    let mut cluster = Cluster::start(3);
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
     let acked = begin_many(&cluster, "term", 100, 8).await;
-    assert_eq!(cluster.terminate(1), Some(0), "SIGTERM must exit cleanly");
-    cluster.restart(1);
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    for id in [follower, leader] {
+        assert_eq!(
+            cluster.terminate(id),
+            Some(0),
+            "SIGTERM must stop node {id} cleanly and promptly"
+        );
+    }
+    for id in [follower, leader] {
+        cluster.restart(id);
+    }
     cluster.wait_leader(LEADER_TIMEOUT).await;
-    let held = list_all_from(&cluster.node(1).endpoint()).await;
-    assert_eq!(held, acked);
+    for id in 1..=3 {
+        let endpoint = cluster.node(id).endpoint();
+        let held = wait_for(Duration::from_secs(10), "every node caught up", || {
+            let (endpoint, acked) = (endpoint.clone(), acked.clone());
+            async move { Some(list_all_from(&endpoint).await).filter(|held| *held == acked) }
+        })
+        .await;
+        assert_eq!(held, acked, "node {id}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -61,6 +61,9 @@ struct Inner {
     /// not know yet (a joining node answering the leader).
     learnt: RwLock<HashMap<u64, String>>,
     peers: Mutex<HashMap<u64, Peer>>,
+    /// Set when the node stops serving: ends the peers' open streams, which
+    /// a graceful server shutdown would otherwise wait on forever.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 struct Peer {
@@ -85,8 +88,14 @@ impl Transport {
                 addresses: RwLock::new(BTreeMap::new()),
                 learnt: RwLock::new(HashMap::new()),
                 peers: Mutex::new(HashMap::new()),
+                closing: tokio::sync::watch::channel(false).0,
             }),
         }
+    }
+
+    /// Ends every open stream from a peer; call when the server stops.
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
     }
 
     pub(crate) fn set_inputs(&self, inputs: Sender<Input>) {
@@ -323,7 +332,15 @@ impl RaftTransport for RaftService {
         request: tonic::Request<tonic::Streaming<RaftBatch>>,
     ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
         let mut batches = request.into_inner();
-        while let Some(batch) = batches.message().await? {
+        let mut closing = self.transport.inner.closing.subscribe();
+        loop {
+            let batch = tokio::select! {
+                batch = batches.message() => batch?,
+                _ = closing.wait_for(|closing| *closing) => {
+                    return Err(tonic::Status::unavailable("node shutting down"));
+                }
+            };
+            let Some(batch) = batch else { break };
             match self.deliver(batch) {
                 // Raft resends what a saturated loop could not take.
                 Err(status) if status.code() == tonic::Code::ResourceExhausted => {
