@@ -14,7 +14,14 @@ dir=$(mktemp -d)
 peers=""
 for i in $(seq 1 "$nodes"); do peers+="${peers:+,}$i=127.0.0.1:$((7170 + i))"; done
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"; }
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null
+  # SIGTERM is a graceful stop; give it 5 s, then make sure.
+  for _ in $(seq 1 50); do kill -0 "${pids[@]}" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "${pids[@]}" 2>/dev/null
+  wait 2>/dev/null
+  rm -rf "$dir"
+}
 trap cleanup EXIT
 for i in $(seq 1 "$nodes"); do
   "$bin" serve --id "$i" --listen "127.0.0.1:$((7170 + i))" --peers "$peers" \
