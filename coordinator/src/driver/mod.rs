@@ -161,10 +161,6 @@ impl Worker {
 
         loop {
             if current.state.is_terminal() {
-                // Every outcome is recorded; the calls still running only
-                // wait for their proposal's answer. Let them end on their own
-                // rather than cut them short mid-step.
-                calls.detach_all();
                 return;
             }
             let now = Instant::now();
