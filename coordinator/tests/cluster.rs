@@ -398,3 +398,59 @@ async fn gc_collects_finished_transactions_after_retention_on_every_node() {
         assert_eq!(gone.code(), Some(tonic::Code::NotFound));
     }
 }
+
+/// Durability: a node of another cluster (say, a stale process on a reused
+/// port) must not feed this cluster's log, over either transport call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_a_foreign_cluster_cannot_feed_raft_messages() {
+    use tandem_proto::v1::RaftBatch;
+    use tandem_proto::v1::raft_transport_client::RaftTransportClient;
+
+    let cluster = Cluster::start(1);
+    let (_, term) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let mut client = RaftTransportClient::connect(format!("http://{}", cluster.node(1).address))
+        .await
+        .expect("connect");
+    let foreign = RaftBatch {
+        cluster_name: format!("{}-other", cluster.name),
+        from_id: 9,
+        from_address: "127.0.0.1:1".into(),
+        messages: Vec::new(),
+    };
+    let refused = client
+        .send(foreign.clone())
+        .await
+        .expect_err("send refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    let refused = client
+        .stream(futures::stream::iter([foreign]))
+        .await
+        .expect_err("stream refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    // Our own cluster's name, but a message addressed to another node.
+    let misrouted = raft::eraftpb::Message {
+        to: 7,
+        ..Default::default()
+    };
+    let batch = RaftBatch {
+        cluster_name: cluster.name.clone(),
+        from_id: 9,
+        from_address: "127.0.0.1:1".into(),
+        messages: vec![protobuf::Message::write_to_bytes(&misrouted).unwrap()],
+    };
+    let refused = client
+        .stream(futures::stream::iter([batch]))
+        .await
+        .expect_err("misrouted refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    assert_eq!(
+        cluster.wait_leader(LEADER_TIMEOUT).await,
+        (1, term),
+        "the node still leads in the same term"
+    );
+    cluster
+        .client()
+        .begin("after-foreign", pb::Protocol::Saga)
+        .await
+        .expect("the cluster still takes writes");
+}

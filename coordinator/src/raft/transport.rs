@@ -323,7 +323,11 @@ impl RaftTransport for RaftService {
         &self,
         request: tonic::Request<RaftBatch>,
     ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
-        self.deliver(request.into_inner())?;
+        let batch = request.into_inner();
+        self.admit(&batch)?;
+        if !self.deliver(&batch.messages)? {
+            return Err(tonic::Status::resource_exhausted("raft loop saturated"));
+        }
         Ok(tonic::Response::new(RaftAck {}))
     }
 
@@ -333,6 +337,7 @@ impl RaftTransport for RaftService {
     ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
         let mut batches = request.into_inner();
         let mut closing = self.transport.inner.closing.subscribe();
+        let mut admitted = false;
         loop {
             let batch = tokio::select! {
                 batch = batches.message() => batch?,
@@ -341,12 +346,14 @@ impl RaftTransport for RaftService {
                 }
             };
             let Some(batch) = batch else { break };
-            match self.deliver(batch) {
+            // A stream comes from one sender: check who it is once.
+            if !admitted {
+                self.admit(&batch)?;
+                admitted = true;
+            }
+            if !self.deliver(&batch.messages)? {
                 // Raft resends what a saturated loop could not take.
-                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                    tracing::debug!("raft loop saturated; a batch from a peer was dropped");
-                }
-                other => other?,
+                tracing::debug!("raft loop saturated; a batch from a peer was dropped");
             }
         }
         Ok(tonic::Response::new(RaftAck {}))
@@ -354,12 +361,9 @@ impl RaftTransport for RaftService {
 }
 
 impl RaftService {
-    /// Checks a batch and hands its messages to the Raft loop.
-    fn deliver(&self, batch: RaftBatch) -> Result<(), tonic::Status> {
+    /// Refuses a sender from another cluster; learns where it serves.
+    fn admit(&self, batch: &RaftBatch) -> Result<(), tonic::Status> {
         let inner = &self.transport.inner;
-        if fail::eval(FAILPOINT_ISOLATE, |_| ()).is_some() {
-            return Err(tonic::Status::unavailable("isolated by failpoint"));
-        }
         if batch.cluster_name != inner.cluster_name {
             return Err(tonic::Status::failed_precondition(format!(
                 "node {} belongs to cluster {:?}, not {:?}",
@@ -367,13 +371,32 @@ impl RaftService {
             )));
         }
         if !batch.from_address.is_empty() {
-            let mut learnt = inner.learnt.write().expect("address book lock");
-            if learnt.get(&batch.from_id) != Some(&batch.from_address) {
-                learnt.insert(batch.from_id, batch.from_address.clone());
+            let known = inner
+                .learnt
+                .read()
+                .expect("address book lock")
+                .get(&batch.from_id)
+                == Some(&batch.from_address);
+            if !known {
+                inner
+                    .learnt
+                    .write()
+                    .expect("address book lock")
+                    .insert(batch.from_id, batch.from_address.clone());
             }
         }
-        let mut messages = Vec::with_capacity(batch.messages.len());
-        for bytes in &batch.messages {
+        Ok(())
+    }
+
+    /// Decodes messages and hands them to the Raft loop; false when the
+    /// loop was too busy to take them.
+    fn deliver(&self, encoded: &[Vec<u8>]) -> Result<bool, tonic::Status> {
+        let inner = &self.transport.inner;
+        if fail::eval(FAILPOINT_ISOLATE, |_| ()).is_some() {
+            return Err(tonic::Status::unavailable("isolated by failpoint"));
+        }
+        let mut messages = Vec::with_capacity(encoded.len());
+        for bytes in encoded {
             let mut message = Message::default();
             message
                 .merge_from_bytes(bytes)
@@ -386,11 +409,9 @@ impl RaftService {
             }
             messages.push(message);
         }
-        if let Some(inputs) = inner.inputs.get()
-            && inputs.try_send(Input::Raft(messages)).is_err()
-        {
-            return Err(tonic::Status::resource_exhausted("raft loop saturated"));
-        }
-        Ok(())
+        Ok(inner
+            .inputs
+            .get()
+            .is_none_or(|inputs| inputs.try_send(Input::Raft(messages)).is_ok()))
     }
 }
