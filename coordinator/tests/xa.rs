@@ -29,23 +29,25 @@ fn state(tx: &pb::Transaction) -> pb::TxState {
     pb::TxState::try_from(tx.state).unwrap_or(pb::TxState::Unspecified)
 }
 
-async fn pg(cluster: &str) -> PgXa {
+async fn pg(client: &Client) -> PgXa {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .connect(DEFAULT_PG_URL)
         .await
         .expect("PostgreSQL (run scripts/prepare-services.sh)");
+    let cluster = client.cluster_id().await.expect("cluster id");
     PgXa::new(pool, cluster)
         .await
         .expect("PostgreSQL XA set-up")
 }
 
-async fn maria(cluster: &str) -> MySqlXa {
+async fn maria(client: &Client) -> MySqlXa {
     let pool = sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(8)
         .connect(DEFAULT_MYSQL_URL)
         .await
         .expect("MariaDB (run scripts/prepare-services.sh)");
+    let cluster = client.cluster_id().await.expect("cluster id");
     MySqlXa::new(pool, cluster)
         .await
         .expect("MariaDB XA set-up")
@@ -97,7 +99,6 @@ async fn atomicity_200_concurrent_transfers_across_postgres_and_mariadb() {
         fail_rate: 0.2,
         pg_url: DEFAULT_PG_URL.into(),
         mysql_url: DEFAULT_MYSQL_URL.into(),
-        cluster_name: cluster.name.clone(),
         accounts: 50,
     })
     .await
@@ -116,6 +117,7 @@ async fn atomicity_200_concurrent_transfers_across_postgres_and_mariadb() {
         report.prepared_left, 0,
         "prepared xids left behind: {report:?}"
     );
+    assert!(report.holds(), "{report:?}");
     assert!(
         unfinished(&cluster.client()).await.is_empty(),
         "every transaction is terminal"
@@ -134,11 +136,11 @@ fn serve<A: Accounts>(accounts: A, listener: TcpListener) -> tokio::task::JoinHa
 /// commit while it is down; on restart, its recovery scan commits the
 /// prepared branch (releasing its locks) and the coordinator's retries then
 /// find it done.
-async fn participant_restart_recovers<A: Accounts>(make: impl AsyncFn(&str) -> A) {
+async fn participant_restart_recovers<A: Accounts>(make: impl AsyncFn(&Client) -> A) {
     let cluster = Cluster::start(1);
     cluster.wait_leader(LEADER_TIMEOUT).await;
     let client = cluster.client();
-    let accounts = make(&cluster.name).await;
+    let accounts = make(&client).await;
     let run = uuid::Uuid::now_v7().simple().to_string();
     accounts.setup(&run, 1).await.expect("set-up");
 
@@ -167,10 +169,18 @@ async fn participant_restart_recovers<A: Accounts>(make: impl AsyncFn(&str) -> A
         .expect("commit");
     assert_eq!(state(&tx), pb::TxState::Committing);
 
-    // Restarted: the recovery scan asks the coordinator and commits.
-    let accounts = make(&cluster.name).await;
-    let report = recover(&accounts, &client).await.expect("recovery");
-    assert_eq!(report.committed, 1, "{report:?}");
+    // Restarted: the recovery scan asks the coordinator and commits — once
+    // the dead process's database session is provably gone (a scan before
+    // that leaves the branch for the next one).
+    let accounts = make(&client).await;
+    let report = wait_for(Duration::from_secs(10), "the recovery scan", || async {
+        recover(&accounts, &client)
+            .await
+            .ok()
+            .filter(|r| r.committed == 1)
+    })
+    .await;
+    assert_eq!(report.rolled_back, 0, "{report:?}");
     assert!(accounts.prepared().await.unwrap().is_empty());
     assert_eq!(accounts.sum(&run).await.unwrap(), INITIAL_BALANCE + 250);
     // The row's lock is free again: another transfer goes through at once.
@@ -198,12 +208,12 @@ async fn participant_restart_recovers<A: Accounts>(make: impl AsyncFn(&str) -> A
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_blocking_postgres_participant_restarted_after_prepare_recovers() {
-    participant_restart_recovers(async |c: &str| pg(c).await).await;
+    participant_restart_recovers(async |c: &Client| pg(c).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_blocking_mariadb_participant_restarted_after_prepare_recovers() {
-    participant_restart_recovers(async |c: &str| maria(c).await).await;
+    participant_restart_recovers(async |c: &Client| maria(c).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,7 +221,7 @@ async fn no_blocking_an_xa_transaction_never_committed_rolls_back_at_its_timeout
     let cluster = Cluster::start(1);
     cluster.wait_leader(LEADER_TIMEOUT).await;
     let client = cluster.client();
-    let (p, m) = (pg(&cluster.name).await, maria(&cluster.name).await);
+    let (p, m) = (pg(&client).await, maria(&client).await);
     let run = uuid::Uuid::now_v7().simple().to_string();
     p.setup(&run, 1).await.unwrap();
     m.setup(&run, 1).await.unwrap();
@@ -288,7 +298,7 @@ async fn idempotency_a_deposed_leaders_late_prepare_is_refused() {
     let cluster = Cluster::start(3);
     let (old_leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
     let client = cluster.client();
-    let xa = pg(&cluster.name).await;
+    let xa = pg(&client).await;
     let run = uuid::Uuid::now_v7().simple().to_string();
     xa.setup(&run, 1).await.unwrap();
 

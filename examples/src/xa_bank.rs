@@ -8,11 +8,16 @@
 //! then commits or rolls back both branches. Calling the banks in a fixed
 //! order keeps concurrent transfers from deadlocking across the databases.
 //!
-//! The money is conserved whatever fails: the sum over both databases is the
-//! same before and after, and no prepared xid is left behind.
+//! The money is conserved whatever fails, and the run checks it per item,
+//! not only on the sum: every account pair (account N in PostgreSQL and
+//! account N in MariaDB — a transfer moves money within one pair) still
+//! holds twice the initial balance; every committed transfer has its branch
+//! row in both databases and every aborted one in neither; no prepared xid
+//! is left behind.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -42,8 +47,6 @@ pub struct Config {
     pub fail_rate: f64,
     pub pg_url: String,
     pub mysql_url: String,
-    /// The coordinator cluster's name (xids carry it).
-    pub cluster_name: String,
     pub accounts: u32,
 }
 
@@ -57,12 +60,34 @@ pub struct Report {
     pub prepared_left: usize,
     /// Transfers whose outcome could not be learnt (coordinator unreachable).
     pub unknown: u64,
+    /// Account pairs whose money is not what it started as: "account N: …".
+    pub accounts_broken: Vec<String>,
+    /// Transfers whose databases disagree with the coordinator's outcome:
+    /// "GID: …".
+    pub transfers_broken: Vec<String>,
+}
+
+impl Report {
+    /// Every invariant the run checks holds.
+    pub fn holds(&self) -> bool {
+        self.sum_before == self.sum_after
+            && self.prepared_left == 0
+            && self.accounts_broken.is_empty()
+            && self.transfers_broken.is_empty()
+    }
 }
 
 /// A bank: accounts in one database, served as an XA participant.
 pub trait Accounts: XaStore + TwoPhaseResource + Clone + 'static {
     fn setup(&self, run: &str, accounts: u32) -> impl Future<Output = anyhow::Result<()>> + Send;
     fn sum(&self, run: &str) -> impl Future<Output = anyhow::Result<i64>> + Send;
+    /// Every account's balance, by account id.
+    fn balances(&self, run: &str) -> impl Future<Output = anyhow::Result<Vec<(u32, i64)>>> + Send;
+    /// The state of the branch rows (`tandem_xa_branches`) of these gids.
+    fn branch_states(
+        &self,
+        gids: &[String],
+    ) -> impl Future<Output = anyhow::Result<HashMap<String, String>>> + Send;
     /// Adds `amount` (negative: takes it) inside this branch's XA
     /// transaction and prepares it; refuses to overdraw.
     fn transfer(
@@ -104,6 +129,25 @@ impl Accounts for PgXa {
         .fetch_one(self.pool())
         .await?;
         Ok(row.get(0))
+    }
+
+    async fn balances(&self, run: &str) -> anyhow::Result<Vec<(u32, i64)>> {
+        let rows = sqlx::query("SELECT id, balance FROM tandem_bank_accounts WHERE run = $1")
+            .bind(run)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<i32, _>(0) as u32, r.get::<i64, _>(1)))
+            .collect())
+    }
+
+    async fn branch_states(&self, gids: &[String]) -> anyhow::Result<HashMap<String, String>> {
+        let rows = sqlx::query("SELECT gid, state FROM tandem_xa_branches WHERE gid = ANY($1)")
+            .bind(gids)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     async fn transfer(
@@ -162,6 +206,34 @@ impl Accounts for MySqlXa {
             .fetch_one(self.pool())
             .await?;
         Ok(row.get(0))
+    }
+
+    async fn balances(&self, run: &str) -> anyhow::Result<Vec<(u32, i64)>> {
+        let rows = sqlx::query("SELECT id, balance FROM tandem_bank_accounts WHERE run = ?")
+            .bind(run)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<i32, _>(0) as u32, r.get::<i64, _>(1)))
+            .collect())
+    }
+
+    async fn branch_states(&self, gids: &[String]) -> anyhow::Result<HashMap<String, String>> {
+        let mut out = HashMap::new();
+        // In chunks: one IN list per query, bounded.
+        for chunk in gids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let sql = format!("SELECT gid, state FROM tandem_xa_branches WHERE gid IN ({marks})");
+            let mut query = sqlx::query(&sql);
+            for gid in chunk {
+                query = query.bind(gid);
+            }
+            for row in query.fetch_all(self.pool()).await? {
+                out.insert(row.get(0), row.get(1));
+            }
+        }
+        Ok(out)
     }
 
     async fn transfer(
@@ -281,7 +353,8 @@ pub fn serve_bank<A: Accounts>(accounts: A, listener: TcpListener) -> anyhow::Re
     })
 }
 
-/// One transfer; true if committed, false if aborted.
+/// One transfer: its gid, and whether it committed (`Ok(true)`), aborted
+/// (`Ok(false)`) or ended unknown (`Err`).
 async fn transfer(
     client: &Client,
     http: &reqwest::Client,
@@ -289,6 +362,20 @@ async fn transfer(
     banks: [&str; 2],
     accounts: u32,
     fail: bool,
+) -> (Option<String>, anyhow::Result<bool>) {
+    let mut gid = None;
+    let result = transfer_inner(client, http, run, banks, accounts, fail, &mut gid).await;
+    (gid, result)
+}
+
+async fn transfer_inner(
+    client: &Client,
+    http: &reqwest::Client,
+    run: &str,
+    banks: [&str; 2],
+    accounts: u32,
+    fail: bool,
+    gid: &mut Option<String>,
 ) -> anyhow::Result<bool> {
     let (account, amount, pg_gives) = {
         let mut rng = rand::rng();
@@ -304,6 +391,7 @@ async fn transfer(
     };
     let started = std::time::Instant::now();
     let scope = client.begin_scope(pb::Protocol::Xa, options).await?;
+    *gid = Some(scope.gid().to_string());
     let begun = started.elapsed();
     scope.enlist("pg", banks[0], Vec::new()).await?;
     scope.enlist("maria", banks[1], Vec::new()).await?;
@@ -383,23 +471,28 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     if !(0.0..=1.0).contains(&config.fail_rate) {
         bail!("--fail-rate must be between 0 and 1");
     }
+    let pool_max = config.concurrency.clamp(4, 64) as u32 + 4;
     let pg_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(config.concurrency.clamp(4, 64) as u32 + 4)
+        .max_connections(pool_max)
         .connect(&config.pg_url)
         .await
         .with_context(|| format!("connecting to PostgreSQL at {}", config.pg_url))?;
     let my_pool = sqlx::mysql::MySqlPoolOptions::new()
-        .max_connections(config.concurrency.clamp(4, 64) as u32 + 4)
+        .max_connections(pool_max)
         .connect(&config.mysql_url)
         .await
         .with_context(|| format!("connecting to MariaDB at {}", config.mysql_url))?;
-    let pg = PgXa::new(pg_pool, &config.cluster_name)
+    let client = Client::connect(&config.endpoints)?;
+    let cluster = client
+        .cluster_id()
+        .await
+        .context("learning the coordinator cluster's id")?;
+    let pg = PgXa::new(pg_pool, cluster)
         .await
         .context("PostgreSQL XA set-up")?;
-    let my = MySqlXa::new(my_pool, &config.cluster_name)
+    let my = MySqlXa::new(my_pool, cluster)
         .await
         .context("MariaDB XA set-up")?;
-    let client = Client::connect(&config.endpoints)?;
 
     // A crashed earlier run may have left prepared branches: resolve them.
     tandem_sdk::xa::recover(&pg, &client).await?;
@@ -415,46 +508,95 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
-    let committed = Arc::new(AtomicU64::new(0));
-    let aborted = Arc::new(AtomicU64::new(0));
-    let unknown = Arc::new(AtomicU64::new(0));
+    let outcomes: Mutex<Vec<(String, bool)>> = Mutex::new(Vec::new());
+    let unknown = AtomicU64::new(0);
     let banks = [pg_bank.base_url.clone(), my_bank.base_url.clone()];
     futures::stream::iter(0..config.transfers)
         .for_each_concurrent(config.concurrency.max(1), |_| {
             let (client, http, run, banks) = (&client, &http, &run, &banks);
-            let (committed, aborted, unknown) = (&committed, &aborted, &unknown);
+            let (outcomes, unknown) = (&outcomes, &unknown);
             let fail = rand::rng().random_bool(config.fail_rate);
             async move {
-                match transfer(
-                    client,
-                    http,
-                    run,
-                    [&banks[0], &banks[1]],
-                    config.accounts,
-                    fail,
-                )
-                .await
-                {
-                    Ok(true) => committed.fetch_add(1, Ordering::Relaxed),
-                    Ok(false) => aborted.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "transfer outcome unknown");
-                        unknown.fetch_add(1, Ordering::Relaxed)
+                let banks = [banks[0].as_str(), banks[1].as_str()];
+                match transfer(client, http, run, banks, config.accounts, fail).await {
+                    (Some(gid), Ok(committed)) => {
+                        outcomes.lock().expect("outcomes").push((gid, committed))
                     }
-                };
+                    (gid, Ok(_) | Err(_)) => {
+                        tracing::warn!(?gid, "transfer outcome unknown");
+                        unknown.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         })
         .await;
 
+    let outcomes = outcomes.into_inner().expect("outcomes");
     let sum_after = pg.sum(&run).await? + my.sum(&run).await?;
     let prepared_left = pg.prepared().await.map_err(anyhow::Error::msg)?.len()
         + my.prepared().await.map_err(anyhow::Error::msg)?.len();
+    let accounts_broken = check_accounts(&pg, &my, &run, config.accounts).await?;
+    let transfers_broken = check_transfers(&pg, &my, &outcomes).await?;
     Ok(Report {
-        committed: committed.load(Ordering::Relaxed),
-        aborted: aborted.load(Ordering::Relaxed),
+        committed: outcomes.iter().filter(|(_, c)| *c).count() as u64,
+        aborted: outcomes.iter().filter(|(_, c)| !*c).count() as u64,
         sum_before,
         sum_after,
         prepared_left,
         unknown: unknown.load(Ordering::Relaxed),
+        accounts_broken,
+        transfers_broken,
     })
+}
+
+/// Account N in PostgreSQL and account N in MariaDB together hold twice the
+/// initial balance, whatever was committed or aborted.
+async fn check_accounts(
+    pg: &PgXa,
+    my: &MySqlXa,
+    run: &str,
+    accounts: u32,
+) -> anyhow::Result<Vec<String>> {
+    let pg_balances: HashMap<u32, i64> = pg.balances(run).await?.into_iter().collect();
+    let my_balances: HashMap<u32, i64> = my.balances(run).await?.into_iter().collect();
+    let mut broken = Vec::new();
+    for id in 0..accounts {
+        let (p, m) = (pg_balances.get(&id), my_balances.get(&id));
+        match (p, m) {
+            (Some(p), Some(m)) if p + m == 2 * INITIAL_BALANCE => {}
+            _ => broken.push(format!(
+                "account {id}: PostgreSQL {p:?} + MariaDB {m:?} != {}",
+                2 * INITIAL_BALANCE
+            )),
+        }
+    }
+    Ok(broken)
+}
+
+/// Each transfer's branch rows agree with the coordinator's outcome: a
+/// committed transfer committed in both databases, an aborted one in
+/// neither.
+async fn check_transfers(
+    pg: &PgXa,
+    my: &MySqlXa,
+    outcomes: &[(String, bool)],
+) -> anyhow::Result<Vec<String>> {
+    let gids: Vec<String> = outcomes.iter().map(|(g, _)| g.clone()).collect();
+    let pg_rows = pg.branch_states(&gids).await?;
+    let my_rows = my.branch_states(&gids).await?;
+    let committed_in =
+        |rows: &HashMap<String, String>, gid: &str| rows.get(gid).is_some_and(|s| s == "committed");
+    let mut broken = Vec::new();
+    for (gid, committed) in outcomes {
+        let (p, m) = (committed_in(&pg_rows, gid), committed_in(&my_rows, gid));
+        if (p, m) != (*committed, *committed) {
+            broken.push(format!(
+                "{gid}: coordinator says {}, PostgreSQL branch {}, MariaDB branch {}",
+                if *committed { "committed" } else { "aborted" },
+                if p { "committed" } else { "not committed" },
+                if m { "committed" } else { "not committed" },
+            ));
+        }
+    }
+    Ok(broken)
 }

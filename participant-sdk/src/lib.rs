@@ -25,6 +25,6 @@ pub mod participant;
 #[cfg(feature = "db")]
 pub mod xa;
 
-pub use client::{Client, ClientBuilder, Error, GlobalTx, SagaBuilder, Step, new_gid};
+pub use client::{Client, ClientBuilder, ClusterId, Error, GlobalTx, SagaBuilder, Step, new_gid};
 /// The `tandem.v1` wire types.
 pub use tandem_proto::v1 as proto;

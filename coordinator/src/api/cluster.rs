@@ -101,6 +101,7 @@ pub fn node_status_to_pb(s: &NodeStatus) -> pb::NodeStatus {
         snapshot_index: s.snapshot_index,
         cluster_name: s.cluster_name.clone(),
         error: String::new(),
+        cluster_id: s.cluster_id.map(|id| id.to_string()).unwrap_or_default(),
     }
 }
 
@@ -169,6 +170,7 @@ impl Cluster for ClusterService {
             nodes,
             voters: own.voters.clone(),
             learners: own.learners.clone(),
+            cluster_id: own.cluster_id.map(|id| id.to_string()).unwrap_or_default(),
         }))
     }
 

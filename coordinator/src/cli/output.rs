@@ -156,6 +156,7 @@ pub fn list_text(page: &pb::ListResponse) -> String {
 
 pub fn cluster_json(status: &pb::ClusterStatusResponse) -> String {
     json!({
+        "cluster_id": status.cluster_id,
         "leader": status.leader_id,
         "voters": status.voters,
         "learners": status.learners,
@@ -178,8 +179,13 @@ pub fn cluster_json(status: &pb::ClusterStatusResponse) -> String {
 }
 
 pub fn cluster_table(status: &pb::ClusterStatusResponse) -> String {
+    let cluster_id = if status.cluster_id.is_empty() {
+        "(not minted yet)"
+    } else {
+        status.cluster_id.as_str()
+    };
     let mut out = format!(
-        "leader {}\n{:<4} {:<22} {:<13} {:>6} {:>10} {:>10}\n",
+        "cluster {cluster_id}\nleader {}\n{:<4} {:<22} {:<13} {:>6} {:>10} {:>10}\n",
         status.leader_id, "ID", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED"
     );
     for n in &status.nodes {

@@ -324,7 +324,7 @@ async fn propose(node: &NodeHandle, command: Command) -> Option<Arc<Transaction>
     let gid = command.gid().unwrap_or_default().to_string();
     match node.propose(command).await {
         Ok(Ok(Applied::Updated { tx } | Applied::Begun { tx, .. })) => Some(tx),
-        Ok(Ok(Applied::Collected { .. })) => None,
+        Ok(Ok(Applied::Collected { .. } | Applied::ClusterId { .. })) => None,
         Ok(Err(rejection)) => {
             tracing::warn!(%gid, %rejection, "the driver's proposal was refused");
             None

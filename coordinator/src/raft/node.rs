@@ -45,7 +45,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::storage::{Bootstrap, LogStore, StoreError, write_snapshot_file};
 use super::transport::Transport;
-use crate::state::command::ApplyContext;
+use crate::state::command::{Applied, ApplyContext};
 use crate::state::{ApplyResult, Command, ReadView, StateMachine, Transaction, codec, validate};
 
 /// Inputs handled in one turn before raft gets a chance to produce a Ready;
@@ -120,6 +120,8 @@ pub struct NodeStatus {
     pub id: u64,
     pub address: String,
     pub cluster_name: String,
+    /// Minted by the cluster's first leader; `None` until that entry is applied.
+    pub cluster_id: Option<uuid::Uuid>,
     pub role: Role,
     pub term: u64,
     /// 0 when no leader is known.
@@ -761,6 +763,13 @@ impl Loop {
                     "leading: resuming unfinished transactions"
                 );
                 let _ = self.leader_events.send(LeaderEvent::Lead { term, txs });
+                if self.machine.cluster_id().is_none() {
+                    // The cluster's first leader names it (randomness on the
+                    // proposing side; `apply` keeps the first name it sees).
+                    let cluster_id = uuid::Uuid::new_v4();
+                    tracing::info!(%cluster_id, "minting the cluster id");
+                    self.propose(Command::InitCluster { cluster_id }, Pending::Internal);
+                }
             }
             (false, Some(_)) if raft.state != StateRole::Leader => {
                 self.leading_term = None;
@@ -1091,6 +1100,9 @@ impl Loop {
                         term: entry.term,
                     };
                     let result = self.machine.apply(command, ctx);
+                    if let Ok(Applied::ClusterId { .. }) = &result {
+                        self.status_stale = true;
+                    }
                     if let Some(tx) = result.as_ref().ok().and_then(|a| a.tx())
                         && tx.version == entry.index
                     {
@@ -1290,6 +1302,7 @@ impl Loop {
             id,
             address: self.config.address.clone(),
             cluster_name: self.config.cluster_name.clone(),
+            cluster_id: self.machine.cluster_id(),
             role,
             term: raft.term,
             leader_id: raft.leader_id,

@@ -5,20 +5,29 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-const FORMAT_V1: u8 = 1;
+/// Commands, and snapshots written before cluster ids existed.
+pub const FORMAT_V1: u8 = 1;
+/// Snapshots carrying the cluster id.
+pub const FORMAT_V2: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("empty record")]
     Empty,
-    #[error("unknown record format {0}; this binary reads format {FORMAT_V1}")]
+    #[error("unknown record format {0}; this binary reads formats {FORMAT_V1} and {FORMAT_V2}")]
     UnknownFormat(u8),
     #[error("corrupt record: {0}")]
     Corrupt(#[from] postcard::Error),
 }
 
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT_V1];
+    encode_as(FORMAT_V1, value)
+}
+
+/// Encodes `value` under an explicit format byte (a layout that changed
+/// gets a new one; see [`decode_any`]).
+pub fn encode_as<T: Serialize + ?Sized>(format: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![format];
     // Serializing plain data into a Vec cannot fail.
     postcard::to_io(value, &mut out).expect("postcard serialization into memory");
     out
@@ -30,6 +39,20 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
         Some((&FORMAT_V1, rest)) => Ok(postcard::from_bytes(rest)?),
         Some((&other, _)) => Err(DecodeError::UnknownFormat(other)),
     }
+}
+
+/// A record's format byte and body, for a reader that knows several layouts.
+pub fn decode_any(bytes: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
+    match bytes.split_first() {
+        None => Err(DecodeError::Empty),
+        Some((&format @ (FORMAT_V1 | FORMAT_V2), rest)) => Ok((format, rest)),
+        Some((&other, _)) => Err(DecodeError::UnknownFormat(other)),
+    }
+}
+
+/// Decodes a body returned by [`decode_any`].
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    Ok(postcard::from_bytes(body)?)
 }
 
 #[cfg(test)]

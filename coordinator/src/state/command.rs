@@ -62,6 +62,11 @@ pub enum Command {
     /// Removes terminal transactions past their retention. Gids that are not
     /// terminal (or not there) are left alone, so a late Gc is harmless.
     Gc { gids: Vec<String> },
+    /// Names the cluster: proposed by the first leader of a cluster that has
+    /// no id yet. The first one applied wins; later ones change nothing.
+    /// XA participants put this id in their xids, so that a recovery scan
+    /// touches only its own cluster's branches.
+    InitCluster { cluster_id: uuid::Uuid },
 }
 
 /// A branch as the application registers it.
@@ -106,7 +111,7 @@ impl Command {
             | Command::Abort { gid, .. }
             | Command::OpResult { gid, .. }
             | Command::Timeout { gid, .. } => Some(gid),
-            Command::Gc { .. } => None,
+            Command::Gc { .. } | Command::InitCluster { .. } => None,
         }
     }
 }
@@ -134,13 +139,17 @@ pub enum Applied {
     Collected {
         removed: usize,
     },
+    /// The cluster's id (the one already recorded, if a leader minted it first).
+    ClusterId {
+        cluster_id: uuid::Uuid,
+    },
 }
 
 impl Applied {
     pub fn tx(&self) -> Option<&Arc<Transaction>> {
         match self {
             Applied::Begun { tx, .. } | Applied::Updated { tx } => Some(tx),
-            Applied::Collected { .. } => None,
+            Applied::Collected { .. } | Applied::ClusterId { .. } => None,
         }
     }
 }

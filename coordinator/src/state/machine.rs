@@ -39,6 +39,9 @@ pub struct StateMachine {
     /// Raft node id → gRPC address of every member, replicated with the
     /// membership changes that introduced them.
     members: BTreeMap<u64, String>,
+    /// Minted by the cluster's first leader (`Command::InitCluster`); `None`
+    /// until that entry is applied.
+    cluster_id: Option<uuid::Uuid>,
 }
 
 impl StateMachine {
@@ -176,6 +179,10 @@ impl StateMachine {
                 }
                 Ok(Applied::Collected { removed })
             }
+            Command::InitCluster { cluster_id } => {
+                let cluster_id = *self.cluster_id.get_or_insert(cluster_id);
+                Ok(Applied::ClusterId { cluster_id })
+            }
         }
     }
 
@@ -284,6 +291,10 @@ impl StateMachine {
         &self.members
     }
 
+    pub fn cluster_id(&self) -> Option<uuid::Uuid> {
+        self.cluster_id
+    }
+
     /// Records a member's address (added by a membership change) or forgets a
     /// removed member. Called when a conf-change entry is applied.
     pub fn set_member(&mut self, id: u64, address: Option<String>) {
@@ -345,13 +356,26 @@ impl StateMachine {
     pub fn snapshot_source(&self) -> SnapshotSource {
         SnapshotSource {
             members: self.members.clone(),
+            cluster_id: self.cluster_id,
             txs: self.txs.clone(),
         }
     }
 
     pub fn decode_snapshot(data: &[u8]) -> Result<StateMachine, super::codec::DecodeError> {
-        let snapshot: SnapshotIn = super::codec::decode(data)?;
+        use super::codec::{FORMAT_V1, decode_any, decode_body};
+        let snapshot: SnapshotIn = match decode_any(data)? {
+            (FORMAT_V1, body) => {
+                let v1: SnapshotInV1 = decode_body(body)?;
+                SnapshotIn {
+                    members: v1.members,
+                    cluster_id: None,
+                    txs: v1.txs,
+                }
+            }
+            (_, body) => decode_body(body)?,
+        };
         let mut machine = StateMachine::new(snapshot.members);
+        machine.cluster_id = snapshot.cluster_id;
         for tx in snapshot.txs {
             machine.insert(Arc::new(tx));
         }
@@ -371,6 +395,7 @@ struct NewTx {
 /// The state as of one applied index, ready to be encoded for a snapshot.
 pub struct SnapshotSource {
     members: BTreeMap<u64, String>,
+    cluster_id: Option<uuid::Uuid>,
     txs: TxTable,
 }
 
@@ -378,15 +403,18 @@ impl SnapshotSource {
     pub fn encode(&self) -> Vec<u8> {
         let out = SnapshotOut {
             members: &self.members,
+            cluster_id: self.cluster_id,
             txs: TxSeq(&self.txs),
         };
-        super::codec::encode(&out)
+        super::codec::encode_as(super::codec::FORMAT_V2, &out)
     }
 }
 
+/// Snapshot layout, format 2 (format 1 had no cluster id).
 #[derive(Serialize)]
 struct SnapshotOut<'a> {
     members: &'a BTreeMap<u64, String>,
+    cluster_id: Option<uuid::Uuid>,
     txs: TxSeq<'a>,
 }
 
@@ -406,6 +434,13 @@ impl Serialize for TxSeq<'_> {
 
 #[derive(Deserialize)]
 struct SnapshotIn {
+    members: BTreeMap<u64, String>,
+    cluster_id: Option<uuid::Uuid>,
+    txs: Vec<Transaction>,
+}
+
+#[derive(Deserialize)]
+struct SnapshotInV1 {
     members: BTreeMap<u64, String>,
     txs: Vec<Transaction>,
 }
@@ -616,6 +651,43 @@ mod tests {
         assert_eq!(restored.get("b"), m.get("b"));
         assert_eq!(restored.active_count(), 1);
         assert_eq!(restored.gc_candidates(100, 100, 100), vec!["a"]);
+    }
+
+    #[test]
+    fn the_first_cluster_id_applied_wins_and_survives_a_snapshot() {
+        let mut m = StateMachine::default();
+        let (a, b) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        let init = |id| Command::InitCluster { cluster_id: id };
+        assert_eq!(
+            m.apply(init(a), ctx()),
+            Ok(Applied::ClusterId { cluster_id: a })
+        );
+        assert_eq!(
+            m.apply(init(b), ctx()),
+            Ok(Applied::ClusterId { cluster_id: a }),
+            "a second leader's mint must not rename the cluster"
+        );
+        let restored = StateMachine::decode_snapshot(&m.snapshot_source().encode()).unwrap();
+        assert_eq!(restored.cluster_id(), Some(a));
+    }
+
+    #[test]
+    fn a_format_1_snapshot_still_decodes_without_a_cluster_id() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            members: &'a BTreeMap<u64, String>,
+            txs: Vec<Transaction>,
+        }
+        let mut m = StateMachine::new(BTreeMap::from([(1, "127.0.0.1:1".to_string())]));
+        m.apply(begin("a", Protocol::Xa, 1), ctx()).unwrap();
+        let old = super::super::codec::encode(&V1 {
+            members: m.members(),
+            txs: vec![(**m.get("a").unwrap()).clone()],
+        });
+        let restored = StateMachine::decode_snapshot(&old).unwrap();
+        assert_eq!(restored.cluster_id(), None);
+        assert_eq!(restored.get("a"), m.get("a"));
+        assert_eq!(restored.members(), m.members());
     }
 
     #[test]

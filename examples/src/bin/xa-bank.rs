@@ -1,6 +1,9 @@
 //! Moves money between accounts in PostgreSQL and accounts in MariaDB with
 //! XA transactions through a Tandem coordinator, some failing on purpose.
-//! Last stdout line: `{"committed":…, "aborted":…, "sum_before":…, "sum_after":…}`.
+//! Checks money per account pair and every transfer's branch rows against
+//! the coordinator's outcome. Last stdout line: `{"committed":…,
+//! "aborted":…, "sum_before":…, "sum_after":…, "accounts_broken":…,
+//! "transfers_broken":…}`; exits non-zero if any invariant is broken.
 
 use clap::Parser;
 use tandem_examples::{DEFAULT_MYSQL_URL, DEFAULT_PG_URL, xa_bank};
@@ -22,9 +25,6 @@ struct Args {
     pg_url: String,
     #[arg(long, default_value = DEFAULT_MYSQL_URL)]
     mysql_url: String,
-    /// The coordinator cluster's --cluster-name (xids carry it).
-    #[arg(long, default_value = "tandem")]
-    cluster_name: String,
     /// Accounts in each database.
     #[arg(long, default_value_t = 100)]
     accounts: u32,
@@ -41,7 +41,6 @@ async fn main() -> anyhow::Result<()> {
         fail_rate: args.fail_rate,
         pg_url: args.pg_url,
         mysql_url: args.mysql_url,
-        cluster_name: args.cluster_name,
         accounts: args.accounts,
     })
     .await?;
@@ -49,6 +48,13 @@ async fn main() -> anyhow::Result<()> {
         "prepared xids left: {}; transfers with unknown outcome: {}",
         report.prepared_left, report.unknown
     );
+    for broken in report
+        .accounts_broken
+        .iter()
+        .chain(&report.transfers_broken)
+    {
+        println!("VIOLATION {broken}");
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -56,9 +62,11 @@ async fn main() -> anyhow::Result<()> {
             "aborted": report.aborted,
             "sum_before": report.sum_before,
             "sum_after": report.sum_after,
+            "accounts_broken": report.accounts_broken.len(),
+            "transfers_broken": report.transfers_broken.len(),
         })
     );
-    if report.sum_before != report.sum_after || report.prepared_left > 0 {
+    if !report.holds() {
         anyhow::bail!("invariant broken: {report:?}");
     }
     Ok(())

@@ -21,6 +21,48 @@ mod scope;
 pub use saga::{SagaBuilder, Step};
 pub use scope::GlobalTx;
 
+/// A coordinator cluster's identity (a UUID minted by its first leader).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClusterId(uuid::Uuid);
+
+impl ClusterId {
+    pub fn parse(text: &str) -> Result<ClusterId, String> {
+        uuid::Uuid::parse_str(text)
+            .map(ClusterId)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn from_uuid(id: uuid::Uuid) -> ClusterId {
+        ClusterId(id)
+    }
+
+    pub fn as_uuid(&self) -> uuid::Uuid {
+        self.0
+    }
+
+    /// The XA `formatID` of this cluster's xids: 31 bits of the id (XA
+    /// reserves negative values; 0 means "OSI CCR naming", so never 0).
+    pub fn xa_format_id(&self) -> i32 {
+        let bytes = self.0.as_bytes();
+        let bits = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) & 0x7fff_ffff;
+        bits.max(1) as i32
+    }
+
+    /// The first 64 bits in hex: how PostgreSQL xids name the cluster.
+    pub fn short_hex(&self) -> String {
+        self.0.as_bytes()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+impl std::fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// A fresh globally unique gid (UUID v7: time-ordered, so List pages follow
 /// creation order).
 pub fn new_gid() -> String {
@@ -276,8 +318,7 @@ impl Client {
         let mut backoff = Duration::from_millis(25);
         let mut redirects = 0;
         loop {
-            let attempt =
-                tokio::time::timeout(self.inner.call_timeout, call(self.channel(&target))).await;
+            let attempt = tokio::time::timeout(call_timeout, call(self.channel(&target))).await;
             let status = match attempt {
                 Ok(Ok(response)) => {
                     self.set_current(&target);
@@ -487,6 +528,34 @@ impl Client {
             .await
             .map(|r| r.into_inner().transaction.unwrap_or_default())
             .map_err(Error::Status)
+    }
+
+    /// The cluster's id: minted by its first leader, the same on every
+    /// member, never changed. XA helpers put it in their xids so that a
+    /// recovery scan touches only this cluster's branches. Waits (within the
+    /// retry deadline) while a brand-new cluster has not minted it yet.
+    pub async fn cluster_id(&self) -> Result<ClusterId, Error> {
+        self.call(|ch| async move {
+            let status = ClusterClient::new(ch)
+                .local_status(pb::NodeStatusRequest {})
+                .await?;
+            if status.get_ref().cluster_id.is_empty() {
+                return Err(Status::unavailable(format!(
+                    "node {} has not applied the cluster id yet",
+                    status.get_ref().id
+                )));
+            }
+            Ok(status)
+        })
+        .await
+        .and_then(|status| {
+            ClusterId::parse(&status.cluster_id).map_err(|problem| {
+                Error::Status(Status::internal(format!(
+                    "node {} reports cluster id {:?}: {problem}",
+                    status.id, status.cluster_id
+                )))
+            })
+        })
     }
 
     /// Every member's status, as the node asked sees the cluster. Goes to

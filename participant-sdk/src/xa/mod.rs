@@ -2,8 +2,17 @@
 //! `COMMIT/ROLLBACK PREPARED`, `pg_prepared_xacts`) and MariaDB/MySQL
 //! (`XA START … END`, `XA PREPARE`, `XA COMMIT/ROLLBACK`, `XA RECOVER`).
 //!
-//! Xids encode the coordinator cluster (a 31-bit id derived from its name),
-//! the gid and the branch, so recovery touches only this cluster's xids.
+//! Xids encode the coordinator cluster (its id, minted by the cluster's
+//! first leader and learnt with [`Client::cluster_id`]), the gid and the
+//! branch, so a recovery scan touches only this cluster's xids — two
+//! clusters sharing a database never resolve each other's branches.
+//!
+//! A helper acknowledges only what it has seen in the database: a prepare
+//! once the database lists the branch as prepared, a commit once the branch
+//! row (written inside the XA transaction) is visible as `committed`.
+//! ARCHITECTURE.md lists the database behaviours this relies on; the tests
+//! in `tests/xa_mariadb.rs` and `tests/xa_postgres.rs` pin each of them
+//! against the real servers.
 //!
 //! Each branch also writes a row in `tandem_xa_branches` (see
 //! `migrations/`): inside the XA transaction, in state `committed` — so the
@@ -27,21 +36,11 @@ use std::time::Duration;
 
 use tandem_proto::v1 as pb;
 
-pub use mysql::MySqlXa;
+pub use mysql::{HoldOptions, MySqlXa, session_gone};
 pub use postgres::PgXa;
 
 use crate::client::{Client, Error};
 use crate::participant::{BranchContext, BranchError, Fence};
-
-/// The 31-bit xid format id of a coordinator cluster (FNV-1a of its name).
-pub fn format_id(cluster_name: &str) -> i32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in cluster_name.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    ((hash & 0x7fff_ffff).max(1)) as i32
-}
 
 /// A row of `tandem_xa_branches`: state, fence term, fence index.
 type BranchRow = (String, i64, i64);
@@ -203,12 +202,16 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::client::ClusterId;
 
     #[test]
-    fn format_ids_are_stable_positive_and_differ_by_cluster() {
-        assert_eq!(format_id("tandem"), format_id("tandem"));
-        assert!(format_id("tandem") > 0);
-        assert_ne!(format_id("tandem"), format_id("tandem-2"));
+    fn format_ids_are_positive_and_differ_by_cluster() {
+        let a = ClusterId::parse("0199a1b2-0000-4000-8000-000000000001").unwrap();
+        let b = ClusterId::parse("7f99a1b2-0000-4000-8000-000000000001").unwrap();
+        let zero = ClusterId::parse("00000000-0000-4000-8000-000000000001").unwrap();
+        assert!(a.xa_format_id() > 0);
+        assert_ne!(a.xa_format_id(), b.xa_format_id());
+        assert_eq!(zero.xa_format_id(), 1, "0 is reserved; never used");
+        assert_eq!(a.short_hex(), "0199a1b200004000");
     }
 }

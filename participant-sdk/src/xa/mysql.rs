@@ -2,139 +2,396 @@
 //! `XA PREPARE`; later `XA COMMIT` / `XA ROLLBACK`; `XA RECOVER` lists what
 //! is prepared.
 //!
-//! The xid is (gtrid = gid, bqual = branch id, formatID = the cluster's
-//! format id), written as hex literals so no character needs escaping.
-//! MySQL limits gtrid and bqual to 64 bytes each.
+//! # Phase two runs on the session that prepared
+//!
+//! MariaDB (10.5 and later) keeps a prepared XA transaction when its session
+//! disconnects, and another session may then commit it by xid. But the
+//! disconnect is not atomic: the server first makes the xid visible to
+//! other sessions (`XA RECOVER` lists it, `XA COMMIT` accepts it) and only
+//! afterwards detaches the InnoDB transaction from the closing session. An
+//! `XA COMMIT` from another session that lands in between answers OK, finds
+//! nothing to commit in InnoDB and forgets the xid; the InnoDB transaction
+//! then stays prepared with no xid (its locks held, its changes invisible)
+//! until the server restarts. That is a commit acknowledged and lost — about
+//! one in 1,500 when every commit is a takeover (`tests/xa_mariadb.rs`
+//! reproduces it against the real server).
+//!
+//! So this helper never relies on that hand-over while the preparing
+//! session may be closing:
+//! * the session that prepares a branch stays open ("held"), and commit or
+//!   rollback of that branch runs on it — no other session, no race;
+//! * another session (another process, a restarted one, or this one after
+//!   the held session broke or was released) takes over only once the
+//!   preparing session is provably gone: it is absent from
+//!   `information_schema.PROCESSLIST` **and** `SHOW ENGINE INNODB STATUS`
+//!   no longer shows an InnoDB transaction attached to it (`MariaDB thread
+//!   id N,`; a detached one says `recovered trx`). Until then the call is a
+//!   transient error, which the coordinator retries with backoff. The
+//!   preparing session's id travels in the xid's branch qualifier, so any
+//!   process can check it.
+//!
+//! # Evidence, not claims
+//! A prepare answers OK only once `XA RECOVER` lists the xid; a commit only
+//! once the branch row (written inside the XA transaction) is visible in
+//! state `committed`. An OK from the server without that evidence is an
+//! error, never a silent success.
+//!
+//! # The xid
+//! gtrid = the gid; bqual = the branch id, a zero byte, the preparing
+//! session's id (8 bytes, big-endian); formatID = the cluster's format id.
+//! Written as hex literals, so no character needs escaping. MySQL limits
+//! gtrid and bqual to 64 bytes each: gids up to 64 bytes, branch ids up to
+//! 55.
+//!
+//! Takeover needs the `PROCESS` privilege (to read the InnoDB status).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use sqlx::{Connection, MySqlConnection, MySqlPool, Row};
 
-use super::{BranchRow, PreparedBranch, XaStore, format_id, transient};
+use super::{BranchRow, PreparedBranch, XaStore, transient};
+use crate::client::ClusterId;
 use crate::participant::{BranchContext, BranchError, TwoPhaseResource};
 
+/// MySQL's limit on gtrid and on bqual.
 const PART_BYTES_MAX: usize = 64;
+/// The bqual's tail: a zero byte and the session id.
+const SESSION_SUFFIX_BYTES: usize = 9;
 /// Seconds a rollback waits for a concurrent prepare's row lock.
 const LOCK_WAIT_SECONDS: u32 = 2;
 
+/// How many prepared sessions to hold open, and for how long.
+#[derive(Clone, Copy, Debug)]
+pub struct HoldOptions {
+    /// Prepared sessions held open at most; a prepare beyond it closes its
+    /// session, and phase two takes over once that session is gone. Each held
+    /// session is a database connection outside the pool. [default: 64]
+    pub max: usize,
+    /// A held session older than this is released (closed), so that another
+    /// process of the same service can take the branch over. [default: 60s]
+    pub max_age: Duration,
+}
+
+impl Default for HoldOptions {
+    fn default() -> Self {
+        HoldOptions {
+            max: 64,
+            max_age: Duration::from_secs(60),
+        }
+    }
+}
+
 /// XA branches in one MariaDB/MySQL database, for one coordinator cluster.
+/// Cheap to clone; clones share the held sessions.
 #[derive(Clone)]
 pub struct MySqlXa {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     pool: MySqlPool,
     format_id: i32,
+    hold: HoldOptions,
+    /// Sessions that prepared a branch and stay open for its phase two.
+    held: Mutex<HashMap<BranchKey, Held>>,
+}
+
+type BranchKey = (String, String);
+
+struct Held {
+    conn: MySqlConnection,
+    xid: Xid,
+    since: Instant,
+}
+
+/// One branch's xid as this helper writes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Xid {
+    gid: String,
+    branch_id: String,
+    /// `CONNECTION_ID()` of the session that prepared it.
+    session: u64,
+    format_id: i32,
+}
+
+impl Xid {
+    fn bqual(&self) -> Vec<u8> {
+        let mut bqual = self.branch_id.as_bytes().to_vec();
+        bqual.push(0);
+        bqual.extend_from_slice(&self.session.to_be_bytes());
+        bqual
+    }
+
+    /// As SQL after `XA COMMIT` and friends.
+    fn sql(&self) -> String {
+        format!(
+            "X'{}',X'{}',{}",
+            hex(self.gid.as_bytes()),
+            hex(&self.bqual()),
+            self.format_id
+        )
+    }
+
+    /// Reads an `XA RECOVER` row's parts back; `None` for xids this helper
+    /// did not write.
+    fn parse(format_id: i32, gtrid: &[u8], bqual: &[u8]) -> Option<Xid> {
+        let (branch, suffix) =
+            bqual.split_at_checked(bqual.len().checked_sub(SESSION_SUFFIX_BYTES)?)?;
+        let (zero, session) = suffix.split_first()?;
+        if *zero != 0 {
+            return None;
+        }
+        Some(Xid {
+            gid: String::from_utf8(gtrid.to_vec()).ok()?,
+            branch_id: String::from_utf8(branch.to_vec()).ok()?,
+            session: u64::from_be_bytes(session.try_into().ok()?),
+            format_id,
+        })
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn check_lengths(ctx: &BranchContext) -> Result<(), BranchError> {
+    for (what, part, max) in [
+        ("gid", &ctx.gid, PART_BYTES_MAX),
+        (
+            "branch id",
+            &ctx.branch_id,
+            PART_BYTES_MAX - SESSION_SUFFIX_BYTES,
+        ),
+    ] {
+        if part.len() > max {
+            return Err(BranchError::Failure(format!(
+                "transaction {}: the {what} is {} bytes; XA on MySQL/MariaDB allows {max}",
+                ctx.gid,
+                part.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn execute(conn: &mut MySqlConnection, sql: &str) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(conn, sqlx::raw_sql(sql))
+        .await
+        .map(|_| ())
+}
+
+/// A row of `XA RECOVER`: (formatID, gtrid, bqual).
+type RecoveredXid = (i64, Vec<u8>, Vec<u8>);
+
+/// Every prepared xid in the database, as `XA RECOVER` lists it.
+fn xa_recover(conn: &mut MySqlConnection) -> BoxFuture<'_, Result<Vec<RecoveredXid>, BranchError>> {
+    Box::pin(async move {
+        // Through Executor directly: RawSql::fetch_all's generic executor
+        // bound defeats rustc's Send proof inside spawned tasks.
+        let rows = sqlx::Executor::fetch_all(&mut *conn, sqlx::raw_sql("XA RECOVER"))
+            .await
+            .map_err(transient)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let format: i64 = row.try_get(0).map_err(transient)?;
+            let gtrid_len: i64 = row.try_get(1).map_err(transient)?;
+            let bqual_len: i64 = row.try_get(2).map_err(transient)?;
+            let data: Vec<u8> = match row.try_get::<Vec<u8>, _>(3) {
+                Ok(d) => d,
+                Err(_) => row.try_get::<String, _>(3).map_err(transient)?.into_bytes(),
+            };
+            let g = (gtrid_len.max(0) as usize).min(data.len());
+            let b = (g + bqual_len.max(0) as usize).min(data.len());
+            out.push((format, data[..g].to_vec(), data[g..b].to_vec()));
+        }
+        Ok(out)
+    })
+}
+
+fn row_state<'a>(
+    conn: &'a mut MySqlConnection,
+    ctx: &'a BranchContext,
+) -> BoxFuture<'a, Result<Option<BranchRow>, BranchError>> {
+    Box::pin(async move {
+        let row = sqlx::query(
+            "SELECT state, fence_term, fence_index FROM tandem_xa_branches WHERE gid = ? AND branch_id = ?",
+        )
+        .bind(&ctx.gid)
+        .bind(&ctx.branch_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(transient)?;
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    })
+}
+
+/// Whether database session `session` is gone and its XA transaction, if
+/// it had one, detached from it — the condition for another session to
+/// commit or roll back what it prepared (see the module doc). `Ok(Err(why))`
+/// while it is not. Public for tests and diagnostics.
+pub fn session_gone(
+    conn: &mut MySqlConnection,
+    session: u64,
+) -> BoxFuture<'_, Result<Result<(), String>, BranchError>> {
+    Box::pin(async move {
+        let open: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?")
+                .bind(session)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(transient)?;
+        if open > 0 {
+            return Ok(Err(format!("database session {session} is still open")));
+        }
+        let status = sqlx::Executor::fetch_one(
+            &mut *conn,
+            sqlx::raw_sql("SHOW ENGINE INNODB STATUS"),
+        )
+        .await
+        .map_err(|e| {
+            BranchError::Transient(format!(
+                "cannot read SHOW ENGINE INNODB STATUS to prove database session {session} is gone \
+                     (XA takeover needs the PROCESS privilege): {e}"
+            ))
+        })?;
+        let text: String = match status.try_get::<String, _>(2) {
+            Ok(t) => t,
+            Err(_) => String::from_utf8_lossy(&status.try_get::<Vec<u8>, _>(2).map_err(transient)?)
+                .into_owned(),
+        };
+        let transactions = text
+            .split_once("LIST OF TRANSACTIONS FOR EACH SESSION")
+            .map(|(_, rest)| rest);
+        let Some(transactions) = transactions else {
+            return Ok(Err(
+                "SHOW ENGINE INNODB STATUS has no transaction list".into()
+            ));
+        };
+        if transactions.contains("truncated") {
+            return Ok(Err(
+                "SHOW ENGINE INNODB STATUS was truncated; cannot see every transaction".into(),
+            ));
+        }
+        if transactions.contains(&format!(" thread id {session},")) {
+            return Ok(Err(format!(
+                "database session {session} is closing but its XA transaction is still attached to it"
+            )));
+        }
+        Ok(Ok(()))
+    })
+}
+
 impl MySqlXa {
     /// XA branches in the database behind `pool`, for the coordinator
-    /// cluster named `cluster_name`. Applies `migrations/mysql`.
-    pub async fn new(pool: MySqlPool, cluster_name: &str) -> Result<MySqlXa, sqlx::Error> {
+    /// cluster `cluster` ([`crate::Client::cluster_id`]). Applies
+    /// `migrations/mysql`.
+    pub async fn new(pool: MySqlPool, cluster: ClusterId) -> Result<MySqlXa, sqlx::Error> {
+        MySqlXa::with_hold(pool, cluster, HoldOptions::default()).await
+    }
+
+    /// [`MySqlXa::new`] with its own limits on held sessions.
+    pub async fn with_hold(
+        pool: MySqlPool,
+        cluster: ClusterId,
+        hold: HoldOptions,
+    ) -> Result<MySqlXa, sqlx::Error> {
         sqlx::migrate!("../migrations/mysql").run(&pool).await?;
         Ok(MySqlXa {
-            pool,
-            format_id: format_id(cluster_name),
+            inner: Arc::new(Inner {
+                pool,
+                format_id: cluster.xa_format_id(),
+                hold,
+                held: Mutex::new(HashMap::new()),
+            }),
         })
     }
 
     pub fn pool(&self) -> &MySqlPool {
-        &self.pool
+        &self.inner.pool
     }
 
-    fn xid(&self, gid: &str, branch_id: &str) -> Result<String, BranchError> {
-        for (what, part) in [("gid", gid), ("branch id", branch_id)] {
-            if part.len() > PART_BYTES_MAX {
-                return Err(BranchError::Failure(format!(
-                    "transaction {gid}: the {what} is {} bytes; MySQL XA allows {PART_BYTES_MAX}",
-                    part.len()
-                )));
-            }
+    /// Prepared sessions this helper holds open right now.
+    pub fn held_sessions(&self) -> usize {
+        self.held_table().len()
+    }
+
+    fn held_table(&self) -> std::sync::MutexGuard<'_, HashMap<BranchKey, Held>> {
+        self.inner.held.lock().expect("held sessions lock")
+    }
+
+    fn take_held(&self, ctx: &BranchContext) -> Option<Held> {
+        self.held_table()
+            .remove(&(ctx.gid.clone(), ctx.branch_id.clone()))
+    }
+
+    /// Keeps a prepared session for phase two, or closes it when the table
+    /// is full (phase two then takes over once it is gone).
+    fn hold(&self, held: Held) {
+        let mut table = self.held_table();
+        if table.len() >= self.inner.hold.max {
+            drop(table);
+            tracing::debug!(gid = %held.xid.gid, branch = %held.xid.branch_id, "hold table full; closing the prepared session");
+            close(held.conn);
+            return;
         }
-        Ok(format!(
-            "X'{}',X'{}',{}",
-            hex(gid.as_bytes()),
-            hex(branch_id.as_bytes()),
-            self.format_id
-        ))
+        table.insert((held.xid.gid.clone(), held.xid.branch_id.clone()), held);
     }
 
-    fn prepared_xids<'a>(
-        conn: &'a mut MySqlConnection,
-        format_id: i32,
-    ) -> BoxFuture<'a, Result<Vec<PreparedBranch>, BranchError>> {
-        Box::pin(async move {
-            // Through Executor directly: RawSql::fetch_all's generic executor
-            // bound defeats rustc's Send proof inside spawned tasks.
-            let rows = sqlx::Executor::fetch_all(&mut *conn, sqlx::raw_sql("XA RECOVER"))
-                .await
-                .map_err(transient)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let format: i64 = row.try_get(0).map_err(transient)?;
-                if format != i64::from(format_id) {
-                    continue;
-                }
-                let gtrid_len: i64 = row.try_get(1).map_err(transient)?;
-                let data: Vec<u8> = match row.try_get::<Vec<u8>, _>(3) {
-                    Ok(d) => d,
-                    Err(_) => row.try_get::<String, _>(3).map_err(transient)?.into_bytes(),
-                };
-                let (gtrid, bqual) = data.split_at((gtrid_len as usize).min(data.len()));
-                out.push(PreparedBranch {
-                    gid: String::from_utf8_lossy(gtrid).into_owned(),
-                    branch_id: String::from_utf8_lossy(bqual).into_owned(),
-                });
-            }
-            Ok(out)
-        })
+    /// Closes held sessions past their age, so another process can take
+    /// their branches over.
+    fn release_expired(&self) {
+        let max_age = self.inner.hold.max_age;
+        let expired: Vec<Held> = {
+            let mut table = self.held_table();
+            let keys: Vec<BranchKey> = table
+                .iter()
+                .filter(|(_, h)| h.since.elapsed() > max_age)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| table.remove(k)).collect()
+        };
+        for held in expired {
+            tracing::info!(gid = %held.xid.gid, branch = %held.xid.branch_id, "releasing a prepared session held past its age");
+            close(held.conn);
+        }
     }
 
-    fn is_prepared<'a>(
+    /// This cluster's prepared xid for a branch, if there is one.
+    fn find_prepared<'a>(
         &'a self,
         conn: &'a mut MySqlConnection,
         ctx: &'a BranchContext,
-    ) -> BoxFuture<'a, Result<bool, BranchError>> {
+    ) -> BoxFuture<'a, Result<Option<Xid>, BranchError>> {
         Box::pin(async move {
-            Ok(Self::prepared_xids(conn, self.format_id)
+            let format_id = self.inner.format_id;
+            Ok(xa_recover(conn)
                 .await?
-                .iter()
-                .any(|p| p.gid == ctx.gid && p.branch_id == ctx.branch_id))
+                .into_iter()
+                .filter(|(format, ..)| *format == i64::from(format_id))
+                .filter_map(|(_, gtrid, bqual)| Xid::parse(format_id, &gtrid, &bqual))
+                .find(|x| x.gid == ctx.gid && x.branch_id == ctx.branch_id))
         })
     }
 
-    fn row_state<'a>(
-        conn: &'a mut MySqlConnection,
-        ctx: &'a BranchContext,
-    ) -> BoxFuture<'a, Result<Option<BranchRow>, BranchError>> {
-        Box::pin(async move {
-            let row = sqlx::query(
-                "SELECT state, fence_term, fence_index FROM tandem_xa_branches WHERE gid = ? AND branch_id = ?",
-            )
-            .bind(&ctx.gid)
-            .bind(&ctx.branch_id)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(transient)?;
-            Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
-        })
-    }
-
-    /// Runs `work` inside `XA START … XA END` on one connection, records the
-    /// branch, and prepares it. Repeating it for a branch already prepared or
-    /// committed succeeds without running `work` again; after a rollback it
-    /// is refused.
+    /// Runs `work` inside `XA START … XA END` on a session of its own,
+    /// records the branch, prepares it, checks that `XA RECOVER` lists it,
+    /// and keeps the session open for phase two. Repeating it for a branch
+    /// already prepared or committed succeeds without running `work` again;
+    /// after a rollback it is refused.
     pub async fn prepare<F>(&self, ctx: &BranchContext, work: F) -> Result<(), BranchError>
     where
         F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, Result<(), BranchError>>
             + Send
             + 'static,
     {
-        let xid = self.xid(&ctx.gid, &ctx.branch_id)?;
+        check_lengths(ctx)?;
         let this = self.clone();
         let ctx = ctx.clone();
         // Spawned so that a caller who gives up cannot cancel it half-way.
-        tokio::spawn(async move { this.prepare_inner(&ctx, &xid, work).await })
+        tokio::spawn(async move { this.prepare_inner(&ctx, work).await })
             .await
             .map_err(transient)?
     }
@@ -145,7 +402,6 @@ impl MySqlXa {
     fn prepare_inner<'a, F>(
         &'a self,
         ctx: &'a BranchContext,
-        xid: &'a str,
         work: F,
     ) -> BoxFuture<'a, Result<(), BranchError>>
     where
@@ -154,19 +410,31 @@ impl MySqlXa {
             + 'a,
     {
         Box::pin(async move {
-            let mut conn = self.pool.acquire().await.map_err(transient)?;
-            if self.is_prepared(&mut conn, ctx).await? {
+            self.release_expired();
+            let pooled = self.inner.pool.acquire().await.map_err(transient)?;
+            // A session that prepared an XA branch can do nothing else until
+            // the branch ends: this connection leaves the pool for good.
+            let mut conn = pooled.detach();
+            if self.find_prepared(&mut conn, ctx).await?.is_some() {
                 return Ok(());
             }
-            match Self::row_state(&mut conn, ctx).await? {
+            match row_state(&mut conn, ctx).await? {
                 Some((state, ..)) if state == "committed" => return Ok(()),
                 Some(_) => return Err(late_prepare(ctx)),
                 None => {}
             }
-            // A session that prepared an XA branch can do nothing else until it
-            // ends: this connection leaves the pool for good.
-            let mut conn = conn.detach();
-            sqlx::Executor::execute(&mut conn, sqlx::raw_sql(&format!("XA START {xid}")))
+            let session: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(transient)?;
+            let xid = Xid {
+                gid: ctx.gid.clone(),
+                branch_id: ctx.branch_id.clone(),
+                session,
+                format_id: self.inner.format_id,
+            };
+            let sql = xid.sql();
+            execute(&mut conn, &format!("XA START {sql}"))
                 .await
                 .map_err(transient)?;
             let result = async {
@@ -184,27 +452,90 @@ impl MySqlXa {
                     sqlx::Error::Database(d) if d.is_unique_violation() => late_prepare(ctx),
                     _ => transient(e),
                 })?;
-                sqlx::Executor::execute(&mut conn, sqlx::raw_sql(&format!("XA END {xid}")))
+                execute(&mut conn, &format!("XA END {sql}"))
                     .await
                     .map_err(transient)?;
-                sqlx::Executor::execute(&mut conn, sqlx::raw_sql(&format!("XA PREPARE {xid}")))
+                execute(&mut conn, &format!("XA PREPARE {sql}"))
                     .await
                     .map_err(transient)?;
                 Ok(())
             }
             .await;
-            if result.is_err() {
-                let _ = sqlx::Executor::execute(&mut conn, sqlx::raw_sql(&format!("XA END {xid}")))
-                    .await;
-                let _ = sqlx::Executor::execute(
-                    &mut conn,
-                    sqlx::raw_sql(&format!("XA ROLLBACK {xid}")),
-                )
-                .await;
+            if let Err(e) = result {
+                // Undo on this session; if even that fails, closing it rolls
+                // back whatever was not prepared.
+                let _ = execute(&mut conn, &format!("XA END {sql}")).await;
+                let _ = execute(&mut conn, &format!("XA ROLLBACK {sql}")).await;
+                close(conn);
+                return Err(e);
             }
-            // A prepared branch survives the disconnect (MariaDB ≥ 10.5, MySQL ≥ 5.7).
-            let _ = conn.close().await;
-            result
+            // Evidence: the server lists the xid as prepared.
+            let listed = xa_recover(&mut conn).await.map(|rows| {
+                rows.into_iter()
+                    .any(|(f, g, b)| Xid::parse(f as i32, &g, &b).as_ref() == Some(&xid))
+            });
+            if !matches!(listed, Ok(true)) {
+                close(conn);
+                return Err(BranchError::Transient(format!(
+                    "branch {} of transaction {}: XA PREPARE answered OK but XA RECOVER does not list the xid ({})",
+                    ctx.branch_id,
+                    ctx.gid,
+                    listed
+                        .err()
+                        .map_or_else(|| "absent".to_string(), |e| e.to_string())
+                )));
+            }
+            self.hold(Held {
+                conn,
+                xid,
+                since: Instant::now(),
+            });
+            Ok(())
+        })
+    }
+
+    /// `XA COMMIT` or `XA ROLLBACK` on the session that prepared the
+    /// branch; the session back when the server answered OK. `None` means
+    /// the session broke (it is closed), and the caller takes over with
+    /// another session once this one is provably gone.
+    fn end_on_held(
+        &self,
+        mut held: Held,
+        commit: bool,
+    ) -> BoxFuture<'static, Option<MySqlConnection>> {
+        Box::pin(async move {
+            let verb = if commit { "COMMIT" } else { "ROLLBACK" };
+            match execute(&mut held.conn, &format!("XA {verb} {}", held.xid.sql())).await {
+                Ok(()) => Some(held.conn),
+                Err(e) => {
+                    tracing::warn!(gid = %held.xid.gid, branch = %held.xid.branch_id, error = %e,
+                        "XA {verb} on the preparing session failed; taking over once that session is gone");
+                    close(held.conn);
+                    None
+                }
+            }
+        })
+    }
+
+    /// Commits a prepared branch from another session, once the session
+    /// that prepared it is provably gone.
+    fn take_over<'a>(
+        &'a self,
+        conn: &'a mut MySqlConnection,
+        xid: &'a Xid,
+        commit: bool,
+    ) -> BoxFuture<'a, Result<(), BranchError>> {
+        Box::pin(async move {
+            if let Err(why) = session_gone(conn, xid.session).await? {
+                return Err(BranchError::Transient(format!(
+                    "branch {} of transaction {} is prepared by another session; waiting until it is gone before taking over: {why}",
+                    xid.branch_id, xid.gid
+                )));
+            }
+            let verb = if commit { "COMMIT" } else { "ROLLBACK" };
+            execute(conn, &format!("XA {verb} {}", xid.sql()))
+                .await
+                .map_err(transient)
         })
     }
 
@@ -213,22 +544,27 @@ impl MySqlXa {
         ctx: &'a BranchContext,
     ) -> BoxFuture<'a, Result<(), BranchError>> {
         Box::pin(async move {
-            let xid = self.xid(&ctx.gid, &ctx.branch_id)?;
-            let mut conn = self.pool.acquire().await.map_err(transient)?;
-            if self.is_prepared(&mut conn, ctx).await? {
-                sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&format!("XA COMMIT {xid}")))
-                    .await
-                    .map_err(transient)?;
-                return Ok(());
+            check_lengths(ctx)?;
+            if let Some(held) = self.take_held(ctx)
+                && let Some(mut conn) = self.end_on_held(held, true).await
+            {
+                let result = verify_committed(&mut conn, ctx).await;
+                close(conn);
+                return result;
             }
-            match Self::row_state(&mut conn, ctx).await? {
+            let mut conn = self.inner.pool.acquire().await.map_err(transient)?;
+            if let Some(xid) = self.find_prepared(&mut conn, ctx).await? {
+                self.take_over(&mut conn, &xid, true).await?;
+                return verify_committed(&mut conn, ctx).await;
+            }
+            match row_state(&mut conn, ctx).await? {
                 Some((state, ..)) if state == "committed" => Ok(()),
                 Some(_) => Err(BranchError::Failure(format!(
                     "branch {} of transaction {} was rolled back; it cannot commit",
                     ctx.branch_id, ctx.gid
                 ))),
                 None => Err(BranchError::Failure(format!(
-                    "branch {} of transaction {} was never prepared here",
+                    "branch {} of transaction {} is neither prepared nor committed here",
                     ctx.branch_id, ctx.gid
                 ))),
             }
@@ -240,9 +576,14 @@ impl MySqlXa {
         ctx: &'a BranchContext,
     ) -> BoxFuture<'a, Result<(), BranchError>> {
         Box::pin(async move {
-            let xid = self.xid(&ctx.gid, &ctx.branch_id)?;
-            let mut conn = self.pool.acquire().await.map_err(transient)?;
-            if let Some((state, term, index)) = Self::row_state(&mut conn, ctx).await? {
+            check_lengths(ctx)?;
+            if let Some(held) = self.take_held(ctx)
+                && let Some(conn) = self.end_on_held(held, false).await
+            {
+                close(conn);
+            }
+            let mut conn = self.inner.pool.acquire().await.map_err(transient)?;
+            if let Some((state, term, index)) = row_state(&mut conn, ctx).await? {
                 if state == "committed" {
                     return Err(BranchError::Failure(format!(
                         "branch {} of transaction {} is committed; it cannot roll back",
@@ -254,16 +595,14 @@ impl MySqlXa {
                 }
                 return Ok(());
             }
-            if self.is_prepared(&mut conn, ctx).await? {
-                sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&format!("XA ROLLBACK {xid}")))
-                    .await
-                    .map_err(transient)?;
+            if let Some(xid) = self.find_prepared(&mut conn, ctx).await? {
+                self.take_over(&mut conn, &xid, false).await?;
             }
-            sqlx::Executor::execute(
-                &mut *conn,
-                sqlx::raw_sql(&format!(
-                    "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}"
-                )),
+            // The tombstone. A prepare still running holds this key's lock:
+            // wait briefly, then let the coordinator retry.
+            execute(
+                &mut conn,
+                &format!("SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}"),
             )
             .await
             .map_err(transient)?;
@@ -289,6 +628,33 @@ impl MySqlXa {
     }
 }
 
+/// The evidence of a commit: the branch row, written inside the XA
+/// transaction, is visible and says `committed`.
+fn verify_committed<'a>(
+    conn: &'a mut MySqlConnection,
+    ctx: &'a BranchContext,
+) -> BoxFuture<'a, Result<(), BranchError>> {
+    Box::pin(async move {
+        match row_state(conn, ctx).await? {
+            Some((state, ..)) if state == "committed" => Ok(()),
+            other => Err(BranchError::Transient(format!(
+                "branch {} of transaction {}: XA COMMIT answered OK but the branch row is {}; \
+                 the commit is not acknowledged (check the database's XA state)",
+                ctx.branch_id,
+                ctx.gid,
+                other.map_or_else(|| "absent".to_string(), |(s, ..)| format!("in state {s}"))
+            ))),
+        }
+    })
+}
+
+/// Closes a connection in the background (a clean `COM_QUIT`).
+fn close(conn: MySqlConnection) {
+    tokio::spawn(async move {
+        let _ = conn.close().await;
+    });
+}
+
 fn late_prepare(ctx: &BranchContext) -> BranchError {
     BranchError::Failure(format!(
         "branch {} of transaction {} was already rolled back; late prepare refused",
@@ -298,8 +664,28 @@ fn late_prepare(ctx: &BranchContext) -> BranchError {
 
 impl XaStore for MySqlXa {
     async fn prepared(&self) -> Result<Vec<PreparedBranch>, BranchError> {
-        let mut conn = self.pool.acquire().await.map_err(transient)?;
-        Self::prepared_xids(&mut conn, self.format_id).await
+        self.release_expired();
+        let mut conn = self.inner.pool.acquire().await.map_err(transient)?;
+        let format_id = self.inner.format_id;
+        let mut ours = Vec::new();
+        let mut others = Vec::new();
+        for (format, gtrid, bqual) in xa_recover(&mut conn).await? {
+            match Xid::parse(format as i32, &gtrid, &bqual) {
+                Some(xid) if format == i64::from(format_id) => ours.push(PreparedBranch {
+                    gid: xid.gid,
+                    branch_id: xid.branch_id,
+                }),
+                _ => others.push(format!("{format}:{}", String::from_utf8_lossy(&gtrid))),
+            }
+        }
+        if !others.is_empty() {
+            tracing::info!(
+                count = others.len(),
+                first = ?others.iter().take(5).collect::<Vec<_>>(),
+                "XA RECOVER: leaving alone prepared xids of other clusters or applications"
+            );
+        }
+        Ok(ours)
     }
 
     async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
@@ -327,5 +713,42 @@ impl TwoPhaseResource for MySqlXa {
 
     async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
         self.rollback_inner(ctx).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xids_round_trip_through_their_parts_and_foreign_ones_are_ignored() {
+        let xid = Xid {
+            gid: "0199-abc".into(),
+            branch_id: "maria".into(),
+            session: 0x0102_0304_0506_0708,
+            format_id: 7,
+        };
+        assert_eq!(
+            Xid::parse(7, xid.gid.as_bytes(), &xid.bqual()),
+            Some(xid.clone())
+        );
+        assert!(xid.sql().ends_with(",7"));
+        // Written by someone else: no zero byte and session suffix.
+        assert_eq!(Xid::parse(7, b"g", b"maria"), None);
+        assert_eq!(Xid::parse(7, b"g", b""), None);
+    }
+
+    #[test]
+    fn lengths_leave_room_for_the_session_in_bqual() {
+        let ctx = |gid: &str, branch: &str| BranchContext {
+            gid: gid.into(),
+            branch_id: branch.into(),
+            op: "prepare".into(),
+            protocol: "xa".into(),
+            fence: Default::default(),
+        };
+        assert!(check_lengths(&ctx(&"g".repeat(64), &"b".repeat(55))).is_ok());
+        assert!(check_lengths(&ctx(&"g".repeat(65), "b")).is_err());
+        assert!(check_lengths(&ctx("g", &"b".repeat(56))).is_err());
     }
 }

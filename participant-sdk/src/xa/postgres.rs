@@ -2,13 +2,24 @@
 //! 'xid'`; later `COMMIT PREPARED` / `ROLLBACK PREPARED`. Needs
 //! `max_prepared_transactions > 0`.
 //!
-//! The xid is `tdm:<format id, 8 hex>:<branch length>:<branch>:<gid>`, at most
-//! 200 bytes (PostgreSQL's limit) — which bounds the gid and branch id.
+//! The xid is `tdm:<cluster id, 16 hex>:<branch length>:<branch>:<gid>`, at
+//! most 199 bytes (PostgreSQL's limit) — which bounds the gid and branch id.
+//!
+//! What this relies on (each pinned by `tests/xa_postgres.rs`): a
+//! transaction prepared with `PREPARE TRANSACTION` belongs to no session
+//! any more, survives the session's end, and any session of the same
+//! database may `COMMIT PREPARED` it; a name that is not prepared makes
+//! `COMMIT PREPARED` fail (never a silent OK). But `PREPARE TRANSACTION`
+//! itself can answer without an error and prepare nothing (outside a
+//! transaction block it only warns; in a failed one it rolls back): so a
+//! prepare is acknowledged only once `pg_prepared_xacts` lists it, and a
+//! commit only once the branch row is visible as `committed`.
 
 use futures::future::BoxFuture;
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use super::{BranchRow, PreparedBranch, XaStore, format_id, transient};
+use super::{BranchRow, PreparedBranch, XaStore, transient};
+use crate::client::ClusterId;
 use crate::participant::{BranchContext, BranchError, TwoPhaseResource};
 
 /// PostgreSQL's limit on a prepared transaction's name.
@@ -20,7 +31,8 @@ const LOCK_TIMEOUT: &str = "2s";
 #[derive(Clone)]
 pub struct PgXa {
     pool: PgPool,
-    format_id: i32,
+    /// `tdm:<cluster id, 16 hex>:`, the start of every xid of this cluster.
+    prefix: String,
 }
 
 fn quote(s: &str) -> String {
@@ -29,12 +41,13 @@ fn quote(s: &str) -> String {
 
 impl PgXa {
     /// XA branches in the database behind `pool`, for the coordinator
-    /// cluster named `cluster_name`. Applies `migrations/postgres`.
-    pub async fn new(pool: PgPool, cluster_name: &str) -> Result<PgXa, sqlx::Error> {
+    /// cluster `cluster` ([`crate::Client::cluster_id`]). Applies
+    /// `migrations/postgres`.
+    pub async fn new(pool: PgPool, cluster: ClusterId) -> Result<PgXa, sqlx::Error> {
         sqlx::migrate!("../migrations/postgres").run(&pool).await?;
         Ok(PgXa {
             pool,
-            format_id: format_id(cluster_name),
+            prefix: format!("tdm:{}:", cluster.short_hex()),
         })
     }
 
@@ -42,12 +55,8 @@ impl PgXa {
         &self.pool
     }
 
-    fn prefix(&self) -> String {
-        format!("tdm:{:08x}:", self.format_id)
-    }
-
     fn xid(&self, gid: &str, branch_id: &str) -> Result<String, BranchError> {
-        let xid = format!("{}{}:{branch_id}:{gid}", self.prefix(), branch_id.len());
+        let xid = format!("{}{}:{branch_id}:{gid}", self.prefix, branch_id.len());
         if xid.len() > XID_BYTES_MAX {
             return Err(BranchError::Failure(format!(
                 "transaction {gid}: gid and branch id {branch_id} are too long for a PostgreSQL xid ({} bytes; the limit is {XID_BYTES_MAX})",
@@ -58,7 +67,7 @@ impl PgXa {
     }
 
     fn parse_xid(&self, xid: &str) -> Option<PreparedBranch> {
-        let rest = xid.strip_prefix(&self.prefix())?;
+        let rest = xid.strip_prefix(&self.prefix)?;
         let (len, rest) = rest.split_once(':')?;
         let len: usize = len.parse().ok()?;
         let branch_id = rest.get(..len)?;
@@ -168,6 +177,16 @@ impl PgXa {
                 sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&format!("PREPARE TRANSACTION {}", quote(xid))))
                     .await
                     .map_err(transient)?;
+                // Evidence: PREPARE TRANSACTION can answer without an error
+                // and prepare nothing (no transaction block open any more,
+                // or a failed one it rolled back).
+                if !Self::is_prepared(&mut conn, xid).await? {
+                    return Err(BranchError::Transient(format!(
+                        "branch {} of transaction {}: PREPARE TRANSACTION answered but nothing is prepared \
+                         (did the work end the transaction itself?)",
+                        ctx.branch_id, ctx.gid
+                    )));
+                }
                 Ok(())
             }
             .await;
@@ -197,7 +216,21 @@ impl PgXa {
                 )
                 .await
                 .map_err(transient)?;
-                return Ok(());
+                // Evidence: the branch row, written inside the prepared
+                // transaction, is visible.
+                return match Self::row_state(&mut conn, ctx).await? {
+                    Some((state, ..)) if state == "committed" => Ok(()),
+                    other => Err(BranchError::Transient(format!(
+                        "branch {} of transaction {}: COMMIT PREPARED answered OK but the branch row is {}; \
+                         the commit is not acknowledged",
+                        ctx.branch_id,
+                        ctx.gid,
+                        other.map_or_else(
+                            || "absent".to_string(),
+                            |(s, ..)| format!("in state {s}")
+                        )
+                    ))),
+                };
             }
             match Self::row_state(&mut conn, ctx).await? {
                 Some((state, ..)) if state == "committed" => Ok(()),
@@ -206,7 +239,7 @@ impl PgXa {
                     ctx.branch_id, ctx.gid
                 ))),
                 None => Err(BranchError::Failure(format!(
-                    "branch {} of transaction {} was never prepared here",
+                    "branch {} of transaction {} is neither prepared nor committed here",
                     ctx.branch_id, ctx.gid
                 ))),
             }
@@ -280,17 +313,28 @@ fn late_prepare(ctx: &BranchContext) -> BranchError {
 
 impl XaStore for PgXa {
     async fn prepared(&self) -> Result<Vec<PreparedBranch>, BranchError> {
-        let rows = sqlx::query(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE $1",
-        )
-        .bind(format!("{}%", self.prefix()))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(transient)?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| self.parse_xid(r.get::<String, _>(0).as_str()))
-            .collect())
+        let rows =
+            sqlx::query("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(transient)?;
+        let mut ours = Vec::new();
+        let mut others = Vec::new();
+        for row in rows {
+            let xid: String = row.get(0);
+            match self.parse_xid(&xid) {
+                Some(branch) => ours.push(branch),
+                None => others.push(xid),
+            }
+        }
+        if !others.is_empty() {
+            tracing::info!(
+                count = others.len(),
+                first = ?others.iter().take(5).collect::<Vec<_>>(),
+                "pg_prepared_xacts: leaving alone prepared transactions of other clusters or applications"
+            );
+        }
+        Ok(ours)
     }
 
     async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {

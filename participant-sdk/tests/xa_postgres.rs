@@ -1,0 +1,268 @@
+//! What the PostgreSQL XA helper relies on, pinned against the real server
+//! (ARCHITECTURE.md, "What XA on the databases promises"), and the helper
+//! itself under takeover pressure (invariant 1, atomicity: a branch
+//! acknowledged as committed is committed). Needs
+//! `max_prepared_transactions > 0` (scripts/prepare-services.sh sets 128).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Row};
+use tandem_sdk::ClusterId;
+use tandem_sdk::participant::{BranchContext, BranchError, Fence};
+use tandem_sdk::xa::{PgXa, XaStore};
+
+const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+async fn pool(max: u32) -> PgPool {
+    let pool = PgPoolOptions::new()
+        .max_connections(max)
+        .connect(URL)
+        .await
+        .expect("PostgreSQL (run scripts/prepare-services.sh)");
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS tandem_xa_probe (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .expect("probe table");
+    pool
+}
+
+fn probe_id() -> i64 {
+    (uuid::Uuid::new_v4().as_u128() as i64) & i64::MAX
+}
+
+fn ctx(gid: &str, branch: &str) -> BranchContext {
+    BranchContext {
+        gid: gid.into(),
+        branch_id: branch.into(),
+        op: "prepare".into(),
+        protocol: "xa".into(),
+        fence: Fence::default(),
+    }
+}
+
+async fn exec(conn: &mut PgConnection, sql: &str) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(sql))
+        .await
+        .map(|_| ())
+}
+
+async fn is_prepared(pool: &PgPool, name: &str) -> bool {
+    sqlx::query("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .is_some()
+}
+
+async fn probe_rows(pool: &PgPool, probe: i64) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM tandem_xa_probe WHERE id = $1")
+        .bind(probe)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The pressure that loses commits on MariaDB, at the database alone:
+/// prepare on a fresh session, close it, commit from another at once. On
+/// PostgreSQL the prepared transaction belongs to no session once PREPARE
+/// TRANSACTION returns, so nothing is ever lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn atomicity_postgres_commit_prepared_from_another_session_after_close_loses_nothing() {
+    const CYCLES: usize = 2_000;
+    let pool = pool(16).await;
+    let lost = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    futures::stream::iter(0..CYCLES)
+        .for_each_concurrent(8, |_| {
+            let (pool, lost) = (pool.clone(), lost.clone());
+            async move {
+                let probe = probe_id();
+                let name = format!("probe-{}", uuid::Uuid::new_v4().simple());
+                let mut a = PgConnection::connect(URL).await.unwrap();
+                exec(&mut a, "BEGIN").await.unwrap();
+                sqlx::query("INSERT INTO tandem_xa_probe (id, v) VALUES ($1, 1)")
+                    .bind(probe)
+                    .execute(&mut a)
+                    .await
+                    .unwrap();
+                exec(&mut a, &format!("PREPARE TRANSACTION '{name}'"))
+                    .await
+                    .unwrap();
+                a.close().await.unwrap();
+                let mut b = pool.acquire().await.unwrap();
+                exec(&mut b, &format!("COMMIT PREPARED '{name}'"))
+                    .await
+                    .unwrap();
+                if probe_rows(&pool, probe).await != 1 {
+                    lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+        .await;
+    assert_eq!(lost.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn postgres_a_prepared_transaction_is_listed_at_once_and_survives_its_session() {
+    let pool = pool(4).await;
+    let probe = probe_id();
+    let name = format!("probe-{}", uuid::Uuid::new_v4().simple());
+    let mut a = PgConnection::connect(URL).await.unwrap();
+    exec(&mut a, "BEGIN").await.unwrap();
+    sqlx::query("INSERT INTO tandem_xa_probe (id, v) VALUES ($1, 1)")
+        .bind(probe)
+        .execute(&mut a)
+        .await
+        .unwrap();
+    exec(&mut a, &format!("PREPARE TRANSACTION '{name}'"))
+        .await
+        .unwrap();
+    // Listed at once, to every session; the preparing session is free again.
+    assert!(is_prepared(&pool, &name).await);
+    exec(&mut a, "SELECT 1").await.unwrap();
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(is_prepared(&pool, &name).await, "survives the session");
+    assert_eq!(
+        probe_rows(&pool, probe).await,
+        0,
+        "invisible until committed"
+    );
+    let mut b = pool.acquire().await.unwrap();
+    exec(&mut b, &format!("COMMIT PREPARED '{name}'"))
+        .await
+        .unwrap();
+    assert_eq!(probe_rows(&pool, probe).await, 1);
+}
+
+#[tokio::test]
+async fn postgres_commit_prepared_of_a_name_not_prepared_is_an_error_not_a_silent_ok() {
+    let pool = pool(2).await;
+    let mut b = pool.acquire().await.unwrap();
+    let err = exec(&mut b, "COMMIT PREPARED 'tandem-never-prepared'")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let err = exec(&mut b, "ROLLBACK PREPARED 'tandem-never-prepared'")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+/// The trap the helper guards against: PREPARE TRANSACTION that answers
+/// without an error and prepares nothing.
+#[tokio::test]
+async fn postgres_prepare_transaction_can_answer_without_error_and_prepare_nothing() {
+    let pool = pool(4).await;
+    // Outside a transaction block: a warning, no error, nothing prepared.
+    let name = format!("probe-{}", uuid::Uuid::new_v4().simple());
+    let mut a = pool.acquire().await.unwrap();
+    exec(&mut a, &format!("PREPARE TRANSACTION '{name}'"))
+        .await
+        .expect("no error");
+    assert!(!is_prepared(&pool, &name).await);
+    // In a failed block: it rolls back, again without an error.
+    let name = format!("probe-{}", uuid::Uuid::new_v4().simple());
+    exec(&mut a, "BEGIN").await.unwrap();
+    assert!(exec(&mut a, "SELECT 1/0").await.is_err());
+    exec(&mut a, &format!("PREPARE TRANSACTION '{name}'"))
+        .await
+        .expect("no error");
+    assert!(!is_prepared(&pool, &name).await);
+    drop(a);
+
+    // The helper does not acknowledge such a prepare: work that ends the
+    // transaction itself gets an error back, and nothing is prepared.
+    let xa = PgXa::new(pool.clone(), ClusterId::from_uuid(uuid::Uuid::new_v4()))
+        .await
+        .unwrap();
+    let gid = tandem_sdk::new_gid();
+    let result = xa
+        .prepare(&ctx(&gid, "pg"), |conn| {
+            Box::pin(async move {
+                exec(conn, "COMMIT")
+                    .await
+                    .map_err(|e| BranchError::Transient(e.to_string()))
+            })
+        })
+        .await;
+    assert!(result.is_err(), "{result:?}");
+    assert!(xa.prepared().await.unwrap().is_empty());
+}
+
+async fn commit_until_done(xa: &PgXa, ctx: &BranchContext) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match XaStore::commit(xa, ctx).await {
+            Ok(()) => return,
+            Err(BranchError::Transient(e)) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "retrying");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("commit of {} failed: {e}", ctx.gid),
+        }
+    }
+}
+
+/// The helper: every branch prepared by one instance and committed by
+/// another, 5,000 times; every row checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn atomicity_postgres_helper_loses_no_commit_in_5000_prepare_commit_cycles() {
+    const CYCLES: usize = 5_000;
+    let pool = pool(24).await;
+    let cluster = ClusterId::from_uuid(uuid::Uuid::new_v4());
+    let preparer = PgXa::new(pool.clone(), cluster).await.unwrap();
+    let committer = PgXa::new(pool.clone(), cluster).await.unwrap();
+    let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+    futures::stream::iter(0..CYCLES)
+        .for_each_concurrent(8, |_| {
+            let (preparer, committer, done) = (preparer.clone(), committer.clone(), done.clone());
+            async move {
+                let probe = probe_id();
+                let c = ctx(&tandem_sdk::new_gid(), "pg");
+                preparer
+                    .prepare(&c, move |conn| {
+                        Box::pin(async move {
+                            sqlx::query("INSERT INTO tandem_xa_probe (id, v) VALUES ($1, 1)")
+                                .bind(probe)
+                                .execute(&mut *conn)
+                                .await
+                                .map_err(|e| BranchError::Transient(e.to_string()))?;
+                            Ok(())
+                        })
+                    })
+                    .await
+                    .expect("prepare");
+                commit_until_done(&committer, &c).await;
+                done.lock().unwrap().push((c.gid, probe));
+            }
+        })
+        .await;
+    let done = done.lock().unwrap().clone();
+    let mut missing = Vec::new();
+    for (gid, probe) in &done {
+        let state: Option<String> =
+            sqlx::query("SELECT state FROM tandem_xa_branches WHERE gid = $1 AND branch_id = 'pg'")
+                .bind(gid)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+                .map(|r| r.get(0));
+        if probe_rows(&pool, *probe).await != 1 || state.as_deref() != Some("committed") {
+            missing.push(gid.clone());
+        }
+    }
+    assert_eq!(done.len(), CYCLES);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged commits are not in the database: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(committer.prepared().await.unwrap().is_empty());
+}
