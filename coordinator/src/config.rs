@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::raft::NodeConfig;
 use crate::state::types::RetryPolicy;
-use crate::state::validate::PAYLOAD_BYTES_HARD_MAX;
+use crate::state::validate::{PAYLOAD_BYTES_HARD_MAX, TX_BYTES_HARD_MAX};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_DATA_DIR: &str = "./tandem-data";
@@ -72,6 +72,20 @@ pub struct ServeArgs {
     /// Largest transaction or branch payload accepted. [default: 65536]
     #[arg(long, env = "TANDEM_PAYLOAD_BYTES_MAX")]
     pub payload_bytes_max: Option<usize>,
+    /// Largest transaction accepted, counted as its footprint: payloads,
+    /// ids, endpoints and a fixed cost per branch (README, "Limits and
+    /// memory"). At most 16 MiB. [default: 8388608]
+    #[arg(long, env = "TANDEM_TX_BYTES_MAX")]
+    pub tx_bytes_max: Option<usize>,
+    /// Footprint of all unfinished transactions together; Begin and
+    /// SubmitSaga beyond it are refused with RESOURCE_EXHAUSTED.
+    /// [default: 268435456]
+    #[arg(long, env = "TANDEM_ACTIVE_BYTES_MAX")]
+    pub active_bytes_max: Option<usize>,
+    /// Footprint of the finished transactions kept for reading; the oldest
+    /// are collected beyond it. [default: 67108864]
+    #[arg(long, env = "TANDEM_FINISHED_BYTES_MAX")]
+    pub finished_bytes_max: Option<usize>,
     /// Unfinished transactions accepted at most; Begin beyond it is refused
     /// with RESOURCE_EXHAUSTED. [default: 1000000]
     #[arg(long, env = "TANDEM_ACTIVE_MAX")]
@@ -100,6 +114,9 @@ struct FileConfig {
     retention: Option<String>,
     finished_max: Option<usize>,
     payload_bytes_max: Option<usize>,
+    tx_bytes_max: Option<usize>,
+    active_bytes_max: Option<usize>,
+    finished_bytes_max: Option<usize>,
     active_max: Option<usize>,
     default_timeout: Option<String>,
 }
@@ -108,6 +125,10 @@ struct FileConfig {
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub payload_bytes_max: usize,
+    /// One transaction's footprint.
+    pub tx_bytes_max: usize,
+    /// All unfinished transactions' footprints together.
+    pub active_bytes_max: usize,
     pub active_max: usize,
     pub timeout_ms_default: u32,
     pub timeout_ms_max: u32,
@@ -122,6 +143,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             payload_bytes_max: 64 * 1024,
+            tx_bytes_max: 8 << 20,
+            active_bytes_max: 256 << 20,
             active_max: 1_000_000,
             timeout_ms_default: 60_000,
             timeout_ms_max: 24 * 3600 * 1000,
@@ -226,6 +249,32 @@ impl ServeConfig {
                 limits.payload_bytes_max
             )));
         }
+        limits.tx_bytes_max = args
+            .tx_bytes_max
+            .or(file.tx_bytes_max)
+            .unwrap_or(limits.tx_bytes_max);
+        if limits.tx_bytes_max > TX_BYTES_HARD_MAX {
+            return Err(err(format!(
+                "--tx-bytes-max {} is over the hard limit {TX_BYTES_HARD_MAX}",
+                limits.tx_bytes_max
+            )));
+        }
+        if limits.payload_bytes_max > limits.tx_bytes_max {
+            return Err(err(format!(
+                "--payload-bytes-max {} is over --tx-bytes-max {}",
+                limits.payload_bytes_max, limits.tx_bytes_max
+            )));
+        }
+        limits.active_bytes_max = args
+            .active_bytes_max
+            .or(file.active_bytes_max)
+            .unwrap_or(limits.active_bytes_max);
+        if limits.active_bytes_max < limits.tx_bytes_max {
+            return Err(err(format!(
+                "--active-bytes-max {} is under --tx-bytes-max {}: not even one transaction would fit",
+                limits.active_bytes_max, limits.tx_bytes_max
+            )));
+        }
         limits.active_max = args
             .active_max
             .or(file.active_max)
@@ -269,6 +318,10 @@ impl ServeConfig {
                 .unwrap_or(5_000),
             retention,
             finished_max: args.finished_max.or(file.finished_max).unwrap_or(200_000),
+            finished_bytes_max: args
+                .finished_bytes_max
+                .or(file.finished_bytes_max)
+                .unwrap_or(64 << 20),
         };
         Ok(ServeConfig {
             listen,

@@ -65,10 +65,10 @@ pub async fn serve(
         join = node_config.join,
         "starting tandem node"
     );
-    let (leader_events, leader_events_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (node, raft_thread) = node::start(node_config, transport.clone(), leader_events)?;
+    let leader_events = Arc::new(node::LeaderFeed::default());
+    let (node, raft_thread) = node::start(node_config, transport.clone(), leader_events.clone())?;
     let driver = Driver::new(node.clone(), Arc::new(BranchCaller::new()));
-    let driver_task = tokio::spawn(driver.run(leader_events_rx));
+    let driver_task = tokio::spawn(driver.run(leader_events));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(node.clone(), health));
@@ -78,10 +78,12 @@ pub async fn serve(
 
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(CoordinatorServer::new(CoordinatorService::new(
-            node.clone(),
-            config.limits.clone(),
-        )))
+        .add_service(
+            CoordinatorServer::new(CoordinatorService::new(node.clone(), config.limits.clone()))
+                // A request may carry a whole transaction, and a little more
+                // (the API then names what is over which limit).
+                .max_decoding_message_size(config.limits.tx_bytes_max + (1 << 20)),
+        )
         .add_service(ClusterServer::new(ClusterService::new(node.clone())))
         .add_service(transport.service())
         .add_service(health_service)

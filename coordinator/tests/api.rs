@@ -84,6 +84,21 @@ async fn bad_input_is_invalid_argument_naming_the_problem_and_stores_nothing() {
         "{}",
         status.message()
     );
+    // Protocols with no driver yet are refused, not started and left to hang.
+    for (protocol, name) in [(pb::Protocol::ThreePc, "3pc"), (pb::Protocol::Msg, "msg")] {
+        let status = client
+            .begin(begin("g-later", protocol as i32, 0))
+            .await
+            .expect_err("not implemented yet");
+        assert_eq!(status.code(), Code::Unimplemented, "{}", status.message());
+        assert!(
+            status.message().starts_with(&format!(
+                "transaction g-later: protocol {name} is not implemented"
+            )),
+            "{}",
+            status.message()
+        );
+    }
 
     assert!(
         list_all_from(&endpoint).await.is_empty(),

@@ -285,3 +285,69 @@ async fn bad_input_sagas_with_cycles_no_steps_bad_endpoints_or_duplicate_ids_sto
         assert_eq!(missing.code(), Some(Code::NotFound));
     }
 }
+
+/// Memory stays bounded (the limits in README "Limits and memory" hold): one
+/// saga of 1,000 steps that all run at once, each with a 4 KiB payload,
+/// whose participants are unreachable — every action fails and is retried,
+/// the saga decides to compensate, and every compensation is retried. The
+/// node's resident memory is sampled from /proc throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_memory_a_1000_step_saga_with_unreachable_participants() {
+    const RSS_BOUND: u64 = 300 << 20;
+    let cluster = Cluster::start(1);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let client = cluster.client();
+    // Nothing listens on the discard port: every call is refused at once.
+    let dead = "http://127.0.0.1:9";
+    let mut saga = client
+        .saga()
+        .concurrent(0)
+        .timeout(Duration::from_secs(600))
+        .retry(pb::RetryPolicy {
+            initial_interval_ms: 50,
+            max_interval_ms: 1_000,
+            max_attempts: 8,
+        });
+    for i in 0..1_000 {
+        let payload: Vec<u8> = (0..4096u32)
+            .map(|b| (b.wrapping_mul(31) ^ i) as u8)
+            .collect();
+        saga = saga.step(
+            Step::new(
+                &format!("s{i}"),
+                &format!("{dead}/action/{i}"),
+                &format!("{dead}/compensate/{i}"),
+            )
+            .payload(payload),
+        );
+    }
+    let gid = saga.gid_str().to_string();
+    let submitted = saga.submit().await.expect("a saga within the limits");
+    assert_eq!(submitted.branches.len(), 1_000);
+    let mut peak = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(40) {
+        peak = peak.max(cluster.rss_bytes(1).expect("node running"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let tx = client.get(&gid).await.unwrap();
+    assert_eq!(state(&tx), pb::TxState::Aborting, "compensating, forever");
+    let compensations: u32 = tx
+        .branches
+        .iter()
+        .filter_map(|b| b.ops.iter().find(|o| o.op == "compensate"))
+        .map(|o| o.attempts)
+        .sum();
+    eprintln!(
+        "peak RSS {} MiB; {} compensation attempts recorded",
+        peak >> 20,
+        compensations
+    );
+    assert!(compensations >= 1_000, "compensations are being retried");
+    assert!(
+        peak < RSS_BOUND,
+        "peak RSS {} MiB is over the bound {} MiB",
+        peak >> 20,
+        RSS_BOUND >> 20
+    );
+}

@@ -399,3 +399,137 @@ async fn bad_input_names_the_gid_and_state_and_changes_nothing() {
         "{m}"
     );
 }
+
+/// A participant that votes yes and then refuses (409) to commit, until
+/// told to accept; it records when each commit arrived.
+#[derive(Clone, Default)]
+struct RefusesCommit {
+    commits: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    accept: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tandem_sdk::participant::TwoPhaseResource for RefusesCommit {
+    async fn prepare(
+        &self,
+        _: &tandem_sdk::participant::BranchContext,
+        _: &[u8],
+    ) -> Result<(), tandem_sdk::participant::BranchError> {
+        Ok(())
+    }
+
+    async fn commit(
+        &self,
+        _: &tandem_sdk::participant::BranchContext,
+    ) -> Result<(), tandem_sdk::participant::BranchError> {
+        self.commits.lock().unwrap().push(Instant::now());
+        if self.accept.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(tandem_sdk::participant::BranchError::Failure(
+                "not today".into(),
+            ))
+        }
+    }
+
+    async fn rollback(
+        &self,
+        _: &tandem_sdk::participant::BranchContext,
+    ) -> Result<(), tandem_sdk::participant::BranchError> {
+        Ok(())
+    }
+}
+
+/// Atomicity (a refused phase two stays decided) and no hot loop: a
+/// participant that answers 409 to commit after voting yes is retried with
+/// the policy's backoff — checked from its own call log — the hazard shows
+/// in Get, the log does not get an entry per attempt, and once the
+/// participant accepts the transaction commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atomicity_a_refused_commit_is_retried_with_backoff_and_flagged_as_a_hazard() {
+    let cluster = Cluster::start(1);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let client = cluster.client();
+    let participant = RefusesCommit::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tandem_sdk::participant::ParticipantServer::new(
+        tandem_sdk::participant::TwoPhase(participant.clone()),
+    );
+    tokio::spawn(async move {
+        let _ = tandem_sdk::participant::serve(listener, server, std::future::pending()).await;
+    });
+    let (initial, max) = (100u64, 800u64);
+    let mut request = two_pc(600_000);
+    request.options.as_mut().unwrap().retry = Some(pb::RetryPolicy {
+        initial_interval_ms: initial as u32,
+        max_interval_ms: max as u32,
+        max_attempts: 3,
+    });
+    let gid = request.gid.clone();
+    client.begin_with(request).await.unwrap();
+    let ops: Vec<(String, String)> = ["prepare", "commit", "rollback"]
+        .iter()
+        .map(|op| (op.to_string(), format!("{base}/tandem/{op}")))
+        .collect();
+    let refs: Vec<(&str, &str)> = ops.iter().map(|(o, e)| (o.as_str(), e.as_str())).collect();
+    client
+        .register_branch(&gid, "a", &refs, Vec::new())
+        .await
+        .unwrap();
+    let commit_index_before = cluster.local_status(1).await.unwrap().commit;
+    client.commit(&gid, false, Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let calls = participant.commits.lock().unwrap().clone();
+    // Backoff: attempt n+1 waits at least half of min(initial·2^(n-1), max).
+    for (n, pair) in calls.windows(2).enumerate() {
+        let full = (initial << n).min(max);
+        let gap = pair[1].duration_since(pair[0]).as_millis() as u64;
+        assert!(
+            gap + 25 >= full / 2,
+            "commit {} came {gap} ms after the previous one; the policy asks for at least {} ms",
+            n + 2,
+            full / 2
+        );
+    }
+    assert!(
+        (5..=20).contains(&calls.len()),
+        "{} commits in 6 s: not the policy's pace",
+        calls.len()
+    );
+    let tx = client.get(&gid).await.unwrap();
+    assert_eq!(state(&tx), pb::TxState::Committing);
+    assert!(tx.heuristic_hazard, "the refusal shows in Get");
+    let commit = tx.branches[0]
+        .ops
+        .iter()
+        .find(|o| o.op == "commit")
+        .unwrap();
+    assert_eq!(commit.state, pb::OpState::Refused as i32);
+    assert!(
+        commit
+            .last_error
+            .contains("participant refused commit: not today"),
+        "{}",
+        commit.last_error
+    );
+    assert!(commit.attempts >= 1 && commit.attempts as usize <= calls.len());
+    // Not an entry per attempt: the decision, then the first refusal and
+    // the attempts at powers of two.
+    let entries = cluster.local_status(1).await.unwrap().commit - commit_index_before;
+    assert!(
+        (entries as usize) < calls.len(),
+        "{entries} log entries for {} attempts",
+        calls.len()
+    );
+
+    participant
+        .accept
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let done = client
+        .commit(&gid, true, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(state(&done), pb::TxState::Committed);
+    assert!(!done.heuristic_hazard);
+}

@@ -39,6 +39,16 @@ pub fn protocol_names() -> String {
     Protocol::ALL.map(|p| p.name()).join(", ")
 }
 
+/// The protocols Begin accepts.
+pub fn implemented_protocol_names() -> String {
+    Protocol::ALL
+        .into_iter()
+        .filter(|p| p.is_implemented())
+        .map(|p| p.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn state_to_pb(s: TxState) -> pb::TxState {
     match s {
         TxState::Active => pb::TxState::Active,
@@ -69,6 +79,7 @@ fn op_state_to_pb(s: OpState) -> pb::OpState {
         OpState::Succeeded => pb::OpState::Succeeded,
         OpState::Failed => pb::OpState::Failed,
         OpState::Skipped => pb::OpState::Skipped,
+        OpState::Refused => pb::OpState::Refused,
     }
 }
 
@@ -121,7 +132,7 @@ fn branch_to_pb(b: &Branch) -> pb::Branch {
     pb::Branch {
         branch_id: b.branch_id.clone(),
         ops: b.ops.iter().map(op_to_pb).collect(),
-        payload: b.payload.clone(),
+        payload: b.payload.to_vec(),
         after: b.after.clone(),
         retry: b.retry.as_ref().map(retry_to_pb),
     }
@@ -137,9 +148,14 @@ pub fn tx_to_pb(tx: &Transaction) -> pb::Transaction {
         deadline_ms: tx.deadline_ms,
         finished_at_ms: tx.finished_at_ms.unwrap_or(0),
         options: Some(options_to_pb(&tx.options)),
-        branches: tx.branches.iter().map(branch_to_pb).collect(),
-        payload: tx.payload.clone(),
+        branches: tx.branches.iter().map(|b| branch_to_pb(b)).collect(),
+        payload: tx.payload.to_vec(),
         error: tx.error.clone(),
         decision: tx.decision.as_ref().map(decision_to_pb),
+        heuristic_hazard: tx
+            .branches
+            .iter()
+            .flat_map(|b| &b.ops)
+            .any(|o| o.state == OpState::Refused),
     }
 }

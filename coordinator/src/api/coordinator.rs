@@ -5,7 +5,9 @@ use tandem_proto::v1 as pb;
 use tandem_proto::v1::coordinator_server::Coordinator;
 use tonic::{Request, Response, Status};
 
-use super::convert::{protocol_from_pb, protocol_names, state_from_pb, tx_to_pb};
+use super::convert::{
+    implemented_protocol_names, protocol_from_pb, protocol_names, state_from_pb, tx_to_pb,
+};
 use super::status::{from_node_error, from_rejection, invalid};
 use crate::clock;
 use crate::config::Limits;
@@ -33,6 +35,8 @@ const WAIT_MAX: Duration = Duration::from_secs(600);
 /// Page size of List when the request gives none, and the most it may ask.
 const LIST_LIMIT_DEFAULT: usize = 100;
 const LIST_LIMIT_MAX: usize = 1000;
+/// A List page stops growing beyond this many bytes.
+const LIST_PAGE_BYTES_MAX: usize = 4 << 20;
 
 pub struct CoordinatorService {
     node: NodeHandle,
@@ -44,13 +48,30 @@ impl CoordinatorService {
         CoordinatorService { node, limits }
     }
 
-    /// Refuses new transactions while the configured number of unfinished
-    /// ones is reached.
-    fn check_admission(&self, gid: &str) -> Result<(), Status> {
-        let active = self.node.status().active_txs;
-        if active >= self.limits.active_max {
+    /// Refuses a new transaction of footprint `bytes` over the per-transaction
+    /// limit, or while the unfinished ones' count or footprint is at its
+    /// limit.
+    fn check_admission(&self, gid: &str, bytes: usize) -> Result<(), Status> {
+        if bytes > self.limits.tx_bytes_max {
+            return Err(invalid(format!(
+                "transaction {gid}: it would take {bytes} bytes (payloads, ids, endpoints and {} per branch); \
+                 the limit is {} (--tx-bytes-max)",
+                validate::BRANCH_OVERHEAD_BYTES,
+                self.limits.tx_bytes_max
+            )));
+        }
+        let status = self.node.status();
+        if status.active_txs >= self.limits.active_max {
             return Err(Status::resource_exhausted(format!(
-                "transaction {gid}: the coordinator holds {active} unfinished transactions, its limit; retry later"
+                "transaction {gid}: the coordinator holds {} unfinished transactions, its limit; retry later",
+                status.active_txs
+            )));
+        }
+        if status.active_bytes + bytes > self.limits.active_bytes_max {
+            return Err(Status::resource_exhausted(format!(
+                "transaction {gid}: the unfinished transactions take {} bytes and this one {bytes}; \
+                 the limit is {} (--active-bytes-max); retry later",
+                status.active_bytes, self.limits.active_bytes_max
             )));
         }
         Ok(())
@@ -180,16 +201,26 @@ impl Coordinator for CoordinatorService {
                     protocol_names()
                 ))
             })?;
+        if !protocol.is_implemented() {
+            return Err(Status::unimplemented(format!(
+                "transaction {gid}: protocol {protocol} is not implemented by this coordinator yet; \
+                 use one of {}",
+                implemented_protocol_names()
+            )));
+        }
         validate::payload(&gid, &request.payload, self.limits.payload_bytes_max)
             .map_err(|e| invalid(e.to_string()))?;
         let options = self.resolve_options(&gid, request.options)?;
         self.node.ensure_leader().map_err(from_node_error)?;
-        self.check_admission(&gid)?;
+        self.check_admission(
+            &gid,
+            validate::tx_footprint(gid.len(), request.payload.len(), 0),
+        )?;
         let command = Command::Begin {
             gid,
             protocol,
             options,
-            payload: request.payload,
+            payload: request.payload.into(),
             now_ms: clock::now_ms(),
         };
         match self.node.propose(command).await.map_err(from_node_error)? {
@@ -246,20 +277,33 @@ impl Coordinator for CoordinatorService {
                 branch_id: step.branch_id,
                 action: step.action,
                 compensate: step.compensate,
-                payload: step.payload,
+                payload: step.payload.into(),
                 after,
                 retry,
             });
         }
         protocol::saga::validate_steps(&gid, &steps).map_err(|e| invalid(e.to_string()))?;
         self.node.ensure_leader().map_err(from_node_error)?;
-        self.check_admission(&gid)?;
+        let branches_bytes = steps
+            .iter()
+            .map(|s| {
+                let text = s.branch_id.len()
+                    + s.action.len()
+                    + s.compensate.len()
+                    + s.after.iter().map(String::len).sum::<usize>();
+                validate::branch_footprint(text, s.payload.len())
+            })
+            .sum();
+        self.check_admission(
+            &gid,
+            validate::tx_footprint(gid.len(), request.payload.len(), branches_bytes),
+        )?;
         let watch = self.node.watch(&gid);
         let command = Command::SubmitSaga {
             gid,
             options,
             steps,
-            payload: request.payload,
+            payload: request.payload.into(),
             now_ms: clock::now_ms(),
         };
         let (tx, created) = match self.node.propose(command).await.map_err(from_node_error)? {
@@ -314,6 +358,14 @@ impl Coordinator for CoordinatorService {
             }
             ops.push((op, o.endpoint));
         }
+        let text = branch_id.len() + ops.iter().map(|(_, e)| e.len()).sum::<usize>();
+        let bytes = validate::branch_footprint(text, request.payload.len());
+        if bytes > self.limits.tx_bytes_max {
+            return Err(invalid(format!(
+                "transaction {gid}: branch {branch_id} would take {bytes} bytes; the limit for a whole transaction is {} (--tx-bytes-max)",
+                self.limits.tx_bytes_max
+            )));
+        }
         self.node.ensure_leader().map_err(from_node_error)?;
         let tx = self
             .update(Command::RegisterBranch {
@@ -321,7 +373,7 @@ impl Coordinator for CoordinatorService {
                 branch: BranchSpec {
                     branch_id,
                     ops,
-                    payload: request.payload,
+                    payload: request.payload.into(),
                 },
                 now_ms: clock::now_ms(),
             })
@@ -436,9 +488,27 @@ impl Coordinator for CoordinatorService {
         let token = (!request.page_token.is_empty()).then_some(request.page_token.as_str());
         let view = self.node.read().await.map_err(from_node_error)?;
         let page = view.list(&filter, limit, token);
+        // A page ends early once it is LIST_PAGE_BYTES_MAX large (always
+        // with at least one transaction), so large transactions cannot
+        // make one answer unbounded.
+        let mut transactions = Vec::with_capacity(page.txs.len());
+        let mut bytes = 0;
+        let mut next_page_token = page.next_page_token.unwrap_or_default();
+        for tx in &page.txs {
+            if bytes >= LIST_PAGE_BYTES_MAX {
+                next_page_token = transactions
+                    .last()
+                    .map(|t: &pb::Transaction| t.gid.clone())
+                    .unwrap_or_default();
+                break;
+            }
+            let tx = tx_to_pb(tx);
+            bytes += prost::Message::encoded_len(&tx);
+            transactions.push(tx);
+        }
         Ok(Response::new(pb::ListResponse {
-            transactions: page.txs.iter().map(|tx| tx_to_pb(tx)).collect(),
-            next_page_token: page.next_page_token.unwrap_or_default(),
+            transactions,
+            next_page_token,
         }))
     }
 }

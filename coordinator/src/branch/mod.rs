@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::api::convert::protocol_to_pb;
 use crate::state::command::OpOutcome;
-use crate::state::types::{Fence, Op, Protocol};
+use crate::state::types::{Fence, Op, Payload, Protocol};
 
 /// Header (HTTP) and metadata (gRPC) names participants read.
 pub const HEADER_GID: &str = "tandem-gid";
@@ -42,7 +42,8 @@ pub struct BranchCall<'a> {
     pub op: Op,
     pub protocol: Protocol,
     pub endpoint: &'a str,
-    pub payload: &'a [u8],
+    /// Shared with the transaction: sending it copies nothing (HTTP).
+    pub payload: &'a Payload,
     pub fence: Fence,
     pub timeout: Duration,
 }
@@ -98,7 +99,7 @@ impl BranchCaller {
             .header(HEADER_FENCE_TERM, call.fence.term.to_string())
             .header(HEADER_FENCE_INDEX, call.fence.index.to_string())
             .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(call.payload.to_vec());
+            .body(call.payload.clone());
         match request.send().await {
             Ok(response) => {
                 let status = response.status();

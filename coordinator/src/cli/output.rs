@@ -33,6 +33,7 @@ fn op_state_name(value: i32) -> &'static str {
         Ok(pb::OpState::Succeeded) => "succeeded",
         Ok(pb::OpState::Failed) => "failed",
         Ok(pb::OpState::Skipped) => "skipped",
+        Ok(pb::OpState::Refused) => "refused",
         _ => "unspecified",
     }
 }
@@ -67,6 +68,7 @@ pub fn tx_value(tx: &pb::Transaction) -> Value {
         },
         "payload": String::from_utf8_lossy(&tx.payload),
         "error": tx.error,
+        "heuristic_hazard": tx.heuristic_hazard,
         "decision": tx.decision.as_ref().map(|d| json!({
             "outcome": outcome_name(d.outcome),
             "term": d.term,
@@ -113,6 +115,9 @@ pub fn tx_text(tx: &pb::Transaction) -> String {
     }
     if !tx.error.is_empty() {
         out += &format!("error     {}\n", tx.error);
+    }
+    if tx.heuristic_hazard {
+        out += "HAZARD    a branch refused phase two after voting yes; retrying — look at the participant\n";
     }
     for b in &tx.branches {
         out += &format!("branch    {}\n", b.branch_id);

@@ -7,8 +7,11 @@
 //! applied state of its transaction, asks [`protocol::next`] which calls
 //! should be under way, starts the missing ones (all of them concurrently),
 //! waits for a result, a change or a timer, and repeats until the transaction
-//! is terminal. Transient failures are retried with exponential backoff and
-//! jitter; an undecided transaction past its deadline gets a Timeout proposal.
+//! is terminal. An op that is still open after its answer was recorded
+//! (pending, or refused in phase two) is retried after
+//! [`retry::backoff`]; failures are recorded in the log sparsely
+//! ([`retry::should_record`]), not one entry per attempt. An undecided
+//! transaction past its deadline gets a Timeout proposal.
 //!
 //! On becoming leader the loop hands over every unfinished transaction
 //! (`LeaderEvent::Lead`); on losing leadership every worker is stopped.
@@ -19,18 +22,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::branch::{BranchCall, BranchCaller};
 use crate::clock;
+use crate::protocol::retry::{self, Recorded};
 use crate::protocol::{self, Call};
 use crate::raft::NodeHandle;
-use crate::raft::node::{LeaderEvent, NodeError};
+use crate::raft::node::{LeaderEvent, LeaderFeed, NodeError};
 use crate::state::command::{Applied, Command, OpOutcome};
-use crate::state::types::{Op, RetryPolicy, Transaction};
+use crate::state::types::{Op, OpState, Transaction};
 
 /// Calls in flight across all transactions; beyond it new calls wait.
 pub const CALLS_IN_FLIGHT_MAX: usize = 8192;
@@ -64,11 +67,11 @@ impl Driver {
         }
     }
 
-    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<LeaderEvent>) {
+    pub async fn run(mut self, events: Arc<LeaderFeed>) {
         let mut leading = false;
         loop {
             tokio::select! {
-                event = events.recv() => match event {
+                event = events.next() => match event {
                     Some(LeaderEvent::Lead { term, txs }) => {
                         self.stop_all();
                         leading = true;
@@ -77,9 +80,11 @@ impl Driver {
                             self.dispatch(tx);
                         }
                     }
-                    Some(LeaderEvent::Changed(tx)) => {
+                    Some(LeaderEvent::Changed(txs)) => {
                         if leading {
-                            self.dispatch(tx);
+                            for tx in txs {
+                                self.dispatch(tx);
+                            }
                         }
                     }
                     Some(LeaderEvent::Follow) => {
@@ -141,13 +146,77 @@ struct Worker {
     calls: Arc<Semaphore>,
 }
 
+/// What a call task needs: copied out of the transaction, so that a call in
+/// flight keeps no version of the transaction alive (a saga of a thousand
+/// steps has a thousand calls in flight, and a new version per answer).
+struct CallSpec {
+    gid: String,
+    protocol: crate::state::types::Protocol,
+    call: Call,
+    payload: crate::state::types::Payload,
+    timeout: Duration,
+    /// The op is the transaction's phase two: a "no" is a refusal.
+    phase_two: bool,
+    /// Phase one gives up after this many attempts (the protocol decides).
+    attempts_limit: Option<u32>,
+}
+
+impl CallSpec {
+    fn new(tx: &Transaction, call: Call) -> CallSpec {
+        let phase_two = protocol::is_phase_two(tx, call.op);
+        CallSpec {
+            gid: tx.gid.clone(),
+            protocol: tx.protocol,
+            payload: tx
+                .branch(&call.branch_id)
+                .map(|b| b.payload.clone())
+                .unwrap_or_default(),
+            timeout: Duration::from_millis(u64::from(tx.options.branch_timeout_ms)),
+            phase_two,
+            attempts_limit: (!phase_two).then(|| tx.retry_policy(&call.branch_id).max_attempts),
+            call,
+        }
+    }
+}
+
 /// What a finished call task reports to its worker.
 struct Done {
     /// The call this was; `None` for a Timeout proposal.
     key: Option<(String, Op)>,
     /// The transaction after the proposal, when it was applied.
     tx: Option<Arc<Transaction>>,
-    transient: bool,
+    /// The op's failures so far, as this worker counts them.
+    failing: Failing,
+}
+
+/// A failing op's attempts as the worker counts them, and what the log
+/// already says (the worker records failures sparsely).
+#[derive(Clone, Copy, Debug, Default)]
+struct Failing {
+    attempts: u32,
+    recorded: Recorded,
+}
+
+impl Failing {
+    /// Where the log left off for an op this worker has not called yet.
+    fn from_log(tx: &Transaction, key: &(String, Op)) -> Failing {
+        let op = tx.branch(&key.0).and_then(|b| b.op(key.1));
+        let recorded = op.map_or_else(Recorded::default, |o| Recorded {
+            attempts: o.attempts,
+            refused: o.state == OpState::Refused,
+            at_ms: o.updated_at_ms,
+        });
+        Failing {
+            attempts: recorded.attempts,
+            recorded,
+        }
+    }
+}
+
+fn is_open(tx: &Transaction, key: &(String, Op)) -> bool {
+    tx.branch(&key.0)
+        .and_then(|b| b.op(key.1))
+        .is_some_and(|o| o.state.is_open())
 }
 
 impl Worker {
@@ -155,6 +224,7 @@ impl Worker {
         let mut current = updates.borrow_and_update().clone();
         let mut in_flight: HashSet<(String, Op)> = HashSet::new();
         let mut retry_at: HashMap<(String, Op), Instant> = HashMap::new();
+        let mut failing: HashMap<(String, Op), Failing> = HashMap::new();
         let mut calls: JoinSet<Done> = JoinSet::new();
         let mut timeout_sent_at: Option<Instant> = None;
         let mut fanned_out = false;
@@ -185,7 +255,7 @@ impl Worker {
                             Done {
                                 key: None,
                                 tx,
-                                transient: false,
+                                failing: Failing::default(),
                             }
                         });
                     }
@@ -225,8 +295,12 @@ impl Worker {
                 if call.op == Op::Action {
                     actions += 1;
                 }
+                let so_far = *failing
+                    .entry(key.clone())
+                    .or_insert_with(|| Failing::from_log(&current, &key));
                 in_flight.insert(key);
-                calls.spawn(self.clone().call(current.clone(), call));
+                let spec = CallSpec::new(&current, call);
+                calls.spawn(self.clone().call(spec, so_far));
             }
 
             tokio::select! {
@@ -248,15 +322,22 @@ impl Worker {
                         }
                     let Some(key) = done.key else { continue };
                     in_flight.remove(&key);
-                    if done.transient {
-                        let attempts = current
-                            .branch(&key.0)
-                            .and_then(|b| b.op(key.1))
-                            .map_or(1, |o| o.attempts);
+                    // One rule: an op still open once its answer is in the
+                    // log is called again after the backoff; whatever the
+                    // answer was (unavailable, refused, or a success whose
+                    // proposal did not get in).
+                    if is_open(&current, &key) {
+                        let attempts = done.failing.attempts.max(1);
                         let policy = current.retry_policy(&key.0);
-                        retry_at.insert(key, Instant::now() + backoff(policy, attempts));
+                        let seed = retry::jitter_seed(&current.gid, &key.0, attempts);
+                        retry_at.insert(
+                            key.clone(),
+                            Instant::now() + retry::backoff(policy, attempts, seed),
+                        );
+                        failing.insert(key, done.failing);
                     } else {
                         retry_at.remove(&key);
+                        failing.remove(&key);
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {}
@@ -264,43 +345,87 @@ impl Worker {
         }
     }
 
-    /// Makes one call and proposes its outcome.
-    async fn call(self, tx: Arc<Transaction>, call: Call) -> Done {
+    /// Makes one call and proposes what came back: a success or a phase-one
+    /// "no" always; a failure that leaves the op open only when
+    /// [`retry::should_record`] says the log needs it.
+    async fn call(self, spec: CallSpec, mut failing: Failing) -> Done {
+        let CallSpec {
+            gid,
+            protocol,
+            call,
+            payload,
+            timeout,
+            phase_two,
+            attempts_limit,
+        } = spec;
         let key = Some((call.branch_id.clone(), call.op));
         let Ok(_permit) = self.calls.clone().acquire_owned().await else {
             return Done {
                 key,
                 tx: None,
-                transient: true,
+                failing,
             };
         };
-        let payload = tx
-            .branch(&call.branch_id)
-            .map(|b| b.payload.clone())
-            .unwrap_or_default();
         let outcome = self
             .caller
             .call(BranchCall {
-                gid: &tx.gid,
+                gid: &gid,
                 branch_id: &call.branch_id,
                 op: call.op,
-                protocol: tx.protocol,
+                protocol,
                 endpoint: &call.endpoint,
                 payload: &payload,
                 fence: call.fence,
-                timeout: Duration::from_millis(u64::from(tx.options.branch_timeout_ms)),
+                timeout,
             })
             .await;
         if call.op == Op::Prepare {
             fail::fail_point!(failpoints::DURING_PREPARE);
         }
-        let transient = matches!(outcome, OpOutcome::Transient(_));
-        if let OpOutcome::Transient(error) = &outcome {
-            tracing::debug!(gid = %tx.gid, branch = %call.branch_id, op = %call.op, %error, "call failed; will retry");
-        }
-        let succeeded_phase_two = tx.is_decided() && outcome == OpOutcome::Succeeded;
+        let outcome = match outcome {
+            OpOutcome::Succeeded => Some(OpOutcome::Succeeded),
+            OpOutcome::Failed(error) if !phase_two => Some(OpOutcome::Failed(error)),
+            failure => {
+                let (error, refused) = match failure {
+                    OpOutcome::Failed(e) => (format!("participant refused {}: {e}", call.op), true),
+                    OpOutcome::Transient(e) | OpOutcome::Retrying { error: e, .. } => (e, false),
+                    OpOutcome::Succeeded => unreachable!("matched above"),
+                };
+                failing.attempts += 1;
+                tracing::debug!(%gid, branch = %call.branch_id, op = %call.op,
+                    attempts = failing.attempts, refused, %error, "call failed; will retry");
+                let now_ms = clock::now_ms();
+                retry::should_record(
+                    failing.recorded,
+                    failing.attempts,
+                    refused,
+                    attempts_limit,
+                    now_ms,
+                )
+                .then(|| {
+                    failing.recorded = Recorded {
+                        attempts: failing.attempts,
+                        refused,
+                        at_ms: now_ms,
+                    };
+                    OpOutcome::Retrying {
+                        attempts: failing.attempts,
+                        error,
+                        refused,
+                    }
+                })
+            }
+        };
+        let Some(outcome) = outcome else {
+            return Done {
+                key,
+                tx: None,
+                failing,
+            };
+        };
+        let succeeded_phase_two = phase_two && outcome == OpOutcome::Succeeded;
         let command = Command::OpResult {
-            gid: tx.gid.clone(),
+            gid,
             branch_id: call.branch_id.clone(),
             op: call.op,
             outcome,
@@ -312,8 +437,8 @@ impl Worker {
         }
         Done {
             key,
-            transient: transient || applied.is_none(),
             tx: applied,
+            failing,
         }
     }
 }
@@ -335,21 +460,4 @@ async fn propose(node: &NodeHandle, command: Command) -> Option<Arc<Transaction>
             None
         }
     }
-}
-
-/// Exponential backoff with jitter: the n-th retry waits
-/// `initial × 2^(n-1)`, capped at `max`, then a random half of it is shaved
-/// off so that retries of many transactions spread out.
-fn backoff(policy: RetryPolicy, attempts: u32) -> Duration {
-    let initial = u64::from(policy.initial_interval_ms.max(1));
-    let max = u64::from(
-        policy
-            .max_interval_ms
-            .max(policy.initial_interval_ms)
-            .max(1),
-    );
-    let exp = attempts.saturating_sub(1).min(30);
-    let full = initial.saturating_mul(1 << exp).min(max);
-    let jitter = rand::rng().random_range(0..=full / 2);
-    Duration::from_millis(full - jitter)
 }

@@ -7,6 +7,9 @@
 //! the mechanics they share (recording an answer, deciding, finishing) live
 //! here.
 
+use std::sync::Arc;
+
+pub mod retry;
 pub mod saga;
 pub mod tcc;
 pub mod two_pc;
@@ -124,7 +127,7 @@ pub fn on_register(
             tx.branches.len()
         )));
     }
-    tx.branches.push(Branch {
+    tx.branches.push(Arc::new(Branch {
         branch_id: spec.branch_id,
         ops: spec
             .ops
@@ -141,7 +144,7 @@ pub fn on_register(
         payload: spec.payload,
         after: Vec::new(),
         retry: None,
-    });
+    }));
     Ok(true)
 }
 
@@ -273,12 +276,21 @@ pub fn phase_two_op(protocol: Protocol, outcome: Outcome) -> Option<Op> {
     }
 }
 
+/// Whether `op` is this transaction's phase two (a refusal of it is a
+/// heuristic hazard, not a business "no").
+pub fn is_phase_two(tx: &Transaction, op: Op) -> bool {
+    tx.decision
+        .as_ref()
+        .and_then(|d| phase_two_op(tx.protocol, d.outcome))
+        == Some(op)
+}
+
 fn pending_calls(tx: &Transaction, op: Op) -> Vec<Call> {
     tx.branches
         .iter()
         .filter_map(|b| {
             let o = b.op(op)?;
-            (o.state == OpState::Pending).then(|| Call {
+            o.state.is_open().then(|| Call {
                 branch_id: b.branch_id.clone(),
                 op,
                 endpoint: o.endpoint.clone(),
@@ -291,6 +303,7 @@ fn pending_calls(tx: &Transaction, op: Op) -> Vec<Call> {
 
 /// Records the decision at this entry: the commit point.
 fn decide(tx: &mut Transaction, outcome: Outcome, reason: String, ctx: ApplyContext, now_ms: i64) {
+    let reason = validate::truncate(&reason, validate::REASON_BYTES_MAX).to_string();
     assert!(
         tx.decision.is_none(),
         "transaction {} decided twice (at {} and {})",
@@ -322,8 +335,67 @@ fn decide(tx: &mut Transaction, outcome: Outcome, reason: String, ctx: ApplyCont
     finish_if_done(tx, now_ms);
 }
 
-/// Records a phase-one answer. Returns whether it changed anything (answers
-/// for an op that is no longer pending are stale repeats).
+/// Records an answer to an op that is still open. Returns whether it
+/// changed anything (answers for a closed op, and counts the log already
+/// has, are stale repeats). In phase one a business "no" closes the op
+/// (`Failed`); in phase two (`phase_two`) it is a refusal: the op stays
+/// open, marked `Refused` — a heuristic hazard — and is retried.
+fn record_answer(
+    tx: &mut Transaction,
+    branch_id: &str,
+    op: Op,
+    outcome: &OpOutcome,
+    phase_two: bool,
+    now_ms: i64,
+) -> Changed {
+    if !tx
+        .branch(branch_id)
+        .and_then(|b| b.op(op))
+        .is_some_and(|o| o.state.is_open())
+    {
+        return false;
+    }
+    let Some(o) = tx.branch_mut(branch_id).and_then(|b| b.op_mut(op)) else {
+        return false;
+    };
+    match outcome {
+        OpOutcome::Succeeded => o.state = OpState::Succeeded,
+        OpOutcome::Failed(error) if phase_two => {
+            o.state = OpState::Refused;
+            o.attempts += 1;
+            o.last_error =
+                validate::truncate_error(&format!("participant refused {op}: {error}")).to_string();
+        }
+        OpOutcome::Failed(error) => {
+            o.state = OpState::Failed;
+            o.attempts += 1;
+            o.last_error = validate::truncate_error(error).to_string();
+        }
+        OpOutcome::Transient(error) => {
+            o.attempts += 1;
+            o.last_error = validate::truncate_error(error).to_string();
+        }
+        OpOutcome::Retrying {
+            attempts,
+            error,
+            refused,
+        } => {
+            let refused = *refused && phase_two;
+            if *attempts <= o.attempts && !(refused && o.state != OpState::Refused) {
+                return false;
+            }
+            o.attempts = o.attempts.max(*attempts);
+            o.last_error = validate::truncate_error(error).to_string();
+            if refused {
+                o.state = OpState::Refused;
+            }
+        }
+    }
+    o.updated_at_ms = now_ms;
+    true
+}
+
+/// Records a phase-one answer.
 fn record(
     tx: &mut Transaction,
     branch_id: &str,
@@ -331,37 +403,13 @@ fn record(
     outcome: &OpOutcome,
     now_ms: i64,
 ) -> Changed {
-    let Some(o) = tx
-        .branches
-        .iter_mut()
-        .find(|b| b.branch_id == branch_id)
-        .and_then(|b| b.op_mut(op))
-    else {
-        return false;
-    };
-    if o.state != OpState::Pending {
-        return false;
-    }
-    o.updated_at_ms = now_ms;
-    match outcome {
-        OpOutcome::Succeeded => o.state = OpState::Succeeded,
-        OpOutcome::Failed(error) => {
-            o.state = OpState::Failed;
-            o.attempts += 1;
-            o.last_error = error.clone();
-        }
-        OpOutcome::Transient(error) => {
-            o.attempts += 1;
-            o.last_error = error.clone();
-        }
-    }
-    true
+    record_answer(tx, branch_id, op, outcome, false, now_ms)
 }
 
 /// Records a phase-two answer and finishes the transaction when every branch
-/// has acknowledged. Phase two never gives up: a business "no" to commit or
-/// rollback is a participant bug, kept visible and retried like a transient
-/// failure.
+/// has acknowledged. Phase two never gives up: a participant that voted yes
+/// (or ran its action) and now refuses is a heuristic hazard, kept visible
+/// (`Refused`) and retried with backoff until it acknowledges.
 fn record_phase_two(
     tx: &mut Transaction,
     branch_id: &str,
@@ -369,18 +417,10 @@ fn record_phase_two(
     outcome: &OpOutcome,
     now_ms: i64,
 ) -> Changed {
-    let expected = tx
-        .decision
-        .as_ref()
-        .and_then(|d| phase_two_op(tx.protocol, d.outcome));
-    if expected != Some(op) {
+    if !is_phase_two(tx, op) {
         return false;
     }
-    let outcome = match outcome {
-        OpOutcome::Failed(e) => OpOutcome::Transient(format!("participant refused {op}: {e}")),
-        other => other.clone(),
-    };
-    let changed = record(tx, branch_id, op, &outcome, now_ms);
+    let changed = record_answer(tx, branch_id, op, outcome, true, now_ms);
     if changed {
         finish_if_done(tx, now_ms);
     }
@@ -459,7 +499,7 @@ pub(crate) mod tests {
             },
 
             branches: Vec::new(),
-            payload: Vec::new(),
+            payload: Default::default(),
             error: String::new(),
             decision: None,
             fence: Fence::default(),
@@ -476,7 +516,7 @@ pub(crate) mod tests {
                 .iter()
                 .map(|op| (*op, format!("http://svc/{branch_id}/{op}")))
                 .collect(),
-            payload: Vec::new(),
+            payload: Default::default(),
         }
     }
 
@@ -502,7 +542,7 @@ pub(crate) mod tests {
         let missing = BranchSpec {
             branch_id: "b2".into(),
             ops: vec![(Op::Confirm, "http://svc/c".into())],
-            payload: Vec::new(),
+            payload: Default::default(),
         };
         let e = on_register(&mut t, missing, 4).unwrap_err().to_string();
         assert!(e.contains("needs an endpoint for cancel"), "{e}");
@@ -513,7 +553,7 @@ pub(crate) mod tests {
                 (Op::Cancel, "http://svc/x".into()),
                 (Op::Compensate, "http://svc/y".into()),
             ],
-            payload: Vec::new(),
+            payload: Default::default(),
         };
         assert!(
             on_register(&mut t, foreign, 5)

@@ -27,7 +27,8 @@
 //! Compensations are retried until they succeed; one that keeps failing shows
 //! in Get with its attempts and last error.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
 
 use super::{Call, Changed, decide, record, record_phase_two};
 use crate::state::command::{ApplyContext, OpOutcome, Rejection, SagaStepSpec};
@@ -110,7 +111,7 @@ pub fn validate_steps(gid: &str, steps: &[SagaStepSpec]) -> Result<(), InvalidIn
 }
 
 /// The saga's branches as submitted, every op pending.
-pub fn branches(steps: Vec<SagaStepSpec>, now_ms: i64) -> Vec<Branch> {
+pub fn branches(steps: Vec<SagaStepSpec>, now_ms: i64) -> Vec<Arc<Branch>> {
     let op = |op, endpoint| BranchOp {
         op,
         endpoint,
@@ -121,28 +122,38 @@ pub fn branches(steps: Vec<SagaStepSpec>, now_ms: i64) -> Vec<Branch> {
     };
     steps
         .into_iter()
-        .map(|s| Branch {
-            branch_id: s.branch_id,
-            ops: vec![op(Op::Action, s.action), op(Op::Compensate, s.compensate)],
-            payload: s.payload,
-            after: s.after,
-            retry: s.retry,
+        .map(|s| {
+            Arc::new(Branch {
+                branch_id: s.branch_id,
+                ops: vec![op(Op::Action, s.action), op(Op::Compensate, s.compensate)],
+                payload: s.payload,
+                after: s.after,
+                retry: s.retry,
+            })
         })
         .collect()
 }
 
-fn action_state(tx: &Transaction, branch_id: &str) -> Option<OpState> {
-    tx.branch(branch_id)
-        .and_then(|b| b.op(Op::Action))
-        .map(|o| o.state)
+/// The steps whose action succeeded. Built once per question, so that
+/// answering it for every step stays linear in the saga's size (a saga may
+/// have a thousand steps, and the question is asked on every answer).
+fn succeeded(tx: &Transaction) -> HashSet<&str> {
+    tx.branches
+        .iter()
+        .filter(|b| {
+            b.op(Op::Action)
+                .is_some_and(|o| o.state == OpState::Succeeded)
+        })
+        .map(|b| b.branch_id.as_str())
+        .collect()
 }
 
 /// A step may run (or may have run) once all its dependencies succeeded.
-fn runnable(tx: &Transaction, branch: &Branch) -> bool {
+fn runnable(succeeded: &HashSet<&str>, branch: &Branch) -> bool {
     branch
         .after
         .iter()
-        .all(|dep| action_state(tx, dep) == Some(OpState::Succeeded))
+        .all(|dep| succeeded.contains(dep.as_str()))
 }
 
 pub fn next(tx: &Transaction) -> Vec<Call> {
@@ -157,36 +168,37 @@ pub fn next(tx: &Transaction) -> Vec<Call> {
         }
     };
     match tx.state {
-        TxState::Active => tx
-            .branches
-            .iter()
-            .filter(|b| {
-                b.op(Op::Action)
-                    .is_some_and(|o| o.state == OpState::Pending)
-                    && runnable(tx, b)
-            })
-            .map(|b| call(b, Op::Action))
-            .collect(),
-        TxState::Aborting => tx
-            .branches
-            .iter()
-            .filter(|b| {
-                b.op(Op::Compensate)
-                    .is_some_and(|o| o.state == OpState::Pending)
-            })
-            .filter(|b| {
-                // Every step that depends on this one is undone (or skipped).
-                tx.branches
-                    .iter()
-                    .filter(|d| d.after.contains(&b.branch_id))
-                    .all(|d| {
-                        d.op(Op::Compensate).is_some_and(|o| {
-                            matches!(o.state, OpState::Succeeded | OpState::Skipped)
-                        })
-                    })
-            })
-            .map(|b| call(b, Op::Compensate))
-            .collect(),
+        TxState::Active => {
+            let succeeded = succeeded(tx);
+            tx.branches
+                .iter()
+                .filter(|b| {
+                    b.op(Op::Action)
+                        .is_some_and(|o| o.state == OpState::Pending)
+                        && runnable(&succeeded, b)
+                })
+                .map(|b| call(b, Op::Action))
+                .collect()
+        }
+        TxState::Aborting => {
+            // Steps some step depends on whose compensation is not done yet:
+            // their own compensation waits (reverse dependency order).
+            let awaited: HashSet<&str> = tx
+                .branches
+                .iter()
+                .filter(|d| {
+                    !d.op(Op::Compensate)
+                        .is_some_and(|o| matches!(o.state, OpState::Succeeded | OpState::Skipped))
+                })
+                .flat_map(|d| d.after.iter().map(String::as_str))
+                .collect();
+            tx.branches
+                .iter()
+                .filter(|b| b.op(Op::Compensate).is_some_and(|o| o.state.is_open()))
+                .filter(|b| !awaited.contains(b.branch_id.as_str()))
+                .map(|b| call(b, Op::Compensate))
+                .collect()
+        }
         _ => Vec::new(),
     }
 }
@@ -194,9 +206,14 @@ pub fn next(tx: &Transaction) -> Vec<Call> {
 /// At the decision to compensate: keep the compensations of every step that
 /// may have run, skip the others.
 pub fn mark_compensations(tx: &mut Transaction) {
-    let may_have_run: Vec<bool> = tx.branches.iter().map(|b| runnable(tx, b)).collect();
+    let succeeded = succeeded(tx);
+    let may_have_run: Vec<bool> = tx
+        .branches
+        .iter()
+        .map(|b| runnable(&succeeded, b))
+        .collect();
     for (branch, may) in tx.branches.iter_mut().zip(may_have_run) {
-        if !may && let Some(o) = branch.op_mut(Op::Compensate) {
+        if !may && let Some(o) = Arc::make_mut(branch).op_mut(Op::Compensate) {
             o.state = OpState::Skipped;
         }
     }
@@ -237,11 +254,13 @@ pub fn on_result(
                 now_ms,
             );
         }
-        OpOutcome::Transient(error) if action.attempts >= max_attempts => {
+        OpOutcome::Transient(error) | OpOutcome::Retrying { error, .. }
+            if action.attempts >= max_attempts =>
+        {
             let reason = format!("step {branch_id} failed {} times: {error}", action.attempts);
             decide(tx, Outcome::Abort, reason, ctx, now_ms);
         }
-        OpOutcome::Transient(_) => {}
+        OpOutcome::Transient(_) | OpOutcome::Retrying { .. } => {}
         OpOutcome::Succeeded => {
             let all_done = tx.branches.iter().all(|b| {
                 b.op(Op::Action)
@@ -273,7 +292,7 @@ mod tests {
             branch_id: id.into(),
             action: format!("http://svc/{id}/action"),
             compensate: format!("http://svc/{id}/compensate"),
-            payload: Vec::new(),
+            payload: Default::default(),
             after: after.iter().map(|s| s.to_string()).collect(),
             retry: None,
         }

@@ -87,14 +87,16 @@ pub fn on_result(
             let reason = format!("branch {branch_id} voted no: {error}");
             decide(tx, Outcome::Abort, reason, ctx, now_ms);
         }
-        OpOutcome::Transient(error) if prepare.attempts >= max_attempts => {
+        OpOutcome::Transient(error) | OpOutcome::Retrying { error, .. }
+            if prepare.attempts >= max_attempts =>
+        {
             let reason = format!(
                 "branch {branch_id} could not prepare after {} attempts: {error}",
                 prepare.attempts
             );
             decide(tx, Outcome::Abort, reason, ctx, now_ms);
         }
-        OpOutcome::Transient(_) => {}
+        OpOutcome::Transient(_) | OpOutcome::Retrying { .. } => {}
         OpOutcome::Succeeded => {
             let all_prepared = tx.branches.iter().all(|b| {
                 b.op(Op::Prepare)
@@ -262,6 +264,70 @@ mod tests {
     }
 
     #[test]
+    fn prepare_gives_up_when_a_sparse_failure_record_reaches_max_attempts() {
+        let mut t = prepared_pair();
+        on_commit(&mut t, at(10), 10).unwrap();
+        let retrying = |attempts| OpOutcome::Retrying {
+            attempts,
+            error: "503".into(),
+            refused: false,
+        };
+        assert_eq!(
+            on_result(&mut t, "a", Op::Prepare, &retrying(1), at(11), 11),
+            Ok(true)
+        );
+        assert_eq!(
+            on_result(&mut t, "a", Op::Prepare, &retrying(1), at(12), 12),
+            Ok(false),
+            "a repeated count is stale"
+        );
+        assert_eq!(t.state, TxState::Preparing);
+        assert_eq!(
+            on_result(&mut t, "a", Op::Prepare, &retrying(3), at(13), 13),
+            Ok(true)
+        );
+        assert_eq!(t.state, TxState::Aborting, "3 attempts is the limit");
+        assert!(
+            t.error.contains("could not prepare after 3 attempts"),
+            "{}",
+            t.error
+        );
+    }
+
+    #[test]
+    fn a_refusal_recorded_sparsely_marks_the_hazard_and_success_clears_it() {
+        let mut t = prepared_pair();
+        on_commit(&mut t, at(10), 10).unwrap();
+        for b in ["a", "b"] {
+            on_result(&mut t, b, Op::Prepare, &OpOutcome::Succeeded, at(11), 11).unwrap();
+        }
+        assert_eq!(t.state, TxState::Committing);
+        let refused = OpOutcome::Retrying {
+            attempts: 4,
+            error: "participant refused commit: no".into(),
+            refused: true,
+        };
+        assert_eq!(
+            on_result(&mut t, "a", Op::Commit, &refused, at(12), 12),
+            Ok(true)
+        );
+        let op = t.branch("a").unwrap().op(Op::Commit).unwrap().clone();
+        assert_eq!((op.state, op.attempts), (OpState::Refused, 4));
+        assert!(
+            calls(&t).contains(&("a".into(), Op::Commit)),
+            "still called"
+        );
+        on_result(&mut t, "a", Op::Commit, &OpOutcome::Succeeded, at(13), 13).unwrap();
+        on_result(&mut t, "b", Op::Commit, &OpOutcome::Succeeded, at(14), 14).unwrap();
+        assert_eq!(t.state, TxState::Committed);
+        assert!(
+            t.branches
+                .iter()
+                .all(|b| b.op(Op::Commit).unwrap().state == OpState::Succeeded)
+        );
+    }
+
+    #[test]
     fn phase_two_never_gives_up_and_shows_the_last_error() {
         let mut t = prepared_pair();
         on_abort(&mut t, "user cancelled", at(10), 10).unwrap();
@@ -278,7 +344,11 @@ mod tests {
         }
         let op = t.branch("a").unwrap().op(Op::Rollback).unwrap().clone();
         assert_eq!(t.state, TxState::Aborting);
-        assert_eq!(op.state, OpState::Pending);
+        assert_eq!(
+            op.state,
+            OpState::Refused,
+            "a refusal is a hazard, kept open"
+        );
         assert_eq!(op.attempts, 10);
         assert_eq!(op.last_error, "participant refused rollback: db down");
         assert_eq!(

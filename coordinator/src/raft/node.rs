@@ -85,6 +85,8 @@ pub struct NodeConfig {
     pub retention: Duration,
     /// And at most this many of them.
     pub finished_max: usize,
+    /// And at most this much of their footprint.
+    pub finished_bytes_max: usize,
 }
 
 /// The role this node plays, as shown by `tandem cluster status`.
@@ -138,6 +140,8 @@ pub struct NodeStatus {
     pub matched: BTreeMap<u64, u64>,
     pub txs: usize,
     pub active_txs: usize,
+    /// Footprint of the unfinished transactions (`--active-bytes-max`).
+    pub active_bytes: usize,
 }
 
 impl NodeStatus {
@@ -203,8 +207,7 @@ struct MembershipContext {
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
-/// What the leader-only executor (the driver) hears from the loop, in log
-/// order.
+/// What the leader-only executor (the driver) hears from the loop.
 #[derive(Debug)]
 pub enum LeaderEvent {
     /// This node leads `term` and has applied everything committed before
@@ -213,10 +216,86 @@ pub enum LeaderEvent {
         term: u64,
         txs: Vec<Arc<Transaction>>,
     },
-    /// A transaction changed while this node leads.
-    Changed(Arc<Transaction>),
+    /// Transactions changed while this node leads: the latest version of
+    /// each, in the order they first changed since the driver last looked.
+    Changed(Vec<Arc<Transaction>>),
     /// This node no longer leads: stop everything.
     Follow,
+}
+
+/// The loop's feed to the driver, coalesced: at most one pending version
+/// per transaction (the latest), so a driver that falls behind costs one
+/// version per unfinished transaction, never a queue of them. A change of
+/// leadership supersedes every pending change (Lead carries every
+/// unfinished transaction as of that moment; Follow stops everything).
+#[derive(Default)]
+pub struct LeaderFeed {
+    state: std::sync::Mutex<FeedState>,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct FeedState {
+    leadership: Option<LeaderEvent>,
+    changed: HashMap<String, Arc<Transaction>>,
+    order: Vec<String>,
+    closed: bool,
+}
+
+impl LeaderFeed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        self.state.lock().expect("leader feed lock")
+    }
+
+    fn leadership(&self, event: LeaderEvent) {
+        let mut state = self.lock();
+        state.changed.clear();
+        state.order.clear();
+        state.leadership = Some(event);
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    fn changed(&self, tx: Arc<Transaction>) {
+        let mut state = self.lock();
+        if state.changed.insert(tx.gid.clone(), tx.clone()).is_none() {
+            state.order.push(tx.gid.clone());
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Ends the feed: [`LeaderFeed::next`] returns `None` once drained.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// The next event: a change of leadership first, then the changes that
+    /// came after it.
+    pub async fn next(&self) -> Option<LeaderEvent> {
+        loop {
+            {
+                let mut state = self.lock();
+                if let Some(event) = state.leadership.take() {
+                    return Some(event);
+                }
+                if !state.order.is_empty() {
+                    let order = std::mem::take(&mut state.order);
+                    let mut changed = std::mem::take(&mut state.changed);
+                    let txs = order
+                        .into_iter()
+                        .filter_map(|g| changed.remove(&g))
+                        .collect();
+                    return Some(LeaderEvent::Changed(txs));
+                }
+                if state.closed {
+                    return None;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
 }
 
 /// Transactions callers are waiting on, by gid. A caller declares its
@@ -505,7 +584,7 @@ pub enum StartError {
 pub fn start(
     config: NodeConfig,
     transport: Transport,
-    leader_events: tokio::sync::mpsc::UnboundedSender<LeaderEvent>,
+    leader_events: Arc<LeaderFeed>,
 ) -> Result<(NodeHandle, std::thread::JoinHandle<()>), StartError> {
     let (inputs_tx, inputs_rx) = crossbeam_channel::bounded(INPUT_QUEUE_MAX);
     transport.set_inputs(inputs_tx.clone());
@@ -625,7 +704,7 @@ struct Loop {
     status_stale: bool,
     last_gc: Instant,
     watchers: Arc<TxWatchers>,
-    leader_events: tokio::sync::mpsc::UnboundedSender<LeaderEvent>,
+    leader_events: Arc<LeaderFeed>,
     /// The term this node leads and has announced to the driver.
     leading_term: Option<u64>,
 }
@@ -683,6 +762,7 @@ impl Loop {
         if let Err(e) = self.raw.store().sync() {
             tracing::error!(error = %e, "could not flush the raft log on shutdown");
         }
+        self.leader_events.close();
         tracing::info!(id = self.config.id, "raft loop stopped");
     }
 
@@ -762,7 +842,8 @@ impl Loop {
                     unfinished = txs.len(),
                     "leading: resuming unfinished transactions"
                 );
-                let _ = self.leader_events.send(LeaderEvent::Lead { term, txs });
+                self.leader_events
+                    .leadership(LeaderEvent::Lead { term, txs });
                 if self.machine.cluster_id().is_none() {
                     // The cluster's first leader names it (randomness on the
                     // proposing side; `apply` keeps the first name it sees).
@@ -773,7 +854,7 @@ impl Loop {
             }
             (false, Some(_)) if raft.state != StateRole::Leader => {
                 self.leading_term = None;
-                let _ = self.leader_events.send(LeaderEvent::Follow);
+                self.leader_events.leadership(LeaderEvent::Follow);
             }
             (false, _) => {}
         }
@@ -1108,7 +1189,7 @@ impl Loop {
                     {
                         self.watchers.notify(tx);
                         if self.leading_term.is_some() {
-                            let _ = self.leader_events.send(LeaderEvent::Changed(tx.clone()));
+                            self.leader_events.changed(tx.clone());
                         }
                     }
 
@@ -1256,9 +1337,12 @@ impl Loop {
         }
         self.last_gc = now;
         let before_ms = crate::clock::now_ms() - self.config.retention.as_millis() as i64;
-        let gids =
-            self.machine
-                .gc_candidates(before_ms, self.config.finished_max, validate::GC_BATCH_MAX);
+        let gids = self.machine.gc_candidates(
+            before_ms,
+            self.config.finished_max,
+            self.config.finished_bytes_max,
+            validate::GC_BATCH_MAX,
+        );
         if !gids.is_empty() {
             tracing::debug!(count = gids.len(), "collecting finished transactions");
             self.propose(Command::Gc { gids }, Pending::Internal);
@@ -1316,6 +1400,7 @@ impl Loop {
             matched,
             txs: self.machine.len(),
             active_txs: self.machine.active_count(),
+            active_bytes: self.machine.active_bytes(),
         };
         if role_changed {
             tracing::info!(

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Op, Protocol, RetryPolicy, Transaction, TxOptions, TxState};
+use super::types::{Op, Payload, Protocol, RetryPolicy, Transaction, TxOptions, TxState};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -21,7 +21,7 @@ pub enum Command {
         gid: String,
         protocol: Protocol,
         options: TxOptions,
-        payload: Vec<u8>,
+        payload: Payload,
         /// The leader's clock when it proposed the command.
         now_ms: i64,
     },
@@ -31,7 +31,7 @@ pub enum Command {
         gid: String,
         options: TxOptions,
         steps: Vec<SagaStepSpec>,
-        payload: Vec<u8>,
+        payload: Payload,
         now_ms: i64,
     },
     /// Enlists a branch; a repeat with the same spec is a no-op.
@@ -75,7 +75,7 @@ pub struct BranchSpec {
     pub branch_id: String,
     /// Which operations the coordinator may call, and where.
     pub ops: Vec<(Op, String)>,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
 }
 
 /// A saga step as submitted.
@@ -84,20 +84,33 @@ pub struct SagaStepSpec {
     pub branch_id: String,
     pub action: String,
     pub compensate: String,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
     /// Steps whose action must succeed first.
     pub after: Vec<String>,
     pub retry: Option<RetryPolicy>,
 }
 
-/// How a call to a participant ended.
+/// How a call to a participant ended (variants are only ever appended: the
+/// log keeps old ones).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpOutcome {
     Succeeded,
-    /// A business "no" (vote no, try failed, action rejected): final.
+    /// A business "no" (vote no, try failed, action rejected): final in
+    /// phase one; in phase two a refusal (see [`OpOutcome::Retrying`]).
     Failed(String),
-    /// Network, timeout, 5xx, UNAVAILABLE: retried with backoff.
+    /// One more failed attempt: network, timeout, 5xx, UNAVAILABLE.
+    /// Written by older drivers; the driver now sends `Retrying`.
     Transient(String),
+    /// The op has failed `attempts` times in all so far, the last time with
+    /// `error`, and is being retried. `refused`: the last failure was a
+    /// phase-two refusal (a heuristic hazard). The driver does not record
+    /// every attempt: it records the first failure, a refusal, powers of two
+    /// and at least every [`crate::protocol::retry::RECORD_INTERVAL_MS`].
+    Retrying {
+        attempts: u32,
+        error: String,
+        refused: bool,
+    },
 }
 
 impl Command {

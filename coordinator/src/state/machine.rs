@@ -36,6 +36,12 @@ pub struct StateMachine {
     active: BTreeSet<String>,
     /// Terminal transactions by finish time, oldest first, for Gc. Derived.
     finished: BTreeSet<(i64, String)>,
+    /// Sum of the footprints of unfinished transactions (the API's budget
+    /// `--active-bytes-max`). Derived.
+    active_bytes: usize,
+    /// Sum of the footprints of finished ones still kept (collected beyond
+    /// `--finished-bytes-max`). Derived.
+    finished_bytes: usize,
     /// Raft node id → gRPC address of every member, replicated with the
     /// membership changes that introduced them.
     members: BTreeMap<u64, String>,
@@ -63,6 +69,12 @@ impl StateMachine {
             } => {
                 validate::gid(&gid)?;
                 validate::payload(&gid, &payload, PAYLOAD_BYTES_HARD_MAX)?;
+                if !protocol.is_implemented() {
+                    return Err(Rejection::Invalid(validate::InvalidInput::Other {
+                        gid,
+                        problem: format!("protocol {protocol} is not implemented yet"),
+                    }));
+                }
                 if let Some(tx) = self.txs.get(&gid) {
                     if tx.protocol != protocol {
                         return Err(Rejection::ProtocolMismatch {
@@ -193,7 +205,7 @@ impl StateMachine {
                 active: self.active.len(),
             });
         }
-        let tx = Arc::new(Transaction {
+        let tx = Transaction {
             gid: new.gid,
             protocol: new.protocol,
             state: TxState::Active,
@@ -212,7 +224,9 @@ impl StateMachine {
             },
             version: ctx.index,
             commit_requested: false,
-        });
+        };
+        check_footprint(&tx)?;
+        let tx = Arc::new(tx);
         self.insert(tx.clone());
         Ok(Applied::Begun { tx, created: true })
     }
@@ -237,11 +251,16 @@ impl StateMachine {
         if !change(&mut tx)? {
             return Ok(Applied::Updated { tx: current });
         }
+        if tx.branches.len() != current.branches.len() {
+            check_footprint(&tx)?;
+        }
         tx.version = ctx.index;
         tx.updated_at_ms = now_ms;
         let tx = Arc::new(tx);
         // In place: no key to clone, and the indexes change only when the
         // transaction finishes (it never becomes unfinished again).
+        self.unaccount(&current);
+        self.account(&tx);
         if let (None, Some(at)) = (current.finished_at_ms, tx.finished_at_ms) {
             self.active.remove(gid);
             self.finished.insert((at, tx.gid.clone()));
@@ -255,13 +274,29 @@ impl StateMachine {
         Ok(Applied::Updated { tx })
     }
 
+    fn account(&mut self, tx: &Transaction) {
+        match tx.finished_at_ms {
+            None => self.active_bytes += tx.footprint_bytes(),
+            Some(_) => self.finished_bytes += tx.footprint_bytes(),
+        }
+    }
+
+    fn unaccount(&mut self, tx: &Transaction) {
+        match tx.finished_at_ms {
+            None => self.active_bytes -= tx.footprint_bytes(),
+            Some(_) => self.finished_bytes -= tx.footprint_bytes(),
+        }
+    }
+
     /// Puts a transaction in the table, keeping the derived indexes in step.
     fn insert(&mut self, tx: Arc<Transaction>) {
-        if let Some(old) = self.txs.get(&tx.gid)
-            && let Some(at) = old.finished_at_ms
-        {
-            self.finished.remove(&(at, old.gid.clone()));
+        if let Some(old) = self.txs.get(&tx.gid).cloned() {
+            self.unaccount(&old);
+            if let Some(at) = old.finished_at_ms {
+                self.finished.remove(&(at, old.gid.clone()));
+            }
         }
+        self.account(&tx);
         match tx.finished_at_ms {
             Some(at) => {
                 self.active.remove(&tx.gid);
@@ -276,6 +311,7 @@ impl StateMachine {
 
     fn remove(&mut self, gid: &str) {
         if let Some(old) = self.txs.remove(gid) {
+            self.unaccount(&old);
             self.active.remove(gid);
             if let Some(at) = old.finished_at_ms {
                 self.finished.remove(&(at, old.gid.clone()));
@@ -312,6 +348,16 @@ impl StateMachine {
         self.active.len()
     }
 
+    /// Footprint of the unfinished transactions, in bytes.
+    pub fn active_bytes(&self) -> usize {
+        self.active_bytes
+    }
+
+    /// Footprint of the finished transactions still kept, in bytes.
+    pub fn finished_bytes(&self) -> usize {
+        self.finished_bytes
+    }
+
     pub fn len(&self) -> usize {
         self.txs.len()
     }
@@ -326,18 +372,28 @@ impl StateMachine {
     }
 
     /// Terminal transactions to collect: every one finished before
-    /// `finished_before_ms`, and the oldest beyond `finished_max`; at most `limit`.
+    /// `finished_before_ms`, and the oldest beyond `finished_max` or beyond
+    /// `finished_bytes_max` of footprint; at most `limit`.
     pub fn gc_candidates(
         &self,
         finished_before_ms: i64,
         finished_max: usize,
+        finished_bytes_max: usize,
         limit: usize,
     ) -> Vec<String> {
         let excess = self.finished.len().saturating_sub(finished_max);
+        let mut bytes_left = self.finished_bytes;
         self.finished
             .iter()
             .enumerate()
-            .take_while(|(i, (at, _))| *i < excess || *at < finished_before_ms)
+            .take_while(|(i, (at, gid))| {
+                let collect =
+                    *i < excess || *at < finished_before_ms || bytes_left > finished_bytes_max;
+                if collect {
+                    bytes_left -= self.txs.get(gid).map_or(0, |t| t.footprint_bytes());
+                }
+                collect
+            })
             .take(limit.min(GC_BATCH_MAX))
             .map(|(_, (_, gid))| gid.clone())
             .collect()
@@ -383,13 +439,29 @@ impl StateMachine {
     }
 }
 
+/// A transaction over the hard footprint limit is refused, whatever the
+/// API let through.
+fn check_footprint(tx: &Transaction) -> Result<(), Rejection> {
+    let bytes = tx.footprint_bytes();
+    if bytes > validate::TX_BYTES_HARD_MAX {
+        return Err(Rejection::Invalid(validate::InvalidInput::Other {
+            gid: tx.gid.clone(),
+            problem: format!(
+                "the transaction would take {bytes} bytes; the limit is {}",
+                validate::TX_BYTES_HARD_MAX
+            ),
+        }));
+    }
+    Ok(())
+}
+
 /// What a new transaction starts with.
 struct NewTx {
     gid: String,
     protocol: Protocol,
     options: TxOptions,
-    payload: Vec<u8>,
-    branches: Vec<Branch>,
+    payload: super::types::Payload,
+    branches: Vec<Arc<Branch>>,
 }
 
 /// The state as of one applied index, ready to be encoded for a snapshot.
@@ -503,6 +575,7 @@ impl ReadView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::command::SagaStepSpec;
     use crate::state::types::{RetryPolicy, TxOptions};
 
     fn ctx() -> ApplyContext {
@@ -527,7 +600,7 @@ mod tests {
             gid: gid.to_string(),
             protocol,
             options: options(),
-            payload: b"data".to_vec(),
+            payload: bytes::Bytes::from_static(b"data"),
             now_ms,
         }
     }
@@ -551,7 +624,7 @@ mod tests {
         assert_eq!(tx.state, TxState::Active);
         assert_eq!(tx.created_at_ms, 5_000);
         assert_eq!(tx.deadline_ms, 6_000);
-        assert_eq!(tx.payload, b"data");
+        assert_eq!(tx.payload, &b"data"[..]);
         assert_eq!(m.active_count(), 1);
     }
 
@@ -595,7 +668,7 @@ mod tests {
             gid: "g".into(),
             protocol: Protocol::Saga,
             options: options(),
-            payload: vec![0; PAYLOAD_BYTES_HARD_MAX + 1],
+            payload: vec![0; PAYLOAD_BYTES_HARD_MAX + 1].into(),
             now_ms: 1,
         };
         assert!(m.apply(big, ctx()).is_err());
@@ -632,25 +705,79 @@ mod tests {
             finish(&mut m, gid, 10 * (i as i64 + 1));
         }
         // Retention: finished strictly before 25 → a (10), b (20).
-        assert_eq!(m.gc_candidates(25, 100, 100), vec!["a", "b"]);
+        assert_eq!(m.gc_candidates(25, 100, usize::MAX, 100), vec!["a", "b"]);
         // Count limit: keep at most 1 → the three oldest go, whatever their age.
-        assert_eq!(m.gc_candidates(0, 1, 100), vec!["a", "b", "c"]);
-        assert_eq!(m.gc_candidates(0, 1, 2), vec!["a", "b"]);
-        assert!(m.gc_candidates(0, 100, 100).is_empty());
+        assert_eq!(m.gc_candidates(0, 1, usize::MAX, 100), vec!["a", "b", "c"]);
+        assert_eq!(m.gc_candidates(0, 1, usize::MAX, 2), vec!["a", "b"]);
+        assert!(m.gc_candidates(0, 100, usize::MAX, 100).is_empty());
     }
 
     #[test]
     fn snapshot_round_trip_restores_table_members_and_indexes() {
         let mut m = StateMachine::new(BTreeMap::from([(1, "127.0.0.1:1".to_string())]));
         m.apply(begin("a", Protocol::Xa, 1), ctx()).unwrap();
-        m.apply(begin("b", Protocol::Msg, 2), ctx()).unwrap();
+        m.apply(begin("b", Protocol::Tcc, 2), ctx()).unwrap();
         finish(&mut m, "a", 7);
         let restored = StateMachine::decode_snapshot(&m.snapshot_source().encode()).unwrap();
         assert_eq!(restored.members(), m.members());
         assert_eq!(restored.get("a"), m.get("a"));
         assert_eq!(restored.get("b"), m.get("b"));
         assert_eq!(restored.active_count(), 1);
-        assert_eq!(restored.gc_candidates(100, 100, 100), vec!["a"]);
+        assert_eq!(restored.gc_candidates(100, 100, usize::MAX, 100), vec!["a"]);
+    }
+
+    #[test]
+    fn footprints_are_accounted_while_active_then_finished_and_gc_keeps_the_byte_budget() {
+        let mut m = StateMachine::default();
+        for gid in ["a", "b", "c"] {
+            m.apply(begin(gid, Protocol::Saga, 1), ctx()).unwrap();
+        }
+        let one = m.get("a").unwrap().footprint_bytes();
+        assert_eq!(one, validate::tx_footprint(1, 4, 0));
+        assert_eq!((m.active_bytes(), m.finished_bytes()), (3 * one, 0));
+        finish(&mut m, "a", 10);
+        finish(&mut m, "b", 20);
+        assert_eq!((m.active_bytes(), m.finished_bytes()), (one, 2 * one));
+        // Keep at most one transaction's worth: the oldest goes.
+        assert_eq!(m.gc_candidates(0, 100, one, 100), vec!["a"]);
+        assert_eq!(m.gc_candidates(0, 100, 2 * one, 100), Vec::<String>::new());
+        m.apply(
+            Command::Gc {
+                gids: vec!["a".into()],
+            },
+            ctx(),
+        )
+        .unwrap();
+        assert_eq!((m.active_bytes(), m.finished_bytes()), (one, one));
+        let restored = StateMachine::decode_snapshot(&m.snapshot_source().encode()).unwrap();
+        assert_eq!(
+            (restored.active_bytes(), restored.finished_bytes()),
+            (one, one),
+            "derived from the table on restore"
+        );
+    }
+
+    #[test]
+    fn a_transaction_over_the_hard_footprint_is_refused() {
+        let mut m = StateMachine::default();
+        let step = |i: usize| SagaStepSpec {
+            branch_id: format!("s{i}"),
+            action: "http://svc/a".into(),
+            compensate: "http://svc/c".into(),
+            payload: vec![0u8; 1 << 20].into(),
+            after: Vec::new(),
+            retry: None,
+        };
+        let huge = Command::SubmitSaga {
+            gid: "huge".into(),
+            options: options(),
+            steps: (0..20).map(step).collect(),
+            payload: Default::default(),
+            now_ms: 1,
+        };
+        let e = m.apply(huge, ctx()).unwrap_err().to_string();
+        assert!(e.contains("the limit is 16777216"), "{e}");
+        assert!(m.is_empty() && m.active_bytes() == 0);
     }
 
     #[test]

@@ -1,7 +1,13 @@
 //! The replicated data: transactions, their branches and decisions. Plain data,
 //! serialized into log entries and snapshots; no behaviour beyond small queries.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+/// A payload: immutable and shared. Every version of a transaction, every
+/// call and every read view points at the same bytes; none copies them.
+pub type Payload = bytes::Bytes;
 
 /// The protocol a global transaction follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -38,6 +44,13 @@ impl Protocol {
 
     pub fn from_name(name: &str) -> Option<Protocol> {
         Protocol::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Whether this coordinator drives the protocol end to end. Begin
+    /// refuses the others rather than start a transaction nothing would
+    /// ever finish.
+    pub fn is_implemented(self) -> bool {
+        !matches!(self, Protocol::ThreePc | Protocol::Msg)
     }
 }
 
@@ -137,10 +150,22 @@ pub struct Decision {
 pub enum OpState {
     Pending,
     Succeeded,
-    /// A business "no"; never retried.
+    /// A business "no" in phase one (vote no, try failed, action rejected);
+    /// never retried.
     Failed,
     /// Not needed any more (the compensation of an action that never ran).
     Skipped,
+    /// Phase two refused by a participant that voted yes (or whose action
+    /// ran): a heuristic hazard. Still retried with backoff until it is
+    /// acknowledged, and shown by Get.
+    Refused,
+}
+
+impl OpState {
+    /// Still to be done: the driver calls (and retries) open ops.
+    pub fn is_open(self) -> bool {
+        matches!(self, OpState::Pending | OpState::Refused)
+    }
 }
 
 /// An operation a participant can be asked to perform.
@@ -208,7 +233,7 @@ pub struct BranchOp {
 pub struct Branch {
     pub branch_id: String,
     pub ops: Vec<BranchOp>,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
     /// Saga DAG: branch ids whose action must succeed before this one runs.
     pub after: Vec<String>,
     /// This branch's own retry policy (saga steps may set one).
@@ -248,8 +273,11 @@ pub struct Transaction {
     /// Set when the transaction becomes terminal; the retention clock for Gc.
     pub finished_at_ms: Option<i64>,
     pub options: TxOptions,
-    pub branches: Vec<Branch>,
-    pub payload: Vec<u8>,
+    /// Each branch behind its own `Arc`: a new version of the transaction
+    /// (one per applied change) copies pointers, and only the branch that
+    /// changed is copied (`Arc::make_mut`).
+    pub branches: Vec<Arc<Branch>>,
+    pub payload: Payload,
     /// Why the transaction aborted: a branch's business error, a timeout, an abort.
     pub error: String,
     pub decision: Option<Decision>,
@@ -267,7 +295,37 @@ pub struct Transaction {
 
 impl Transaction {
     pub fn branch(&self, branch_id: &str) -> Option<&Branch> {
-        self.branches.iter().find(|b| b.branch_id == branch_id)
+        self.branches
+            .iter()
+            .find(|b| b.branch_id == branch_id)
+            .map(|b| b.as_ref())
+    }
+
+    /// What this transaction may take in memory at most: its payloads, ids
+    /// and endpoints, plus fixed costs that cover every text it may record
+    /// later (errors are cut to `ERROR_BYTES_MAX`). Fixed once the
+    /// transaction has its branches, so the budgets in `validate` bound it.
+    pub fn footprint_bytes(&self) -> usize {
+        use super::validate::{branch_footprint, tx_footprint};
+        let branches: usize = self
+            .branches
+            .iter()
+            .map(|b| {
+                let text = b.branch_id.len()
+                    + b.ops.iter().map(|o| o.endpoint.len()).sum::<usize>()
+                    + b.after.iter().map(String::len).sum::<usize>();
+                branch_footprint(text, b.payload.len())
+            })
+            .sum();
+        tx_footprint(self.gid.len(), self.payload.len(), branches)
+    }
+
+    /// A branch to change: copied first if an older version shares it.
+    pub fn branch_mut(&mut self, branch_id: &str) -> Option<&mut Branch> {
+        self.branches
+            .iter_mut()
+            .find(|b| b.branch_id == branch_id)
+            .map(Arc::make_mut)
     }
 
     pub fn is_decided(&self) -> bool {

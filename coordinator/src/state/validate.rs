@@ -13,6 +13,46 @@ pub const BRANCHES_HARD_MAX: usize = 1024;
 pub const REASON_BYTES_MAX: usize = 1024;
 /// Gids in one Gc command.
 pub const GC_BATCH_MAX: usize = 10_000;
+/// A participant's error text kept per op (longer ones are cut).
+pub const ERROR_BYTES_MAX: usize = 1024;
+/// What one transaction may take in memory ([`crate::state::Transaction::footprint_bytes`]),
+/// whatever a node's configuration says; the configurable, lower limit is
+/// checked by the API before Begin and SubmitSaga.
+pub const TX_BYTES_HARD_MAX: usize = 16 << 20;
+/// A transaction's fixed cost in the footprint: the struct, and its error
+/// and decision reason (each cut to `REASON_BYTES_MAX`).
+pub const TX_OVERHEAD_BYTES: usize = 512 + 2 * REASON_BYTES_MAX;
+/// A branch's fixed cost: the struct and the last error of each of its ops.
+pub const BRANCH_OVERHEAD_BYTES: usize = 256 + 2 * ERROR_BYTES_MAX;
+
+/// A branch's footprint: its fixed cost, its texts (id, endpoints, the ids
+/// it comes after) and its payload.
+pub fn branch_footprint(text_bytes: usize, payload_bytes: usize) -> usize {
+    BRANCH_OVERHEAD_BYTES + text_bytes + payload_bytes
+}
+
+/// A transaction's footprint from its gid, payload and branches'
+/// footprints.
+pub fn tx_footprint(gid_bytes: usize, payload_bytes: usize, branches_bytes: usize) -> usize {
+    TX_OVERHEAD_BYTES + gid_bytes + payload_bytes + branches_bytes
+}
+
+/// Cuts an error text to [`ERROR_BYTES_MAX`] at a character boundary.
+pub fn truncate_error(text: &str) -> &str {
+    truncate(text, ERROR_BYTES_MAX)
+}
+
+/// Cuts a text to at most `max` bytes at a character boundary.
+pub fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidInput {

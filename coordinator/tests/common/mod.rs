@@ -182,6 +182,25 @@ impl Cluster {
         address
     }
 
+    /// The process id of a running node.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.node(id).child.as_ref().map(|c| c.id())
+    }
+
+    /// A running node's resident memory, from /proc.
+    pub fn rss_bytes(&self, id: u64) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(id)?)).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
     /// kill -9.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut child) = self.node_mut(id).child.take() {

@@ -21,6 +21,17 @@ mod scope;
 pub use saga::{SagaBuilder, Step};
 pub use scope::GlobalTx;
 
+/// Largest answer the client reads: a List page of large transactions.
+/// Coordinators bound a transaction by `--tx-bytes-max` (at most 16 MiB).
+const RESPONSE_BYTES_MAX: usize = 64 << 20;
+
+/// The Coordinator service on a channel, reading answers up to
+/// [`RESPONSE_BYTES_MAX`] (tonic's default, 4 MiB, is less than one large
+/// transaction).
+pub(crate) fn coordinator(channel: Channel) -> CoordinatorClient<Channel> {
+    CoordinatorClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
+}
+
 /// A coordinator cluster's identity (a UUID minted by its first leader).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClusterId(uuid::Uuid);
@@ -393,7 +404,7 @@ impl Client {
     pub async fn begin_with(&self, request: pb::BeginRequest) -> Result<pb::BeginResponse, Error> {
         self.call(|ch| {
             let request = request.clone();
-            async move { CoordinatorClient::new(ch).begin(request).await }
+            async move { coordinator(ch).begin(request).await }
         })
         .await
     }
@@ -422,7 +433,7 @@ impl Client {
         let response = self
             .call(|ch| {
                 let request = request.clone();
-                async move { CoordinatorClient::new(ch).register_branch(request).await }
+                async move { coordinator(ch).register_branch(request).await }
             })
             .await?;
         Ok(response.transaction.unwrap_or_default())
@@ -445,7 +456,7 @@ impl Client {
         let response = self
             .call_with_timeout(wait_timeout + self.inner.call_timeout, |ch| {
                 let request = request.clone();
-                async move { CoordinatorClient::new(ch).commit(request).await }
+                async move { coordinator(ch).commit(request).await }
             })
             .await?;
         Ok(response.transaction.unwrap_or_default())
@@ -468,7 +479,7 @@ impl Client {
         let response = self
             .call_with_timeout(wait_timeout + self.inner.call_timeout, |ch| {
                 let request = request.clone();
-                async move { CoordinatorClient::new(ch).abort(request).await }
+                async move { coordinator(ch).abort(request).await }
             })
             .await?;
         Ok(response.transaction.unwrap_or_default())
@@ -502,7 +513,7 @@ impl Client {
         let response = self
             .call(|ch| {
                 let request = request.clone();
-                async move { CoordinatorClient::new(ch).get(request).await }
+                async move { coordinator(ch).get(request).await }
             })
             .await?;
         Ok(response.transaction.unwrap_or_default())
@@ -511,7 +522,7 @@ impl Client {
     pub async fn list(&self, request: pb::ListRequest) -> Result<pb::ListResponse, Error> {
         self.call(|ch| {
             let request = request.clone();
-            async move { CoordinatorClient::new(ch).list(request).await }
+            async move { coordinator(ch).list(request).await }
         })
         .await
     }
@@ -523,7 +534,7 @@ impl Client {
         let request = pb::GetRequest {
             gid: gid.to_string(),
         };
-        CoordinatorClient::new(self.channel(&endpoint))
+        coordinator(self.channel(&endpoint))
             .get(request)
             .await
             .map(|r| r.into_inner().transaction.unwrap_or_default())

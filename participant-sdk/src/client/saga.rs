@@ -142,11 +142,7 @@ impl SagaBuilder {
             .client
             .call_with_timeout(timeout + self.client.inner.call_timeout, |ch| {
                 let request = request.clone();
-                async move {
-                    tandem_proto::v1::coordinator_client::CoordinatorClient::new(ch)
-                        .submit_saga(request)
-                        .await
-                }
+                async move { super::coordinator(ch).submit_saga(request).await }
             })
             .await?;
         Ok(response.transaction.unwrap_or_default())
