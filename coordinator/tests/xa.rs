@@ -419,3 +419,154 @@ async fn idempotency_a_deposed_leaders_late_prepare_is_refused() {
         .set_failpoint(old_leader, "transport-isolate", "off")
         .await;
 }
+
+fn soak_config(endpoints: Vec<String>) -> xa_bank::Config {
+    xa_bank::Config {
+        endpoints,
+        transfers: 200,
+        concurrency: 16,
+        fail_rate: 0.1,
+        pg_url: DEFAULT_PG_URL.into(),
+        mysql_url: DEFAULT_MYSQL_URL.into(),
+        accounts: 50,
+    }
+}
+
+fn assert_run_holds(run: usize, report: &xa_bank::Report) {
+    assert!(report.holds(), "run {run}: {report:?}");
+    assert_eq!(report.unknown, 0, "run {run}: {report:?}");
+    assert_eq!(
+        report.committed + report.aborted,
+        200,
+        "run {run}: {report:?}"
+    );
+}
+
+/// Atomicity at scale, checked per account and per transfer after every
+/// run (a bug that shows once in 1,500 transfers is invisible to one run of
+/// 200): 20 runs of 200 concurrent XA transfers on one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn atomicity_xa_soak_20_runs_of_200_transfers_checked_per_account_on_one_node() {
+    let cluster = Cluster::start(1);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    for run in 0..20 {
+        let report = xa_bank::run(soak_config(cluster.endpoints()))
+            .await
+            .unwrap_or_else(|e| panic!("run {run}: {e:#}"));
+        assert_run_holds(run, &report);
+    }
+    assert!(unfinished(&cluster.client()).await.is_empty());
+}
+
+/// The same with the leader killed (SIGKILL) at a random instant of each of
+/// 10 runs on 3 nodes, and brought back before the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn atomicity_xa_soak_10_runs_with_the_leader_killed_at_a_random_instant() {
+    use rand::Rng;
+    let mut cluster = Cluster::start(3);
+    for run in 0..10 {
+        let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+        let work = tokio::spawn(xa_bank::run(soak_config(cluster.endpoints())));
+        let after = Duration::from_millis(rand::rng().random_range(50..1_500));
+        tokio::time::sleep(after).await;
+        cluster.kill(leader);
+        let report = work.await.expect("run task").unwrap_or_else(|e| {
+            panic!("run {run} (leader {leader} killed after {after:?}): {e:#}")
+        });
+        assert_run_holds(run, &report);
+        cluster.restart(leader);
+    }
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    assert!(unfinished(&cluster.client()).await.is_empty());
+}
+
+/// Each cluster its own xids: two clusters started with the defaults (the
+/// same --cluster-name) run the XA bank against the same databases at once
+/// and both conserve money; then a branch of one is left prepared, and the
+/// other's recovery scan over the same databases does not touch it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn atomicity_two_default_clusters_share_the_databases_without_touching_each_others_xids() {
+    let options = common::Options {
+        default_cluster_name: true,
+        ..common::Options::default()
+    };
+    let a = Cluster::start_with(1, options.clone());
+    let b = Cluster::start_with(1, options);
+    a.wait_leader(LEADER_TIMEOUT).await;
+    b.wait_leader(LEADER_TIMEOUT).await;
+    let (ca, cb) = (a.client(), b.client());
+    let (id_a, id_b) = (
+        ca.cluster_id().await.unwrap(),
+        cb.cluster_id().await.unwrap(),
+    );
+    assert_ne!(id_a, id_b, "every cluster mints its own id");
+    assert_ne!(id_a.xa_format_id(), id_b.xa_format_id());
+
+    let (ra, rb) = tokio::join!(
+        xa_bank::run(soak_config(a.endpoints())),
+        xa_bank::run(soak_config(b.endpoints()))
+    );
+    assert_run_holds(0, &ra.expect("cluster a's run"));
+    assert_run_holds(0, &rb.expect("cluster b's run"));
+
+    // A transfer of cluster a, prepared in both databases, not yet committed.
+    let (pa, ma) = (pg(&ca).await, maria(&ca).await);
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    pa.setup(&run, 1).await.unwrap();
+    ma.setup(&run, 1).await.unwrap();
+    let (lp, lm) = (
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let (ap, am) = (lp.local_addr().unwrap(), lm.local_addr().unwrap());
+    let _servers = (serve(pa.clone(), lp), serve(ma.clone(), lm));
+    let scope = ca
+        .begin_scope(
+            pb::Protocol::Xa,
+            pb::TxOptions {
+                timeout_ms: 600_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    scope
+        .enlist("pg", &format!("http://{ap}"), Vec::new())
+        .await
+        .unwrap();
+    scope
+        .enlist("maria", &format!("http://{am}"), Vec::new())
+        .await
+        .unwrap();
+    pa.transfer(&branch_ctx(scope.gid(), "pg"), &run, 0, -10)
+        .await
+        .unwrap();
+    ma.transfer(&branch_ctx(scope.gid(), "maria"), &run, 0, 10)
+        .await
+        .unwrap();
+
+    // Cluster b's recovery over the same databases sees none of it.
+    let (pb_, mb) = (pg(&cb).await, maria(&cb).await);
+    for report in [
+        recover(&pb_, &cb).await.unwrap(),
+        recover(&mb, &cb).await.unwrap(),
+    ] {
+        assert_eq!(report, Default::default(), "b touched a's branches");
+    }
+    let mine = |p: Vec<tandem_sdk::xa::PreparedBranch>| {
+        p.into_iter().filter(|x| x.gid == scope.gid()).count()
+    };
+    assert_eq!(mine(pa.prepared().await.unwrap()), 1);
+    assert_eq!(mine(ma.prepared().await.unwrap()), 1);
+    assert_eq!(mine(pb_.prepared().await.unwrap()), 0);
+    assert_eq!(mine(mb.prepared().await.unwrap()), 0);
+
+    // Cluster a finishes its own.
+    let done = scope.commit().await.unwrap();
+    assert_eq!(state(&done), pb::TxState::Committed);
+    assert_eq!(
+        pa.sum(&run).await.unwrap() + ma.sum(&run).await.unwrap(),
+        2 * INITIAL_BALANCE
+    );
+    assert_eq!(ma.sum(&run).await.unwrap(), INITIAL_BALANCE + 10);
+}

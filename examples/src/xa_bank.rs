@@ -58,7 +58,8 @@ pub struct Report {
     pub sum_after: i64,
     /// Prepared xids of this cluster still in either database at the end.
     pub prepared_left: usize,
-    /// Transfers whose outcome could not be learnt (coordinator unreachable).
+    /// Transfers whose outcome could not be learnt: not begun (Begin
+    /// failed: no transaction, no effect) or not terminal 90 s after the run.
     pub unknown: u64,
     /// Account pairs whose money is not what it started as: "account N: …".
     pub accounts_broken: Vec<String>,
@@ -509,12 +510,13 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         .timeout(Duration::from_secs(30))
         .build()?;
     let outcomes: Mutex<Vec<(String, bool)>> = Mutex::new(Vec::new());
+    let in_doubt: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let unknown = AtomicU64::new(0);
     let banks = [pg_bank.base_url.clone(), my_bank.base_url.clone()];
     futures::stream::iter(0..config.transfers)
         .for_each_concurrent(config.concurrency.max(1), |_| {
             let (client, http, run, banks) = (&client, &http, &run, &banks);
-            let (outcomes, unknown) = (&outcomes, &unknown);
+            let (outcomes, in_doubt, unknown) = (&outcomes, &in_doubt, &unknown);
             let fail = rand::rng().random_bool(config.fail_rate);
             async move {
                 let banks = [banks[0].as_str(), banks[1].as_str()];
@@ -522,8 +524,14 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                     (Some(gid), Ok(committed)) => {
                         outcomes.lock().expect("outcomes").push((gid, committed))
                     }
-                    (gid, Ok(_) | Err(_)) => {
-                        tracing::warn!(?gid, "transfer outcome unknown");
+                    (Some(gid), Err(e)) => {
+                        // Begun, but the answer was lost (a coordinator node
+                        // died, say): the outcome is learnt below.
+                        tracing::info!(%gid, error = %e, "transfer outcome not known yet");
+                        in_doubt.lock().expect("in doubt").push(gid);
+                    }
+                    (None, _) => {
+                        tracing::warn!("transfer not begun (no transaction, no effect)");
                         unknown.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -531,7 +539,18 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         })
         .await;
 
-    let outcomes = outcomes.into_inner().expect("outcomes");
+    let mut outcomes = outcomes.into_inner().expect("outcomes");
+    // Every begun transfer ends (its deadline aborts it at the latest): wait
+    // for the outcome of those whose answer was lost, and check them too.
+    for gid in in_doubt.into_inner().expect("in doubt") {
+        match wait_terminal(&client, &gid, Duration::from_secs(90)).await {
+            Some(committed) => outcomes.push((gid, committed)),
+            None => {
+                tracing::warn!(%gid, "transfer outcome unknown");
+                unknown.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
     let sum_after = pg.sum(&run).await? + my.sum(&run).await?;
     let prepared_left = pg.prepared().await.map_err(anyhow::Error::msg)?.len()
         + my.prepared().await.map_err(anyhow::Error::msg)?.len();
@@ -547,6 +566,23 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         accounts_broken,
         transfers_broken,
     })
+}
+
+/// Whether `gid` committed, once it is terminal; `None` if it is not within
+/// `timeout`.
+async fn wait_terminal(client: &Client, gid: &str, timeout: Duration) -> Option<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(tx) = client.get(gid).await {
+            match pb::TxState::try_from(tx.state) {
+                Ok(pb::TxState::Committed) => return Some(true),
+                Ok(pb::TxState::Aborted) => return Some(false),
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
 }
 
 /// Account N in PostgreSQL and account N in MariaDB together hold twice the

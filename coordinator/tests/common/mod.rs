@@ -34,6 +34,9 @@ pub struct Options {
     pub snapshot_interval_entries: u64,
     pub log_retain_entries: u64,
     pub extra: Vec<String>,
+    /// Start with `tandem serve`'s default cluster name instead of one of
+    /// the test's own (as two clusters started with defaults would).
+    pub default_cluster_name: bool,
 }
 
 impl Default for Options {
@@ -44,6 +47,7 @@ impl Default for Options {
             snapshot_interval_entries: 20_000,
             log_retain_entries: 5_000,
             extra: Vec::new(),
+            default_cluster_name: false,
         }
     }
 }
@@ -135,7 +139,6 @@ impl Cluster {
             .args(["--id", &id.to_string()])
             .args(["--listen", &node.address])
             .args(["--data-dir", &node.data_dir.to_string_lossy()])
-            .args(["--cluster-name", &name])
             .args([
                 "--election-timeout-ms",
                 &options.election_timeout_ms.to_string(),
@@ -160,6 +163,9 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);
+        if !options.default_cluster_name {
+            command.args(["--cluster-name", &name]);
+        }
         if join {
             command.arg("--join");
         } else {

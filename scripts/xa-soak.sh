@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The long XA soak (RELIABILITY.md): RUNS runs of the xa-bank example —
+# 200 concurrent transfers each between PostgreSQL and MariaDB, money checked
+# per account pair and every transfer's branch rows checked against the
+# coordinator's outcome — on a fresh 1- or 3-node cluster. With
+# --kill-leader, the leader is killed (SIGKILL) at a random instant of every
+# run and restarted once the run is over.
+#
+#   bash scripts/xa-soak.sh --runs 200                      # one node
+#   bash scripts/xa-soak.sh --runs 200 --nodes 3 --kill-leader
+#
+# Prints, last, one JSON line:
+#   {"runs":…,"failed_runs":…,"committed":…,"aborted":…,"nodes":…,"kill_leader":…}
+# and keeps the output of every failed run in the directory it names.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+runs=200
+nodes=1
+kill_leader=false
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) runs=$2; shift 2 ;;
+    --nodes) nodes=$2; shift 2 ;;
+    --kill-leader) kill_leader=true; shift ;;
+    *) echo "unknown argument $1 (expected --runs N, --nodes 1|3, --kill-leader)" >&2; exit 2 ;;
+  esac
+done
+if [ "$kill_leader" = true ] && [ "$nodes" -lt 3 ]; then
+  echo "--kill-leader needs --nodes 3 (a single node has nobody to take over)" >&2
+  exit 2
+fi
+
+bash scripts/prepare-services.sh
+cargo build --release -q -p tandem-coordinator -p tandem-examples
+bin=./target/release/tandem
+dir=$(mktemp -d)
+peers=""
+for i in $(seq 1 "$nodes"); do peers+="${peers:+,}$i=127.0.0.1:$((7270 + i))"; done
+endpoints=$(echo "$peers" | sed 's/[0-9]*=//g')
+declare -A pid
+
+start_node() {
+  local i=$1
+  "$bin" serve --id "$i" --listen "127.0.0.1:$((7270 + i))" --peers "$peers" \
+    --data-dir "$dir/node-$i" --election-timeout-ms 500 >> "$dir/node-$i.log" 2>&1 &
+  pid[$i]=$!
+}
+
+leader() {
+  "$bin" cluster status --endpoint "$endpoints" --json 2>/dev/null |
+    sed -n 's/.*"leader":\([0-9]*\).*/\1/p'
+}
+
+cleanup() {
+  for i in "${!pid[@]}"; do kill -9 "${pid[$i]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+for i in $(seq 1 "$nodes"); do start_node "$i"; done
+for _ in $(seq 1 100); do [ -n "$(leader)" ] && [ "$(leader)" != 0 ] && break; sleep 0.1; done
+
+failed=0 committed=0 aborted=0
+for run in $(seq 1 "$runs"); do
+  killer=""
+  if [ "$kill_leader" = true ]; then
+    (
+      sleep "0.$((RANDOM % 10))$((RANDOM % 10))"
+      victim=$(leader)
+      if [ -n "$victim" ] && [ "$victim" != 0 ]; then
+        kill -9 "${pid[$victim]}" 2>/dev/null || true
+        echo "$victim" > "$dir/killed"
+      fi
+    ) &
+    killer=$!
+  fi
+  out="$dir/run-$run.out"
+  if ./target/release/xa-bank --endpoint "$endpoints" --transfers 200 --concurrency 16 \
+      --fail-rate 0.1 --accounts 50 > "$out" 2>&1; then
+    line=$(tail -1 "$out")
+    committed=$((committed + $(echo "$line" | sed -n 's/.*"committed":\([0-9]*\).*/\1/p')))
+    aborted=$((aborted + $(echo "$line" | sed -n 's/.*"aborted":\([0-9]*\).*/\1/p')))
+    rm -f "$out"
+  else
+    failed=$((failed + 1))
+    echo "run $run FAILED; output kept in $out" >&2
+    grep -E "VIOLATION|Error" "$out" | head -5 >&2 || true
+  fi
+  if [ -n "$killer" ]; then
+    wait "$killer" || true
+    if [ -f "$dir/killed" ]; then
+      victim=$(cat "$dir/killed")
+      rm -f "$dir/killed"
+      start_node "$victim"
+      for _ in $(seq 1 100); do [ -n "$(leader)" ] && [ "$(leader)" != 0 ] && break; sleep 0.1; done
+    fi
+  fi
+  if [ $((run % 10)) = 0 ]; then
+    echo "[soak] $run/$runs runs, $failed failed, $committed committed, $aborted aborted" >&2
+  fi
+done
+kept=""
+if [ "$failed" = 0 ]; then rm -rf "$dir"; else kept=",\"kept\":\"$dir\""; fi
+echo "{\"runs\":$runs,\"failed_runs\":$failed,\"committed\":$committed,\"aborted\":$aborted,\"nodes\":$nodes,\"kill_leader\":$kill_leader$kept}"
+[ "$failed" = 0 ]
