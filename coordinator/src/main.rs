@@ -16,6 +16,20 @@ use cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, cli::Command::Serve(_)) {
+        // A command whose reader went away (`tandem tx list | head`) ends
+        // quietly, as Unix tools do, instead of failing to print. The node
+        // (`serve`) keeps Rust's default: a write to a closed socket is an
+        // error it handles, not a signal that ends it.
+        // SAFETY: at the start of main, before any thread exists; resetting
+        // a signal to its default action installs no handler code.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     cli::init_logging(cli.log_format, &cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

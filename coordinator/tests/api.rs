@@ -247,4 +247,23 @@ async fn cli_begin_get_list_and_cluster_status_keep_their_shape() {
     let leaders: Vec<_> = nodes.iter().filter(|n| n["role"] == "leader").collect();
     assert_eq!(leaders.len(), 1);
     assert_eq!(leaders[0]["id"].as_u64(), Some(leader));
+    let cluster_id = status["cluster_id"].as_str().expect("cluster id");
+    assert!(uuid::Uuid::parse_str(cluster_id).is_ok(), "{cluster_id}");
+
+    // A reader that stops early (`| head`) ends the command quietly, as it
+    // does any Unix tool: no panic, no error message.
+    common::begin_many(&cluster, "pipe", 400, 16).await;
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{BIN} tx list --endpoint {endpoints} --json --limit 1000 | head -c 10"
+        ))
+        .output()
+        .expect("run a pipeline");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
+    assert_eq!(output.stdout.len(), 10);
 }

@@ -132,6 +132,55 @@ fn serve<A: Accounts>(accounts: A, listener: TcpListener) -> tokio::task::JoinHa
     })
 }
 
+/// One XA transfer of `amount` from PostgreSQL account 0 to MariaDB account
+/// 0 (a fresh run of one account each), both banks served over HTTP:
+/// begun, enlisted and prepared in both databases — not committed.
+struct PreparedTransfer {
+    scope: tandem_sdk::GlobalTx,
+    run: String,
+    _servers: (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>),
+}
+
+async fn prepared_transfer(
+    client: &Client,
+    p: &PgXa,
+    m: &MySqlXa,
+    timeout_ms: u32,
+    amount: i64,
+) -> PreparedTransfer {
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    p.setup(&run, 1).await.unwrap();
+    m.setup(&run, 1).await.unwrap();
+    let (lp, lm) = (
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let (ap, am) = (lp.local_addr().unwrap(), lm.local_addr().unwrap());
+    let servers = (serve(p.clone(), lp), serve(m.clone(), lm));
+    let options = pb::TxOptions {
+        timeout_ms,
+        ..Default::default()
+    };
+    let scope = client.begin_scope(pb::Protocol::Xa, options).await.unwrap();
+    for (branch, address) in [("pg", ap), ("maria", am)] {
+        scope
+            .enlist(branch, &format!("http://{address}"), Vec::new())
+            .await
+            .unwrap();
+    }
+    p.transfer(&branch_ctx(scope.gid(), "pg"), &run, 0, -amount)
+        .await
+        .unwrap();
+    m.transfer(&branch_ctx(scope.gid(), "maria"), &run, 0, amount)
+        .await
+        .unwrap();
+    PreparedTransfer {
+        scope,
+        run,
+        _servers: servers,
+    }
+}
+
 /// A participant dies right after XA PREPARE; the coordinator decides
 /// commit while it is down; on restart, its recovery scan commits the
 /// prepared branch (releasing its locks) and the coordinator's retries then
@@ -222,39 +271,7 @@ async fn no_blocking_an_xa_transaction_never_committed_rolls_back_at_its_timeout
     cluster.wait_leader(LEADER_TIMEOUT).await;
     let client = cluster.client();
     let (p, m) = (pg(&client).await, maria(&client).await);
-    let run = uuid::Uuid::now_v7().simple().to_string();
-    p.setup(&run, 1).await.unwrap();
-    m.setup(&run, 1).await.unwrap();
-    let (lp, lm) = (
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    );
-    let (ap, am) = (lp.local_addr().unwrap(), lm.local_addr().unwrap());
-    let _servers = (serve(p.clone(), lp), serve(m.clone(), lm));
-    let scope = client
-        .begin_scope(
-            pb::Protocol::Xa,
-            pb::TxOptions {
-                timeout_ms: 1_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    scope
-        .enlist("pg", &format!("http://{ap}"), Vec::new())
-        .await
-        .unwrap();
-    scope
-        .enlist("maria", &format!("http://{am}"), Vec::new())
-        .await
-        .unwrap();
-    p.transfer(&branch_ctx(scope.gid(), "pg"), &run, 0, -100)
-        .await
-        .unwrap();
-    m.transfer(&branch_ctx(scope.gid(), "maria"), &run, 0, 100)
-        .await
-        .unwrap();
+    let PreparedTransfer { scope, run, .. } = prepared_transfer(&client, &p, &m, 1_000, 100).await;
     // The application never commits.
     let tx = wait_for(Duration::from_secs(10), "the timeout abort", || async {
         client
@@ -511,39 +528,11 @@ async fn atomicity_two_default_clusters_share_the_databases_without_touching_eac
 
     // A transfer of cluster a, prepared in both databases, not yet committed.
     let (pa, ma) = (pg(&ca).await, maria(&ca).await);
-    let run = uuid::Uuid::now_v7().simple().to_string();
-    pa.setup(&run, 1).await.unwrap();
-    ma.setup(&run, 1).await.unwrap();
-    let (lp, lm) = (
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    );
-    let (ap, am) = (lp.local_addr().unwrap(), lm.local_addr().unwrap());
-    let _servers = (serve(pa.clone(), lp), serve(ma.clone(), lm));
-    let scope = ca
-        .begin_scope(
-            pb::Protocol::Xa,
-            pb::TxOptions {
-                timeout_ms: 600_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    scope
-        .enlist("pg", &format!("http://{ap}"), Vec::new())
-        .await
-        .unwrap();
-    scope
-        .enlist("maria", &format!("http://{am}"), Vec::new())
-        .await
-        .unwrap();
-    pa.transfer(&branch_ctx(scope.gid(), "pg"), &run, 0, -10)
-        .await
-        .unwrap();
-    ma.transfer(&branch_ctx(scope.gid(), "maria"), &run, 0, 10)
-        .await
-        .unwrap();
+    let PreparedTransfer {
+        scope,
+        run,
+        _servers,
+    } = prepared_transfer(&ca, &pa, &ma, 600_000, 10).await;
 
     // Cluster b's recovery over the same databases sees none of it.
     let (pb_, mb) = (pg(&cb).await, maria(&cb).await);

@@ -10,5 +10,6 @@ pub mod v1 {
 /// The encoded file descriptor set, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tandem_descriptor");
 
-/// Metadata key carrying the leader's address when a node redirects a call.
-pub const LEADER_METADATA_KEY: &str = "tandem-leader";
+pub mod wire;
+
+pub use wire::LEADER_METADATA_KEY;

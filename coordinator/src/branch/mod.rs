@@ -15,19 +15,12 @@ use std::time::Duration;
 
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::participant_client::ParticipantClient;
+use tandem_proto::wire::headers;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::api::convert::protocol_to_pb;
 use crate::state::command::OpOutcome;
 use crate::state::types::{Fence, Op, Payload, Protocol};
-
-/// Header (HTTP) and metadata (gRPC) names participants read.
-pub const HEADER_GID: &str = "tandem-gid";
-pub const HEADER_BRANCH_ID: &str = "tandem-branch-id";
-pub const HEADER_OP: &str = "tandem-op";
-pub const HEADER_PROTOCOL: &str = "tandem-protocol";
-pub const HEADER_FENCE_TERM: &str = "tandem-fence-term";
-pub const HEADER_FENCE_INDEX: &str = "tandem-fence-index";
 
 /// How much of a participant's error text is kept.
 const ERROR_BYTES_MAX: usize = 1024;
@@ -92,12 +85,12 @@ impl BranchCaller {
             .http
             .post(call.endpoint)
             .timeout(call.timeout)
-            .header(HEADER_GID, call.gid)
-            .header(HEADER_BRANCH_ID, call.branch_id)
-            .header(HEADER_OP, call.op.name())
-            .header(HEADER_PROTOCOL, call.protocol.name())
-            .header(HEADER_FENCE_TERM, call.fence.term.to_string())
-            .header(HEADER_FENCE_INDEX, call.fence.index.to_string())
+            .header(headers::GID, call.gid)
+            .header(headers::BRANCH_ID, call.branch_id)
+            .header(headers::OP, call.op.name())
+            .header(headers::PROTOCOL, call.protocol.name())
+            .header(headers::FENCE_TERM, call.fence.term.to_string())
+            .header(headers::FENCE_INDEX, call.fence.index.to_string())
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(call.payload.clone());
         match request.send().await {

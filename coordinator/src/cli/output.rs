@@ -5,13 +5,8 @@ use tandem_sdk::proto as pb;
 
 fn protocol_name(value: i32) -> &'static str {
     match pb::Protocol::try_from(value) {
-        Ok(pb::Protocol::Saga) => "saga",
-        Ok(pb::Protocol::Tcc) => "tcc",
-        Ok(pb::Protocol::Xa) => "xa",
-        Ok(pb::Protocol::TwoPc) => "2pc",
-        Ok(pb::Protocol::ThreePc) => "3pc",
-        Ok(pb::Protocol::Msg) => "msg",
-        _ => "unspecified",
+        Ok(pb::Protocol::Unspecified) | Err(_) => "unspecified",
+        Ok(protocol) => tandem_proto::wire::protocols::name(protocol),
     }
 }
 

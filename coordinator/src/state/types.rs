@@ -32,13 +32,14 @@ impl Protocol {
 
     /// The name used by the CLI and in messages.
     pub fn name(self) -> &'static str {
+        use tandem_proto::wire::protocols;
         match self {
-            Protocol::Saga => "saga",
-            Protocol::Tcc => "tcc",
-            Protocol::Xa => "xa",
-            Protocol::TwoPc => "2pc",
-            Protocol::ThreePc => "3pc",
-            Protocol::Msg => "msg",
+            Protocol::Saga => protocols::SAGA,
+            Protocol::Tcc => protocols::TCC,
+            Protocol::Xa => protocols::XA,
+            Protocol::TwoPc => protocols::TWO_PC,
+            Protocol::ThreePc => protocols::THREE_PC,
+            Protocol::Msg => protocols::MSG,
         }
     }
 
@@ -195,15 +196,16 @@ impl Op {
 
     /// The name on the wire (gRPC field, HTTP header, URL path segment).
     pub fn name(self) -> &'static str {
+        use tandem_proto::wire::ops;
         match self {
-            Op::Prepare => "prepare",
-            Op::Commit => "commit",
-            Op::Rollback => "rollback",
-            Op::Try => "try",
-            Op::Confirm => "confirm",
-            Op::Cancel => "cancel",
-            Op::Action => "action",
-            Op::Compensate => "compensate",
+            Op::Prepare => ops::PREPARE,
+            Op::Commit => ops::COMMIT,
+            Op::Rollback => ops::ROLLBACK,
+            Op::Try => ops::TRY,
+            Op::Confirm => ops::CONFIRM,
+            Op::Cancel => ops::CANCEL,
+            Op::Action => ops::ACTION,
+            Op::Compensate => ops::COMPENSATE,
         }
     }
 
@@ -250,16 +252,8 @@ impl Branch {
     }
 }
 
-/// A fencing token: the term and log index of the entry a call acts on.
-/// Participants refuse a call whose token is older than one they accepted
-/// for the same gid. Ordered by term, then index.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub struct Fence {
-    pub term: u64,
-    pub index: u64,
-}
+/// The fencing token every call carries (defined once, with the SDK).
+pub use tandem_proto::wire::Fence;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transaction {

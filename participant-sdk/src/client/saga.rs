@@ -5,7 +5,7 @@ use std::time::Duration;
 use tandem_proto::v1 as pb;
 
 use super::{Client, Error, new_gid};
-use crate::participant::ops;
+use tandem_proto::wire::{ops, participant_endpoint};
 
 /// One step: an action and its compensation.
 #[derive(Clone, Debug)]
@@ -30,18 +30,10 @@ impl Step {
     /// A step served by the SDK's `ParticipantServer` at `base`
     /// (`http://host:port` or `grpc://host:port`).
     pub fn service(branch_id: &str, base: &str) -> Step {
-        let base = base.trim_end_matches('/');
-        let endpoint = |op: &str| {
-            if base.starts_with("grpc://") {
-                base.to_string()
-            } else {
-                format!("{base}/tandem/{op}")
-            }
-        };
         Step::new(
             branch_id,
-            &endpoint(ops::ACTION),
-            &endpoint(ops::COMPENSATE),
+            &participant_endpoint(base, ops::ACTION),
+            &participant_endpoint(base, ops::COMPENSATE),
         )
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tandem_proto::v1 as pb;
 
 use super::{Client, Error};
-use crate::participant::{headers, ops};
+use tandem_proto::wire::{headers, ops, participant_endpoint};
 
 /// How long `commit` and `abort` wait for the transaction to finish.
 const END_WAIT: Duration = Duration::from_secs(30);
@@ -42,18 +42,10 @@ impl GlobalTx {
     /// `base` (`http://host:port` or `grpc://host:port`), with the operations
     /// this protocol needs.
     pub async fn enlist(&self, branch_id: &str, base: &str, payload: Vec<u8>) -> Result<(), Error> {
-        let base = base.trim_end_matches('/');
         let endpoints: Vec<(&str, String)> = self
             .coordinator_ops()
             .iter()
-            .map(|op| {
-                let endpoint = if base.starts_with("grpc://") {
-                    base.to_string()
-                } else {
-                    format!("{base}/tandem/{op}")
-                };
-                (*op, endpoint)
-            })
+            .map(|op| (*op, participant_endpoint(base, op)))
             .collect();
         let ops: Vec<(&str, &str)> = endpoints.iter().map(|(op, e)| (*op, e.as_str())).collect();
         self.client
@@ -85,16 +77,8 @@ impl GlobalTx {
         base: &str,
         payload: Vec<u8>,
     ) -> Result<(), Error> {
-        let base = base.trim_end_matches('/');
-        let grpc = base.starts_with("grpc://");
-        let endpoint = |op: &str| {
-            if grpc {
-                base.to_string()
-            } else {
-                format!("{base}/tandem/{op}")
-            }
-        };
-        let endpoints = [ops::TRY, ops::CONFIRM, ops::CANCEL].map(|op| (op, endpoint(op)));
+        let endpoints =
+            [ops::TRY, ops::CONFIRM, ops::CANCEL].map(|op| (op, participant_endpoint(base, op)));
         let refs: Vec<(&str, &str)> = endpoints.iter().map(|(o, e)| (*o, e.as_str())).collect();
         let tx = self
             .client
@@ -106,7 +90,8 @@ impl GlobalTx {
             branch_id: branch_id.to_string(),
             message,
         };
-        if grpc {
+        let base = base.trim_end_matches('/');
+        if base.starts_with("grpc://") {
             let channel = self.client.channel(&base.replacen("grpc://", "http://", 1));
             let mut participant = pb::participant_client::ParticipantClient::new(channel);
             participant
@@ -123,7 +108,11 @@ impl GlobalTx {
                 .map_err(|s| refused(s.message().to_string()))?;
             return Ok(());
         }
-        let mut request = self.client.http().post(endpoint(ops::TRY)).body(payload);
+        let mut request = self
+            .client
+            .http()
+            .post(participant_endpoint(base, ops::TRY))
+            .body(payload);
         for (name, value) in self.headers(branch_id) {
             request = request.header(name, value);
         }
@@ -146,15 +135,7 @@ impl GlobalTx {
     /// Headers that carry this transaction to a participant's own business
     /// endpoint (the XA and TCC helpers read them).
     pub fn headers(&self, branch_id: &str) -> [(&'static str, String); 3] {
-        let protocol = match self.protocol {
-            pb::Protocol::TwoPc => "2pc",
-            pb::Protocol::Xa => "xa",
-            pb::Protocol::Tcc => "tcc",
-            pb::Protocol::Saga => "saga",
-            pb::Protocol::ThreePc => "3pc",
-            pb::Protocol::Msg => "msg",
-            pb::Protocol::Unspecified => "",
-        };
+        let protocol = tandem_proto::wire::protocols::name(self.protocol);
         [
             (headers::GID, self.gid.clone()),
             (headers::BRANCH_ID, branch_id.to_string()),

@@ -27,34 +27,10 @@ use std::sync::{Arc, Mutex};
 pub use roles::{Saga, SagaStep, Tcc, TccResource, TwoPhase, TwoPhaseResource};
 pub use server::{ParticipantServer, serve};
 
-/// The operations a participant can receive (their wire names).
-pub mod ops {
-    pub const PREPARE: &str = "prepare";
-    pub const COMMIT: &str = "commit";
-    pub const ROLLBACK: &str = "rollback";
-    pub const TRY: &str = "try";
-    pub const CONFIRM: &str = "confirm";
-    pub const CANCEL: &str = "cancel";
-    pub const ACTION: &str = "action";
-    pub const COMPENSATE: &str = "compensate";
-}
-
-/// HTTP headers (and gRPC metadata) carrying a call's identity.
-pub mod headers {
-    pub const GID: &str = "tandem-gid";
-    pub const BRANCH_ID: &str = "tandem-branch-id";
-    pub const OP: &str = "tandem-op";
-    pub const PROTOCOL: &str = "tandem-protocol";
-    pub const FENCE_TERM: &str = "tandem-fence-term";
-    pub const FENCE_INDEX: &str = "tandem-fence-index";
-}
-
-/// A coordinator leader's fencing token: term, then log index.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Fence {
-    pub term: u64,
-    pub index: u64,
-}
+/// The operations a participant can receive, the headers that carry a
+/// call's identity, and the fencing token: the wire vocabulary the
+/// coordinator speaks, defined once in `tandem-proto`.
+pub use tandem_proto::wire::{Fence, headers, ops};
 
 /// Who is calling and about what.
 #[derive(Clone, Debug, PartialEq, Eq)]

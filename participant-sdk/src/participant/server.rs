@@ -44,7 +44,10 @@ impl<H: Handler> ParticipantServer<H> {
     /// own axum router.
     pub fn router(&self) -> axum::Router {
         let http = axum::Router::new()
-            .route("/tandem/{op}", axum::routing::post(http_call::<H>))
+            .route(
+                &format!("{}{{op}}", tandem_proto::wire::HTTP_ROUTE_PREFIX),
+                axum::routing::post(http_call::<H>),
+            )
             .with_state(self.clone());
         let grpc = tonic::service::Routes::new(GrpcServer::new(self.clone())).into_axum_router();
         http.merge(grpc)
@@ -119,15 +122,7 @@ async fn http_call<H: Handler>(
 }
 
 fn protocol_name(value: i32) -> &'static str {
-    match pb::Protocol::try_from(value) {
-        Ok(pb::Protocol::Saga) => "saga",
-        Ok(pb::Protocol::Tcc) => "tcc",
-        Ok(pb::Protocol::Xa) => "xa",
-        Ok(pb::Protocol::TwoPc) => "2pc",
-        Ok(pb::Protocol::ThreePc) => "3pc",
-        Ok(pb::Protocol::Msg) => "msg",
-        _ => "",
-    }
+    pb::Protocol::try_from(value).map_or("", tandem_proto::wire::protocols::name)
 }
 
 #[tonic::async_trait]

@@ -1,0 +1,99 @@
+//! The words Tandem says on the wire besides the protobuf messages, defined
+//! once for the coordinator and the SDK: the HTTP headers (and gRPC
+//! metadata) of a participant call, the operation and protocol names, the
+//! participant's HTTP route, the leader redirect key, and the fencing token.
+
+use crate::v1 as pb;
+
+/// HTTP headers (and gRPC metadata keys) carrying a call's identity.
+pub mod headers {
+    pub const GID: &str = "tandem-gid";
+    pub const BRANCH_ID: &str = "tandem-branch-id";
+    pub const OP: &str = "tandem-op";
+    pub const PROTOCOL: &str = "tandem-protocol";
+    pub const FENCE_TERM: &str = "tandem-fence-term";
+    pub const FENCE_INDEX: &str = "tandem-fence-index";
+}
+
+/// Operation names: the `op` field, the `tandem-op` header, and the last
+/// segment of a participant's HTTP route.
+pub mod ops {
+    pub const PREPARE: &str = "prepare";
+    pub const COMMIT: &str = "commit";
+    pub const ROLLBACK: &str = "rollback";
+    pub const TRY: &str = "try";
+    pub const CONFIRM: &str = "confirm";
+    pub const CANCEL: &str = "cancel";
+    pub const ACTION: &str = "action";
+    pub const COMPENSATE: &str = "compensate";
+
+    pub const ALL: [&str; 8] = [
+        PREPARE, COMMIT, ROLLBACK, TRY, CONFIRM, CANCEL, ACTION, COMPENSATE,
+    ];
+}
+
+/// Protocol names, as the CLI, the `tandem-protocol` header and messages
+/// say them.
+pub mod protocols {
+    use super::pb;
+
+    pub const SAGA: &str = "saga";
+    pub const TCC: &str = "tcc";
+    pub const XA: &str = "xa";
+    pub const TWO_PC: &str = "2pc";
+    pub const THREE_PC: &str = "3pc";
+    pub const MSG: &str = "msg";
+
+    /// The name of a protocol enum value; empty for an unknown one.
+    pub fn name(protocol: pb::Protocol) -> &'static str {
+        match protocol {
+            pb::Protocol::Saga => SAGA,
+            pb::Protocol::Tcc => TCC,
+            pb::Protocol::Xa => XA,
+            pb::Protocol::TwoPc => TWO_PC,
+            pb::Protocol::ThreePc => THREE_PC,
+            pb::Protocol::Msg => MSG,
+            pb::Protocol::Unspecified => "",
+        }
+    }
+}
+
+/// A participant served over HTTP takes operation `op` at `POST {base}{HTTP_ROUTE_PREFIX}{op}`.
+pub const HTTP_ROUTE_PREFIX: &str = "/tandem/";
+
+/// Where a participant served by the SDK at `base` (`http(s)://host:port`
+/// or `grpc://host:port`) takes operation `op`: its route under `base` over
+/// HTTP, `base` itself over gRPC (the op travels in the message).
+pub fn participant_endpoint(base: &str, op: &str) -> String {
+    let base = base.trim_end_matches('/');
+    if base.starts_with("grpc://") {
+        base.to_string()
+    } else {
+        format!("{base}{HTTP_ROUTE_PREFIX}{op}")
+    }
+}
+
+/// gRPC metadata key carrying the leader's address when a node redirects a
+/// call.
+pub const LEADER_METADATA_KEY: &str = "tandem-leader";
+
+/// A coordinator leader's fencing token: the term and log index of the entry
+/// a call acts on. Ordered by term, then index; a participant refuses a call
+/// whose token is older than one it accepted for the same gid.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct Fence {
+    pub term: u64,
+    pub index: u64,
+}
