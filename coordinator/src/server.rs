@@ -67,7 +67,11 @@ pub async fn serve(
     );
     let leader_events = Arc::new(node::LeaderFeed::default());
     let (node, raft_thread) = node::start(node_config, transport.clone(), leader_events.clone())?;
-    let driver = Driver::new(node.clone(), Arc::new(BranchCaller::new()));
+    let driver = Driver::new(
+        node.clone(),
+        Arc::new(BranchCaller::new()),
+        Arc::new(crate::clock::SystemClock),
+    );
     let driver_task = tokio::spawn(driver.run(leader_events));
 
     let (health, health_service) = tonic_health::server::health_reporter();

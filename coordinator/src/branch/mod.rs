@@ -52,6 +52,19 @@ impl Default for BranchCaller {
     }
 }
 
+/// How the driver reaches participants: behind a trait so that the real
+/// driver also runs against simulated participants (and brokers later).
+pub trait BranchTransport: Send + Sync + 'static {
+    /// Makes one call; never fails, the outcome says what happened.
+    fn call(&self, call: BranchCall<'_>) -> impl std::future::Future<Output = OpOutcome> + Send;
+}
+
+impl BranchTransport for BranchCaller {
+    fn call(&self, call: BranchCall<'_>) -> impl std::future::Future<Output = OpOutcome> + Send {
+        BranchCaller::call(self, call)
+    }
+}
+
 impl BranchCaller {
     pub fn new() -> BranchCaller {
         let http = reqwest::Client::builder()

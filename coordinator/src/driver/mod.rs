@@ -4,10 +4,10 @@
 //! are harmless facts.
 //!
 //! One worker task per unfinished transaction. A worker reads the latest
-//! applied state of its transaction, asks [`protocol::next`] which calls
-//! should be under way, starts the missing ones (all of them concurrently),
-//! waits for a result, a change or a timer, and repeats until the transaction
-//! is terminal. An op that is still open after its answer was recorded
+//! applied state of its transaction, asks the pure [`plan::plan`] which
+//! calls to start, whether to propose a timeout and when to look again,
+//! carries that out (calls run concurrently), waits for a result, a change
+//! or its wake time, and repeats until the transaction is terminal. An op that is still open after its answer was recorded
 //! (pending, or refused in phase two) is retried after
 //! [`retry::backoff`]; failures are recorded in the log sparsely
 //! ([`retry::should_record`]), not one entry per attempt. An undecided
@@ -26,8 +26,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::branch::{BranchCall, BranchCaller};
-use crate::clock;
+use crate::branch::{BranchCall, BranchTransport};
+use crate::clock::Clock;
+mod plan;
+
 use crate::protocol::retry::{self, Recorded};
 use crate::protocol::{self, Call};
 use crate::raft::NodeHandle;
@@ -48,19 +50,21 @@ pub mod failpoints {
     pub const MID_FANOUT: &str = "driver-mid-fanout";
 }
 
-pub struct Driver {
+pub struct Driver<T: BranchTransport> {
     node: NodeHandle,
-    caller: Arc<BranchCaller>,
+    caller: Arc<T>,
+    clock: Arc<dyn Clock>,
     calls: Arc<Semaphore>,
     workers: HashMap<String, watch::Sender<Arc<Transaction>>>,
     tasks: JoinSet<()>,
 }
 
-impl Driver {
-    pub fn new(node: NodeHandle, caller: Arc<BranchCaller>) -> Driver {
+impl<T: BranchTransport> Driver<T> {
+    pub fn new(node: NodeHandle, caller: Arc<T>, clock: Arc<dyn Clock>) -> Driver<T> {
         Driver {
             node,
             caller,
+            clock,
             calls: Arc::new(Semaphore::new(CALLS_IN_FLIGHT_MAX)),
             workers: HashMap::new(),
             tasks: JoinSet::new(),
@@ -133,16 +137,17 @@ impl Driver {
         let worker = Worker {
             node: self.node.clone(),
             caller: self.caller.clone(),
+            clock: self.clock.clone(),
             calls: self.calls.clone(),
         };
         self.tasks.spawn(worker.run(receiver));
     }
 }
 
-#[derive(Clone)]
-struct Worker {
+struct Worker<T: BranchTransport> {
     node: NodeHandle,
-    caller: Arc<BranchCaller>,
+    caller: Arc<T>,
+    clock: Arc<dyn Clock>,
     calls: Arc<Semaphore>,
 }
 
@@ -219,7 +224,18 @@ fn is_open(tx: &Transaction, key: &(String, Op)) -> bool {
         .is_some_and(|o| o.state.is_open())
 }
 
-impl Worker {
+impl<T: BranchTransport> Clone for Worker<T> {
+    fn clone(&self) -> Self {
+        Worker {
+            node: self.node.clone(),
+            caller: self.caller.clone(),
+            clock: self.clock.clone(),
+            calls: self.calls.clone(),
+        }
+    }
+}
+
+impl<T: BranchTransport> Worker<T> {
     async fn run(self, mut updates: watch::Receiver<Arc<Transaction>>) {
         let mut current = updates.borrow_and_update().clone();
         let mut in_flight: HashSet<(String, Op)> = HashSet::new();
@@ -234,67 +250,36 @@ impl Worker {
                 return;
             }
             let now = Instant::now();
-            let mut wake = now + Duration::from_secs(60);
-
-            if !current.is_decided() {
-                let left_ms = current.deadline_ms - clock::now_ms();
-                if left_ms <= 0 {
-                    // Re-propose at most once a second if the first was lost.
-                    if timeout_sent_at
-                        .is_none_or(|at| now.duration_since(at) > Duration::from_secs(1))
-                    {
-                        timeout_sent_at = Some(now);
-                        let node = self.node.clone();
-                        let gid = current.gid.clone();
-                        calls.spawn(async move {
-                            let command = Command::Timeout {
-                                gid: gid.clone(),
-                                now_ms: clock::now_ms(),
-                            };
-                            let tx = propose(&node, command).await;
-                            Done {
-                                key: None,
-                                tx,
-                                failing: Failing::default(),
-                            }
-                        });
-                    }
-                    wake = wake.min(now + Duration::from_secs(1));
-                } else {
-                    wake = wake.min(now + Duration::from_millis(left_ms as u64));
-                }
-            }
-
-            // A saga's actions run at most `concurrency` at a time.
-            let actions_max = match current.options.concurrency {
-                0 => usize::MAX,
-                n => n as usize,
+            let view = plan::View {
+                tx: &current,
+                in_flight: &in_flight,
+                retry_at: &retry_at,
+                timeout_sent_at,
             };
-            let mut actions = in_flight.iter().filter(|(_, op)| *op == Op::Action).count();
-            let next = protocol::next(&current);
-            for call in next {
-                if call.op == Op::Action && actions >= actions_max {
-                    break;
-                }
-                let key = (call.branch_id.clone(), call.op);
-                if in_flight.contains(&key) {
-                    continue;
-                }
-                if let Some(at) = retry_at.get(&key)
-                    && *at > now
-                {
-                    wake = wake.min(*at);
-                    continue;
-                }
+            let plan = plan::plan(&view, now, self.clock.now_ms());
+            if plan.propose_timeout {
+                timeout_sent_at = Some(now);
+                let node = self.node.clone();
+                let gid = current.gid.clone();
+                let now_ms = self.clock.now_ms();
+                calls.spawn(async move {
+                    let command = Command::Timeout { gid, now_ms };
+                    let tx = propose(&node, command).await;
+                    Done {
+                        key: None,
+                        tx,
+                        failing: Failing::default(),
+                    }
+                });
+            }
+            for call in plan.start {
                 if current.is_decided() && !fanned_out {
                     // The decision is applied, so committed; nothing of phase
                     // two has left this node yet.
                     fail::fail_point!(failpoints::BEFORE_FANOUT);
                     fanned_out = true;
                 }
-                if call.op == Op::Action {
-                    actions += 1;
-                }
+                let key = (call.branch_id.clone(), call.op);
                 let so_far = *failing
                     .entry(key.clone())
                     .or_insert_with(|| Failing::from_log(&current, &key));
@@ -302,6 +287,7 @@ impl Worker {
                 let spec = CallSpec::new(&current, call);
                 calls.spawn(self.clone().call(spec, so_far));
             }
+            let wake = plan.wake_at;
 
             tokio::select! {
                 changed = updates.changed() => {
@@ -394,7 +380,7 @@ impl Worker {
                 failing.attempts += 1;
                 tracing::debug!(%gid, branch = %call.branch_id, op = %call.op,
                     attempts = failing.attempts, refused, %error, "call failed; will retry");
-                let now_ms = clock::now_ms();
+                let now_ms = self.clock.now_ms();
                 retry::should_record(
                     failing.recorded,
                     failing.attempts,
@@ -429,7 +415,7 @@ impl Worker {
             branch_id: call.branch_id.clone(),
             op: call.op,
             outcome,
-            now_ms: clock::now_ms(),
+            now_ms: self.clock.now_ms(),
         };
         let applied = propose(&self.node, command).await;
         if succeeded_phase_two && applied.is_some() {

@@ -1,0 +1,283 @@
+//! The driver's plan, pure: given a transaction, the calls in flight, when
+//! failed ops may be retried, and the time, which calls to start now,
+//! whether to propose a timeout, and when to look again. The worker in
+//! `mod.rs` only carries it out.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::protocol::{self, Call};
+use crate::state::types::{Op, Transaction};
+
+/// A branch op, as the driver tracks it.
+pub type Key = (String, Op);
+
+/// A worker with nothing to wait for still looks again this often.
+pub const IDLE_WAKE: Duration = Duration::from_secs(60);
+/// A Timeout proposal that did not get in is proposed again after this.
+pub const TIMEOUT_REPROPOSE: Duration = Duration::from_secs(1);
+
+/// What the worker knows besides the transaction.
+pub struct View<'a> {
+    pub tx: &'a Transaction,
+    pub in_flight: &'a HashSet<Key>,
+    /// Failed ops may be called again from these instants on.
+    pub retry_at: &'a HashMap<Key, Instant>,
+    /// When the worker last proposed a Timeout.
+    pub timeout_sent_at: Option<Instant>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Calls to start now, in the protocol's order.
+    pub start: Vec<Call>,
+    /// Propose `Timeout`: the transaction is undecided past its deadline.
+    pub propose_timeout: bool,
+    /// When to look again if nothing else happens first.
+    pub wake_at: Instant,
+}
+
+/// `now` is the worker's monotonic clock (retries, re-proposals); `wall_ms`
+/// the wall clock the transaction's deadline is written in.
+pub fn plan(view: &View, now: Instant, wall_ms: i64) -> Plan {
+    let tx = view.tx;
+    let mut wake_at = now + IDLE_WAKE;
+    let mut propose_timeout = false;
+    if !tx.is_decided() {
+        let left_ms = tx.deadline_ms - wall_ms;
+        if left_ms <= 0 {
+            propose_timeout = view
+                .timeout_sent_at
+                .is_none_or(|at| now.duration_since(at) >= TIMEOUT_REPROPOSE);
+            wake_at = wake_at.min(now + TIMEOUT_REPROPOSE);
+        } else {
+            wake_at = wake_at.min(now + Duration::from_millis(left_ms as u64));
+        }
+    }
+
+    // A saga's actions run at most `concurrency` at a time.
+    let actions_max = match tx.options.concurrency {
+        0 => usize::MAX,
+        n => n as usize,
+    };
+    let mut actions = view
+        .in_flight
+        .iter()
+        .filter(|(_, op)| *op == Op::Action)
+        .count();
+    let mut start = Vec::new();
+    for call in protocol::next(tx) {
+        let key = (call.branch_id.clone(), call.op);
+        if view.in_flight.contains(&key) {
+            continue;
+        }
+        if let Some(at) = view.retry_at.get(&key)
+            && *at > now
+        {
+            wake_at = wake_at.min(*at);
+            continue;
+        }
+        if call.op == Op::Action {
+            if actions >= actions_max {
+                continue;
+            }
+            actions += 1;
+        }
+        start.push(call);
+    }
+    Plan {
+        start,
+        propose_timeout,
+        wake_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::protocol::tests::{at, spec, tx};
+    use crate::protocol::{on_commit, on_register};
+    use crate::state::command::SagaStepSpec;
+    use crate::state::types::{Protocol, TxState};
+
+    fn saga(steps: usize, concurrency: u32) -> Transaction {
+        let mut t = tx(Protocol::Saga);
+        t.options.concurrency = concurrency;
+        t.branches = protocol::saga::branches(
+            (0..steps)
+                .map(|i| SagaStepSpec {
+                    branch_id: format!("s{i}"),
+                    action: format!("http://svc/{i}/action"),
+                    compensate: format!("http://svc/{i}/compensate"),
+                    payload: Default::default(),
+                    after: Vec::new(),
+                    retry: None,
+                })
+                .collect(),
+            0,
+        );
+        t
+    }
+
+    fn ids(plan: &Plan) -> Vec<(String, Op)> {
+        plan.start
+            .iter()
+            .map(|c| (c.branch_id.clone(), c.op))
+            .collect()
+    }
+
+    struct Case {
+        name: &'static str,
+        tx: Transaction,
+        in_flight: Vec<Key>,
+        /// (key, ms from now)
+        retry_in_ms: Vec<(Key, u64)>,
+        timeout_sent_ms_ago: Option<u64>,
+        wall_ms: i64,
+        start: Vec<Key>,
+        propose_timeout: bool,
+        wake_in_ms: u64,
+    }
+
+    fn key(branch: &str, op: Op) -> Key {
+        (branch.to_string(), op)
+    }
+
+    #[test]
+    fn the_plan_starts_what_is_due_and_wakes_for_what_is_not() {
+        let mut two_pc = tx(Protocol::TwoPc);
+        on_register(&mut two_pc, spec(Protocol::TwoPc, "a"), 1).unwrap();
+        on_register(&mut two_pc, spec(Protocol::TwoPc, "b"), 1).unwrap();
+        on_commit(&mut two_pc, at(2), 2).unwrap();
+        assert_eq!(two_pc.state, TxState::Preparing);
+        let cases = [
+            Case {
+                name: "prepares go to every branch, deadline 1 s away",
+                tx: two_pc.clone(),
+                in_flight: vec![],
+                retry_in_ms: vec![],
+                timeout_sent_ms_ago: None,
+                wall_ms: 0,
+                start: vec![key("a", Op::Prepare), key("b", Op::Prepare)],
+                propose_timeout: false,
+                wake_in_ms: 1_000,
+            },
+            Case {
+                name: "a call in flight is not started twice",
+                tx: two_pc.clone(),
+                in_flight: vec![key("a", Op::Prepare)],
+                retry_in_ms: vec![],
+                timeout_sent_ms_ago: None,
+                wall_ms: 0,
+                start: vec![key("b", Op::Prepare)],
+                propose_timeout: false,
+                wake_in_ms: 1_000,
+            },
+            Case {
+                name: "a failed op waits for its retry time, and the worker wakes then",
+                tx: two_pc.clone(),
+                in_flight: vec![],
+                retry_in_ms: vec![(key("b", Op::Prepare), 250)],
+                timeout_sent_ms_ago: None,
+                wall_ms: 0,
+                start: vec![key("a", Op::Prepare)],
+                propose_timeout: false,
+                wake_in_ms: 250,
+            },
+            Case {
+                name: "past the deadline, undecided: propose a timeout",
+                tx: two_pc.clone(),
+                in_flight: vec![key("a", Op::Prepare), key("b", Op::Prepare)],
+                retry_in_ms: vec![],
+                timeout_sent_ms_ago: None,
+                wall_ms: 1_000,
+                start: vec![],
+                propose_timeout: true,
+                wake_in_ms: 1_000,
+            },
+            Case {
+                name: "a timeout proposed 200 ms ago is not proposed again yet",
+                tx: two_pc.clone(),
+                in_flight: vec![key("a", Op::Prepare), key("b", Op::Prepare)],
+                retry_in_ms: vec![],
+                timeout_sent_ms_ago: Some(200),
+                wall_ms: 5_000,
+                start: vec![],
+                propose_timeout: false,
+                wake_in_ms: 1_000,
+            },
+            Case {
+                name: "a saga runs at most `concurrency` actions",
+                tx: saga(5, 2),
+                in_flight: vec![key("s0", Op::Action)],
+                retry_in_ms: vec![],
+                timeout_sent_ms_ago: None,
+                wall_ms: 0,
+                start: vec![key("s1", Op::Action)],
+                propose_timeout: false,
+                wake_in_ms: 1_000,
+            },
+            Case {
+                name: "an action waiting for its retry does not hold a slot",
+                tx: saga(3, 1),
+                in_flight: vec![],
+                retry_in_ms: vec![(key("s0", Op::Action), 40)],
+                timeout_sent_ms_ago: None,
+                wall_ms: 0,
+                start: vec![key("s1", Op::Action)],
+                propose_timeout: false,
+                wake_in_ms: 40,
+            },
+        ];
+        let now = Instant::now();
+        for case in cases {
+            let in_flight: HashSet<Key> = case.in_flight.into_iter().collect();
+            let retry_at: HashMap<Key, Instant> = case
+                .retry_in_ms
+                .into_iter()
+                .map(|(k, ms)| (k, now + Duration::from_millis(ms)))
+                .collect();
+            let view = View {
+                tx: &case.tx,
+                in_flight: &in_flight,
+                retry_at: &retry_at,
+                timeout_sent_at: case
+                    .timeout_sent_ms_ago
+                    .map(|ms| now - Duration::from_millis(ms)),
+            };
+            let plan = plan(&view, now, case.wall_ms);
+            assert_eq!(ids(&plan), case.start, "{}", case.name);
+            assert_eq!(plan.propose_timeout, case.propose_timeout, "{}", case.name);
+            assert_eq!(
+                plan.wake_at,
+                now + Duration::from_millis(case.wake_in_ms),
+                "{}",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn a_decided_transaction_never_times_out_and_sends_only_phase_two() {
+        let mut t = tx(Protocol::Tcc);
+        on_register(&mut t, spec(Protocol::Tcc, "a"), 1).unwrap();
+        on_commit(&mut t, at(2), 2).unwrap();
+        let t = Arc::new(t);
+        let (in_flight, retry_at) = (HashSet::new(), HashMap::new());
+        let view = View {
+            tx: &t,
+            in_flight: &in_flight,
+            retry_at: &retry_at,
+            timeout_sent_at: None,
+        };
+        let now = Instant::now();
+        let plan = plan(&view, now, i64::MAX);
+        assert!(!plan.propose_timeout);
+        assert_eq!(ids(&plan), vec![key("a", Op::Confirm)]);
+        assert_eq!(plan.wake_at, now + IDLE_WAKE);
+    }
+}
