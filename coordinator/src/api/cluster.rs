@@ -43,9 +43,7 @@ impl ClusterService {
                     });
                 }
 
-                Err(NodeError::Membership(m))
-                    if m.contains("in progress") && Instant::now() < deadline =>
-                {
+                Err(NodeError::MembershipInProgress) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => return Err(from_node_error(e)),

@@ -16,6 +16,7 @@ pub fn from_node_error(error: NodeError) -> Status {
         | NodeError::TransferringLeadership { .. } => Code::Unavailable,
         NodeError::Overloaded(_) => Code::ResourceExhausted,
         NodeError::Membership(_) => Code::FailedPrecondition,
+        NodeError::MembershipInProgress => Code::Unavailable,
     };
     let mut status = Status::new(code, error.to_string());
     if let NodeError::NotLeader {

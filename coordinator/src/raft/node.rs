@@ -175,6 +175,8 @@ pub enum NodeError {
     Stopped(u64),
     #[error("membership change refused: {0}")]
     Membership(String),
+    #[error("another membership change is still in progress; retry")]
+    MembershipInProgress,
     #[error("leadership is moving from node {from} to node {to}; retry")]
     TransferringLeadership { from: u64, to: u64 },
 }
@@ -915,9 +917,7 @@ impl Loop {
             return;
         }
         if self.raw.raft.has_pending_conf() || !self.conf_state.voters_outgoing.is_empty() {
-            let _ = reply.send(Err(NodeError::Membership(
-                "another membership change is still in progress; retry".into(),
-            )));
+            let _ = reply.send(Err(NodeError::MembershipInProgress));
             return;
         }
         let voters = &self.conf_state.voters;
