@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::raft::NodeConfig;
+use crate::replica::Retention;
 use crate::state::types::RetryPolicy;
 use crate::state::validate::{PAYLOAD_BYTES_HARD_MAX, TX_BYTES_HARD_MAX};
 
@@ -166,7 +167,12 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub node: NodeConfig,
     pub limits: Limits,
+    /// How long finished transactions are kept.
+    pub retention: Retention,
 }
+
+/// The one Raft group a node runs today (its key in the log engine).
+const RAFT_GROUP: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
@@ -316,9 +322,12 @@ impl ServeConfig {
                 .log_retain_entries
                 .or(file.log_retain_entries)
                 .unwrap_or(5_000),
-            retention,
-            finished_max: args.finished_max.or(file.finished_max).unwrap_or(200_000),
-            finished_bytes_max: args
+            group: RAFT_GROUP,
+        };
+        let retention = Retention {
+            age: retention,
+            count_max: args.finished_max.or(file.finished_max).unwrap_or(200_000),
+            bytes_max: args
                 .finished_bytes_max
                 .or(file.finished_bytes_max)
                 .unwrap_or(64 << 20),
@@ -327,6 +336,7 @@ impl ServeConfig {
             listen,
             node,
             limits,
+            retention,
         })
     }
 }
@@ -435,7 +445,7 @@ mod tests {
         let config = ServeConfig::resolve(args).unwrap();
         assert_eq!(config.node.id, 3);
         assert_eq!(config.listen.to_string(), "127.0.0.1:7474");
-        assert_eq!(config.node.retention, Duration::from_secs(60));
+        assert_eq!(config.retention.age, Duration::from_secs(60));
         std::fs::write(&path, "idd = 3\n").unwrap();
         let args = ServeArgs {
             config: Some(path),

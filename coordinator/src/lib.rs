@@ -4,9 +4,11 @@
 pub mod api;
 pub mod branch;
 pub mod clock;
+pub mod codec;
 pub mod config;
 pub mod driver;
 pub mod protocol;
 pub mod raft;
+pub mod replica;
 pub mod server;
 pub mod state;

@@ -18,9 +18,9 @@ use crate::driver::Driver;
 
 use crate::api::coordinator::CoordinatorService;
 use crate::config::ServeConfig;
-use crate::raft::node::{self, StartError};
 use crate::raft::transport::Transport;
-use crate::raft::{NodeHandle, Role};
+use crate::raft::{self, Role, StartError};
+use crate::replica::{self, Node};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -65,13 +65,11 @@ pub async fn serve(
         join = node_config.join,
         "starting tandem node"
     );
-    let leader_events = Arc::new(node::LeaderFeed::default());
-    let (node, raft_thread) = node::start(node_config, transport.clone(), leader_events.clone())?;
-    let driver = Driver::new(
-        node.clone(),
-        Arc::new(BranchCaller::new()),
-        Arc::new(crate::clock::SystemClock),
-    );
+    let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+    let (observer, leader_events, replica) = replica::observer(config.retention, clock.clone());
+    let (node, raft_thread) = raft::start(node_config, transport.clone(), observer)?;
+    let replica = replica(node.clone());
+    let driver = Driver::new(replica.clone(), Arc::new(BranchCaller::new()), clock);
     let driver_task = tokio::spawn(driver.run(leader_events));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -83,12 +81,15 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(
-            CoordinatorServer::new(CoordinatorService::new(node.clone(), config.limits.clone()))
-                // A request may carry a whole transaction, and a little more
-                // (the API then names what is over which limit).
-                .max_decoding_message_size(config.limits.tx_bytes_max + (1 << 20)),
+            CoordinatorServer::new(CoordinatorService::new(
+                replica.clone(),
+                config.limits.clone(),
+            ))
+            // A request may carry a whole transaction, and a little more
+            // (the API then names what is over which limit).
+            .max_decoding_message_size(config.limits.tx_bytes_max + (1 << 20)),
         )
-        .add_service(ClusterServer::new(ClusterService::new(node.clone())))
+        .add_service(ClusterServer::new(ClusterService::new(replica.clone())))
         .add_service(transport.service())
         .add_service(health_service)
         .add_service(reflection);
@@ -121,7 +122,7 @@ pub async fn serve(
 
 /// SERVING while this node knows a leader (it can serve reads and redirect
 /// writes), NOT_SERVING otherwise.
-async fn report_health(node: NodeHandle, health: tonic_health::server::HealthReporter) {
+async fn report_health(node: Node, health: tonic_health::server::HealthReporter) {
     let mut status = node.watch_status();
     let mut serving = None;
     loop {

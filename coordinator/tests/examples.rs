@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::Cluster;
-use tandem_examples::{DEFAULT_MYSQL_URL, DEFAULT_PG_URL, saga_order, tcc_travel};
+use tandem_examples::{DEFAULT_MYSQL_URL, DEFAULT_PG_URL, quickstart, saga_order, tcc_travel};
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -47,4 +47,19 @@ async fn tcc_travel_confirms_or_cancels_every_reservation() {
     assert_eq!(report.violations, 0, "{report:?}");
     assert_eq!(report.confirmed + report.cancelled, 200, "{report:?}");
     assert!(report.confirmed > 0 && report.cancelled > 0, "{report:?}");
+}
+
+/// The README's first command runs this tour: every protocol the
+/// coordinator drives begins (idempotently), the others are refused as not
+/// implemented — not started and left to hang — and nothing is left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_begins_every_implemented_protocol_and_leaves_nothing_open() {
+    let cluster = Cluster::start(1);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let report = quickstart::run(&cluster.endpoints(), |line| eprintln!("{line}"))
+        .await
+        .expect("quickstart");
+    assert_eq!(report.began, 4, "{report:?}");
+    assert_eq!(report.refused, ["3pc", "msg"], "{report:?}");
+    assert_eq!(report.aborted, 4, "{report:?}");
 }

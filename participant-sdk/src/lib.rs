@@ -28,3 +28,6 @@ pub mod xa;
 pub use client::{Client, ClientBuilder, ClusterId, Error, GlobalTx, SagaBuilder, Step, new_gid};
 /// The `tandem.v1` wire types.
 pub use tandem_proto::v1 as proto;
+/// The words on the wire besides the messages: headers, op and protocol
+/// names, the fencing token.
+pub use tandem_proto::wire;

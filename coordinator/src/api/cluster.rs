@@ -8,7 +8,8 @@ use tandem_proto::v1::cluster_server::Cluster;
 use tonic::{Request, Response, Status};
 
 use super::status::{from_node_error, invalid};
-use crate::raft::{MembershipChange, NodeError, NodeHandle, NodeStatus, Role};
+use crate::raft::{MembershipChange, NodeError, NodeStatus, Role};
+use crate::replica::{Node, Replica, ReplicaStatus};
 
 /// How long a new node may take to catch up before AddNode gives up
 /// promoting it (it stays a learner; AddNode again resumes).
@@ -18,12 +19,16 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 const PEER_STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct ClusterService {
-    node: NodeHandle,
+    node: Node,
+    replica: Replica,
 }
 
 impl ClusterService {
-    pub fn new(node: NodeHandle) -> Self {
-        ClusterService { node }
+    pub fn new(replica: Replica) -> Self {
+        ClusterService {
+            node: replica.node.clone(),
+            replica,
+        }
     }
 
     /// Proposes a change, waiting out a previous change still in progress
@@ -86,7 +91,7 @@ impl ClusterService {
     }
 }
 
-pub fn node_status_to_pb(s: &NodeStatus) -> pb::NodeStatus {
+pub fn node_status_to_pb(s: &NodeStatus, replica: &ReplicaStatus) -> pb::NodeStatus {
     pb::NodeStatus {
         id: s.id,
         address: s.address.clone(),
@@ -99,7 +104,10 @@ pub fn node_status_to_pb(s: &NodeStatus) -> pb::NodeStatus {
         snapshot_index: s.snapshot_index,
         cluster_name: s.cluster_name.clone(),
         error: String::new(),
-        cluster_id: s.cluster_id.map(|id| id.to_string()).unwrap_or_default(),
+        cluster_id: replica
+            .cluster_id
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -139,6 +147,7 @@ impl Cluster for ClusterService {
         _request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let own = self.node.status();
+        let replica = self.replica.status();
         let mut ids: Vec<u64> = own.voters.iter().chain(&own.learners).copied().collect();
         ids.sort_unstable();
         ids.dedup();
@@ -146,10 +155,10 @@ impl Cluster for ClusterService {
             ids.push(own.id);
         }
         let calls = ids.iter().map(|&id| {
-            let own = own.clone();
+            let (own, replica) = (own.clone(), replica.clone());
             async move {
                 if id == own.id {
-                    return node_status_to_pb(&own);
+                    return node_status_to_pb(&own, &replica);
                 }
                 match own.members.get(&id) {
                     Some(address) => peer_status(id, address.clone()).await,
@@ -168,7 +177,10 @@ impl Cluster for ClusterService {
             nodes,
             voters: own.voters.clone(),
             learners: own.learners.clone(),
-            cluster_id: own.cluster_id.map(|id| id.to_string()).unwrap_or_default(),
+            cluster_id: replica
+                .cluster_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
         }))
     }
 
@@ -176,7 +188,10 @@ impl Cluster for ClusterService {
         &self,
         _request: Request<pb::NodeStatusRequest>,
     ) -> Result<Response<pb::NodeStatus>, Status> {
-        Ok(Response::new(node_status_to_pb(&self.node.status())))
+        Ok(Response::new(node_status_to_pb(
+            &self.node.status(),
+            &self.replica.status(),
+        )))
     }
 
     async fn add_node(

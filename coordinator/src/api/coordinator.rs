@@ -11,8 +11,8 @@ use super::convert::{
 use super::status::{from_node_error, from_rejection, invalid};
 use crate::clock;
 use crate::config::Limits;
-use crate::raft::NodeHandle;
-use crate::raft::node::TxWatch;
+use crate::replica::Replica;
+use crate::replica::watch::TxWatch;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,12 +39,12 @@ const LIST_LIMIT_MAX: usize = 1000;
 const LIST_PAGE_BYTES_MAX: usize = 4 << 20;
 
 pub struct CoordinatorService {
-    node: NodeHandle,
+    node: Replica,
     limits: Limits,
 }
 
 impl CoordinatorService {
-    pub fn new(node: NodeHandle, limits: Limits) -> Self {
+    pub fn new(node: Replica, limits: Limits) -> Self {
         CoordinatorService { node, limits }
     }
 

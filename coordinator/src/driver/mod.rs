@@ -32,8 +32,9 @@ mod plan;
 
 use crate::protocol::retry::{self, Recorded};
 use crate::protocol::{self, Call};
-use crate::raft::NodeHandle;
-use crate::raft::node::{LeaderEvent, LeaderFeed, NodeError};
+use crate::raft::NodeError;
+use crate::replica::Replica;
+use crate::replica::feed::{LeaderEvent, LeaderFeed};
 use crate::state::command::{Applied, Command, OpOutcome};
 use crate::state::types::{Op, OpState, Transaction};
 
@@ -51,7 +52,7 @@ pub mod failpoints {
 }
 
 pub struct Driver<T: BranchTransport> {
-    node: NodeHandle,
+    node: Replica,
     caller: Arc<T>,
     clock: Arc<dyn Clock>,
     calls: Arc<Semaphore>,
@@ -60,7 +61,7 @@ pub struct Driver<T: BranchTransport> {
 }
 
 impl<T: BranchTransport> Driver<T> {
-    pub fn new(node: NodeHandle, caller: Arc<T>, clock: Arc<dyn Clock>) -> Driver<T> {
+    pub fn new(node: Replica, caller: Arc<T>, clock: Arc<dyn Clock>) -> Driver<T> {
         Driver {
             node,
             caller,
@@ -145,7 +146,7 @@ impl<T: BranchTransport> Driver<T> {
 }
 
 struct Worker<T: BranchTransport> {
-    node: NodeHandle,
+    node: Replica,
     caller: Arc<T>,
     clock: Arc<dyn Clock>,
     calls: Arc<Semaphore>,
@@ -431,7 +432,7 @@ impl<T: BranchTransport> Worker<T> {
 
 /// Proposes a command; the transaction after it, or `None` if it did not
 /// get in (not leader, overloaded, refused — the worker will look again).
-async fn propose(node: &NodeHandle, command: Command) -> Option<Arc<Transaction>> {
+async fn propose(node: &Replica, command: Command) -> Option<Arc<Transaction>> {
     let gid = command.gid().unwrap_or_default().to_string();
     match node.propose(command).await {
         Ok(Ok(Applied::Updated { tx } | Applied::Begun { tx, .. })) => Some(tx),

@@ -1,9 +1,28 @@
-//! Replication: the raft-rs loop, its durable log, and the transport between
-//! peers.
+//! Replication: the raft-rs loop over any [`Replicated`] state machine, its
+//! durable log, and the transport between peers. Nothing here knows what is
+//! replicated (the coordinator's side is `replica/`).
+//!
+//! * `node.rs` — the loop: the Ready contract, proposals, applying entries
+//! * `handle.rs` — [`NodeHandle`], what callers hold; errors
+//! * `reads.rs` — linearizable reads (ReadIndex)
+//! * `membership.rs` — joint-consensus membership changes
+//! * `snapshots.rs` — taking, adopting and installing snapshots
+//! * `status.rs` — what a node says about itself
+//! * `storage.rs` — raft-engine log and snapshot files
+//! * `transport.rs` — peer messages over gRPC
 
+mod handle;
 pub mod logger;
+mod membership;
 pub mod node;
+mod reads;
+pub mod replicated;
+mod snapshots;
+mod status;
 pub mod storage;
 pub mod transport;
 
-pub use node::{MembershipChange, NodeConfig, NodeError, NodeHandle, NodeStatus, Role};
+pub use handle::{MembershipChange, NodeError, NodeHandle};
+pub use node::{NodeConfig, StartError, start};
+pub use replicated::{Observer, Replicated};
+pub use status::{NodeStatus, Role};

@@ -24,8 +24,6 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use raft_engine::{Command as EngineCommand, Engine, LogBatch, MessageExt};
 
-/// raft-engine multiplexes many Raft groups; Tandem has one.
-const GROUP: u64 = 1;
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_TRUNCATED: &[u8] = b"truncated";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TNDMSNP1";
@@ -80,6 +78,9 @@ const BOOTSTRAP_TERM: u64 = 1;
 
 pub struct LogStore {
     engine: Engine,
+    /// The Raft group this store holds in the engine (raft-engine
+    /// multiplexes groups by id).
+    group: u64,
     hard_state: HardState,
     /// Index and term of the last entry compaction removed; `first_index` is
     /// one past it, and raft needs its term to match the next append.
@@ -96,7 +97,11 @@ impl LogStore {
     /// Opens (creating if needed) the store under `dir`. `bootstrap` seeds an
     /// empty store as a founding member; without it an empty store waits for a
     /// leader to send a snapshot (joining an existing cluster).
-    pub fn open(dir: &Path, bootstrap: Option<Bootstrap>) -> Result<LogStore, StoreError> {
+    pub fn open(
+        dir: &Path,
+        group: u64,
+        bootstrap: Option<Bootstrap>,
+    ) -> Result<LogStore, StoreError> {
         let log_dir = dir.join("raft-log");
         let snap_dir = dir.join("snapshots");
         fs::create_dir_all(&log_dir).map_err(io_err(&log_dir))?;
@@ -115,15 +120,16 @@ impl LogStore {
         };
         let engine = Engine::open(config)?;
         let hard_state = engine
-            .get_message::<HardState>(GROUP, KEY_HARD_STATE)?
+            .get_message::<HardState>(group, KEY_HARD_STATE)?
             .unwrap_or_default();
         let truncated = engine
-            .get(GROUP, KEY_TRUNCATED)
+            .get(group, KEY_TRUNCATED)
             .map(|v| decode_pair(&v))
             .unwrap_or((0, 0));
         let snapshot = load_newest_snapshot(&snap_dir)?.unwrap_or_default();
         let mut store = LogStore {
             engine,
+            group,
             hard_state,
             truncated,
             snapshot,
@@ -132,7 +138,7 @@ impl LogStore {
         };
         let fresh = store.snapshot.get_metadata().index == 0
             && store.hard_state == HardState::default()
-            && store.engine.last_index(GROUP).is_none();
+            && store.engine.last_index(group).is_none();
         match bootstrap {
             Some(bootstrap) if fresh => store.bootstrap(bootstrap)?,
             _ => store.reconcile_with_snapshot()?,
@@ -152,8 +158,12 @@ impl LogStore {
         self.hard_state.commit = BOOTSTRAP_INDEX;
         self.truncated = (BOOTSTRAP_INDEX, BOOTSTRAP_TERM);
         let mut batch = LogBatch::default();
-        batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
-        batch.put(GROUP, KEY_TRUNCATED.to_vec(), encode_pair(self.truncated))?;
+        batch.put_message(self.group, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
+        batch.put(
+            self.group,
+            KEY_TRUNCATED.to_vec(),
+            encode_pair(self.truncated),
+        )?;
         self.engine.write(&mut batch, true)?;
         self.snapshot = snapshot;
         Ok(())
@@ -176,7 +186,7 @@ impl LogStore {
                 snapshot_index = meta.index,
                 "the raft log does not continue the newest snapshot; replacing it"
             );
-            batch.add_command(GROUP, EngineCommand::Clean);
+            batch.add_command(self.group, EngineCommand::Clean);
             self.truncated = (meta.index, meta.term);
         }
         if self.hard_state.commit < meta.index {
@@ -185,20 +195,26 @@ impl LogStore {
         if self.hard_state.term < meta.term {
             self.hard_state.term = meta.term;
         }
-        batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
-        batch.put(GROUP, KEY_TRUNCATED.to_vec(), encode_pair(self.truncated))?;
+        batch.put_message(self.group, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
+        batch.put(
+            self.group,
+            KEY_TRUNCATED.to_vec(),
+            encode_pair(self.truncated),
+        )?;
         self.engine.write(&mut batch, true)?;
         Ok(())
     }
 
     fn last_index_raw(&self) -> u64 {
-        self.engine.last_index(GROUP).unwrap_or(self.truncated.0)
+        self.engine
+            .last_index(self.group)
+            .unwrap_or(self.truncated.0)
     }
 
     fn entry_term(&self, index: u64) -> Result<Option<u64>, StoreError> {
         Ok(self
             .engine
-            .get_entry::<EntryExt>(GROUP, index)?
+            .get_entry::<EntryExt>(self.group, index)?
             .map(|e| e.term))
     }
 
@@ -213,13 +229,13 @@ impl LogStore {
     ) -> Result<(), StoreError> {
         let mut batch = LogBatch::with_capacity(entries.len().max(1));
         if !entries.is_empty() {
-            batch.add_entries::<EntryExt>(GROUP, entries)?;
+            batch.add_entries::<EntryExt>(self.group, entries)?;
         }
         if let Some(hs) = hard_state {
             self.hard_state = hs.clone();
         }
         if hard_state.is_some() || !entries.is_empty() {
-            batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
+            batch.put_message(self.group, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
         }
         if !batch.is_empty() {
             self.engine.write(&mut batch, sync)?;
@@ -243,9 +259,13 @@ impl LogStore {
         self.hard_state.commit = self.hard_state.commit.max(meta.index);
         self.hard_state.term = self.hard_state.term.max(meta.term);
         let mut batch = LogBatch::default();
-        batch.add_command(GROUP, EngineCommand::Clean);
-        batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
-        batch.put(GROUP, KEY_TRUNCATED.to_vec(), encode_pair(self.truncated))?;
+        batch.add_command(self.group, EngineCommand::Clean);
+        batch.put_message(self.group, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
+        batch.put(
+            self.group,
+            KEY_TRUNCATED.to_vec(),
+            encode_pair(self.truncated),
+        )?;
         self.engine.write(&mut batch, true)?;
         self.snapshot = snapshot.clone();
         remove_snapshots_before(&self.snap_dir, meta.index);
@@ -276,8 +296,12 @@ impl LogStore {
                 .entry_term(last)?
                 .unwrap_or(self.snapshot.get_metadata().term);
             let mut batch = LogBatch::default();
-            batch.add_command(GROUP, EngineCommand::Compact { index: compact_to });
-            batch.put(GROUP, KEY_TRUNCATED.to_vec(), encode_pair((last, term)))?;
+            batch.add_command(self.group, EngineCommand::Compact { index: compact_to });
+            batch.put(
+                self.group,
+                KEY_TRUNCATED.to_vec(),
+                encode_pair((last, term)),
+            )?;
             self.engine.write(&mut batch, false)?;
             self.truncated = (last, term);
             self.engine.purge_expired_files()?;
@@ -340,7 +364,7 @@ impl raft::Storage for LogStore {
         let mut out = Vec::with_capacity((high - low) as usize);
         let max_size = max_size.into().map(|s| s as usize);
         self.engine
-            .fetch_entries_to::<EntryExt>(GROUP, low, high, max_size, &mut out)
+            .fetch_entries_to::<EntryExt>(self.group, low, high, max_size, &mut out)
             .map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
         Ok(out)
     }
@@ -566,7 +590,7 @@ mod tests {
     fn durability_bootstrap_then_appends_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut store = LogStore::open(dir.path(), bootstrap()).unwrap();
+            let mut store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
             assert_eq!(store.first_index().unwrap(), 2);
             assert_eq!(store.last_index().unwrap(), 1);
             assert_eq!(store.term(1).unwrap(), 1);
@@ -577,7 +601,7 @@ mod tests {
                 .persist(&[entry(2, 2), entry(3, 2)], Some(&hs), true)
                 .unwrap();
         }
-        let store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        let store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
         let state = store.initial_state().unwrap();
         assert_eq!(state.hard_state.vote, 3);
         assert_eq!(state.conf_state.voters, vec![1, 2, 3]);
@@ -592,7 +616,7 @@ mod tests {
     #[test]
     fn durability_conflicting_append_replaces_the_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        let mut store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
         store
             .persist(&[entry(2, 2), entry(3, 2), entry(4, 2)], None, true)
             .unwrap();
@@ -604,7 +628,7 @@ mod tests {
     #[test]
     fn compaction_behind_a_snapshot_keeps_later_entries_and_terms() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        let mut store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
         let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
         store.persist(&entries, None, true).unwrap();
         let mut snap = Snapshot::default();
@@ -625,7 +649,7 @@ mod tests {
         );
         assert_eq!(store.snapshot(8, 2).unwrap().get_data(), b"at 8");
         drop(store);
-        let store = LogStore::open(dir.path(), None).unwrap();
+        let store = LogStore::open(dir.path(), 1, None).unwrap();
         assert_eq!(store.first_index().unwrap(), 6);
         assert_eq!(store.last_index().unwrap(), 10);
         assert_eq!(store.snapshot_meta().index, 8);
@@ -640,7 +664,7 @@ mod tests {
     #[test]
     fn a_snapshot_predating_the_receiver_is_refused_and_a_new_one_requested() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        let store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
         assert!(
             store.snapshot(1, 2).is_ok(),
             "node 2 is in the bootstrap configuration"
@@ -658,7 +682,7 @@ mod tests {
     #[test]
     fn durability_received_snapshot_replaces_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        let mut store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
         store
             .persist(&[entry(2, 2), entry(3, 2)], None, true)
             .unwrap();
@@ -672,7 +696,7 @@ mod tests {
         store.install_snapshot(&snap).unwrap();
         store.persist(&[entry(51, 7)], None, true).unwrap();
         drop(store);
-        let store = LogStore::open(dir.path(), None).unwrap();
+        let store = LogStore::open(dir.path(), 1, None).unwrap();
         assert_eq!(store.first_index().unwrap(), 51);
         assert_eq!(store.last_index().unwrap(), 51);
         assert_eq!(store.term(50).unwrap(), 7);
@@ -686,7 +710,7 @@ mod tests {
     #[test]
     fn durability_crash_between_snapshot_file_and_log_replacement_is_repaired() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        let mut store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
         store
             .persist(&[entry(2, 2), entry(3, 2)], None, true)
             .unwrap();
@@ -697,7 +721,7 @@ mod tests {
         // The file is written, then the node dies before the log batch.
         write_snapshot_file(store.snapshot_dir(), &snap).unwrap();
         drop(store);
-        let store = LogStore::open(dir.path(), None).unwrap();
+        let store = LogStore::open(dir.path(), 1, None).unwrap();
         assert_eq!(store.first_index().unwrap(), 41);
         assert_eq!(store.last_index().unwrap(), 40);
         assert_eq!(store.term(40).unwrap(), 5);
@@ -707,14 +731,14 @@ mod tests {
     #[test]
     fn a_corrupt_snapshot_is_refused_not_used() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LogStore::open(dir.path(), bootstrap()).unwrap();
+        let store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
         let path = snapshot_files(store.snapshot_dir()).unwrap()[0].2.clone();
         drop(store);
         let mut bytes = fs::read(&path).unwrap();
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0xff;
         fs::write(&path, bytes).unwrap();
-        let err = LogStore::open(dir.path(), bootstrap()).err().unwrap();
+        let err = LogStore::open(dir.path(), 1, bootstrap()).err().unwrap();
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
     }
 }

@@ -23,8 +23,6 @@ use tandem_proto::v1::{RaftAck, RaftBatch};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
-use super::node::Input;
-
 /// Messages waiting per peer; beyond this they are dropped (raft resends).
 const PEER_QUEUE_MAX: usize = 4096;
 /// Messages per batch.
@@ -43,6 +41,17 @@ pub const PEER_MESSAGE_BYTES_MAX: usize = 1 << 30;
 /// partition of this node, for tests.
 pub const FAILPOINT_ISOLATE: &str = "transport-isolate";
 
+/// What the transport tells the Raft loop.
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// Messages from peers.
+    Raft(Vec<Message>),
+    /// A message to this peer could not be delivered.
+    Unreachable(u64),
+    /// A snapshot sent to a peer arrived (`true`) or did not.
+    SnapshotSent { to: u64, delivered: bool },
+}
+
 #[derive(Clone)]
 pub struct Transport {
     inner: Arc<Inner>,
@@ -54,7 +63,7 @@ struct Inner {
     cluster_name: String,
     runtime: tokio::runtime::Handle,
     /// Where received messages and delivery reports go (the Raft loop).
-    inputs: OnceLock<Sender<Input>>,
+    inputs: OnceLock<Sender<PeerEvent>>,
     /// Node id → address, as membership and configuration say.
     addresses: RwLock<BTreeMap<u64, String>>,
     /// Addresses learnt from peers' own batches, for nodes membership does
@@ -98,11 +107,12 @@ impl Transport {
         self.inner.closing.send_replace(true);
     }
 
-    pub(crate) fn set_inputs(&self, inputs: Sender<Input>) {
+    /// Where peer events go (the Raft loop); set once, before serving.
+    pub fn set_inputs(&self, inputs: Sender<PeerEvent>) {
         let _ = self.inner.inputs.set(inputs);
     }
 
-    fn report(&self, input: Input) {
+    fn report(&self, input: PeerEvent) {
         if let Some(inputs) = self.inner.inputs.get() {
             let _ = inputs.try_send(input);
         }
@@ -153,7 +163,7 @@ impl Transport {
                 .or_insert_with(|| self.spawn_peer(to, address));
             let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
             if peer.queue.try_send(message).is_err() && is_snapshot {
-                self.report(Input::SnapshotSent {
+                self.report(PeerEvent::SnapshotSent {
                     to,
                     delivered: false,
                 });
@@ -225,7 +235,7 @@ impl Transport {
                     Err(_) => Err("timed out".to_string()),
                 };
                 for _ in &snapshots {
-                    self.report(Input::SnapshotSent {
+                    self.report(PeerEvent::SnapshotSent {
                         to,
                         delivered: result.is_ok(),
                     });
@@ -244,7 +254,7 @@ impl Transport {
             if failures == 1 || failures.is_power_of_two() {
                 tracing::warn!(to, %address, failures, %error, "cannot reach peer");
             }
-            self.report(Input::Unreachable(to));
+            self.report(PeerEvent::Unreachable(to));
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -412,6 +422,6 @@ impl RaftService {
         Ok(inner
             .inputs
             .get()
-            .is_none_or(|inputs| inputs.try_send(Input::Raft(messages)).is_ok()))
+            .is_none_or(|inputs| inputs.try_send(PeerEvent::Raft(messages)).is_ok()))
     }
 }

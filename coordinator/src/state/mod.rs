@@ -1,7 +1,7 @@
 //! The replicated state machine: commands, the transaction table, snapshots.
 //! Pure: nothing here touches a clock, a socket or a disk.
 
-pub mod codec;
+pub use crate::codec;
 pub mod command;
 pub mod machine;
 pub mod types;

@@ -1,8 +1,9 @@
 //! The smallest tour of a running coordinator: begin a transaction of each
-//! protocol, read one back, list them. Last stdout line: a JSON summary.
+//! protocol, read one back, abort them, list. Last stdout line: a JSON
+//! summary.
 
 use clap::Parser;
-use tandem_sdk::{Client, new_gid, proto as pb};
+use tandem_examples::quickstart;
 
 #[derive(Parser)]
 struct Args {
@@ -13,41 +14,10 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tandem_examples::init_logging();
     let args = Args::parse();
-    let client = Client::connect([args.endpoint.as_str()])?;
-    let protocols = [
-        pb::Protocol::Saga,
-        pb::Protocol::Tcc,
-        pb::Protocol::Xa,
-        pb::Protocol::TwoPc,
-        pb::Protocol::ThreePc,
-        pb::Protocol::Msg,
-    ];
-    let mut gids = Vec::new();
-    for protocol in protocols {
-        let gid = format!("quickstart-{}", new_gid());
-        let tx = client.begin(&gid, protocol).await?;
-        // Begin is idempotent: the same gid again returns the same transaction.
-        let again = client.begin(&gid, protocol).await?;
-        assert_eq!(tx.created_at_ms, again.created_at_ms);
-        println!("began {gid} ({})", protocol.as_str_name());
-        gids.push(gid);
-    }
-    let first = client.get(&gids[0]).await?;
-    println!(
-        "read back {} in state {}",
-        first.gid,
-        pb::TxState::try_from(first.state).map_or("?", |s| s.as_str_name())
-    );
-    let page = client
-        .list(pb::ListRequest {
-            limit: 1000,
-            ..Default::default()
-        })
-        .await?;
-    println!(
-        "{}",
-        serde_json::json!({ "began": gids.len(), "listed": page.transactions.len() })
-    );
+    let endpoints: Vec<String> = args.endpoint.split(',').map(str::to_string).collect();
+    let report = quickstart::run(&endpoints, |line| println!("{line}")).await?;
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

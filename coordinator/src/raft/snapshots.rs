@@ -1,0 +1,103 @@
+//! Snapshots: taken every so many entries (or when raft needs one no
+//! snapshot can serve), encoded off the loop from an O(1) copy of the state,
+//! adopted (and the log compacted behind it) once durable; and installed
+//! when the leader sends one.
+
+use std::time::Instant;
+
+use raft::eraftpb::Snapshot;
+
+use super::handle::{Input, NodeError};
+use super::node::{Loop, reply_err};
+use super::replicated::{Observer, Replicated};
+use super::storage::write_snapshot_file;
+
+impl<S: Replicated, O: Observer<S>> Loop<S, O> {
+    pub(super) fn install_snapshot(&mut self, snapshot: &Snapshot) {
+        let meta = snapshot.get_metadata();
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            "installing a snapshot from the leader"
+        );
+        if let Err(e) = self.raw.mut_store().install_snapshot(snapshot) {
+            panic!("installing a snapshot failed: {e}");
+        }
+        self.machine = S::restore(snapshot.get_data()).unwrap_or_else(|e| {
+            panic!(
+                "the leader's snapshot at {} cannot be read: {e}",
+                meta.index
+            )
+        });
+        self.applied = meta.index;
+        self.applied_term = meta.term;
+        self.conf_state = meta.get_conf_state().clone();
+        self.status_stale = true;
+        // Entries up to the snapshot will never be applied here one by one.
+        let resolved: Vec<u64> = self.pending.range(..=meta.index).map(|(i, _)| *i).collect();
+        for index in resolved {
+            if let Some((_, pending)) = self.pending.remove(&index) {
+                reply_err(pending, NodeError::Unknown);
+            }
+        }
+        self.refresh_addresses();
+        self.observer.restored(&self.machine);
+    }
+
+    pub(super) fn maybe_snapshot(&mut self) {
+        let last = self.raw.store().snapshot_meta().index;
+        // Raft needed a snapshot the newest one cannot serve (a node added
+        // since): take one now rather than at the next interval.
+        let wanted = self.raw.store().take_snapshot_wanted() && self.applied > last;
+        if self.snapshot_in_flight
+            || (!wanted && self.applied < last + self.config.snapshot_interval_entries)
+        {
+            return;
+        }
+
+        self.snapshot_in_flight = true;
+        let encode = self.machine.snapshot();
+        let mut snapshot = Snapshot::default();
+        let meta = snapshot.mut_metadata();
+        meta.index = self.applied;
+        meta.term = self.applied_term;
+        meta.set_conf_state(self.conf_state.clone());
+        let dir = self.raw.store().snapshot_dir().to_path_buf();
+        let inputs = self.inputs_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let started = Instant::now();
+                snapshot.set_data(encode().into());
+                let input = match write_snapshot_file(&dir, &snapshot) {
+                    Ok(path) => {
+                        tracing::info!(
+                            index = snapshot.get_metadata().index,
+                            bytes = snapshot.get_data().len(),
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            path = %path.display(),
+                            "snapshot written"
+                        );
+                        Input::SnapshotWritten(Box::new(snapshot))
+                    }
+                    Err(e) => Input::SnapshotFailed(e.to_string()),
+                };
+                let _ = inputs.send(input);
+            });
+        if let Err(e) = spawned {
+            self.snapshot_in_flight = false;
+            tracing::error!(error = %e, "cannot start the snapshot thread");
+        }
+    }
+
+    pub(super) fn adopt_snapshot(&mut self, snapshot: Snapshot) {
+        self.snapshot_in_flight = false;
+        let index = snapshot.get_metadata().index;
+        let compact_to = (index + 1)
+            .saturating_sub(self.config.log_retain_entries)
+            .max(1);
+        if let Err(e) = self.raw.mut_store().adopt_snapshot(snapshot, compact_to) {
+            tracing::error!(error = %e, "compacting the raft log failed");
+        }
+    }
+}
