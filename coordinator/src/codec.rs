@@ -58,7 +58,7 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::command::Command;
+    use crate::model::command::Command;
 
     #[test]
     fn commands_round_trip_and_unknown_formats_are_refused() {

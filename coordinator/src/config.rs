@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::model::types::RetryPolicy;
+use crate::model::validate::{PAYLOAD_BYTES_HARD_MAX, TX_BYTES_HARD_MAX};
 use crate::raft::NodeConfig;
 use crate::replica::Retention;
-use crate::state::types::RetryPolicy;
-use crate::state::validate::{PAYLOAD_BYTES_HARD_MAX, TX_BYTES_HARD_MAX};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_DATA_DIR: &str = "./tandem-data";

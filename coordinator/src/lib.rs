@@ -7,6 +7,7 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod driver;
+pub mod model;
 pub mod protocol;
 pub mod raft;
 pub mod replica;

@@ -2,7 +2,7 @@
 
 use tandem_proto::v1 as pb;
 
-use crate::state::types::{
+use crate::model::types::{
     Branch, BranchOp, Decision, OpState, Outcome, Protocol, RetryPolicy, Transaction, TxOptions,
     TxState,
 };

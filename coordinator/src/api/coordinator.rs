@@ -16,10 +16,11 @@ use crate::replica::watch::TxWatch;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::model::command::{BranchSpec, SagaStepSpec};
+use crate::model::types::{Op, Protocol, RetryPolicy, Transaction, TxOptions};
+use crate::model::{Applied, Command, validate};
 use crate::protocol;
-use crate::state::command::{BranchSpec, SagaStepSpec};
-use crate::state::types::{Op, Protocol, RetryPolicy, Transaction, TxOptions};
-use crate::state::{Applied, Command, ListFilter, validate};
+use crate::state::ListFilter;
 
 fn over(gid: &str, what: &str, value: u32, max: u32) -> Status {
     invalid(format!(

@@ -4,8 +4,8 @@
 
 use tonic::{Code, Status};
 
+use crate::model::Rejection;
 use crate::raft::NodeError;
-use crate::state::Rejection;
 
 pub fn from_node_error(error: NodeError) -> Status {
     let code = match &error {

@@ -19,8 +19,8 @@ use tandem_proto::wire::headers;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::api::convert::protocol_to_pb;
-use crate::state::command::OpOutcome;
-use crate::state::types::{Fence, Op, Payload, Protocol};
+use crate::model::command::OpOutcome;
+use crate::model::types::{Fence, Op, Payload, Protocol};
 
 /// How much of a participant's error text is kept.
 const ERROR_BYTES_MAX: usize = 1024;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tandem_coordinator::config::{ServeArgs, ServeConfig};
-use tandem_coordinator::state::{Protocol, TxState};
+use tandem_coordinator::model::{Protocol, TxState};
 use tandem_sdk::{Client, proto as pb};
 
 #[derive(Parser, Debug)]

@@ -30,13 +30,13 @@ use crate::branch::{BranchCall, BranchTransport};
 use crate::clock::Clock;
 mod plan;
 
+use crate::model::command::{Applied, Command, OpOutcome};
+use crate::model::types::{Op, OpState, Transaction};
 use crate::protocol::retry::{self, Recorded};
 use crate::protocol::{self, Call};
 use crate::raft::NodeError;
 use crate::replica::Replica;
 use crate::replica::feed::{LeaderEvent, LeaderFeed};
-use crate::state::command::{Applied, Command, OpOutcome};
-use crate::state::types::{Op, OpState, Transaction};
 
 /// Calls in flight across all transactions; beyond it new calls wait.
 pub const CALLS_IN_FLIGHT_MAX: usize = 8192;
@@ -157,9 +157,9 @@ struct Worker<T: BranchTransport> {
 /// steps has a thousand calls in flight, and a new version per answer).
 struct CallSpec {
     gid: String,
-    protocol: crate::state::types::Protocol,
+    protocol: crate::model::types::Protocol,
     call: Call,
-    payload: crate::state::types::Payload,
+    payload: crate::model::types::Payload,
     timeout: Duration,
     /// The op is the transaction's phase two: a "no" is a refusal.
     phase_two: bool,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::model::types::{Op, Transaction};
 use crate::protocol::{self, Call};
-use crate::state::types::{Op, Transaction};
 
 /// A branch op, as the driver tracks it.
 pub type Key = (String, Op);
@@ -99,10 +99,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::model::command::SagaStepSpec;
+    use crate::model::types::{Protocol, TxState};
     use crate::protocol::tests::{at, spec, tx};
     use crate::protocol::{on_commit, on_register};
-    use crate::state::command::SagaStepSpec;
-    use crate::state::types::{Protocol, TxState};
 
     fn saga(steps: usize, concurrency: u32) -> Transaction {
         let mut t = tx(Protocol::Saga);

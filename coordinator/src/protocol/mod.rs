@@ -15,11 +15,11 @@ pub mod tcc;
 pub mod two_pc;
 pub mod xa;
 
-use crate::state::command::{ApplyContext, BranchSpec, OpOutcome, Rejection};
-use crate::state::types::{
+use crate::model::command::{ApplyContext, BranchSpec, OpOutcome, Rejection};
+use crate::model::types::{
     Branch, BranchOp, Decision, Fence, Op, OpState, Outcome, Protocol, Transaction, TxState,
 };
-use crate::state::validate::{self, BRANCHES_HARD_MAX};
+use crate::model::validate::{self, BRANCHES_HARD_MAX};
 
 /// A call the driver should make now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -476,7 +476,7 @@ fn commit_app_driven(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::state::types::{RetryPolicy, TxOptions};
+    use crate::model::types::{RetryPolicy, TxOptions};
 
     pub fn tx(protocol: Protocol) -> Transaction {
         Transaction {

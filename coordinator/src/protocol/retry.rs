@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::state::types::RetryPolicy;
+use crate::model::types::RetryPolicy;
 
 /// A failing op is recorded in the log at least this often, so that Get
 /// shows a recent error and attempt count.

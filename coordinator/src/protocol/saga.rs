@@ -31,9 +31,9 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 
 use super::{Call, Changed, decide, record, record_phase_two};
-use crate::state::command::{ApplyContext, OpOutcome, Rejection, SagaStepSpec};
-use crate::state::types::{Branch, BranchOp, Op, OpState, Outcome, Transaction, TxState};
-use crate::state::validate::{self, BRANCHES_HARD_MAX, InvalidInput};
+use crate::model::command::{ApplyContext, OpOutcome, Rejection, SagaStepSpec};
+use crate::model::types::{Branch, BranchOp, Op, OpState, Outcome, Transaction, TxState};
+use crate::model::validate::{self, BRANCHES_HARD_MAX, InvalidInput};
 
 /// Checks a saga's steps: at least one, unique valid ids, valid endpoints,
 /// dependencies that exist and form no cycle.
@@ -285,7 +285,7 @@ mod tests {
     use super::super::tests::{at, tx};
     use super::super::{on_abort, on_result as on_any_result};
     use super::*;
-    use crate::state::types::Protocol;
+    use crate::model::types::Protocol;
 
     fn step(id: &str, after: &[&str]) -> SagaStepSpec {
         SagaStepSpec {

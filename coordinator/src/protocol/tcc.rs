@@ -14,8 +14,8 @@
 //! a no-op and refuses the late try.
 
 use super::{Changed, commit_app_driven};
-use crate::state::command::{ApplyContext, Rejection};
-use crate::state::types::{Op, Transaction};
+use crate::model::command::{ApplyContext, Rejection};
+use crate::model::types::{Op, Transaction};
 
 /// (required, optional) operations of a TCC branch; `try` is recorded for
 /// visibility only — the application calls it.
@@ -34,8 +34,8 @@ mod tests {
     use super::super::tests::{at, spec, tx};
     use super::super::{next, on_register, on_result, on_timeout};
     use super::*;
-    use crate::state::command::OpOutcome;
-    use crate::state::types::{Protocol, TxState};
+    use crate::model::command::OpOutcome;
+    use crate::model::types::{Protocol, TxState};
 
     #[test]
     fn timeout_before_commit_cancels_every_branch() {

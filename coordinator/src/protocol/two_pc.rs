@@ -19,8 +19,8 @@
 //! a late prepare cannot revive it. Presumed abort: no decision, no commit.
 
 use super::{Changed, decide, finish_if_done, invalid_state, record, record_phase_two};
-use crate::state::command::{ApplyContext, OpOutcome, Rejection};
-use crate::state::types::{Fence, Op, OpState, Outcome, Transaction, TxState};
+use crate::model::command::{ApplyContext, OpOutcome, Rejection};
+use crate::model::types::{Fence, Op, OpState, Outcome, Transaction, TxState};
 
 /// (required, optional) operations of a 2PC branch.
 pub const BRANCH_OPS: (&[Op], &[Op]) = (&[Op::Prepare, Op::Commit, Op::Rollback], &[]);
@@ -122,7 +122,7 @@ mod tests {
     use super::super::tests::{at, spec, tx};
     use super::super::{next, on_abort, on_register, on_result, on_timeout};
     use super::*;
-    use crate::state::types::Protocol;
+    use crate::model::types::Protocol;
 
     fn prepared_pair() -> Transaction {
         let mut t = tx(Protocol::TwoPc);

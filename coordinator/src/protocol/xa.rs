@@ -16,8 +16,8 @@
 //! unknown gid or one past its deadline.
 
 use super::{Changed, commit_app_driven};
-use crate::state::command::{ApplyContext, Rejection};
-use crate::state::types::{Op, Transaction};
+use crate::model::command::{ApplyContext, Rejection};
+use crate::model::types::{Op, Transaction};
 
 /// (required, optional) operations of an XA branch. `prepare` happens in
 /// the application's call, not the coordinator's.
@@ -36,8 +36,8 @@ mod tests {
     use super::super::tests::{at, spec, tx};
     use super::super::{next, on_abort, on_register, on_result};
     use super::*;
-    use crate::state::command::OpOutcome;
-    use crate::state::types::{Outcome, Protocol, TxState};
+    use crate::model::command::OpOutcome;
+    use crate::model::types::{Outcome, Protocol, TxState};
 
     #[test]
     fn commit_decides_at_once_and_phase_two_commits_every_branch() {

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::state::Transaction;
+use crate::model::Transaction;
 
 /// What the leader-only executor (the driver) hears from the loop.
 #[derive(Debug)]

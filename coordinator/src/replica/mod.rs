@@ -15,10 +15,11 @@ use tokio::sync::watch as status_channel;
 
 use crate::clock::Clock;
 use crate::codec;
+use crate::model::command::{Applied, ApplyContext};
+use crate::model::{ApplyResult, Command, validate};
 use crate::raft::replicated::{Observer, Replicated};
 use crate::raft::{NodeError, NodeHandle, NodeStatus};
-use crate::state::command::{Applied, ApplyContext};
-use crate::state::{ApplyResult, Command, ReadView, StateMachine, validate};
+use crate::state::{ReadView, StateMachine};
 use feed::{LeaderEvent, LeaderFeed};
 use watch::{TxWatch, TxWatchers};
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::Node;
+use crate::model::Transaction;
 use crate::raft::NodeError;
-use crate::state::Transaction;
 
 /// How often a transaction waiter re-reads even without a change.
 const WAIT_RECHECK: Duration = Duration::from_secs(1);

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
-use super::command::{Applied, ApplyContext, ApplyResult, Command, Rejection};
-use super::types::{Branch, Fence, Op, Protocol, Transaction, TxOptions, TxState};
-use super::validate::{self, GC_BATCH_MAX, PAYLOAD_BYTES_HARD_MAX};
+use crate::model::command::{Applied, ApplyContext, ApplyResult, Command, Rejection};
+use crate::model::types::{Branch, Fence, Op, Protocol, Transaction, TxOptions, TxState};
+use crate::model::validate::{self, GC_BATCH_MAX, PAYLOAD_BYTES_HARD_MAX};
 use crate::protocol;
 
 /// Unfinished transactions `apply` accepts at most, whatever a node's
@@ -417,8 +417,8 @@ impl StateMachine {
         }
     }
 
-    pub fn decode_snapshot(data: &[u8]) -> Result<StateMachine, super::codec::DecodeError> {
-        use super::codec::{FORMAT_V1, decode_any, decode_body};
+    pub fn decode_snapshot(data: &[u8]) -> Result<StateMachine, crate::codec::DecodeError> {
+        use crate::codec::{FORMAT_V1, decode_any, decode_body};
         let snapshot: SnapshotIn = match decode_any(data)? {
             (FORMAT_V1, body) => {
                 let v1: SnapshotInV1 = decode_body(body)?;
@@ -460,7 +460,7 @@ struct NewTx {
     gid: String,
     protocol: Protocol,
     options: TxOptions,
-    payload: super::types::Payload,
+    payload: crate::model::types::Payload,
     branches: Vec<Arc<Branch>>,
 }
 
@@ -478,7 +478,7 @@ impl SnapshotSource {
             cluster_id: self.cluster_id,
             txs: TxSeq(&self.txs),
         };
-        super::codec::encode_as(super::codec::FORMAT_V2, &out)
+        crate::codec::encode_as(crate::codec::FORMAT_V2, &out)
     }
 }
 
@@ -575,8 +575,8 @@ impl ReadView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::command::SagaStepSpec;
-    use crate::state::types::{RetryPolicy, TxOptions};
+    use crate::model::command::SagaStepSpec;
+    use crate::model::types::{RetryPolicy, TxOptions};
 
     fn ctx() -> ApplyContext {
         ApplyContext { index: 7, term: 2 }
@@ -807,7 +807,7 @@ mod tests {
         }
         let mut m = StateMachine::new(BTreeMap::from([(1, "127.0.0.1:1".to_string())]));
         m.apply(begin("a", Protocol::Xa, 1), ctx()).unwrap();
-        let old = super::super::codec::encode(&V1 {
+        let old = crate::codec::encode(&V1 {
             members: m.members(),
             txs: vec![(**m.get("a").unwrap()).clone()],
         });

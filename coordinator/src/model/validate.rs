@@ -15,7 +15,7 @@ pub const REASON_BYTES_MAX: usize = 1024;
 pub const GC_BATCH_MAX: usize = 10_000;
 /// A participant's error text kept per op (longer ones are cut).
 pub const ERROR_BYTES_MAX: usize = 1024;
-/// What one transaction may take in memory ([`crate::state::Transaction::footprint_bytes`]),
+/// What one transaction may take in memory ([`crate::model::Transaction::footprint_bytes`]),
 /// whatever a node's configuration says; the configurable, lower limit is
 /// checked by the API before Begin and SubmitSaga.
 pub const TX_BYTES_HARD_MAX: usize = 16 << 20;

@@ -105,7 +105,7 @@ pub enum OpOutcome {
     /// `error`, and is being retried. `refused`: the last failure was a
     /// phase-two refusal (a heuristic hazard). The driver does not record
     /// every attempt: it records the first failure, a refusal, powers of two
-    /// and at least every [`crate::protocol::retry::RECORD_INTERVAL_MS`].
+    /// and at least every 30 s (see `protocol::retry`).
     Retrying {
         attempts: u32,
         error: String,
