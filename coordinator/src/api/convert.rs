@@ -43,7 +43,7 @@ pub fn protocol_names() -> String {
 pub fn implemented_protocol_names() -> String {
     Protocol::ALL
         .into_iter()
-        .filter(|p| p.is_implemented())
+        .filter(|p| crate::protocol::is_implemented(*p))
         .map(|p| p.name())
         .collect::<Vec<_>>()
         .join(", ")

@@ -202,7 +202,7 @@ impl Coordinator for CoordinatorService {
                     protocol_names()
                 ))
             })?;
-        if !protocol.is_implemented() {
+        if !protocol::is_implemented(protocol) {
             return Err(Status::unimplemented(format!(
                 "transaction {gid}: protocol {protocol} is not implemented by this coordinator yet; \
                  use one of {}",

@@ -46,13 +46,6 @@ impl Protocol {
     pub fn from_name(name: &str) -> Option<Protocol> {
         Protocol::ALL.into_iter().find(|p| p.name() == name)
     }
-
-    /// Whether this coordinator drives the protocol end to end. Begin
-    /// refuses the others rather than start a transaction nothing would
-    /// ever finish.
-    pub fn is_implemented(self) -> bool {
-        !matches!(self, Protocol::ThreePc | Protocol::Msg)
-    }
 }
 
 impl std::fmt::Display for Protocol {

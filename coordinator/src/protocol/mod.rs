@@ -3,9 +3,14 @@
 //! I/O, no clocks — time arrives inside the events. `state::machine::apply`
 //! calls the `on_*` functions; the driver calls [`next`].
 //!
-//! Each protocol has its module with its transition table in its doc comment;
-//! the mechanics they share (recording an answer, deciding, finishing) live
-//! here.
+//! Each protocol is one file implementing [`Rules`], with its transitions as
+//! one table (`TRANSITIONS`) that its tests check the code makes — no more,
+//! no fewer; [`rules`] is the one place protocols are registered. The
+//! mechanics they share (registering a branch, recording an answer,
+//! deciding, finishing, aborting, timing out) live here.
+//!
+//! Adding a protocol: its file (rules and table), a line in [`rules`], its
+//! role in the SDK.
 
 use std::sync::Arc;
 
@@ -36,14 +41,109 @@ pub struct Call {
 /// changes nothing, and is not an error).
 pub type Changed = bool;
 
+/// A protocol's rules: what each event does to a transaction of it, and
+/// which calls it wants under way.
+pub trait Rules: Sync {
+    /// The operations its branches must register, and may (none: branches
+    /// are not registered one by one).
+    fn branch_ops(&self) -> (&'static [Op], &'static [Op]);
+
+    /// The application asks to commit (not yet asked before).
+    fn on_commit(
+        &self,
+        tx: &mut Transaction,
+        ctx: ApplyContext,
+        now_ms: i64,
+    ) -> Result<Changed, Rejection>;
+
+    /// A participant answered an op the transaction has, before it ended.
+    fn on_result(
+        &self,
+        tx: &mut Transaction,
+        branch_id: &str,
+        op: Op,
+        outcome: &OpOutcome,
+        ctx: ApplyContext,
+        now_ms: i64,
+    ) -> Result<Changed, Rejection>;
+
+    /// The operation phase two sends for an outcome (none: nothing to send).
+    fn phase_two_op(&self, outcome: Outcome) -> Option<Op>;
+
+    /// The calls that should be under way now: by default, phase two.
+    fn next(&self, tx: &Transaction) -> Vec<Call> {
+        phase_two_calls(tx, self)
+    }
+
+    /// Every transition the rules make, as one table.
+    fn transitions(&self) -> &'static [Transition];
+}
+
+/// The rules of a protocol, if this coordinator drives it.
+pub fn rules(protocol: Protocol) -> Option<&'static dyn Rules> {
+    match protocol {
+        Protocol::TwoPc => Some(&two_pc::TwoPc),
+        Protocol::Xa => Some(&xa::Xa),
+        Protocol::Tcc => Some(&tcc::Tcc),
+        Protocol::Saga => Some(&saga::Saga),
+        Protocol::ThreePc | Protocol::Msg => None,
+    }
+}
+
+/// Whether Begin may start a transaction of this protocol.
+pub fn is_implemented(protocol: Protocol) -> bool {
+    rules(protocol).is_some()
+}
+
+/// What happened to a transaction, as a transition table names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Event {
+    Register,
+    Commit,
+    Abort,
+    Timeout,
+    /// A participant answered `op`.
+    Answer(Op, Answer),
+}
+
+/// A participant's answer, as the table cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Answer {
+    Yes,
+    /// A business "no" (phase one), a refusal (phase two).
+    No,
+    /// Unreachable, timed out, 5xx: to be retried.
+    Unavailable,
+}
+
+impl Answer {
+    pub fn of(outcome: &OpOutcome) -> Answer {
+        match outcome {
+            OpOutcome::Succeeded => Answer::Yes,
+            OpOutcome::Failed(_) | OpOutcome::Retrying { refused: true, .. } => Answer::No,
+            OpOutcome::Transient(_) | OpOutcome::Retrying { refused: false, .. } => {
+                Answer::Unavailable
+            }
+        }
+    }
+}
+
+/// A row of a protocol's table: in state `from`, event `on` leads to `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Transition {
+    pub from: TxState,
+    pub on: Event,
+    pub to: TxState,
+}
+
+/// A row, for the tables.
+pub const fn row(from: TxState, on: Event, to: TxState) -> Transition {
+    Transition { from, on, to }
+}
+
 /// The operations a protocol's branches must register, and may.
 pub fn branch_ops(protocol: Protocol) -> (&'static [Op], &'static [Op]) {
-    match protocol {
-        Protocol::TwoPc => two_pc::BRANCH_OPS,
-        Protocol::Xa => xa::BRANCH_OPS,
-        Protocol::Tcc => tcc::BRANCH_OPS,
-        Protocol::Saga | Protocol::ThreePc | Protocol::Msg => (&[], &[]),
-    }
+    rules(protocol).map_or((&[], &[]), |r| r.branch_ops())
 }
 
 fn unsupported(tx: &Transaction, what: &str) -> Rejection {
@@ -157,16 +257,10 @@ pub fn on_commit(
         // A repeat: answer with whatever the first request led to.
         return Ok(false);
     }
-    let changed = match tx.protocol {
-        Protocol::TwoPc => two_pc::on_commit(tx, ctx, now_ms),
-        Protocol::Xa => xa::on_commit(tx, ctx, now_ms),
-        Protocol::Tcc => tcc::on_commit(tx, ctx, now_ms),
-        Protocol::Saga => Err(invalid_state(
-            tx,
-            "a saga is not committed: it finishes by itself when every step succeeded",
-        )),
-        Protocol::ThreePc | Protocol::Msg => Err(unsupported(tx, "commit")),
-    }?;
+    let Some(rules) = rules(tx.protocol) else {
+        return Err(unsupported(tx, "commit"));
+    };
+    let changed = rules.on_commit(tx, ctx, now_ms)?;
     tx.commit_requested |= changed;
     Ok(changed)
 }
@@ -177,9 +271,8 @@ pub fn on_abort(
     ctx: ApplyContext,
     now_ms: i64,
 ) -> Result<Changed, Rejection> {
-    match tx.protocol {
-        Protocol::TwoPc | Protocol::Xa | Protocol::Tcc | Protocol::Saga => {}
-        Protocol::ThreePc | Protocol::Msg => return Err(unsupported(tx, "abort")),
+    if !is_implemented(tx.protocol) {
+        return Err(unsupported(tx, "abort"));
     }
     match tx.state {
         TxState::Active | TxState::Preparing => {
@@ -233,27 +326,23 @@ pub fn on_result(
     if tx.state.is_terminal() {
         return Ok(false);
     }
-    match tx.protocol {
-        Protocol::TwoPc => two_pc::on_result(tx, branch_id, op, outcome, ctx, now_ms),
-        Protocol::Xa | Protocol::Tcc => {
-            // Only phase two is driven by the coordinator.
-            Ok(record_phase_two(tx, branch_id, op, outcome, now_ms))
-        }
-        Protocol::Saga => saga::on_result(tx, branch_id, op, outcome, ctx, now_ms),
-        Protocol::ThreePc | Protocol::Msg => Err(unsupported(tx, "branch results")),
-    }
+    let Some(rules) = rules(tx.protocol) else {
+        return Err(unsupported(tx, "branch results"));
+    };
+    rules.on_result(tx, branch_id, op, outcome, ctx, now_ms)
 }
 
 /// The calls that should be under way for this transaction now.
 pub fn next(tx: &Transaction) -> Vec<Call> {
-    if tx.protocol == Protocol::Saga {
-        return saga::next(tx);
-    }
+    rules(tx.protocol).map_or_else(Vec::new, |r| r.next(tx))
+}
+
+/// Phase two's calls, once decided: every branch's open phase-two op.
+fn phase_two_calls(tx: &Transaction, rules: &(impl Rules + ?Sized)) -> Vec<Call> {
     match tx.state {
-        TxState::Preparing if tx.protocol == Protocol::TwoPc => pending_calls(tx, Op::Prepare),
         TxState::Committing | TxState::Aborting => {
             let outcome = tx.decision.as_ref().map(|d| d.outcome);
-            match outcome.and_then(|o| phase_two_op(tx.protocol, o)) {
+            match outcome.and_then(|o| rules.phase_two_op(o)) {
                 Some(op) => pending_calls(tx, op),
                 None => Vec::new(),
             }
@@ -264,16 +353,7 @@ pub fn next(tx: &Transaction) -> Vec<Call> {
 
 /// The operation phase two sends for an outcome.
 pub fn phase_two_op(protocol: Protocol, outcome: Outcome) -> Option<Op> {
-    match (protocol, outcome) {
-        (Protocol::TwoPc | Protocol::Xa, Outcome::Commit) => Some(Op::Commit),
-        (Protocol::TwoPc | Protocol::Xa, Outcome::Abort) => Some(Op::Rollback),
-        (Protocol::Tcc, Outcome::Commit) => Some(Op::Confirm),
-        (Protocol::Tcc, Outcome::Abort) => Some(Op::Cancel),
-        (Protocol::Saga, Outcome::Abort) => Some(Op::Compensate),
-        // A saga that went forward is done when its last action is.
-        (Protocol::Saga, Outcome::Commit) => None,
-        (Protocol::ThreePc | Protocol::Msg, _) => None,
-    }
+    rules(protocol).and_then(|r| r.phase_two_op(outcome))
 }
 
 /// Whether `op` is this transaction's phase two (a refusal of it is a
@@ -435,7 +515,7 @@ fn finish_if_done(tx: &mut Transaction, now_ms: i64) {
                 .is_none_or(|o| matches!(o.state, OpState::Succeeded | OpState::Skipped))
         }),
         // Nothing to send after the decision (a saga gone forward).
-        None => tx.protocol == Protocol::Saga,
+        None => true,
     };
 
     if done {
@@ -612,5 +692,235 @@ pub(crate) mod tests {
         assert!(on_abort(&mut t, "no", at(4), 4).is_err());
         assert_eq!(on_timeout(&mut t, at(5), 10_000), Ok(false));
         assert_eq!(t.decision, decided);
+    }
+
+    /// Drives one transaction through the real rules (the functions `apply`
+    /// calls), recording every transition that changed it.
+    struct Recorder {
+        tx: Transaction,
+        index: u64,
+        seen: std::collections::BTreeSet<Transition>,
+    }
+
+    impl Recorder {
+        fn new(tx: Transaction) -> Recorder {
+            Recorder {
+                tx,
+                index: 10,
+                seen: Default::default(),
+            }
+        }
+
+        fn step(
+            &mut self,
+            on: Event,
+            now_ms: i64,
+            f: impl FnOnce(&mut Transaction, ApplyContext, i64) -> Result<Changed, Rejection>,
+        ) -> &mut Self {
+            self.index += 1;
+            let from = self.tx.state;
+            if let Ok(true) = f(&mut self.tx, at(self.index), now_ms) {
+                self.seen.insert(row(from, on, self.tx.state));
+            }
+            self
+        }
+
+        fn register(&mut self, branch: &str) -> &mut Self {
+            let spec = spec(self.tx.protocol, branch);
+            self.step(Event::Register, 1, |t, _, now| on_register(t, spec, now))
+        }
+
+        fn commit(&mut self) -> &mut Self {
+            self.step(Event::Commit, 1, on_commit)
+        }
+
+        fn abort(&mut self) -> &mut Self {
+            self.step(Event::Abort, 1, |t, ctx, now| on_abort(t, "no", ctx, now))
+        }
+
+        fn time_out(&mut self) -> &mut Self {
+            let deadline = self.tx.deadline_ms;
+            self.step(Event::Timeout, deadline, on_timeout)
+        }
+
+        fn answer(&mut self, branch: &str, op: Op, outcome: OpOutcome) -> &mut Self {
+            let on = Event::Answer(op, Answer::of(&outcome));
+            self.step(on, 1, |t, ctx, now| {
+                on_result(t, branch, op, &outcome, ctx, now)
+            })
+        }
+    }
+
+    fn yes() -> OpOutcome {
+        OpOutcome::Succeeded
+    }
+    fn no() -> OpOutcome {
+        OpOutcome::Failed("no".into())
+    }
+    fn down() -> OpOutcome {
+        OpOutcome::Transient("down".into())
+    }
+
+    /// The table and the code agree: every row is reached by a scenario,
+    /// and no scenario makes a transition the table does not list.
+    fn assert_table_matches(protocol: Protocol, recorders: &[&Recorder]) {
+        let seen: std::collections::BTreeSet<Transition> = recorders
+            .iter()
+            .flat_map(|r| r.seen.iter().copied())
+            .collect();
+        let table: std::collections::BTreeSet<Transition> = rules(protocol)
+            .expect("registered")
+            .transitions()
+            .iter()
+            .copied()
+            .collect();
+        let unreached: Vec<_> = table.difference(&seen).collect();
+        let undeclared: Vec<_> = seen.difference(&table).collect();
+        assert!(
+            unreached.is_empty() && undeclared.is_empty(),
+            "{protocol}: rows never reached {unreached:#?}; transitions not in the table {undeclared:#?}"
+        );
+    }
+
+    fn with(protocol: Protocol, branches: &[&str]) -> Recorder {
+        let mut r = Recorder::new(tx(protocol));
+        for b in branches {
+            r.register(b);
+        }
+        r
+    }
+
+    #[test]
+    fn two_pc_every_row_of_its_table_is_reached_and_nothing_else() {
+        let p = Protocol::TwoPc;
+        let (prep, commit, rollback) = (Op::Prepare, Op::Commit, Op::Rollback);
+        let mut runs = [
+            with(p, &[]),
+            with(p, &[]),
+            with(p, &[]),
+            with(p, &["a", "b"]),
+            with(p, &["a", "b"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+        ];
+        runs[0].commit();
+        runs[1].abort();
+        runs[2].time_out();
+        runs[3]
+            .commit()
+            .answer("a", prep, down())
+            .answer("a", prep, yes())
+            .answer("b", prep, yes())
+            .answer("a", commit, no())
+            .answer("a", commit, down())
+            .answer("a", commit, yes())
+            .answer("b", commit, yes());
+        runs[4]
+            .commit()
+            .answer("a", prep, no())
+            .answer("a", rollback, no())
+            .answer("a", rollback, down())
+            .answer("a", rollback, yes())
+            .answer("b", rollback, yes());
+        runs[5]
+            .commit()
+            .answer("a", prep, down())
+            .answer("a", prep, down())
+            .answer("a", prep, down());
+        runs[6].commit().abort();
+        runs[7].commit().time_out();
+        runs[8].abort();
+        runs[9].time_out();
+        assert_table_matches(p, &runs.iter().collect::<Vec<_>>());
+    }
+
+    fn app_driven_table_is_reached(p: Protocol, commit: Op, undo: Op) {
+        let mut runs = [
+            with(p, &[]),
+            with(p, &[]),
+            with(p, &[]),
+            with(p, &["a", "b"]),
+            with(p, &["a", "b"]),
+            with(p, &["a"]),
+        ];
+        runs[0].commit();
+        runs[1].abort();
+        runs[2].time_out();
+        runs[3]
+            .commit()
+            .answer("a", commit, no())
+            .answer("a", commit, down())
+            .answer("a", commit, yes())
+            .answer("b", commit, yes());
+        runs[4]
+            .abort()
+            .answer("a", undo, no())
+            .answer("a", undo, down())
+            .answer("a", undo, yes())
+            .answer("b", undo, yes());
+        runs[5].time_out();
+        assert_table_matches(p, &runs.iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn xa_every_row_of_its_table_is_reached_and_nothing_else() {
+        app_driven_table_is_reached(Protocol::Xa, Op::Commit, Op::Rollback);
+    }
+
+    #[test]
+    fn tcc_every_row_of_its_table_is_reached_and_nothing_else() {
+        app_driven_table_is_reached(Protocol::Tcc, Op::Confirm, Op::Cancel);
+    }
+
+    #[test]
+    fn saga_every_row_of_its_table_is_reached_and_nothing_else() {
+        let two_steps = || {
+            let mut t = tx(Protocol::Saga);
+            t.branches = saga::branches(
+                ["s0", "s1"]
+                    .iter()
+                    .map(|id| crate::model::command::SagaStepSpec {
+                        branch_id: id.to_string(),
+                        action: format!("http://svc/{id}/action"),
+                        compensate: format!("http://svc/{id}/compensate"),
+                        payload: Default::default(),
+                        after: Vec::new(),
+                        retry: None,
+                    })
+                    .collect(),
+                0,
+            );
+            Recorder::new(t)
+        };
+        let (action, comp) = (Op::Action, Op::Compensate);
+        let mut runs: Vec<Recorder> = (0..5).map(|_| two_steps()).collect();
+        runs[0]
+            .answer("s0", action, yes())
+            .answer("s1", action, down())
+            .answer("s1", action, yes());
+        runs[1]
+            .answer("s0", action, no())
+            .answer("s0", comp, no())
+            .answer("s0", comp, down())
+            .answer("s0", comp, yes())
+            .answer("s1", comp, yes());
+        runs[2]
+            .answer("s0", action, down())
+            .answer("s0", action, down())
+            .answer("s0", action, down());
+        runs[3].abort();
+        runs[4].time_out();
+        assert_table_matches(Protocol::Saga, &runs.iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn protocols_without_rules_are_not_implemented() {
+        for p in Protocol::ALL {
+            assert_eq!(is_implemented(p), rules(p).is_some());
+        }
+        assert!(!is_implemented(Protocol::ThreePc) && !is_implemented(Protocol::Msg));
     }
 }

@@ -2,15 +2,10 @@
 //! compensation. Steps run in order (sequential) or as a dependency DAG
 //! (concurrent, with a limit on steps in flight, which the driver enforces).
 //!
-//! | state    | event                                                  | next state | effect |
-//! |----------|--------------------------------------------------------|------------|--------|
-//! | (none)   | SubmitSaga                                             | Active     | actions whose dependencies are met run |
-//! | Active   | an action succeeded, others left                       | Active     | actions that became runnable run |
-//! | Active   | the last action succeeded                              | Committed  | decision forward; compensations skipped |
-//! | Active   | an action failed (business), or exhausted its attempts | Aborting   | **decision compensate** at this entry |
-//! | Active   | Abort, Timeout                                         | Aborting   | decision compensate |
-//! | Aborting | a compensation succeeded                               | Aborting   | compensations whose dependants are undone run |
-//! | Aborting | the last compensation succeeded                        | Aborted    | |
+//! Its transitions are the table [`TRANSITIONS`] below — one row per
+//! (state, event, next state), checked against the code by the tests in
+//! `protocol/mod.rs` (a row never reached, or a transition not in the
+//! table, fails them).
 //!
 //! **Which steps are compensated.** At the decision, every step whose action
 //! may have run — every step whose dependencies had all succeeded, the failed
@@ -30,10 +25,80 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 
-use super::{Call, Changed, decide, record, record_phase_two};
+use super::Answer::{No, Unavailable, Yes};
+use super::Event::{Abort, Answer, Timeout};
+use super::{
+    Call, Changed, Rules, Transition, decide, invalid_state, record, record_phase_two, row,
+};
 use crate::model::command::{ApplyContext, OpOutcome, Rejection, SagaStepSpec};
+use crate::model::types::TxState::{Aborted, Aborting, Active, Committed};
 use crate::model::types::{Branch, BranchOp, Op, OpState, Outcome, Transaction, TxState};
 use crate::model::validate::{self, BRANCHES_HARD_MAX, InvalidInput};
+
+/// Every transition, checked against the code by the tests. (A saga starts
+/// Active, submitted whole; it has no Commit and no registration.)
+pub const TRANSITIONS: &[Transition] = &[
+    row(Active, Answer(Op::Action, Yes), Active),
+    row(Active, Answer(Op::Action, Yes), Committed), // the last action: done, forward
+    row(Active, Answer(Op::Action, No), Aborting),   // decision compensate
+    row(Active, Answer(Op::Action, Unavailable), Active),
+    row(Active, Answer(Op::Action, Unavailable), Aborting), // max_attempts: compensate
+    row(Active, Abort, Aborting),
+    row(Active, Timeout, Aborting),
+    row(Aborting, Answer(Op::Compensate, Yes), Aborting),
+    row(Aborting, Answer(Op::Compensate, Yes), Aborted),
+    row(Aborting, Answer(Op::Compensate, No), Aborting), // refused: a hazard, retried
+    row(Aborting, Answer(Op::Compensate, Unavailable), Aborting),
+];
+
+/// The saga's rules.
+pub struct Saga;
+
+impl Rules for Saga {
+    fn branch_ops(&self) -> (&'static [Op], &'static [Op]) {
+        (&[], &[])
+    }
+
+    fn on_commit(
+        &self,
+        tx: &mut Transaction,
+        _ctx: ApplyContext,
+        _now_ms: i64,
+    ) -> Result<Changed, Rejection> {
+        Err(invalid_state(
+            tx,
+            "a saga is not committed: it finishes by itself when every step succeeded",
+        ))
+    }
+
+    fn on_result(
+        &self,
+        tx: &mut Transaction,
+        branch_id: &str,
+        op: Op,
+        outcome: &OpOutcome,
+        ctx: ApplyContext,
+        now_ms: i64,
+    ) -> Result<Changed, Rejection> {
+        on_result(tx, branch_id, op, outcome, ctx, now_ms)
+    }
+
+    fn phase_two_op(&self, outcome: Outcome) -> Option<Op> {
+        match outcome {
+            Outcome::Abort => Some(Op::Compensate),
+            // A saga that went forward is done when its last action is.
+            Outcome::Commit => None,
+        }
+    }
+
+    fn next(&self, tx: &Transaction) -> Vec<Call> {
+        next(tx)
+    }
+
+    fn transitions(&self) -> &'static [Transition] {
+        TRANSITIONS
+    }
+}
 
 /// Checks a saga's steps: at least one, unique valid ids, valid endpoints,
 /// dependencies that exist and form no cycle.
@@ -156,7 +221,7 @@ fn runnable(succeeded: &HashSet<&str>, branch: &Branch) -> bool {
         .all(|dep| succeeded.contains(dep.as_str()))
 }
 
-pub fn next(tx: &Transaction) -> Vec<Call> {
+fn next(tx: &Transaction) -> Vec<Call> {
     let call = |b: &Branch, op: Op| {
         let o = b.op(op).expect("saga branches have both ops");
         Call {
@@ -219,7 +284,7 @@ pub fn mark_compensations(tx: &mut Transaction) {
     }
 }
 
-pub fn on_result(
+fn on_result(
     tx: &mut Transaction,
     branch_id: &str,
     op: Op,

@@ -1,35 +1,103 @@
 //! Two-phase commit, driven by the coordinator: it asks every branch to
 //! prepare, decides, then tells every branch.
 //!
-//! | state      | event                                   | next state | effect |
-//! |------------|-----------------------------------------|------------|--------|
-//! | Active     | RegisterBranch                          | Active     | branch enlisted |
-//! | Active     | Commit (no branches)                    | Committed  | decision commit |
-//! | Active     | Commit                                  | Preparing  | `prepare` to every branch |
-//! | Active     | Abort, Timeout                          | Aborting   | decision abort |
-//! | Preparing  | last `prepare` succeeded                | Committing | **decision commit** at this entry |
-//! | Preparing  | a `prepare` failed (vote no)            | Aborting   | decision abort |
-//! | Preparing  | a `prepare` failed transiently `max_attempts` times | Aborting | decision abort |
-//! | Preparing  | Abort, Timeout                          | Aborting   | decision abort |
-//! | Committing | every `commit` acknowledged             | Committed  | |
-//! | Aborting   | every `rollback` acknowledged           | Aborted    | |
+//! Its transitions are the table [`TRANSITIONS`] below — one row per
+//! (state, event, next state), checked against the code by the tests in
+//! `protocol/mod.rs` (a row never reached, or a transition not in the
+//! table, fails them).
 //!
 //! Rollback goes to every branch, prepared or not: a participant treats a
 //! rollback of something it never prepared as done, and keeps a tombstone so
 //! a late prepare cannot revive it. Presumed abort: no decision, no commit.
 
-use super::{Changed, decide, finish_if_done, invalid_state, record, record_phase_two};
+use super::Answer::{No, Unavailable, Yes};
+use super::Event::{Abort, Answer, Commit, Register, Timeout};
+use super::{
+    Call, Changed, Rules, Transition, decide, finish_if_done, invalid_state, pending_calls,
+    phase_two_calls, record, record_phase_two, row,
+};
 use crate::model::command::{ApplyContext, OpOutcome, Rejection};
+use crate::model::types::TxState::{Aborted, Aborting, Active, Committed, Committing, Preparing};
 use crate::model::types::{Fence, Op, OpState, Outcome, Transaction, TxState};
 
 /// (required, optional) operations of a 2PC branch.
 pub const BRANCH_OPS: (&[Op], &[Op]) = (&[Op::Prepare, Op::Commit, Op::Rollback], &[]);
 
-pub fn on_commit(
-    tx: &mut Transaction,
-    ctx: ApplyContext,
-    now_ms: i64,
-) -> Result<Changed, Rejection> {
+/// Every transition, checked against the code by the tests.
+pub const TRANSITIONS: &[Transition] = &[
+    row(Active, Register, Active),
+    row(Active, Commit, Preparing),
+    row(Active, Commit, Committed), // no branches: nothing to prepare
+    row(Active, Abort, Aborting),
+    row(Active, Abort, Aborted), // no branches: nothing to roll back
+    row(Active, Timeout, Aborting),
+    row(Active, Timeout, Aborted),
+    row(Preparing, Answer(Op::Prepare, Yes), Preparing),
+    row(Preparing, Answer(Op::Prepare, Yes), Committing), // the last yes: decision commit
+    row(Preparing, Answer(Op::Prepare, No), Aborting),    // a no: decision abort
+    row(Preparing, Answer(Op::Prepare, Unavailable), Preparing),
+    row(Preparing, Answer(Op::Prepare, Unavailable), Aborting), // max_attempts: abort
+    row(Preparing, Abort, Aborting),
+    row(Preparing, Timeout, Aborting),
+    row(Committing, Answer(Op::Commit, Yes), Committing),
+    row(Committing, Answer(Op::Commit, Yes), Committed),
+    row(Committing, Answer(Op::Commit, No), Committing), // refused: a hazard, retried
+    row(Committing, Answer(Op::Commit, Unavailable), Committing),
+    row(Aborting, Answer(Op::Rollback, Yes), Aborting),
+    row(Aborting, Answer(Op::Rollback, Yes), Aborted),
+    row(Aborting, Answer(Op::Rollback, No), Aborting),
+    row(Aborting, Answer(Op::Rollback, Unavailable), Aborting),
+];
+
+/// Two-phase commit's rules.
+pub struct TwoPc;
+
+impl Rules for TwoPc {
+    fn branch_ops(&self) -> (&'static [Op], &'static [Op]) {
+        BRANCH_OPS
+    }
+
+    fn on_commit(
+        &self,
+        tx: &mut Transaction,
+        ctx: ApplyContext,
+        now_ms: i64,
+    ) -> Result<Changed, Rejection> {
+        on_commit(tx, ctx, now_ms)
+    }
+
+    fn on_result(
+        &self,
+        tx: &mut Transaction,
+        branch_id: &str,
+        op: Op,
+        outcome: &OpOutcome,
+        ctx: ApplyContext,
+        now_ms: i64,
+    ) -> Result<Changed, Rejection> {
+        on_result(tx, branch_id, op, outcome, ctx, now_ms)
+    }
+
+    fn phase_two_op(&self, outcome: Outcome) -> Option<Op> {
+        Some(match outcome {
+            Outcome::Commit => Op::Commit,
+            Outcome::Abort => Op::Rollback,
+        })
+    }
+
+    fn next(&self, tx: &Transaction) -> Vec<Call> {
+        match tx.state {
+            TxState::Preparing => pending_calls(tx, Op::Prepare),
+            _ => phase_two_calls(tx, self),
+        }
+    }
+
+    fn transitions(&self) -> &'static [Transition] {
+        TRANSITIONS
+    }
+}
+
+fn on_commit(tx: &mut Transaction, ctx: ApplyContext, now_ms: i64) -> Result<Changed, Rejection> {
     match tx.state {
         TxState::Active if tx.branches.is_empty() => {
             decide(
@@ -57,7 +125,7 @@ pub fn on_commit(
     }
 }
 
-pub fn on_result(
+fn on_result(
     tx: &mut Transaction,
     branch_id: &str,
     op: Op,

@@ -69,7 +69,7 @@ impl StateMachine {
             } => {
                 validate::gid(&gid)?;
                 validate::payload(&gid, &payload, PAYLOAD_BYTES_HARD_MAX)?;
-                if !protocol.is_implemented() {
+                if !protocol::is_implemented(protocol) {
                     return Err(Rejection::Invalid(validate::InvalidInput::Other {
                         gid,
                         problem: format!("protocol {protocol} is not implemented yet"),
