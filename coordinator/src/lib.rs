@@ -12,4 +12,5 @@ pub mod protocol;
 pub mod raft;
 pub mod replica;
 pub mod server;
+pub mod service;
 pub mod state;

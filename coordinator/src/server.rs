@@ -21,6 +21,7 @@ use crate::config::ServeConfig;
 use crate::raft::transport::Transport;
 use crate::raft::{self, Role, StartError};
 use crate::replica::{self, Node};
+use crate::service::{ClusterAdmin, Transactions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -69,7 +70,11 @@ pub async fn serve(
     let (observer, leader_events, replica) = replica::observer(config.retention, clock.clone());
     let (node, raft_thread) = raft::start(node_config, transport.clone(), observer)?;
     let replica = replica(node.clone());
-    let driver = Driver::new(replica.clone(), Arc::new(BranchCaller::new()), clock);
+    let driver = Driver::new(
+        replica.clone(),
+        Arc::new(BranchCaller::new()),
+        clock.clone(),
+    );
     let driver_task = tokio::spawn(driver.run(leader_events));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -81,15 +86,18 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(
-            CoordinatorServer::new(CoordinatorService::new(
+            CoordinatorServer::new(CoordinatorService::new(Transactions::new(
                 replica.clone(),
                 config.limits.clone(),
-            ))
+                clock.clone(),
+            )))
             // A request may carry a whole transaction, and a little more
             // (the API then names what is over which limit).
             .max_decoding_message_size(config.limits.tx_bytes_max + (1 << 20)),
         )
-        .add_service(ClusterServer::new(ClusterService::new(replica.clone())))
+        .add_service(ClusterServer::new(ClusterService::new(ClusterAdmin::new(
+            replica.clone(),
+        ))))
         .add_service(transport.service())
         .add_service(health_service)
         .add_service(reflection);

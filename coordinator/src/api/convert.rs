@@ -39,16 +39,6 @@ pub fn protocol_names() -> String {
     Protocol::ALL.map(|p| p.name()).join(", ")
 }
 
-/// The protocols Begin accepts.
-pub fn implemented_protocol_names() -> String {
-    Protocol::ALL
-        .into_iter()
-        .filter(|p| crate::protocol::is_implemented(*p))
-        .map(|p| p.name())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 pub fn state_to_pb(s: TxState) -> pb::TxState {
     match s {
         TxState::Active => pb::TxState::Active,

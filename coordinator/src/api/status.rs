@@ -6,6 +6,7 @@ use tonic::{Code, Status};
 
 use crate::model::Rejection;
 use crate::raft::NodeError;
+use crate::service::ServiceError;
 
 pub fn from_node_error(error: NodeError) -> Status {
     let code = match &error {
@@ -41,6 +42,20 @@ pub fn from_rejection(rejection: Rejection) -> Status {
         Rejection::TooManyActive { .. } => Code::ResourceExhausted,
     };
     Status::new(code, rejection.to_string())
+}
+
+/// The service layer's error as one status; its message names the gid.
+pub fn from_service_error(error: ServiceError) -> Status {
+    match error {
+        ServiceError::Invalid(m) => Status::invalid_argument(m),
+        ServiceError::Unimplemented(m) => Status::unimplemented(m),
+        ServiceError::Exhausted(m) => Status::resource_exhausted(m),
+        e @ ServiceError::NotFound { .. } => Status::not_found(e.to_string()),
+        ServiceError::Rejected(r) => from_rejection(r),
+        ServiceError::Node(e) => from_node_error(e),
+        ServiceError::TimedOut(m) => Status::deadline_exceeded(m),
+        ServiceError::Internal(m) => Status::internal(m),
+    }
 }
 
 pub fn invalid(message: impl Into<String>) -> Status {
