@@ -1,13 +1,17 @@
 //! `tandem serve` configuration: command-line flags, `TANDEM_*` environment
 //! variables and an optional TOML file, resolved in that order of precedence
-//! over the built-in defaults into one validated [`ServeConfig`].
+//! over the built-in defaults into one validated [`ServeConfig`]. The layers
+//! are merged by `figment`; the flags and the file are one struct, so a
+//! setting is named once.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
 
 use crate::model::types::RetryPolicy;
 use crate::model::validate::{PAYLOAD_BYTES_HARD_MAX, TX_BYTES_HARD_MAX};
@@ -19,107 +23,103 @@ pub const DEFAULT_DATA_DIR: &str = "./tandem-data";
 pub const DEFAULT_CLUSTER_NAME: &str = "tandem";
 
 /// Flags of `tandem serve`. Every one can also come from the environment
-/// (`TANDEM_<NAME>`) or the `--config` file (same names, snake_case).
-#[derive(clap::Args, Debug, Default, Clone)]
+/// (`TANDEM_<NAME>`) or the `--config` file (same names, snake_case). In
+/// the file, unknown keys are an error, so a typo is not silently ignored.
+#[derive(clap::Args, Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// TOML file with any of these settings (flags and environment win).
     #[arg(long, env = "TANDEM_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// This node's Raft id (non-zero). [default: 1]
     #[arg(long, env = "TANDEM_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
     /// Address to serve gRPC on. [default: 127.0.0.1:7070]
     #[arg(long, env = "TANDEM_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
     /// Address peers and clients dial to reach this node. [default: --listen]
     #[arg(long, env = "TANDEM_ADVERTISE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
     /// Founding members as ID=HOST:PORT,…; this node must be one of them.
     /// [default: this node alone]
     #[arg(long, env = "TANDEM_PEERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub peers: Option<String>,
     /// Start with an empty data directory and wait to be added to a running
     /// cluster (`tandem cluster add`) instead of founding one.
     #[arg(long, env = "TANDEM_JOIN")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub join: bool,
     /// Where the Raft log and snapshots live. [default: ./tandem-data]
     #[arg(long, env = "TANDEM_DATA_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// Nodes refuse Raft traffic from another cluster name. [default: tandem]
     #[arg(long, env = "TANDEM_CLUSTER_NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_name: Option<String>,
     /// A follower that hears nothing from the leader this long (randomized up
     /// to twice this) starts an election. [default: 1000]
     #[arg(long, env = "TANDEM_ELECTION_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub election_timeout_ms: Option<u64>,
     /// Leader heartbeat interval. [default: 100]
     #[arg(long, env = "TANDEM_HEARTBEAT_INTERVAL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_interval_ms: Option<u64>,
     /// Snapshot the state machine (and compact the log) every this many
     /// applied entries. [default: 20000]
     #[arg(long, env = "TANDEM_SNAPSHOT_INTERVAL_ENTRIES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_interval_entries: Option<u64>,
     /// Log entries kept behind a snapshot for lagging followers. [default: 5000]
     #[arg(long, env = "TANDEM_LOG_RETAIN_ENTRIES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log_retain_entries: Option<u64>,
     /// How long finished transactions stay readable before they are collected,
     /// e.g. "10m". [default: 10m]
     #[arg(long, env = "TANDEM_RETENTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retention: Option<String>,
     /// Finished transactions kept at most; the oldest are collected first.
     /// [default: 200000]
     #[arg(long, env = "TANDEM_FINISHED_MAX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_max: Option<usize>,
     /// Largest transaction or branch payload accepted. [default: 65536]
     #[arg(long, env = "TANDEM_PAYLOAD_BYTES_MAX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub payload_bytes_max: Option<usize>,
     /// Largest transaction accepted, counted as its footprint: payloads,
     /// ids, endpoints and a fixed cost per branch (README, "Limits and
     /// memory"). At most 16 MiB. [default: 8388608]
     #[arg(long, env = "TANDEM_TX_BYTES_MAX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tx_bytes_max: Option<usize>,
     /// Footprint of all unfinished transactions together; Begin and
     /// SubmitSaga beyond it are refused with RESOURCE_EXHAUSTED.
     /// [default: 268435456]
     #[arg(long, env = "TANDEM_ACTIVE_BYTES_MAX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub active_bytes_max: Option<usize>,
     /// Footprint of the finished transactions kept for reading; the oldest
     /// are collected beyond it. [default: 67108864]
     #[arg(long, env = "TANDEM_FINISHED_BYTES_MAX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_bytes_max: Option<usize>,
     /// Unfinished transactions accepted at most; Begin beyond it is refused
     /// with RESOURCE_EXHAUSTED. [default: 1000000]
     #[arg(long, env = "TANDEM_ACTIVE_MAX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub active_max: Option<usize>,
     /// Timeout of a transaction that does not set one. [default: 60s]
     #[arg(long, env = "TANDEM_DEFAULT_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub default_timeout: Option<String>,
-}
-
-/// The same settings in a TOML file. Unknown keys are an error, so a typo is
-/// not silently ignored.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    id: Option<u64>,
-    listen: Option<String>,
-    advertise: Option<String>,
-    peers: Option<String>,
-    join: Option<bool>,
-    data_dir: Option<PathBuf>,
-    cluster_name: Option<String>,
-    election_timeout_ms: Option<u64>,
-    heartbeat_interval_ms: Option<u64>,
-    snapshot_interval_entries: Option<u64>,
-    log_retain_entries: Option<u64>,
-    retention: Option<String>,
-    finished_max: Option<usize>,
-    payload_bytes_max: Option<usize>,
-    tx_bytes_max: Option<usize>,
-    active_bytes_max: Option<usize>,
-    finished_bytes_max: Option<usize>,
-    active_max: Option<usize>,
-    default_timeout: Option<String>,
 }
 
 /// Limits and defaults the API applies before anything is proposed.
@@ -184,30 +184,24 @@ fn err(message: impl Into<String>) -> ConfigError {
 
 impl ServeConfig {
     pub fn resolve(args: ServeArgs) -> Result<ServeConfig, ConfigError> {
-        let file = match &args.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
-        };
-        let id = args.id.or(file.id).unwrap_or(1);
+        let args = merge(args)?;
+        let id = args.id.unwrap_or(1);
         if id == 0 {
             return Err(err("--id must be non-zero"));
         }
-        let listen_text = args
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen_text = args.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen: SocketAddr = listen_text.parse().map_err(|e| {
             err(format!(
                 "--listen {listen_text:?} is not an IP:PORT address: {e}"
             ))
         })?;
-        let address = args.advertise.or(file.advertise).unwrap_or(listen_text);
+        let address = args.advertise.unwrap_or(listen_text);
         check_host_port("--advertise", &address)?;
-        let peers = match args.peers.or(file.peers) {
+        let peers = match args.peers {
             Some(text) => parse_peers(&text)?,
             None => BTreeMap::from([(id, address.clone())]),
         };
-        let join = args.join || file.join.unwrap_or(false);
+        let join = args.join;
         if let Some(own) = peers.get(&id)
             && *own != address
         {
@@ -215,14 +209,8 @@ impl ServeConfig {
                 "--peers gives node {id} the address {own}, but it serves on {address} (set --advertise)"
             )));
         }
-        let election_ms = args
-            .election_timeout_ms
-            .or(file.election_timeout_ms)
-            .unwrap_or(1000);
-        let heartbeat_ms = args
-            .heartbeat_interval_ms
-            .or(file.heartbeat_interval_ms)
-            .unwrap_or(100);
+        let election_ms = args.election_timeout_ms.unwrap_or(1000);
+        let heartbeat_ms = args.heartbeat_interval_ms.unwrap_or(100);
         if heartbeat_ms == 0 || election_ms < 3 * heartbeat_ms {
             return Err(err(format!(
                 "--election-timeout-ms ({election_ms}) must be at least three heartbeat intervals ({heartbeat_ms}, non-zero)"
@@ -230,35 +218,20 @@ impl ServeConfig {
         }
         // Ticks of at most 50ms keep timing precise for short timeouts.
         let tick_ms = heartbeat_ms.min(50);
-        let retention = parse_duration(
-            "--retention",
-            args.retention
-                .or(file.retention)
-                .as_deref()
-                .unwrap_or("10m"),
-        )?;
+        let retention = parse_duration("--retention", args.retention.as_deref().unwrap_or("10m"))?;
         let default_timeout = parse_duration(
             "--default-timeout",
-            args.default_timeout
-                .or(file.default_timeout)
-                .as_deref()
-                .unwrap_or("60s"),
+            args.default_timeout.as_deref().unwrap_or("60s"),
         )?;
         let mut limits = Limits::default();
-        limits.payload_bytes_max = args
-            .payload_bytes_max
-            .or(file.payload_bytes_max)
-            .unwrap_or(limits.payload_bytes_max);
+        limits.payload_bytes_max = args.payload_bytes_max.unwrap_or(limits.payload_bytes_max);
         if limits.payload_bytes_max > PAYLOAD_BYTES_HARD_MAX {
             return Err(err(format!(
                 "--payload-bytes-max {} is over the hard limit {PAYLOAD_BYTES_HARD_MAX}",
                 limits.payload_bytes_max
             )));
         }
-        limits.tx_bytes_max = args
-            .tx_bytes_max
-            .or(file.tx_bytes_max)
-            .unwrap_or(limits.tx_bytes_max);
+        limits.tx_bytes_max = args.tx_bytes_max.unwrap_or(limits.tx_bytes_max);
         if limits.tx_bytes_max > TX_BYTES_HARD_MAX {
             return Err(err(format!(
                 "--tx-bytes-max {} is over the hard limit {TX_BYTES_HARD_MAX}",
@@ -271,35 +244,25 @@ impl ServeConfig {
                 limits.payload_bytes_max, limits.tx_bytes_max
             )));
         }
-        limits.active_bytes_max = args
-            .active_bytes_max
-            .or(file.active_bytes_max)
-            .unwrap_or(limits.active_bytes_max);
+        limits.active_bytes_max = args.active_bytes_max.unwrap_or(limits.active_bytes_max);
         if limits.active_bytes_max < limits.tx_bytes_max {
             return Err(err(format!(
                 "--active-bytes-max {} is under --tx-bytes-max {}: not even one transaction would fit",
                 limits.active_bytes_max, limits.tx_bytes_max
             )));
         }
-        limits.active_max = args
-            .active_max
-            .or(file.active_max)
-            .unwrap_or(limits.active_max);
+        limits.active_max = args.active_max.unwrap_or(limits.active_max);
         let timeout_ms = u32::try_from(default_timeout.as_millis())
             .ok()
             .filter(|ms| *ms > 0 && *ms <= limits.timeout_ms_max)
             .ok_or_else(|| err("--default-timeout must be between 1ms and 24h"))?;
         limits.timeout_ms_default = timeout_ms;
-        let snapshot_interval_entries = args
-            .snapshot_interval_entries
-            .or(file.snapshot_interval_entries)
-            .unwrap_or(20_000);
+        let snapshot_interval_entries = args.snapshot_interval_entries.unwrap_or(20_000);
         if snapshot_interval_entries == 0 {
             return Err(err("--snapshot-interval-entries must be non-zero"));
         }
         let cluster_name = args
             .cluster_name
-            .or(file.cluster_name)
             .unwrap_or_else(|| DEFAULT_CLUSTER_NAME.to_string());
         if cluster_name.is_empty() || cluster_name.len() > 64 {
             return Err(err("--cluster-name must be 1 to 64 bytes"));
@@ -312,25 +275,18 @@ impl ServeConfig {
             join,
             data_dir: args
                 .data_dir
-                .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             tick: Duration::from_millis(tick_ms),
             election_ticks: (election_ms / tick_ms) as usize,
             heartbeat_ticks: (heartbeat_ms / tick_ms).max(1) as usize,
             snapshot_interval_entries,
-            log_retain_entries: args
-                .log_retain_entries
-                .or(file.log_retain_entries)
-                .unwrap_or(5_000),
+            log_retain_entries: args.log_retain_entries.unwrap_or(5_000),
             group: RAFT_GROUP,
         };
         let retention = Retention {
             age: retention,
-            count_max: args.finished_max.or(file.finished_max).unwrap_or(200_000),
-            bytes_max: args
-                .finished_bytes_max
-                .or(file.finished_bytes_max)
-                .unwrap_or(64 << 20),
+            count_max: args.finished_max.unwrap_or(200_000),
+            bytes_max: args.finished_bytes_max.unwrap_or(64 << 20),
         };
         Ok(ServeConfig {
             listen,
@@ -341,10 +297,24 @@ impl ServeConfig {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| err(format!("{}: {e}", path.display())))
+/// The file's settings under the flags and environment (which clap has
+/// already merged: a flag wins over its variable).
+fn merge(args: ServeArgs) -> Result<ServeArgs, ConfigError> {
+    let Some(path) = args.config.clone() else {
+        return Ok(args);
+    };
+    if !path.is_file() {
+        return Err(err(format!("cannot read {}: no such file", path.display())));
+    }
+    Figment::new()
+        .merge(Toml::file_exact(&path))
+        .merge(Serialized::defaults(&args))
+        .extract::<ServeArgs>()
+        .map(|merged| ServeArgs {
+            config: Some(path.clone()),
+            ..merged
+        })
+        .map_err(|e| err(format!("{}: {e}", path.display())))
 }
 
 fn parse_duration(flag: &str, text: &str) -> Result<Duration, ConfigError> {
@@ -446,6 +416,24 @@ mod tests {
         assert_eq!(config.node.id, 3);
         assert_eq!(config.listen.to_string(), "127.0.0.1:7474");
         assert_eq!(config.retention.age, Duration::from_secs(60));
+        std::fs::write(&path, "join = true\ncluster_name = \"blue\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            cluster_name: Some("green".into()),
+            ..Default::default()
+        };
+        let config = ServeConfig::resolve(args).unwrap();
+        assert!(
+            config.node.join,
+            "a file's true is not undone by an absent flag"
+        );
+        assert_eq!(config.node.cluster_name, "green", "the flag wins");
+        let missing = ServeArgs {
+            config: Some(dir.path().join("absent.toml")),
+            ..Default::default()
+        };
+        let e = ServeConfig::resolve(missing).unwrap_err().to_string();
+        assert!(e.contains("absent.toml"), "{e}");
         std::fs::write(&path, "idd = 3\n").unwrap();
         let args = ServeArgs {
             config: Some(path),

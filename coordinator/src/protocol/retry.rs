@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
+
 use crate::model::types::RetryPolicy;
 
 /// A failing op is recorded in the log at least this often, so that Get
@@ -18,22 +20,31 @@ pub const RECORD_INTERVAL_MS: i64 = 30_000;
 /// `initial × 2^(attempts-1)`, capped at `max`, less a jitter of up to half
 /// of it (so the retries of many transactions spread out). The jitter comes
 /// from `seed` (for example a hash of the gid, branch and attempt), so the
-/// same failure always waits the same time — which a simulation needs.
+/// same failure always waits the same time — which a simulation needs, and a
+/// new leader resuming from a recorded attempt count gets the same answer.
+///
+/// The schedule is `backon`'s exponential backoff (the one the transport and
+/// the SDK use): from half the initial interval to half the cap, with its
+/// jitter of up to the same again, seeded — so each wait lies in
+/// `[full / 2, full]`.
 pub fn backoff(policy: RetryPolicy, attempts: u32, seed: u64) -> Duration {
     if attempts == 0 {
         return Duration::ZERO;
     }
     let initial = u64::from(policy.initial_interval_ms.max(1));
-    let max = u64::from(
-        policy
-            .max_interval_ms
-            .max(policy.initial_interval_ms)
-            .max(1),
-    );
-    let exp = (attempts - 1).min(30);
-    let full = initial.saturating_mul(1 << exp).min(max);
-    let jitter = seed % (full / 2 + 1);
-    Duration::from_millis(full - jitter)
+    let max = u64::from(policy.max_interval_ms).max(initial);
+    // Past 2^40 × initial every schedule has long reached its cap.
+    let step = (attempts - 1).min(40) as usize;
+    let wait = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_micros(initial * 500))
+        .with_max_delay(Duration::from_micros(max * 500))
+        .with_jitter()
+        .with_jitter_seed(seed)
+        .without_max_times()
+        .build()
+        .nth(step)
+        .expect("an unbounded schedule never ends");
+    wait.min(Duration::from_millis(max))
 }
 
 /// What the log already says about a failing op.
@@ -112,8 +123,9 @@ mod tests {
         ] {
             for seed in [0, 1, 99, u64::MAX] {
                 let wait = backoff(POLICY, attempts, seed).as_millis() as u64;
+                // ms, rounded down: allow the one lost below full / 2.
                 assert!(
-                    wait <= full && wait >= full - full / 2,
+                    wait <= full && wait + 1 >= full - full / 2,
                     "attempt {attempts}, seed {seed}: {wait} ms not in [{}, {full}]",
                     full - full / 2
                 );
@@ -124,6 +136,9 @@ mod tests {
             backoff(POLICY, 3, 5),
             "deterministic"
         );
+        let spread: std::collections::BTreeSet<_> =
+            (0..64).map(|seed| backoff(POLICY, 5, seed)).collect();
+        assert!(spread.len() > 16, "the jitter spreads retries: {spread:?}");
     }
 
     #[test]

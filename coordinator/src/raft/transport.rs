@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use crossbeam_channel::Sender;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
@@ -32,6 +33,7 @@ const STREAM_BATCHES_MAX: usize = 64;
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Snapshots can be large; give their call longer.
 const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Reconnecting to an unreachable peer: from this, doubling, to the max.
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Largest message a node sends or accepts from a peer (snapshots included).
@@ -196,7 +198,11 @@ impl Transport {
         let mut client = RaftTransportClient::new(endpoint.connect_lazy())
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX);
-        let mut backoff = BACKOFF_MIN;
+        let schedule = ExponentialBuilder::new()
+            .with_min_delay(BACKOFF_MIN)
+            .with_max_delay(BACKOFF_MAX)
+            .without_max_times();
+        let mut backoff = schedule.build();
         let mut failures = 0u64;
         let mut stream: Option<PeerStream> = None;
         let mut batch = Vec::with_capacity(64);
@@ -247,7 +253,7 @@ impl Transport {
                     tracing::info!(to, %address, "peer reachable again");
                 }
                 failures = 0;
-                backoff = BACKOFF_MIN;
+                backoff = schedule.build();
                 continue;
             };
             failures += 1;
@@ -255,8 +261,7 @@ impl Transport {
                 tracing::warn!(to, %address, failures, %error, "cannot reach peer");
             }
             self.report(PeerEvent::Unreachable(to));
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::time::sleep(backoff.next().unwrap_or(BACKOFF_MAX)).await;
         }
     }
 

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::cluster_client::ClusterClient;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
@@ -24,6 +24,11 @@ pub use scope::GlobalTx;
 /// Largest answer the client reads: a List page of large transactions.
 /// Coordinators bound a transaction by `--tx-bytes-max` (at most 16 MiB).
 const RESPONSE_BYTES_MAX: usize = 64 << 20;
+
+/// Between attempts of a failed call: from this, doubling with a jitter of
+/// up to the same again, to the max.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(25);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The Coordinator service on a channel, reading answers up to
 /// [`RESPONSE_BYTES_MAX`] (tonic's default, 4 MiB, is less than one large
@@ -326,7 +331,13 @@ impl Client {
     {
         let started = Instant::now();
         let mut target = self.current();
-        let mut backoff = Duration::from_millis(25);
+        // Spread out, so that the clients of a failed node do not return in step.
+        let mut backoff = ExponentialBuilder::new()
+            .with_min_delay(RETRY_BACKOFF_MIN)
+            .with_max_delay(RETRY_BACKOFF_MAX)
+            .with_jitter()
+            .without_max_times()
+            .build();
         let mut redirects = 0;
         loop {
             let attempt = tokio::time::timeout(call_timeout, call(self.channel(&target))).await;
@@ -379,9 +390,7 @@ impl Client {
                     }
                 }
             }
-            let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
-            tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tokio::time::sleep(backoff.next().unwrap_or(RETRY_BACKOFF_MAX)).await;
         }
     }
 
