@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+pub mod app_driven;
 pub mod retry;
 pub mod saga;
 pub mod tcc;
@@ -83,8 +84,8 @@ pub trait Rules: Sync {
 pub fn rules(protocol: Protocol) -> Option<&'static dyn Rules> {
     match protocol {
         Protocol::TwoPc => Some(&two_pc::TwoPc),
-        Protocol::Xa => Some(&xa::Xa),
-        Protocol::Tcc => Some(&tcc::Tcc),
+        Protocol::Xa => Some(&xa::XA),
+        Protocol::Tcc => Some(&tcc::TCC),
         Protocol::Saga => Some(&saga::Saga),
         Protocol::ThreePc | Protocol::Msg => None,
     }

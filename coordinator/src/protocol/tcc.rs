@@ -1,89 +1,33 @@
 //! TCC: the application calls each participant's Try through the SDK, which
 //! registers the branch (with its confirm and cancel) before calling Try.
 //!
-//! Its transitions are the table [`TRANSITIONS`] below — one row per
-//! (state, event, next state), checked against the code by the tests in
-//! `protocol/mod.rs` (a row never reached, or a transition not in the
-//! table, fails them).
+//! Its transitions are [`TRANSITIONS`]: the table it shares with XA
+//! (`app_driven.rs`), of its own operations — checked against the code by
+//! the tests in `protocol/mod.rs` (a row never reached, or a transition not
+//! in the table, fails them).
 //!
 //! Cancel goes to every registered branch, whether its Try ran, failed or
 //! never arrived: the participant's barrier turns a cancel without a try into
 //! a no-op and refuses the late try.
 
-use super::Answer::{No, Unavailable, Yes};
-use super::Event::{Abort, Answer, Commit, Register, Timeout};
-use super::{Changed, Rules, Transition, commit_app_driven, record_phase_two, row};
-use crate::model::command::{ApplyContext, OpOutcome, Rejection};
-use crate::model::types::TxState::{Aborted, Aborting, Active, Committed, Committing};
-use crate::model::types::{Op, Outcome, Transaction};
+use super::Transition;
+use super::app_driven::{AppDriven, table};
+use crate::model::types::Op;
 
 /// (required, optional) operations of a TCC branch; `try` is recorded for
 /// visibility only — the application calls it.
 pub const BRANCH_OPS: (&[Op], &[Op]) = (&[Op::Confirm, Op::Cancel], &[Op::Try]);
 
 /// Every transition, checked against the code by the tests.
-pub const TRANSITIONS: &[Transition] = &[
-    row(Active, Register, Active),
-    row(Active, Commit, Committing), // the decision: COMMIT_OP to every branch
-    row(Active, Commit, Committed),  // no branches
-    row(Active, Abort, Aborting),
-    row(Active, Abort, Aborted), // no branches
-    row(Active, Timeout, Aborting),
-    row(Active, Timeout, Aborted),
-    row(Committing, Answer(COMMIT_OP, Yes), Committing),
-    row(Committing, Answer(COMMIT_OP, Yes), Committed),
-    row(Committing, Answer(COMMIT_OP, No), Committing), // refused: a hazard, retried
-    row(Committing, Answer(COMMIT_OP, Unavailable), Committing),
-    row(Aborting, Answer(ABORT_OP, Yes), Aborting),
-    row(Aborting, Answer(ABORT_OP, Yes), Aborted),
-    row(Aborting, Answer(ABORT_OP, No), Aborting),
-    row(Aborting, Answer(ABORT_OP, Unavailable), Aborting),
-];
-
-const COMMIT_OP: Op = Op::Confirm;
-const ABORT_OP: Op = Op::Cancel;
+pub const TRANSITIONS: &[Transition] = &table(Op::Confirm, Op::Cancel);
 
 /// TCC's rules: the application drives phase one, the coordinator phase two.
-pub struct Tcc;
-
-impl Rules for Tcc {
-    fn branch_ops(&self) -> (&'static [Op], &'static [Op]) {
-        BRANCH_OPS
-    }
-
-    fn on_commit(
-        &self,
-        tx: &mut Transaction,
-        ctx: ApplyContext,
-        now_ms: i64,
-    ) -> Result<Changed, Rejection> {
-        commit_app_driven(tx, ctx, now_ms)
-    }
-
-    fn on_result(
-        &self,
-        tx: &mut Transaction,
-        branch_id: &str,
-        op: Op,
-        outcome: &OpOutcome,
-        _ctx: ApplyContext,
-        now_ms: i64,
-    ) -> Result<Changed, Rejection> {
-        // Only phase two is driven by the coordinator.
-        Ok(record_phase_two(tx, branch_id, op, outcome, now_ms))
-    }
-
-    fn phase_two_op(&self, outcome: Outcome) -> Option<Op> {
-        Some(match outcome {
-            Outcome::Commit => COMMIT_OP,
-            Outcome::Abort => ABORT_OP,
-        })
-    }
-
-    fn transitions(&self) -> &'static [Transition] {
-        TRANSITIONS
-    }
-}
+pub const TCC: AppDriven = AppDriven {
+    branch_ops: BRANCH_OPS,
+    commit: Op::Confirm,
+    undo: Op::Cancel,
+    transitions: TRANSITIONS,
+};
 
 #[cfg(test)]
 mod tests {

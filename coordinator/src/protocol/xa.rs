@@ -3,89 +3,33 @@
 //! after registering. The application's Commit is the vote "every branch
 //! prepared"; the coordinator drives phase two through the participants.
 //!
-//! Its transitions are the table [`TRANSITIONS`] below — one row per
-//! (state, event, next state), checked against the code by the tests in
-//! `protocol/mod.rs` (a row never reached, or a transition not in the
-//! table, fails them).
+//! Its transitions are [`TRANSITIONS`]: the table it shares with TCC
+//! (`app_driven.rs`), of its own operations — checked against the code by
+//! the tests in `protocol/mod.rs` (a row never reached, or a transition not
+//! in the table, fails them).
 //!
 //! A participant that prepared and then lost contact resolves its xid by
 //! asking the coordinator (the SDK's recovery scan): presumed abort for an
 //! unknown gid or one past its deadline.
 
-use super::Answer::{No, Unavailable, Yes};
-use super::Event::{Abort, Answer, Commit, Register, Timeout};
-use super::{Changed, Rules, Transition, commit_app_driven, record_phase_two, row};
-use crate::model::command::{ApplyContext, OpOutcome, Rejection};
-use crate::model::types::TxState::{Aborted, Aborting, Active, Committed, Committing};
-use crate::model::types::{Op, Outcome, Transaction};
+use super::Transition;
+use super::app_driven::{AppDriven, table};
+use crate::model::types::Op;
 
 /// (required, optional) operations of an XA branch. `prepare` happens in
 /// the application's call, not the coordinator's.
 pub const BRANCH_OPS: (&[Op], &[Op]) = (&[Op::Commit, Op::Rollback], &[]);
 
 /// Every transition, checked against the code by the tests.
-pub const TRANSITIONS: &[Transition] = &[
-    row(Active, Register, Active),
-    row(Active, Commit, Committing), // the decision: COMMIT_OP to every branch
-    row(Active, Commit, Committed),  // no branches
-    row(Active, Abort, Aborting),
-    row(Active, Abort, Aborted), // no branches
-    row(Active, Timeout, Aborting),
-    row(Active, Timeout, Aborted),
-    row(Committing, Answer(COMMIT_OP, Yes), Committing),
-    row(Committing, Answer(COMMIT_OP, Yes), Committed),
-    row(Committing, Answer(COMMIT_OP, No), Committing), // refused: a hazard, retried
-    row(Committing, Answer(COMMIT_OP, Unavailable), Committing),
-    row(Aborting, Answer(ABORT_OP, Yes), Aborting),
-    row(Aborting, Answer(ABORT_OP, Yes), Aborted),
-    row(Aborting, Answer(ABORT_OP, No), Aborting),
-    row(Aborting, Answer(ABORT_OP, Unavailable), Aborting),
-];
-
-const COMMIT_OP: Op = Op::Commit;
-const ABORT_OP: Op = Op::Rollback;
+pub const TRANSITIONS: &[Transition] = &table(Op::Commit, Op::Rollback);
 
 /// XA's rules: the application drives phase one, the coordinator phase two.
-pub struct Xa;
-
-impl Rules for Xa {
-    fn branch_ops(&self) -> (&'static [Op], &'static [Op]) {
-        BRANCH_OPS
-    }
-
-    fn on_commit(
-        &self,
-        tx: &mut Transaction,
-        ctx: ApplyContext,
-        now_ms: i64,
-    ) -> Result<Changed, Rejection> {
-        commit_app_driven(tx, ctx, now_ms)
-    }
-
-    fn on_result(
-        &self,
-        tx: &mut Transaction,
-        branch_id: &str,
-        op: Op,
-        outcome: &OpOutcome,
-        _ctx: ApplyContext,
-        now_ms: i64,
-    ) -> Result<Changed, Rejection> {
-        // Only phase two is driven by the coordinator.
-        Ok(record_phase_two(tx, branch_id, op, outcome, now_ms))
-    }
-
-    fn phase_two_op(&self, outcome: Outcome) -> Option<Op> {
-        Some(match outcome {
-            Outcome::Commit => COMMIT_OP,
-            Outcome::Abort => ABORT_OP,
-        })
-    }
-
-    fn transitions(&self) -> &'static [Transition] {
-        TRANSITIONS
-    }
-}
+pub const XA: AppDriven = AppDriven {
+    branch_ops: BRANCH_OPS,
+    commit: Op::Commit,
+    undo: Op::Rollback,
+    transitions: TRANSITIONS,
+};
 
 #[cfg(test)]
 mod tests {
