@@ -15,7 +15,6 @@ use crate::model::{
     Applied, Command, Op, Protocol, RetryPolicy, Transaction, TxOptions, TxState, validate,
 };
 use crate::protocol;
-use crate::raft::NodeError;
 use crate::replica::Replica;
 use crate::replica::watch::TxWatch;
 use crate::state::ListFilter;
@@ -315,7 +314,7 @@ impl Transactions {
             .await?;
         // The reply to a commit that took effect is lost on its way back.
         fail::fail_point!("api-commit-lose-reply", |_| Err(ServiceError::Node(
-            NodeError::Unknown
+            crate::raft::NodeError::Unknown
         )));
         if wait {
             wait_until(&watch, tx, timeout, |t| t.state.is_terminal()).await

@@ -641,4 +641,40 @@ mod tests {
         assert_eq!(client.inner.endpoints.len(), 3);
         assert_eq!(client.next_endpoint("http://c:3"), "http://a:1");
     }
+
+    /// A call given its own deadline waits that long on each attempt, not
+    /// the client-wide `call_timeout` (long waits and AddNode need it).
+    #[tokio::test]
+    async fn a_calls_own_timeout_governs_each_attempt() {
+        // A node that accepts connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let client = Client::builder([address.to_string()])
+            .call_timeout(Duration::from_millis(100))
+            .retry_deadline(Duration::ZERO)
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let result = client
+            .call_with_timeout(Duration::from_millis(800), |ch| async move {
+                ClusterClient::new(ch)
+                    .local_status(pb::NodeStatusRequest {})
+                    .await
+            })
+            .await;
+        let elapsed = started.elapsed();
+        assert!(result.is_err(), "nobody answers");
+        assert!(
+            elapsed >= Duration::from_millis(800),
+            "the attempt was cut at {elapsed:?}, before its own 800 ms"
+        );
+        assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+        silent.abort();
+    }
 }

@@ -40,7 +40,7 @@ pub use mysql::{HoldOptions, MySqlXa, session_gone};
 pub use postgres::PgXa;
 
 use crate::client::{Client, Error};
-use crate::participant::{BranchContext, BranchError, Fence};
+use crate::participant::{BranchContext, BranchError, Fence, TwoPhaseResource};
 
 /// A row of `tandem_xa_branches`: state, fence term, fence index.
 type BranchRow = (String, i64, i64);
@@ -69,6 +69,83 @@ pub trait XaStore: Send + Sync {
     fn commit(&self, ctx: &BranchContext) -> impl Future<Output = Result<(), BranchError>> + Send;
     fn rollback(&self, ctx: &BranchContext)
     -> impl Future<Output = Result<(), BranchError>> + Send;
+}
+
+/// What one database's XA dialect provides. The rest of an XA branch — its
+/// side of the recovery scan ([`XaStore`]), its role as the coordinator's
+/// phase-two resource ([`TwoPhaseResource`]), what both log and refuse — is
+/// written once, over this. Prepare stays each dialect's own: what proves a
+/// branch prepared, and who may finish it, differs between the databases
+/// (ARCHITECTURE.md, "What XA on the databases promises").
+pub trait Dialect: Send + Sync + 'static {
+    /// Where the database lists its prepared transactions, for the log.
+    const LISTING: &'static str;
+    /// Every prepared transaction in the database: this cluster's branches,
+    /// and the names of the others (other clusters, other applications).
+    fn scan(
+        &self,
+    ) -> impl Future<Output = Result<(Vec<PreparedBranch>, Vec<String>), BranchError>> + Send;
+    /// Commits a prepared branch; success only once its row shows `committed`.
+    fn commit_prepared(
+        &self,
+        ctx: &BranchContext,
+    ) -> impl Future<Output = Result<(), BranchError>> + Send;
+    /// Rolls a branch back (prepared or not) and leaves its tombstone.
+    fn rollback_prepared(
+        &self,
+        ctx: &BranchContext,
+    ) -> impl Future<Output = Result<(), BranchError>> + Send;
+}
+
+impl<D: Dialect> XaStore for D {
+    async fn prepared(&self) -> Result<Vec<PreparedBranch>, BranchError> {
+        let (ours, others) = self.scan().await?;
+        if !others.is_empty() {
+            tracing::info!(
+                count = others.len(),
+                first = ?others.iter().take(5).collect::<Vec<_>>(),
+                "{}: leaving alone prepared transactions of other clusters or applications",
+                D::LISTING
+            );
+        }
+        Ok(ours)
+    }
+
+    async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        self.commit_prepared(ctx).await
+    }
+
+    async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        self.rollback_prepared(ctx).await
+    }
+}
+
+/// Serves commit and rollback for the coordinator. XA branches prepare in
+/// the application's call (`PgXa::prepare`, `MySqlXa::prepare`), so a
+/// coordinator's `prepare` is refused.
+impl<D: Dialect> TwoPhaseResource for D {
+    async fn prepare(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), BranchError> {
+        Err(BranchError::Failure(format!(
+            "transaction {}: XA branches prepare in the application's call, not on the coordinator's request",
+            ctx.gid
+        )))
+    }
+
+    async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        self.commit_prepared(ctx).await
+    }
+
+    async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        self.rollback_prepared(ctx).await
+    }
+}
+
+/// A prepare that finds its branch's tombstone: the branch was undone first.
+fn late_prepare(ctx: &BranchContext) -> BranchError {
+    BranchError::Failure(format!(
+        "branch {} of transaction {} was already rolled back; late prepare refused",
+        ctx.branch_id, ctx.gid
+    ))
 }
 
 fn transient(e: impl std::fmt::Display) -> BranchError {

@@ -52,9 +52,9 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use sqlx::{Connection, MySqlConnection, MySqlPool, Row};
 
-use super::{BranchRow, PreparedBranch, XaStore, transient};
+use super::{BranchRow, Dialect, PreparedBranch, late_prepare, transient};
 use crate::client::ClusterId;
-use crate::participant::{BranchContext, BranchError, TwoPhaseResource};
+use crate::participant::{BranchContext, BranchError};
 
 /// MySQL's limit on gtrid and on bqual.
 const PART_BYTES_MAX: usize = 64;
@@ -655,15 +655,10 @@ fn close(conn: MySqlConnection) {
     });
 }
 
-fn late_prepare(ctx: &BranchContext) -> BranchError {
-    BranchError::Failure(format!(
-        "branch {} of transaction {} was already rolled back; late prepare refused",
-        ctx.branch_id, ctx.gid
-    ))
-}
+impl Dialect for MySqlXa {
+    const LISTING: &'static str = "XA RECOVER";
 
-impl XaStore for MySqlXa {
-    async fn prepared(&self) -> Result<Vec<PreparedBranch>, BranchError> {
+    async fn scan(&self) -> Result<(Vec<PreparedBranch>, Vec<String>), BranchError> {
         self.release_expired();
         let mut conn = self.inner.pool.acquire().await.map_err(transient)?;
         let format_id = self.inner.format_id;
@@ -678,40 +673,14 @@ impl XaStore for MySqlXa {
                 _ => others.push(format!("{format}:{}", String::from_utf8_lossy(&gtrid))),
             }
         }
-        if !others.is_empty() {
-            tracing::info!(
-                count = others.len(),
-                first = ?others.iter().take(5).collect::<Vec<_>>(),
-                "XA RECOVER: leaving alone prepared xids of other clusters or applications"
-            );
-        }
-        Ok(ours)
+        Ok((ours, others))
     }
 
-    async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+    async fn commit_prepared(&self, ctx: &BranchContext) -> Result<(), BranchError> {
         self.commit_inner(ctx).await
     }
 
-    async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
-        self.rollback_inner(ctx).await
-    }
-}
-
-/// Serves commit and rollback for the coordinator; XA branches prepare in
-/// the application's call ([`MySqlXa::prepare`]).
-impl TwoPhaseResource for MySqlXa {
-    async fn prepare(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), BranchError> {
-        Err(BranchError::Failure(format!(
-            "transaction {}: XA branches prepare in the application's call, not on the coordinator's request",
-            ctx.gid
-        )))
-    }
-
-    async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
-        self.commit_inner(ctx).await
-    }
-
-    async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+    async fn rollback_prepared(&self, ctx: &BranchContext) -> Result<(), BranchError> {
         self.rollback_inner(ctx).await
     }
 }

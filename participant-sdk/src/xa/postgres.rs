@@ -18,9 +18,9 @@
 use futures::future::BoxFuture;
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use super::{BranchRow, PreparedBranch, XaStore, transient};
+use super::{BranchRow, Dialect, PreparedBranch, late_prepare, transient};
 use crate::client::ClusterId;
-use crate::participant::{BranchContext, BranchError, TwoPhaseResource};
+use crate::participant::{BranchContext, BranchError};
 
 /// PostgreSQL's limit on a prepared transaction's name.
 const XID_BYTES_MAX: usize = 199;
@@ -304,15 +304,10 @@ impl PgXa {
     }
 }
 
-fn late_prepare(ctx: &BranchContext) -> BranchError {
-    BranchError::Failure(format!(
-        "branch {} of transaction {} was already rolled back; late prepare refused",
-        ctx.branch_id, ctx.gid
-    ))
-}
+impl Dialect for PgXa {
+    const LISTING: &'static str = "pg_prepared_xacts";
 
-impl XaStore for PgXa {
-    async fn prepared(&self) -> Result<Vec<PreparedBranch>, BranchError> {
+    async fn scan(&self) -> Result<(Vec<PreparedBranch>, Vec<String>), BranchError> {
         let rows =
             sqlx::query("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
                 .fetch_all(&self.pool)
@@ -327,41 +322,14 @@ impl XaStore for PgXa {
                 None => others.push(xid),
             }
         }
-        if !others.is_empty() {
-            tracing::info!(
-                count = others.len(),
-                first = ?others.iter().take(5).collect::<Vec<_>>(),
-                "pg_prepared_xacts: leaving alone prepared transactions of other clusters or applications"
-            );
-        }
-        Ok(ours)
+        Ok((ours, others))
     }
 
-    async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+    async fn commit_prepared(&self, ctx: &BranchContext) -> Result<(), BranchError> {
         self.commit_inner(ctx).await
     }
 
-    async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
-        self.rollback_inner(ctx).await
-    }
-}
-
-/// Serves commit and rollback for the coordinator. XA branches prepare in
-/// the application's call ([`PgXa::prepare`]), so a coordinator `prepare` is
-/// refused.
-impl TwoPhaseResource for PgXa {
-    async fn prepare(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), BranchError> {
-        Err(BranchError::Failure(format!(
-            "transaction {}: XA branches prepare in the application's call, not on the coordinator's request",
-            ctx.gid
-        )))
-    }
-
-    async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
-        self.commit_inner(ctx).await
-    }
-
-    async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+    async fn rollback_prepared(&self, ctx: &BranchContext) -> Result<(), BranchError> {
         self.rollback_inner(ctx).await
     }
 }
