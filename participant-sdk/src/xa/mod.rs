@@ -140,6 +140,39 @@ impl<D: Dialect> TwoPhaseResource for D {
     }
 }
 
+/// A commit of a branch that is not (or no longer) prepared: its row tells
+/// what happened to it, and only a `committed` row is a success.
+fn commit_by_row(ctx: &BranchContext, row: Option<BranchRow>) -> Result<(), BranchError> {
+    match row {
+        Some((state, ..)) if state == "committed" => Ok(()),
+        Some(_) => Err(BranchError::Failure(format!(
+            "branch {} of transaction {} was rolled back; it cannot commit",
+            ctx.branch_id, ctx.gid
+        ))),
+        None => Err(BranchError::Failure(format!(
+            "branch {} of transaction {} is neither prepared nor committed here",
+            ctx.branch_id, ctx.gid
+        ))),
+    }
+}
+
+/// A rollback of a branch that already has a row: done before (its
+/// tombstone), impossible (committed), or stale (a newer token wrote the
+/// row). `None`: no row yet, the rollback goes on.
+fn rollback_by_row(ctx: &BranchContext, row: Option<BranchRow>) -> Option<Result<(), BranchError>> {
+    let (state, term, index) = row?;
+    Some(if state == "committed" {
+        Err(BranchError::Failure(format!(
+            "branch {} of transaction {} is committed; it cannot roll back",
+            ctx.branch_id, ctx.gid
+        )))
+    } else if (term as u64, index as u64) > (ctx.fence.term, ctx.fence.index) {
+        Err(BranchError::Failure("stale fencing token".into()))
+    } else {
+        Ok(())
+    })
+}
+
 /// A prepare that finds its branch's tombstone: the branch was undone first.
 fn late_prepare(ctx: &BranchContext) -> BranchError {
     BranchError::Failure(format!(

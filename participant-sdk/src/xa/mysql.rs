@@ -52,7 +52,9 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use sqlx::{Connection, MySqlConnection, MySqlPool, Row};
 
-use super::{BranchRow, Dialect, PreparedBranch, late_prepare, transient};
+use super::{
+    BranchRow, Dialect, PreparedBranch, commit_by_row, late_prepare, rollback_by_row, transient,
+};
 use crate::client::ClusterId;
 use crate::participant::{BranchContext, BranchError};
 
@@ -557,17 +559,7 @@ impl MySqlXa {
                 self.take_over(&mut conn, &xid, true).await?;
                 return verify_committed(&mut conn, ctx).await;
             }
-            match row_state(&mut conn, ctx).await? {
-                Some((state, ..)) if state == "committed" => Ok(()),
-                Some(_) => Err(BranchError::Failure(format!(
-                    "branch {} of transaction {} was rolled back; it cannot commit",
-                    ctx.branch_id, ctx.gid
-                ))),
-                None => Err(BranchError::Failure(format!(
-                    "branch {} of transaction {} is neither prepared nor committed here",
-                    ctx.branch_id, ctx.gid
-                ))),
-            }
+            commit_by_row(ctx, row_state(&mut conn, ctx).await?)
         })
     }
 
@@ -583,17 +575,8 @@ impl MySqlXa {
                 close(conn);
             }
             let mut conn = self.inner.pool.acquire().await.map_err(transient)?;
-            if let Some((state, term, index)) = row_state(&mut conn, ctx).await? {
-                if state == "committed" {
-                    return Err(BranchError::Failure(format!(
-                        "branch {} of transaction {} is committed; it cannot roll back",
-                        ctx.branch_id, ctx.gid
-                    )));
-                }
-                if (term as u64, index as u64) > (ctx.fence.term, ctx.fence.index) {
-                    return Err(BranchError::Failure("stale fencing token".into()));
-                }
-                return Ok(());
+            if let Some(done) = rollback_by_row(ctx, row_state(&mut conn, ctx).await?) {
+                return done;
             }
             if let Some(xid) = self.find_prepared(&mut conn, ctx).await? {
                 self.take_over(&mut conn, &xid, false).await?;

@@ -18,7 +18,9 @@
 use futures::future::BoxFuture;
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use super::{BranchRow, Dialect, PreparedBranch, late_prepare, transient};
+use super::{
+    BranchRow, Dialect, PreparedBranch, commit_by_row, late_prepare, rollback_by_row, transient,
+};
 use crate::client::ClusterId;
 use crate::participant::{BranchContext, BranchError};
 
@@ -232,17 +234,7 @@ impl PgXa {
                     ))),
                 };
             }
-            match Self::row_state(&mut conn, ctx).await? {
-                Some((state, ..)) if state == "committed" => Ok(()),
-                Some(_) => Err(BranchError::Failure(format!(
-                    "branch {} of transaction {} was rolled back; it cannot commit",
-                    ctx.branch_id, ctx.gid
-                ))),
-                None => Err(BranchError::Failure(format!(
-                    "branch {} of transaction {} is neither prepared nor committed here",
-                    ctx.branch_id, ctx.gid
-                ))),
-            }
+            commit_by_row(ctx, Self::row_state(&mut conn, ctx).await?)
         })
     }
 
@@ -253,17 +245,8 @@ impl PgXa {
         Box::pin(async move {
             let xid = self.xid(&ctx.gid, &ctx.branch_id)?;
             let mut conn = self.pool.acquire().await.map_err(transient)?;
-            if let Some((state, term, index)) = Self::row_state(&mut conn, ctx).await? {
-                if state == "committed" {
-                    return Err(BranchError::Failure(format!(
-                        "branch {} of transaction {} is committed; it cannot roll back",
-                        ctx.branch_id, ctx.gid
-                    )));
-                }
-                if (term as u64, index as u64) > (ctx.fence.term, ctx.fence.index) {
-                    return Err(BranchError::Failure("stale fencing token".into()));
-                }
-                return Ok(());
+            if let Some(done) = rollback_by_row(ctx, Self::row_state(&mut conn, ctx).await?) {
+                return done;
             }
             if Self::is_prepared(&mut conn, &xid).await? {
                 sqlx::Executor::execute(
