@@ -13,4 +13,6 @@ pub mod raft;
 pub mod replica;
 pub mod server;
 pub mod service;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod state;

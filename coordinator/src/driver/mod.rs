@@ -9,8 +9,8 @@
 //! carries that out (calls run concurrently), waits for a result, a change
 //! or its wake time, and repeats until the transaction is terminal. An op that is still open after its answer was recorded
 //! (pending, or refused in phase two) is retried after
-//! [`retry::backoff`]; failures are recorded in the log sparsely
-//! ([`retry::should_record`]), not one entry per attempt. An undecided
+//! [`crate::protocol::retry::backoff`]; failures are recorded in the log sparsely
+//! ([`crate::protocol::retry::should_record`]), not one entry per attempt. An undecided
 //! transaction past its deadline gets a Timeout proposal.
 //!
 //! On becoming leader the loop hands over every unfinished transaction
@@ -28,12 +28,13 @@ use tokio::time::Instant;
 
 use crate::branch::{BranchCall, BranchTransport};
 use crate::clock::Clock;
-mod plan;
+pub mod plan;
+
+use plan::Failing;
 
 use crate::model::command::{Applied, Command, OpOutcome};
-use crate::model::types::{Op, OpState, Transaction};
-use crate::protocol::retry::{self, Recorded};
-use crate::protocol::{self, Call};
+use crate::model::types::{Op, Transaction};
+use crate::protocol::Call;
 use crate::raft::NodeError;
 use crate::replica::Replica;
 use crate::replica::feed::{LeaderEvent, LeaderFeed};
@@ -169,7 +170,7 @@ struct CallSpec {
 
 impl CallSpec {
     fn new(tx: &Transaction, call: Call) -> CallSpec {
-        let phase_two = protocol::is_phase_two(tx, call.op);
+        let (phase_two, attempts_limit) = plan::call_terms(tx, &call);
         CallSpec {
             gid: tx.gid.clone(),
             protocol: tx.protocol,
@@ -179,7 +180,7 @@ impl CallSpec {
                 .unwrap_or_default(),
             timeout: Duration::from_millis(u64::from(tx.options.branch_timeout_ms)),
             phase_two,
-            attempts_limit: (!phase_two).then(|| tx.retry_policy(&call.branch_id).max_attempts),
+            attempts_limit,
             call,
         }
     }
@@ -193,36 +194,6 @@ struct Done {
     tx: Option<Arc<Transaction>>,
     /// The op's failures so far, as this worker counts them.
     failing: Failing,
-}
-
-/// A failing op's attempts as the worker counts them, and what the log
-/// already says (the worker records failures sparsely).
-#[derive(Clone, Copy, Debug, Default)]
-struct Failing {
-    attempts: u32,
-    recorded: Recorded,
-}
-
-impl Failing {
-    /// Where the log left off for an op this worker has not called yet.
-    fn from_log(tx: &Transaction, key: &(String, Op)) -> Failing {
-        let op = tx.branch(&key.0).and_then(|b| b.op(key.1));
-        let recorded = op.map_or_else(Recorded::default, |o| Recorded {
-            attempts: o.attempts,
-            refused: o.state == OpState::Refused,
-            at_ms: o.updated_at_ms,
-        });
-        Failing {
-            attempts: recorded.attempts,
-            recorded,
-        }
-    }
-}
-
-fn is_open(tx: &Transaction, key: &(String, Op)) -> bool {
-    tx.branch(&key.0)
-        .and_then(|b| b.op(key.1))
-        .is_some_and(|o| o.state.is_open())
 }
 
 impl<T: BranchTransport> Clone for Worker<T> {
@@ -313,18 +284,15 @@ impl<T: BranchTransport> Worker<T> {
                     // log is called again after the backoff; whatever the
                     // answer was (unavailable, refused, or a success whose
                     // proposal did not get in).
-                    if is_open(&current, &key) {
-                        let attempts = done.failing.attempts.max(1);
-                        let policy = current.retry_policy(&key.0);
-                        let seed = retry::jitter_seed(&current.gid, &key.0, attempts);
-                        retry_at.insert(
-                            key.clone(),
-                            Instant::now() + retry::backoff(policy, attempts, seed),
-                        );
-                        failing.insert(key, done.failing);
-                    } else {
-                        retry_at.remove(&key);
-                        failing.remove(&key);
+                    match plan::retry_after(&current, &key, done.failing) {
+                        Some(wait) => {
+                            retry_at.insert(key.clone(), Instant::now() + wait);
+                            failing.insert(key, done.failing);
+                        }
+                        None => {
+                            retry_at.remove(&key);
+                            failing.remove(&key);
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {}
@@ -334,7 +302,7 @@ impl<T: BranchTransport> Worker<T> {
 
     /// Makes one call and proposes what came back: a success or a phase-one
     /// "no" always; a failure that leaves the op open only when
-    /// [`retry::should_record`] says the log needs it.
+    /// [`plan::to_record`] says the log needs it.
     async fn call(self, spec: CallSpec, mut failing: Failing) -> Done {
         let CallSpec {
             gid,
@@ -369,40 +337,18 @@ impl<T: BranchTransport> Worker<T> {
         if call.op == Op::Prepare {
             fail::fail_point!(failpoints::DURING_PREPARE);
         }
-        let outcome = match outcome {
-            OpOutcome::Succeeded => Some(OpOutcome::Succeeded),
-            OpOutcome::Failed(error) if !phase_two => Some(OpOutcome::Failed(error)),
-            failure => {
-                let (error, refused) = match failure {
-                    OpOutcome::Failed(e) => (format!("participant refused {}: {e}", call.op), true),
-                    OpOutcome::Transient(e) | OpOutcome::Retrying { error: e, .. } => (e, false),
-                    OpOutcome::Succeeded => unreachable!("matched above"),
-                };
-                failing.attempts += 1;
-                tracing::debug!(%gid, branch = %call.branch_id, op = %call.op,
-                    attempts = failing.attempts, refused, %error, "call failed; will retry");
-                let now_ms = self.clock.now_ms();
-                retry::should_record(
-                    failing.recorded,
-                    failing.attempts,
-                    refused,
-                    attempts_limit,
-                    now_ms,
-                )
-                .then(|| {
-                    failing.recorded = Recorded {
-                        attempts: failing.attempts,
-                        refused,
-                        at_ms: now_ms,
-                    };
-                    OpOutcome::Retrying {
-                        attempts: failing.attempts,
-                        error,
-                        refused,
-                    }
-                })
-            }
-        };
+        if outcome != OpOutcome::Succeeded {
+            tracing::debug!(%gid, branch = %call.branch_id, op = %call.op,
+                attempts = failing.attempts + 1, answer = ?outcome, "call failed");
+        }
+        let outcome = plan::to_record(
+            &mut failing,
+            call.op,
+            outcome,
+            phase_two,
+            attempts_limit,
+            self.clock.now_ms(),
+        );
         let Some(outcome) = outcome else {
             return Done {
                 key,

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::model::types::{Op, Transaction};
+use crate::model::command::OpOutcome;
+use crate::model::types::{Op, OpState, Transaction};
+use crate::protocol::retry::{self, Recorded};
 use crate::protocol::{self, Call};
 
 /// A branch op, as the driver tracks it.
@@ -92,6 +94,100 @@ pub fn plan(view: &View, now: Instant, wall_ms: i64) -> Plan {
         propose_timeout,
         wake_at,
     }
+}
+
+/// A failing op's attempts as the worker counts them, and what the log
+/// already says (the worker records failures sparsely).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Failing {
+    pub attempts: u32,
+    pub recorded: Recorded,
+}
+
+impl Failing {
+    /// Where the log left off for an op this worker has not called yet.
+    pub fn from_log(tx: &Transaction, key: &(String, Op)) -> Failing {
+        let op = tx.branch(&key.0).and_then(|b| b.op(key.1));
+        let recorded = op.map_or_else(Recorded::default, |o| Recorded {
+            attempts: o.attempts,
+            refused: o.state == OpState::Refused,
+            at_ms: o.updated_at_ms,
+        });
+        Failing {
+            attempts: recorded.attempts,
+            recorded,
+        }
+    }
+}
+
+pub fn is_open(tx: &Transaction, key: &(String, Op)) -> bool {
+    tx.branch(&key.0)
+        .and_then(|b| b.op(key.1))
+        .is_some_and(|o| o.state.is_open())
+}
+
+/// Whether a call is its transaction's phase two (a "no" is then a
+/// refusal, retried), and for phase one after how many attempts the
+/// protocol gives up.
+pub fn call_terms(tx: &Transaction, call: &Call) -> (bool, Option<u32>) {
+    let phase_two = protocol::is_phase_two(tx, call.op);
+    let limit = (!phase_two).then(|| tx.retry_policy(&call.branch_id).max_attempts);
+    (phase_two, limit)
+}
+
+/// What a call's answer becomes in the log, if anything: a success or a
+/// phase-one "no" always; a failure that leaves the op open (unavailable, or
+/// refused in phase two) only when [`retry::should_record`] says the log
+/// needs it. Counts the failure in `failing`.
+pub fn to_record(
+    failing: &mut Failing,
+    op: Op,
+    answer: OpOutcome,
+    phase_two: bool,
+    attempts_limit: Option<u32>,
+    now_ms: i64,
+) -> Option<OpOutcome> {
+    let (error, refused) = match answer {
+        OpOutcome::Succeeded => return Some(OpOutcome::Succeeded),
+        OpOutcome::Failed(error) if !phase_two => return Some(OpOutcome::Failed(error)),
+        OpOutcome::Failed(e) => (format!("participant refused {op}: {e}"), true),
+        OpOutcome::Transient(e) | OpOutcome::Retrying { error: e, .. } => (e, false),
+    };
+    failing.attempts += 1;
+    if !retry::should_record(
+        failing.recorded,
+        failing.attempts,
+        refused,
+        attempts_limit,
+        now_ms,
+    ) {
+        return None;
+    }
+    failing.recorded = Recorded {
+        attempts: failing.attempts,
+        refused,
+        at_ms: now_ms,
+    };
+    Some(OpOutcome::Retrying {
+        attempts: failing.attempts,
+        error,
+        refused,
+    })
+}
+
+/// After a call ended and what it recorded (if anything) is applied: how
+/// long until the op is called again. One rule: an op still open once its
+/// answer is in the log is retried after the backoff, whatever the answer
+/// was (unavailable, refused, or a success whose proposal did not get in);
+/// a closed one never (`None`).
+pub fn retry_after(tx: &Transaction, key: &Key, failing: Failing) -> Option<Duration> {
+    if !is_open(tx, key) {
+        return None;
+    }
+    let attempts = failing.attempts.max(1);
+    let policy = tx.retry_policy(&key.0);
+    let seed = retry::jitter_seed(&tx.gid, &key.0, attempts);
+    Some(retry::backoff(policy, attempts, seed))
 }
 
 #[cfg(test)]

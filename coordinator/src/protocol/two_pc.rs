@@ -170,6 +170,9 @@ fn on_result(
                 b.op(Op::Prepare)
                     .is_some_and(|o| o.state == OpState::Succeeded)
             });
+            // The bug the simulation must catch (tests/simulation.rs).
+            #[cfg(feature = "inject-bug-commit-on-first-vote")]
+            let all_prepared = all_prepared || tx.branches.len() > 1;
             if all_prepared {
                 decide(
                     tx,

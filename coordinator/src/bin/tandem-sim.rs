@@ -1,0 +1,81 @@
+//! Runs the deterministic simulation over many seeds, or replays one.
+//!
+//!     tandem-sim --seeds 1000 [--start 0]
+//!     tandem-sim --seed 42 [--verbose]
+//!
+//! Prints a line per failing seed with the command that replays it, and
+//! last one JSON line: `{"seeds":N,"failed":M,"first_failure":S|null}`.
+
+use clap::Parser;
+use tandem_coordinator::sim::{self, Options};
+
+#[derive(Parser)]
+#[command(about = "Deterministic simulation of a Tandem cluster under faults")]
+struct Args {
+    /// How many seeds to run, from --start.
+    #[arg(long, default_value_t = 100)]
+    seeds: u64,
+    /// The first seed.
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Run just this seed (a replay).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print each seed's report and faults.
+    #[arg(long)]
+    verbose: bool,
+    /// Run without faults.
+    #[arg(long)]
+    no_faults: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let opts = Options {
+        faults: !args.no_faults,
+        ..Options::default()
+    };
+    let seeds: Vec<u64> = match args.seed {
+        Some(s) => vec![s],
+        None => (args.start..args.start + args.seeds).collect(),
+    };
+    let mut failed = 0u64;
+    let mut first_failure: Option<u64> = None;
+    for &seed in &seeds {
+        let report = sim::run(seed, &opts);
+        if args.verbose || args.seed.is_some() {
+            eprintln!(
+                "seed {seed}: {} transactions ({} committed, {} aborted), {} leaders, {} events, {} ms simulated, trace {:016x}",
+                report.txs,
+                report.committed,
+                report.aborted,
+                report.leaders,
+                report.events,
+                report.sim_ms,
+                report.trace
+            );
+            for f in &report.faults {
+                eprintln!("  fault: {f}");
+            }
+        }
+        if !report.violations.is_empty() {
+            failed += 1;
+            first_failure.get_or_insert(seed);
+            for v in report.violations.iter().take(10) {
+                println!("seed {seed}: {v}");
+            }
+            println!("replay: bash scripts/simulate.sh --seed {seed}");
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "seeds": seeds.len(),
+            "failed": failed,
+            "first_failure": first_failure,
+        })
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,163 @@
+//! The independent checker: DESIGN.md §4 judged from what the participants
+//! recorded, what the cluster acknowledged to clients, and the entries
+//! replicas applied — the coordinator's own view is used only to know what
+//! it claims to have decided.
+
+use std::collections::BTreeMap;
+
+use super::World;
+use super::participant::BranchRecord;
+use crate::model::types::{Outcome, Protocol, TxState};
+
+pub(crate) fn check(world: &World) -> Vec<String> {
+    let mut v = Vec::new();
+    // Every branch's record, gathered per gid from every participant.
+    let mut by_gid: BTreeMap<&str, Vec<(&str, &BranchRecord)>> = BTreeMap::new();
+    for part in &world.parts {
+        for ((gid, branch_id), rec) in &part.branches {
+            by_gid.entry(gid).or_default().push((branch_id, rec));
+            for what in &rec.violations {
+                v.push(format!("{gid}/{branch_id}: {what}"));
+            }
+        }
+    }
+    let final_sm = &world.nodes[0].sm;
+
+    for (gid, recs) in &by_gid {
+        let tx = final_sm.get(gid);
+        let saga = tx.is_some_and(|t| t.protocol == Protocol::Saga);
+        // Fencing: no forward op took effect after its branch was undone.
+        for (b, rec) in recs {
+            if let (Some(f), Some(u)) = (rec.forward_at, rec.undone_at)
+                && f > u
+            {
+                v.push(format!(
+                    "fencing: {gid}/{b}: forward op took effect at {f}, after its undo at {u}"
+                ));
+            }
+        }
+        // Atomicity: never one branch committed and another undone.
+        if !saga {
+            let committed = recs.iter().find(|(_, r)| r.committed_at.is_some());
+            let undone = recs.iter().find(|(_, r)| r.undone_at.is_some());
+            if let (Some((c, _)), Some((u, _))) = (committed, undone) {
+                v.push(format!(
+                    "atomicity: {gid}: branch {c} committed and branch {u} undone"
+                ));
+            }
+        }
+        // Commit point first: every phase-two call names an entry that was
+        // committed before the call arrived — the transaction's decision.
+        let decision = tx.and_then(|t| t.decision.as_ref());
+        for (b, rec) in recs {
+            for (at, op, fence) in &rec.phase_two {
+                match world.committed.get(&fence.index) {
+                    Some((term, when)) if *term == fence.term && when <= at => {}
+                    other => v.push(format!(
+                        "commit point first: {gid}/{b}: {op} at {at} carries entry ({}, {}), committed {other:?}",
+                        fence.term, fence.index
+                    )),
+                }
+                if let Some(d) = decision
+                    && (d.term, d.index) != (fence.term, fence.index)
+                {
+                    v.push(format!(
+                        "commit point first: {gid}/{b}: {op} carries ({}, {}), the decision is ({}, {})",
+                        fence.term, fence.index, d.term, d.index
+                    ));
+                }
+            }
+        }
+    }
+
+    // What the coordinator decided, against what the participants did.
+    for node in &world.nodes {
+        if node.sm.active_count() > 0 {
+            v.push(format!(
+                "no blocking: node {} still has {} unfinished transactions",
+                node.id,
+                node.sm.active_count()
+            ));
+        }
+    }
+    for client in &world.clients {
+        let Some(tx) = final_sm.get(&client.gid) else {
+            continue;
+        };
+        let gid = client.gid.as_str();
+        let recs = by_gid.get(gid).map(Vec::as_slice).unwrap_or_default();
+        let rec = |b: &str| recs.iter().find(|(id, _)| *id == b).map(|(_, r)| *r);
+        let outcome = tx.decision.as_ref().map(|d| d.outcome);
+        for branch in &tx.branches {
+            let b = branch.branch_id.as_str();
+            let r = rec(b);
+            let wrong = match (tx.protocol, tx.state, outcome) {
+                (Protocol::Saga, TxState::Committed, _) => r
+                    .is_none_or(|r| r.forward_at.is_none() || r.undone_at.is_some())
+                    .then(|| {
+                        format!("saga: {gid} committed but step {b} did not run exactly forward")
+                    }),
+                (Protocol::Saga, TxState::Aborted, _) => r
+                    .is_some_and(|r| r.forward_at.is_some() && r.undone_at.is_none())
+                    .then(|| {
+                        format!("saga: {gid} compensated but step {b}'s action was not undone")
+                    }),
+                (_, TxState::Committed, Some(Outcome::Commit)) => r
+                    .is_none_or(|r| r.committed_at.is_none())
+                    .then(|| format!("atomicity: {gid} committed but branch {b} did not commit")),
+                (_, TxState::Aborted, _) => r
+                    .is_some_and(|r| r.committed_at.is_some())
+                    .then(|| format!("atomicity: {gid} aborted but branch {b} committed")),
+                _ => None,
+            };
+            v.extend(wrong);
+        }
+    }
+
+    // Durability: everything acknowledged is there, on every node, and no
+    // acknowledged decision was reversed.
+    for ack in &world.acks {
+        for node in &world.nodes {
+            match node.sm.get(&ack.gid) {
+                None => v.push(format!(
+                    "durability: {} of {} was acknowledged; node {} does not have the transaction",
+                    ack.command, ack.gid, node.id
+                )),
+                Some(tx) => {
+                    let acked = ack
+                        .tx
+                        .decision
+                        .as_ref()
+                        .map(|d| (d.outcome, d.term, d.index));
+                    let now = tx.decision.as_ref().map(|d| (d.outcome, d.term, d.index));
+                    if acked.is_some() && acked != now {
+                        v.push(format!(
+                            "durability: {} of {} acknowledged the decision {acked:?}; node {} has {now:?}",
+                            ack.command, ack.gid, node.id
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    // Replicas identical once healed.
+    let encoded: Vec<(u64, u64, Vec<u8>)> = world
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.applied, n.sm.snapshot_source().encode()))
+        .collect();
+    for (id, applied, bytes) in &encoded[1..] {
+        let (id0, applied0, bytes0) = &encoded[0];
+        if applied != applied0 {
+            v.push(format!(
+                "replicas: node {id} applied {applied}, node {id0} {applied0}"
+            ));
+        } else if bytes != bytes0 {
+            v.push(format!(
+                "replicas: nodes {id} and {id0} applied the same {applied} entries and differ"
+            ));
+        }
+    }
+    v
+}

@@ -1,0 +1,1451 @@
+//! Deterministic simulation of a whole coordinator cluster in one thread:
+//! raft-rs `RawNode`s over in-memory logs, the real state machine
+//! (`Replicated::apply` of `StateMachine`, so every protocol's rules), the
+//! real driver plan (`driver::plan`: which calls, retries, timeouts), the
+//! SDK's fencing table in front of simulated participants, and clients that
+//! retry ambiguous calls — all on one simulated clock and network, with
+//! faults drawn from a seed. [`check`] then judges the run from the
+//! participants' own records. The same seed gives the same run.
+//!
+//! What is real and what is a model: DESIGN.md and RELIABILITY.md say it in
+//! full. In short: consensus is raft-rs itself, driven as our Raft loop
+//! drives it (the Ready contract's order); the loop's thread, the
+//! raft-engine files and gRPC are replaced by this file; the gRPC service
+//! layer is not in the simulation (clients propose commands directly).
+
+mod check;
+mod participant;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use raft::eraftpb::{ConfState, Entry, EntryType, Message};
+use raft::storage::MemStorage;
+use raft::{RawNode, StateRole};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::codec;
+use crate::driver::plan::{self, Failing, Key};
+use crate::model::command::{BranchSpec, OpOutcome, SagaStepSpec};
+use crate::model::types::{Fence, Op, Protocol, RetryPolicy, Transaction, TxOptions};
+use crate::model::{Applied, ApplyResult, Command};
+use crate::raft::Replicated;
+use crate::state::StateMachine;
+use participant::{Answer, Participant};
+
+/// What the simulated cluster's wall clocks read at time 0.
+const EPOCH_MS: i64 = 1_800_000_000_000;
+const TICK_MS: i64 = 10;
+const DRIVER_TICK_MS: i64 = 5;
+/// A client resends a request that got no answer after this long.
+const CLIENT_RETRY_MS: i64 = 300;
+
+/// How a run is shaped.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodes: u64,
+    pub participants: usize,
+    pub clients: usize,
+    /// Draw faults from the seed (otherwise a clean run).
+    pub faults: bool,
+    /// Faults stop here; after it the cluster must finish everything.
+    pub heal_at_ms: i64,
+    /// A run not done by here is blocked (a violation).
+    pub max_ms: i64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 3,
+            participants: 4,
+            clients: 12,
+            faults: true,
+            heal_at_ms: 3_000,
+            // Clock jumps back by up to 500 s can push a deadline that far.
+            max_ms: 3_000 + 620_000,
+        }
+    }
+}
+
+/// What a run did and what the checker found.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub violations: Vec<String>,
+    pub txs: usize,
+    pub committed: usize,
+    pub aborted: usize,
+    pub events: u64,
+    pub sim_ms: i64,
+    /// A hash of every event as it happened: equal for equal runs.
+    pub trace: u64,
+    /// Leadership terms a driver ran in.
+    pub leaders: u64,
+    pub faults: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Addr {
+    Node(u64),
+    Part(usize),
+    Client(usize),
+}
+
+#[derive(Clone, Debug)]
+enum Ev {
+    Tick(u64),
+    DriverTick(u64),
+    Raft(Box<Message>),
+    Crash(u64),
+    /// Crash whichever node leads now (if any); restart it after this long.
+    CrashLeader(i64),
+    Restart(u64),
+    ClientWake(usize, u64),
+    ClientReq {
+        node: u64,
+        client: usize,
+        req: u64,
+        command: Box<Command>,
+    },
+    ClientReply {
+        client: usize,
+        req: u64,
+        reply: Option<ApplyResult>,
+    },
+    /// A coordinator's call arrives at a participant.
+    Call {
+        part: usize,
+        node: u64,
+        epoch: u64,
+        call_id: u64,
+        gid: String,
+        branch_id: String,
+        op: Op,
+        fence: Fence,
+    },
+    CallReply {
+        node: u64,
+        epoch: u64,
+        call_id: u64,
+        answer: Option<Answer>,
+    },
+    CallTimeout {
+        node: u64,
+        epoch: u64,
+        call_id: u64,
+    },
+    /// The application's own call (TCC try, XA prepare) arrives.
+    AppCall {
+        part: usize,
+        client: usize,
+        req: u64,
+        gid: String,
+        branch_id: String,
+        op: Op,
+    },
+    AppReply {
+        client: usize,
+        req: u64,
+        answer: Option<Answer>,
+    },
+    Cut(Addr, Addr, bool),
+    ClockJump(u64, i64),
+    PartDown(usize, i64),
+    Heal,
+}
+
+impl Ev {
+    fn kind(&self) -> u64 {
+        match self {
+            Ev::Tick(n) => 1 + (n << 8),
+            Ev::DriverTick(n) => 2 + (n << 8),
+            Ev::Raft(m) => 3 + (m.to << 8) + ((m.get_msg_type() as u64) << 16),
+            Ev::Crash(n) => 4 + (n << 8),
+            Ev::Restart(n) => 5 + (n << 8),
+            Ev::ClientWake(c, _) => 6 + ((*c as u64) << 8),
+            Ev::ClientReq { node, .. } => 7 + (node << 8),
+            Ev::ClientReply { client, .. } => 8 + ((*client as u64) << 8),
+            Ev::Call { part, op, .. } => 9 + ((*part as u64) << 8) + ((*op as u64) << 16),
+            Ev::CallReply { node, .. } => 10 + (node << 8),
+            Ev::CallTimeout { node, .. } => 11 + (node << 8),
+            Ev::AppCall { part, .. } => 12 + ((*part as u64) << 8),
+            Ev::AppReply { client, .. } => 13 + ((*client as u64) << 8),
+            Ev::Cut(..) => 14,
+            Ev::ClockJump(n, _) => 15 + (n << 8),
+            Ev::PartDown(p, _) => 16 + ((*p as u64) << 8),
+            Ev::Heal => 17,
+            Ev::CrashLeader(_) => 18,
+        }
+    }
+}
+
+/// Who waits for a proposal.
+#[derive(Clone, Debug)]
+enum Waiter {
+    Client {
+        client: usize,
+        req: u64,
+    },
+    Driver {
+        epoch: u64,
+        gid: String,
+        key: Option<Key>,
+    },
+    Internal,
+}
+
+/// One transaction's worker state on the leader, as the real worker keeps it.
+#[derive(Default)]
+struct Worker {
+    in_flight: HashSet<Key>,
+    retry_at: HashMap<Key, tokio::time::Instant>,
+    failing: HashMap<Key, Failing>,
+    timeout_sent_at: Option<tokio::time::Instant>,
+}
+
+struct InFlight {
+    gid: String,
+    key: Key,
+    failing: Failing,
+    phase_two: bool,
+    attempts_limit: Option<u32>,
+}
+
+/// The driver of one leadership term.
+struct Driver {
+    epoch: u64,
+    workers: BTreeMap<String, Worker>,
+    calls: BTreeMap<u64, InFlight>,
+}
+
+struct Node {
+    id: u64,
+    /// The log and hard state: what survives a crash (written before the
+    /// messages that promise it, as the real loop fsyncs in its turn).
+    store: MemStorage,
+    raw: Option<RawNode<MemStorage>>,
+    sm: StateMachine,
+    applied: u64,
+    applied_term: u64,
+    clock_offset_ms: i64,
+    pending: BTreeMap<u64, (u64, Waiter)>,
+    driver: Option<Driver>,
+}
+
+/// A step of a client's script.
+#[derive(Clone, Debug)]
+enum Step {
+    Propose(Command),
+    App {
+        branch_id: String,
+        op: Op,
+        part: usize,
+    },
+    Decide,
+}
+
+struct Client {
+    gid: String,
+    protocol: Protocol,
+    steps: Vec<Step>,
+    /// The step under way.
+    at: usize,
+    /// Only the wake-up carrying the latest token acts, so retries never
+    /// multiply.
+    token: u64,
+    /// The node it asks first.
+    target: u64,
+    app_failed: bool,
+    app_tries: u32,
+    done: bool,
+}
+
+/// What the cluster acknowledged to a client: the checker holds it to it.
+#[derive(Clone, Debug)]
+pub(crate) struct Ack {
+    pub gid: String,
+    pub command: &'static str,
+    pub tx: std::sync::Arc<Transaction>,
+}
+
+pub(crate) struct Faults {
+    loss: f64,
+    dup: f64,
+    delay_max_ms: i64,
+    disk_ms: i64,
+    transient: f64,
+    cut: BTreeSet<(Addr, Addr)>,
+    active: bool,
+}
+
+pub(crate) struct World {
+    seed: u64,
+    opts: Options,
+    rng: StdRng,
+    now: i64,
+    seq: u64,
+    queue: BTreeMap<(i64, u64), Ev>,
+    nodes: Vec<Node>,
+    parts: Vec<Participant>,
+    clients: Vec<Client>,
+    faults: Faults,
+    next_epoch: u64,
+    next_call: u64,
+    base: std::time::Instant,
+    /// Every committed entry seen applied: index → (term, when first).
+    pub(crate) committed: BTreeMap<u64, (u64, i64)>,
+    pub(crate) acks: Vec<Ack>,
+    pub(crate) violations: Vec<String>,
+    trace: u64,
+    events: u64,
+    fault_log: Vec<String>,
+}
+
+fn raft_config(id: u64) -> raft::Config {
+    raft::Config {
+        id,
+        election_tick: 10,
+        heartbeat_tick: 2,
+        // One value: raft-rs draws the randomized timeout from its own RNG,
+        // which would make runs differ; message delays break ties instead.
+        min_election_tick: 10,
+        max_election_tick: 11,
+        check_quorum: true,
+        pre_vote: true,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        ..Default::default()
+    }
+}
+
+fn logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+fn endpoint(part: usize) -> String {
+    format!("http://p{part}.sim:80/tandem")
+}
+
+fn part_of(endpoint: &str) -> usize {
+    endpoint
+        .strip_prefix("http://p")
+        .and_then(|s| s.split('.').next())
+        .and_then(|n| n.parse().ok())
+        .expect("simulated endpoints name their participant")
+}
+
+/// A stable 64-bit mix, for votes that a repeated call casts the same way.
+fn mix(seed: u64, parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for p in parts {
+        for b in p.bytes().chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl World {
+    fn new(seed: u64, opts: Options) -> World {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let voters: Vec<u64> = (1..=opts.nodes).collect();
+        let nodes = voters
+            .iter()
+            .map(|&id| {
+                let store =
+                    MemStorage::new_with_conf_state(ConfState::from((voters.clone(), vec![])));
+                let raw = RawNode::new(&raft_config(id), store.clone(), &logger())
+                    .expect("a valid raft config");
+                Node {
+                    id,
+                    store,
+                    raw: Some(raw),
+                    sm: StateMachine::new(BTreeMap::new()),
+                    applied: 0,
+                    applied_term: 0,
+                    clock_offset_ms: 0,
+                    pending: BTreeMap::new(),
+                    driver: None,
+                }
+            })
+            .collect();
+        let faults = if opts.faults {
+            Faults {
+                loss: [0.0, 0.01, 0.05, 0.1][rng.random_range(0..4)],
+                dup: [0.0, 0.0, 0.02, 0.05][rng.random_range(0..4)],
+                delay_max_ms: [2, 10, 30][rng.random_range(0..3)],
+                disk_ms: [0, 2, 8][rng.random_range(0..3)],
+                transient: [0.0, 0.05, 0.2][rng.random_range(0..3)],
+                cut: BTreeSet::new(),
+                active: true,
+            }
+        } else {
+            Faults {
+                loss: 0.0,
+                dup: 0.0,
+                delay_max_ms: 3,
+                disk_ms: 0,
+                transient: 0.0,
+                cut: BTreeSet::new(),
+                active: false,
+            }
+        };
+        let parts = (0..opts.participants)
+            .map(|_| Participant::default())
+            .collect();
+        let mut world = World {
+            seed,
+            opts,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BTreeMap::new(),
+            nodes,
+            parts,
+            clients: Vec::new(),
+            faults,
+            next_epoch: 1,
+            next_call: 1,
+            base: std::time::Instant::now(),
+            committed: BTreeMap::new(),
+            acks: Vec::new(),
+            violations: Vec::new(),
+            trace: 0xcbf2_9ce4_8422_2325,
+            events: 0,
+            fault_log: Vec::new(),
+        };
+        world.fault_log.push(format!(
+            "loss {} dup {} delay<={}ms disk {}ms transient {}",
+            world.faults.loss,
+            world.faults.dup,
+            world.faults.delay_max_ms,
+            world.faults.disk_ms,
+            world.faults.transient
+        ));
+        for id in 1..=world.opts.nodes {
+            // Nodes tick out of phase, as real ones do.
+            let phase = world.rng.random_range(0..TICK_MS);
+            world.at(phase, Ev::Tick(id));
+            world.at(phase, Ev::DriverTick(id));
+        }
+        world.make_clients();
+        if world.opts.faults {
+            world.schedule_faults();
+        }
+        let heal = world.opts.heal_at_ms;
+        world.at(heal, Ev::Heal);
+        world
+    }
+
+    fn at(&mut self, when: i64, ev: Ev) {
+        self.seq += 1;
+        self.queue.insert((when.max(self.now), self.seq), ev);
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && self.rng.random_bool(p)
+    }
+
+    /// Sends over the simulated network: maybe lost, delayed, duplicated.
+    fn send(&mut self, from: Addr, to: Addr, ev: Ev, extra_ms: i64) {
+        if self.faults.active {
+            if self.faults.cut.contains(&(from, to)) {
+                return;
+            }
+            if self.chance(self.faults.loss) {
+                return;
+            }
+        }
+        let delay = self.rng.random_range(1..=self.faults.delay_max_ms) + extra_ms;
+        if self.faults.active && self.chance(self.faults.dup) {
+            let again = self.rng.random_range(1..=self.faults.delay_max_ms * 3) + extra_ms;
+            self.at(self.now + again, ev.clone());
+        }
+        self.at(self.now + delay, ev);
+    }
+
+    fn wall_ms(&self, node: usize) -> i64 {
+        EPOCH_MS + self.now + self.nodes[node].clock_offset_ms
+    }
+
+    fn instant(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.base + Duration::from_millis(self.now as u64))
+    }
+
+    fn make_clients(&mut self) {
+        let n = self.opts.clients;
+        for c in 0..n {
+            let protocol = [Protocol::TwoPc, Protocol::Xa, Protocol::Tcc, Protocol::Saga]
+                [self.rng.random_range(0..4)];
+            let gid = format!("g{c}");
+            let options = TxOptions {
+                timeout_ms: self.rng.random_range(1_000..=4_000),
+                retry: RetryPolicy {
+                    initial_interval_ms: 20,
+                    max_interval_ms: 400,
+                    max_attempts: 6,
+                },
+                branch_timeout_ms: 200,
+                concurrency: 0,
+            };
+            let parts = self.opts.participants;
+            let mut steps = Vec::new();
+            let begin = |now_ms| Command::Begin {
+                gid: gid.clone(),
+                protocol,
+                options,
+                payload: Default::default(),
+                now_ms,
+            };
+            let branches = self.rng.random_range(1..=3usize);
+            let register = |b: usize, ops: &[Op]| {
+                let part = (c + b) % parts;
+                Command::RegisterBranch {
+                    gid: gid.clone(),
+                    branch: BranchSpec {
+                        branch_id: format!("b{b}"),
+                        ops: ops.iter().map(|op| (*op, endpoint(part))).collect(),
+                        payload: Default::default(),
+                    },
+                    now_ms: 0,
+                }
+            };
+            match protocol {
+                Protocol::TwoPc => {
+                    steps.push(Step::Propose(begin(0)));
+                    for b in 0..branches {
+                        steps.push(Step::Propose(register(
+                            b,
+                            &[Op::Prepare, Op::Commit, Op::Rollback],
+                        )));
+                    }
+                    steps.push(Step::Decide);
+                }
+                Protocol::Xa | Protocol::Tcc => {
+                    let (forward, ops): (Op, &[Op]) = if protocol == Protocol::Xa {
+                        (Op::Prepare, &[Op::Commit, Op::Rollback])
+                    } else {
+                        (Op::Try, &[Op::Try, Op::Confirm, Op::Cancel])
+                    };
+                    steps.push(Step::Propose(begin(0)));
+                    for b in 0..branches {
+                        steps.push(Step::Propose(register(b, ops)));
+                        steps.push(Step::App {
+                            branch_id: format!("b{b}"),
+                            op: forward,
+                            part: (c + b) % parts,
+                        });
+                    }
+                    steps.push(Step::Decide);
+                }
+                Protocol::Saga => {
+                    let concurrent = self.rng.random_bool(0.5);
+                    let mut specs: Vec<SagaStepSpec> = Vec::new();
+                    for b in 0..branches + 1 {
+                        let part = (c + b) % parts;
+                        let after = match (concurrent, b) {
+                            (_, 0) => Vec::new(),
+                            (false, b) => vec![format!("s{}", b - 1)],
+                            (true, b) => (0..b)
+                                .filter(|_| self.rng.random_bool(0.5))
+                                .map(|a| format!("s{a}"))
+                                .collect(),
+                        };
+                        specs.push(SagaStepSpec {
+                            branch_id: format!("s{b}"),
+                            action: endpoint(part),
+                            compensate: endpoint(part),
+                            payload: Default::default(),
+                            after,
+                            retry: None,
+                        });
+                    }
+                    let mut options = options;
+                    options.concurrency = if concurrent { 2 } else { 0 };
+                    steps.push(Step::Propose(Command::SubmitSaga {
+                        gid: gid.clone(),
+                        options,
+                        steps: specs,
+                        payload: Default::default(),
+                        now_ms: 0,
+                    }));
+                }
+                Protocol::ThreePc | Protocol::Msg => unreachable!("not drawn"),
+            }
+            let start = self.rng.random_range(0..2_000);
+            let target = self.rng.random_range(1..=self.opts.nodes);
+            self.clients.push(Client {
+                gid,
+                protocol,
+                steps,
+                at: 0,
+                token: 0,
+                target,
+                app_failed: false,
+                app_tries: 0,
+                done: false,
+            });
+            self.at(start, Ev::ClientWake(c, 0));
+        }
+    }
+
+    fn schedule_faults(&mut self) {
+        let heal = self.opts.heal_at_ms;
+        let nodes = self.opts.nodes;
+        for _ in 0..self.rng.random_range(0..=3) {
+            let node = self.rng.random_range(1..=nodes);
+            let at = self.rng.random_range(0..heal);
+            let back = at + self.rng.random_range(50..1_000);
+            self.fault_log
+                .push(format!("crash node {node} at {at}, restart at {back}"));
+            self.at(at, Ev::Crash(node));
+            self.at(back.min(heal), Ev::Restart(node));
+        }
+        for _ in 0..self.rng.random_range(0..=4) {
+            let at = self.rng.random_range(0..heal);
+            let down = self.rng.random_range(20..800);
+            self.fault_log
+                .push(format!("crash the leader at {at}, restart after {down} ms"));
+            self.at(at, Ev::CrashLeader(down));
+        }
+        for _ in 0..self.rng.random_range(0..=3) {
+            let at = self.rng.random_range(0..heal);
+            let until = at + self.rng.random_range(100..1_500);
+            let a = self.rng.random_range(1..=nodes);
+            let b = self.rng.random_range(1..=nodes);
+            if a == b {
+                continue;
+            }
+            let both = self.rng.random_bool(0.5);
+            self.fault_log.push(format!(
+                "cut {a}->{b}{} from {at} to {until}",
+                if both { " both ways" } else { "" }
+            ));
+            for (x, y) in [(a, b), (b, a)].into_iter().take(if both { 2 } else { 1 }) {
+                self.at(at, Ev::Cut(Addr::Node(x), Addr::Node(y), true));
+                self.at(until, Ev::Cut(Addr::Node(x), Addr::Node(y), false));
+            }
+        }
+        for _ in 0..self.rng.random_range(0..=2) {
+            let node = self.rng.random_range(1..=nodes);
+            let at = self.rng.random_range(0..heal);
+            let jump = self.rng.random_range(100_000..500_000)
+                * if self.rng.random_bool(0.5) { 1 } else { -1 };
+            self.fault_log
+                .push(format!("clock of node {node} jumps {jump} ms at {at}"));
+            self.at(at, Ev::ClockJump(node, jump));
+        }
+        for _ in 0..self.rng.random_range(0..=3) {
+            let part = self.rng.random_range(0..self.opts.participants);
+            let at = self.rng.random_range(0..heal);
+            let len = self.rng.random_range(50..1_000);
+            self.fault_log
+                .push(format!("participant {part} down at {at} for {len} ms"));
+            self.at(at, Ev::PartDown(part, at + len));
+        }
+    }
+
+    fn run(mut self) -> Report {
+        let mut last_check = 0;
+        while let Some(((when, seq), ev)) = self.queue.pop_first() {
+            self.now = when;
+            self.events += 1;
+            for v in [when as u64, seq, ev.kind()] {
+                self.trace ^= v;
+                self.trace = self.trace.wrapping_mul(0x0100_0000_01b3);
+            }
+            if self.events.is_multiple_of(200_000) && std::env::var_os("TANDEM_SIM_DEBUG").is_some()
+            {
+                eprintln!(
+                    "t={} events={} queue={} next={:?}",
+                    self.now,
+                    self.events,
+                    self.queue.len(),
+                    ev.kind() & 0xff
+                );
+            }
+            self.handle(ev);
+            if self.now >= self.opts.heal_at_ms + 500 && self.now - last_check >= 100 {
+                last_check = self.now;
+                if self.quiescent() {
+                    break;
+                }
+            }
+            if self.now >= self.opts.max_ms {
+                self.violations.push(format!(
+                    "no blocking: not every transaction ended {} ms after the faults healed",
+                    self.opts.max_ms - self.opts.heal_at_ms
+                ));
+                break;
+            }
+        }
+        let mut report = Report {
+            seed: self.seed,
+            events: self.events,
+            sim_ms: self.now,
+            trace: self.trace,
+            ..Default::default()
+        };
+        report.violations = std::mem::take(&mut self.violations);
+        report.violations.extend(check::check(&self));
+        let sm = &self.nodes[0].sm;
+        for c in &self.clients {
+            if let Some(tx) = sm.get(&c.gid) {
+                report.txs += 1;
+                match tx.state {
+                    crate::model::types::TxState::Committed => report.committed += 1,
+                    crate::model::types::TxState::Aborted => report.aborted += 1,
+                    _ => {}
+                }
+            }
+        }
+        report.faults = self.fault_log;
+        report.leaders = self.next_epoch - 1;
+        report
+    }
+
+    /// Every client done, every node up and caught up, every transaction ended.
+    fn quiescent(&self) -> bool {
+        if !self.clients.iter().all(|c| c.done) {
+            return false;
+        }
+        let commit = self.committed.keys().next_back().copied().unwrap_or(0);
+        self.nodes
+            .iter()
+            .all(|n| n.raw.is_some() && n.applied == commit && n.sm.active_count() == 0)
+    }
+
+    fn node(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Tick(id) => {
+                if let Some(raw) = self.node(id).raw.as_mut() {
+                    raw.tick();
+                }
+                self.ready(id);
+                self.at(self.now + TICK_MS, Ev::Tick(id));
+            }
+            Ev::DriverTick(id) => {
+                self.drive(id);
+                self.at(self.now + DRIVER_TICK_MS, Ev::DriverTick(id));
+            }
+            Ev::Raft(m) => {
+                let to = m.to;
+                if let Some(raw) = self.node(to).raw.as_mut() {
+                    let _ = raw.step(*m);
+                    self.ready(to);
+                }
+            }
+            Ev::Crash(id) => {
+                let node = self.node(id);
+                node.raw = None;
+                node.driver = None;
+                node.pending.clear();
+            }
+            Ev::CrashLeader(down) => {
+                let leader = (1..=self.opts.nodes).find(|&id| {
+                    self.nodes[(id - 1) as usize]
+                        .raw
+                        .as_ref()
+                        .is_some_and(|r| r.raft.state == StateRole::Leader)
+                });
+                if let Some(id) = leader
+                    && self.faults.active
+                {
+                    self.handle(Ev::Crash(id));
+                    let back = (self.now + down).min(self.opts.heal_at_ms);
+                    self.at(back, Ev::Restart(id));
+                }
+            }
+            Ev::Restart(id) => {
+                let node = self.node(id);
+                if node.raw.is_none() {
+                    // Back from its log alone: the state machine is rebuilt
+                    // by applying the committed entries again.
+                    node.raw = Some(
+                        RawNode::new(&raft_config(id), node.store.clone(), &logger())
+                            .expect("a valid raft config"),
+                    );
+                    node.sm = StateMachine::new(BTreeMap::new());
+                    node.applied = 0;
+                    node.applied_term = 0;
+                }
+            }
+            Ev::ClientWake(c, req) => self.client_step(c, req),
+            Ev::ClientReq {
+                node,
+                client,
+                req,
+                command,
+            } => self.client_request(node, client, req, *command),
+            Ev::ClientReply { client, req, reply } => self.client_reply(client, req, reply),
+            Ev::Call {
+                part,
+                node,
+                epoch,
+                call_id,
+                gid,
+                branch_id,
+                op,
+                fence,
+            } => {
+                let answer = self.participant(part, &gid, &branch_id, op, fence);
+                if let Some(answer) = answer {
+                    self.send(
+                        Addr::Part(part),
+                        Addr::Node(node),
+                        Ev::CallReply {
+                            node,
+                            epoch,
+                            call_id,
+                            answer: Some(answer),
+                        },
+                        0,
+                    );
+                }
+            }
+            Ev::CallReply {
+                node,
+                epoch,
+                call_id,
+                answer,
+            } => self.call_ended(node, epoch, call_id, answer),
+            Ev::CallTimeout {
+                node,
+                epoch,
+                call_id,
+            } => self.call_ended(node, epoch, call_id, None),
+            Ev::AppCall {
+                part,
+                client,
+                req,
+                gid,
+                branch_id,
+                op,
+            } => {
+                let answer = self.participant(part, &gid, &branch_id, op, Fence::default());
+                self.send(
+                    Addr::Part(part),
+                    Addr::Client(client),
+                    Ev::AppReply {
+                        client,
+                        req,
+                        answer,
+                    },
+                    0,
+                );
+            }
+            Ev::AppReply {
+                client,
+                req,
+                answer,
+            } => self.app_reply(client, req, answer),
+            Ev::Cut(a, b, on) => {
+                if on && self.faults.active {
+                    self.faults.cut.insert((a, b));
+                } else {
+                    self.faults.cut.remove(&(a, b));
+                }
+            }
+            Ev::ClockJump(id, ms) => {
+                if self.faults.active {
+                    self.node(id).clock_offset_ms += ms;
+                }
+            }
+            Ev::PartDown(p, until) => {
+                if self.faults.active {
+                    self.parts[p].down_until = until;
+                }
+            }
+            Ev::Heal => {
+                self.faults.active = false;
+                self.faults.cut.clear();
+                self.faults.loss = 0.0;
+                self.faults.dup = 0.0;
+                self.faults.transient = 0.0;
+                self.faults.disk_ms = 0;
+                for n in &mut self.nodes {
+                    n.clock_offset_ms = 0;
+                }
+                for p in &mut self.parts {
+                    p.down_until = 0;
+                }
+                for id in 1..=self.opts.nodes {
+                    self.handle(Ev::Restart(id));
+                }
+            }
+        }
+    }
+
+    fn participant(
+        &mut self,
+        part: usize,
+        gid: &str,
+        branch_id: &str,
+        op: Op,
+        fence: Fence,
+    ) -> Option<Answer> {
+        if self.faults.active && self.chance(self.faults.transient) {
+            return Some(Answer::Unavailable);
+        }
+        let yes = !mix(self.seed, &[gid, branch_id]).is_multiple_of(10);
+        let now = self.now;
+        self.parts[part].handle(now, gid, branch_id, op, fence, yes)
+    }
+
+    /// The Ready contract, in the order the real loop follows it.
+    fn ready(&mut self, id: u64) {
+        let disk_ms = self.faults.disk_ms;
+        let idx = (id - 1) as usize;
+        let Some(raw) = self.nodes[idx].raw.as_mut() else {
+            return;
+        };
+        if !raw.has_ready() {
+            return;
+        }
+        let mut rd = raw.ready();
+        let messages = rd.take_messages();
+        let committed = rd.take_committed_entries();
+        let store = self.nodes[idx].store.clone();
+        {
+            let mut core = store.wl();
+            if !rd.entries().is_empty() {
+                core.append(rd.entries()).expect("appending to the log");
+            }
+            if let Some(hs) = rd.hs() {
+                core.set_hardstate(hs.clone());
+            }
+        }
+        let persisted = rd.take_persisted_messages();
+        let raw = self.nodes[idx].raw.as_mut().expect("checked above");
+        let mut light = raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            store.wl().mut_hard_state().set_commit(commit);
+        }
+        let light_messages = light.take_messages();
+        let light_committed = light.take_committed_entries();
+        raw.advance_apply();
+        for m in messages {
+            self.send_raft(id, m, 0);
+        }
+        self.apply(id, committed);
+        for m in persisted {
+            self.send_raft(id, m, disk_ms);
+        }
+        for m in light_messages {
+            self.send_raft(id, m, disk_ms);
+        }
+        self.apply(id, light_committed);
+    }
+
+    fn send_raft(&mut self, from: u64, m: Message, extra_ms: i64) {
+        let to = m.to;
+        self.send(
+            Addr::Node(from),
+            Addr::Node(to),
+            Ev::Raft(Box::new(m)),
+            extra_ms,
+        );
+    }
+
+    fn apply(&mut self, id: u64, entries: Vec<Entry>) {
+        let idx = (id - 1) as usize;
+        for entry in entries {
+            match self.committed.get(&entry.index) {
+                Some((term, _)) if *term != entry.term => self.violations.push(format!(
+                    "replicas disagree: node {id} applied entry {} of term {}, another of term {term}",
+                    entry.index, entry.term
+                )),
+                Some(_) => {}
+                None => {
+                    self.committed.insert(entry.index, (entry.term, self.now));
+                }
+            }
+            let node = &mut self.nodes[idx];
+            if entry.index <= node.applied {
+                continue;
+            }
+            node.applied = entry.index;
+            node.applied_term = entry.term;
+            let waiter = match node.pending.remove(&entry.index) {
+                Some((term, w)) if term == entry.term => Some(w),
+                _ => None,
+            };
+            if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
+                continue;
+            }
+            let result = Replicated::apply(&mut node.sm, &entry.data, entry.index, entry.term);
+            match waiter {
+                Some(Waiter::Client { client, req }) => self.send(
+                    Addr::Node(id),
+                    Addr::Client(client),
+                    Ev::ClientReply {
+                        client,
+                        req,
+                        reply: Some(result),
+                    },
+                    0,
+                ),
+                Some(Waiter::Driver { epoch, gid, key }) => {
+                    if let Some(key) = key {
+                        self.proposal_applied(id, epoch, &gid, key);
+                    }
+                }
+                Some(Waiter::Internal) | None => {}
+            }
+        }
+    }
+
+    /// Leader, and has applied an entry of its own term (its state holds
+    /// every committed entry): the real loop's condition to start driving.
+    fn leading(&self, id: u64) -> bool {
+        let node = &self.nodes[(id - 1) as usize];
+        node.raw.as_ref().is_some_and(|raw| {
+            raw.raft.state == StateRole::Leader && node.applied_term == raw.raft.term
+        })
+    }
+
+    fn propose(&mut self, id: u64, command: &Command, waiter: Waiter) -> bool {
+        let node = self.node(id);
+        let Some(raw) = node.raw.as_mut() else {
+            return false;
+        };
+        if raw.propose(vec![], codec::encode(command)).is_err() {
+            return false;
+        }
+        let index = raw.raft.raft_log.last_index();
+        let term = raw.raft.term;
+        // The bug the checker must catch (tests/simulation.rs): the leader
+        // applies and answers before the entry is committed.
+        #[cfg(feature = "inject-bug-apply-before-commit")]
+        if node.applied + 1 == index {
+            let result = Replicated::apply(&mut node.sm, &codec::encode(command), index, term);
+            node.applied = index;
+            node.applied_term = term;
+            if let Waiter::Client { client, req } = waiter {
+                self.send(
+                    Addr::Node(id),
+                    Addr::Client(client),
+                    Ev::ClientReply {
+                        client,
+                        req,
+                        reply: Some(result),
+                    },
+                    0,
+                );
+            }
+            self.ready(id);
+            return true;
+        }
+        node.pending.insert(index, (term, waiter));
+        self.ready(id);
+        true
+    }
+
+    // ---- the driver, as driver/mod.rs runs it, on the simulated clock ----
+
+    fn drive(&mut self, id: u64) {
+        if !self.leading(id) {
+            self.node(id).driver = None;
+            return;
+        }
+        if self.node(id).driver.is_none() {
+            let epoch = self.next_epoch;
+            self.next_epoch += 1;
+            self.node(id).driver = Some(Driver {
+                epoch,
+                workers: BTreeMap::new(),
+                calls: BTreeMap::new(),
+            });
+            if self.node(id).sm.cluster_id().is_none() {
+                let cluster_id = uuid::Uuid::from_u64_pair(self.seed, 1);
+                self.propose(id, &Command::InitCluster { cluster_id }, Waiter::Internal);
+            }
+        }
+        let idx = (id - 1) as usize;
+        let now = self.instant();
+        let wall = self.wall_ms(idx);
+        let mut gids: Vec<String> = self.nodes[idx].sm.active_gids().cloned().collect();
+        gids.sort();
+        let mut timeouts = Vec::new();
+        let mut starts = Vec::new();
+        {
+            let node = &mut self.nodes[idx];
+            let driver = node.driver.as_mut().expect("made above");
+            driver
+                .workers
+                .retain(|gid, _| gids.binary_search(gid).is_ok());
+            for gid in &gids {
+                let tx = node.sm.get(gid).expect("active").clone();
+                let w = driver.workers.entry(gid.clone()).or_default();
+                let p = plan::plan(
+                    &plan::View {
+                        tx: &tx,
+                        in_flight: &w.in_flight,
+                        retry_at: &w.retry_at,
+                        timeout_sent_at: w.timeout_sent_at,
+                    },
+                    now,
+                    wall,
+                );
+                if p.propose_timeout {
+                    w.timeout_sent_at = Some(now);
+                    timeouts.push(gid.clone());
+                }
+                for call in p.start {
+                    let key = (call.branch_id.clone(), call.op);
+                    let failing = *w
+                        .failing
+                        .entry(key.clone())
+                        .or_insert_with(|| Failing::from_log(&tx, &key));
+                    w.in_flight.insert(key.clone());
+                    let (phase_two, attempts_limit) = plan::call_terms(&tx, &call);
+                    starts.push((tx.clone(), call, failing, phase_two, attempts_limit));
+                }
+            }
+        }
+        let epoch = self.nodes[idx].driver.as_ref().expect("made above").epoch;
+        for gid in timeouts {
+            let command = Command::Timeout {
+                gid: gid.clone(),
+                now_ms: wall,
+            };
+            self.propose(
+                id,
+                &command,
+                Waiter::Driver {
+                    epoch,
+                    gid,
+                    key: None,
+                },
+            );
+        }
+        for (tx, call, failing, phase_two, attempts_limit) in starts {
+            let call_id = self.next_call;
+            self.next_call += 1;
+            let part = part_of(&call.endpoint);
+            let key = (call.branch_id.clone(), call.op);
+            if let Some(driver) = self.nodes[idx].driver.as_mut() {
+                driver.calls.insert(
+                    call_id,
+                    InFlight {
+                        gid: tx.gid.clone(),
+                        key,
+                        failing,
+                        phase_two,
+                        attempts_limit,
+                    },
+                );
+            }
+            let timeout = i64::from(tx.options.branch_timeout_ms);
+            self.at(
+                self.now + timeout,
+                Ev::CallTimeout {
+                    node: id,
+                    epoch,
+                    call_id,
+                },
+            );
+            self.send(
+                Addr::Node(id),
+                Addr::Part(part),
+                Ev::Call {
+                    part,
+                    node: id,
+                    epoch,
+                    call_id,
+                    gid: tx.gid.clone(),
+                    branch_id: call.branch_id,
+                    op: call.op,
+                    fence: call.fence,
+                },
+                0,
+            );
+        }
+    }
+
+    fn call_ended(&mut self, id: u64, epoch: u64, call_id: u64, answer: Option<Answer>) {
+        let idx = (id - 1) as usize;
+        let wall = self.wall_ms(idx);
+        let Some(driver) = self.nodes[idx].driver.as_mut() else {
+            return;
+        };
+        if driver.epoch != epoch {
+            return;
+        }
+        let Some(mut call) = driver.calls.remove(&call_id) else {
+            return;
+        };
+        let outcome = match answer {
+            Some(Answer::Ok) => OpOutcome::Succeeded,
+            Some(Answer::No(m)) => OpOutcome::Failed(m),
+            Some(Answer::Unavailable) => OpOutcome::Transient("unavailable".into()),
+            None => OpOutcome::Transient("timed out".into()),
+        };
+        let record = plan::to_record(
+            &mut call.failing,
+            call.key.1,
+            outcome,
+            call.phase_two,
+            call.attempts_limit,
+            wall,
+        );
+        if let Some(w) = driver.workers.get_mut(&call.gid) {
+            w.failing.insert(call.key.clone(), call.failing);
+        }
+        match record {
+            Some(outcome) => {
+                let command = Command::OpResult {
+                    gid: call.gid.clone(),
+                    branch_id: call.key.0.clone(),
+                    op: call.key.1,
+                    outcome,
+                    now_ms: wall,
+                };
+                let waiter = Waiter::Driver {
+                    epoch,
+                    gid: call.gid.clone(),
+                    key: Some(call.key.clone()),
+                };
+                if !self.propose(id, &command, waiter) {
+                    self.proposal_applied(id, epoch, &call.gid, call.key);
+                }
+            }
+            None => self.proposal_applied(id, epoch, &call.gid, call.key),
+        }
+    }
+
+    /// A call is over (its answer applied, or not worth an entry): retry
+    /// it after the backoff if its op is still open, as the worker does.
+    fn proposal_applied(&mut self, id: u64, epoch: u64, gid: &str, key: Key) {
+        let now = self.instant();
+        let node = &mut self.nodes[(id - 1) as usize];
+        let Some(driver) = node.driver.as_mut() else {
+            return;
+        };
+        if driver.epoch != epoch {
+            return;
+        }
+        let Some(w) = driver.workers.get_mut(gid) else {
+            return;
+        };
+        w.in_flight.remove(&key);
+        let Some(tx) = node.sm.get(gid) else {
+            return;
+        };
+        let failing = w.failing.get(&key).copied().unwrap_or_default();
+        match plan::retry_after(tx, &key, failing) {
+            Some(wait) => {
+                w.retry_at.insert(key, now + wait);
+            }
+            None => {
+                w.retry_at.remove(&key);
+                w.failing.remove(&key);
+            }
+        }
+    }
+
+    // ---- clients ----
+
+    /// Sends the client's current step (again, if `at` is still current:
+    /// an unanswered call is retried, its result being ambiguous).
+    fn client_step(&mut self, c: usize, token: u64) {
+        let client = &self.clients[c];
+        if client.done || client.token != token {
+            return;
+        }
+        let at = client.at as u64;
+        let Some(step) = client.steps.get(client.at).cloned() else {
+            self.clients[c].done = true;
+            return;
+        };
+        let step = match step {
+            Step::Decide => {
+                let gid = client.gid.clone();
+                let draw = self.rng.random_range(0..100);
+                let command = match (client.protocol, client.app_failed, draw) {
+                    (Protocol::TwoPc, _, 0..90) | (_, false, 0..80) => {
+                        Command::Commit { gid, now_ms: 0 }
+                    }
+                    (_, _, 0..95) => Command::Abort {
+                        gid,
+                        reason: "the application gave up".into(),
+                        now_ms: 0,
+                    },
+                    // Abandoned: the deadline must end it.
+                    _ => {
+                        self.clients[c].done = true;
+                        return;
+                    }
+                };
+                // Retries resend the same decision.
+                let client = &mut self.clients[c];
+                let at = client.at;
+                client.steps[at] = Step::Propose(command.clone());
+                Step::Propose(command)
+            }
+            s => s,
+        };
+        let client = &self.clients[c];
+        match step {
+            Step::Propose(command) => {
+                let node = client.target;
+                self.send(
+                    Addr::Client(c),
+                    Addr::Node(node),
+                    Ev::ClientReq {
+                        node,
+                        client: c,
+                        req: at,
+                        command: Box::new(command),
+                    },
+                    0,
+                );
+            }
+            Step::App {
+                branch_id,
+                op,
+                part,
+                ..
+            } => {
+                let gid = client.gid.clone();
+                self.send(
+                    Addr::Client(c),
+                    Addr::Part(part),
+                    Ev::AppCall {
+                        part,
+                        client: c,
+                        req: at,
+                        gid,
+                        branch_id,
+                        op,
+                    },
+                    0,
+                );
+            }
+            Step::Decide => unreachable!("turned into a proposal above"),
+        }
+        let wake = self.client_wake(c);
+        self.at(self.now + CLIENT_RETRY_MS, wake);
+    }
+
+    /// The client's next wake-up; any earlier one is void.
+    fn client_wake(&mut self, c: usize) -> Ev {
+        let client = &mut self.clients[c];
+        client.token += 1;
+        Ev::ClientWake(c, client.token)
+    }
+
+    /// The client's step is done: on to the next one.
+    fn client_next(&mut self, c: usize) {
+        self.clients[c].at += 1;
+        let wake = self.client_wake(c);
+        self.at(self.now, wake);
+    }
+
+    fn client_request(&mut self, id: u64, c: usize, req: u64, mut command: Command) {
+        let idx = (id - 1) as usize;
+        if !self.leading(id) {
+            let reply = Ev::ClientReply {
+                client: c,
+                req,
+                reply: None,
+            };
+            if self.nodes[idx].raw.is_some() {
+                self.send(Addr::Node(id), Addr::Client(c), reply, 0);
+            }
+            return;
+        }
+        // The leader stamps its clock into the command, as the service does.
+        let wall = self.wall_ms(idx);
+        match &mut command {
+            Command::Begin { now_ms, .. }
+            | Command::SubmitSaga { now_ms, .. }
+            | Command::RegisterBranch { now_ms, .. }
+            | Command::Commit { now_ms, .. }
+            | Command::Abort { now_ms, .. } => *now_ms = wall,
+            _ => {}
+        }
+        self.propose(id, &command, Waiter::Client { client: c, req });
+    }
+
+    fn client_reply(&mut self, c: usize, req: u64, reply: Option<ApplyResult>) {
+        let nodes = self.opts.nodes;
+        let client = &mut self.clients[c];
+        if client.done || client.at as u64 != req {
+            return;
+        }
+        let Some(result) = reply else {
+            // Not the leader: try another node soon.
+            client.target = client.target % nodes + 1;
+            let wake = self.client_wake(c);
+            self.at(self.now + 20, wake);
+            return;
+        };
+        let Step::Propose(command) = &client.steps[client.at] else {
+            return;
+        };
+        let name = match command {
+            Command::Begin { .. } => "Begin",
+            Command::SubmitSaga { .. } => "SubmitSaga",
+            Command::RegisterBranch { .. } => "RegisterBranch",
+            Command::Commit { .. } => "Commit",
+            Command::Abort { .. } => "Abort",
+            _ => "other",
+        };
+        match result {
+            Ok(Applied::Begun { tx, .. } | Applied::Updated { tx }) => {
+                self.acks.push(Ack {
+                    gid: client.gid.clone(),
+                    command: name,
+                    tx,
+                });
+                if matches!(name, "Commit" | "Abort" | "SubmitSaga") {
+                    client.done = true;
+                } else {
+                    self.client_next(c);
+                }
+            }
+            // Refused (for example a register after the deadline aborted
+            // it): the application stops here.
+            Ok(_) | Err(_) => client.done = true,
+        }
+    }
+
+    fn app_reply(&mut self, c: usize, req: u64, answer: Option<Answer>) {
+        let client = &mut self.clients[c];
+        if client.done || client.at as u64 != req {
+            return;
+        }
+        match answer {
+            Some(Answer::Ok) => {}
+            Some(Answer::No(_)) => client.app_failed = true,
+            Some(Answer::Unavailable) | None => {
+                client.app_tries += 1;
+                if client.app_tries < 5 {
+                    let wake = self.client_wake(c);
+                    self.at(self.now + 50, wake);
+                    return;
+                }
+                client.app_failed = true;
+            }
+        }
+        client.app_tries = 0;
+        if client.app_failed {
+            // A failed forward op: straight to the decision (which aborts).
+            client.at = client.steps.len() - 2;
+        }
+        self.client_next(c);
+    }
+}
+
+/// Runs one seed.
+pub fn run(seed: u64, opts: &Options) -> Report {
+    World::new(seed, opts.clone()).run()
+}
