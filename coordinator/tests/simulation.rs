@@ -82,7 +82,7 @@ mod clean {
 fn bug_options() -> Options {
     let opts = Options::default();
     Options {
-        max_ms: opts.heal_at_ms + 20_000,
+        max_ms: opts.heal_at_ms + 10_000,
         ..opts
     }
 }

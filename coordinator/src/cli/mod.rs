@@ -246,14 +246,7 @@ fn parse_protocol(name: &str) -> anyhow::Result<pb::Protocol> {
             Protocol::ALL.map(|p| p.name()).join(", ")
         )
     })?;
-    Ok(match protocol {
-        Protocol::Saga => pb::Protocol::Saga,
-        Protocol::Tcc => pb::Protocol::Tcc,
-        Protocol::Xa => pb::Protocol::Xa,
-        Protocol::TwoPc => pb::Protocol::TwoPc,
-        Protocol::ThreePc => pb::Protocol::ThreePc,
-        Protocol::Msg => pb::Protocol::Msg,
-    })
+    Ok(tandem_coordinator::api::convert::protocol_to_pb(protocol))
 }
 
 fn parse_state(name: &str) -> anyhow::Result<pb::TxState> {
@@ -263,14 +256,7 @@ fn parse_state(name: &str) -> anyhow::Result<pb::TxState> {
             TxState::ALL.map(|s| s.name()).join(", ")
         )
     })?;
-    Ok(match state {
-        TxState::Active => pb::TxState::Active,
-        TxState::Preparing => pb::TxState::Preparing,
-        TxState::Committing => pb::TxState::Committing,
-        TxState::Aborting => pb::TxState::Aborting,
-        TxState::Committed => pb::TxState::Committed,
-        TxState::Aborted => pb::TxState::Aborted,
-    })
+    Ok(tandem_coordinator::api::convert::state_to_pb(state))
 }
 
 async fn tx(command: TxCommand) -> anyhow::Result<()> {

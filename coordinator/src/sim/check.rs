@@ -72,11 +72,25 @@ pub(crate) fn check(world: &World) -> Vec<String> {
 
     // What the coordinator decided, against what the participants did.
     for node in &world.nodes {
-        if node.sm.active_count() > 0 {
+        for gid in node.sm.active_gids() {
+            let tx = node.sm.get(gid).expect("active");
+            let ops: Vec<String> = tx
+                .branches
+                .iter()
+                .flat_map(|b| {
+                    b.ops.iter().map(move |o| {
+                        format!("{}.{}={:?}x{}", b.branch_id, o.op, o.state, o.attempts)
+                    })
+                })
+                .collect();
             v.push(format!(
-                "no blocking: node {} still has {} unfinished transactions",
+                "no blocking: node {} still has {gid} ({}, {:?}, decided {:?}, deadline {}) unfinished: {}",
                 node.id,
-                node.sm.active_count()
+                tx.protocol,
+                tx.state,
+                tx.decision.as_ref().map(|d| d.outcome),
+                tx.deadline_ms - super::EPOCH_MS,
+                ops.join(" ")
             ));
         }
     }
