@@ -11,4 +11,5 @@ cd "$(dirname "$0")/.."
 bash scripts/prepare-services.sh
 TANDEM_NEMESIS_FAULTS=${1:-150} TANDEM_NEMESIS_RUNS=${2:-60} \
   cargo nextest run -p tandem-coordinator --test xa -E 'test(nemesis)' --no-capture \
-  --slow-timeout 1200s 2>&1 | grep -E "^nemesis:|PASS|FAIL|panicked|Summary"
+  --profile long 2>&1 | grep -E "^nemesis:|PASS|FAIL|panicked|Summary|assert"
+

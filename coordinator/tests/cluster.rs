@@ -454,3 +454,72 @@ async fn durability_a_foreign_cluster_cannot_feed_raft_messages() {
         .await
         .expect("the cluster still takes writes");
 }
+
+/// Storage faults: a byte flipped in the middle of a stopped follower's log
+/// (bit rot, not a torn write) is either refused — the node will not start
+/// on it — or repaired from the leader; never served as if it were data.
+/// The cluster keeps serving meanwhile, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durability_a_flipped_byte_in_a_followers_log_is_refused_or_repaired() {
+    let mut cluster = Cluster::start(3);
+    let (leader, _) = cluster.wait_leader(Duration::from_secs(10)).await;
+    let mut acked = begin_many(&cluster, "before", 400, 16).await;
+    let follower = (1..=3).find(|&id| id != leader).expect("a follower");
+    cluster.terminate(follower);
+
+    // Flip one byte halfway through the follower's largest log file.
+    let log_dir = cluster.node(follower).data_dir.join("raft-log");
+    let file = std::fs::read_dir(&log_dir)
+        .expect("the log directory")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "raftlog"))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a log file");
+    let mut bytes = std::fs::read(&file).expect("read the log file");
+    let at = match std::env::var("TANDEM_FLIP_AT_TAIL") {
+        Ok(_) => bytes.len() - 8,
+        Err(_) => bytes.len() / 2,
+    };
+    bytes[at] ^= 0x5a;
+    std::fs::write(&file, &bytes).expect("write the log file");
+
+    cluster.restart(follower);
+    // The others carry on either way.
+    acked.extend(begin_many(&cluster, "after", 200, 16).await);
+    acked.sort();
+    let refused = cluster.wait_dead(follower, Duration::from_secs(3)).await;
+    eprintln!(
+        "flipped byte {at} of {}: the follower {}",
+        file.display(),
+        if refused { "refused to start" } else { "runs" }
+    );
+    let (leader, _) = cluster.wait_leader(Duration::from_secs(10)).await;
+    let on_leader: BTreeSet<String> = list_all_from(&cluster.node(leader).endpoint())
+        .await
+        .into_iter()
+        .collect();
+    for gid in &acked {
+        assert!(on_leader.contains(gid), "acknowledged {gid} lost");
+    }
+    if refused {
+        let log = cluster.log_of(follower);
+        assert!(
+            ["corrupt", "checksum", "Corruption", "Codec"]
+                .iter()
+                .any(|w| log.contains(w)),
+            "the follower stopped without naming the corruption: {log}"
+        );
+    } else {
+        // Running: it must hold exactly what the leader holds, once caught up.
+        let status = cluster.local_status(leader).await.expect("leader status");
+        cluster
+            .wait_applied(follower, status.commit, Duration::from_secs(20))
+            .await;
+        let on_follower: BTreeSet<String> = list_all_from(&cluster.node(follower).endpoint())
+            .await
+            .into_iter()
+            .collect();
+        assert_eq!(on_follower, on_leader, "the repaired follower differs");
+    }
+}

@@ -87,18 +87,26 @@ fn bug_options() -> Options {
     }
 }
 
-#[cfg(feature = "inject-bug-commit-on-first-vote")]
-#[test]
-fn simulation_finds_the_injected_bug_commit_on_first_vote() {
-    let reports = run(0..200, &bug_options());
-    let found = reports
+/// How many of 200 seeds report a violation of one of these kinds.
+#[cfg(any(
+    feature = "inject-bug-commit-on-first-vote",
+    feature = "inject-bug-apply-before-commit"
+))]
+fn seeds_finding(kinds: &[&str]) -> usize {
+    run(0..200, &bug_options())
         .iter()
         .filter(|r| {
             r.violations
                 .iter()
-                .any(|v| v.contains("never prepared") || v.starts_with("atomicity"))
+                .any(|v| kinds.iter().any(|k| v.contains(k)))
         })
-        .count();
+        .count()
+}
+
+#[cfg(feature = "inject-bug-commit-on-first-vote")]
+#[test]
+fn simulation_finds_the_injected_bug_commit_on_first_vote() {
+    let found = seeds_finding(&["never prepared", "atomicity"]);
     assert!(
         found > 20,
         "the checker found the injected bug in only {found} of 200 seeds"
@@ -108,15 +116,7 @@ fn simulation_finds_the_injected_bug_commit_on_first_vote() {
 #[cfg(feature = "inject-bug-apply-before-commit")]
 #[test]
 fn simulation_finds_the_injected_bug_apply_before_commit() {
-    let reports = run(0..200, &bug_options());
-    let found = reports
-        .iter()
-        .filter(|r| {
-            r.violations
-                .iter()
-                .any(|v| v.starts_with("commit point first") || v.starts_with("durability"))
-        })
-        .count();
+    let found = seeds_finding(&["commit point first", "durability"]);
     assert!(
         found > 20,
         "the checker found the injected bug in only {found} of 200 seeds"

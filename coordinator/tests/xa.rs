@@ -518,7 +518,13 @@ async fn atomicity_nemesis_kills_pauses_and_isolation_under_xa_load() {
         env("TANDEM_NEMESIS_FAULTS", 10),
         env("TANDEM_NEMESIS_RUNS", 20),
     );
-    let mut cluster = Cluster::start(3);
+    // Keep every finished transaction (the default budget collects the
+    // oldest beyond 64 MiB), so the tables can be counted at the end.
+    let options = common::Options {
+        extra: vec!["--finished-bytes-max".into(), (1u64 << 30).to_string()],
+        ..common::Options::default()
+    };
+    let mut cluster = Cluster::start_with(3, options);
     cluster.wait_leader(LEADER_TIMEOUT).await;
     let endpoints = cluster.endpoints();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
