@@ -30,13 +30,9 @@ pub fn protocol_from_pb(value: i32) -> Result<Option<Protocol>, String> {
         Ok(pb::Protocol::Msg) => Ok(Some(Protocol::Msg)),
         Err(_) => Err(format!(
             "unknown protocol {value}; expected one of {}",
-            protocol_names()
+            Protocol::names()
         )),
     }
-}
-
-pub fn protocol_names() -> String {
-    Protocol::ALL.map(|p| p.name()).join(", ")
 }
 
 pub fn state_to_pb(s: TxState) -> pb::TxState {

@@ -5,7 +5,7 @@ use tandem_proto::v1 as pb;
 use tandem_proto::v1::coordinator_server::Coordinator;
 use tonic::{Request, Response, Status};
 
-use super::convert::{protocol_from_pb, protocol_names, state_from_pb, tx_to_pb};
+use super::convert::{protocol_from_pb, state_from_pb, tx_to_pb};
 use super::status::{from_service_error, invalid};
 use crate::service::{
     BeginInput, ListInput, OptionsInput, RegisterInput, RetryInput, SagaInput, StepInput,
@@ -47,20 +47,19 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
         let request = request.into_inner();
-        crate::model::validate::gid(&request.gid).map_err(|e| invalid(e.to_string()))?;
-        let gid = request.gid;
-        let protocol = protocol_from_pb(request.protocol)
-            .map_err(|e| invalid(format!("transaction {gid}: {e}")))?
-            .ok_or_else(|| {
-                invalid(format!(
-                    "transaction {gid}: protocol is required (one of {})",
-                    protocol_names()
-                ))
-            })?;
+        let protocol = match protocol_from_pb(request.protocol) {
+            Ok(protocol) => protocol,
+            Err(e) => {
+                // Named in the answer, so checked first; the service checks
+                // it again on every other path.
+                crate::model::validate::gid(&request.gid).map_err(|e| invalid(e.to_string()))?;
+                return Err(invalid(format!("transaction {}: {e}", request.gid)));
+            }
+        };
         let (tx, created) = self
             .service
             .begin(BeginInput {
-                gid,
+                gid: request.gid,
                 protocol,
                 options: options_input(request.options),
                 payload: request.payload.into(),

@@ -243,7 +243,7 @@ fn parse_protocol(name: &str) -> anyhow::Result<pb::Protocol> {
     let protocol = Protocol::from_name(name).with_context(|| {
         format!(
             "unknown protocol {name:?}; expected one of {}",
-            Protocol::ALL.map(|p| p.name()).join(", ")
+            Protocol::names()
         )
     })?;
     Ok(tandem_coordinator::api::convert::protocol_to_pb(protocol))

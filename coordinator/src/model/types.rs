@@ -30,6 +30,11 @@ impl Protocol {
         Protocol::Msg,
     ];
 
+    /// Every protocol's name, for messages that list the choices.
+    pub fn names() -> String {
+        Protocol::ALL.map(|p| p.name()).join(", ")
+    }
+
     /// The name used by the CLI and in messages.
     pub fn name(self) -> &'static str {
         use tandem_proto::wire::protocols;

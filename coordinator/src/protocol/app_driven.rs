@@ -33,16 +33,28 @@ pub const fn table(commit: Op, undo: Op) -> [Transition; 15] {
     ]
 }
 
-/// An application-driven protocol: its branches' operations and its table.
+/// An application-driven protocol: its branches' operations, and the
+/// table they make.
 pub struct AppDriven {
     /// (required, optional) operations a branch registers.
-    pub branch_ops: (&'static [Op], &'static [Op]),
+    branch_ops: (&'static [Op], &'static [Op]),
     /// Phase two after a commit decision.
-    pub commit: Op,
+    commit: Op,
     /// Phase two after an abort decision.
-    pub undo: Op,
+    undo: Op,
     /// [`table`] of `commit` and `undo`.
-    pub transitions: &'static [Transition],
+    transitions: [Transition; 15],
+}
+
+impl AppDriven {
+    pub const fn new(branch_ops: (&'static [Op], &'static [Op]), commit: Op, undo: Op) -> Self {
+        AppDriven {
+            branch_ops,
+            commit,
+            undo,
+            transitions: table(commit, undo),
+        }
+    }
 }
 
 impl Rules for AppDriven {
@@ -79,7 +91,7 @@ impl Rules for AppDriven {
         })
     }
 
-    fn transitions(&self) -> &'static [Transition] {
-        self.transitions
+    fn transitions(&self) -> &[Transition] {
+        &self.transitions
     }
 }

@@ -77,7 +77,7 @@ pub trait Rules: Sync {
     }
 
     /// Every transition the rules make, as one table.
-    fn transitions(&self) -> &'static [Transition];
+    fn transitions(&self) -> &[Transition];
 }
 
 /// The rules of a protocol, if this coordinator drives it.

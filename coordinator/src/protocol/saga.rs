@@ -95,7 +95,7 @@ impl Rules for Saga {
         next(tx)
     }
 
-    fn transitions(&self) -> &'static [Transition] {
+    fn transitions(&self) -> &[Transition] {
         TRANSITIONS
     }
 }

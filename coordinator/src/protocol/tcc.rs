@@ -1,7 +1,7 @@
 //! TCC: the application calls each participant's Try through the SDK, which
 //! registers the branch (with its confirm and cancel) before calling Try.
 //!
-//! Its transitions are [`TRANSITIONS`]: the table it shares with XA
+//! Its transitions are the table it shares with XA
 //! (`app_driven.rs`), of its own operations — checked against the code by
 //! the tests in `protocol/mod.rs` (a row never reached, or a transition not
 //! in the table, fails them).
@@ -10,24 +10,16 @@
 //! never arrived: the participant's barrier turns a cancel without a try into
 //! a no-op and refuses the late try.
 
-use super::Transition;
-use super::app_driven::{AppDriven, table};
+use super::app_driven::AppDriven;
 use crate::model::types::Op;
 
 /// (required, optional) operations of a TCC branch; `try` is recorded for
 /// visibility only — the application calls it.
 pub const BRANCH_OPS: (&[Op], &[Op]) = (&[Op::Confirm, Op::Cancel], &[Op::Try]);
 
-/// Every transition, checked against the code by the tests.
-pub const TRANSITIONS: &[Transition] = &table(Op::Confirm, Op::Cancel);
-
-/// TCC's rules: the application drives phase one, the coordinator phase two.
-pub const TCC: AppDriven = AppDriven {
-    branch_ops: BRANCH_OPS,
-    commit: Op::Confirm,
-    undo: Op::Cancel,
-    transitions: TRANSITIONS,
-};
+/// TCC's rules: the application drives phase one, the coordinator phase
+/// two; its transitions are [`super::app_driven::table`] of its ops.
+pub const TCC: AppDriven = AppDriven::new(BRANCH_OPS, Op::Confirm, Op::Cancel);
 
 #[cfg(test)]
 mod tests {

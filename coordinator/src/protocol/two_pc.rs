@@ -92,7 +92,7 @@ impl Rules for TwoPc {
         }
     }
 
-    fn transitions(&self) -> &'static [Transition] {
+    fn transitions(&self) -> &[Transition] {
         TRANSITIONS
     }
 }

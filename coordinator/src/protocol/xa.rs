@@ -3,7 +3,7 @@
 //! after registering. The application's Commit is the vote "every branch
 //! prepared"; the coordinator drives phase two through the participants.
 //!
-//! Its transitions are [`TRANSITIONS`]: the table it shares with TCC
+//! Its transitions are the table it shares with TCC
 //! (`app_driven.rs`), of its own operations — checked against the code by
 //! the tests in `protocol/mod.rs` (a row never reached, or a transition not
 //! in the table, fails them).
@@ -12,24 +12,16 @@
 //! asking the coordinator (the SDK's recovery scan): presumed abort for an
 //! unknown gid or one past its deadline.
 
-use super::Transition;
-use super::app_driven::{AppDriven, table};
+use super::app_driven::AppDriven;
 use crate::model::types::Op;
 
 /// (required, optional) operations of an XA branch. `prepare` happens in
 /// the application's call, not the coordinator's.
 pub const BRANCH_OPS: (&[Op], &[Op]) = (&[Op::Commit, Op::Rollback], &[]);
 
-/// Every transition, checked against the code by the tests.
-pub const TRANSITIONS: &[Transition] = &table(Op::Commit, Op::Rollback);
-
-/// XA's rules: the application drives phase one, the coordinator phase two.
-pub const XA: AppDriven = AppDriven {
-    branch_ops: BRANCH_OPS,
-    commit: Op::Commit,
-    undo: Op::Rollback,
-    transitions: TRANSITIONS,
-};
+/// XA's rules: the application drives phase one, the coordinator phase
+/// two; its transitions are [`super::app_driven::table`] of its ops.
+pub const XA: AppDriven = AppDriven::new(BRANCH_OPS, Op::Commit, Op::Rollback);
 
 #[cfg(test)]
 mod tests {

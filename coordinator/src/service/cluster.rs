@@ -101,26 +101,26 @@ fn cluster_id(replica: &ReplicaStatus) -> String {
 /// The cluster administration operations.
 #[derive(Clone)]
 pub struct ClusterAdmin {
-    node: Node,
     replica: Replica,
 }
 
 impl ClusterAdmin {
     pub fn new(replica: Replica) -> ClusterAdmin {
-        ClusterAdmin {
-            node: replica.node.clone(),
-            replica,
-        }
+        ClusterAdmin { replica }
+    }
+
+    fn node(&self) -> &Node {
+        &self.replica.node
     }
 
     /// This node's own status.
     pub fn local_status(&self) -> MemberStatus {
-        MemberStatus::of(&self.node.status(), &self.replica.status())
+        MemberStatus::of(&self.node().status(), &self.replica.status())
     }
 
     /// Every member's status, each asked in parallel (bounded in time).
     pub async fn status(&self) -> ClusterView {
-        let own = self.node.status();
+        let own = self.node().status();
         let replica = self.replica.status();
         let mut ids: Vec<u64> = own.voters.iter().chain(&own.learners).copied().collect();
         ids.sort_unstable();
@@ -157,8 +157,8 @@ impl ClusterAdmin {
         }
         crate::config::parse_peers(&format!("{id}={address}"))
             .map_err(|e| invalid(format!("node {id}: {e}")))?;
-        self.node.ensure_leader()?;
-        let status = self.node.status();
+        self.node().ensure_leader()?;
+        let status = self.node().status();
         if status.voters.contains(&id) {
             return Ok(self.members());
         }
@@ -181,7 +181,7 @@ impl ClusterAdmin {
         if id == 0 {
             return Err(invalid("node id must be non-zero"));
         }
-        let status = self.node.status();
+        let status = self.node().status();
         if status.role == Role::Leader
             && !status.voters.contains(&id)
             && !status.learners.contains(&id)
@@ -192,7 +192,7 @@ impl ClusterAdmin {
     }
 
     fn members(&self) -> Members {
-        let status = self.node.status();
+        let status = self.node().status();
         Members::new(status.voters.clone(), status.learners.clone())
     }
 
@@ -201,7 +201,7 @@ impl ClusterAdmin {
     async fn change(&self, change: MembershipChange) -> Result<Members> {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
-            match self.node.change_membership(change.clone()).await {
+            match self.node().change_membership(change.clone()).await {
                 Ok(conf) => return Ok(Members::new(conf.voters, conf.learners)),
                 Err(NodeError::MembershipInProgress) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -212,10 +212,10 @@ impl ClusterAdmin {
     }
 
     async fn wait_caught_up(&self, id: u64) -> Result<()> {
-        let target = self.node.status().commit;
+        let target = self.node().status().commit;
         let deadline = Instant::now() + CATCH_UP_TIMEOUT;
         loop {
-            let status = self.node.status();
+            let status = self.node().status();
             if status.role != Role::Leader {
                 return Err(NodeError::NotLeader {
                     node_id: status.id,

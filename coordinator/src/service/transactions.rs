@@ -54,7 +54,8 @@ pub struct OptionsInput {
 
 pub struct BeginInput {
     pub gid: String,
-    pub protocol: Protocol,
+    /// Required; `None` is refused with the protocols to choose from.
+    pub protocol: Option<Protocol>,
     pub options: OptionsInput,
     pub payload: Bytes,
 }
@@ -132,10 +133,15 @@ impl Transactions {
     pub async fn begin(&self, input: BeginInput) -> Result<(Arc<Transaction>, bool)> {
         let gid = input.gid;
         validate::gid(&gid).map_err(|e| invalid(e.to_string()))?;
-        if !protocol::is_implemented(input.protocol) {
+        let protocol = input.protocol.ok_or_else(|| {
+            invalid(format!(
+                "transaction {gid}: protocol is required (one of {})",
+                Protocol::names()
+            ))
+        })?;
+        if !protocol::is_implemented(protocol) {
             return Err(ServiceError::Unimplemented(format!(
-                "transaction {gid}: protocol {} is not implemented by this coordinator yet; use one of {}",
-                input.protocol,
+                "transaction {gid}: protocol {protocol} is not implemented by this coordinator yet; use one of {}",
                 implemented_protocol_names()
             )));
         }
@@ -149,7 +155,7 @@ impl Transactions {
         )?;
         let command = Command::Begin {
             gid,
-            protocol: input.protocol,
+            protocol,
             options,
             payload: input.payload,
             now_ms: self.clock.now_ms(),

@@ -940,7 +940,6 @@ impl World {
         }
         let light_messages = light.take_messages();
         let light_committed = light.take_committed_entries();
-        raw.advance_apply();
         for m in messages {
             self.send_raft(id, m, 0);
         }
@@ -952,6 +951,9 @@ impl World {
             self.send_raft(id, m, disk_ms);
         }
         self.apply(id, light_committed);
+        if let Some(raw) = self.nodes[idx].raw.as_mut() {
+            raw.advance_apply();
+        }
     }
 
     fn send_raft(&mut self, from: u64, m: Message, extra_ms: i64) {
