@@ -21,7 +21,8 @@ fn run(seeds: std::ops::Range<u64>, opts: &Options) -> Vec<Report> {
 
 #[cfg(not(any(
     feature = "inject-bug-commit-on-first-vote",
-    feature = "inject-bug-apply-before-commit"
+    feature = "inject-bug-apply-before-commit",
+    feature = "inject-bug-stale-read"
 )))]
 mod clean {
     use super::*;
@@ -56,6 +57,14 @@ mod clean {
             "{committed} committed, {aborted} aborted"
         );
         assert!(changes > 500, "only {changes} of 1,000 runs changed leader");
+        // ... clients read while it happened, lagging nodes caught up by
+        // snapshot, and nodes died in the middle of writes.
+        let reads: usize = reports.iter().map(|r| r.reads).sum();
+        let snapshots: usize = reports.iter().map(|r| r.snapshots_installed).sum();
+        let torn = reports.iter().filter(|r| r.torn_writes > 0).count();
+        assert!(reads > 20_000, "only {reads} reads answered");
+        assert!(snapshots > 100, "only {snapshots} snapshots installed");
+        assert!(torn > 100, "only {torn} runs crashed a node mid-write");
     }
 
     #[test]
@@ -77,7 +86,8 @@ mod clean {
 /// A broken build blocks too; do not wait ten minutes of simulated time.
 #[cfg(any(
     feature = "inject-bug-commit-on-first-vote",
-    feature = "inject-bug-apply-before-commit"
+    feature = "inject-bug-apply-before-commit",
+    feature = "inject-bug-stale-read"
 ))]
 fn bug_options() -> Options {
     let opts = Options::default();
@@ -90,7 +100,8 @@ fn bug_options() -> Options {
 /// How many of 200 seeds report a violation of one of these kinds.
 #[cfg(any(
     feature = "inject-bug-commit-on-first-vote",
-    feature = "inject-bug-apply-before-commit"
+    feature = "inject-bug-apply-before-commit",
+    feature = "inject-bug-stale-read"
 ))]
 fn seeds_finding(kinds: &[&str]) -> usize {
     run(0..200, &bug_options())
@@ -117,6 +128,16 @@ fn simulation_finds_the_injected_bug_commit_on_first_vote() {
 #[test]
 fn simulation_finds_the_injected_bug_apply_before_commit() {
     let found = seeds_finding(&["commit point first", "durability"]);
+    assert!(
+        found > 20,
+        "the checker found the injected bug in only {found} of 200 seeds"
+    );
+}
+
+#[cfg(feature = "inject-bug-stale-read")]
+#[test]
+fn simulation_finds_the_injected_bug_stale_read() {
+    let found = seeds_finding(&["linearizability"]);
     assert!(
         found > 20,
         "the checker found the injected bug in only {found} of 200 seeds"

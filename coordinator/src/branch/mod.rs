@@ -113,17 +113,7 @@ impl BranchCaller {
                     return OpOutcome::Succeeded;
                 }
                 let body = response.bytes().await.unwrap_or_default();
-                let text = truncate(String::from_utf8_lossy(&body).trim());
-                let message = if text.is_empty() {
-                    format!("HTTP {status}")
-                } else {
-                    text
-                };
-                if status == reqwest::StatusCode::CONFLICT {
-                    OpOutcome::Failed(message)
-                } else {
-                    OpOutcome::Transient(format!("HTTP {}: {message}", status.as_u16()))
-                }
+                http_outcome(status.as_u16(), &body)
             }
             Err(e) if e.is_timeout() => {
                 OpOutcome::Transient(format!("no answer within {:?}", call.timeout))
@@ -169,16 +159,44 @@ impl BranchCaller {
         let mut client = ParticipantClient::new(channel);
         match tokio::time::timeout(call.timeout, client.call(request)).await {
             Ok(Ok(_)) => OpOutcome::Succeeded,
-            Ok(Err(status)) => match status.code() {
-                tonic::Code::Aborted | tonic::Code::FailedPrecondition => {
-                    OpOutcome::Failed(truncate(status.message()))
-                }
-                code => {
-                    OpOutcome::Transient(truncate(&format!("gRPC {code:?}: {}", status.message())))
-                }
-            },
+            Ok(Err(status)) => grpc_outcome(status.code(), status.message()),
             Err(_) => OpOutcome::Transient(format!("no answer within {:?}", call.timeout)),
         }
+    }
+}
+
+/// What a participant's HTTP answer means (DESIGN §3): 2xx success, 409 a
+/// business "no", anything else transient. The body, however large or
+/// odd, becomes at most `ERROR_BYTES_MAX` bytes of text.
+pub fn http_outcome(status: u16, body: &[u8]) -> OpOutcome {
+    if (200..300).contains(&status) {
+        return OpOutcome::Succeeded;
+    }
+    let text = truncate(String::from_utf8_lossy(body).trim());
+    let message = if text.is_empty() {
+        match reqwest::StatusCode::from_u16(status) {
+            Ok(status) => format!("HTTP {status}"),
+            Err(_) => format!("HTTP {status}"),
+        }
+    } else {
+        text
+    };
+    if status == 409 {
+        OpOutcome::Failed(message)
+    } else {
+        OpOutcome::Transient(format!("HTTP {status}: {message}"))
+    }
+}
+
+/// What a participant's gRPC error means: ABORTED and FAILED_PRECONDITION a
+/// business "no", any other code transient.
+pub fn grpc_outcome(code: tonic::Code, message: &str) -> OpOutcome {
+    match code {
+        tonic::Code::Ok => OpOutcome::Succeeded,
+        tonic::Code::Aborted | tonic::Code::FailedPrecondition => {
+            OpOutcome::Failed(truncate(message))
+        }
+        code => OpOutcome::Transient(truncate(&format!("gRPC {code:?}: {message}"))),
     }
 }
 

@@ -472,17 +472,27 @@ pub fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<PathBuf, S
 }
 
 fn read_snapshot_file(path: &Path) -> Result<Snapshot, StoreError> {
+    let mut file = fs::File::open(path).map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    if len > SNAPSHOT_BYTES_MAX {
+        return Err(StoreError::CorruptSnapshot {
+            path: path.to_path_buf(),
+            problem: "larger than the snapshot size limit".into(),
+        });
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut buf).map_err(io_err(path))?;
+    decode_snapshot_file(path, &buf)
+}
+
+/// A snapshot file's bytes (read from `path`, named in errors) as the
+/// snapshot they hold: magic, checksum, then the layout
+/// [`write_snapshot_file`] writes. Anything else is an error, never a panic.
+pub fn decode_snapshot_file(path: &Path, buf: &[u8]) -> Result<Snapshot, StoreError> {
     let corrupt = |problem: &str| StoreError::CorruptSnapshot {
         path: path.to_path_buf(),
         problem: problem.to_string(),
     };
-    let mut file = fs::File::open(path).map_err(io_err(path))?;
-    let len = file.metadata().map_err(io_err(path))?.len();
-    if len > SNAPSHOT_BYTES_MAX {
-        return Err(corrupt("larger than the snapshot size limit"));
-    }
-    let mut buf = Vec::with_capacity(len as usize);
-    file.read_to_end(&mut buf).map_err(io_err(path))?;
     if buf.len() < SNAPSHOT_MAGIC.len() + 36 || &buf[..8] != SNAPSHOT_MAGIC {
         return Err(corrupt("not a Tandem snapshot"));
     }
@@ -502,23 +512,25 @@ fn read_snapshot_file(path: &Path) -> Result<Snapshot, StoreError> {
     };
     let index = word()?;
     let term = word()?;
-    let conf_len = word()? as usize;
+    let conf_len = usize::try_from(word()?).map_err(|_| corrupt("truncated"))?;
     let conf_end = at
         .checked_add(conf_len)
         .ok_or_else(|| corrupt("truncated"))?;
     let conf_bytes = body.get(at..conf_end).ok_or_else(|| corrupt("truncated"))?;
     let conf = ConfState::parse_from_bytes(conf_bytes)?;
     at = conf_end;
-    let data_len = u64::from_le_bytes(
+    let data_len = usize::try_from(u64::from_le_bytes(
         body.get(at..at + 8)
             .ok_or_else(|| corrupt("truncated"))?
             .try_into()
             .expect("8-byte slice"),
-    ) as usize;
+    ))
+    .map_err(|_| corrupt("truncated"))?;
     at += 8;
-    let data = body
-        .get(at..at + data_len)
+    let data_end = at
+        .checked_add(data_len)
         .ok_or_else(|| corrupt("truncated"))?;
+    let data = body.get(at..data_end).ok_or_else(|| corrupt("truncated"))?;
     let mut snapshot = Snapshot::default();
     let meta = snapshot.mut_metadata();
     meta.index = index;
@@ -526,6 +538,17 @@ fn read_snapshot_file(path: &Path) -> Result<Snapshot, StoreError> {
     meta.set_conf_state(conf);
     snapshot.set_data(data.to_vec().into());
     Ok(snapshot)
+}
+
+/// `body` sealed as a snapshot file: magic in front, its checksum behind —
+/// so a fuzzer's bytes get past the checksum to the parser.
+pub fn seal_snapshot_file(body: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(body.len() + 12);
+    buf.extend_from_slice(SNAPSHOT_MAGIC);
+    buf.extend_from_slice(body);
+    let crc = crc32fast::hash(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    buf
 }
 
 fn snapshot_files(dir: &Path) -> Result<Vec<(u64, u64, PathBuf)>, StoreError> {

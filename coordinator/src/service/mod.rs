@@ -3,6 +3,7 @@
 //! (`cluster.rs`). The gRPC handlers (`api/`) are thin adapters over this
 //! layer; the HTTP/JSON API will be another.
 
+pub mod checks;
 pub mod cluster;
 pub mod transactions;
 

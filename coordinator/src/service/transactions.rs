@@ -7,14 +7,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::checks::{self, Proposal};
 use super::{Result, ServiceError, invalid};
 use crate::clock::Clock;
 use crate::config::Limits;
-use crate::model::command::{BranchSpec, SagaStepSpec};
-use crate::model::{
-    Applied, Command, Op, Protocol, RetryPolicy, Transaction, TxOptions, TxState, validate,
-};
-use crate::protocol;
+use crate::model::{Applied, Command, Protocol, Transaction, TxState, validate};
 use crate::replica::Replica;
 use crate::replica::watch::TxWatch;
 use crate::state::ListFilter;
@@ -28,12 +25,6 @@ pub const LIST_LIMIT_DEFAULT: usize = 100;
 pub const LIST_LIMIT_MAX: usize = 1000;
 /// A List page stops growing beyond this many bytes of footprint.
 pub const LIST_PAGE_BYTES_MAX: usize = 4 << 20;
-
-fn over(gid: &str, what: &str, value: u32, max: u32) -> ServiceError {
-    invalid(format!(
-        "transaction {gid}: {what} {value} is over the limit {max}"
-    ))
-}
 
 /// A retry policy as asked for: zeros mean "the default".
 #[derive(Clone, Copy, Debug, Default)]
@@ -131,36 +122,10 @@ impl Transactions {
 
     /// Starts a transaction; `(tx, created)`. Idempotent per gid and protocol.
     pub async fn begin(&self, input: BeginInput) -> Result<(Arc<Transaction>, bool)> {
-        let gid = input.gid;
-        validate::gid(&gid).map_err(|e| invalid(e.to_string()))?;
-        let protocol = input.protocol.ok_or_else(|| {
-            invalid(format!(
-                "transaction {gid}: protocol is required (one of {})",
-                Protocol::names()
-            ))
-        })?;
-        if !protocol::is_implemented(protocol) {
-            return Err(ServiceError::Unimplemented(format!(
-                "transaction {gid}: protocol {protocol} is not implemented by this coordinator yet; use one of {}",
-                implemented_protocol_names()
-            )));
-        }
-        validate::payload(&gid, &input.payload, self.limits.payload_bytes_max)
-            .map_err(|e| invalid(e.to_string()))?;
-        let options = self.resolve_options(&gid, input.options)?;
+        let proposal = checks::begin(&self.limits, input, self.clock.now_ms())?;
         self.replica.ensure_leader()?;
-        self.check_admission(
-            &gid,
-            validate::tx_footprint(gid.len(), input.payload.len(), 0),
-        )?;
-        let command = Command::Begin {
-            gid,
-            protocol,
-            options,
-            payload: input.payload,
-            now_ms: self.clock.now_ms(),
-        };
-        match self.replica.propose(command).await?? {
+        self.check_admission(&proposal)?;
+        match self.replica.propose(proposal.command).await?? {
             Applied::Begun { tx, created } => Ok((tx, created)),
             other => Err(ServiceError::Internal(format!(
                 "unexpected result of Begin: {other:?}"
@@ -170,73 +135,12 @@ impl Transactions {
 
     /// Submits a whole saga; `(tx, created)`. Idempotent per gid and steps.
     pub async fn submit_saga(&self, input: SagaInput) -> Result<(Arc<Transaction>, bool)> {
-        let gid = input.gid;
-        validate::gid(&gid).map_err(|e| invalid(e.to_string()))?;
-        validate::payload(&gid, &input.payload, self.limits.payload_bytes_max)
-            .map_err(|e| invalid(e.to_string()))?;
-        let options = self.resolve_options(&gid, input.options)?;
-        let mut steps: Vec<SagaStepSpec> = Vec::with_capacity(input.steps.len());
-        for step in input.steps {
-            validate::payload(&gid, &step.payload, self.limits.payload_bytes_max)
-                .map_err(|e| invalid(format!("{e} (step {})", step.branch_id)))?;
-            if !input.concurrent && !step.after.is_empty() {
-                return Err(invalid(format!(
-                    "transaction {gid}: step {} lists `after`, which only concurrent sagas may (set concurrent)",
-                    step.branch_id
-                )));
-            }
-            let retry = match step.retry {
-                Some(r) => Some(self.resolve_retry(
-                    &gid,
-                    &format!("step {} retry", step.branch_id),
-                    Some(r),
-                    options.retry,
-                )?),
-                None => None,
-            };
-            let after = if input.concurrent {
-                step.after
-            } else {
-                // Sequential: each step comes after the one before it.
-                steps
-                    .last()
-                    .map(|prev| vec![prev.branch_id.clone()])
-                    .unwrap_or_default()
-            };
-            steps.push(SagaStepSpec {
-                branch_id: step.branch_id,
-                action: step.action,
-                compensate: step.compensate,
-                payload: step.payload,
-                after,
-                retry,
-            });
-        }
-        protocol::saga::validate_steps(&gid, &steps).map_err(|e| invalid(e.to_string()))?;
+        let wait = input.wait;
+        let proposal = checks::saga(&self.limits, input, self.clock.now_ms())?;
         self.replica.ensure_leader()?;
-        let branches_bytes = steps
-            .iter()
-            .map(|s| {
-                let text = s.branch_id.len()
-                    + s.action.len()
-                    + s.compensate.len()
-                    + s.after.iter().map(String::len).sum::<usize>();
-                validate::branch_footprint(text, s.payload.len())
-            })
-            .sum();
-        self.check_admission(
-            &gid,
-            validate::tx_footprint(gid.len(), input.payload.len(), branches_bytes),
-        )?;
-        let watch = self.replica.watch(&gid);
-        let command = Command::SubmitSaga {
-            gid,
-            options,
-            steps,
-            payload: input.payload,
-            now_ms: self.clock.now_ms(),
-        };
-        let (tx, created) = match self.replica.propose(command).await?? {
+        self.check_admission(&proposal)?;
+        let watch = self.replica.watch(&proposal.gid);
+        let (tx, created) = match self.replica.propose(proposal.command).await?? {
             Applied::Begun { tx, created } => (tx, created),
             other => {
                 return Err(ServiceError::Internal(format!(
@@ -244,7 +148,7 @@ impl Transactions {
                 )));
             }
         };
-        let tx = match input.wait {
+        let tx = match wait {
             Some(timeout) => wait_until(&watch, tx, timeout, |t| t.state.is_terminal()).await?,
             None => tx,
         };
@@ -253,51 +157,9 @@ impl Transactions {
 
     /// Enlists a branch. Idempotent per gid, branch and spec.
     pub async fn register(&self, input: RegisterInput) -> Result<Arc<Transaction>> {
-        let (gid, branch_id) = (input.gid, input.branch_id);
-        validate::gid(&gid).map_err(|e| invalid(e.to_string()))?;
-        validate::branch_id(&gid, &branch_id).map_err(|e| invalid(e.to_string()))?;
-        validate::payload(&gid, &input.payload, self.limits.payload_bytes_max)
-            .map_err(|e| invalid(e.to_string()))?;
-        if input.ops.is_empty() {
-            return Err(invalid(format!(
-                "transaction {gid}: branch {branch_id} names no operations"
-            )));
-        }
-        let mut ops: Vec<(Op, String)> = Vec::with_capacity(input.ops.len());
-        for (name, endpoint) in input.ops {
-            let op = Op::from_name(&name).ok_or_else(|| {
-                invalid(format!(
-                    "transaction {gid}: branch {branch_id}: unknown operation {name:?}; expected one of {}",
-                    Op::ALL.map(|op| op.name()).join(", ")
-                ))
-            })?;
-            validate::endpoint(&gid, &endpoint).map_err(|e| invalid(e.to_string()))?;
-            if ops.iter().any(|(existing, _)| *existing == op) {
-                return Err(invalid(format!(
-                    "transaction {gid}: branch {branch_id} names operation {op} twice"
-                )));
-            }
-            ops.push((op, endpoint));
-        }
-        let text = branch_id.len() + ops.iter().map(|(_, e)| e.len()).sum::<usize>();
-        let bytes = validate::branch_footprint(text, input.payload.len());
-        if bytes > self.limits.tx_bytes_max {
-            return Err(invalid(format!(
-                "transaction {gid}: branch {branch_id} would take {bytes} bytes; the limit for a whole transaction is {} (--tx-bytes-max)",
-                self.limits.tx_bytes_max
-            )));
-        }
+        let command = checks::register(&self.limits, input, self.clock.now_ms())?;
         self.replica.ensure_leader()?;
-        self.update(Command::RegisterBranch {
-            gid,
-            branch: BranchSpec {
-                branch_id,
-                ops,
-                payload: input.payload,
-            },
-            now_ms: self.clock.now_ms(),
-        })
-        .await
+        self.update(command).await
     }
 
     /// Asks to commit. With `wait`, answers once the transaction ended (or
@@ -338,14 +200,7 @@ impl Transactions {
         reason: String,
         wait: Option<Duration>,
     ) -> Result<Arc<Transaction>> {
-        validate::gid(&gid).map_err(|e| invalid(e.to_string()))?;
-        if reason.len() > validate::REASON_BYTES_MAX {
-            return Err(invalid(format!(
-                "transaction {gid}: reason is {} bytes; the limit is {}",
-                reason.len(),
-                validate::REASON_BYTES_MAX
-            )));
-        }
+        checks::abort(&gid, &reason)?;
         self.replica.ensure_leader()?;
         let watch = self.replica.watch(&gid);
         let tx = self
@@ -412,18 +267,10 @@ impl Transactions {
         }
     }
 
-    /// Refuses a new transaction of footprint `bytes` over the
-    /// per-transaction limit, or while the unfinished ones' count or
+    /// Refuses a new transaction while the unfinished ones' count or
     /// footprint is at its limit.
-    fn check_admission(&self, gid: &str, bytes: usize) -> Result<()> {
-        if bytes > self.limits.tx_bytes_max {
-            return Err(invalid(format!(
-                "transaction {gid}: it would take {bytes} bytes (payloads, ids, endpoints and {} per branch); \
-                 the limit is {} (--tx-bytes-max)",
-                validate::BRANCH_OVERHEAD_BYTES,
-                self.limits.tx_bytes_max
-            )));
-        }
+    fn check_admission(&self, proposal: &Proposal) -> Result<()> {
+        let (gid, bytes) = (&proposal.gid, proposal.footprint_bytes);
         let status = self.replica.status();
         if status.active_txs >= self.limits.active_max {
             return Err(ServiceError::Exhausted(format!(
@@ -440,78 +287,6 @@ impl Transactions {
         }
         Ok(())
     }
-
-    /// Fills in defaults and checks every option against its limit.
-    fn resolve_options(&self, gid: &str, options: OptionsInput) -> Result<TxOptions> {
-        let l = &self.limits;
-        let timeout_ms = match options.timeout_ms {
-            0 => l.timeout_ms_default,
-            v if v > l.timeout_ms_max => return Err(over(gid, "timeout_ms", v, l.timeout_ms_max)),
-            v => v,
-        };
-        let branch_timeout_ms = match options.branch_timeout_ms {
-            0 => l.branch_timeout_ms_default,
-            v if v > l.branch_timeout_ms_max => {
-                return Err(over(gid, "branch_timeout_ms", v, l.branch_timeout_ms_max));
-            }
-            v => v,
-        };
-        if options.concurrency as usize > validate::BRANCHES_HARD_MAX {
-            return Err(over(
-                gid,
-                "concurrency",
-                options.concurrency,
-                validate::BRANCHES_HARD_MAX as u32,
-            ));
-        }
-        Ok(TxOptions {
-            timeout_ms,
-            retry: self.resolve_retry(gid, "retry", options.retry, l.retry_default)?,
-            branch_timeout_ms,
-            concurrency: options.concurrency,
-        })
-    }
-
-    /// Fills a retry policy's zeros from `default` and checks its limits.
-    fn resolve_retry(
-        &self,
-        gid: &str,
-        what: &str,
-        retry: Option<RetryInput>,
-        default: RetryPolicy,
-    ) -> Result<RetryPolicy> {
-        let l = &self.limits;
-        let retry = retry.unwrap_or_default();
-        let pick = |v: u32, default: u32| if v == 0 { default } else { v };
-        let retry = RetryPolicy {
-            initial_interval_ms: pick(retry.initial_interval_ms, default.initial_interval_ms),
-            max_interval_ms: pick(retry.max_interval_ms, default.max_interval_ms),
-            max_attempts: pick(retry.max_attempts, default.max_attempts),
-        };
-        if retry.max_interval_ms > l.retry_interval_ms_max {
-            return Err(over(
-                gid,
-                &format!("{what}.max_interval_ms"),
-                retry.max_interval_ms,
-                l.retry_interval_ms_max,
-            ));
-        }
-        if retry.initial_interval_ms > retry.max_interval_ms {
-            return Err(invalid(format!(
-                "transaction {gid}: {what}.initial_interval_ms {} is above {what}.max_interval_ms {}",
-                retry.initial_interval_ms, retry.max_interval_ms
-            )));
-        }
-        if retry.max_attempts > l.retry_attempts_max {
-            return Err(over(
-                gid,
-                &format!("{what}.max_attempts"),
-                retry.max_attempts,
-                l.retry_attempts_max,
-            ));
-        }
-        Ok(retry)
-    }
 }
 
 /// Waits (bounded) until `done` holds; the latest state either way. `watch`
@@ -524,14 +299,4 @@ async fn wait_until(
 ) -> Result<Arc<Transaction>> {
     let latest = watch.until(tx.clone(), timeout, done).await?;
     Ok(latest.unwrap_or(tx))
-}
-
-/// The protocols Begin accepts.
-pub fn implemented_protocol_names() -> String {
-    Protocol::ALL
-        .into_iter()
-        .filter(|p| protocol::is_implemented(*p))
-        .map(|p| p.name())
-        .collect::<Vec<_>>()
-        .join(", ")
 }

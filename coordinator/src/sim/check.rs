@@ -155,6 +155,8 @@ pub(crate) fn check(world: &World) -> Vec<String> {
         }
     }
 
+    linearizable(world, &mut v);
+
     // Replicas identical once healed.
     let encoded: Vec<(u64, u64, Vec<u8>)> = world
         .nodes
@@ -174,4 +176,63 @@ pub(crate) fn check(world: &World) -> Vec<String> {
         }
     }
     v
+}
+
+/// Linearizability of every transaction's history of Begin, Register,
+/// Commit, Abort, SubmitSaga and Get, from what callers were told and when.
+/// A transaction's changes are totally ordered by the log, and every
+/// version is the log index of the change that made it, so a history is
+/// linearizable exactly when (a) an operation that started after another
+/// had returned never shows an older version, (b) one version always shows
+/// one content, and (c) every version shown is an entry that was committed.
+/// (Operations on different transactions are independent: linearizability
+/// is local, so one transaction at a time is enough.)
+fn linearizable(world: &World, v: &mut Vec<String>) {
+    let mut by_gid: BTreeMap<&str, Vec<&super::Observed>> = BTreeMap::new();
+    for o in &world.observed {
+        by_gid.entry(&o.gid).or_default().push(o);
+    }
+    for (gid, mut ops) in by_gid {
+        let mut content: BTreeMap<u64, (u64, &str, i64)> = BTreeMap::new();
+        for o in &ops {
+            if o.version > 0 && !world.committed.contains_key(&o.version) {
+                v.push(format!(
+                    "linearizability: {gid}: {} answered at {} showed version {}, an entry never committed",
+                    o.what, o.returned_ms, o.version
+                ));
+            }
+            match content.get(&o.version) {
+                Some((d, what, at)) if *d != o.digest => v.push(format!(
+                    "linearizability: {gid}: version {} differs between {what} at {at} and {} at {}",
+                    o.version, o.what, o.returned_ms
+                )),
+                Some(_) => {}
+                None => {
+                    content.insert(o.version, (o.digest, o.what, o.returned_ms));
+                }
+            }
+        }
+        // Sweep by invocation; `done` holds every op that returned before
+        // the current one was invoked, and its newest version.
+        let mut by_return = ops.clone();
+        by_return.sort_by_key(|o| o.returned_ms);
+        ops.sort_by_key(|o| o.invoked_ms);
+        let mut newest: Option<&super::Observed> = None;
+        let mut returned = by_return.iter().peekable();
+        for o in ops {
+            while let Some(r) = returned.next_if(|r| r.returned_ms < o.invoked_ms) {
+                if newest.is_none_or(|n| r.version > n.version) {
+                    newest = Some(r);
+                }
+            }
+            if let Some(n) = newest
+                && n.version > o.version
+            {
+                v.push(format!(
+                    "linearizability: {gid}: {} invoked at {} showed version {}, but {} had returned version {} at {}",
+                    o.what, o.invoked_ms, o.version, n.what, n.version, n.returned_ms
+                ));
+            }
+        }
+    }
 }

@@ -19,9 +19,9 @@ mod participant;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use raft::eraftpb::{ConfState, Entry, EntryType, Message};
+use raft::eraftpb::{ConfState, Entry, EntryType, Message, Snapshot};
 use raft::storage::MemStorage;
-use raft::{RawNode, StateRole};
+use raft::{GetEntriesContext, RaftState, RawNode, StateRole, StorageError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -47,6 +47,8 @@ pub struct Options {
     pub nodes: u64,
     pub participants: usize,
     pub clients: usize,
+    /// Agents that only read (Get), at random nodes, until the faults heal.
+    pub readers: usize,
     /// Draw faults from the seed (otherwise a clean run).
     pub faults: bool,
     /// Faults stop here; after it the cluster must finish everything.
@@ -62,6 +64,7 @@ impl Default for Options {
             nodes: 3,
             participants: 4,
             clients: 12,
+            readers: 3,
             faults: true,
             heal_at_ms: 3_000,
             // Plus, per run, the most any node's clock ran ahead: a leader
@@ -85,6 +88,12 @@ pub struct Report {
     pub trace: u64,
     /// Leadership terms a driver ran in.
     pub leaders: u64,
+    /// Gets answered (linearizable reads through a read index).
+    pub reads: usize,
+    /// Snapshots a node took in place of its state from the leader.
+    pub snapshots_installed: usize,
+    /// Nodes that crashed in the middle of a log write.
+    pub torn_writes: usize,
     pub faults: Vec<String>,
 }
 
@@ -93,6 +102,7 @@ enum Addr {
     Node(u64),
     Part(usize),
     Client(usize),
+    Reader(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -152,6 +162,26 @@ enum Ev {
         req: u64,
         answer: Option<Answer>,
     },
+    /// A reader's next Get (or its give-up on the last one).
+    ReaderWake(usize, u64),
+    GetReq {
+        node: u64,
+        reader: usize,
+        req: u64,
+        gid: String,
+    },
+    /// `None`: the node could not serve it (no leader known).
+    GetReply {
+        reader: usize,
+        req: u64,
+        seen: Option<Option<std::sync::Arc<Transaction>>>,
+    },
+    /// The end of a snapshot's own call, as the transport reports it.
+    SnapshotSent {
+        from: u64,
+        to: u64,
+        delivered: bool,
+    },
     Cut(Addr, Addr, bool),
     ClockJump(u64, i64),
     PartDown(usize, i64),
@@ -179,6 +209,10 @@ impl Ev {
             Ev::PartDown(p, _) => 16 + ((*p as u64) << 8),
             Ev::Heal => 17,
             Ev::CrashLeader(_) => 18,
+            Ev::ReaderWake(r, _) => 19 + ((*r as u64) << 8),
+            Ev::GetReq { node, .. } => 20 + (node << 8),
+            Ev::GetReply { reader, .. } => 21 + ((*reader as u64) << 8),
+            Ev::SnapshotSent { from, .. } => 22 + (from << 8),
         }
     }
 }
@@ -222,18 +256,117 @@ struct Driver {
     calls: BTreeMap<u64, InFlight>,
 }
 
+/// A node's disk: the log and hard state (raft-rs's `MemStorage`) and the
+/// latest snapshot, with the state machine's encoded state in it — what the
+/// real `raft/storage.rs` keeps in raft-engine and a snapshot file. The log
+/// is compacted only behind a snapshot already in place, as there.
+#[derive(Clone)]
+struct Disk {
+    log: MemStorage,
+    snapshot: std::sync::Arc<std::sync::Mutex<Snapshot>>,
+}
+
+impl Disk {
+    fn snapshot(&self) -> Snapshot {
+        self.snapshot.lock().expect("one thread").clone()
+    }
+}
+
+impl raft::Storage for Disk {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.log.initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.log.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let snap = self.snapshot.lock().expect("one thread");
+        if idx > 0 && idx == snap.get_metadata().index {
+            return Ok(snap.get_metadata().term);
+        }
+        drop(snap);
+        self.log.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.log.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.log.last_index()
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let snap = self.snapshot();
+        if snap.get_metadata().index == 0 || snap.get_metadata().index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(snap)
+    }
+}
+
 struct Node {
     id: u64,
-    /// The log and hard state: what survives a crash (written before the
-    /// messages that promise it, as the real loop fsyncs in its turn).
-    store: MemStorage,
-    raw: Option<RawNode<MemStorage>>,
+    /// What survives a crash: written before the messages that promise it,
+    /// as the real loop fsyncs in its turn — unless the node crashes in
+    /// the middle of that write (`Faults::torn`).
+    store: Disk,
+    raw: Option<RawNode<Disk>>,
     sm: StateMachine,
     applied: u64,
     applied_term: u64,
     clock_offset_ms: i64,
     pending: BTreeMap<u64, (u64, Waiter)>,
     driver: Option<Driver>,
+    /// Gets waiting for raft to confirm a read index (by request context),
+    /// then for the node to apply up to it — as `raft/reads.rs` serves them.
+    reads: BTreeMap<u64, PendingRead>,
+    #[cfg_attr(feature = "inject-bug-stale-read", allow(dead_code))]
+    next_read_ctx: u64,
+}
+
+struct PendingRead {
+    reader: usize,
+    req: u64,
+    gid: String,
+    index: Option<u64>,
+}
+
+/// Asks Get of random transactions at random nodes, all run long: its
+/// answers, with the clients' acknowledged writes, are the history the
+/// checker holds to linearizability.
+#[derive(Default)]
+struct Reader {
+    req: u64,
+    token: u64,
+    invoked_ms: i64,
+    gid: String,
+    /// The current Get still awaits its answer.
+    open: bool,
+}
+
+/// One completed client-visible operation on a transaction: when it was
+/// first asked, when its answer arrived, and the transaction it showed
+/// (`version` 0: absent).
+#[derive(Clone, Debug)]
+pub(crate) struct Observed {
+    pub gid: String,
+    pub what: &'static str,
+    pub invoked_ms: i64,
+    pub returned_ms: i64,
+    pub version: u64,
+    /// A digest of the whole transaction shown: one version, one content.
+    pub digest: u64,
 }
 
 /// A step of a client's script.
@@ -262,6 +395,9 @@ struct Client {
     app_failed: bool,
     app_tries: u32,
     done: bool,
+    /// When the step under way was first sent (retries keep it): the
+    /// invocation of the operation, for the linearizability check.
+    invoked: Option<(usize, i64)>,
 }
 
 /// What the cluster acknowledged to a client: the checker holds it to it.
@@ -278,6 +414,12 @@ pub(crate) struct Faults {
     delay_max_ms: i64,
     disk_ms: i64,
     transient: f64,
+    /// The chance that a node crashes in the middle of a log write (before
+    /// its fsync ended), and how many more such crashes this run may have.
+    /// The write is then kept or lost whole (raft-engine writes a batch as
+    /// one checksummed record and drops a torn tail on recovery).
+    torn: f64,
+    torn_left: u32,
     cut: BTreeSet<(Addr, Addr)>,
     active: bool,
 }
@@ -292,6 +434,7 @@ pub(crate) struct World {
     nodes: Vec<Node>,
     parts: Vec<Participant>,
     clients: Vec<Client>,
+    readers: Vec<Reader>,
     faults: Faults,
     next_epoch: u64,
     next_call: u64,
@@ -299,12 +442,17 @@ pub(crate) struct World {
     /// Every committed entry seen applied: index → (term, when first).
     pub(crate) committed: BTreeMap<u64, (u64, i64)>,
     pub(crate) acks: Vec<Ack>,
+    pub(crate) observed: Vec<Observed>,
     pub(crate) violations: Vec<String>,
     trace: u64,
     events: u64,
     fault_log: Vec<String>,
     /// The most any node's clock is made to run ahead (its forward jumps).
     skew_ms: i64,
+    /// Each node snapshots its state and compacts its log once it applied
+    /// this many entries past its last snapshot (drawn per seed).
+    snapshot_every: Option<u64>,
+    snapshots_installed: usize,
 }
 
 fn raft_config(id: u64) -> raft::Config {
@@ -359,8 +507,10 @@ impl World {
         let nodes = voters
             .iter()
             .map(|&id| {
-                let store =
-                    MemStorage::new_with_conf_state(ConfState::from((voters.clone(), vec![])));
+                let store = Disk {
+                    log: MemStorage::new_with_conf_state(ConfState::from((voters.clone(), vec![]))),
+                    snapshot: Default::default(),
+                };
                 let raw = RawNode::new(&raft_config(id), store.clone(), &logger())
                     .expect("a valid raft config");
                 Node {
@@ -373,6 +523,8 @@ impl World {
                     clock_offset_ms: 0,
                     pending: BTreeMap::new(),
                     driver: None,
+                    reads: BTreeMap::new(),
+                    next_read_ctx: 1,
                 }
             })
             .collect();
@@ -383,6 +535,8 @@ impl World {
                 delay_max_ms: [2, 10, 30][rng.random_range(0..3)],
                 disk_ms: [0, 2, 8][rng.random_range(0..3)],
                 transient: [0.0, 0.05, 0.2][rng.random_range(0..3)],
+                torn: [0.0, 0.0, 0.003, 0.01][rng.random_range(0..4)],
+                torn_left: 3,
                 cut: BTreeSet::new(),
                 active: true,
             }
@@ -393,6 +547,8 @@ impl World {
                 delay_max_ms: 3,
                 disk_ms: 0,
                 transient: 0.0,
+                torn: 0.0,
+                torn_left: 0,
                 cut: BTreeSet::new(),
                 active: false,
             }
@@ -400,6 +556,7 @@ impl World {
         let parts = (0..opts.participants)
             .map(|_| Participant::default())
             .collect();
+        let snapshot_every = [None, Some(25), Some(80)][rng.random_range(0..3)];
         let mut world = World {
             seed,
             opts,
@@ -410,25 +567,31 @@ impl World {
             nodes,
             parts,
             clients: Vec::new(),
+            readers: Vec::new(),
             faults,
             next_epoch: 1,
             next_call: 1,
             base: std::time::Instant::now(),
             committed: BTreeMap::new(),
             acks: Vec::new(),
+            observed: Vec::new(),
             violations: Vec::new(),
             trace: 0xcbf2_9ce4_8422_2325,
             events: 0,
             fault_log: Vec::new(),
             skew_ms: 0,
+            snapshot_every,
+            snapshots_installed: 0,
         };
         world.fault_log.push(format!(
-            "loss {} dup {} delay<={}ms disk {}ms transient {}",
+            "loss {} dup {} delay<={}ms disk {}ms transient {} crash-mid-write {} snapshot every {:?} entries",
             world.faults.loss,
             world.faults.dup,
             world.faults.delay_max_ms,
             world.faults.disk_ms,
-            world.faults.transient
+            world.faults.transient,
+            world.faults.torn,
+            world.snapshot_every
         ));
         for id in 1..=world.opts.nodes {
             // Nodes tick out of phase, as real ones do.
@@ -437,6 +600,11 @@ impl World {
             world.at(phase, Ev::DriverTick(id));
         }
         world.make_clients();
+        for r in 0..world.opts.readers {
+            world.readers.push(Reader::default());
+            let start = world.rng.random_range(0..100);
+            world.at(start, Ev::ReaderWake(r, 0));
+        }
         if world.opts.faults {
             world.schedule_faults();
         }
@@ -457,12 +625,17 @@ impl World {
 
     /// Sends over the simulated network: maybe lost, delayed, duplicated.
     fn send(&mut self, from: Addr, to: Addr, ev: Ev, extra_ms: i64) {
+        self.transmit(from, to, ev, extra_ms);
+    }
+
+    /// [`World::send`], saying whether it left (lost on the way: false).
+    fn transmit(&mut self, from: Addr, to: Addr, ev: Ev, extra_ms: i64) -> bool {
         if self.faults.active {
             if self.faults.cut.contains(&(from, to)) {
-                return;
+                return false;
             }
             if self.chance(self.faults.loss) {
-                return;
+                return false;
             }
         }
         let delay = self.rng.random_range(1..=self.faults.delay_max_ms) + extra_ms;
@@ -471,6 +644,7 @@ impl World {
             self.at(self.now + again, ev.clone());
         }
         self.at(self.now + delay, ev);
+        true
     }
 
     fn wall_ms(&self, node: usize) -> i64 {
@@ -593,6 +767,7 @@ impl World {
                 app_failed: false,
                 app_tries: 0,
                 done: false,
+                invoked: None,
             });
             self.at(start, Ev::ClientWake(c, 0));
         }
@@ -712,6 +887,13 @@ impl World {
                 }
             }
         }
+        report.reads = self.observed.iter().filter(|o| o.what == "Get").count();
+        report.snapshots_installed = self.snapshots_installed;
+        report.torn_writes = self
+            .fault_log
+            .iter()
+            .filter(|f| f.contains("crashed mid-write"))
+            .count();
         report.faults = self.fault_log;
         report.leaders = self.next_epoch - 1;
         report
@@ -757,6 +939,7 @@ impl World {
                 node.raw = None;
                 node.driver = None;
                 node.pending.clear();
+                node.reads.clear();
             }
             Ev::CrashLeader(down) => {
                 let leader = (1..=self.opts.nodes).find(|&id| {
@@ -776,15 +959,17 @@ impl World {
             Ev::Restart(id) => {
                 let node = self.node(id);
                 if node.raw.is_none() {
-                    // Back from its log alone: the state machine is rebuilt
-                    // by applying the committed entries again.
+                    // Back from its disk alone: the state machine is its
+                    // snapshot's, then the committed entries after it are
+                    // applied again.
                     node.raw = Some(
                         RawNode::new(&raft_config(id), node.store.clone(), &logger())
                             .expect("a valid raft config"),
                     );
-                    node.sm = StateMachine::new(BTreeMap::new());
-                    node.applied = 0;
-                    node.applied_term = 0;
+                    let snap = node.store.snapshot();
+                    node.sm = restore(&snap);
+                    node.applied = snap.get_metadata().index;
+                    node.applied_term = snap.get_metadata().term;
                 }
             }
             Ev::ClientWake(c, req) => self.client_step(c, req),
@@ -856,6 +1041,30 @@ impl World {
                 req,
                 answer,
             } => self.app_reply(client, req, answer),
+            Ev::ReaderWake(r, token) => self.reader_step(r, token),
+            Ev::GetReq {
+                node,
+                reader,
+                req,
+                gid,
+            } => self.get_request(node, reader, req, gid),
+            Ev::GetReply { reader, req, seen } => self.get_reply(reader, req, seen),
+            Ev::SnapshotSent {
+                from,
+                to,
+                delivered,
+            } => {
+                let delivered = delivered && self.node(to).raw.is_some();
+                if let Some(raw) = self.node(from).raw.as_mut() {
+                    let status = if delivered {
+                        raft::SnapshotStatus::Finish
+                    } else {
+                        raft::SnapshotStatus::Failure
+                    };
+                    raw.report_snapshot(to, status);
+                }
+                self.ready(from);
+            }
             Ev::Cut(a, b, on) => {
                 if on && self.faults.active {
                     self.faults.cut.insert((a, b));
@@ -879,6 +1088,7 @@ impl World {
                 self.faults.loss = 0.0;
                 self.faults.dup = 0.0;
                 self.faults.transient = 0.0;
+                self.faults.torn = 0.0;
                 self.faults.disk_ms = 0;
                 for n in &mut self.nodes {
                     n.clock_offset_ms = 0;
@@ -920,23 +1130,52 @@ impl World {
             return;
         }
         let mut rd = raw.ready();
+        for state in rd.take_read_states() {
+            let ctx = u64::from_le_bytes(state.request_ctx.try_into().unwrap_or_default());
+            if let Some(read) = self.nodes[idx].reads.get_mut(&ctx) {
+                read.index = Some(state.index);
+            }
+        }
         let messages = rd.take_messages();
         let committed = rd.take_committed_entries();
         let store = self.nodes[idx].store.clone();
-        {
-            let mut core = store.wl();
-            if !rd.entries().is_empty() {
-                core.append(rd.entries()).expect("appending to the log");
+        let writes = !rd.snapshot().is_empty() || !rd.entries().is_empty() || rd.hs().is_some();
+        if writes && self.faults.torn_left > 0 && self.chance(self.faults.torn) {
+            // The node dies while its write is under way: what the leader
+            // sends before its own write is out; the write is kept or lost
+            // whole; nothing that waits for the fsync happens.
+            self.faults.torn_left -= 1;
+            for m in messages {
+                self.send_raft(id, m, 0);
             }
-            if let Some(hs) = rd.hs() {
-                core.set_hardstate(hs.clone());
+            let kept = self.rng.random_bool(0.5);
+            if kept {
+                write(&store, &rd);
             }
+            let back = (self.now + self.rng.random_range(50..600)).min(self.opts.heal_at_ms);
+            self.fault_log.push(format!(
+                "node {id} crashed mid-write at {}, the write {}, restart at {back}",
+                self.now,
+                if kept { "kept" } else { "lost" }
+            ));
+            self.handle(Ev::Crash(id));
+            self.at(back, Ev::Restart(id));
+            return;
         }
+        if !rd.snapshot().is_empty() {
+            // A snapshot from the leader replaces the state.
+            self.snapshots_installed += 1;
+            let node = &mut self.nodes[idx];
+            node.sm = restore(rd.snapshot());
+            node.applied = rd.snapshot().get_metadata().index;
+            node.applied_term = rd.snapshot().get_metadata().term;
+        }
+        write(&store, &rd);
         let persisted = rd.take_persisted_messages();
         let raw = self.nodes[idx].raw.as_mut().expect("checked above");
         let mut light = raw.advance(rd);
         if let Some(commit) = light.commit_index() {
-            store.wl().mut_hard_state().set_commit(commit);
+            store.log.wl().mut_hard_state().set_commit(commit);
         }
         let light_messages = light.take_messages();
         let light_committed = light.take_committed_entries();
@@ -954,16 +1193,88 @@ impl World {
         if let Some(raw) = self.nodes[idx].raw.as_mut() {
             raw.advance_apply();
         }
+        self.answer_reads(id);
+        self.maybe_snapshot(id);
+    }
+
+    /// Snapshots the state at the applied index and compacts the log up to
+    /// it, once enough entries were applied since the last snapshot.
+    fn maybe_snapshot(&mut self, id: u64) {
+        let Some(every) = self.snapshot_every else {
+            return;
+        };
+        let node = &mut self.nodes[(id - 1) as usize];
+        let last = node.store.snapshot().get_metadata().index;
+        // Only what raft, too, counts as applied (a build with an injected
+        // bug applies ahead of it).
+        let raft_applied = node.raw.as_ref().map(|r| r.raft.raft_log.applied);
+        if raft_applied != Some(node.applied) || node.applied < last + every {
+            return;
+        }
+        let mut snap = Snapshot::default();
+        snap.set_data(Replicated::snapshot(&node.sm)().into());
+        let meta = snap.mut_metadata();
+        meta.index = node.applied;
+        meta.term = node.applied_term;
+        meta.set_conf_state(ConfState::from((
+            (1..=self.opts.nodes).collect::<Vec<_>>(),
+            vec![],
+        )));
+        *node.store.snapshot.lock().expect("one thread") = snap;
+        node.store
+            .log
+            .wl()
+            .compact(node.applied)
+            .expect("compacting behind a snapshot");
+    }
+
+    /// Serves every Get whose read index this node has applied.
+    fn answer_reads(&mut self, id: u64) {
+        let node = &mut self.nodes[(id - 1) as usize];
+        let applied = node.applied;
+        let ready: Vec<u64> = node
+            .reads
+            .iter()
+            .filter(|(_, r)| r.index.is_some_and(|i| i <= applied))
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in ready {
+            let node = &mut self.nodes[(id - 1) as usize];
+            let read = node.reads.remove(&ctx).expect("listed above");
+            let seen = Some(node.sm.get(&read.gid).cloned());
+            self.send(
+                Addr::Node(id),
+                Addr::Reader(read.reader),
+                Ev::GetReply {
+                    reader: read.reader,
+                    req: read.req,
+                    seen,
+                },
+                0,
+            );
+        }
     }
 
     fn send_raft(&mut self, from: u64, m: Message, extra_ms: i64) {
         let to = m.to;
-        self.send(
+        let snapshot = m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
+        let left = self.transmit(
             Addr::Node(from),
             Addr::Node(to),
             Ev::Raft(Box::new(m)),
             extra_ms,
         );
+        if snapshot {
+            // A snapshot travels in its own call, whose end the sender
+            // hears of: delivered, or failed (then raft sends it again).
+            let back = self.now + extra_ms + 2 * self.faults.delay_max_ms + 1;
+            let ev = Ev::SnapshotSent {
+                from,
+                to,
+                delivered: left,
+            };
+            self.at(back, ev);
+        }
     }
 
     fn apply(&mut self, id: u64, entries: Vec<Entry>) {
@@ -1079,6 +1390,10 @@ impl World {
                 let cluster_id = uuid::Uuid::from_u64_pair(self.seed, 1);
                 self.propose(id, &Command::InitCluster { cluster_id }, Waiter::Internal);
             }
+            if self.node(id).driver.is_none() {
+                // It crashed writing that proposal.
+                return;
+            }
         }
         let idx = (id - 1) as usize;
         let now = self.instant();
@@ -1139,6 +1454,10 @@ impl World {
             );
         }
         for (tx, call, failing, phase_two, attempts_limit) in starts {
+            if self.nodes[idx].driver.is_none() {
+                // It crashed writing a timeout: its calls never leave.
+                break;
+            }
             let call_id = self.next_call;
             self.next_call += 1;
             let part = part_of(&call.endpoint);
@@ -1273,6 +1592,12 @@ impl World {
             return;
         }
         let at = client.at as u64;
+        if client.invoked.is_none_or(|(step, _)| step != client.at) {
+            let now = self.now;
+            let client = &mut self.clients[c];
+            client.invoked = Some((client.at, now));
+        }
+        let client = &self.clients[c];
         let Some(step) = client.steps.get(client.at).cloned() else {
             self.clients[c].done = true;
             return;
@@ -1413,6 +1738,14 @@ impl World {
         };
         match result {
             Ok(Applied::Begun { tx, .. } | Applied::Updated { tx }) => {
+                self.observed.push(Observed {
+                    gid: client.gid.clone(),
+                    what: name,
+                    invoked_ms: client.invoked.map_or(self.now, |(_, t)| t),
+                    returned_ms: self.now,
+                    version: tx.version,
+                    digest: digest(&tx),
+                });
                 self.acks.push(Ack {
                     gid: client.gid.clone(),
                     command: name,
@@ -1455,6 +1788,138 @@ impl World {
         }
         self.client_next(c);
     }
+}
+
+impl World {
+    // ---- readers ----
+
+    fn reader_step(&mut self, r: usize, token: u64) {
+        if self.readers[r].token != token || self.now > self.opts.heal_at_ms + 500 {
+            return;
+        }
+        let gid = format!("g{}", self.rng.random_range(0..self.opts.clients.max(1)));
+        let node = self.rng.random_range(1..=self.opts.nodes);
+        let now = self.now;
+        let reader = &mut self.readers[r];
+        reader.req += 1;
+        reader.token += 1;
+        reader.invoked_ms = now;
+        reader.gid = gid.clone();
+        reader.open = true;
+        let (req, token) = (reader.req, reader.token);
+        self.send(
+            Addr::Reader(r),
+            Addr::Node(node),
+            Ev::GetReq {
+                node,
+                reader: r,
+                req,
+                gid,
+            },
+            0,
+        );
+        // No answer by then: given up (it says nothing about the history).
+        self.at(now + 200, Ev::ReaderWake(r, token));
+    }
+
+    fn get_request(&mut self, id: u64, reader: usize, req: u64, gid: String) {
+        let idx = (id - 1) as usize;
+        let Some(raw) = self.nodes[idx].raw.as_mut() else {
+            return;
+        };
+        // The bug the checker must catch (tests/simulation.rs): a node
+        // answers from its own state without asking the leader.
+        #[cfg(feature = "inject-bug-stale-read")]
+        {
+            let _ = raw;
+            let seen = Some(self.nodes[idx].sm.get(&gid).cloned());
+            let reply = Ev::GetReply { reader, req, seen };
+            self.send(Addr::Node(id), Addr::Reader(reader), reply, 0);
+            return;
+        }
+        #[cfg(not(feature = "inject-bug-stale-read"))]
+        {
+            if raw.raft.leader_id == 0 {
+                let reply = Ev::GetReply {
+                    reader,
+                    req,
+                    seen: None,
+                };
+                self.send(Addr::Node(id), Addr::Reader(reader), reply, 0);
+                return;
+            }
+            let node = &mut self.nodes[idx];
+            let ctx = node.next_read_ctx;
+            node.next_read_ctx += 1;
+            node.raw
+                .as_mut()
+                .expect("checked above")
+                .read_index(ctx.to_le_bytes().to_vec());
+            node.reads.insert(
+                ctx,
+                PendingRead {
+                    reader,
+                    req,
+                    gid,
+                    index: None,
+                },
+            );
+            self.ready(id);
+        }
+    }
+
+    fn get_reply(&mut self, r: usize, req: u64, seen: Option<Option<std::sync::Arc<Transaction>>>) {
+        let now = self.now;
+        let reader = &mut self.readers[r];
+        if reader.req != req || !reader.open {
+            return;
+        }
+        reader.open = false;
+        if let Some(tx) = seen {
+            self.observed.push(Observed {
+                gid: reader.gid.clone(),
+                what: "Get",
+                invoked_ms: reader.invoked_ms,
+                returned_ms: now,
+                version: tx.as_ref().map_or(0, |t| t.version),
+                digest: tx.as_deref().map_or(0, digest),
+            });
+        }
+        reader.token += 1;
+        let token = reader.token;
+        let gap = self.rng.random_range(10..60);
+        self.at(now + gap, Ev::ReaderWake(r, token));
+    }
+}
+
+/// Writes a Ready's snapshot, entries and hard state: one durable write.
+fn write(disk: &Disk, rd: &raft::Ready) {
+    let mut core = disk.log.wl();
+    if !rd.snapshot().is_empty() {
+        core.apply_snapshot(rd.snapshot().clone())
+            .expect("a snapshot newer than the log");
+        *disk.snapshot.lock().expect("one thread") = rd.snapshot().clone();
+    }
+    if !rd.entries().is_empty() {
+        core.append(rd.entries()).expect("appending to the log");
+    }
+    if let Some(hs) = rd.hs() {
+        core.set_hardstate(hs.clone());
+    }
+}
+
+/// The state a snapshot holds (none yet: a founding member's).
+fn restore(snap: &Snapshot) -> StateMachine {
+    if snap.get_metadata().index == 0 {
+        return StateMachine::new(BTreeMap::new());
+    }
+    <StateMachine as Replicated>::restore(snap.get_data())
+        .expect("a snapshot this build wrote decodes")
+}
+
+/// A transaction's whole content, folded to 64 bits.
+fn digest(tx: &Transaction) -> u64 {
+    mix(0, &[&format!("{tx:?}")])
 }
 
 /// Runs one seed.

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target (fuzz/fuzz_targets/) for SECONDS each
+# (default 30): log entries, snapshots, API requests, participant answers.
+# A crash stops it with the failing input saved under fuzz/artifacts/ and
+# cargo-fuzz's command to replay it.
+#
+#   bash scripts/fuzz.sh            # 30 s per target (what CI runs)
+#   bash scripts/fuzz.sh 600        # longer
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-30}"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  cargo install cargo-fuzz --locked --version 0.13.2
+fi
+# cargo-fuzz passes the sanitizer and coverage flags that rustc keeps
+# behind its unstable switch; the stable toolchain takes them with this.
+export RUSTC_BOOTSTRAP=1
+cargo fuzz build
+for target in $(cargo fuzz list); do
+  echo "== fuzz $target for ${secs}s"
+  # libFuzzer's progress lines (#N NEW ...) left out; pipefail keeps its status.
+  if ! cargo fuzz run "$target" -- -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 2>&1 \
+    | grep -vE '^#[0-9]+'; then
+    echo "fuzz target $target failed; the input is under fuzz/artifacts/$target/" >&2
+    exit 1
+  fi
+done
