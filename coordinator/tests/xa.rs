@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
-use common::{Cluster, wait_for};
+use common::{Cluster, unfinished, wait_for};
 use sqlx::Row;
 use tandem_examples::xa_bank::{self, Accounts, INITIAL_BALANCE};
 use tandem_examples::{DEFAULT_MYSQL_URL, DEFAULT_PG_URL};
@@ -61,31 +61,6 @@ fn branch_ctx(gid: &str, branch: &str) -> BranchContext {
         protocol: "xa".into(),
         fence: Fence::default(),
     }
-}
-
-async fn unfinished(client: &Client) -> Vec<String> {
-    let mut out = Vec::new();
-    for s in [
-        pb::TxState::Active,
-        pb::TxState::Preparing,
-        pb::TxState::Committing,
-        pb::TxState::Aborting,
-    ] {
-        let page = client
-            .list(pb::ListRequest {
-                state: s as i32,
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .expect("list");
-        out.extend(
-            page.transactions
-                .into_iter()
-                .map(|t| format!("{} {:?}", t.gid, s)),
-        );
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -495,134 +470,6 @@ async fn atomicity_xa_soak_10_runs_with_the_leader_killed_at_a_random_instant() 
     }
     cluster.wait_leader(LEADER_TIMEOUT).await;
     assert!(unfinished(&cluster.client()).await.is_empty());
-}
-
-/// Nemesis on real processes: XA transfers between PostgreSQL and MariaDB
-/// on 3 nodes while, ten times, one at a time half a second to a second and a half apart,
-/// a node is killed (-9) and restarted, paused (SIGSTOP) past the election
-/// timeout, or cut off from its peers (the transport failpoint). Every run
-/// must conserve money per account with every transfer's branch rows as
-/// decided and no prepared xid left; after the faults heal, every
-/// transaction ends and every node holds the same transactions.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn atomicity_nemesis_kills_pauses_and_isolation_under_xa_load() {
-    use rand::Rng;
-    // scripts/nemesis.sh runs the long version through these.
-    let env = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let (faults_target, runs_max) = (
-        env("TANDEM_NEMESIS_FAULTS", 10),
-        env("TANDEM_NEMESIS_RUNS", 20),
-    );
-    // Keep every finished transaction (the default budget collects the
-    // oldest beyond 64 MiB), so the tables can be counted at the end.
-    let options = common::Options {
-        extra: vec!["--finished-bytes-max".into(), (1u64 << 30).to_string()],
-        ..common::Options::default()
-    };
-    let mut cluster = Cluster::start_with(3, options);
-    cluster.wait_leader(LEADER_TIMEOUT).await;
-    let endpoints = cluster.endpoints();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stopped = stop.clone();
-    let work = tokio::spawn(async move {
-        let mut reports = Vec::new();
-        for run in 0..runs_max {
-            if stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                break;
-            }
-            let report = xa_bank::run(soak_config(endpoints.clone()))
-                .await
-                .unwrap_or_else(|e| panic!("run {run}: {e:#}"));
-            reports.push(report);
-        }
-        reports
-    });
-    let started = std::time::Instant::now();
-    let mut faults = Vec::new();
-    let time_max = Duration::from_secs(90 + 5 * faults_target as u64);
-    while faults.len() < faults_target && !work.is_finished() && started.elapsed() < time_max {
-        let (pause_ms, node, kind, hold_ms) = {
-            let mut rng = rand::rng();
-            (
-                rng.random_range(500..1_500),
-                rng.random_range(1..=3u64),
-                rng.random_range(0..3),
-                rng.random_range(1_200..2_500),
-            )
-        };
-        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-        let hold = Duration::from_millis(hold_ms);
-        match kind {
-            0 => {
-                cluster.kill(node);
-                tokio::time::sleep(hold).await;
-                cluster.restart(node);
-                faults.push(format!("kill {node}"));
-            }
-            1 => {
-                cluster.pause(node);
-                tokio::time::sleep(hold).await;
-                cluster.resume(node);
-                faults.push(format!("pause {node} {hold_ms} ms"));
-            }
-            _ => {
-                cluster
-                    .set_failpoint(node, "transport-isolate", "return")
-                    .await;
-                tokio::time::sleep(hold).await;
-                cluster
-                    .set_failpoint(node, "transport-isolate", "off")
-                    .await;
-                faults.push(format!("isolate {node} {hold_ms} ms"));
-            }
-        }
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let reports = work.await.expect("the workload");
-    for (run, report) in reports.iter().enumerate() {
-        assert_run_holds(run, report);
-    }
-    assert!(
-        faults.len() >= faults_target.min(10),
-        "the nemesis struck only {faults:?}"
-    );
-    eprintln!(
-        "nemesis: {} faults ({} kills, {} pauses, {} isolations), {} runs of 200 transfers, {} committed, {} aborted",
-        faults.len(),
-        faults.iter().filter(|f| f.starts_with("kill")).count(),
-        faults.iter().filter(|f| f.starts_with("pause")).count(),
-        faults.iter().filter(|f| f.starts_with("isolate")).count(),
-        reports.len(),
-        reports.iter().map(|r| r.committed).sum::<u64>(),
-        reports.iter().map(|r| r.aborted).sum::<u64>(),
-    );
-    cluster.wait_leader(LEADER_TIMEOUT).await;
-    let client = cluster.client();
-    wait_for(Duration::from_secs(30), "every transaction ended", || {
-        let client = client.clone();
-        async move { unfinished(&client).await.is_empty().then_some(()) }
-    })
-    .await;
-    let mut tables = Vec::new();
-    for endpoint in cluster.endpoints() {
-        let mut gids = common::list_all_from(&endpoint).await;
-        gids.sort();
-        tables.push(gids);
-    }
-    assert_eq!(
-        tables[0].len(),
-        200 * reports.len(),
-        "one transaction a transfer"
-    );
-    assert!(
-        tables.iter().all(|t| *t == tables[0]),
-        "nodes hold different transactions after {faults:?}"
-    );
 }
 
 /// Each cluster its own xids: two clusters started with the defaults (the

@@ -43,6 +43,9 @@ pub struct Config {
 pub struct Report {
     pub completed: u64,
     pub compensated: u64,
+    /// Submissions that never took effect (their answer lost, and the
+    /// coordinator has no such saga): checked to have left nothing behind.
+    pub not_submitted: u64,
     pub violations: u64,
 }
 
@@ -358,7 +361,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             decline,
         })
         .expect("an order serializes");
-        client
+        let saga = client
             .saga()
             .concurrent(0)
             .retry(pb::RetryPolicy {
@@ -381,8 +384,9 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                 Step::service("shipping", &shipping.base)
                     .payload(order)
                     .after(&["inventory", "payment"]),
-            )
-            .submit_and_wait(Duration::from_secs(60))
+            );
+        let gid = saga.gid_str().to_string();
+        async move { (gid, saga.submit_and_wait(Duration::from_secs(60)).await) }
     };
     let outcomes: Vec<_> = futures::stream::iter((0..config.orders).map(submit))
         .buffer_unordered(config.concurrency.max(1))
@@ -390,14 +394,33 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         .await;
 
     let mut report = Report::default();
-    for outcome in outcomes {
+    for (gid, outcome) in outcomes {
+        let ended = |tx: &pb::Transaction| {
+            matches!(
+                pb::TxState::try_from(tx.state),
+                Ok(pb::TxState::Committed | pb::TxState::Aborted)
+            )
+        };
         let tx = match outcome {
-            Ok(tx) => tx,
-            Err(e) => {
-                tracing::warn!(error = %e, "a saga's outcome is unknown");
-                report.violations += 1;
-                continue;
-            }
+            Ok(tx) if ended(&tx) => tx,
+            // The answer was lost, or came before the end: ask until it ends.
+            other => match services::settle(&client, &gid, Duration::from_secs(90)).await {
+                services::Settled::Ended(tx) => *tx,
+                services::Settled::Absent => {
+                    let e = effects(&pg, &my, &lite, &run, &gid).await?;
+                    report.not_submitted += 1;
+                    if e.anything_standing {
+                        tracing::warn!(%gid, ?e, "a saga never submitted left effects");
+                        report.violations += 1;
+                    }
+                    continue;
+                }
+                services::Settled::Unknown => {
+                    tracing::warn!(%gid, answer = ?other.map(|t| t.state), "a saga did not end in time");
+                    report.violations += 1;
+                    continue;
+                }
+            },
         };
         let e = effects(&pg, &my, &lite, &run, &tx.gid).await?;
         match pb::TxState::try_from(tx.state) {

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tandem_sdk::participant::{BranchError, Handler, ParticipantServer};
+use tandem_sdk::{Client, proto as pb};
 use tokio::net::TcpListener;
 
 pub async fn postgres(url: &str, max: u32) -> anyhow::Result<sqlx::PgPool> {
@@ -70,4 +71,46 @@ pub fn db(e: sqlx::Error) -> BranchError {
 /// Parses a step's JSON payload.
 pub fn payload<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, BranchError> {
     serde_json::from_slice(bytes).map_err(|e| BranchError::Failure(format!("bad payload: {e}")))
+}
+
+/// What became of a transaction whose answer was lost on its way back (a
+/// coordinator node died, say).
+#[derive(Debug)]
+pub enum Settled {
+    /// It ended: committed or aborted, as this says.
+    Ended(Box<pb::Transaction>),
+    /// The coordinator never had it (the request never took effect).
+    Absent,
+    /// Not ended within the time given.
+    Unknown,
+}
+
+/// How long a gid the coordinator does not know is asked about before it
+/// counts as never begun (a request still on its way would have landed).
+const ABSENT_AFTER: Duration = Duration::from_secs(10);
+
+/// Asks until the transaction has ended (its deadline ends it at the
+/// latest) or `timeout` passed.
+pub async fn settle(client: &Client, gid: &str, timeout: Duration) -> Settled {
+    let started = std::time::Instant::now();
+    while started.elapsed() < timeout {
+        match client.get(gid).await {
+            Ok(tx) => {
+                if matches!(
+                    pb::TxState::try_from(tx.state),
+                    Ok(pb::TxState::Committed | pb::TxState::Aborted)
+                ) {
+                    return Settled::Ended(Box::new(tx));
+                }
+            }
+            Err(e)
+                if e.code() == Some(tonic::Code::NotFound) && started.elapsed() > ABSENT_AFTER =>
+            {
+                return Settled::Absent;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Settled::Unknown
 }

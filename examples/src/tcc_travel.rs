@@ -8,6 +8,8 @@
 //! confirmed; any booking charged other than exactly once when confirmed
 //! (never when cancelled).
 
+use std::time::Duration;
+
 use anyhow::bail;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -33,6 +35,8 @@ pub struct Config {
 pub struct Report {
     pub confirmed: u64,
     pub cancelled: u64,
+    /// Bookings whose Begin never got an answer: nothing was tried for them.
+    pub not_begun: u64,
     pub violations: u64,
 }
 
@@ -169,16 +173,21 @@ async fn status_lite(
 }
 
 /// One booking: try all three, confirm if every hold succeeded.
+/// A booking: its gid once begun (`None`: Begin got no answer, so nothing
+/// was tried), and the transaction as the last answer showed it.
 async fn book(
     client: &Client,
     bases: &[String; 3],
     booking: Vec<u8>,
-) -> anyhow::Result<pb::Transaction> {
+) -> (Option<String>, anyhow::Result<pb::Transaction>) {
     let options = pb::TxOptions {
         timeout_ms: 30_000,
         ..Default::default()
     };
-    let tx = client.begin_scope(pb::Protocol::Tcc, options).await?;
+    let tx = match client.begin_scope(pb::Protocol::Tcc, options).await {
+        Ok(tx) => tx,
+        Err(e) => return (None, Err(e.into())),
+    };
     let mut refusal = None;
     for (branch, base) in ["flight", "hotel", "payment"].iter().zip(bases) {
         if let Err(e) = tx.try_branch(branch, base, booking.clone()).await {
@@ -186,10 +195,11 @@ async fn book(
             break;
         }
     }
-    Ok(match refusal {
-        None => tx.commit().await?,
-        Some(reason) => tx.abort(&reason).await?,
-    })
+    let end = match refusal {
+        None => tx.commit().await,
+        Some(reason) => tx.abort(&reason).await,
+    };
+    (Some(tx.gid().to_string()), end.map_err(Into::into))
 }
 
 pub async fn run(config: Config) -> anyhow::Result<Report> {
@@ -255,13 +265,29 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     .await;
 
     let mut report = Report::default();
-    for outcome in outcomes {
-        let tx = match outcome {
-            Ok(tx) => tx,
-            Err(e) => {
-                tracing::warn!(error = %e, "a booking's outcome is unknown");
-                report.violations += 1;
+    for (gid, outcome) in outcomes {
+        let ended = |tx: &pb::Transaction| {
+            matches!(
+                pb::TxState::try_from(tx.state),
+                Ok(pb::TxState::Committed | pb::TxState::Aborted)
+            )
+        };
+        let tx = match (gid, outcome) {
+            (_, Ok(tx)) if ended(&tx) => tx,
+            (None, _) => {
+                report.not_begun += 1;
                 continue;
+            }
+            // The answer was lost, or came before the end: ask until it ends.
+            (Some(gid), other) => {
+                match services::settle(&client, &gid, Duration::from_secs(90)).await {
+                    services::Settled::Ended(tx) => *tx,
+                    services::Settled::Absent | services::Settled::Unknown => {
+                        tracing::warn!(%gid, answer = ?other.map(|t| t.state), "a booking did not end in time");
+                        report.violations += 1;
+                        continue;
+                    }
+                }
             }
         };
         let flight = status_pg(&pg, &run, &tx.gid).await?;

@@ -21,6 +21,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::services;
 use anyhow::{Context, bail};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -571,18 +572,10 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
 /// Whether `gid` committed, once it is terminal; `None` if it is not within
 /// `timeout`.
 async fn wait_terminal(client: &Client, gid: &str, timeout: Duration) -> Option<bool> {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if let Ok(tx) = client.get(gid).await {
-            match pb::TxState::try_from(tx.state) {
-                Ok(pb::TxState::Committed) => return Some(true),
-                Ok(pb::TxState::Aborted) => return Some(false),
-                _ => {}
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    match services::settle(client, gid, timeout).await {
+        services::Settled::Ended(tx) => Some(tx.state == pb::TxState::Committed as i32),
+        services::Settled::Absent | services::Settled::Unknown => None,
     }
-    None
 }
 
 /// Account N in PostgreSQL and account N in MariaDB together hold twice the

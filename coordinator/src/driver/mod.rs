@@ -215,6 +215,7 @@ impl<T: BranchTransport> Worker<T> {
         let mut failing: HashMap<(String, Op), Failing> = HashMap::new();
         let mut calls: JoinSet<Done> = JoinSet::new();
         let mut timeout_sent_at: Option<Instant> = None;
+        let deadline_at = plan::deadline_at(&current, Instant::now(), self.clock.now_ms());
         let mut fanned_out = false;
 
         loop {
@@ -227,13 +228,14 @@ impl<T: BranchTransport> Worker<T> {
                 in_flight: &in_flight,
                 retry_at: &retry_at,
                 timeout_sent_at,
+                deadline_at,
             };
-            let plan = plan::plan(&view, now, self.clock.now_ms());
+            let plan = plan::plan(&view, now);
             if plan.propose_timeout {
                 timeout_sent_at = Some(now);
                 let node = self.node.clone();
                 let gid = current.gid.clone();
-                let now_ms = self.clock.now_ms();
+                let now_ms = plan::timeout_stamp(&current, self.clock.now_ms());
                 calls.spawn(async move {
                     let command = Command::Timeout { gid, now_ms };
                     let tx = propose(&node, command).await;

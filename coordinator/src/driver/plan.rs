@@ -29,6 +29,9 @@ pub struct View<'a> {
     pub retry_at: &'a HashMap<Key, Instant>,
     /// When the worker last proposed a Timeout.
     pub timeout_sent_at: Option<Instant>,
+    /// When an undecided transaction is timed out ([`deadline_at`], fixed
+    /// when the worker first saw it).
+    pub deadline_at: Instant,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -41,21 +44,41 @@ pub struct Plan {
     pub wake_at: Instant,
 }
 
-/// `now` is the worker's monotonic clock (retries, re-proposals); `wall_ms`
-/// the wall clock the transaction's deadline is written in.
-pub fn plan(view: &View, now: Instant, wall_ms: i64) -> Plan {
+/// When a worker that first sees `tx` at `now`, with its wall clock at
+/// `wall_ms`, times it out: the deadline's distance on that wall clock,
+/// never more than the transaction's timeout, measured from then on by the
+/// monotonic clock. So a wall clock that jumps afterwards changes nothing,
+/// and a deadline stamped by a leader whose clock ran ahead delays a
+/// timeout by no more than one timeout after the leader change — whatever
+/// the clocks say (found by the simulation: RELIABILITY.md).
+pub fn deadline_at(tx: &Transaction, now: Instant, wall_ms: i64) -> Instant {
+    let left_ms = tx
+        .deadline_ms
+        .saturating_sub(wall_ms)
+        .clamp(0, i64::from(tx.options.timeout_ms));
+    now + Duration::from_millis(left_ms as u64)
+}
+
+/// The time a Timeout proposal carries: the leader's wall clock, or the
+/// deadline if the monotonic measure ran out first (`apply` takes a
+/// timeout only at or past the deadline it recorded).
+pub fn timeout_stamp(tx: &Transaction, wall_ms: i64) -> i64 {
+    wall_ms.max(tx.deadline_ms)
+}
+
+/// `now` is the worker's monotonic clock: deadlines, retries, re-proposals.
+pub fn plan(view: &View, now: Instant) -> Plan {
     let tx = view.tx;
     let mut wake_at = now + IDLE_WAKE;
     let mut propose_timeout = false;
     if !tx.is_decided() {
-        let left_ms = tx.deadline_ms - wall_ms;
-        if left_ms <= 0 {
+        if view.deadline_at <= now {
             propose_timeout = view
                 .timeout_sent_at
                 .is_none_or(|at| now.duration_since(at) >= TIMEOUT_REPROPOSE);
             wake_at = wake_at.min(now + TIMEOUT_REPROPOSE);
         } else {
-            wake_at = wake_at.min(now + Duration::from_millis(left_ms as u64));
+            wake_at = wake_at.min(view.deadline_at);
         }
     }
 
@@ -344,8 +367,9 @@ mod tests {
                 timeout_sent_at: case
                     .timeout_sent_ms_ago
                     .map(|ms| now - Duration::from_millis(ms)),
+                deadline_at: deadline_at(&case.tx, now, case.wall_ms),
             };
-            let plan = plan(&view, now, case.wall_ms);
+            let plan = plan(&view, now);
             assert_eq!(ids(&plan), case.start, "{}", case.name);
             assert_eq!(plan.propose_timeout, case.propose_timeout, "{}", case.name);
             assert_eq!(
@@ -369,11 +393,43 @@ mod tests {
             in_flight: &in_flight,
             retry_at: &retry_at,
             timeout_sent_at: None,
+            deadline_at: Instant::now(),
         };
         let now = Instant::now();
-        let plan = plan(&view, now, i64::MAX);
+        let plan = plan(&view, now);
         assert!(!plan.propose_timeout);
         assert_eq!(ids(&plan), vec![key("a", Op::Confirm)]);
         assert_eq!(plan.wake_at, now + IDLE_WAKE);
+    }
+
+    #[test]
+    fn no_blocking_a_timeout_is_measured_on_the_monotonic_clock_from_first_sight() {
+        let mut two_pc = tx(Protocol::TwoPc);
+        on_register(&mut two_pc, spec(Protocol::TwoPc, "a"), 1).unwrap();
+        let timeout = u64::from(two_pc.options.timeout_ms);
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        // Seen 300 ms before the deadline on this leader's clock.
+        let wall = two_pc.deadline_ms - 300;
+        assert_eq!(deadline_at(&two_pc, now, wall), now + ms(300));
+        // Stamped by a leader whose clock ran 500 s ahead: one timeout at most.
+        let behind = two_pc.deadline_ms - 500_000;
+        assert_eq!(deadline_at(&two_pc, now, behind), now + ms(timeout));
+        // Seen after the deadline (this clock is ahead): due now.
+        assert_eq!(deadline_at(&two_pc, now, two_pc.deadline_ms + 5), now);
+        // Once fixed, the wall clock no longer matters: the plan takes none.
+        let (in_flight, retry_at) = (HashSet::new(), HashMap::new());
+        let view = View {
+            tx: &two_pc,
+            in_flight: &in_flight,
+            retry_at: &retry_at,
+            timeout_sent_at: None,
+            deadline_at: now + ms(300),
+        };
+        assert!(!plan(&view, now + ms(299)).propose_timeout);
+        assert!(plan(&view, now + ms(300)).propose_timeout);
+        // The proposal carries a time `apply` takes.
+        assert_eq!(timeout_stamp(&two_pc, behind), two_pc.deadline_ms);
+        assert_eq!(timeout_stamp(&two_pc, wall + 900), wall + 900);
     }
 }

@@ -484,3 +484,29 @@ pub async fn begin_many(
     acked.sort();
     acked
 }
+
+/// Every unfinished transaction the cluster lists, as "gid STATE".
+pub async fn unfinished(client: &Client) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in [
+        pb::TxState::Active,
+        pb::TxState::Preparing,
+        pb::TxState::Committing,
+        pb::TxState::Aborting,
+    ] {
+        let page = client
+            .list(pb::ListRequest {
+                state: s as i32,
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        out.extend(
+            page.transactions
+                .into_iter()
+                .map(|t| format!("{} {:?}", t.gid, s)),
+        );
+    }
+    out
+}

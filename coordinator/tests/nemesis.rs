@@ -1,0 +1,230 @@
+//! Nemesis on real processes (invariants 1, 3, 4, 5, 6): three `tandem`
+//! nodes run the XA bank (PostgreSQL ⇄ MariaDB), the saga orders
+//! (PostgreSQL, MariaDB, SQLite) and the TCC bookings (the same three), one
+//! workload after another, while a nemesis strikes one node at a time,
+//! half a second to a second and a half apart: kill -9 and restart, SIGSTOP
+//! past the election timeout, or cut off from its peers (the transport
+//! failpoint). Every run is checked from the databases' own rows — money
+//! per account and every transfer's branch rows, every saga step done or
+//! compensated, every reservation confirmed or released — and, once the
+//! faults heal, every transaction ends and every node holds the same ones.
+//! `scripts/nemesis.sh` runs the long version.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Cluster, unfinished, wait_for};
+use rand::Rng;
+use tandem_examples::{DEFAULT_MYSQL_URL, DEFAULT_PG_URL, saga_order, tcc_travel, xa_bank};
+
+const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Transactions per workload run.
+const RUN_TXS: usize = 200;
+
+/// One workload run, as its own checks saw it.
+#[derive(Debug)]
+enum Run {
+    Xa(xa_bank::Report),
+    Saga(saga_order::Report),
+    Tcc(tcc_travel::Report),
+}
+
+impl Run {
+    /// (committed, aborted): transactions that ended, checked.
+    fn ended(&self) -> (u64, u64) {
+        match self {
+            Run::Xa(r) => (r.committed, r.aborted),
+            Run::Saga(r) => (r.completed, r.compensated),
+            Run::Tcc(r) => (r.confirmed, r.cancelled),
+        }
+    }
+
+    /// Every invariant its checks know held, and every transaction begun
+    /// was accounted for.
+    fn assert_holds(&self, run: usize) {
+        let (ended, not_begun) = match self {
+            Run::Xa(r) => {
+                assert!(r.holds(), "run {run}: {r:?}");
+                assert_eq!(r.unknown, 0, "run {run}: {r:?}");
+                (r.committed + r.aborted, 0)
+            }
+            Run::Saga(r) => {
+                assert_eq!(r.violations, 0, "run {run}: {r:?}");
+                (r.completed + r.compensated, r.not_submitted)
+            }
+            Run::Tcc(r) => {
+                assert_eq!(r.violations, 0, "run {run}: {r:?}");
+                (r.confirmed + r.cancelled, r.not_begun)
+            }
+        };
+        assert_eq!(
+            ended + not_begun,
+            RUN_TXS as u64,
+            "run {run}: every transaction accounted for: {self:?}"
+        );
+    }
+}
+
+async fn workload(run: usize, endpoints: Vec<String>) -> Run {
+    let (pg_url, mysql_url) = (DEFAULT_PG_URL.to_string(), DEFAULT_MYSQL_URL.to_string());
+    let result = match run % 3 {
+        0 => xa_bank::run(xa_bank::Config {
+            endpoints,
+            transfers: RUN_TXS,
+            concurrency: 16,
+            fail_rate: 0.1,
+            pg_url,
+            mysql_url,
+            accounts: 50,
+        })
+        .await
+        .map(Run::Xa),
+        1 => saga_order::run(saga_order::Config {
+            endpoints,
+            orders: RUN_TXS,
+            concurrency: 16,
+            fail_rate: 0.2,
+            pg_url,
+            mysql_url,
+        })
+        .await
+        .map(Run::Saga),
+        _ => tcc_travel::run(tcc_travel::Config {
+            endpoints,
+            bookings: RUN_TXS,
+            concurrency: 16,
+            fail_rate: 0.2,
+            pg_url,
+            mysql_url,
+        })
+        .await
+        .map(Run::Tcc),
+    };
+    result.unwrap_or_else(|e| panic!("run {run}: {e:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn atomicity_nemesis_kills_pauses_and_isolation_under_xa_saga_and_tcc_load() {
+    // scripts/nemesis.sh runs the long version through these.
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (faults_target, runs_max) = (
+        env("TANDEM_NEMESIS_FAULTS", 12),
+        env("TANDEM_NEMESIS_RUNS", 21),
+    );
+    // Keep every finished transaction (the default budget collects the
+    // oldest beyond 64 MiB), so the tables can be compared at the end.
+    let options = common::Options {
+        extra: vec!["--finished-bytes-max".into(), (1u64 << 30).to_string()],
+        ..common::Options::default()
+    };
+    let mut cluster = Cluster::start_with(3, options);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let endpoints = cluster.endpoints();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let work = tokio::spawn(async move {
+        let mut runs = Vec::new();
+        // At least one run of each workload, then until the nemesis is done.
+        for run in 0..runs_max {
+            if run >= 3 && stopped.load(Ordering::Relaxed) {
+                break;
+            }
+            runs.push(workload(run, endpoints.clone()).await);
+        }
+        runs
+    });
+    let started = std::time::Instant::now();
+    let mut faults = Vec::new();
+    let time_max = Duration::from_secs(120 + 5 * faults_target as u64);
+    while faults.len() < faults_target && !work.is_finished() && started.elapsed() < time_max {
+        let (pause_ms, node, kind, hold_ms) = {
+            let mut rng = rand::rng();
+            (
+                rng.random_range(500..1_500),
+                rng.random_range(1..=3u64),
+                rng.random_range(0..3),
+                rng.random_range(1_200..2_500),
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        let hold = Duration::from_millis(hold_ms);
+        match kind {
+            0 => {
+                cluster.kill(node);
+                tokio::time::sleep(hold).await;
+                cluster.restart(node);
+                faults.push(format!("kill {node}"));
+            }
+            1 => {
+                cluster.pause(node);
+                tokio::time::sleep(hold).await;
+                cluster.resume(node);
+                faults.push(format!("pause {node} {hold_ms} ms"));
+            }
+            _ => {
+                cluster
+                    .set_failpoint(node, "transport-isolate", "return")
+                    .await;
+                tokio::time::sleep(hold).await;
+                cluster
+                    .set_failpoint(node, "transport-isolate", "off")
+                    .await;
+                faults.push(format!("isolate {node} {hold_ms} ms"));
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let runs = work.await.expect("the workload");
+    for (i, run) in runs.iter().enumerate() {
+        run.assert_holds(i);
+    }
+    assert!(
+        faults.len() >= faults_target.min(10),
+        "the nemesis struck only {faults:?}"
+    );
+    let count = |f: fn(&Run) -> bool| runs.iter().filter(|r| f(r)).count();
+    eprintln!(
+        "nemesis: {} faults ({} kills, {} pauses, {} isolations); {} runs of {RUN_TXS} ({} xa, {} saga, {} tcc); {} committed, {} aborted",
+        faults.len(),
+        faults.iter().filter(|f| f.starts_with("kill")).count(),
+        faults.iter().filter(|f| f.starts_with("pause")).count(),
+        faults.iter().filter(|f| f.starts_with("isolate")).count(),
+        runs.len(),
+        count(|r| matches!(r, Run::Xa(_))),
+        count(|r| matches!(r, Run::Saga(_))),
+        count(|r| matches!(r, Run::Tcc(_))),
+        runs.iter().map(|r| r.ended().0).sum::<u64>(),
+        runs.iter().map(|r| r.ended().1).sum::<u64>(),
+    );
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let client = cluster.client();
+    wait_for(Duration::from_secs(60), "every transaction ended", || {
+        let client = client.clone();
+        async move { unfinished(&client).await.is_empty().then_some(()) }
+    })
+    .await;
+    let mut tables = Vec::new();
+    for endpoint in cluster.endpoints() {
+        let mut gids = common::list_all_from(&endpoint).await;
+        gids.sort();
+        tables.push(gids);
+    }
+    let ended: u64 = runs.iter().map(|r| r.ended().0 + r.ended().1).sum();
+    assert!(
+        tables[0].len() as u64 >= ended,
+        "{} transactions listed, {ended} ended",
+        tables[0].len()
+    );
+    assert!(
+        tables.iter().all(|t| *t == tables[0]),
+        "nodes hold different transactions after {faults:?}"
+    );
+}
