@@ -12,5 +12,5 @@ cd "$(dirname "$0")/.."
 bash scripts/prepare-services.sh
 TANDEM_NEMESIS_FAULTS=${1:-150} TANDEM_NEMESIS_RUNS=${2:-60} \
   cargo nextest run -p tandem-coordinator --test nemesis --no-capture \
-  --profile long 2>&1 | grep -E "^nemesis:|PASS|FAIL|panicked|Summary|assert"
+  --profile long 2>&1 | grep -A3 -E "^nemesis:|PASS|FAIL|panicked|Summary|assert"
 

@@ -105,7 +105,10 @@ async fn bad_input_is_invalid_argument_naming_the_problem_and_stores_nothing() {
         "refused Begins left state behind"
     );
     let status = client
-        .get(pb::GetRequest { gid: "nope".into() })
+        .get(pb::GetRequest {
+            gid: "nope".into(),
+            resolve: false,
+        })
         .await
         .expect_err("unknown gid");
     assert_eq!(status.code(), Code::NotFound);

@@ -59,7 +59,7 @@ async fn quickstart_begins_every_implemented_protocol_and_leaves_nothing_open() 
     let report = quickstart::run(&cluster.endpoints(), |line| eprintln!("{line}"))
         .await
         .expect("quickstart");
-    assert_eq!(report.began, 4, "{report:?}");
-    assert_eq!(report.refused, ["3pc", "msg"], "{report:?}");
-    assert_eq!(report.aborted, 4, "{report:?}");
+    assert_eq!(report.began, 5, "{report:?}");
+    assert_eq!(report.refused, ["msg"], "{report:?}");
+    assert_eq!(report.aborted, 5, "{report:?}");
 }

@@ -6,6 +6,12 @@
 //! which shows the checker can fail.
 
 use tandem_coordinator::sim::{self, Options, Report};
+#[cfg(not(any(
+    feature = "inject-bug-commit-on-first-vote",
+    feature = "inject-bug-apply-before-commit",
+    feature = "inject-bug-stale-read"
+)))]
+use tandem_coordinator::{model::Protocol, protocol::is_implemented};
 
 /// Runs `seeds` on two threads (the machine has two cores).
 fn run(seeds: std::ops::Range<u64>, opts: &Options) -> Vec<Report> {
@@ -65,6 +71,17 @@ mod clean {
         assert!(reads > 20_000, "only {reads} reads answered");
         assert!(snapshots > 100, "only {snapshots} snapshots installed");
         assert!(torn > 100, "only {torn} runs crashed a node mid-write");
+        // Every protocol the coordinator drives, both ways.
+        for protocol in Protocol::ALL.into_iter().filter(|p| is_implemented(*p)) {
+            let (c, a) = reports
+                .iter()
+                .filter_map(|r| r.by_protocol.get(&protocol))
+                .fold((0, 0), |(c, a), (rc, ra)| (c + rc, a + ra));
+            assert!(
+                c > 300 && a > 100,
+                "{protocol}: {c} committed, {a} aborted over 1,000 seeds"
+            );
+        }
     }
 
     #[test]

@@ -26,9 +26,16 @@ pub mod ops {
     pub const CANCEL: &str = "cancel";
     pub const ACTION: &str = "action";
     pub const COMPENSATE: &str = "compensate";
+    /// 3PC: phase one (a vote), phase two (acknowledged, still undecided),
+    /// the commit, and the abort.
+    pub const CAN_COMMIT: &str = "can_commit";
+    pub const PRE_COMMIT: &str = "pre_commit";
+    pub const DO_COMMIT: &str = "do_commit";
+    pub const ABORT: &str = "abort";
 
-    pub const ALL: [&str; 8] = [
-        PREPARE, COMMIT, ROLLBACK, TRY, CONFIRM, CANCEL, ACTION, COMPENSATE,
+    pub const ALL: [&str; 12] = [
+        PREPARE, COMMIT, ROLLBACK, TRY, CONFIRM, CANCEL, ACTION, COMPENSATE, CAN_COMMIT,
+        PRE_COMMIT, DO_COMMIT, ABORT,
     ];
 }
 

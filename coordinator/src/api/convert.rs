@@ -39,6 +39,7 @@ pub fn state_to_pb(s: TxState) -> pb::TxState {
     match s {
         TxState::Active => pb::TxState::Active,
         TxState::Preparing => pb::TxState::Preparing,
+        TxState::PreCommitting => pb::TxState::PreCommitting,
         TxState::Committing => pb::TxState::Committing,
         TxState::Aborting => pb::TxState::Aborting,
         TxState::Committed => pb::TxState::Committed,
@@ -51,6 +52,7 @@ pub fn state_from_pb(value: i32) -> Result<Option<TxState>, String> {
         Ok(pb::TxState::Unspecified) => Ok(None),
         Ok(pb::TxState::Active) => Ok(Some(TxState::Active)),
         Ok(pb::TxState::Preparing) => Ok(Some(TxState::Preparing)),
+        Ok(pb::TxState::PreCommitting) => Ok(Some(TxState::PreCommitting)),
         Ok(pb::TxState::Committing) => Ok(Some(TxState::Committing)),
         Ok(pb::TxState::Aborting) => Ok(Some(TxState::Aborting)),
         Ok(pb::TxState::Committed) => Ok(Some(TxState::Committed)),

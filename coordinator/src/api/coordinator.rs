@@ -173,8 +173,13 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let gid = request.into_inner().gid;
-        let tx = self.service.get(&gid).await.map_err(from_service_error)?;
+        let request = request.into_inner();
+        let tx = if request.resolve {
+            self.service.resolve(&request.gid).await
+        } else {
+            self.service.get(&request.gid).await
+        }
+        .map_err(from_service_error)?;
         Ok(Response::new(pb::GetResponse {
             transaction: Some(tx_to_pb(&tx)),
         }))

@@ -44,8 +44,11 @@ pub const CALLS_IN_FLIGHT_MAX: usize = 8192;
 
 /// Failpoints at the instants where a coordinator crash is most dangerous.
 pub mod failpoints {
-    /// After a prepare answer arrived, before it is proposed.
+    /// After a prepare (2PC) or can-commit (3PC) answer arrived, before it
+    /// is proposed.
     pub const DURING_PREPARE: &str = "driver-during-prepare";
+    /// 3PC: one pre-commit acknowledged and recorded; others may not be.
+    pub const AFTER_PRE_COMMIT: &str = "driver-after-pre-commit";
     /// Decision applied; no phase-two call has left yet.
     pub const BEFORE_FANOUT: &str = "driver-before-fanout";
     /// One phase-two call answered and recorded; others may not have left.
@@ -336,7 +339,7 @@ impl<T: BranchTransport> Worker<T> {
                 timeout,
             })
             .await;
-        if call.op == Op::Prepare {
+        if matches!(call.op, Op::Prepare | Op::CanCommit) {
             fail::fail_point!(failpoints::DURING_PREPARE);
         }
         if outcome != OpOutcome::Succeeded {
@@ -359,6 +362,7 @@ impl<T: BranchTransport> Worker<T> {
             };
         };
         let succeeded_phase_two = phase_two && outcome == OpOutcome::Succeeded;
+        let pre_committed = call.op == Op::PreCommit && outcome == OpOutcome::Succeeded;
         let command = Command::OpResult {
             gid,
             branch_id: call.branch_id.clone(),
@@ -369,6 +373,9 @@ impl<T: BranchTransport> Worker<T> {
         let applied = propose(&self.node, command).await;
         if succeeded_phase_two && applied.is_some() {
             fail::fail_point!(failpoints::MID_FANOUT);
+        }
+        if pre_committed && applied.is_some() {
+            fail::fail_point!(failpoints::AFTER_PRE_COMMIT);
         }
         Done {
             key,

@@ -72,12 +72,16 @@ pub enum TxState {
     Aborting,
     Committed,
     Aborted,
+    /// 3PC: every branch voted yes, pre-commits under way — still
+    /// undecided (last in the enum: the log's encoding of the others stays).
+    PreCommitting,
 }
 
 impl TxState {
-    pub const ALL: [TxState; 6] = [
+    pub const ALL: [TxState; 7] = [
         TxState::Active,
         TxState::Preparing,
+        TxState::PreCommitting,
         TxState::Committing,
         TxState::Aborting,
         TxState::Committed,
@@ -92,6 +96,7 @@ impl TxState {
         match self {
             TxState::Active => "active",
             TxState::Preparing => "preparing",
+            TxState::PreCommitting => "pre_committing",
             TxState::Committing => "committing",
             TxState::Aborting => "aborting",
             TxState::Committed => "committed",
@@ -178,10 +183,14 @@ pub enum Op {
     Cancel,
     Action,
     Compensate,
+    CanCommit,
+    PreCommit,
+    DoCommit,
+    Abort,
 }
 
 impl Op {
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 12] = [
         Op::Prepare,
         Op::Commit,
         Op::Rollback,
@@ -190,6 +199,10 @@ impl Op {
         Op::Cancel,
         Op::Action,
         Op::Compensate,
+        Op::CanCommit,
+        Op::PreCommit,
+        Op::DoCommit,
+        Op::Abort,
     ];
 
     /// The name on the wire (gRPC field, HTTP header, URL path segment).
@@ -204,6 +217,10 @@ impl Op {
             Op::Cancel => ops::CANCEL,
             Op::Action => ops::ACTION,
             Op::Compensate => ops::COMPENSATE,
+            Op::CanCommit => ops::CAN_COMMIT,
+            Op::PreCommit => ops::PRE_COMMIT,
+            Op::DoCommit => ops::DO_COMMIT,
+            Op::Abort => ops::ABORT,
         }
     }
 

@@ -18,6 +18,7 @@ pub mod app_driven;
 pub mod retry;
 pub mod saga;
 pub mod tcc;
+pub mod three_pc;
 pub mod two_pc;
 pub mod xa;
 
@@ -87,7 +88,8 @@ pub fn rules(protocol: Protocol) -> Option<&'static dyn Rules> {
         Protocol::Xa => Some(&xa::XA),
         Protocol::Tcc => Some(&tcc::TCC),
         Protocol::Saga => Some(&saga::Saga),
-        Protocol::ThreePc | Protocol::Msg => None,
+        Protocol::ThreePc => Some(&three_pc::ThreePc),
+        Protocol::Msg => None,
     }
 }
 
@@ -276,7 +278,7 @@ pub fn on_abort(
         return Err(unsupported(tx, "abort"));
     }
     match tx.state {
-        TxState::Active | TxState::Preparing => {
+        TxState::Active | TxState::Preparing | TxState::PreCommitting => {
             let reason = if reason.is_empty() {
                 "aborted by the application".to_string()
             } else {
@@ -547,10 +549,9 @@ fn commit_app_driven(
             Ok(true)
         }
         TxState::Committing | TxState::Committed => Ok(false),
-        TxState::Preparing | TxState::Aborting | TxState::Aborted => Err(invalid_state(
-            tx,
-            format!("cannot commit: it was aborted ({})", tx.error),
-        )),
+        TxState::Preparing | TxState::PreCommitting | TxState::Aborting | TxState::Aborted => Err(
+            invalid_state(tx, format!("cannot commit: it was aborted ({})", tx.error)),
+        ),
     }
 }
 
@@ -662,9 +663,11 @@ pub(crate) mod tests {
 
     #[test]
     fn sagas_and_unimplemented_protocols_refuse_branch_commands() {
-        let mut t = tx(Protocol::ThreePc);
+        let mut t = tx(Protocol::Msg);
         assert!(on_register(&mut t, spec(Protocol::Xa, "b"), 1).is_err());
         assert!(on_commit(&mut t, at(2), 2).is_err());
+        let mut t = tx(Protocol::Saga);
+        assert!(on_register(&mut t, spec(Protocol::Xa, "b"), 1).is_err());
     }
 
     #[test]
@@ -867,6 +870,74 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn three_pc_every_row_of_its_table_is_reached_and_nothing_else() {
+        let p = Protocol::ThreePc;
+        let (can, pre, commit, abort) = (Op::CanCommit, Op::PreCommit, Op::DoCommit, Op::Abort);
+        let mut runs = [
+            with(p, &[]),
+            with(p, &[]),
+            with(p, &[]),
+            with(p, &["a", "b"]),
+            with(p, &["a", "b"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+            with(p, &["a"]),
+        ];
+        runs[0].commit();
+        runs[1].abort();
+        runs[2].time_out();
+        runs[3]
+            .commit()
+            .answer("a", can, down())
+            .answer("a", can, yes())
+            .answer("b", can, yes())
+            .answer("a", pre, down())
+            .answer("a", pre, yes())
+            .answer("b", pre, yes())
+            .answer("a", commit, no())
+            .answer("a", commit, down())
+            .answer("a", commit, yes())
+            .answer("b", commit, yes());
+        runs[4]
+            .commit()
+            .answer("a", can, no())
+            .answer("a", abort, no())
+            .answer("a", abort, down())
+            .answer("a", abort, yes())
+            .answer("b", abort, yes());
+        runs[5]
+            .commit()
+            .answer("a", can, down())
+            .answer("a", can, down())
+            .answer("a", can, down());
+        runs[6].commit().abort();
+        runs[7].commit().time_out();
+        runs[8].abort();
+        runs[9].time_out();
+        runs[10]
+            .commit()
+            .answer("a", can, yes())
+            .answer("a", pre, no());
+        runs[11]
+            .commit()
+            .answer("a", can, yes())
+            .answer("a", pre, down())
+            .answer("a", pre, down())
+            .answer("a", pre, down());
+        runs[12].commit().answer("a", can, yes()).abort();
+        let mut timed_out = with(p, &["a"]);
+        timed_out.commit().answer("a", can, yes()).time_out();
+        let mut all: Vec<&Recorder> = runs.iter().collect();
+        all.push(&timed_out);
+        assert_table_matches(p, &all);
+    }
+
+    #[test]
     fn xa_every_row_of_its_table_is_reached_and_nothing_else() {
         app_driven_table_is_reached(Protocol::Xa, Op::Commit, Op::Rollback);
     }
@@ -922,6 +993,6 @@ pub(crate) mod tests {
         for p in Protocol::ALL {
             assert_eq!(is_implemented(p), rules(p).is_some());
         }
-        assert!(!is_implemented(Protocol::ThreePc) && !is_implemented(Protocol::Msg));
+        assert!(is_implemented(Protocol::ThreePc) && !is_implemented(Protocol::Msg));
     }
 }

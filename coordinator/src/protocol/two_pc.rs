@@ -117,7 +117,9 @@ fn on_commit(tx: &mut Transaction, ctx: ApplyContext, now_ms: i64) -> Result<Cha
             };
             Ok(true)
         }
-        TxState::Preparing | TxState::Committing | TxState::Committed => Ok(false),
+        TxState::Preparing | TxState::PreCommitting | TxState::Committing | TxState::Committed => {
+            Ok(false)
+        }
         TxState::Aborting | TxState::Aborted => Err(invalid_state(
             tx,
             format!("cannot commit: it was aborted ({})", tx.error),

@@ -163,8 +163,8 @@ impl Transactions {
     }
 
     /// Asks to commit. With `wait`, answers once the transaction ended (or
-    /// `timeout` passed); a 2PC commit answers at least with the decision
-    /// (the votes decide it), within `timeout`.
+    /// `timeout` passed); a 2PC or 3PC commit answers at least with the
+    /// decision (the votes decide it), within `timeout`.
     pub async fn commit(
         &self,
         gid: String,
@@ -186,7 +186,7 @@ impl Transactions {
         )));
         if wait {
             wait_until(&watch, tx, timeout, |t| t.state.is_terminal()).await
-        } else if tx.protocol == Protocol::TwoPc {
+        } else if matches!(tx.protocol, Protocol::TwoPc | Protocol::ThreePc) {
             wait_until(&watch, tx, timeout, Transaction::is_decided).await
         } else {
             Ok(tx)
@@ -223,6 +223,25 @@ impl Transactions {
         view.get(gid).ok_or_else(|| ServiceError::NotFound {
             gid: gid.to_string(),
         })
+    }
+
+    /// The termination protocol's question (a participant in doubt): the
+    /// transaction as of a linearizable read — and if it is undecided and
+    /// its deadline has passed on this leader's clock, a Timeout is
+    /// proposed first, so the question itself brings the decision (abort)
+    /// instead of waiting for the driver's next look.
+    pub async fn resolve(&self, gid: &str) -> Result<Arc<Transaction>> {
+        let tx = self.get(gid).await?;
+        let now_ms = self.clock.now_ms();
+        if tx.is_decided() || now_ms < tx.deadline_ms {
+            return Ok(tx);
+        }
+        self.replica.ensure_leader()?;
+        self.update(Command::Timeout {
+            gid: gid.to_string(),
+            now_ms,
+        })
+        .await
     }
 
     /// A page of transactions in gid order, as of a linearizable read.

@@ -46,6 +46,18 @@ pub(crate) fn check(world: &World) -> Vec<String> {
                 ));
             }
         }
+        // Commit only once every branch went forward (prepared, tried,
+        // pre-committed): no branch commits before the last one is ready.
+        if !saga && let Some(first_commit) = recs.iter().filter_map(|(_, r)| r.committed_at).min() {
+            for (b, rec) in recs {
+                if rec.forward_at.is_none_or(|f| f > first_commit) {
+                    v.push(format!(
+                        "atomicity: {gid}: a branch committed at {first_commit} before branch {b} was ready ({:?})",
+                        rec.forward_at
+                    ));
+                }
+            }
+        }
         // Commit point first: every phase-two call names an entry that was
         // committed before the call arrived — the transaction's decision.
         let decision = tx.and_then(|t| t.decision.as_ref());

@@ -92,6 +92,8 @@ pub struct Report {
     pub snapshots_installed: usize,
     /// Nodes that crashed in the middle of a log write.
     pub torn_writes: usize,
+    /// (committed, aborted) per protocol.
+    pub by_protocol: BTreeMap<Protocol, (usize, usize)>,
     pub faults: Vec<String>,
 }
 
@@ -652,8 +654,13 @@ impl World {
     fn make_clients(&mut self) {
         let n = self.opts.clients;
         for c in 0..n {
-            let protocol = [Protocol::TwoPc, Protocol::Xa, Protocol::Tcc, Protocol::Saga]
-                [self.rng.random_range(0..4)];
+            let protocol = [
+                Protocol::TwoPc,
+                Protocol::Xa,
+                Protocol::Tcc,
+                Protocol::Saga,
+                Protocol::ThreePc,
+            ][self.rng.random_range(0..5)];
             let gid = format!("g{c}");
             let options = TxOptions {
                 timeout_ms: self.rng.random_range(1_000..=4_000),
@@ -688,13 +695,11 @@ impl World {
                 }
             };
             match protocol {
-                Protocol::TwoPc => {
+                Protocol::TwoPc | Protocol::ThreePc => {
+                    let (ops, _) = crate::protocol::branch_ops(protocol);
                     steps.push(Step::Propose(begin(0)));
                     for b in 0..branches {
-                        steps.push(Step::Propose(register(
-                            b,
-                            &[Op::Prepare, Op::Commit, Op::Rollback],
-                        )));
+                        steps.push(Step::Propose(register(b, ops)));
                     }
                     steps.push(Step::Decide);
                 }
@@ -747,7 +752,7 @@ impl World {
                         now_ms: 0,
                     }));
                 }
-                Protocol::ThreePc | Protocol::Msg => unreachable!("not drawn"),
+                Protocol::Msg => unreachable!("not drawn"),
             }
             let start = self.rng.random_range(0..2_000);
             let target = self.rng.random_range(1..=self.opts.nodes);
@@ -870,9 +875,16 @@ impl World {
         for c in &self.clients {
             if let Some(tx) = sm.get(&c.gid) {
                 report.txs += 1;
+                let counts = report.by_protocol.entry(tx.protocol).or_default();
                 match tx.state {
-                    crate::model::types::TxState::Committed => report.committed += 1,
-                    crate::model::types::TxState::Aborted => report.aborted += 1,
+                    crate::model::types::TxState::Committed => {
+                        report.committed += 1;
+                        counts.0 += 1;
+                    }
+                    crate::model::types::TxState::Aborted => {
+                        report.aborted += 1;
+                        counts.1 += 1;
+                    }
                     _ => {}
                 }
             }
@@ -1603,7 +1615,7 @@ impl World {
                 let gid = client.gid.clone();
                 let draw = self.rng.random_range(0..100);
                 let command = match (client.protocol, client.app_failed, draw) {
-                    (Protocol::TwoPc, _, 0..90) | (_, false, 0..80) => {
+                    (Protocol::TwoPc | Protocol::ThreePc, _, 0..90) | (_, false, 0..80) => {
                         Command::Commit { gid, now_ms: 0 }
                     }
                     (_, _, 0..95) => Command::Abort {

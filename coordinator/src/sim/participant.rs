@@ -45,12 +45,14 @@ pub struct Participant {
     pub down_until: i64,
 }
 
+/// The op that takes effect (a 3PC branch's vote, `can_commit`, does not:
+/// its `pre_commit` does).
 fn is_forward(op: Op) -> bool {
-    matches!(op, Op::Prepare | Op::Try | Op::Action)
+    matches!(op, Op::Prepare | Op::Try | Op::Action | Op::PreCommit)
 }
 
 fn is_undo(op: Op) -> bool {
-    matches!(op, Op::Rollback | Op::Cancel | Op::Compensate)
+    matches!(op, Op::Rollback | Op::Cancel | Op::Compensate | Op::Abort)
 }
 
 impl Participant {
@@ -85,6 +87,22 @@ impl Participant {
             .branches
             .entry((gid.to_string(), branch_id.to_string()))
             .or_default();
+        if op == Op::CanCommit {
+            if rec.undone_at.is_some() {
+                return Some(Answer::No("already undone".into()));
+            }
+            let vote = *rec.vote.get_or_insert(yes);
+            return Some(if vote {
+                Answer::Ok
+            } else {
+                Answer::No("cannot commit".into())
+            });
+        }
+        if op == Op::PreCommit && rec.vote != Some(true) {
+            rec.violations
+                .push(format!("pre_commit at {now} without a yes vote"));
+            return Some(Answer::No("never voted yes".into()));
+        }
         if is_forward(op) {
             if rec.undone_at.is_some() {
                 // The tombstone: a late forward op never takes effect.

@@ -516,9 +516,27 @@ impl Client {
     }
 
     pub async fn get(&self, gid: &str) -> Result<pb::Transaction, Error> {
-        let request = pb::GetRequest {
+        self.get_with(pb::GetRequest {
             gid: gid.to_string(),
-        };
+            resolve: false,
+        })
+        .await
+    }
+
+    /// The termination protocol's question, for a participant in doubt (a
+    /// 3PC branch that voted or pre-committed and heard nothing): the
+    /// transaction as the cluster has it — and if it is undecided past its
+    /// deadline, the question itself decides it (abort). A participant acts
+    /// on a decision it reads here, never on its own guess.
+    pub async fn resolve(&self, gid: &str) -> Result<pb::Transaction, Error> {
+        self.get_with(pb::GetRequest {
+            gid: gid.to_string(),
+            resolve: true,
+        })
+        .await
+    }
+
+    async fn get_with(&self, request: pb::GetRequest) -> Result<pb::Transaction, Error> {
         let response = self
             .call(|ch| {
                 let request = request.clone();
@@ -542,6 +560,7 @@ impl Client {
         let endpoint = normalize(endpoint)?;
         let request = pb::GetRequest {
             gid: gid.to_string(),
+            resolve: false,
         };
         coordinator(self.channel(&endpoint))
             .get(request)

@@ -8,8 +8,9 @@
 //! reaches the handler, the server
 //! * refuses it if its fencing token is older than one already accepted for
 //!   the gid (a deposed coordinator leader's late call);
-//! * refuses a prepare, try or action that arrives after the rollback,
-//!   cancel or compensation of its branch (the tombstone);
+//! * refuses a prepare, try, action, can-commit or pre-commit that arrives
+//!   after the rollback, cancel, compensation or abort of its branch (the
+//!   tombstone);
 //! * serializes calls of one branch, so a rollback never runs beside the
 //!   prepare it undoes.
 //!
@@ -19,13 +20,17 @@
 
 mod roles;
 mod server;
+mod termination;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-pub use roles::{Saga, SagaStep, Tcc, TccResource, TwoPhase, TwoPhaseResource};
+pub use roles::{
+    Saga, SagaStep, Tcc, TccResource, ThreePhase, ThreePhaseResource, TwoPhase, TwoPhaseResource,
+};
 pub use server::{ParticipantServer, serve};
+pub use termination::{TerminationReport, spawn_termination, terminate};
 
 /// The operations a participant can receive, the headers that carry a
 /// call's identity, and the fencing token: the wire vocabulary the
@@ -76,11 +81,17 @@ pub trait Handler: Send + Sync + 'static {
 /// Operations that undo a branch: after one of them, the branch's forward
 /// operation is refused.
 fn is_undo(op: &str) -> bool {
-    matches!(op, ops::ROLLBACK | ops::CANCEL | ops::COMPENSATE)
+    matches!(
+        op,
+        ops::ROLLBACK | ops::CANCEL | ops::COMPENSATE | ops::ABORT
+    )
 }
 
 fn is_forward(op: &str) -> bool {
-    matches!(op, ops::PREPARE | ops::TRY | ops::ACTION)
+    matches!(
+        op,
+        ops::PREPARE | ops::TRY | ops::ACTION | ops::CAN_COMMIT | ops::PRE_COMMIT
+    )
 }
 
 /// Fencing tokens and tombstones seen per gid, and one lock per branch.

@@ -40,6 +40,60 @@ impl<R: TwoPhaseResource> Handler for TwoPhase<R> {
     }
 }
 
+/// A 3PC resource. The coordinator calls `can_commit` (a vote: could this
+/// branch commit? answer [`BranchError::Failure`] for no), then
+/// `pre_commit` (make the change ready and durable but not visible — what
+/// a prepare is elsewhere), then, once the cluster has decided, `do_commit`;
+/// or `abort`, at any point before. `abort` must succeed for a branch that
+/// never pre-committed (the server then refuses a late pre-commit);
+/// `do_commit` and `abort` must be idempotent.
+///
+/// A branch in doubt — it voted or pre-committed, and heard nothing — must
+/// never decide alone (that is classic 3PC's flaw: under a partition one
+/// side commits by timeout while the other aborts). [`in_doubt`] lists such
+/// branches, and the termination task ([`super::terminate`]) asks the
+/// cluster for each one's outcome and applies it.
+///
+/// [`in_doubt`]: ThreePhaseResource::in_doubt
+pub trait ThreePhaseResource: Send + Sync + 'static {
+    fn can_commit(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), BranchError>> + Send;
+    fn pre_commit(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), BranchError>> + Send;
+    fn do_commit(
+        &self,
+        ctx: &BranchContext,
+    ) -> impl Future<Output = Result<(), BranchError>> + Send;
+    fn abort(&self, ctx: &BranchContext) -> impl Future<Output = Result<(), BranchError>> + Send;
+    /// The branches this resource holds in doubt — pre-committed, neither
+    /// committed nor aborted — as (gid, branch id).
+    fn in_doubt(&self) -> impl Future<Output = Result<Vec<(String, String)>, BranchError>> + Send;
+}
+
+/// Serves a [`ThreePhaseResource`]: can_commit, pre_commit, do_commit, abort.
+pub struct ThreePhase<R>(pub R);
+
+impl<R: ThreePhaseResource> Handler for ThreePhase<R> {
+    async fn handle(&self, request: BranchRequest) -> Result<(), BranchError> {
+        let ctx = &request.ctx;
+        match ctx.op.as_str() {
+            ops::CAN_COMMIT => self.0.can_commit(ctx, &request.payload).await,
+            ops::PRE_COMMIT => self.0.pre_commit(ctx, &request.payload).await,
+            ops::DO_COMMIT => self.0.do_commit(ctx).await,
+            ops::ABORT => self.0.abort(ctx).await,
+            other => Err(BranchError::Failure(format!(
+                "operation {other} is not served by a three-phase resource"
+            ))),
+        }
+    }
+}
+
 /// A TCC participant. The application calls `try_` through the SDK (which
 /// registered the branch first); the coordinator then calls `confirm` or
 /// `cancel`. `cancel` must succeed for a try that never ran (and make sure a
