@@ -7,7 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::Cluster;
-use tandem_examples::{DEFAULT_MYSQL_URL, DEFAULT_PG_URL, quickstart, saga_order, tcc_travel};
+use tandem_examples::{
+    DEFAULT_MYSQL_URL, DEFAULT_PG_URL, quickstart, saga_order, tcc_travel, three_phase,
+};
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -47,6 +49,28 @@ async fn tcc_travel_confirms_or_cancels_every_reservation() {
     assert_eq!(report.violations, 0, "{report:?}");
     assert_eq!(report.confirmed + report.cancelled, 200, "{report:?}");
     assert!(report.confirmed > 0 && report.cancelled > 0, "{report:?}");
+}
+
+/// 3PC orders across PostgreSQL and MariaDB on 3 nodes: each order's two
+/// rows agree with each other and with the coordinator, and the totals
+/// moved by exactly the committed orders (invariants 1 and 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_phase_orders_commit_or_abort_on_both_databases() {
+    let cluster = Cluster::start(3);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let report = three_phase::run(three_phase::Config {
+        endpoints: cluster.endpoints(),
+        orders: 200,
+        concurrency: 16,
+        fail_rate: 0.3,
+        pg_url: DEFAULT_PG_URL.into(),
+        mysql_url: DEFAULT_MYSQL_URL.into(),
+    })
+    .await
+    .expect("three-phase");
+    assert_eq!(report.violations, 0, "{report:?}");
+    assert_eq!(report.committed + report.aborted, 200, "{report:?}");
+    assert!(report.committed > 0 && report.aborted > 0, "{report:?}");
 }
 
 /// The README's first command runs this tour: every protocol the

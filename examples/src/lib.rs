@@ -6,6 +6,7 @@ pub mod quickstart;
 pub mod saga_order;
 pub mod services;
 pub mod tcc_travel;
+pub mod three_phase;
 pub mod xa_bank;
 
 /// The local PostgreSQL and MariaDB the examples use by default.

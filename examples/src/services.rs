@@ -114,3 +114,19 @@ pub async fn settle(client: &Client, gid: &str, timeout: Duration) -> Settled {
     }
     Settled::Unknown
 }
+
+/// `?` placeholders → PostgreSQL's `$1, $2, …`, so one SQL text serves
+/// both databases.
+pub fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push_str(&format!("${n}"));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -18,7 +18,7 @@ use tandem_sdk::barrier::{MySqlBarrier, PgBarrier, SqliteBarrier};
 use tandem_sdk::participant::{BranchContext, BranchError, Tcc, TccResource};
 use tandem_sdk::{Client, proto as pb};
 
-use crate::services::{self, db, payload};
+use crate::services::{self, db, numbered, payload};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -45,21 +45,6 @@ struct Booking {
     run: String,
     amount: i64,
     decline: bool,
-}
-
-/// `?` placeholders → PostgreSQL's `$1, $2, …`.
-fn numbered(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len() + 8);
-    let mut n = 0;
-    for c in sql.chars() {
-        if c == '?' {
-            n += 1;
-            out.push_str(&format!("${n}"));
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A reservation service: `table` holds one row per booking; `charges`
@@ -324,6 +309,9 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
 mod tests {
     #[test]
     fn placeholders_are_numbered_for_postgres() {
-        assert_eq!(super::numbered("a = ? AND b = ?"), "a = $1 AND b = $2");
+        assert_eq!(
+            crate::services::numbered("a = ? AND b = ?"),
+            "a = $1 AND b = $2"
+        );
     }
 }
