@@ -10,8 +10,8 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use tandem_sdk::Step;
 use tandem_sdk::participant::{
-    BranchContext, BranchError, ParticipantServer, Saga, SagaStep, Tcc, TccResource, TwoPhase,
-    TwoPhaseResource,
+    BranchContext, BranchError, ParticipantServer, Saga, SagaStep, Tcc, TccResource, ThreePhase,
+    ThreePhaseResource, TwoPhase, TwoPhaseResource,
 };
 use tandem_sdk::proto as pb;
 
@@ -60,6 +60,14 @@ pub enum BenchCommand {
         #[command(flatten)]
         load: Load,
     },
+    /// Whole 3PC transactions: begin, register two branches on a no-op
+    /// HTTP participant this command serves itself, commit and wait until
+    /// both branches committed (can_commit, pre_commit, do_commit each).
+    #[command(name = "3pc")]
+    ThreePc {
+        #[command(flatten)]
+        load: Load,
+    },
     /// Two-step sequential sagas on a no-op HTTP participant this command
     /// serves itself; each call waits until the saga completed.
     Saga {
@@ -99,6 +107,28 @@ impl TccResource for NoOp {
 
     async fn cancel(&self, _: &BranchContext, _: &[u8]) -> Result<(), BranchError> {
         Ok(())
+    }
+}
+
+impl ThreePhaseResource for NoOp {
+    async fn can_commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), BranchError> {
+        Ok(())
+    }
+
+    async fn pre_commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), BranchError> {
+        Ok(())
+    }
+
+    async fn do_commit(&self, _: &BranchContext) -> Result<(), BranchError> {
+        Ok(())
+    }
+
+    async fn abort(&self, _: &BranchContext) -> Result<(), BranchError> {
+        Ok(())
+    }
+
+    async fn in_doubt(&self) -> Result<Vec<(String, String)>, BranchError> {
+        Ok(Vec::new())
     }
 }
 
@@ -151,36 +181,14 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             .await
         }
         BenchCommand::TwoPc { load } => {
-            let client = load.endpoint.client()?;
             let base = serve_participant(TwoPhase(NoOp)).await?;
-            let ops: Arc<Vec<(String, String)>> = Arc::new(
-                ["prepare", "commit", "rollback"]
-                    .iter()
-                    .map(|op| (op.to_string(), format!("{base}/tandem/{op}")))
-                    .collect(),
-            );
-            load.run("2pc", move || {
-                let (client, ops) = (client.clone(), ops.clone());
-                async move {
-                    let gid = tandem_sdk::new_gid();
-                    client
-                        .begin_with(pb::BeginRequest {
-                            gid: gid.clone(),
-                            protocol: pb::Protocol::TwoPc as i32,
-                            ..Default::default()
-                        })
-                        .await?;
-                    let refs: Vec<(&str, &str)> =
-                        ops.iter().map(|(o, e)| (o.as_str(), e.as_str())).collect();
-                    for branch in ["a", "b"] {
-                        client
-                            .register_branch(&gid, branch, &refs, Vec::new())
-                            .await?;
-                    }
-                    committed(client.commit(&gid, true, Duration::from_secs(30)).await?)
-                }
-            })
-            .await
+            let ops = ["prepare", "commit", "rollback"];
+            coordinator_driven(&load, "2pc", pb::Protocol::TwoPc, &base, &ops).await
+        }
+        BenchCommand::ThreePc { load } => {
+            let base = serve_participant(ThreePhase(NoOp)).await?;
+            let ops = ["can_commit", "pre_commit", "do_commit", "abort"];
+            coordinator_driven(&load, "3pc", pb::Protocol::ThreePc, &base, &ops).await
         }
         BenchCommand::Saga { load } => {
             let client = load.endpoint.client()?;
@@ -214,6 +222,46 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+/// Whole transactions of a protocol the coordinator drives (2PC, 3PC):
+/// begin, two branches on the no-op participant at `base`, commit and wait
+/// until both branches committed.
+async fn coordinator_driven(
+    load: &Load,
+    what: &str,
+    protocol: pb::Protocol,
+    base: &str,
+    ops: &[&str],
+) -> anyhow::Result<()> {
+    let client = load.endpoint.client()?;
+    let ops: Arc<Vec<(String, String)>> = Arc::new(
+        ops.iter()
+            .map(|op| (op.to_string(), format!("{base}/tandem/{op}")))
+            .collect(),
+    );
+    load.run(what, move || {
+        let (client, ops) = (client.clone(), ops.clone());
+        async move {
+            let gid = tandem_sdk::new_gid();
+            client
+                .begin_with(pb::BeginRequest {
+                    gid: gid.clone(),
+                    protocol: protocol as i32,
+                    ..Default::default()
+                })
+                .await?;
+            let refs: Vec<(&str, &str)> =
+                ops.iter().map(|(o, e)| (o.as_str(), e.as_str())).collect();
+            for branch in ["a", "b"] {
+                client
+                    .register_branch(&gid, branch, &refs, Vec::new())
+                    .await?;
+            }
+            committed(client.commit(&gid, true, Duration::from_secs(30)).await?)
+        }
+    })
+    .await
 }
 
 /// A transaction that ended other than committed counts as an error.
