@@ -507,8 +507,9 @@ async fn bad_input_3pc_ops_out_of_place_are_refused_and_change_nothing() {
     assert_eq!(client.get(&three.gid).await.unwrap(), tx);
 }
 
-/// The plain path at scale: 60 transactions, every fifth voted no, on 3
-/// nodes; each ends the same way on both branches.
+/// The plain path at scale, through the SDK's 3PC scope (begin_scope,
+/// enlist, commit): 60 transactions, every fifth voted no, on 3 nodes;
+/// each ends the same way on both branches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn atomicity_60_3pc_transactions_commit_or_abort_on_every_branch() {
     let cluster = Cluster::start(3);
@@ -517,24 +518,19 @@ async fn atomicity_60_3pc_transactions_commit_or_abort_on_every_branch() {
     let client = cluster.client();
     let mut tasks = Vec::new();
     for i in 0..60 {
-        let request = three_pc(30_000);
-        if i % 5 == 4 {
-            a.store.vote_no.lock().unwrap().insert(request.gid.clone());
-        }
-        let (client, ops_a, ops_b) = (client.clone(), a.ops(), b.ops());
+        let (client, base_a, base_b) = (client.clone(), a.base.clone(), b.base.clone());
+        let vote_no = a.store.vote_no.clone();
         tasks.push(tokio::spawn(async move {
-            client.begin_with(request.clone()).await.expect("begin");
-            for (branch, ops) in [("a", ops_a), ("b", ops_b)] {
-                let ops: Vec<(&str, &str)> = ops.iter().map(|(o, e)| (*o, e.as_str())).collect();
-                client
-                    .register_branch(&request.gid, branch, &ops, Vec::new())
-                    .await
-                    .expect("register");
-            }
-            client
-                .commit(&request.gid, true, Duration::from_secs(20))
+            let tx = client
+                .begin_scope(pb::Protocol::ThreePc, pb::TxOptions::default())
                 .await
-                .expect("commit")
+                .expect("begin");
+            if i % 5 == 4 {
+                vote_no.lock().unwrap().insert(tx.gid().to_string());
+            }
+            tx.enlist("a", &base_a, Vec::new()).await.expect("enlist a");
+            tx.enlist("b", &base_b, Vec::new()).await.expect("enlist b");
+            tx.commit().await.expect("commit")
         }));
     }
     let mut txs = Vec::new();

@@ -84,6 +84,19 @@ macro_rules! in_tx {
     };
 }
 
+/// The branch's row, locked for the rest of the local transaction.
+macro_rules! locked_row {
+    ($tx:ident, $q:ident, $service:expr, $ctx:expr) => {
+        sqlx::query(&$q(STATUS_SQL))
+            .bind(&$service.run)
+            .bind(&$ctx.gid)
+            .bind(&$ctx.branch_id)
+            .fetch_optional(&mut *$tx)
+            .await
+            .map_err(db)?
+    };
+}
+
 /// A service: its name (the branch id), its database, the run it belongs
 /// to, and the effect a committed branch applies.
 #[derive(Clone)]
@@ -124,13 +137,7 @@ impl ThreePhaseResource for Service {
         let order: Order = payload(body)?;
         let amount = self.amount(&order);
         in_tx!(&self.db, |tx, q| {
-            let row = sqlx::query(&q(STATUS_SQL))
-                .bind(&self.run)
-                .bind(&ctx.gid)
-                .bind(&ctx.branch_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
+            let row = locked_row!(tx, q, self, ctx);
             match row.map(|r| r.get::<String, _>(0)).as_deref() {
                 None => {
                     sqlx::query(&q(INSERT_SQL))
@@ -154,13 +161,7 @@ impl ThreePhaseResource for Service {
 
     async fn do_commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
         in_tx!(&self.db, |tx, q| {
-            let row = sqlx::query(&q(STATUS_SQL))
-                .bind(&self.run)
-                .bind(&ctx.gid)
-                .bind(&ctx.branch_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
+            let row = locked_row!(tx, q, self, ctx);
             let Some(row) = row else {
                 return Err(BranchError::Failure("never pre-committed".into()));
             };
@@ -191,13 +192,7 @@ impl ThreePhaseResource for Service {
 
     async fn abort(&self, ctx: &BranchContext) -> Result<(), BranchError> {
         in_tx!(&self.db, |tx, q| {
-            let row = sqlx::query(&q(STATUS_SQL))
-                .bind(&self.run)
-                .bind(&ctx.gid)
-                .bind(&ctx.branch_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
+            let row = locked_row!(tx, q, self, ctx);
             match row.map(|r| r.get::<String, _>(0)).as_deref() {
                 None => {
                     // The tombstone: a late pre-commit finds it.

@@ -530,6 +530,88 @@ fn finish_if_done(tx: &mut Transaction, now_ms: i64) {
     }
 }
 
+/// A commit request common to the protocols whose votes the coordinator
+/// collects (2PC, 3PC): no branches decides at once; otherwise voting
+/// starts, its calls carrying this entry's token.
+fn start_voting(
+    tx: &mut Transaction,
+    ctx: ApplyContext,
+    now_ms: i64,
+) -> Result<Changed, Rejection> {
+    match tx.state {
+        TxState::Active if tx.branches.is_empty() => {
+            decide(
+                tx,
+                Outcome::Commit,
+                "no branches to ask".into(),
+                ctx,
+                now_ms,
+            );
+            Ok(true)
+        }
+        TxState::Active => {
+            tx.state = TxState::Preparing;
+            tx.fence = Fence {
+                term: ctx.term,
+                index: ctx.index,
+            };
+            Ok(true)
+        }
+        TxState::Preparing | TxState::PreCommitting | TxState::Committing | TxState::Committed => {
+            Ok(false)
+        }
+        TxState::Aborting | TxState::Aborted => Err(invalid_state(
+            tx,
+            format!("cannot commit: it was aborted ({})", tx.error),
+        )),
+    }
+}
+
+/// A phase-one answer common to 2PC's prepare and 3PC's can-commit and
+/// pre-commit, recorded while `tx` is in the phase: a no, or no answer
+/// after `max_attempts`, decides abort (`what` says what was refused).
+/// Whether every branch has now answered yes to `op`; `None` if the answer
+/// changed nothing.
+fn vote(
+    tx: &mut Transaction,
+    branch_id: &str,
+    op: Op,
+    outcome: &OpOutcome,
+    ctx: ApplyContext,
+    now_ms: i64,
+    what: &str,
+) -> Option<bool> {
+    if !record(tx, branch_id, op, outcome, now_ms) {
+        return None;
+    }
+    let attempts = tx
+        .branch(branch_id)
+        .and_then(|b| b.op(op))
+        .map_or(0, |o| o.attempts);
+    match outcome {
+        OpOutcome::Failed(error) => {
+            let reason = format!("branch {branch_id} {what}: {error}");
+            decide(tx, Outcome::Abort, reason, ctx, now_ms);
+            Some(false)
+        }
+        OpOutcome::Transient(error) | OpOutcome::Retrying { error, .. }
+            if attempts >= tx.options.retry.max_attempts =>
+        {
+            let reason = format!(
+                "branch {branch_id} did not answer {op} after {attempts} attempts: {error}"
+            );
+            decide(tx, Outcome::Abort, reason, ctx, now_ms);
+            Some(false)
+        }
+        OpOutcome::Transient(_) | OpOutcome::Retrying { .. } => Some(false),
+        OpOutcome::Succeeded => Some(
+            tx.branches
+                .iter()
+                .all(|b| b.op(op).is_some_and(|o| o.state == OpState::Succeeded)),
+        ),
+    }
+}
+
 /// A phase-one commit request common to the protocols whose phase one the
 /// application drives (XA, TCC): committing decides at once.
 fn commit_app_driven(

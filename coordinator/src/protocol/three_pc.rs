@@ -16,14 +16,14 @@
 use super::Answer::{No, Unavailable, Yes};
 use super::Event::{Abort, Answer, Commit, Register, Timeout};
 use super::{
-    Call, Changed, Rules, Transition, decide, finish_if_done, invalid_state, pending_calls,
-    phase_two_calls, record, record_phase_two, row,
+    Call, Changed, Rules, Transition, decide, finish_if_done, pending_calls, phase_two_calls,
+    record_phase_two, row, start_voting, vote,
 };
 use crate::model::command::{ApplyContext, OpOutcome, Rejection};
 use crate::model::types::TxState::{
     Aborted, Aborting, Active, Committed, Committing, PreCommitting, Preparing,
 };
-use crate::model::types::{Fence, Op, OpState, Outcome, Transaction, TxState};
+use crate::model::types::{Fence, Op, Outcome, Transaction, TxState};
 
 /// (required, optional) operations of a 3PC branch.
 pub const BRANCH_OPS: (&[Op], &[Op]) = (
@@ -82,31 +82,7 @@ impl Rules for ThreePc {
         ctx: ApplyContext,
         now_ms: i64,
     ) -> Result<Changed, Rejection> {
-        match tx.state {
-            TxState::Active if tx.branches.is_empty() => {
-                decide(
-                    tx,
-                    Outcome::Commit,
-                    "no branches to ask".into(),
-                    ctx,
-                    now_ms,
-                );
-                Ok(true)
-            }
-            TxState::Active => {
-                tx.state = TxState::Preparing;
-                tx.fence = fence(ctx);
-                Ok(true)
-            }
-            TxState::Preparing
-            | TxState::PreCommitting
-            | TxState::Committing
-            | TxState::Committed => Ok(false),
-            TxState::Aborting | TxState::Aborted => Err(invalid_state(
-                tx,
-                format!("cannot commit: it was aborted ({})", tx.error),
-            )),
-        }
+        start_voting(tx, ctx, now_ms)
     }
 
     fn on_result(
@@ -128,49 +104,25 @@ impl Rules for ThreePc {
             // it changes nothing; what follows reaches the branch anyway.
             return Ok(false);
         }
-        if !record(tx, branch_id, op, outcome, now_ms) {
+        let what = match op {
+            Op::CanCommit => "voted no",
+            _ => "refused to pre-commit",
+        };
+        let Some(all) = vote(tx, branch_id, op, outcome, ctx, now_ms, what) else {
             return Ok(false);
-        }
-        let attempts = tx
-            .branch(branch_id)
-            .and_then(|b| b.op(op))
-            .map_or(0, |o| o.attempts);
-        match outcome {
-            OpOutcome::Failed(error) => {
-                let reason = match op {
-                    Op::CanCommit => format!("branch {branch_id} voted no: {error}"),
-                    _ => format!("branch {branch_id} refused to pre-commit: {error}"),
-                };
-                decide(tx, Outcome::Abort, reason, ctx, now_ms);
-            }
-            OpOutcome::Transient(error) | OpOutcome::Retrying { error, .. }
-                if attempts >= tx.options.retry.max_attempts =>
-            {
-                let reason = format!(
-                    "branch {branch_id} did not answer {op} after {attempts} attempts: {error}"
-                );
-                decide(tx, Outcome::Abort, reason, ctx, now_ms);
-            }
-            OpOutcome::Transient(_) | OpOutcome::Retrying { .. } => {}
-            OpOutcome::Succeeded => {
-                let all = tx
-                    .branches
-                    .iter()
-                    .all(|b| b.op(op).is_some_and(|o| o.state == OpState::Succeeded));
-                if all && op == Op::CanCommit {
-                    // Every vote is yes: pre-commits carry this entry's token.
-                    tx.state = TxState::PreCommitting;
-                    tx.fence = fence(ctx);
-                } else if all {
-                    decide(
-                        tx,
-                        Outcome::Commit,
-                        "every branch pre-committed".into(),
-                        ctx,
-                        now_ms,
-                    );
-                }
-            }
+        };
+        if all && op == Op::CanCommit {
+            // Every vote is yes: pre-commits carry this entry's token.
+            tx.state = TxState::PreCommitting;
+            tx.fence = fence(ctx);
+        } else if all {
+            decide(
+                tx,
+                Outcome::Commit,
+                "every branch pre-committed".into(),
+                ctx,
+                now_ms,
+            );
         }
         finish_if_done(tx, now_ms);
         Ok(true)

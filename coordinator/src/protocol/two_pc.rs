@@ -13,12 +13,12 @@
 use super::Answer::{No, Unavailable, Yes};
 use super::Event::{Abort, Answer, Commit, Register, Timeout};
 use super::{
-    Call, Changed, Rules, Transition, decide, finish_if_done, invalid_state, pending_calls,
-    phase_two_calls, record, record_phase_two, row,
+    Call, Changed, Rules, Transition, decide, finish_if_done, pending_calls, phase_two_calls,
+    record_phase_two, row, start_voting, vote,
 };
 use crate::model::command::{ApplyContext, OpOutcome, Rejection};
 use crate::model::types::TxState::{Aborted, Aborting, Active, Committed, Committing, Preparing};
-use crate::model::types::{Fence, Op, OpState, Outcome, Transaction, TxState};
+use crate::model::types::{Op, Outcome, Transaction, TxState};
 
 /// (required, optional) operations of a 2PC branch.
 pub const BRANCH_OPS: (&[Op], &[Op]) = (&[Op::Prepare, Op::Commit, Op::Rollback], &[]);
@@ -63,7 +63,7 @@ impl Rules for TwoPc {
         ctx: ApplyContext,
         now_ms: i64,
     ) -> Result<Changed, Rejection> {
-        on_commit(tx, ctx, now_ms)
+        start_voting(tx, ctx, now_ms)
     }
 
     fn on_result(
@@ -97,36 +97,6 @@ impl Rules for TwoPc {
     }
 }
 
-fn on_commit(tx: &mut Transaction, ctx: ApplyContext, now_ms: i64) -> Result<Changed, Rejection> {
-    match tx.state {
-        TxState::Active if tx.branches.is_empty() => {
-            decide(
-                tx,
-                Outcome::Commit,
-                "no branches to prepare".into(),
-                ctx,
-                now_ms,
-            );
-            Ok(true)
-        }
-        TxState::Active => {
-            tx.state = TxState::Preparing;
-            tx.fence = Fence {
-                term: ctx.term,
-                index: ctx.index,
-            };
-            Ok(true)
-        }
-        TxState::Preparing | TxState::PreCommitting | TxState::Committing | TxState::Committed => {
-            Ok(false)
-        }
-        TxState::Aborting | TxState::Aborted => Err(invalid_state(
-            tx,
-            format!("cannot commit: it was aborted ({})", tx.error),
-        )),
-    }
-}
-
 fn on_result(
     tx: &mut Transaction,
     branch_id: &str,
@@ -143,48 +113,20 @@ fn on_result(
         // two reaches this branch anyway.
         return Ok(false);
     }
-    if !record(tx, branch_id, op, outcome, now_ms) {
+    let Some(all_prepared) = vote(tx, branch_id, op, outcome, ctx, now_ms, "voted no") else {
         return Ok(false);
-    }
-    let max_attempts = tx.options.retry.max_attempts;
-    let prepare = tx
-        .branch(branch_id)
-        .and_then(|b| b.op(Op::Prepare))
-        .cloned()
-        .expect("recorded above");
-    match outcome {
-        OpOutcome::Failed(error) => {
-            let reason = format!("branch {branch_id} voted no: {error}");
-            decide(tx, Outcome::Abort, reason, ctx, now_ms);
-        }
-        OpOutcome::Transient(error) | OpOutcome::Retrying { error, .. }
-            if prepare.attempts >= max_attempts =>
-        {
-            let reason = format!(
-                "branch {branch_id} could not prepare after {} attempts: {error}",
-                prepare.attempts
-            );
-            decide(tx, Outcome::Abort, reason, ctx, now_ms);
-        }
-        OpOutcome::Transient(_) | OpOutcome::Retrying { .. } => {}
-        OpOutcome::Succeeded => {
-            let all_prepared = tx.branches.iter().all(|b| {
-                b.op(Op::Prepare)
-                    .is_some_and(|o| o.state == OpState::Succeeded)
-            });
-            // The bug the simulation must catch (tests/simulation.rs).
-            #[cfg(feature = "inject-bug-commit-on-first-vote")]
-            let all_prepared = all_prepared || tx.branches.len() > 1;
-            if all_prepared {
-                decide(
-                    tx,
-                    Outcome::Commit,
-                    "every branch prepared".into(),
-                    ctx,
-                    now_ms,
-                );
-            }
-        }
+    };
+    // The bug the simulation must catch (tests/simulation.rs).
+    #[cfg(feature = "inject-bug-commit-on-first-vote")]
+    let all_prepared = all_prepared || (outcome == &OpOutcome::Succeeded && tx.branches.len() > 1);
+    if all_prepared {
+        decide(
+            tx,
+            Outcome::Commit,
+            "every branch prepared".into(),
+            ctx,
+            now_ms,
+        );
     }
     finish_if_done(tx, now_ms);
     Ok(true)
@@ -193,9 +135,10 @@ fn on_result(
 #[cfg(test)]
 mod tests {
     use super::super::tests::{at, spec, tx};
-    use super::super::{next, on_abort, on_register, on_result, on_timeout};
+    use super::super::{next, on_abort, on_commit, on_register, on_result, on_timeout};
     use super::*;
     use crate::model::types::Protocol;
+    use crate::model::types::{Fence, OpState};
 
     fn prepared_pair() -> Transaction {
         let mut t = tx(Protocol::TwoPc);
@@ -330,7 +273,7 @@ mod tests {
         }
         assert_eq!(t.state, TxState::Aborting);
         assert!(
-            t.error.contains("could not prepare after 3 attempts"),
+            t.error.contains("did not answer prepare after 3 attempts"),
             "{}",
             t.error
         );
@@ -361,7 +304,7 @@ mod tests {
         );
         assert_eq!(t.state, TxState::Aborting, "3 attempts is the limit");
         assert!(
-            t.error.contains("could not prepare after 3 attempts"),
+            t.error.contains("did not answer prepare after 3 attempts"),
             "{}",
             t.error
         );
@@ -432,16 +375,17 @@ mod tests {
 
     #[test]
     fn commit_and_abort_are_idempotent_and_contradictions_refused() {
+        // The rule itself (`protocol::on_commit` answers a repeat before it).
         let mut t = prepared_pair();
-        assert_eq!(on_commit(&mut t, at(10), 10), Ok(true));
-        assert_eq!(on_commit(&mut t, at(11), 11), Ok(false));
+        assert_eq!(TwoPc.on_commit(&mut t, at(10), 10), Ok(true));
+        assert_eq!(TwoPc.on_commit(&mut t, at(11), 11), Ok(false));
         assert_eq!(
             on_abort(&mut t, "", at(12), 12),
             Ok(true),
             "abort while preparing"
         );
         assert_eq!(on_abort(&mut t, "", at(13), 13), Ok(false));
-        let e = on_commit(&mut t, at(14), 14).unwrap_err();
+        let e = TwoPc.on_commit(&mut t, at(14), 14).unwrap_err();
         assert_eq!(
             e.to_string(),
             "transaction g is aborting: cannot commit: it was aborted (aborted by the application)"

@@ -32,6 +32,9 @@ impl GlobalTx {
     fn coordinator_ops(&self) -> &'static [&'static str] {
         match self.protocol {
             pb::Protocol::TwoPc => &[ops::PREPARE, ops::COMMIT, ops::ROLLBACK],
+            pb::Protocol::ThreePc => {
+                &[ops::CAN_COMMIT, ops::PRE_COMMIT, ops::DO_COMMIT, ops::ABORT]
+            }
             pb::Protocol::Xa => &[ops::COMMIT, ops::ROLLBACK],
             pb::Protocol::Tcc => &[ops::CONFIRM, ops::CANCEL],
             _ => &[],
