@@ -84,8 +84,8 @@ async fn bad_input_is_invalid_argument_naming_the_problem_and_stores_nothing() {
         "{}",
         status.message()
     );
-    // Protocols with no driver yet are refused, not started and left to hang.
-    for (protocol, name) in [(pb::Protocol::ThreePc, "3pc"), (pb::Protocol::Msg, "msg")] {
+    // A protocol with no driver yet is refused, not started and left to hang.
+    for (protocol, name) in [(pb::Protocol::Msg, "msg")] {
         let status = client
             .begin(begin("g-later", protocol as i32, 0))
             .await
