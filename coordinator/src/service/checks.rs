@@ -15,9 +15,14 @@ use crate::protocol;
 /// admission check against the unfinished transactions' budget).
 #[derive(Debug)]
 pub struct Proposal {
-    pub gid: String,
     pub command: Command,
     pub footprint_bytes: usize,
+}
+
+impl Proposal {
+    pub fn gid(&self) -> &str {
+        self.command.gid().unwrap_or_default()
+    }
 }
 
 /// Begin: a valid gid, an implemented protocol, a payload and options
@@ -43,7 +48,6 @@ pub fn begin(limits: &Limits, input: BeginInput, now_ms: i64) -> Result<Proposal
     let footprint_bytes = validate::tx_footprint(gid.len(), input.payload.len(), 0);
     within_tx_bytes(limits, &gid, footprint_bytes)?;
     Ok(Proposal {
-        gid: gid.clone(),
         command: Command::Begin {
             gid,
             protocol,
@@ -115,7 +119,6 @@ pub fn saga(limits: &Limits, input: SagaInput, now_ms: i64) -> Result<Proposal> 
     let footprint_bytes = validate::tx_footprint(gid.len(), input.payload.len(), branches_bytes);
     within_tx_bytes(limits, &gid, footprint_bytes)?;
     Ok(Proposal {
-        gid: gid.clone(),
         command: Command::SubmitSaga {
             gid,
             options,

@@ -139,7 +139,7 @@ impl Transactions {
         let proposal = checks::saga(&self.limits, input, self.clock.now_ms())?;
         self.replica.ensure_leader()?;
         self.check_admission(&proposal)?;
-        let watch = self.replica.watch(&proposal.gid);
+        let watch = self.replica.watch(proposal.gid());
         let (tx, created) = match self.replica.propose(proposal.command).await?? {
             Applied::Begun { tx, created } => (tx, created),
             other => {
@@ -289,7 +289,7 @@ impl Transactions {
     /// Refuses a new transaction while the unfinished ones' count or
     /// footprint is at its limit.
     fn check_admission(&self, proposal: &Proposal) -> Result<()> {
-        let (gid, bytes) = (&proposal.gid, proposal.footprint_bytes);
+        let (gid, bytes) = (proposal.gid(), proposal.footprint_bytes);
         let status = self.replica.status();
         if status.active_txs >= self.limits.active_max {
             return Err(ServiceError::Exhausted(format!(
