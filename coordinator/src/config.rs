@@ -13,6 +13,7 @@ use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::branch::broker::BrokerConfig;
 use crate::model::types::RetryPolicy;
 use crate::model::validate::{PAYLOAD_BYTES_HARD_MAX, TX_BYTES_HARD_MAX};
 use crate::raft::NodeConfig;
@@ -120,6 +121,16 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_DEFAULT_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_timeout: Option<String>,
+    /// NATS server that `nats://SUBJECT` message destinations publish to
+    /// (JetStream). [default: nats://127.0.0.1:4222]
+    #[arg(long, env = "TANDEM_NATS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// RabbitMQ that `amqp://EXCHANGE/ROUTING_KEY` message destinations
+    /// publish to. [default: amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[arg(long, env = "TANDEM_AMQP_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_url: Option<String>,
 }
 
 /// Limits and defaults the API applies before anything is proposed.
@@ -169,6 +180,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// How long finished transactions are kept.
     pub retention: Retention,
+    /// Where message destinations on brokers go.
+    pub brokers: BrokerConfig,
 }
 
 /// The one Raft group a node runs today (its key in the log engine).
@@ -288,11 +301,25 @@ impl ServeConfig {
             count_max: args.finished_max.unwrap_or(200_000),
             bytes_max: args.finished_bytes_max.unwrap_or(64 << 20),
         };
+        let defaults = BrokerConfig::default();
+        let brokers = BrokerConfig {
+            nats_url: args.nats_url.unwrap_or(defaults.nats_url),
+            amqp_url: args.amqp_url.unwrap_or(defaults.amqp_url),
+        };
+        for (flag, url, scheme) in [
+            ("--nats-url", &brokers.nats_url, "nats://"),
+            ("--amqp-url", &brokers.amqp_url, "amqp://"),
+        ] {
+            if !url.starts_with(scheme) {
+                return Err(err(format!("{flag} {url:?} must start with {scheme}")));
+            }
+        }
         Ok(ServeConfig {
             listen,
             node,
             limits,
             retention,
+            brokers,
         })
     }
 }

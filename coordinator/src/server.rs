@@ -72,7 +72,7 @@ pub async fn serve(
     let replica = replica(node.clone());
     let driver = Driver::new(
         replica.clone(),
-        Arc::new(BranchCaller::new()),
+        Arc::new(BranchCaller::new(config.brokers.clone())),
         clock.clone(),
     );
     let driver_task = tokio::spawn(driver.run(leader_events));

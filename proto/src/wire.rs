@@ -13,6 +13,16 @@ pub mod headers {
     pub const PROTOCOL: &str = "tandem-protocol";
     pub const FENCE_TERM: &str = "tandem-fence-term";
     pub const FENCE_INDEX: &str = "tandem-fence-index";
+    /// A delivered message's id (`{gid}/{branch_id}`): the same on every
+    /// delivery of it, for consumers to deduplicate on.
+    pub const MESSAGE_ID: &str = "tandem-message-id";
+}
+
+/// A transactional message's id at one destination: stable across
+/// redeliveries, leader changes and restarts (NATS `Nats-Msg-Id`, AMQP
+/// `message_id`, the `tandem-message-id` header).
+pub fn message_id(gid: &str, branch_id: &str) -> String {
+    format!("{gid}/{branch_id}")
 }
 
 /// Operation names: the `op` field, the `tandem-op` header, and the last
@@ -32,10 +42,27 @@ pub mod ops {
     pub const PRE_COMMIT: &str = "pre_commit";
     pub const DO_COMMIT: &str = "do_commit";
     pub const ABORT: &str = "abort";
+    /// Transactional messages: the coordinator asks the producer whether
+    /// its local transaction committed (the check-back), and delivers the
+    /// message to a destination.
+    pub const QUERY_PREPARED: &str = "query_prepared";
+    pub const DELIVER: &str = "deliver";
 
-    pub const ALL: [&str; 12] = [
-        PREPARE, COMMIT, ROLLBACK, TRY, CONFIRM, CANCEL, ACTION, COMPENSATE, CAN_COMMIT,
-        PRE_COMMIT, DO_COMMIT, ABORT,
+    pub const ALL: [&str; 14] = [
+        PREPARE,
+        COMMIT,
+        ROLLBACK,
+        TRY,
+        CONFIRM,
+        CANCEL,
+        ACTION,
+        COMPENSATE,
+        CAN_COMMIT,
+        PRE_COMMIT,
+        DO_COMMIT,
+        ABORT,
+        QUERY_PREPARED,
+        DELIVER,
     ];
 }
 

@@ -7,9 +7,10 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{protocol_from_pb, state_from_pb, tx_to_pb};
 use super::status::{from_service_error, invalid};
+use crate::model::command::DestinationSpec;
 use crate::service::{
-    BeginInput, ListInput, OptionsInput, RegisterInput, RetryInput, SagaInput, StepInput,
-    Transactions, wait_timeout,
+    BeginInput, ListInput, MessageInput, OptionsInput, RegisterInput, RetryInput, SagaInput,
+    StepInput, Transactions, wait_timeout,
 };
 
 pub struct CoordinatorService {
@@ -102,6 +103,37 @@ impl Coordinator for CoordinatorService {
             .await
             .map_err(from_service_error)?;
         Ok(Response::new(pb::SubmitSagaResponse {
+            transaction: Some(tx_to_pb(&tx)),
+            created,
+        }))
+    }
+
+    async fn prepare_message(
+        &self,
+        request: Request<pb::PrepareMessageRequest>,
+    ) -> Result<Response<pb::PrepareMessageResponse>, Status> {
+        let request = request.into_inner();
+        let destinations = request
+            .destinations
+            .into_iter()
+            .map(|d| DestinationSpec {
+                branch_id: d.branch_id,
+                endpoint: d.endpoint,
+                payload: d.payload.into(),
+            })
+            .collect();
+        let (tx, created) = self
+            .service
+            .prepare_message(MessageInput {
+                gid: request.gid,
+                options: options_input(request.options),
+                check_back: request.check_back,
+                destinations,
+                payload: request.payload.into(),
+            })
+            .await
+            .map_err(from_service_error)?;
+        Ok(Response::new(pb::PrepareMessageResponse {
             transaction: Some(tx_to_pb(&tx)),
             created,
         }))

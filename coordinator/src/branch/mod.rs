@@ -1,13 +1,16 @@
 //! Calling participants: `grpc://host:port` (the `tandem.v1.Participant`
 //! service) and `http(s)://…` (POST). Connections are pooled per endpoint;
 //! every call has a deadline and carries the gid, branch, op, protocol and
-//! fencing token.
+//! fencing token; a message delivery also its message id. Messages may
+//! also go to brokers (`nats://`, `amqp://`: [`broker`]).
 //!
 //! Outcomes: HTTP 2xx success, 409 business failure, anything else
 //! transient; gRPC OK success, ABORTED / FAILED_PRECONDITION business
 //! failure, anything else transient. A business failure's message is the
 //! participant's own words (its response body or status message), kept and
 //! shown by Get.
+
+pub mod broker;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -44,11 +47,12 @@ pub struct BranchCall<'a> {
 pub struct BranchCaller {
     http: reqwest::Client,
     grpc: Mutex<HashMap<String, Channel>>,
+    brokers: broker::Brokers,
 }
 
 impl Default for BranchCaller {
     fn default() -> Self {
-        Self::new()
+        Self::new(broker::BrokerConfig::default())
     }
 }
 
@@ -66,7 +70,7 @@ impl BranchTransport for BranchCaller {
 }
 
 impl BranchCaller {
-    pub fn new() -> BranchCaller {
+    pub fn new(brokers: broker::BrokerConfig) -> BranchCaller {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
@@ -76,25 +80,28 @@ impl BranchCaller {
         BranchCaller {
             http,
             grpc: Mutex::new(HashMap::new()),
+            brokers: broker::Brokers::new(brokers),
         }
     }
 
     pub async fn call(&self, call: BranchCall<'_>) -> OpOutcome {
+        let id = || tandem_proto::wire::message_id(call.gid, call.branch_id);
         if let Some(rest) = call.endpoint.strip_prefix("grpc://") {
             self.call_grpc(rest.trim_end_matches('/'), &call).await
+        } else if let Some(subject) = call.endpoint.strip_prefix("nats://") {
+            self.brokers.publish_nats(subject, &id(), &call).await
+        } else if let Some(rest) = call.endpoint.strip_prefix("amqp://") {
+            let (exchange, routing_key) = rest.split_once('/').unwrap_or((rest, ""));
+            self.brokers
+                .publish_amqp(exchange, routing_key, &id(), &call)
+                .await
         } else {
             self.call_http(&call).await
         }
     }
 
     async fn call_http(&self, call: &BranchCall<'_>) -> OpOutcome {
-        let content_type = if serde_json::from_slice::<serde::de::IgnoredAny>(call.payload).is_ok()
-        {
-            "application/json"
-        } else {
-            "application/octet-stream"
-        };
-        let request = self
+        let mut request = self
             .http
             .post(call.endpoint)
             .timeout(call.timeout)
@@ -104,9 +111,14 @@ impl BranchCaller {
             .header(headers::PROTOCOL, call.protocol.name())
             .header(headers::FENCE_TERM, call.fence.term.to_string())
             .header(headers::FENCE_INDEX, call.fence.index.to_string())
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(call.payload.clone());
-        match request.send().await {
+            .header(reqwest::header::CONTENT_TYPE, content_type(call.payload));
+        if call.op == Op::Deliver {
+            request = request.header(
+                headers::MESSAGE_ID,
+                tandem_proto::wire::message_id(call.gid, call.branch_id),
+            );
+        }
+        match request.body(call.payload.clone()).send().await {
             Ok(response) => {
                 let status = response.status();
                 if status.is_success() {
@@ -162,6 +174,15 @@ impl BranchCaller {
             Ok(Err(status)) => grpc_outcome(status.code(), status.message()),
             Err(_) => OpOutcome::Transient(format!("no answer within {:?}", call.timeout)),
         }
+    }
+}
+
+/// A payload's content type: JSON if it parses as JSON.
+fn content_type(payload: &[u8]) -> &'static str {
+    if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
+        "application/json"
+    } else {
+        "application/octet-stream"
     }
 }
 

@@ -71,7 +71,7 @@ pub fn plan(view: &View, now: Instant) -> Plan {
     let tx = view.tx;
     let mut wake_at = now + IDLE_WAKE;
     let mut propose_timeout = false;
-    if !tx.is_decided() {
+    if protocol::times_out(tx) {
         if view.deadline_at <= now {
             propose_timeout = view
                 .timeout_sent_at
@@ -154,7 +154,8 @@ pub fn is_open(tx: &Transaction, key: &(String, Op)) -> bool {
 /// protocol gives up.
 pub fn call_terms(tx: &Transaction, call: &Call) -> (bool, Option<u32>) {
     let phase_two = protocol::is_phase_two(tx, call.op);
-    let limit = (!phase_two).then(|| tx.retry_policy(&call.branch_id).max_attempts);
+    let gives_up = !phase_two && protocol::phase_one_gives_up(tx.protocol);
+    let limit = gives_up.then(|| tx.retry_policy(&call.branch_id).max_attempts);
     (phase_two, limit)
 }
 

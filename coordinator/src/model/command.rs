@@ -67,6 +67,29 @@ pub enum Command {
     /// XA participants put this id in their xids, so that a recovery scan
     /// touches only its own cluster's branches.
     InitCluster { cluster_id: uuid::Uuid },
+    /// Registers a transactional message, prepared: its destinations and
+    /// the producer's check-back. A repeat with the same gid and spec is
+    /// answered with the message already there.
+    PrepareMessage {
+        gid: String,
+        options: TxOptions,
+        check_back: String,
+        destinations: Vec<DestinationSpec>,
+        payload: Payload,
+        now_ms: i64,
+    },
+}
+
+/// A message's destination as prepared: where, and what it receives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationSpec {
+    /// Names the destination within the message; with the gid, the
+    /// message id consumers deduplicate on.
+    pub branch_id: String,
+    /// `http(s)://…`, `grpc://…`, `nats://SUBJECT` or
+    /// `amqp://EXCHANGE/ROUTING_KEY`.
+    pub endpoint: String,
+    pub payload: Payload,
 }
 
 /// A branch as the application registers it.
@@ -123,7 +146,8 @@ impl Command {
             | Command::Commit { gid, .. }
             | Command::Abort { gid, .. }
             | Command::OpResult { gid, .. }
-            | Command::Timeout { gid, .. } => Some(gid),
+            | Command::Timeout { gid, .. }
+            | Command::PrepareMessage { gid, .. } => Some(gid),
             Command::Gc { .. } | Command::InitCluster { .. } => None,
         }
     }

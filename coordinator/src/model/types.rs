@@ -187,10 +187,14 @@ pub enum Op {
     PreCommit,
     DoCommit,
     Abort,
+    /// Messages: the check-back (did the local transaction commit?).
+    QueryPrepared,
+    /// Messages: to one destination.
+    Deliver,
 }
 
 impl Op {
-    pub const ALL: [Op; 12] = [
+    pub const ALL: [Op; 14] = [
         Op::Prepare,
         Op::Commit,
         Op::Rollback,
@@ -203,6 +207,8 @@ impl Op {
         Op::PreCommit,
         Op::DoCommit,
         Op::Abort,
+        Op::QueryPrepared,
+        Op::Deliver,
     ];
 
     /// The name on the wire (gRPC field, HTTP header, URL path segment).
@@ -221,6 +227,8 @@ impl Op {
             Op::PreCommit => ops::PRE_COMMIT,
             Op::DoCommit => ops::DO_COMMIT,
             Op::Abort => ops::ABORT,
+            Op::QueryPrepared => ops::QUERY_PREPARED,
+            Op::Deliver => ops::DELIVER,
         }
     }
 

@@ -157,6 +157,59 @@ pub fn endpoint(gid: &str, endpoint: &str) -> Result<(), InvalidInput> {
     }
 }
 
+/// A broker name (NATS subject, AMQP exchange or routing key) is at most
+/// this long (AMQP's short string is 255 bytes).
+pub const BROKER_NAME_BYTES_MAX: usize = 255;
+
+/// A message destination: a participant endpoint ([`endpoint`]),
+/// `nats://SUBJECT` (a JetStream subject, no wildcards) or
+/// `amqp://EXCHANGE/ROUTING_KEY` (an empty exchange is the default one,
+/// which routes by queue name: `amqp:///QUEUE`).
+pub fn destination(gid: &str, destination: &str) -> Result<(), InvalidInput> {
+    let bad = |why: &str| InvalidInput::Other {
+        gid: gid.to_string(),
+        problem: format!(
+            "destination {destination:?} is malformed: {why} (expected http(s)://HOST[:PORT]/PATH, grpc://HOST:PORT, nats://SUBJECT or amqp://EXCHANGE/ROUTING_KEY)"
+        ),
+    };
+    let name_ok = |name: &str, extra: &[u8]| {
+        name.len() <= BROKER_NAME_BYTES_MAX
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b) || extra.contains(&b))
+    };
+    if let Some(subject) = destination.strip_prefix("nats://") {
+        let tokens_ok = !subject.is_empty() && subject.split('.').all(|t| !t.is_empty());
+        return if !tokens_ok || !name_ok(subject, b"") {
+            Err(bad(
+                "a NATS subject is dot-separated tokens of letters, digits, '-' and '_' (no wildcards)",
+            ))
+        } else {
+            Ok(())
+        };
+    }
+    if let Some(rest) = destination.strip_prefix("amqp://") {
+        let Some((exchange, routing_key)) = rest.split_once('/') else {
+            return Err(bad("an AMQP destination names EXCHANGE/ROUTING_KEY"));
+        };
+        if !name_ok(exchange, b":") {
+            return Err(bad(
+                "an exchange name is letters, digits, '-', '_', '.' and ':'",
+            ));
+        }
+        if routing_key.is_empty() && exchange.is_empty() {
+            return Err(bad("the default exchange needs a routing key (the queue)"));
+        }
+        if !name_ok(routing_key, b"/:#*") {
+            return Err(bad(
+                "a routing key is letters, digits and '-_.:/#*', at most 255 bytes",
+            ));
+        }
+        return Ok(());
+    }
+    endpoint(gid, destination).map_err(|_| bad("not a participant endpoint either"))
+}
+
 pub fn payload(gid: &str, payload: &[u8], max: usize) -> Result<(), InvalidInput> {
     let max = max.min(PAYLOAD_BYTES_HARD_MAX);
     if payload.len() > max {
@@ -223,6 +276,40 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn destinations_accept_endpoints_and_broker_names_and_name_what_is_wrong() {
+        for ok in [
+            "http://127.0.0.1:8080/hook",
+            "grpc://svc:9000",
+            "nats://orders.placed",
+            "nats://a-b_c",
+            "amqp://orders/placed.eu",
+            "amqp:///order-queue",
+            "amqp://amq.topic/x/y",
+            "amqp://fanout/",
+        ] {
+            assert_eq!(destination("g", ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("kafka://topic", "not a participant endpoint"),
+            ("nats://", "dot-separated"),
+            ("nats://orders.*", "no wildcards"),
+            ("nats://orders..x", "dot-separated"),
+            ("nats://a b", "dot-separated"),
+            ("amqp://exchange", "EXCHANGE/ROUTING_KEY"),
+            ("amqp:///", "needs a routing key"),
+            ("amqp://ex change/k", "exchange name"),
+        ] {
+            let e = destination("g8", bad).unwrap_err().to_string();
+            assert!(
+                e.contains(why) && e.starts_with("transaction g8"),
+                "{bad}: {e}"
+            );
+        }
+        let long = format!("nats://{}", "s".repeat(BROKER_NAME_BYTES_MAX + 1));
+        assert!(destination("g", &long).is_err());
     }
 
     #[test]

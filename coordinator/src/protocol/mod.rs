@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 pub mod app_driven;
+pub mod msg;
 pub mod retry;
 pub mod saga;
 pub mod tcc;
@@ -72,6 +73,31 @@ pub trait Rules: Sync {
     /// The operation phase two sends for an outcome (none: nothing to send).
     fn phase_two_op(&self, outcome: Outcome) -> Option<Op>;
 
+    /// The leader saw the deadline pass (`now_ms` at or past it is checked
+    /// here): by default an undecided transaction aborts.
+    fn on_timeout(
+        &self,
+        tx: &mut Transaction,
+        ctx: ApplyContext,
+        now_ms: i64,
+    ) -> Result<Changed, Rejection> {
+        abort_on_timeout(tx, ctx, now_ms)
+    }
+
+    /// Whether a `Timeout` would change the transaction once its deadline
+    /// passed (the driver proposes one only then): by default, while it
+    /// is undecided.
+    fn times_out(&self, tx: &Transaction) -> bool {
+        !tx.is_decided()
+    }
+
+    /// Whether a phase-one op that never answers makes the protocol give up
+    /// after `max_attempts` (a 2PC vote does; a message's check-back is
+    /// asked for ever).
+    fn phase_one_gives_up(&self) -> bool {
+        true
+    }
+
     /// The calls that should be under way now: by default, phase two.
     fn next(&self, tx: &Transaction) -> Vec<Call> {
         phase_two_calls(tx, self)
@@ -89,7 +115,7 @@ pub fn rules(protocol: Protocol) -> Option<&'static dyn Rules> {
         Protocol::Tcc => Some(&tcc::TCC),
         Protocol::Saga => Some(&saga::Saga),
         Protocol::ThreePc => Some(&three_pc::ThreePc),
-        Protocol::Msg => None,
+        Protocol::Msg => Some(&msg::Msg),
     }
 }
 
@@ -295,8 +321,30 @@ pub fn on_abort(
     }
 }
 
-/// Aborts an undecided transaction whose deadline has passed.
+/// The deadline of a transaction passed, as the leader saw it.
 pub fn on_timeout(
+    tx: &mut Transaction,
+    ctx: ApplyContext,
+    now_ms: i64,
+) -> Result<Changed, Rejection> {
+    match rules(tx.protocol) {
+        Some(rules) => rules.on_timeout(tx, ctx, now_ms),
+        None => Err(unsupported(tx, "timeouts")),
+    }
+}
+
+/// Whether the driver should propose a `Timeout` once the deadline passed.
+pub fn times_out(tx: &Transaction) -> bool {
+    rules(tx.protocol).is_some_and(|r| r.times_out(tx))
+}
+
+/// Whether the protocol gives up on a phase-one op after `max_attempts`.
+pub fn phase_one_gives_up(protocol: Protocol) -> bool {
+    rules(protocol).is_none_or(|r| r.phase_one_gives_up())
+}
+
+/// Aborts an undecided transaction whose deadline has passed.
+fn abort_on_timeout(
     tx: &mut Transaction,
     ctx: ApplyContext,
     now_ms: i64,
@@ -744,10 +792,9 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn sagas_and_unimplemented_protocols_refuse_branch_commands() {
+    fn sagas_and_messages_refuse_branch_commands() {
         let mut t = tx(Protocol::Msg);
         assert!(on_register(&mut t, spec(Protocol::Xa, "b"), 1).is_err());
-        assert!(on_commit(&mut t, at(2), 2).is_err());
         let mut t = tx(Protocol::Saga);
         assert!(on_register(&mut t, spec(Protocol::Xa, "b"), 1).is_err());
     }
@@ -1071,10 +1118,49 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn protocols_without_rules_are_not_implemented() {
+    fn msg_every_row_of_its_table_is_reached_and_nothing_else() {
+        let message = || {
+            let mut t = tx(Protocol::Msg);
+            t.branches = msg::branches(
+                "http://producer/tandem/query_prepared".into(),
+                ["a", "b"]
+                    .iter()
+                    .map(|id| crate::model::command::DestinationSpec {
+                        branch_id: id.to_string(),
+                        endpoint: format!("nats://orders.{id}"),
+                        payload: Default::default(),
+                    })
+                    .collect(),
+                0,
+            );
+            Recorder::new(t)
+        };
+        let (query, deliver, cb) = (Op::QueryPrepared, Op::Deliver, msg::CHECK_BACK);
+        let mut runs: Vec<Recorder> = (0..5).map(|_| message()).collect();
+        runs[0]
+            .commit()
+            .answer("a", deliver, yes())
+            .answer("b", deliver, no())
+            .answer("b", deliver, down())
+            .answer("b", deliver, yes());
+        runs[1].abort();
+        runs[2]
+            .time_out()
+            .answer(cb, query, down())
+            .answer(cb, query, yes());
+        runs[3].time_out().answer(cb, query, no());
+        runs[4].time_out().commit();
+        let mut late_abort = message();
+        late_abort.time_out().abort();
+        let mut all: Vec<&Recorder> = runs.iter().collect();
+        all.push(&late_abort);
+        assert_table_matches(Protocol::Msg, &all);
+    }
+
+    #[test]
+    fn every_protocol_has_rules() {
         for p in Protocol::ALL {
-            assert_eq!(is_implemented(p), rules(p).is_some());
+            assert!(is_implemented(p), "{p}");
         }
-        assert!(is_implemented(Protocol::ThreePc) && !is_implemented(Protocol::Msg));
     }
 }

@@ -4,7 +4,9 @@
 //! input never reaches the log; the fuzz targets (`fuzz/`) run them alone
 //! and hold `apply` to accept whatever they let through.
 
-use super::transactions::{BeginInput, OptionsInput, RegisterInput, RetryInput, SagaInput};
+use super::transactions::{
+    BeginInput, MessageInput, OptionsInput, RegisterInput, RetryInput, SagaInput,
+};
 use super::{Result, ServiceError, invalid};
 use crate::config::Limits;
 use crate::model::command::{BranchSpec, SagaStepSpec};
@@ -40,6 +42,11 @@ pub fn begin(limits: &Limits, input: BeginInput, now_ms: i64) -> Result<Proposal
         return Err(ServiceError::Unimplemented(format!(
             "transaction {gid}: protocol {protocol} is not implemented by this coordinator yet; use one of {}",
             implemented_protocol_names()
+        )));
+    }
+    if protocol == Protocol::Msg {
+        return Err(invalid(format!(
+            "transaction {gid}: a message is prepared whole, with its destinations and check-back (PrepareMessage), not begun"
         )));
     }
     validate::payload(&gid, &input.payload, limits.payload_bytes_max)
@@ -123,6 +130,45 @@ pub fn saga(limits: &Limits, input: SagaInput, now_ms: i64) -> Result<Proposal> 
             gid,
             options,
             steps,
+            payload: input.payload,
+            now_ms,
+        },
+        footprint_bytes,
+    })
+}
+
+/// PrepareMessage: Begin's checks, a check-back endpoint, and at least one
+/// destination, each with a unique id, a supported scheme and a payload
+/// within the limit.
+pub fn message(limits: &Limits, input: MessageInput, now_ms: i64) -> Result<Proposal> {
+    let gid = input.gid;
+    validate::gid(&gid).map_err(|e| invalid(e.to_string()))?;
+    validate::payload(&gid, &input.payload, limits.payload_bytes_max)
+        .map_err(|e| invalid(e.to_string()))?;
+    let options = options(limits, &gid, input.options)?;
+    for d in &input.destinations {
+        validate::payload(&gid, &d.payload, limits.payload_bytes_max)
+            .map_err(|e| invalid(format!("{e} (destination {})", d.branch_id)))?;
+    }
+    protocol::msg::validate(&gid, &input.check_back, &input.destinations)
+        .map_err(|e| invalid(e.to_string()))?;
+    let branches_bytes: usize = input
+        .destinations
+        .iter()
+        .map(|d| validate::branch_footprint(d.branch_id.len() + d.endpoint.len(), d.payload.len()))
+        .sum::<usize>()
+        + validate::branch_footprint(
+            protocol::msg::CHECK_BACK.len() + input.check_back.len(),
+            0,
+        );
+    let footprint_bytes = validate::tx_footprint(gid.len(), input.payload.len(), branches_bytes);
+    within_tx_bytes(limits, &gid, footprint_bytes)?;
+    Ok(Proposal {
+        command: Command::PrepareMessage {
+            gid,
+            options,
+            check_back: input.check_back,
+            destinations: input.destinations,
             payload: input.payload,
             now_ms,
         },

@@ -9,7 +9,7 @@ pub mod transactions;
 
 pub use cluster::{ClusterAdmin, ClusterView, MemberStatus, Members};
 pub use transactions::{
-    BeginInput, ListInput, OptionsInput, Page, RegisterInput, RetryInput, SagaInput, StepInput,
+    BeginInput, ListInput, MessageInput, OptionsInput, Page, RegisterInput, RetryInput, SagaInput, StepInput,
     Transactions, wait_timeout,
 };
 

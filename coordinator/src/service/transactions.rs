@@ -11,6 +11,7 @@ use super::checks::{self, Proposal};
 use super::{Result, ServiceError, invalid};
 use crate::clock::Clock;
 use crate::config::Limits;
+use crate::model::command::DestinationSpec;
 use crate::model::{Applied, Command, Protocol, Transaction, TxState, validate};
 use crate::replica::Replica;
 use crate::replica::watch::TxWatch;
@@ -69,6 +70,15 @@ pub struct SagaInput {
     pub concurrent: bool,
     /// Answer once the saga ended (or this long passed).
     pub wait: Option<Duration>,
+}
+
+pub struct MessageInput {
+    pub gid: String,
+    pub options: OptionsInput,
+    /// The producer's check-back endpoint.
+    pub check_back: String,
+    pub destinations: Vec<DestinationSpec>,
+    pub payload: Bytes,
 }
 
 pub struct RegisterInput {
@@ -153,6 +163,21 @@ impl Transactions {
             None => tx,
         };
         Ok((tx, created))
+    }
+
+    /// Prepares a transactional message; `(tx, created)`. Idempotent per
+    /// gid and spec. Nothing is delivered before Submit (or the check-back)
+    /// decides.
+    pub async fn prepare_message(&self, input: MessageInput) -> Result<(Arc<Transaction>, bool)> {
+        let proposal = checks::message(&self.limits, input, self.clock.now_ms())?;
+        self.replica.ensure_leader()?;
+        self.check_admission(&proposal)?;
+        match self.replica.propose(proposal.command).await?? {
+            Applied::Begun { tx, created } => Ok((tx, created)),
+            other => Err(ServiceError::Internal(format!(
+                "unexpected result of PrepareMessage: {other:?}"
+            ))),
+        }
     }
 
     /// Enlists a branch. Idempotent per gid, branch and spec.

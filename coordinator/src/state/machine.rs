@@ -69,10 +69,10 @@ impl StateMachine {
             } => {
                 validate::gid(&gid)?;
                 validate::payload(&gid, &payload, PAYLOAD_BYTES_HARD_MAX)?;
-                if !protocol::is_implemented(protocol) {
+                if !protocol::is_implemented(protocol) || protocol == Protocol::Msg {
                     return Err(Rejection::Invalid(validate::InvalidInput::Other {
                         gid,
-                        problem: format!("protocol {protocol} is not implemented yet"),
+                        problem: format!("protocol {protocol} does not start with Begin"),
                     }));
                 }
                 if let Some(tx) = self.txs.get(&gid) {
@@ -194,6 +194,50 @@ impl StateMachine {
             Command::InitCluster { cluster_id } => {
                 let cluster_id = *self.cluster_id.get_or_insert(cluster_id);
                 Ok(Applied::ClusterId { cluster_id })
+            }
+            Command::PrepareMessage {
+                gid,
+                options,
+                check_back,
+                destinations,
+                payload,
+                now_ms,
+            } => {
+                validate::gid(&gid)?;
+                validate::payload(&gid, &payload, PAYLOAD_BYTES_HARD_MAX)?;
+                for d in &destinations {
+                    validate::payload(&gid, &d.payload, PAYLOAD_BYTES_HARD_MAX)?;
+                }
+                protocol::msg::validate(&gid, &check_back, &destinations)?;
+                if let Some(tx) = self.txs.get(&gid) {
+                    if tx.protocol != Protocol::Msg {
+                        return Err(Rejection::ProtocolMismatch {
+                            gid,
+                            existing: tx.protocol,
+                            requested: Protocol::Msg,
+                        });
+                    }
+                    if !protocol::msg::same(tx, &check_back, &destinations) {
+                        return Err(Rejection::Invalid(validate::InvalidInput::Other {
+                            gid,
+                            problem:
+                                "a message with this gid was already prepared with other destinations or check-back"
+                                    .into(),
+                        }));
+                    }
+                    return Ok(Applied::Begun {
+                        tx: tx.clone(),
+                        created: false,
+                    });
+                }
+                let tx = NewTx {
+                    gid,
+                    protocol: Protocol::Msg,
+                    options,
+                    payload,
+                    branches: protocol::msg::branches(check_back, destinations, now_ms),
+                };
+                self.create(tx, ctx, now_ms)
             }
         }
     }
