@@ -5,6 +5,7 @@
 pub mod quickstart;
 pub mod saga_order;
 pub mod services;
+pub mod sinks;
 pub mod tcc_travel;
 pub mod three_phase;
 pub mod xa_bank;

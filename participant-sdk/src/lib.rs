@@ -6,6 +6,9 @@
 //!   served over gRPC and HTTP with fencing.
 //! * [`barrier`] — the sub-transaction barrier on PostgreSQL, MariaDB/MySQL
 //!   and SQLite (feature `db`).
+//! * [`outbox`] — transactional messages: the business change and a marker
+//!   row in one local transaction, and the check-back that answers from it
+//!   (feature `db`).
 //! * [`xa`] — XA branches on PostgreSQL and MariaDB/MySQL with in-doubt
 //!   recovery (feature `db`).
 //!
@@ -21,11 +24,15 @@
 #[cfg(feature = "db")]
 pub mod barrier;
 pub mod client;
+#[cfg(feature = "db")]
+pub mod outbox;
 pub mod participant;
 #[cfg(feature = "db")]
 pub mod xa;
 
-pub use client::{Client, ClientBuilder, ClusterId, Error, GlobalTx, SagaBuilder, Step, new_gid};
+pub use client::{
+    Client, ClientBuilder, ClusterId, Error, GlobalTx, MessageBuilder, SagaBuilder, Step, new_gid,
+};
 /// The `tandem.v1` wire types.
 pub use tandem_proto::v1 as proto;
 /// The words on the wire besides the messages: headers, op and protocol

@@ -23,8 +23,8 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, OnceCell};
@@ -83,7 +83,9 @@ impl Brokers {
                     .connection_timeout(CONNECT_TIMEOUT)
                     .connect(self.config.nats_url.as_str())
                     .await
-                    .map_err(|e| format!("cannot connect to NATS at {}: {e}", self.config.nats_url))?;
+                    .map_err(|e| {
+                        format!("cannot connect to NATS at {}: {e}", self.config.nats_url)
+                    })?;
                 Ok(async_nats::jetstream::new(client))
             })
             .await
@@ -123,7 +125,8 @@ impl Brokers {
         if !connected {
             amqp.channel = None;
             amqp.connection = None;
-            let connect = Connection::connect(&self.config.amqp_url, ConnectionProperties::default());
+            let connect =
+                Connection::connect(&self.config.amqp_url, ConnectionProperties::default());
             let connection = tokio::time::timeout(CONNECT_TIMEOUT, connect)
                 .await
                 .map_err(|_| format!("no AMQP connection within {CONNECT_TIMEOUT:?}"))?
@@ -161,9 +164,8 @@ impl Brokers {
     ) -> OpOutcome {
         let target = format!("amqp://{exchange}/{routing_key}");
         let publish = async {
-            let short = |s: &str| {
-                ShortString::try_new(s.to_string()).map_err(|e| format!("{s:?}: {e}"))
-            };
+            let short =
+                |s: &str| ShortString::try_new(s.to_string()).map_err(|e| format!("{s:?}: {e}"));
             let channel = self.amqp_channel().await?;
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
@@ -192,9 +194,7 @@ impl Brokers {
                     returned.reply_code, returned.reply_text
                 )),
                 Confirmation::Nack(_) => Err("the broker nacked it".to_string()),
-                Confirmation::NotRequested => {
-                    Err("the channel is not in confirm mode".to_string())
-                }
+                Confirmation::NotRequested => Err("the channel is not in confirm mode".to_string()),
             }
         };
         match tokio::time::timeout(call.timeout, publish).await {

@@ -33,9 +33,7 @@ use super::{
 };
 use crate::model::command::{ApplyContext, DestinationSpec, OpOutcome, Rejection};
 use crate::model::types::TxState::{Aborted, Active, Committed, Committing, Preparing};
-use crate::model::types::{
-    Branch, BranchOp, Fence, Op, OpState, Outcome, Transaction, TxState,
-};
+use crate::model::types::{Branch, BranchOp, Fence, Op, OpState, Outcome, Transaction, TxState};
 use crate::model::validate::{self, BRANCHES_HARD_MAX, InvalidInput};
 
 /// The branch that holds the producer's check-back (a name destinations
@@ -54,7 +52,7 @@ pub const TRANSITIONS: &[Transition] = &[
     row(Preparing, Answer(Op::QueryPrepared, No), Aborted), // rolled back: drop
     row(Preparing, Answer(Op::QueryPrepared, Unavailable), Preparing), // ask again, for ever
     row(Preparing, Commit, Committing), // a late Submit
-    row(Preparing, Abort, Aborted),     // a late Abort
+    row(Preparing, Abort, Aborted),  // a late Abort
     row(Committing, Answer(Op::Deliver, Yes), Committing),
     row(Committing, Answer(Op::Deliver, Yes), Committed),
     row(Committing, Answer(Op::Deliver, No), Committing), // refused: a hazard, retried
@@ -341,7 +339,11 @@ mod tests {
     #[test]
     fn messages_timeout_asks_the_check_back_and_never_gives_up() {
         let mut t = message(1);
-        assert_eq!(on_timeout(&mut t, at(2), 999), Ok(false), "before the deadline");
+        assert_eq!(
+            on_timeout(&mut t, at(2), 999),
+            Ok(false),
+            "before the deadline"
+        );
         assert_eq!(on_timeout(&mut t, at(3), 2_000), Ok(true));
         assert_eq!(t.state, TxState::Preparing);
         assert!(!t.is_decided(), "a timeout decides nothing for a message");
@@ -354,11 +356,25 @@ mod tests {
             };
             on_result(&mut t, CHECK_BACK, Op::QueryPrepared, &answer, at(4), 4).unwrap();
         }
-        assert_eq!(t.state, TxState::Preparing, "far past max_attempts: still asking");
+        assert_eq!(
+            t.state,
+            TxState::Preparing,
+            "far past max_attempts: still asking"
+        );
         let op = t.branch(CHECK_BACK).unwrap().op(Op::QueryPrepared).unwrap();
-        assert_eq!((op.attempts, op.last_error.as_str()), (100, "connection refused"));
-        on_result(&mut t, CHECK_BACK, Op::QueryPrepared, &OpOutcome::Succeeded, at(5), 5)
-            .unwrap();
+        assert_eq!(
+            (op.attempts, op.last_error.as_str()),
+            (100, "connection refused")
+        );
+        on_result(
+            &mut t,
+            CHECK_BACK,
+            Op::QueryPrepared,
+            &OpOutcome::Succeeded,
+            at(5),
+            5,
+        )
+        .unwrap();
         assert_eq!(t.state, TxState::Committing);
         assert_eq!(ops(&t), vec![("d0".into(), Op::Deliver)]);
     }
@@ -396,7 +412,11 @@ mod tests {
             Ok(false)
         );
         assert_eq!(t.state, TxState::Committing);
-        assert_eq!(on_commit(&mut t, at(5), 5), Ok(false), "Submit is idempotent");
+        assert_eq!(
+            on_commit(&mut t, at(5), 5),
+            Ok(false),
+            "Submit is idempotent"
+        );
     }
 
     #[test]
@@ -415,7 +435,9 @@ mod tests {
             (cb, vec![d(CHECK_BACK, "nats://x")], "reserved"),
         ];
         for (check_back, destinations, why) in cases {
-            let e = validate("m1", check_back, &destinations).unwrap_err().to_string();
+            let e = validate("m1", check_back, &destinations)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(why) && e.contains("m1"), "{why}: {e}");
         }
         assert_eq!(validate("m1", cb, &[d("a", "amqp://ex/rk")]), Ok(()));

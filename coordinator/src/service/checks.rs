@@ -157,10 +157,7 @@ pub fn message(limits: &Limits, input: MessageInput, now_ms: i64) -> Result<Prop
         .iter()
         .map(|d| validate::branch_footprint(d.branch_id.len() + d.endpoint.len(), d.payload.len()))
         .sum::<usize>()
-        + validate::branch_footprint(
-            protocol::msg::CHECK_BACK.len() + input.check_back.len(),
-            0,
-        );
+        + validate::branch_footprint(protocol::msg::CHECK_BACK.len() + input.check_back.len(), 0);
     let footprint_bytes = validate::tx_footprint(gid.len(), input.payload.len(), branches_bytes);
     within_tx_bytes(limits, &gid, footprint_bytes)?;
     Ok(Proposal {

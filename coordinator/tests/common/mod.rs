@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod participant;
+pub mod proxy;
 
 use std::future::Future;
 use std::net::TcpListener;

@@ -15,9 +15,11 @@ use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+mod message;
 mod saga;
 mod scope;
 
+pub use message::MessageBuilder;
 pub use saga::{SagaBuilder, Step};
 pub use scope::GlobalTx;
 
