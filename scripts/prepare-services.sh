@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Makes the local services the tests need ready, idempotently: PostgreSQL
 # (with prepared transactions enabled for XA) and MariaDB, each with a `test`
-# database. Safe to run again and again; restarts PostgreSQL only when its
+# database; NATS with JetStream and RabbitMQ (message destinations). Safe to run again and again; restarts PostgreSQL only when its
 # max_prepared_transactions must change.
 set -euo pipefail
 
 log() { printf '[prepare] %s\n' "$*" >&2; }
+
+# Installs Debian packages, refreshing the index once if it is stale.
+install() {
+  apt-get install -y -q "$@" >/dev/null 2>&1 || {
+    apt-get update -q >/dev/null && apt-get install -y -q "$@" >/dev/null
+  }
+}
+
+port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
 psql_root() { psql -h 127.0.0.1 -U postgres -d postgres -qtAX "$@"; }
@@ -13,7 +22,7 @@ psql_root() { psql -h 127.0.0.1 -U postgres -d postgres -qtAX "$@"; }
 start_postgres() {
   if ! command -v pg_ctlcluster >/dev/null; then
     log "installing PostgreSQL"
-    apt-get install -y -q postgresql >/dev/null
+    install postgresql
   fi
   local version
   version=$(ls /etc/postgresql | sort -V | tail -1)
@@ -38,7 +47,7 @@ maria_up() { mariadb -h 127.0.0.1 -uroot -e 'select 1' >/dev/null 2>&1; }
 if ! maria_up; then
   if ! command -v mariadbd >/dev/null; then
     log "installing MariaDB"
-    apt-get install -y -q mariadb-server >/dev/null
+    install mariadb-server
   fi
   start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
   for _ in $(seq 1 60); do maria_up && break; sleep 0.5; done
@@ -46,3 +55,32 @@ if ! maria_up; then
 fi
 mariadb -h 127.0.0.1 -uroot -e 'create database if not exists test'
 log "MariaDB ready"
+
+# NATS: the server's INFO line says whether JetStream is on.
+nats_info() { timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/4222; head -1 <&3' 2>/dev/null; }
+if ! port_open 4222; then
+  if ! command -v nats-server >/dev/null; then
+    log "installing NATS"
+    install nats-server
+  fi
+  mkdir -p /var/lib/nats-server
+  start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  for _ in $(seq 1 60); do port_open 4222 && break; sleep 0.5; done
+fi
+case "$(nats_info)" in
+  *'"jetstream":true'*) log "NATS ready (JetStream on)" ;;
+  *) log "NATS on 127.0.0.1:4222 runs without JetStream; restart it with -js"; exit 1 ;;
+esac
+
+if ! port_open 5672; then
+  if ! command -v rabbitmq-server >/dev/null; then
+    log "installing RabbitMQ"
+    install rabbitmq-server
+  fi
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1 || true
+  for _ in $(seq 1 120); do port_open 5672 && break; sleep 0.5; done
+  port_open 5672 || { log "RabbitMQ did not come up"; exit 1; }
+fi
+log "RabbitMQ ready"

@@ -84,21 +84,19 @@ async fn bad_input_is_invalid_argument_naming_the_problem_and_stores_nothing() {
         "{}",
         status.message()
     );
-    // A protocol with no driver yet is refused, not started and left to hang.
-    for (protocol, name) in [(pb::Protocol::Msg, "msg")] {
-        let status = client
-            .begin(begin("g-later", protocol as i32, 0))
-            .await
-            .expect_err("not implemented yet");
-        assert_eq!(status.code(), Code::Unimplemented, "{}", status.message());
-        assert!(
-            status.message().starts_with(&format!(
-                "transaction g-later: protocol {name} is not implemented"
-            )),
-            "{}",
-            status.message()
-        );
-    }
+    // A message is prepared whole, never begun: refused, no state left.
+    let status = client
+        .begin(begin("g-msg", pb::Protocol::Msg as i32, 0))
+        .await
+        .expect_err("a message is prepared, not begun");
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(
+        status
+            .message()
+            .starts_with("transaction g-msg: a message is prepared whole"),
+        "{}",
+        status.message()
+    );
 
     assert!(
         list_all_from(&endpoint).await.is_empty(),

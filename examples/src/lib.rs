@@ -2,6 +2,7 @@
 //! binary in `src/bin` is a thin command line over a module here, so the
 //! test suite runs exactly what the examples run.
 
+pub mod order_events;
 pub mod quickstart;
 pub mod saga_order;
 pub mod services;

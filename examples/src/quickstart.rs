@@ -1,6 +1,7 @@
 //! The smallest tour of a running coordinator: begin a transaction of each
-//! protocol it drives (and see it refuse the ones it does not drive yet),
-//! repeat a Begin to see it is idempotent, abort them, read one back, list.
+//! protocol (a message is prepared, with its destination, rather than
+//! begun), repeat a Begin to see it is idempotent, abort them, read one
+//! back, list.
 
 use std::time::Duration;
 
@@ -10,9 +11,8 @@ use tandem_sdk::{Client, new_gid, proto as pb};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
+    /// Transactions begun, and the message prepared.
     pub began: usize,
-    /// Protocols Begin refused as not implemented yet.
-    pub refused: Vec<String>,
     pub aborted: usize,
 }
 
@@ -27,29 +27,39 @@ pub async fn run(endpoints: &[String], mut say: impl FnMut(String)) -> anyhow::R
         pb::Protocol::Xa,
         pb::Protocol::TwoPc,
         pb::Protocol::ThreePc,
-        pb::Protocol::Msg,
     ] {
         let name = tandem_sdk::wire::protocols::name(protocol);
         let gid = format!("quickstart-{}", new_gid());
-        match client.begin(&gid, protocol).await {
-            Ok(tx) => {
-                // Begin is idempotent: the same gid again returns the same
-                // transaction.
-                let again = client.begin(&gid, protocol).await?;
-                if tx.created_at_ms != again.created_at_ms {
-                    bail!("a repeated Begin of {gid} made a second transaction");
-                }
-                say(format!("began {gid} ({name})"));
-                report.began += 1;
-                gids.push(gid);
-            }
-            Err(e) if e.code() == Some(tonic::Code::Unimplemented) => {
-                say(format!("{name}: refused, not implemented yet ({e})"));
-                report.refused.push(name.to_string());
-            }
-            Err(e) => return Err(e).with_context(|| format!("Begin {gid} ({name})")),
+        let tx = client
+            .begin(&gid, protocol)
+            .await
+            .with_context(|| format!("Begin {gid} ({name})"))?;
+        // Begin is idempotent: the same gid again returns the same
+        // transaction.
+        let again = client.begin(&gid, protocol).await?;
+        if tx.created_at_ms != again.created_at_ms {
+            bail!("a repeated Begin of {gid} made a second transaction");
         }
+        say(format!("began {gid} ({name})"));
+        report.began += 1;
+        gids.push(gid);
     }
+    // A transactional message is prepared whole; nothing is delivered
+    // until its producer submits it (or its check-back says committed).
+    let message = client
+        .message("http://127.0.0.1:9")
+        .gid(&format!("quickstart-{}", new_gid()))
+        .to(
+            "nats://quickstart.events",
+            br#"{"hello":"tandem"}"#.to_vec(),
+        );
+    message.prepare().await.context("PrepareMessage")?;
+    say(format!(
+        "prepared message {} (msg) to nats://quickstart.events; nothing is delivered before Submit",
+        message.gid_str()
+    ));
+    report.began += 1;
+    gids.push(message.gid_str().to_string());
     let first = client.get(&gids[0]).await?;
     say(format!(
         "read back {} in state {}",

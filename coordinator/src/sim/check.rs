@@ -23,9 +23,29 @@ pub(crate) fn check(world: &World) -> Vec<String> {
     }
     let final_sm = &world.nodes[0].sm;
 
+    // A producer's outbox markers: did a message's local transaction commit?
+    let mut markers: BTreeMap<&str, bool> = BTreeMap::new();
+    for part in &world.parts {
+        for (gid, committed) in &part.markers {
+            markers.insert(gid, *committed);
+        }
+    }
+
     for (gid, recs) in &by_gid {
         let tx = final_sm.get(gid);
         let saga = tx.is_some_and(|t| t.protocol == Protocol::Saga);
+        let msg = tx.is_some_and(|t| t.protocol == Protocol::Msg);
+        // Messages: delivered only if the local transaction committed.
+        if msg && markers.get(gid) != Some(&true) {
+            for (b, rec) in recs {
+                if let Some(at) = rec.committed_at {
+                    v.push(format!(
+                        "messages: {gid}/{b} delivered at {at}, but its local transaction did not commit ({:?})",
+                        markers.get(gid)
+                    ));
+                }
+            }
+        }
         // Fencing: no forward op took effect after its branch was undone.
         for (b, rec) in recs {
             if let (Some(f), Some(u)) = (rec.forward_at, rec.undone_at)
@@ -37,7 +57,7 @@ pub(crate) fn check(world: &World) -> Vec<String> {
             }
         }
         // Atomicity: never one branch committed and another undone.
-        if !saga {
+        if !saga && !msg {
             let committed = recs.iter().find(|(_, r)| r.committed_at.is_some());
             let undone = recs.iter().find(|(_, r)| r.undone_at.is_some());
             if let (Some((c, _)), Some((u, _))) = (committed, undone) {
@@ -48,7 +68,10 @@ pub(crate) fn check(world: &World) -> Vec<String> {
         }
         // Commit only once every branch went forward (prepared, tried,
         // pre-committed): no branch commits before the last one is ready.
-        if !saga && let Some(first_commit) = recs.iter().filter_map(|(_, r)| r.committed_at).min() {
+        if !saga
+            && !msg
+            && let Some(first_commit) = recs.iter().filter_map(|(_, r)| r.committed_at).min()
+        {
             for (b, rec) in recs {
                 if rec.forward_at.is_none_or(|f| f > first_commit) {
                     v.push(format!(
@@ -114,8 +137,21 @@ pub(crate) fn check(world: &World) -> Vec<String> {
         let recs = by_gid.get(gid).map(Vec::as_slice).unwrap_or_default();
         let rec = |b: &str| recs.iter().find(|(id, _)| *id == b).map(|(_, r)| *r);
         let outcome = tx.decision.as_ref().map(|d| d.outcome);
+        if tx.protocol == Protocol::Msg {
+            // Delivered if the local transaction committed: the message
+            // may not end dropped.
+            let committed = markers.get(gid) == Some(&true);
+            if committed && tx.state == TxState::Aborted {
+                v.push(format!(
+                    "messages: {gid}'s local transaction committed, and the message was dropped"
+                ));
+            }
+        }
         for branch in &tx.branches {
             let b = branch.branch_id.as_str();
+            if tx.protocol == Protocol::Msg && b == crate::protocol::msg::CHECK_BACK {
+                continue;
+            }
             let r = rec(b);
             let wrong = match (tx.protocol, tx.state, outcome) {
                 (Protocol::Saga, TxState::Committed, _) => r

@@ -27,7 +27,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::codec;
 use crate::driver::plan::{self, Failing, Key};
-use crate::model::command::{BranchSpec, OpOutcome, SagaStepSpec};
+use crate::model::command::{BranchSpec, DestinationSpec, OpOutcome, SagaStepSpec};
 use crate::model::types::{Fence, Op, Protocol, RetryPolicy, Transaction, TxOptions};
 use crate::model::{Applied, ApplyResult, Command};
 use crate::raft::Replicated;
@@ -376,6 +376,8 @@ enum Step {
         part: usize,
     },
     Decide,
+    /// The application is slow here (a long local transaction).
+    Pause(i64),
 }
 
 struct Client {
@@ -470,6 +472,9 @@ fn raft_config(id: u64) -> raft::Config {
 fn logger() -> slog::Logger {
     slog::Logger::root(slog::Discard, slog::o!())
 }
+
+/// The simulated producer's local transaction, as a client step's branch.
+const OUTBOX: &str = "outbox";
 
 fn endpoint(part: usize) -> String {
     format!("http://p{part}.sim:80/tandem")
@@ -657,7 +662,8 @@ impl World {
                 Protocol::Tcc,
                 Protocol::Saga,
                 Protocol::ThreePc,
-            ][self.rng.random_range(0..5)];
+                Protocol::Msg,
+            ][self.rng.random_range(0..6)];
             let gid = format!("g{c}");
             let options = TxOptions {
                 timeout_ms: self.rng.random_range(1_000..=4_000),
@@ -749,7 +755,39 @@ impl World {
                         now_ms: 0,
                     }));
                 }
-                Protocol::Msg => unreachable!("not drawn"),
+                Protocol::Msg => {
+                    // The producer serves the check-back; each destination
+                    // is another participant.
+                    let producer = c % parts;
+                    let destinations = (0..branches)
+                        .map(|b| DestinationSpec {
+                            branch_id: format!("d{b}"),
+                            endpoint: endpoint((c + b + 1) % parts),
+                            payload: Default::default(),
+                        })
+                        .collect();
+                    steps.push(Step::Propose(Command::PrepareMessage {
+                        gid: gid.clone(),
+                        options,
+                        check_back: endpoint(producer),
+                        destinations,
+                        payload: Default::default(),
+                        now_ms: 0,
+                    }));
+                    // Sometimes the local transaction takes longer than the
+                    // message's timeout: the check-back races it.
+                    if self.rng.random_bool(0.3) {
+                        let slow =
+                            i64::from(options.timeout_ms) + self.rng.random_range(-500..1_500);
+                        steps.push(Step::Pause(slow.max(0)));
+                    }
+                    steps.push(Step::App {
+                        branch_id: OUTBOX.into(),
+                        op: Op::Commit,
+                        part: producer,
+                    });
+                    steps.push(Step::Decide);
+                }
             }
             let start = self.rng.random_range(0..2_000);
             let target = self.rng.random_range(1..=self.opts.nodes);
@@ -1023,7 +1061,11 @@ impl World {
                 branch_id,
                 op,
             } => {
-                let answer = self.participant(part, &gid, &branch_id, op, Fence::default());
+                let answer = if branch_id == OUTBOX {
+                    self.local_commit(part, &gid)
+                } else {
+                    self.participant(part, &gid, &branch_id, op, Fence::default())
+                };
                 self.send(
                     Addr::Part(part),
                     Addr::Client(client),
@@ -1100,6 +1142,16 @@ impl World {
                 }
             }
         }
+    }
+
+    /// A producer's local transaction with its outbox marker.
+    fn local_commit(&mut self, part: usize, gid: &str) -> Option<Answer> {
+        if self.faults.active && self.chance(self.faults.transient) {
+            return Some(Answer::Unavailable);
+        }
+        let yes = !mix(self.seed, &[gid, OUTBOX]).is_multiple_of(10);
+        let now = self.now;
+        self.parts[part].local_commit(now, gid, yes)
     }
 
     fn participant(
@@ -1612,6 +1664,19 @@ impl World {
                 let gid = client.gid.clone();
                 let draw = self.rng.random_range(0..100);
                 let command = match (client.protocol, client.app_failed, draw) {
+                    // A producer submits after its local commit and aborts
+                    // after its local rollback — or dies first, and the
+                    // check-back settles it.
+                    (Protocol::Msg, false, 0..80) => Command::Commit { gid, now_ms: 0 },
+                    (Protocol::Msg, true, 0..80) => Command::Abort {
+                        gid,
+                        reason: "the local transaction rolled back".into(),
+                        now_ms: 0,
+                    },
+                    (Protocol::Msg, _, _) => {
+                        self.clients[c].done = true;
+                        return;
+                    }
                     (Protocol::TwoPc | Protocol::ThreePc, _, 0..90) | (_, false, 0..80) => {
                         Command::Commit { gid, now_ms: 0 }
                     }
@@ -1672,6 +1737,12 @@ impl World {
                 );
             }
             Step::Decide => unreachable!("turned into a proposal above"),
+            Step::Pause(ms) => {
+                self.clients[c].at += 1;
+                let wake = self.client_wake(c);
+                self.at(self.now + ms, wake);
+                return;
+            }
         }
         let wake = self.client_wake(c);
         self.at(self.now + CLIENT_RETRY_MS, wake);
@@ -1739,6 +1810,7 @@ impl World {
             Command::RegisterBranch { .. } => "RegisterBranch",
             Command::Commit { .. } => "Commit",
             Command::Abort { .. } => "Abort",
+            Command::PrepareMessage { .. } => "PrepareMessage",
             _ => "other",
         };
         match result {

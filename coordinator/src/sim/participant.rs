@@ -41,6 +41,10 @@ pub struct BranchRecord {
 pub struct Participant {
     fences: Fences,
     pub branches: BTreeMap<(String, String), BranchRecord>,
+    /// As a message producer: the outbox marker of each message's local
+    /// transaction (true: committed with it; false: the check-back found
+    /// none and wrote "rolled back", so it can never commit).
+    pub markers: BTreeMap<String, bool>,
     /// Down (answers nothing) until this time.
     pub down_until: i64,
 }
@@ -56,6 +60,24 @@ fn is_undo(op: Op) -> bool {
 }
 
 impl Participant {
+    /// A producer's local transaction for message `gid`: the business
+    /// change (`yes`: it succeeds) and the marker, atomically — unless the
+    /// check-back already marked the message rolled back.
+    pub fn local_commit(&mut self, now: i64, gid: &str, yes: bool) -> Option<Answer> {
+        if now < self.down_until {
+            return None;
+        }
+        match self.markers.get(gid) {
+            Some(true) => Some(Answer::Ok),
+            Some(false) => Some(Answer::No("the check-back marked it rolled back".into())),
+            None if yes => {
+                self.markers.insert(gid.to_string(), true);
+                Some(Answer::Ok)
+            }
+            None => Some(Answer::No("the business change failed".into())),
+        }
+    }
+
     /// Handles a call at `now`; `yes` is the business vote the forward op
     /// casts the first time. `None`: the participant is down (no answer).
     pub fn handle(
@@ -87,6 +109,20 @@ impl Participant {
             .branches
             .entry((gid.to_string(), branch_id.to_string()))
             .or_default();
+        if op == Op::QueryPrepared {
+            // Decisive: no marker yet means rolled back, written now.
+            let committed = *self.markers.entry(gid.to_string()).or_insert(false);
+            return Some(if committed {
+                Answer::Ok
+            } else {
+                Answer::No("rolled back".into())
+            });
+        }
+        if op == Op::Deliver {
+            rec.phase_two.push((now, op, fence));
+            rec.committed_at.get_or_insert(now);
+            return Some(Answer::Ok);
+        }
         if op == Op::CanCommit {
             if rec.undone_at.is_some() {
                 return Some(Answer::No("already undone".into()));
