@@ -14,8 +14,9 @@ use tandem_coordinator::config::Limits;
 use tandem_coordinator::model::{ApplyContext, Command, Op, Protocol, Rejection};
 use tandem_coordinator::protocol::{branch_ops, is_implemented};
 use tandem_coordinator::service::checks;
+use tandem_coordinator::model::command::DestinationSpec;
 use tandem_coordinator::service::{
-    BeginInput, OptionsInput, RegisterInput, RetryInput, SagaInput, StepInput,
+    BeginInput, MessageInput, OptionsInput, RegisterInput, RetryInput, SagaInput, StepInput,
 };
 use tandem_coordinator::state::StateMachine;
 
@@ -41,6 +42,14 @@ impl Text<'_> {
         match self {
             Text::Id(n) => Op::ALL[usize::from(*n) % Op::ALL.len()].name().to_string(),
             other => other.id(),
+        }
+    }
+
+    fn destination(&self) -> String {
+        match self {
+            Text::Id(n) if n % 4 == 1 => format!("nats://orders.n{n}"),
+            Text::Id(n) if n % 4 == 3 => format!("amqp://amq.direct/orders-{n}"),
+            other => other.endpoint(),
         }
     }
 
@@ -125,6 +134,13 @@ enum Request<'a> {
         gid: Text<'a>,
         protocol: u8,
         reason: &'a str,
+    },
+    Message {
+        gid: Text<'a>,
+        options: Options,
+        check_back: Text<'a>,
+        destinations: Vec<(Text<'a>, Text<'a>, &'a [u8])>,
+        payload: &'a [u8],
     },
 }
 
@@ -211,6 +227,35 @@ fuzz_target!(|request: Request<'_>| {
                 let mut sm = StateMachine::new(Default::default());
                 if let Err(e) = sm.apply(p.command, ApplyContext { index: 1, term: 1 }) {
                     panic!("a checked saga was refused: {e}");
+                }
+            }
+        }
+        Request::Message {
+            gid,
+            options,
+            check_back,
+            destinations,
+            payload,
+        } => {
+            let input = MessageInput {
+                gid: gid.id(),
+                options: (&options).into(),
+                check_back: check_back.endpoint(),
+                destinations: destinations
+                    .iter()
+                    .map(|(id, to, payload)| DestinationSpec {
+                        branch_id: id.id(),
+                        endpoint: to.destination(),
+                        payload: payload.to_vec().into(),
+                    })
+                    .collect(),
+                payload: payload.to_vec().into(),
+            };
+            if let Ok(p) = checks::message(&limits, input, 1) {
+                assert!(p.footprint_bytes <= limits.tx_bytes_max);
+                let mut sm = StateMachine::new(Default::default());
+                if let Err(e) = sm.apply(p.command, ApplyContext { index: 1, term: 1 }) {
+                    panic!("a checked message was refused: {e}");
                 }
             }
         }
