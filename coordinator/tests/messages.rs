@@ -677,3 +677,66 @@ async fn messages_broker_semantics_jetstream_dedups_by_id_and_an_unroutable_or_s
     rabbit.delete().await;
     nats.delete().await;
 }
+
+/// A destination served over gRPC by the SDK's participant server: the
+/// `deliver` call carries the gid, the destination's id, the payload and the
+/// decision's fencing token, and a repeat is recognisable by them.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_grpc_destination_receives_deliver_with_its_identity() {
+    use std::sync::{Arc, Mutex};
+    use tandem_sdk::participant::{BranchRequest, Handler};
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<BranchRequest>>>);
+    impl Handler for Recorder {
+        async fn handle(&self, request: BranchRequest) -> Result<(), BranchError> {
+            self.0.lock().expect("recorder").push(request);
+            Ok(())
+        }
+    }
+
+    let cluster = Cluster::start(1);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let client = cluster.client();
+    let outbox = outbox().await;
+    let check_back = producer(&outbox).await;
+    let recorder = Recorder::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let grpc = format!("grpc://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        ParticipantServer::new(recorder.clone()),
+        std::future::pending(),
+    ));
+
+    let msg = client
+        .message(&check_back)
+        .to_named("billing", &grpc, b"invoice".to_vec());
+    let gid = msg.gid_str().to_string();
+    outbox
+        .publish(&client, &msg, place_order(&gid, Duration::ZERO, false))
+        .await
+        .expect("publish");
+    let tx = terminal(&client, &gid).await;
+    assert_eq!(state(&tx), pb::TxState::Committed, "{tx:?}");
+    let calls = recorder.0.lock().expect("recorder").clone();
+    assert!(!calls.is_empty());
+    let decision = tx.decision.expect("decided");
+    for call in calls {
+        assert_eq!(
+            (
+                call.ctx.gid.as_str(),
+                call.ctx.branch_id.as_str(),
+                call.ctx.op.as_str()
+            ),
+            (gid.as_str(), "billing", "deliver")
+        );
+        assert_eq!(call.ctx.protocol, "msg");
+        assert_eq!(&call.payload[..], b"invoice");
+        assert_eq!(
+            (call.ctx.fence.term, call.ctx.fence.index),
+            (decision.term, decision.index),
+            "the decision's token"
+        );
+    }
+}

@@ -80,6 +80,13 @@ pub enum BenchCommand {
         #[command(flatten)]
         load: Load,
     },
+    /// Transactional messages to one no-op HTTP destination this command
+    /// serves: prepare, then submit; latency runs from Submit to the
+    /// delivery's arrival at the destination.
+    Msg {
+        #[command(flatten)]
+        load: Load,
+    },
 }
 
 /// A participant that says yes to everything at once.
@@ -160,6 +167,48 @@ async fn serve_participant<H: tandem_sdk::participant::Handler>(
     Ok(base)
 }
 
+/// A producer whose every local transaction committed: the check-back
+/// always says so (the bench submits, so it is asked only after a lost
+/// Submit).
+struct Committed;
+
+impl tandem_sdk::participant::Handler for Committed {
+    async fn handle(&self, _: tandem_sdk::participant::BranchRequest) -> Result<(), BranchError> {
+        Ok(())
+    }
+}
+
+/// Deliveries awaited, by message id.
+type Awaited =
+    Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<Instant>>>>;
+
+/// A no-op HTTP destination that tells whoever awaits a message id that it
+/// arrived; its URL.
+async fn serve_destination(awaited: Awaited) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/deliver", listener.local_addr()?);
+    let app = axum::Router::new().route(
+        "/deliver",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let awaited = awaited.clone();
+            async move {
+                let id = headers
+                    .get(tandem_sdk::wire::headers::MESSAGE_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if let Some(waiter) = awaited.lock().expect("awaited lock").remove(id) {
+                    let _ = waiter.send(Instant::now());
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}
+
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Begin {
@@ -201,6 +250,47 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
                         .step(Step::service("a", &base))
                         .step(Step::service("b", &base));
                     committed(saga.submit_and_wait(Duration::from_secs(30)).await?)
+                }
+            })
+            .await
+        }
+        BenchCommand::Msg { load } => {
+            let client = load.endpoint.client()?;
+            let check_back = serve_participant(Committed).await?;
+            let awaited: Awaited = Arc::default();
+            let destination = serve_destination(awaited.clone()).await?;
+            load.run_from("msg", move || {
+                let (client, awaited) = (client.clone(), awaited.clone());
+                let (check_back, destination) = (check_back.clone(), destination.clone());
+                async move {
+                    let message = client.message(&check_back).to(&destination, Vec::new());
+                    let gid = message.gid_str().to_string();
+                    message.prepare().await?;
+                    let (arrived, arrival) = tokio::sync::oneshot::channel();
+                    let id = tandem_sdk::wire::message_id(&gid, "1");
+                    awaited
+                        .lock()
+                        .expect("awaited lock")
+                        .insert(id.clone(), arrived);
+                    let submitted = Instant::now();
+                    let result = client.submit(&gid).await;
+                    let delivered = match result {
+                        Ok(_) => tokio::time::timeout(Duration::from_secs(30), arrival).await,
+                        Err(e) => {
+                            awaited.lock().expect("awaited lock").remove(&id);
+                            return Err(e);
+                        }
+                    };
+                    match delivered {
+                        Ok(Ok(_)) => Ok(submitted),
+                        _ => {
+                            awaited.lock().expect("awaited lock").remove(&id);
+                            Err(tandem_sdk::Error::Unavailable {
+                                elapsed: Duration::from_secs(30),
+                                last: format!("message {gid} not delivered within 30 s"),
+                            })
+                        }
+                    }
                 }
             })
             .await
@@ -281,8 +371,28 @@ impl Load {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<(), tandem_sdk::Error>> + Send,
     {
+        let op = Arc::new(op);
+        self.run_from(what, move || {
+            let call = op();
+            async move { call.await.map(|()| None::<Instant>) }
+        })
+        .await
+    }
+
+    /// Like [`Load::run`], for calls whose latency starts at an instant
+    /// they return (`Some`) rather than when they began (`None`).
+    async fn run_from<F, Fut, T>(&self, what: &str, op: F) -> anyhow::Result<()>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<T, tandem_sdk::Error>> + Send,
+        T: Into<Option<Instant>>,
+    {
         anyhow::ensure!(self.concurrency > 0, "--concurrency must be at least 1");
         anyhow::ensure!(self.rate != Some(0), "--rate must be at least 1 per second");
+        let op = move || {
+            let call = op();
+            async move { call.await.map(Into::into) }
+        };
         let report = drive(self.concurrency, self.rate, self.warmup, self.duration, op).await;
         report.print(what, self.concurrency, self.rate, self.json);
         Ok(())
@@ -360,7 +470,7 @@ async fn drive<F, Fut>(
 ) -> Report
 where
     F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<(), tandem_sdk::Error>> + Send,
+    Fut: std::future::Future<Output = Result<Option<Instant>, tandem_sdk::Error>> + Send,
 {
     let op = Arc::new(op);
     let start = Instant::now();
@@ -394,8 +504,9 @@ where
                     continue;
                 }
                 match result {
-                    Ok(()) => {
-                        let _ = histogram.record(ended.duration_since(began).as_micros() as u64);
+                    Ok(from) => {
+                        let from = from.unwrap_or(began).max(began);
+                        let _ = histogram.record(ended.duration_since(from).as_micros() as u64);
                     }
                     Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);
