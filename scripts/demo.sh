@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tandem's main job on one machine: a single-node coordinator with its data in
-# ./tandem-data, and an example against it (XA transfers between PostgreSQL
-# and MariaDB). Stops the node on exit.
+# ./tandem-data, and examples against it (orders and their events through
+# transactional messages; XA transfers between PostgreSQL and MariaDB).
+# Stops the node on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/prepare-services.sh
@@ -16,4 +17,5 @@ for _ in $(seq 1 100); do
 done
 ./target/release/tandem cluster status
 ./target/release/quickstart --endpoint 127.0.0.1:7070
+./target/release/order-events --endpoint 127.0.0.1:7070 --orders 200 --fail-rate 0.2
 ./target/release/xa-bank --endpoint 127.0.0.1:7070 --transfers 200 --concurrency 16 --fail-rate 0.1
