@@ -36,6 +36,16 @@ fn transient(e: impl std::fmt::Display) -> BranchError {
     BranchError::Transient(e.to_string())
 }
 
+/// How a local transaction ended.
+pub(crate) enum Local<T> {
+    Committed(T),
+    /// Rolled back (or never begun): the error that made it so.
+    RolledBack(BranchError),
+    /// COMMIT failed on the way (the connection broke): it may have
+    /// committed or not.
+    Unknown(String),
+}
+
 /// What the barrier decided before the business change.
 enum Gate {
     /// Run the business change.
@@ -88,17 +98,24 @@ macro_rules! barrier {
                 let ctx = ctx.clone();
                 // Spawned: a caller that gives up must not cancel it with a
                 // local transaction open on a pooled connection.
-                tokio::spawn(async move { this.run(&ctx, business).await })
+                tokio::spawn(async move { this.run(ctx, business).await })
                     .await
                     .map_err(transient)?
             }
 
-            fn insert<'a>(conn: &'a mut $conn, ctx: &'a BranchContext, op: &'a str, reason: &'a str) -> BoxFuture<'a, Result<bool, BranchError>> {
+            /// Writes the row `(gid, branch_id, op)` with `reason`; whether
+            /// it was not there yet (a concurrent uncommitted insert of the
+            /// same key is waited for).
+            pub(crate) fn insert<'a>(
+                conn: &'a mut $conn,
+                key: (&'a str, &'a str, &'a str),
+                reason: &'a str,
+            ) -> BoxFuture<'a, Result<bool, BranchError>> {
                 Box::pin(async move {
                     let done = sqlx::query($insert)
-                        .bind(&ctx.gid)
-                        .bind(&ctx.branch_id)
-                        .bind(op)
+                        .bind(key.0)
+                        .bind(key.1)
+                        .bind(key.2)
                         .bind(reason)
                         .execute(&mut *conn)
                         .await
@@ -107,13 +124,17 @@ macro_rules! barrier {
                 })
             }
 
-            fn reason<'a>(conn: &'a mut $conn, ctx: &'a BranchContext, op: &'a str) -> BoxFuture<'a, Result<String, BranchError>> {
+            /// The reason of the row `(gid, branch_id, op)`, which exists.
+            pub(crate) fn reason<'a>(
+                conn: &'a mut $conn,
+                key: (&'a str, &'a str, &'a str),
+            ) -> BoxFuture<'a, Result<String, BranchError>> {
                 Box::pin(async move {
                     use sqlx::Row;
                     let row = sqlx::query($select)
-                        .bind(&ctx.gid)
-                        .bind(&ctx.branch_id)
-                        .bind(op)
+                        .bind(key.0)
+                        .bind(key.1)
+                        .bind(key.2)
                         .fetch_one(&mut *conn)
                         .await
                         .map_err(transient)?;
@@ -124,18 +145,19 @@ macro_rules! barrier {
             fn gate<'a>(conn: &'a mut $conn, ctx: &'a BranchContext) -> BoxFuture<'a, Result<Gate, BranchError>> {
                 Box::pin(async move {
                     let op = ctx.op.as_str();
+                    let key = |op| (ctx.gid.as_str(), ctx.branch_id.as_str(), op);
                     if let Some(origin) = origin_of(op) {
-                        if Self::insert(conn, ctx, origin, op).await? {
+                        if Self::insert(conn, key(origin), op).await? {
                             // The forward op never ran: nothing to undo. Its
                             // row is now taken, so it will be refused.
-                            Self::insert(conn, ctx, op, op).await?;
+                            Self::insert(conn, key(op), op).await?;
                             return Ok(Gate::Skip);
                         }
                     }
-                    if Self::insert(conn, ctx, op, op).await? {
+                    if Self::insert(conn, key(op), op).await? {
                         return Ok(Gate::Run);
                     }
-                    let reason = Self::reason(conn, ctx, op).await?;
+                    let reason = Self::reason(conn, key(op)).await?;
                     if reason == op {
                         Ok(Gate::Skip)
                     } else {
@@ -144,29 +166,59 @@ macro_rules! barrier {
                 })
             }
 
-            fn run<'a, F>(&'a self, ctx: &'a BranchContext, business: F) -> BoxFuture<'a, Result<(), BranchError>>
+            async fn run<F>(&self, ctx: BranchContext, business: F) -> Result<(), BranchError>
             where
-                F: for<'c> FnOnce(&'c mut $conn) -> BoxFuture<'c, Result<(), BranchError>> + Send + 'a,
+                F: for<'c> FnOnce(&'c mut $conn) -> BoxFuture<'c, Result<(), BranchError>> + Send + 'static,
+            {
+                let ended = self
+                    .local(move |conn| {
+                        Box::pin(async move {
+                            match Self::gate(conn, &ctx).await? {
+                                Gate::Skip => Ok(()),
+                                Gate::Run => business(conn).await,
+                            }
+                        })
+                    })
+                    .await;
+                match ended {
+                    Local::Committed(()) => Ok(()),
+                    Local::RolledBack(e) => Err(e),
+                    Local::Unknown(e) => Err(BranchError::Transient(e)),
+                }
+            }
+
+            /// Runs `body` in one local transaction on one pooled
+            /// connection: COMMIT if it returns `Ok`, ROLLBACK otherwise. A
+            /// connection whose COMMIT or ROLLBACK failed is never handed
+            /// back to the pool.
+            pub(crate) fn local<'a, T, F>(&'a self, body: F) -> BoxFuture<'a, Local<T>>
+            where
+                T: Send + 'a,
+                F: for<'c> FnOnce(&'c mut $conn) -> BoxFuture<'c, Result<T, BranchError>> + Send + 'a,
             {
                 Box::pin(async move {
-                    let mut conn = self.pool.acquire().await.map_err(transient)?;
-                    sqlx::Executor::execute(&mut *conn, sqlx::raw_sql($begin))
-                        .await
-                        .map_err(transient)?;
-                    let result = async {
-                        match Self::gate(&mut conn, ctx).await? {
-                            Gate::Skip => Ok(()),
-                            Gate::Run => business(&mut conn).await,
+                    let mut conn = match self.pool.acquire().await {
+                        Ok(conn) => conn,
+                        Err(e) => return Local::RolledBack(transient(e)),
+                    };
+                    if let Err(e) = sqlx::Executor::execute(&mut *conn, sqlx::raw_sql($begin)).await {
+                        return Local::RolledBack(transient(e));
+                    }
+                    match body(&mut conn).await {
+                        Ok(value) => match sqlx::Executor::execute(&mut *conn, sqlx::raw_sql("COMMIT")).await {
+                            Ok(_) => Local::Committed(value),
+                            Err(e) => {
+                                let _ = conn.detach();
+                                Local::Unknown(e.to_string())
+                            }
+                        },
+                        Err(e) => {
+                            if sqlx::Executor::execute(&mut *conn, sqlx::raw_sql("ROLLBACK")).await.is_err() {
+                                let _ = conn.detach();
+                            }
+                            Local::RolledBack(e)
                         }
                     }
-                    .await;
-                    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-                    if let Err(e) = sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(end)).await {
-                        // Never hand a connection in an unknown state back.
-                        let _ = conn.detach();
-                        return Err(transient(e));
-                    }
-                    result
                 })
             }
         }

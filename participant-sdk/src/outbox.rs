@@ -28,6 +28,7 @@
 
 use futures::future::BoxFuture;
 
+use crate::barrier::{Local, MySqlBarrier, PgBarrier, SqliteBarrier};
 use crate::client::{Client, Error, MessageBuilder};
 use crate::participant::{BranchError, BranchRequest, Handler, ops};
 
@@ -70,27 +71,25 @@ fn transient(e: impl std::fmt::Display) -> BranchError {
 macro_rules! outbox {
     (
         $(#[$doc:meta])*
-        $name:ident, $pool:ty, $conn:ty, $migrations:literal,
-        begin: $begin:literal,
-        insert: $insert:literal,
-        select: $select:literal
+        $name:ident, $barrier:ty, $pool:ty, $conn:ty
     ) => {
         $(#[$doc])*
         #[derive(Clone)]
         pub struct $name {
-            pool: $pool,
+            barrier: $barrier,
         }
 
         impl $name {
             /// The outbox in the database behind `pool`; applies the
             /// migrations that create the barrier table.
             pub async fn new(pool: $pool) -> Result<Self, sqlx::Error> {
-                sqlx::migrate!($migrations).run(&pool).await?;
-                Ok($name { pool })
+                Ok($name {
+                    barrier: <$barrier>::new(pool).await?,
+                })
             }
 
             pub fn pool(&self) -> &$pool {
-                &self.pool
+                self.barrier.pool()
             }
 
             /// Prepares `message`, runs `business` with the marker row in
@@ -134,65 +133,35 @@ macro_rules! outbox {
             where
                 F: for<'c> FnOnce(&'c mut $conn) -> BoxFuture<'c, Result<(), BranchError>> + Send + 'static,
             {
-                let this = self.clone();
+                let barrier = self.barrier.clone();
                 let gid = gid.to_string();
                 // Spawned: a caller that gives up must not cancel it with a
                 // local transaction open on a pooled connection.
-                tokio::spawn(async move { this.run_local(&gid, business).await })
-                    .await
-                    .map_err(|e| OutboxError::Unknown(e.to_string()))?
-            }
-
-            async fn run_local<F>(&self, gid: &str, business: F) -> Result<(), OutboxError>
-            where
-                F: for<'c> FnOnce(&'c mut $conn) -> BoxFuture<'c, Result<(), BranchError>> + Send,
-            {
-                let rolled_back = |e: BranchError| OutboxError::RolledBack(e);
-                let mut conn = self.pool.acquire().await.map_err(|e| rolled_back(transient(e)))?;
-                sqlx::Executor::execute(&mut *conn, sqlx::raw_sql($begin))
-                    .await
-                    .map_err(|e| rolled_back(transient(e)))?;
-                let result = async {
-                    // First: the marker's key is held from here on, so a
-                    // check-back arriving now waits for this transaction.
-                    if !Self::insert(&mut conn, gid, COMMITTED).await? {
-                        return Err(BranchError::Failure(format!(
-                            "message {gid}: the check-back already marked it rolled back"
-                        )));
-                    }
-                    business(&mut conn).await
-                }
-                .await;
-                match result {
-                    Ok(()) => match sqlx::Executor::execute(&mut *conn, sqlx::raw_sql("COMMIT")).await {
-                        Ok(_) => Ok(()),
-                        Err(e) => {
-                            let _ = conn.detach();
-                            Err(OutboxError::Unknown(e.to_string()))
-                        }
-                    },
-                    Err(e) => {
-                        if sqlx::Executor::execute(&mut *conn, sqlx::raw_sql("ROLLBACK")).await.is_err() {
-                            // Never hand a connection in an unknown state back.
-                            let _ = conn.detach();
-                        }
-                        Err(rolled_back(e))
-                    }
-                }
-            }
-
-            fn insert<'a>(conn: &'a mut $conn, gid: &'a str, reason: &'a str) -> BoxFuture<'a, Result<bool, BranchError>> {
-                Box::pin(async move {
-                    let done = sqlx::query($insert)
-                        .bind(gid)
-                        .bind(MARKER_BRANCH)
-                        .bind(MARKER_OP)
-                        .bind(reason)
-                        .execute(&mut *conn)
+                let ended = tokio::spawn(async move {
+                    barrier
+                        .local(move |conn| {
+                            Box::pin(async move {
+                                // First: the marker's key is held from here on,
+                                // so a check-back arriving now waits for this
+                                // transaction.
+                                let key = (gid.as_str(), MARKER_BRANCH, MARKER_OP);
+                                if !<$barrier>::insert(conn, key, COMMITTED).await? {
+                                    return Err(BranchError::Failure(format!(
+                                        "message {gid}: the check-back already marked it rolled back"
+                                    )));
+                                }
+                                business(conn).await
+                            })
+                        })
                         .await
-                        .map_err(transient)?;
-                    Ok(done.rows_affected() == 1)
                 })
+                .await
+                .map_err(|e| OutboxError::Unknown(e.to_string()))?;
+                match ended {
+                    Local::Committed(()) => Ok(()),
+                    Local::RolledBack(e) => Err(OutboxError::RolledBack(e)),
+                    Local::Unknown(e) => Err(OutboxError::Unknown(e)),
+                }
             }
 
             /// The check-back's answer for `gid`: `Ok` if its local
@@ -200,43 +169,30 @@ macro_rules! outbox {
             /// — and if there is no marker yet, one saying so is written
             /// first, so that it can no longer commit.
             pub async fn check_back(&self, gid: &str) -> Result<(), BranchError> {
-                let this = self.clone();
-                let gid = gid.to_string();
-                tokio::spawn(async move { this.run_check_back(&gid).await })
-                    .await
-                    .map_err(transient)?
-            }
-
-            async fn run_check_back(&self, gid: &str) -> Result<(), BranchError> {
-                let mut conn = self.pool.acquire().await.map_err(transient)?;
-                sqlx::Executor::execute(&mut *conn, sqlx::raw_sql($begin))
-                    .await
-                    .map_err(transient)?;
-                let answer = async {
-                    if Self::insert(&mut conn, gid, ROLLED_BACK).await? {
-                        return Ok(ROLLED_BACK.to_string());
-                    }
-                    use sqlx::Row;
-                    let row = sqlx::query($select)
-                        .bind(gid)
-                        .bind(MARKER_BRANCH)
-                        .bind(MARKER_OP)
-                        .fetch_one(&mut *conn)
+                let barrier = self.barrier.clone();
+                let key_gid = gid.to_string();
+                let ended = tokio::spawn(async move {
+                    barrier
+                        .local(move |conn| {
+                            Box::pin(async move {
+                                let key = (key_gid.as_str(), MARKER_BRANCH, MARKER_OP);
+                                if <$barrier>::insert(conn, key, ROLLED_BACK).await? {
+                                    return Ok(ROLLED_BACK.to_string());
+                                }
+                                <$barrier>::reason(conn, key).await
+                            })
+                        })
                         .await
-                        .map_err(transient)?;
-                    row.try_get::<String, _>(0).map_err(transient)
-                }
-                .await;
-                let end = if answer.is_ok() { "COMMIT" } else { "ROLLBACK" };
-                if let Err(e) = sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(end)).await {
-                    let _ = conn.detach();
-                    return Err(transient(e));
-                }
-                match answer?.as_str() {
-                    COMMITTED => Ok(()),
-                    _ => Err(BranchError::Failure(format!(
+                })
+                .await
+                .map_err(transient)?;
+                match ended {
+                    Local::Committed(reason) if reason == COMMITTED => Ok(()),
+                    Local::Committed(_) => Err(BranchError::Failure(format!(
                         "message {gid}: its local transaction rolled back"
                     ))),
+                    Local::RolledBack(e) => Err(e),
+                    Local::Unknown(e) => Err(transient(e)),
                 }
             }
         }
@@ -257,27 +213,18 @@ macro_rules! outbox {
 }
 
 outbox!(
-    /// The outbox on PostgreSQL (`migrations/postgres`).
-    PgOutbox, sqlx::PgPool, sqlx::PgConnection, "../migrations/postgres",
-    begin: "BEGIN",
-    insert: "INSERT INTO tandem_barrier (gid, branch_id, op, reason) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-    select: "SELECT reason FROM tandem_barrier WHERE gid = $1 AND branch_id = $2 AND op = $3"
+    /// The outbox on PostgreSQL (the barrier table, `migrations/postgres`).
+    PgOutbox, PgBarrier, sqlx::PgPool, sqlx::PgConnection
 );
 
 outbox!(
-    /// The outbox on MariaDB/MySQL (`migrations/mysql`).
-    MySqlOutbox, sqlx::MySqlPool, sqlx::MySqlConnection, "../migrations/mysql",
-    begin: "BEGIN",
-    insert: "INSERT IGNORE INTO tandem_barrier (gid, branch_id, op, reason) VALUES (?, ?, ?, ?)",
-    select: "SELECT reason FROM tandem_barrier WHERE gid = ? AND branch_id = ? AND op = ?"
+    /// The outbox on MariaDB/MySQL (the barrier table, `migrations/mysql`).
+    MySqlOutbox, MySqlBarrier, sqlx::MySqlPool, sqlx::MySqlConnection
 );
 
 outbox!(
-    /// The outbox on SQLite (`migrations/sqlite`): transactions take the
-    /// write lock at once, so a check-back waits for a local transaction in
-    /// flight (the pool's busy timeout).
-    SqliteOutbox, sqlx::SqlitePool, sqlx::SqliteConnection, "../migrations/sqlite",
-    begin: "BEGIN IMMEDIATE",
-    insert: "INSERT OR IGNORE INTO tandem_barrier (gid, branch_id, op, reason) VALUES (?, ?, ?, ?)",
-    select: "SELECT reason FROM tandem_barrier WHERE gid = ? AND branch_id = ? AND op = ?"
+    /// The outbox on SQLite (the barrier table, `migrations/sqlite`):
+    /// transactions take the write lock at once, so a check-back waits for
+    /// a local transaction in flight (the pool's busy timeout).
+    SqliteOutbox, SqliteBarrier, sqlx::SqlitePool, sqlx::SqliteConnection
 );
