@@ -113,6 +113,32 @@ async fn producer(outbox: &PgOutbox) -> String {
     serve_check_back(outbox, listener)
 }
 
+/// One test's world: a cluster with its leader, a client, the three sinks,
+/// the outbox on PostgreSQL and its check-back served.
+struct Run {
+    cluster: Cluster,
+    client: Client,
+    sinks: Sinks,
+    outbox: PgOutbox,
+    check_back: String,
+}
+
+impl Run {
+    async fn start(cluster: Cluster) -> Run {
+        cluster.wait_leader(LEADER_TIMEOUT).await;
+        let client = cluster.client();
+        let outbox = outbox().await;
+        let check_back = producer(&outbox).await;
+        Run {
+            cluster,
+            client,
+            sinks: Sinks::start().await,
+            outbox,
+            check_back,
+        }
+    }
+}
+
 /// The business change: the order row, after `delay`, failing if `fail`.
 fn place_order(
     gid: &str,
@@ -206,12 +232,13 @@ async fn wait_delivered(sinks: &Sinks, taken: &mut Vec<String>, expected: &[BTre
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_producer_dead_after_prepare_is_dropped_after_check_back_and_cannot_commit_late() {
-    let cluster = Cluster::start(1);
-    cluster.wait_leader(LEADER_TIMEOUT).await;
-    let client = cluster.client();
-    let sinks = Sinks::start().await;
-    let outbox = outbox().await;
-    let check_back = producer(&outbox).await;
+    let Run {
+        cluster: _cluster,
+        client,
+        sinks,
+        outbox,
+        check_back,
+    } = Run::start(Cluster::start(1)).await;
 
     let msg = message(&client, &check_back, &sinks, Duration::from_millis(500));
     let gid = msg.gid_str().to_string();
@@ -242,12 +269,13 @@ async fn messages_producer_dead_after_prepare_is_dropped_after_check_back_and_ca
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_producer_dead_after_local_commit_before_submit_is_delivered_after_check_back() {
-    let cluster = Cluster::start(1);
-    cluster.wait_leader(LEADER_TIMEOUT).await;
-    let client = cluster.client();
-    let sinks = Sinks::start().await;
-    let outbox = outbox().await;
-    let check_back = producer(&outbox).await;
+    let Run {
+        cluster: _cluster,
+        client,
+        sinks,
+        outbox,
+        check_back,
+    } = Run::start(Cluster::start(1)).await;
 
     let msg = message(&client, &check_back, &sinks, Duration::from_millis(500));
     let gid = msg.gid_str().to_string();
@@ -272,12 +300,13 @@ async fn messages_producer_dead_after_local_commit_before_submit_is_delivered_af
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_local_transaction_in_flight_at_check_back_ends_exactly_one_way() {
-    let cluster = Cluster::start(1);
-    cluster.wait_leader(LEADER_TIMEOUT).await;
-    let client = cluster.client();
-    let sinks = Sinks::start().await;
-    let outbox = outbox().await;
-    let check_back = producer(&outbox).await;
+    let Run {
+        cluster: _cluster,
+        client,
+        sinks,
+        outbox,
+        check_back,
+    } = Run::start(Cluster::start(1)).await;
 
     // Each local transaction holds its marker while the check-back comes
     // (the message times out after 300 ms; the business takes 2 s), then
@@ -348,11 +377,13 @@ async fn messages_brokers_cut_off_during_delivery_then_back_lose_nothing() {
             ..Options::default()
         },
     );
-    cluster.wait_leader(LEADER_TIMEOUT).await;
-    let client = cluster.client();
-    let sinks = Sinks::start().await;
-    let outbox = outbox().await;
-    let check_back = producer(&outbox).await;
+    let Run {
+        cluster: _cluster,
+        client,
+        sinks,
+        outbox,
+        check_back,
+    } = Run::start(cluster).await;
 
     let publish = |n: usize| {
         let (client, outbox, check_back) = (client.clone(), outbox.clone(), check_back.clone());
@@ -420,12 +451,14 @@ async fn messages_brokers_cut_off_during_delivery_then_back_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_leader_killed_mid_delivery_delivers_all_with_duplicates_only_of_the_same_id() {
-    let mut cluster = Cluster::start(3);
+    let Run {
+        mut cluster,
+        client,
+        sinks,
+        outbox,
+        check_back,
+    } = Run::start(Cluster::start(3)).await;
     let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
-    let client = cluster.client();
-    let sinks = Sinks::start().await;
-    let outbox = outbox().await;
-    let check_back = producer(&outbox).await;
 
     let total = 60;
     let producer_task = {

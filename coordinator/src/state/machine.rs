@@ -110,15 +110,8 @@ impl StateMachine {
                     validate::payload(&gid, &step.payload, PAYLOAD_BYTES_HARD_MAX)?;
                 }
                 protocol::saga::validate_steps(&gid, &steps)?;
-                if let Some(tx) = self.txs.get(&gid) {
-                    if tx.protocol != Protocol::Saga {
-                        return Err(Rejection::ProtocolMismatch {
-                            gid,
-                            existing: tx.protocol,
-                            requested: Protocol::Saga,
-                        });
-                    }
-                    let same = tx.branches.len() == steps.len()
+                let same = |tx: &Transaction| {
+                    tx.branches.len() == steps.len()
                         && tx.branches.iter().zip(&steps).all(|(b, s)| {
                             b.branch_id == s.branch_id
                                 && b.after == s.after
@@ -126,18 +119,15 @@ impl StateMachine {
                                 && b.op(Op::Action).is_some_and(|o| o.endpoint == s.action)
                                 && b.op(Op::Compensate)
                                     .is_some_and(|o| o.endpoint == s.compensate)
-                        });
-                    if !same {
-                        return Err(Rejection::Invalid(validate::InvalidInput::Other {
-                            gid,
-                            problem: "a saga with this gid was already submitted with other steps"
-                                .into(),
-                        }));
-                    }
-                    return Ok(Applied::Begun {
-                        tx: tx.clone(),
-                        created: false,
-                    });
+                        })
+                };
+                if let Some(repeat) = self.repeat(
+                    &gid,
+                    Protocol::Saga,
+                    same,
+                    "a saga with this gid was already submitted with other steps",
+                ) {
+                    return repeat;
                 }
                 let tx = NewTx {
                     gid,
@@ -209,26 +199,13 @@ impl StateMachine {
                     validate::payload(&gid, &d.payload, PAYLOAD_BYTES_HARD_MAX)?;
                 }
                 protocol::msg::validate(&gid, &check_back, &destinations)?;
-                if let Some(tx) = self.txs.get(&gid) {
-                    if tx.protocol != Protocol::Msg {
-                        return Err(Rejection::ProtocolMismatch {
-                            gid,
-                            existing: tx.protocol,
-                            requested: Protocol::Msg,
-                        });
-                    }
-                    if !protocol::msg::same(tx, &check_back, &destinations) {
-                        return Err(Rejection::Invalid(validate::InvalidInput::Other {
-                            gid,
-                            problem:
-                                "a message with this gid was already prepared with other destinations or check-back"
-                                    .into(),
-                        }));
-                    }
-                    return Ok(Applied::Begun {
-                        tx: tx.clone(),
-                        created: false,
-                    });
+                if let Some(repeat) = self.repeat(
+                    &gid,
+                    Protocol::Msg,
+                    |tx| protocol::msg::same(tx, &check_back, &destinations),
+                    "a message with this gid was already prepared with other destinations or check-back",
+                ) {
+                    return repeat;
                 }
                 let tx = NewTx {
                     gid,
@@ -240,6 +217,36 @@ impl StateMachine {
                 self.create(tx, ctx, now_ms)
             }
         }
+    }
+
+    /// A transaction started whole (a saga, a message) that `gid` may
+    /// already name: the one there if it is the same (`same`), a refusal
+    /// if it is another (`other` says how), `None` if the gid is new.
+    fn repeat(
+        &self,
+        gid: &str,
+        protocol: Protocol,
+        same: impl FnOnce(&Transaction) -> bool,
+        other: &str,
+    ) -> Option<ApplyResult> {
+        let tx = self.txs.get(gid)?;
+        Some(if tx.protocol != protocol {
+            Err(Rejection::ProtocolMismatch {
+                gid: gid.to_string(),
+                existing: tx.protocol,
+                requested: protocol,
+            })
+        } else if !same(tx) {
+            Err(Rejection::Invalid(validate::InvalidInput::Other {
+                gid: gid.to_string(),
+                problem: other.to_string(),
+            }))
+        } else {
+            Ok(Applied::Begun {
+                tx: tx.clone(),
+                created: false,
+            })
+        })
     }
 
     /// Records a new transaction, active from this entry on.
