@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Options, begin_many, list_all_from, wait_for};
+use common::{Cluster, Options, begin_many, list_all_from, try_list_all_from, wait_for};
 use tandem_proto::v1 as pb;
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -350,7 +350,13 @@ async fn durability_graceful_shutdown_on_sigterm_keeps_everything() {
         let endpoint = cluster.node(id).endpoint();
         let held = wait_for(Duration::from_secs(10), "every node caught up", || {
             let (endpoint, acked) = (endpoint.clone(), acked.clone());
-            async move { Some(list_all_from(&endpoint).await).filter(|held| *held == acked) }
+            // Until it knows the leader, a node cannot serve a List.
+            async move {
+                try_list_all_from(&endpoint)
+                    .await
+                    .ok()
+                    .filter(|held| *held == acked)
+            }
         })
         .await;
         assert_eq!(held, acked, "node {id}");
@@ -389,7 +395,7 @@ async fn gc_collects_finished_transactions_after_retention_on_every_node() {
             Duration::from_secs(10),
             "finished transactions to be collected",
             || async {
-                let held = list_all_from(&endpoint).await;
+                let held = try_list_all_from(&endpoint).await.ok()?;
                 (held == ["still-open"]).then_some(())
             },
         )

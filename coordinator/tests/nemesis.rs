@@ -3,8 +3,11 @@
 //! (PostgreSQL, MariaDB, SQLite) and the TCC bookings (the same three), one
 //! workload after another, while a nemesis strikes one node at a time,
 //! half a second to a second and a half apart: kill -9 and restart, SIGSTOP
-//! past the election timeout, or cut off from its peers (the transport
-//! failpoint). Every run is checked from the databases' own rows — money
+//! past the election timeout, cut off from everyone (each node runs in a
+//! network namespace of its own and its link goes down: peers, clients and
+//! participants lose it alike), or cut off from its peers only (the
+//! transport failpoint). Where the machine allows no namespaces, nodes run
+//! on loopback and the transport failpoint stands in for both. Every run is checked from the databases' own rows — money
 //! per account and every transfer's branch rows, every saga step done or
 //! compensated, every reservation confirmed or released — and, once the
 //! faults heal, every transaction ends and every node holds the same ones.
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::netns::Net;
 use common::{Cluster, unfinished, wait_for};
 use rand::Rng;
 use tandem_examples::{DEFAULT_MYSQL_URL, DEFAULT_PG_URL, saga_order, tcc_travel, xa_bank};
@@ -106,8 +110,29 @@ async fn workload(run: usize, endpoints: Vec<String>) -> Run {
     result.unwrap_or_else(|e| panic!("run {run}: {e:#}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn atomicity_nemesis_kills_pauses_and_isolation_under_xa_saga_and_tcc_load() {
+#[test]
+fn atomicity_nemesis_kills_pauses_and_isolation_under_xa_saga_and_tcc_load() {
+    let net = match Net::create(3) {
+        Ok(net) => {
+            // The examples' participants listen where the namespaced nodes
+            // reach them; set before any thread exists.
+            unsafe { std::env::set_var("TANDEM_PARTICIPANT_HOST", net.host_ip()) };
+            Some(net)
+        }
+        Err(why) => {
+            eprintln!("nemesis: no network namespaces ({why}); nodes on loopback");
+            None
+        }
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(nemesis(net));
+}
+
+async fn nemesis(net: Option<Net>) {
     // scripts/nemesis.sh runs the long version through these.
     let env = |name: &str, default: usize| {
         std::env::var(name)
@@ -123,6 +148,10 @@ async fn atomicity_nemesis_kills_pauses_and_isolation_under_xa_saga_and_tcc_load
     // oldest beyond 64 MiB), so the tables can be compared at the end.
     let options = common::Options {
         extra: vec!["--finished-bytes-max".into(), (1u64 << 30).to_string()],
+        hosts: net
+            .as_ref()
+            .map(|net| (1..=3).map(|i| (net.ns(i), net.node_ip(i))).collect())
+            .unwrap_or_default(),
         ..common::Options::default()
     };
     let mut cluster = Cluster::start_with(3, options);
@@ -150,7 +179,7 @@ async fn atomicity_nemesis_kills_pauses_and_isolation_under_xa_saga_and_tcc_load
             (
                 rng.random_range(500..1_500),
                 rng.random_range(1..=3u64),
-                rng.random_range(0..3),
+                rng.random_range(0..4),
                 rng.random_range(1_200..2_500),
             )
         };
@@ -168,6 +197,13 @@ async fn atomicity_nemesis_kills_pauses_and_isolation_under_xa_saga_and_tcc_load
                 tokio::time::sleep(hold).await;
                 cluster.resume(node);
                 faults.push(format!("pause {node} {hold_ms} ms"));
+            }
+            2 if net.is_some() => {
+                let net = net.as_ref().expect("namespaces");
+                net.cut(node as usize);
+                tokio::time::sleep(hold).await;
+                net.heal(node as usize);
+                faults.push(format!("unplug {node} {hold_ms} ms"));
             }
             _ => {
                 cluster
@@ -192,10 +228,11 @@ async fn atomicity_nemesis_kills_pauses_and_isolation_under_xa_saga_and_tcc_load
     );
     let count = |f: fn(&Run) -> bool| runs.iter().filter(|r| f(r)).count();
     eprintln!(
-        "nemesis: {} faults ({} kills, {} pauses, {} isolations); {} runs of {RUN_TXS} ({} xa, {} saga, {} tcc); {} committed, {} aborted",
+        "nemesis: {} faults ({} kills, {} pauses, {} unplugged, {} isolations); {} runs of {RUN_TXS} ({} xa, {} saga, {} tcc); {} committed, {} aborted",
         faults.len(),
         faults.iter().filter(|f| f.starts_with("kill")).count(),
         faults.iter().filter(|f| f.starts_with("pause")).count(),
+        faults.iter().filter(|f| f.starts_with("unplug")).count(),
         faults.iter().filter(|f| f.starts_with("isolate")).count(),
         runs.len(),
         count(|r| matches!(r, Run::Xa(_))),

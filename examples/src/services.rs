@@ -50,8 +50,23 @@ impl Drop for Service {
     }
 }
 
+/// Where the examples' participants listen: loopback, unless
+/// `TANDEM_PARTICIPANT_HOST` names another local address (the nemesis runs
+/// nodes in network namespaces, which reach the test through a bridge).
+pub fn participant_host() -> String {
+    std::env::var("TANDEM_PARTICIPANT_HOST").unwrap_or_else(|_| "127.0.0.1".into())
+}
+
+/// A listener for a participant, on [`participant_host`].
+pub async fn participant_listener() -> anyhow::Result<TcpListener> {
+    let host = participant_host();
+    TcpListener::bind((host.as_str(), 0))
+        .await
+        .with_context(|| format!("listening on {host}"))
+}
+
 pub async fn serve<H: Handler>(handler: H) -> anyhow::Result<Service> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = participant_listener().await?;
     let base = format!("http://{}", listener.local_addr()?);
     let server = ParticipantServer::new(handler);
     let task = tokio::spawn(async move {

@@ -175,7 +175,7 @@ pub struct WebhookSink {
 
 impl WebhookSink {
     pub async fn start() -> anyhow::Result<WebhookSink> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = crate::services::participant_listener().await?;
         let url = format!("http://{}/hook", listener.local_addr()?);
         let sink = WebhookSink {
             url,

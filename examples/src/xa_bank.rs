@@ -505,8 +505,8 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     my.setup(&run, config.accounts).await?;
     let sum_before = pg.sum(&run).await? + my.sum(&run).await?;
 
-    let pg_bank = serve_bank(pg.clone(), TcpListener::bind("127.0.0.1:0").await?)?;
-    let my_bank = serve_bank(my.clone(), TcpListener::bind("127.0.0.1:0").await?)?;
+    let pg_bank = serve_bank(pg.clone(), services::participant_listener().await?)?;
+    let my_bank = serve_bank(my.clone(), services::participant_listener().await?)?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod participant;
 pub mod proxy;
 
@@ -38,6 +39,10 @@ pub struct Options {
     /// Start with `tandem serve`'s default cluster name instead of one of
     /// the test's own (as two clusters started with defaults would).
     pub default_cluster_name: bool,
+    /// Run node `i` in network namespace `hosts[i - 1].0`, serving on
+    /// `hosts[i - 1].1` (an IP address; see `netns::Net`). Empty: every
+    /// node on loopback.
+    pub hosts: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -49,6 +54,7 @@ impl Default for Options {
             log_retain_entries: 5_000,
             extra: Vec::new(),
             default_cluster_name: false,
+            hosts: Vec::new(),
         }
     }
 }
@@ -88,10 +94,14 @@ impl Cluster {
     pub fn start_with(size: u64, options: Options) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let name = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let address = |id: u64| match options.hosts.get(id as usize - 1) {
+            Some((_, ip)) => format!("{ip}:7070"),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
         let nodes: Vec<Node> = (1..=size)
             .map(|id| Node {
                 id,
-                address: format!("127.0.0.1:{}", free_port()),
+                address: address(id),
                 data_dir: dir.path().join(format!("node-{id}")),
                 log: dir.path().join(format!("node-{id}.log")),
                 child: None,
@@ -134,7 +144,16 @@ impl Cluster {
             .append(true)
             .open(&node.log)
             .expect("log file");
-        let mut command = Command::new(BIN);
+        let mut command = match options.hosts.get(id as usize - 1) {
+            Some((ns, _)) => {
+                // `ip netns exec` enters the namespace and execs the node:
+                // the child is the node itself (kill, SIGSTOP reach it).
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, BIN]);
+                command
+            }
+            None => Command::new(BIN),
+        };
         command
             .arg("serve")
             .args(["--id", &id.to_string()])
@@ -409,11 +428,19 @@ where
 
 /// Every gid the node at `endpoint` holds, read from that node alone.
 pub async fn list_all_from(endpoint: &str) -> Vec<String> {
+    try_list_all_from(endpoint)
+        .await
+        .unwrap_or_else(|e| panic!("list from {endpoint}: {e}"))
+}
+
+/// [`list_all_from`], or why the node could not answer (a node that knows
+/// no leader yet answers UNAVAILABLE: a List is a linearizable read).
+pub async fn try_list_all_from(endpoint: &str) -> Result<Vec<String>, String> {
     let mut client = tandem_proto::v1::coordinator_client::CoordinatorClient::connect(format!(
         "http://{endpoint}"
     ))
     .await
-    .expect("connect");
+    .map_err(|e| format!("connect: {e}"))?;
     let mut gids = Vec::new();
     let mut token = String::new();
     loop {
@@ -424,11 +451,11 @@ pub async fn list_all_from(endpoint: &str) -> Vec<String> {
                 ..Default::default()
             })
             .await
-            .expect("list")
+            .map_err(|e| format!("list: {e}"))?
             .into_inner();
         gids.extend(page.transactions.into_iter().map(|t| t.gid));
         if page.next_page_token.is_empty() {
-            return gids;
+            return Ok(gids);
         }
         token = page.next_page_token;
     }
