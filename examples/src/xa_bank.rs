@@ -497,13 +497,22 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         .context("MariaDB XA set-up")?;
 
     // A crashed earlier run may have left prepared branches: resolve them.
-    tandem_sdk::xa::recover(&pg, &client).await?;
-    tandem_sdk::xa::recover(&my, &client).await?;
+    tandem_sdk::xa::recover(&pg, &client)
+        .await
+        .context("recovering PostgreSQL's prepared branches")?;
+    tandem_sdk::xa::recover(&my, &client)
+        .await
+        .context("recovering MariaDB's prepared branches")?;
 
     let run = uuid::Uuid::now_v7().simple().to_string();
-    pg.setup(&run, config.accounts).await?;
-    my.setup(&run, config.accounts).await?;
-    let sum_before = pg.sum(&run).await? + my.sum(&run).await?;
+    pg.setup(&run, config.accounts)
+        .await
+        .context("PostgreSQL accounts")?;
+    my.setup(&run, config.accounts)
+        .await
+        .context("MariaDB accounts")?;
+    let sum_before = pg.sum(&run).await.context("PostgreSQL sum before")?
+        + my.sum(&run).await.context("MariaDB sum before")?;
 
     let pg_bank = serve_bank(pg.clone(), services::participant_listener().await?)?;
     let my_bank = serve_bank(my.clone(), services::participant_listener().await?)?;
@@ -552,11 +561,16 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             }
         }
     }
-    let sum_after = pg.sum(&run).await? + my.sum(&run).await?;
+    let sum_after = pg.sum(&run).await.context("PostgreSQL sum after")?
+        + my.sum(&run).await.context("MariaDB sum after")?;
     let prepared_left = pg.prepared().await.map_err(anyhow::Error::msg)?.len()
         + my.prepared().await.map_err(anyhow::Error::msg)?.len();
-    let accounts_broken = check_accounts(&pg, &my, &run, config.accounts).await?;
-    let transfers_broken = check_transfers(&pg, &my, &outcomes).await?;
+    let accounts_broken = check_accounts(&pg, &my, &run, config.accounts)
+        .await
+        .context("checking accounts")?;
+    let transfers_broken = check_transfers(&pg, &my, &outcomes)
+        .await
+        .context("checking transfers")?;
     Ok(Report {
         committed: outcomes.iter().filter(|(_, c)| *c).count() as u64,
         aborted: outcomes.iter().filter(|(_, c)| !*c).count() as u64,
