@@ -41,12 +41,31 @@ pub async fn sqlite(path: &std::path::Path) -> anyhow::Result<sqlx::SqlitePool> 
 pub struct Service {
     /// http://127.0.0.1:PORT
     pub base: String,
-    task: tokio::task::JoinHandle<()>,
+    _stop: Stop,
 }
 
-impl Drop for Service {
+/// Shuts a server down gracefully when dropped: it stops accepting and
+/// closes its connections, idle keep-alive ones at once. (Aborting the
+/// server's task would leave its connection tasks running — the
+/// coordinator keeps them alive — and with them the handler and its
+/// database pool.)
+pub struct Stop(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Stop {
+    /// A stop and the future a server waits on for it.
+    pub fn new() -> (Stop, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (send, receive) = tokio::sync::oneshot::channel::<()>();
+        (Stop(Some(send)), async move {
+            let _ = receive.await;
+        })
+    }
+}
+
+impl Drop for Stop {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(stop) = self.0.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
@@ -69,14 +88,13 @@ pub async fn serve<H: Handler>(handler: H) -> anyhow::Result<Service> {
     let listener = participant_listener().await?;
     let base = format!("http://{}", listener.local_addr()?);
     let server = ParticipantServer::new(handler);
-    let task = tokio::spawn(async move {
-        if let Err(e) =
-            tandem_sdk::participant::serve(listener, server, std::future::pending()).await
-        {
+    let (stop, stopped) = Stop::new();
+    tokio::spawn(async move {
+        if let Err(e) = tandem_sdk::participant::serve(listener, server, stopped).await {
             tracing::error!(error = %e, "participant server stopped");
         }
     });
-    Ok(Service { base, task })
+    Ok(Service { base, _stop: stop })
 }
 
 pub fn db(e: sqlx::Error) -> BranchError {

@@ -286,13 +286,7 @@ pub struct Bank<A> {
     pub accounts: A,
     /// http://127.0.0.1:PORT
     pub base_url: String,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl<A> Drop for Bank<A> {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+    _stop: services::Stop,
 }
 
 fn header_ctx(h: &HeaderMap) -> Result<BranchContext, (StatusCode, String)> {
@@ -343,15 +337,19 @@ pub fn serve_bank<A: Accounts>(accounts: A, listener: TcpListener) -> anyhow::Re
         .route("/transfer", axum::routing::post(transfer_route::<A>))
         .with_state(accounts.clone())
         .merge(participant.router());
-    let server = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+    let (stop, stopped) = services::Stop::new();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
             tracing::error!(error = %e, "bank server stopped");
         }
     });
     Ok(Bank {
         accounts,
         base_url,
-        server,
+        _stop: stop,
     })
 }
 
@@ -484,6 +482,26 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         .connect(&config.mysql_url)
         .await
         .with_context(|| format!("connecting to MariaDB at {}", config.mysql_url))?;
+    let report = run_on(config, pg_pool.clone(), my_pool.clone()).await;
+    // Close the pools now: the banks' HTTP connections (the coordinator
+    // keeps them alive) would otherwise keep them open well past the run,
+    // and runs one after another would fill the database's
+    // max_connections (found by the long nemesis: "pool timed out").
+    let close = async { tokio::join!(pg_pool.close(), my_pool.close()) };
+    if tokio::time::timeout(Duration::from_secs(10), close)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the database pools did not close within 10 s");
+    }
+    report
+}
+
+async fn run_on(
+    config: Config,
+    pg_pool: sqlx::PgPool,
+    my_pool: sqlx::MySqlPool,
+) -> anyhow::Result<Report> {
     let client = Client::connect(&config.endpoints)?;
     let cluster = client
         .cluster_id()
