@@ -27,10 +27,14 @@ use rand::{Rng, SeedableRng};
 
 use crate::codec;
 use crate::driver::plan::{self, Failing, Key};
-use crate::model::command::{BranchSpec, DestinationSpec, OpOutcome, SagaStepSpec};
-use crate::model::types::{Fence, Op, Protocol, RetryPolicy, Transaction, TxOptions};
+use crate::model::command::{DestinationSpec, OpOutcome};
+use crate::model::types::{Fence, Op, Protocol, Transaction};
 use crate::model::{Applied, ApplyResult, Command};
 use crate::raft::Replicated;
+use crate::service::checks;
+use crate::service::{
+    BeginInput, MessageInput, OptionsInput, RegisterInput, RetryInput, SagaInput, StepInput,
+};
 use crate::state::StateMachine;
 use participant::{Answer, Participant};
 
@@ -665,37 +669,47 @@ impl World {
                 Protocol::Msg,
             ][self.rng.random_range(0..6)];
             let gid = format!("g{c}");
-            let options = TxOptions {
+            // Clients' requests become commands through the service's own
+            // input checks, as on a real node (defaults filled in, limits
+            // checked); the leader stamps its clock in when it proposes.
+            let limits = crate::config::Limits::default();
+            let options = OptionsInput {
                 timeout_ms: self.rng.random_range(1_000..=4_000),
-                retry: RetryPolicy {
+                retry: Some(RetryInput {
                     initial_interval_ms: 20,
                     max_interval_ms: 400,
                     max_attempts: 6,
-                },
+                }),
                 branch_timeout_ms: 200,
                 concurrency: 0,
             };
             let parts = self.opts.participants;
             let mut steps = Vec::new();
-            let begin = |now_ms| Command::Begin {
-                gid: gid.clone(),
-                protocol,
-                options,
-                payload: Default::default(),
-                now_ms,
+            let begin = |_now_ms: i64| {
+                let input = BeginInput {
+                    gid: gid.clone(),
+                    protocol: Some(protocol),
+                    options,
+                    payload: Default::default(),
+                };
+                checks::begin(&limits, input, 0)
+                    .expect("the simulation's Begin passes the input checks")
+                    .command
             };
             let branches = self.rng.random_range(1..=3usize);
             let register = |b: usize, ops: &[Op]| {
                 let part = (c + b) % parts;
-                Command::RegisterBranch {
+                let input = RegisterInput {
                     gid: gid.clone(),
-                    branch: BranchSpec {
-                        branch_id: format!("b{b}"),
-                        ops: ops.iter().map(|op| (*op, endpoint(part))).collect(),
-                        payload: Default::default(),
-                    },
-                    now_ms: 0,
-                }
+                    branch_id: format!("b{b}"),
+                    ops: ops
+                        .iter()
+                        .map(|op| (op.name().to_string(), endpoint(part)))
+                        .collect(),
+                    payload: Default::default(),
+                };
+                checks::register(&limits, input, 0)
+                    .expect("the simulation's RegisterBranch passes the input checks")
             };
             match protocol {
                 Protocol::TwoPc | Protocol::ThreePc => {
@@ -725,18 +739,19 @@ impl World {
                 }
                 Protocol::Saga => {
                     let concurrent = self.rng.random_bool(0.5);
-                    let mut specs: Vec<SagaStepSpec> = Vec::new();
+                    let mut specs: Vec<StepInput> = Vec::new();
                     for b in 0..branches + 1 {
                         let part = (c + b) % parts;
+                        // Sequential sagas name no `after`: the checks chain
+                        // each step to the one before.
                         let after = match (concurrent, b) {
-                            (_, 0) => Vec::new(),
-                            (false, b) => vec![format!("s{}", b - 1)],
+                            (false, _) | (_, 0) => Vec::new(),
                             (true, b) => (0..b)
                                 .filter(|_| self.rng.random_bool(0.5))
                                 .map(|a| format!("s{a}"))
                                 .collect(),
                         };
-                        specs.push(SagaStepSpec {
+                        specs.push(StepInput {
                             branch_id: format!("s{b}"),
                             action: endpoint(part),
                             compensate: endpoint(part),
@@ -747,13 +762,17 @@ impl World {
                     }
                     let mut options = options;
                     options.concurrency = if concurrent { 2 } else { 0 };
-                    steps.push(Step::Propose(Command::SubmitSaga {
+                    let input = SagaInput {
                         gid: gid.clone(),
                         options,
                         steps: specs,
                         payload: Default::default(),
-                        now_ms: 0,
-                    }));
+                        concurrent,
+                        wait: None,
+                    };
+                    let proposal = checks::saga(&limits, input, 0)
+                        .expect("the simulation's saga passes the input checks");
+                    steps.push(Step::Propose(proposal.command));
                 }
                 Protocol::Msg => {
                     // The producer serves the check-back; each destination
@@ -766,14 +785,16 @@ impl World {
                             payload: Default::default(),
                         })
                         .collect();
-                    steps.push(Step::Propose(Command::PrepareMessage {
+                    let input = MessageInput {
                         gid: gid.clone(),
                         options,
                         check_back: endpoint(producer),
                         destinations,
                         payload: Default::default(),
-                        now_ms: 0,
-                    }));
+                    };
+                    let proposal = checks::message(&limits, input, 0)
+                        .expect("the simulation's message passes the input checks");
+                    steps.push(Step::Propose(proposal.command));
                     // Sometimes the local transaction takes longer than the
                     // message's timeout: the check-back races it.
                     if self.rng.random_bool(0.3) {
@@ -1782,8 +1803,13 @@ impl World {
             | Command::SubmitSaga { now_ms, .. }
             | Command::RegisterBranch { now_ms, .. }
             | Command::Commit { now_ms, .. }
-            | Command::Abort { now_ms, .. } => *now_ms = wall,
-            _ => {}
+            | Command::Abort { now_ms, .. }
+            | Command::PrepareMessage { now_ms, .. } => *now_ms = wall,
+            // Not a client's: the driver's facts, housekeeping.
+            Command::OpResult { .. }
+            | Command::Timeout { .. }
+            | Command::Gc { .. }
+            | Command::InitCluster { .. } => {}
         }
         self.propose(id, &command, Waiter::Client { client: c, req });
     }
@@ -1853,6 +1879,15 @@ impl World {
                 if client.app_tries < 5 {
                     let wake = self.client_wake(c);
                     self.at(self.now + 50, wake);
+                    return;
+                }
+                if client.protocol == Protocol::Msg {
+                    // A producer that does not know whether its local
+                    // transaction committed must neither submit nor abort
+                    // (the outbox's `Unknown`): it stops, and the
+                    // check-back decides. (Aborting here was a bug of this
+                    // model's producer that the checker caught.)
+                    client.done = true;
                     return;
                 }
                 client.app_failed = true;
