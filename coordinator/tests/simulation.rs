@@ -6,11 +6,7 @@
 //! which shows the checker can fail.
 
 use tandem_coordinator::sim::{self, Options, Report};
-#[cfg(not(any(
-    feature = "inject-bug-commit-on-first-vote",
-    feature = "inject-bug-apply-before-commit",
-    feature = "inject-bug-stale-read"
-)))]
+#[cfg(not(feature = "injected-bug"))]
 use tandem_coordinator::{model::Protocol, protocol::is_implemented};
 
 /// Runs `seeds` on two threads (the machine has two cores).
@@ -25,11 +21,7 @@ fn run(seeds: std::ops::Range<u64>, opts: &Options) -> Vec<Report> {
     })
 }
 
-#[cfg(not(any(
-    feature = "inject-bug-commit-on-first-vote",
-    feature = "inject-bug-apply-before-commit",
-    feature = "inject-bug-stale-read"
-)))]
+#[cfg(not(feature = "injected-bug"))]
 mod clean {
     use super::*;
 
@@ -101,11 +93,7 @@ mod clean {
 }
 
 /// A broken build blocks too; do not wait ten minutes of simulated time.
-#[cfg(any(
-    feature = "inject-bug-commit-on-first-vote",
-    feature = "inject-bug-apply-before-commit",
-    feature = "inject-bug-stale-read"
-))]
+#[cfg(feature = "injected-bug")]
 fn bug_options() -> Options {
     let opts = Options::default();
     Options {
@@ -115,11 +103,7 @@ fn bug_options() -> Options {
 }
 
 /// How many of 200 seeds report a violation of one of these kinds.
-#[cfg(any(
-    feature = "inject-bug-commit-on-first-vote",
-    feature = "inject-bug-apply-before-commit",
-    feature = "inject-bug-stale-read"
-))]
+#[cfg(feature = "injected-bug")]
 fn seeds_finding(kinds: &[&str]) -> usize {
     run(0..200, &bug_options())
         .iter()
@@ -155,6 +139,16 @@ fn simulation_finds_the_injected_bug_apply_before_commit() {
 #[test]
 fn simulation_finds_the_injected_bug_stale_read() {
     let found = seeds_finding(&["linearizability"]);
+    assert!(
+        found > 20,
+        "the checker found the injected bug in only {found} of 200 seeds"
+    );
+}
+
+#[cfg(feature = "inject-bug-deliver-on-timeout")]
+#[test]
+fn simulation_finds_the_injected_bug_deliver_on_timeout() {
+    let found = seeds_finding(&["messages"]);
     assert!(
         found > 20,
         "the checker found the injected bug in only {found} of 200 seeds"

@@ -142,6 +142,17 @@ impl Rules for Msg {
         if tx.state != TxState::Active || now_ms < tx.deadline_ms {
             return Ok(false);
         }
+        if cfg!(feature = "inject-bug-deliver-on-timeout") {
+            // The bug: presume the producer committed instead of asking.
+            decide(
+                tx,
+                Outcome::Commit,
+                "delivered at the timeout".into(),
+                ctx,
+                now_ms,
+            );
+            return Ok(true);
+        }
         tx.state = TxState::Preparing;
         tx.fence = Fence {
             term: ctx.term,
