@@ -234,6 +234,47 @@ async fn cli_begin_get_list_and_cluster_status_keep_their_shape() {
     let list: serde_json::Value = serde_json::from_str(&out).expect("tx list --json");
     assert_eq!(list["transactions"].as_array().map(Vec::len), Some(2));
 
+    // Commit and abort from the command line: what an operator does with a
+    // transaction its application left behind (a message whose producer
+    // never answers its check-back, say).
+    let (ok, out, err) = run(&["tx", "commit", "cli-1", "--endpoint", &endpoints, "--json"]);
+    assert!(ok, "{err}");
+    let tx: serde_json::Value = serde_json::from_str(&out).expect("tx commit --json");
+    assert_eq!(tx["state"], "committed", "no branches: committed at once");
+    let (ok, _, err) = run(&["tx", "abort", "cli-1", "--endpoint", &endpoints]);
+    assert!(
+        !ok && err.contains("cli-1") && err.contains("cannot abort"),
+        "{err}"
+    );
+    let sdk = tandem_sdk::Client::connect(cluster.endpoints()).expect("client");
+    sdk.message("http://127.0.0.1:9")
+        .gid("cli-msg")
+        .to("nats://cli.events", b"x".to_vec())
+        .prepare()
+        .await
+        .expect("prepare a message");
+    let (ok, out, err) = run(&[
+        "tx",
+        "abort",
+        "cli-msg",
+        "--endpoint",
+        &endpoints,
+        "--reason",
+        "the producer is gone for good",
+        "--wait",
+        "10s",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let tx: serde_json::Value = serde_json::from_str(&out).expect("tx abort --json");
+    assert_eq!(tx["state"], "aborted");
+    assert_eq!(tx["error"], "the producer is gone for good");
+    let (ok, _, err) = run(&["tx", "commit", "nope", "--endpoint", &endpoints]);
+    assert!(
+        !ok && err.contains("nope") && err.contains("not found"),
+        "{err}"
+    );
+
     let (ok, out, _) = run(&["cluster", "status", "--endpoint", &endpoints, "--json"]);
     assert!(ok);
     let status: serde_json::Value = serde_json::from_str(&out).expect("cluster status --json");

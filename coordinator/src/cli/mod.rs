@@ -116,7 +116,8 @@ pub enum TxCommand {
     Begin {
         #[command(flatten)]
         endpoint: EndpointArg,
-        /// saga, tcc, xa, 2pc, 3pc or msg.
+        /// tcc, xa, 2pc or 3pc (a saga is submitted whole, a message
+        /// prepared whole: through the API or the SDK).
         #[arg(long)]
         protocol: String,
         /// The gid; generated when omitted.
@@ -128,6 +129,33 @@ pub enum TxCommand {
         /// Opaque payload kept with the transaction (UTF-8 text).
         #[arg(long)]
         payload: Option<String>,
+    },
+    /// Ask to commit a transaction; for a message, submit it (deliver).
+    /// Safe to repeat: prints the transaction as the request left it.
+    Commit {
+        gid: String,
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Wait until it has ended (or this long passed), e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Abort an undecided transaction (a saga compensates; a message is
+    /// dropped — for one whose producer never answers its check-back).
+    Abort {
+        gid: String,
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Why, kept as the transaction's error.
+        #[arg(long, default_value = "aborted by an operator")]
+        reason: String,
+        /// Wait until it has ended (or this long passed), e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
     },
     /// Show one transaction.
     Get {
@@ -259,6 +287,14 @@ fn parse_state(name: &str) -> anyhow::Result<pb::TxState> {
     Ok(tandem_coordinator::api::convert::state_to_pb(state))
 }
 
+fn print_tx(tx: &pb::Transaction, json: bool) {
+    if json {
+        println!("{}", output::tx_json(tx));
+    } else {
+        print!("{}", output::tx_text(tx));
+    }
+}
+
 async fn tx(command: TxCommand) -> anyhow::Result<()> {
     match command {
         TxCommand::Begin {
@@ -291,17 +327,38 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
             let tx = response.transaction.unwrap_or_default();
             println!("{}", tx.gid);
         }
+        TxCommand::Commit {
+            gid,
+            endpoint,
+            wait,
+            json,
+        } => {
+            let client = endpoint.client()?;
+            let tx = client
+                .commit(&gid, wait.is_some(), wait.unwrap_or_default())
+                .await?;
+            print_tx(&tx, json);
+        }
+        TxCommand::Abort {
+            gid,
+            endpoint,
+            reason,
+            wait,
+            json,
+        } => {
+            let client = endpoint.client()?;
+            let tx = client
+                .abort(&gid, &reason, wait.is_some(), wait.unwrap_or_default())
+                .await?;
+            print_tx(&tx, json);
+        }
         TxCommand::Get {
             gid,
             endpoint,
             json,
         } => {
             let tx = endpoint.client()?.get(&gid).await?;
-            if json {
-                println!("{}", output::tx_json(&tx));
-            } else {
-                print!("{}", output::tx_text(&tx));
-            }
+            print_tx(&tx, json);
         }
         TxCommand::List {
             endpoint,
