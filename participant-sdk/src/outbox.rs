@@ -25,6 +25,11 @@
 //!   (committed); if it rolls back, the check-back's marker goes in and the
 //!   local transaction can never commit afterwards (its own insert would
 //!   conflict). The check-back is decisive, never "maybe".
+//!
+//! One check-back per message waits at a time: the coordinator asks again
+//! when its call times out, and a second question while the first still
+//! waits for a local transaction is answered "try later" at once, instead
+//! of holding a second database connection.
 
 use futures::future::BoxFuture;
 
@@ -68,6 +73,32 @@ fn transient(e: impl std::fmt::Display) -> BranchError {
     BranchError::Transient(e.to_string())
 }
 
+/// The messages whose check-back is under way.
+#[derive(Clone, Default)]
+struct Asking(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+/// One check-back under way; done when dropped.
+struct AskingGuard {
+    asking: Asking,
+    gid: String,
+}
+
+impl Asking {
+    fn start(&self, gid: &str) -> Option<AskingGuard> {
+        let fresh = self.0.lock().expect("asking lock").insert(gid.to_string());
+        fresh.then(|| AskingGuard {
+            asking: self.clone(),
+            gid: gid.to_string(),
+        })
+    }
+}
+
+impl Drop for AskingGuard {
+    fn drop(&mut self) {
+        self.asking.0.lock().expect("asking lock").remove(&self.gid);
+    }
+}
+
 macro_rules! outbox {
     (
         $(#[$doc:meta])*
@@ -77,6 +108,10 @@ macro_rules! outbox {
         #[derive(Clone)]
         pub struct $name {
             barrier: $barrier,
+            /// Messages whose check-back is waiting right now (for a local
+            /// transaction in flight): at most one per message, so a
+            /// coordinator asking again holds no second connection.
+            asking: Asking,
         }
 
         impl $name {
@@ -85,6 +120,7 @@ macro_rules! outbox {
             pub async fn new(pool: $pool) -> Result<Self, sqlx::Error> {
                 Ok($name {
                     barrier: <$barrier>::new(pool).await?,
+                    asking: Asking::default(),
                 })
             }
 
@@ -169,9 +205,16 @@ macro_rules! outbox {
             /// — and if there is no marker yet, one saying so is written
             /// first, so that it can no longer commit.
             pub async fn check_back(&self, gid: &str) -> Result<(), BranchError> {
+                let Some(asking) = self.asking.start(gid) else {
+                    return Err(BranchError::Transient(format!(
+                        "message {gid}: a check-back is already waiting for its local transaction"
+                    )));
+                };
                 let barrier = self.barrier.clone();
                 let key_gid = gid.to_string();
                 let ended = tokio::spawn(async move {
+                    // Held until the answer is in, even if the caller gave up.
+                    let _asking = asking;
                     barrier
                         .local(move |conn| {
                             Box::pin(async move {

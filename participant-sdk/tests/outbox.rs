@@ -103,6 +103,34 @@ macro_rules! suite {
             }
 
             #[tokio::test(flavor = "multi_thread")]
+            async fn messages_a_second_check_back_does_not_wait_beside_the_first() {
+                let o = outbox().await;
+                let g = gid();
+                let local = {
+                    let (o, g) = (o.clone(), g.clone());
+                    tokio::spawn(async move {
+                        o.commit_local(&g, order(&g, Duration::from_millis(800), false)).await
+                    })
+                };
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let first = {
+                    let (o, g) = (o.clone(), g.clone());
+                    tokio::spawn(async move { o.check_back(&g).await })
+                };
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let asked = std::time::Instant::now();
+                let second = o.check_back(&g).await;
+                assert!(
+                    matches!(&second, Err(BranchError::Transient(m)) if m.contains("already waiting")),
+                    "{second:?}"
+                );
+                assert!(asked.elapsed() < Duration::from_millis(300), "answered at once");
+                local.await.expect("local task").expect("local commit");
+                assert_eq!(first.await.expect("first"), Ok(()));
+                assert_eq!(o.check_back(&g).await, Ok(()), "asked again once done: the answer");
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
             async fn messages_check_back_waits_for_a_local_transaction_in_flight() {
                 let o = outbox().await;
                 for fail in [false, true] {
