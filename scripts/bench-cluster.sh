@@ -24,7 +24,7 @@ cleanup() {
 }
 trap cleanup EXIT
 for i in $(seq 1 "$nodes"); do
-  "$bin" serve --id "$i" --listen "127.0.0.1:$((7170 + i))" --peers "$peers" \
+  "$bin" serve --id "$i" --listen "127.0.0.1:$((7170 + i))" --http-listen "127.0.0.1:$((7180 + i))" --peers "$peers" \
     --data-dir "$dir/node-$i" --log-level warn ${TANDEM_BENCH_SERVE_ARGS:-} > "$dir/node-$i.log" 2>&1 &
   pids+=($!)
 done

@@ -42,7 +42,7 @@ declare -A pid
 
 start_node() {
   local i=$1
-  "$bin" serve --id "$i" --listen "127.0.0.1:$((7270 + i))" --peers "$peers" \
+  "$bin" serve --id "$i" --listen "127.0.0.1:$((7270 + i))" --http-listen "127.0.0.1:$((7280 + i))" --peers "$peers" \
     --data-dir "$dir/node-$i" --election-timeout-ms 500 >> "$dir/node-$i.log" 2>&1 &
   pid[$i]=$!
   # Killing it is the point: no "Killed" notice from the shell.

@@ -9,12 +9,14 @@ use serde::de::DeserializeOwned;
 pub const FORMAT_V1: u8 = 1;
 /// Snapshots carrying the cluster id.
 pub const FORMAT_V2: u8 = 2;
+/// Snapshots whose transactions carry repair records.
+pub const FORMAT_V3: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("empty record")]
     Empty,
-    #[error("unknown record format {0}; this binary reads formats {FORMAT_V1} and {FORMAT_V2}")]
+    #[error("unknown record format {0}; this binary reads formats {FORMAT_V1} to {FORMAT_V3}")]
     UnknownFormat(u8),
     #[error("corrupt record: {0}")]
     Corrupt(#[from] postcard::Error),
@@ -45,7 +47,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
 pub fn decode_any(bytes: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
     match bytes.split_first() {
         None => Err(DecodeError::Empty),
-        Some((&format @ (FORMAT_V1 | FORMAT_V2), rest)) => Ok((format, rest)),
+        Some((&format @ (FORMAT_V1 | FORMAT_V2 | FORMAT_V3), rest)) => Ok((format, rest)),
         Some((&other, _)) => Err(DecodeError::UnknownFormat(other)),
     }
 }

@@ -20,6 +20,7 @@ use crate::raft::NodeConfig;
 use crate::replica::Retention;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7080";
 pub const DEFAULT_DATA_DIR: &str = "./tandem-data";
 pub const DEFAULT_CLUSTER_NAME: &str = "tandem";
 
@@ -41,6 +42,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// Address to serve the HTTP/JSON API, /metrics, /openapi.json and the
+    /// dashboard (/ui) on; "off" for none. [default: 127.0.0.1:7080]
+    #[arg(long, env = "TANDEM_HTTP_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<String>,
     /// Address peers and clients dial to reach this node. [default: --listen]
     #[arg(long, env = "TANDEM_ADVERTISE")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -176,6 +182,8 @@ impl Default for Limits {
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// The HTTP API's address; `None`: off.
+    pub http_listen: Option<SocketAddr>,
     pub node: NodeConfig,
     pub limits: Limits,
     /// How long finished transactions are kept.
@@ -208,6 +216,22 @@ impl ServeConfig {
                 "--listen {listen_text:?} is not an IP:PORT address: {e}"
             ))
         })?;
+        let http_text = args
+            .http_listen
+            .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.to_string());
+        let http_listen = match http_text.as_str() {
+            "off" => None,
+            text => Some(text.parse::<SocketAddr>().map_err(|e| {
+                err(format!(
+                    "--http-listen {text:?} is not an IP:PORT address (or \"off\"): {e}"
+                ))
+            })?),
+        };
+        if http_listen.is_some_and(|h| h == listen) {
+            return Err(err(format!(
+                "--http-listen and --listen are both {listen}; give each its own port"
+            )));
+        }
         let address = args.advertise.unwrap_or(listen_text);
         check_host_port("--advertise", &address)?;
         let peers = match args.peers {
@@ -316,6 +340,7 @@ impl ServeConfig {
         }
         Ok(ServeConfig {
             listen,
+            http_listen,
             node,
             limits,
             retention,

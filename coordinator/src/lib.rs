@@ -7,6 +7,8 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod driver;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod protocol;
 pub mod raft;

@@ -50,6 +50,20 @@ pub async fn serve(
             address: config.listen.to_string(),
             source,
         })?;
+    let http_listener = match config.http_listen {
+        Some(address) => {
+            Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|source| ServeError::Bind {
+                        address: format!("{address} (--http-listen)"),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
+    let metrics = crate::metrics::install();
     let node_config = config.node.clone();
     let transport = Transport::new(
         node_config.id,
@@ -83,17 +97,30 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    let transactions = Transactions::new(replica.clone(), config.limits.clone(), clock.clone());
+    let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
+    let http_task = http_listener.map(|listener| {
+        tracing::info!(http_listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving the HTTP API");
+        let state = Arc::new(crate::http::ApiState::new(transactions.clone(), metrics));
+        let router = crate::http::router(state, config.limits.tx_bytes_max + (1 << 20));
+        let mut stopped = http_stopped.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::http::serve(listener, router, stop).await {
+                tracing::error!(error = %e, "HTTP API stopped");
+            }
+        })
+    });
+    tokio::spawn(count_leader_changes(node.clone()));
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(
-            CoordinatorServer::new(CoordinatorService::new(Transactions::new(
-                replica.clone(),
-                config.limits.clone(),
-                clock.clone(),
-            )))
-            // A request may carry a whole transaction, and a little more
-            // (the API then names what is over which limit).
-            .max_decoding_message_size(config.limits.tx_bytes_max + (1 << 20)),
+            CoordinatorServer::new(CoordinatorService::new(transactions))
+                // A request may carry a whole transaction, and a little more
+                // (the API then names what is over which limit).
+                .max_decoding_message_size(config.limits.tx_bytes_max + (1 << 20)),
         )
         .add_service(ClusterServer::new(ClusterService::new(ClusterAdmin::new(
             replica.clone(),
@@ -114,6 +141,7 @@ pub async fn serve(
                 let transport = transport.clone();
                 async move {
                     shutdown.await;
+                    let _ = http_stop.send(true);
                     // Peers' streams never end by themselves.
                     transport.close();
                 }
@@ -124,8 +152,25 @@ pub async fn serve(
     node.shutdown();
     let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
     driver_task.abort();
+    if let Some(task) = http_task {
+        // SSE watches end with their own timeout; do not wait on them.
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     served?;
     Ok(())
+}
+
+/// Counts the leader changes this node sees.
+async fn count_leader_changes(node: Node) {
+    let mut status = node.watch_status();
+    let mut leader = status.borrow().leader_id;
+    while status.changed().await.is_ok() {
+        let now = status.borrow_and_update().leader_id;
+        if now != leader {
+            leader = now;
+            crate::metrics::leader_changed();
+        }
+    }
 }
 
 /// SERVING while this node knows a leader (it can serve reads and redirect

@@ -121,6 +121,7 @@ fn initial() -> State {
         fence: Fence::default(),
         version: 1,
         commit_requested: false,
+        repairs: Vec::new(),
     };
     let (ops, _) = protocol::branch_ops(Protocol::ThreePc);
     for b in BRANCHES {

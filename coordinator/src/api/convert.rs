@@ -3,8 +3,8 @@
 use tandem_proto::v1 as pb;
 
 use crate::model::types::{
-    Branch, BranchOp, Decision, OpState, Outcome, Protocol, RetryPolicy, Transaction, TxOptions,
-    TxState,
+    Branch, BranchOp, Decision, OpState, Outcome, Protocol, Repair, RetryPolicy, Transaction,
+    TxOptions, TxState,
 };
 
 pub fn protocol_to_pb(p: Protocol) -> pb::Protocol {
@@ -68,6 +68,7 @@ fn op_state_to_pb(s: OpState) -> pb::OpState {
         OpState::Failed => pb::OpState::Failed,
         OpState::Skipped => pb::OpState::Skipped,
         OpState::Refused => pb::OpState::Refused,
+        OpState::Resolved => pb::OpState::Resolved,
     }
 }
 
@@ -145,5 +146,18 @@ pub fn tx_to_pb(tx: &Transaction) -> pb::Transaction {
             .iter()
             .flat_map(|b| &b.ops)
             .any(|o| o.state == OpState::Refused),
+        heuristic: tx.is_heuristic(),
+        repairs: tx.repairs.iter().map(repair_to_pb).collect(),
+    }
+}
+
+fn repair_to_pb(r: &Repair) -> pb::Repair {
+    pb::Repair {
+        action: r.action.name().to_string(),
+        branch_id: r.branch_id.clone(),
+        reason: r.reason.clone(),
+        by: r.by.clone(),
+        at_ms: r.at_ms,
+        index: r.index,
     }
 }

@@ -9,8 +9,8 @@ use super::convert::{protocol_from_pb, state_from_pb, tx_to_pb};
 use super::status::{from_service_error, invalid};
 use crate::model::command::DestinationSpec;
 use crate::service::{
-    BeginInput, ListInput, MessageInput, OptionsInput, RegisterInput, RetryInput, SagaInput,
-    StepInput, Transactions, wait_timeout,
+    BeginInput, ListInput, MessageInput, OptionsInput, RegisterInput, RepairInput, RetryInput,
+    SagaInput, StepInput, Transactions, wait_timeout,
 };
 
 pub struct CoordinatorService {
@@ -229,12 +229,55 @@ impl Coordinator for CoordinatorService {
                 protocol: protocol_from_pb(request.protocol).map_err(invalid)?,
                 limit: request.limit as usize,
                 page_token: (!request.page_token.is_empty()).then_some(request.page_token),
+                updated_since_ms: (request.updated_since_ms != 0)
+                    .then_some(request.updated_since_ms),
+                stuck: request.stuck,
             })
             .await
             .map_err(from_service_error)?;
         Ok(Response::new(pb::ListResponse {
             transactions: page.txs.iter().map(|tx| tx_to_pb(tx)).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn retry(
+        &self,
+        request: Request<pb::RetryRequest>,
+    ) -> Result<Response<pb::RetryResponse>, Status> {
+        let r = request.into_inner();
+        let tx = self
+            .service
+            .retry(RepairInput {
+                gid: r.gid,
+                branch_id: r.branch_id,
+                reason: r.reason,
+                by: r.by,
+            })
+            .await
+            .map_err(from_service_error)?;
+        Ok(Response::new(pb::RetryResponse {
+            transaction: Some(tx_to_pb(&tx)),
+        }))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
+        let r = request.into_inner();
+        let tx = self
+            .service
+            .resolve_by_hand(RepairInput {
+                gid: r.gid,
+                branch_id: r.branch_id,
+                reason: r.reason,
+                by: r.by,
+            })
+            .await
+            .map_err(from_service_error)?;
+        Ok(Response::new(pb::ResolveResponse {
+            transaction: Some(tx_to_pb(&tx)),
         }))
     }
 }

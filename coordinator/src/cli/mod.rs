@@ -68,14 +68,32 @@ pub struct EndpointArg {
     /// Any node of the cluster, or a comma-separated list of them.
     #[arg(long, env = "TANDEM_ENDPOINT", default_value = "127.0.0.1:7070")]
     pub endpoint: String,
+    /// Give up connecting to a node after this long, e.g. 2s.
+    #[arg(long, env = "TANDEM_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Give up finding a node that takes the call after this long.
+    #[arg(long, env = "TANDEM_RETRY_DEADLINE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub retry_deadline: Duration,
 }
 
 impl EndpointArg {
     pub fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::builder([self.endpoint.as_str()])
-            .retry_deadline(Duration::from_secs(20))
+            .connect_timeout(self.connect_timeout)
+            .retry_deadline(self.retry_deadline)
             .build()?)
     }
+}
+
+/// Who did a repair, for its audit record: `$USER@host` unless given.
+fn operator_name() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host} (cli)")
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,6 +175,69 @@ pub enum TxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Submit a saga described in a JSON file ("-" for stdin), the same
+    /// document `POST /v1/sagas` takes: {"gid": …, "steps": [{"branch_id",
+    /// "action", "compensate", "payload"}, …]}. Safe to repeat.
+    SubmitSaga {
+        /// The JSON file.
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Wait until it has ended (or this long passed), e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Repair: call a stuck transaction's open ops now instead of after
+    /// their backoff (its participant is back). Recorded in its history.
+    Retry {
+        gid: String,
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Only this branch.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Why, for the audit record.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Who, for the audit record. [default: $USER@host]
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Repair: mark a decided transaction's open phase-two ops done by hand
+    /// because their participant can never acknowledge. It ends with a
+    /// HEURISTIC outcome, shown everywhere. Undecided: use `abort` instead.
+    Resolve {
+        gid: String,
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Only this branch.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Why the participant can never acknowledge (required; kept).
+        #[arg(long)]
+        reason: String,
+        /// Who, for the audit record. [default: $USER@host]
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow one transaction: print each change until it has ended.
+    Watch {
+        gid: String,
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Stop after this long, e.g. 5m.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// One JSON object per change.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one transaction.
     Get {
         gid: String,
@@ -180,6 +261,12 @@ pub enum TxCommand {
         /// Continue after this gid (a previous page's next token).
         #[arg(long)]
         page_token: Option<String>,
+        /// Only those changed within this long, e.g. 1h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only unfinished ones with an op that failed 5 times or more.
+        #[arg(long)]
+        stuck: bool,
         #[arg(long)]
         json: bool,
     },
@@ -295,6 +382,37 @@ fn print_tx(tx: &pb::Transaction, json: bool) {
     }
 }
 
+/// Prints a transaction, then each change, until it has ended or
+/// `timeout` passed (polling: a change between two looks is shown as the
+/// state after it).
+async fn watch(client: &Client, gid: &str, timeout: Duration, json: bool) -> anyhow::Result<()> {
+    const POLL: Duration = Duration::from_millis(250);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut shown: Option<pb::Transaction> = None;
+    loop {
+        let tx = client.get(gid).await?;
+        if shown.as_ref() != Some(&tx) {
+            if json {
+                println!("{}", output::tx_json(&tx));
+            } else {
+                print!("{}", output::watch_line(&tx));
+            }
+            shown = Some(tx.clone());
+        }
+        let ended = matches!(
+            pb::TxState::try_from(tx.state),
+            Ok(pb::TxState::Committed | pb::TxState::Aborted)
+        );
+        if ended {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() + POLL > deadline {
+            bail!("transaction {gid} has not ended within {timeout:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 async fn tx(command: TxCommand) -> anyhow::Result<()> {
     match command {
         TxCommand::Begin {
@@ -352,6 +470,69 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
                 .await?;
             print_tx(&tx, json);
         }
+        TxCommand::SubmitSaga {
+            file,
+            endpoint,
+            wait,
+            json,
+        } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading the saga from stdin")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let body: tandem_coordinator::http::types::SagaBody = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a saga document", file.display()))?;
+            let mut request = body
+                .to_pb()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            if let Some(wait) = wait {
+                request.wait = true;
+                request.wait_timeout_ms = wait.as_millis().min(u32::MAX as u128) as u32;
+            }
+            let client = endpoint.client()?;
+            let response = client.submit_saga_with(request).await?;
+            print_tx(&response.transaction.unwrap_or_default(), json);
+        }
+        TxCommand::Retry {
+            gid,
+            endpoint,
+            branch,
+            reason,
+            by,
+            json,
+        } => {
+            let by = by.unwrap_or_else(operator_name);
+            let tx = endpoint
+                .client()?
+                .retry_now(&gid, branch.as_deref().unwrap_or(""), &reason, &by)
+                .await?;
+            print_tx(&tx, json);
+        }
+        TxCommand::Resolve {
+            gid,
+            endpoint,
+            branch,
+            reason,
+            by,
+            json,
+        } => {
+            let by = by.unwrap_or_else(operator_name);
+            let tx = endpoint
+                .client()?
+                .resolve_by_hand(&gid, branch.as_deref().unwrap_or(""), &reason, &by)
+                .await?;
+            print_tx(&tx, json);
+        }
+        TxCommand::Watch {
+            gid,
+            endpoint,
+            timeout,
+            json,
+        } => {
+            watch(&endpoint.client()?, &gid, timeout, json).await?;
+        }
         TxCommand::Get {
             gid,
             endpoint,
@@ -366,9 +547,17 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
             protocol,
             limit,
             page_token,
+            since,
+            stuck,
             json,
         } => {
+            let updated_since_ms = match since {
+                Some(d) => (output::now_ms() - d.as_millis() as i64).max(1),
+                None => 0,
+            };
             let request = pb::ListRequest {
+                updated_since_ms,
+                stuck,
                 state: state
                     .as_deref()
                     .map(parse_state)

@@ -14,6 +14,7 @@ fn state_name(value: i32) -> &'static str {
     match pb::TxState::try_from(value) {
         Ok(pb::TxState::Active) => "active",
         Ok(pb::TxState::Preparing) => "preparing",
+        Ok(pb::TxState::PreCommitting) => "pre_committing",
         Ok(pb::TxState::Committing) => "committing",
         Ok(pb::TxState::Aborting) => "aborting",
         Ok(pb::TxState::Committed) => "committed",
@@ -29,6 +30,7 @@ fn op_state_name(value: i32) -> &'static str {
         Ok(pb::OpState::Failed) => "failed",
         Ok(pb::OpState::Skipped) => "skipped",
         Ok(pb::OpState::Refused) => "refused",
+        Ok(pb::OpState::Resolved) => "resolved",
         _ => "unspecified",
     }
 }
@@ -64,6 +66,15 @@ pub fn tx_value(tx: &pb::Transaction) -> Value {
         "payload": String::from_utf8_lossy(&tx.payload),
         "error": tx.error,
         "heuristic_hazard": tx.heuristic_hazard,
+        "heuristic": tx.heuristic,
+        "repairs": tx.repairs.iter().map(|r| json!({
+            "action": r.action,
+            "branch_id": r.branch_id,
+            "reason": r.reason,
+            "by": r.by,
+            "at_ms": r.at_ms,
+            "index": r.index,
+        })).collect::<Vec<_>>(),
         "decision": tx.decision.as_ref().map(|d| json!({
             "outcome": outcome_name(d.outcome),
             "term": d.term,
@@ -90,21 +101,94 @@ pub fn tx_json(tx: &pb::Transaction) -> String {
     tx_value(tx).to_string()
 }
 
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// An instant as RFC 3339 and how long ago (or ahead) it is: "2026-12-03T17:05:20.123Z (3s ago)".
+pub fn when(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    format!(
+        "{} ({})",
+        tandem_coordinator::http::types::rfc3339(ms),
+        ago(ms)
+    )
+}
+
+/// "3s ago", "in 2m", "now".
+pub fn ago(ms: i64) -> String {
+    let delta = now_ms() - ms;
+    let span = std::time::Duration::from_secs(delta.unsigned_abs() / 1000);
+    if span.is_zero() {
+        return "now".into();
+    }
+    let text = humantime::format_duration(span).to_string();
+    // Keep the two largest units: "1h 2m", not "1h 2m 3s".
+    let short: Vec<&str> = text.split(' ').take(2).collect();
+    let short = short.join(" ");
+    if delta >= 0 {
+        format!("{short} ago")
+    } else {
+        format!("in {short}")
+    }
+}
+
+/// One line per change, for `tx watch`.
+pub fn watch_line(tx: &pb::Transaction) -> String {
+    let ops: Vec<String> = tx
+        .branches
+        .iter()
+        .flat_map(|b| {
+            b.ops
+                .iter()
+                .filter(|o| o.state != pb::OpState::Pending as i32 || o.attempts > 0)
+                .map(move |o| {
+                    let tries = if o.attempts > 0 {
+                        format!(" x{}", o.attempts)
+                    } else {
+                        String::new()
+                    };
+                    format!("{}/{}={}{tries}", b.branch_id, o.op, op_state_name(o.state))
+                })
+        })
+        .collect();
+    format!(
+        "{}  {} {:<10} {}{}\n",
+        tandem_coordinator::http::types::rfc3339(now_ms()),
+        tx.gid,
+        state_name(tx.state),
+        ops.join(" "),
+        if tx.heuristic { "  HEURISTIC" } else { "" }
+    )
+}
+
 pub fn tx_text(tx: &pb::Transaction) -> String {
     let mut out = format!(
-        "gid       {}\nprotocol  {}\nstate     {}\ncreated   {}\ndeadline  {}\n",
+        "gid       {}\nprotocol  {}\nstate     {}\ncreated   {}\nupdated   {}\n",
         tx.gid,
         protocol_name(tx.protocol),
         state_name(tx.state),
-        tx.created_at_ms,
-        tx.deadline_ms
+        when(tx.created_at_ms),
+        when(tx.updated_at_ms),
     );
+    if tx.decision.is_none() {
+        out += &format!("deadline  {}\n", when(tx.deadline_ms));
+    }
+    if tx.finished_at_ms != 0 {
+        out += &format!("finished  {}\n", when(tx.finished_at_ms));
+    }
     if let Some(d) = &tx.decision {
         out += &format!(
-            "decision  {} at term {} index {} ({})\n",
+            "decision  {} at term {} index {}, {} ({})\n",
             outcome_name(d.outcome),
             d.term,
             d.index,
+            ago(d.decided_at_ms),
             d.reason
         );
     }
@@ -114,20 +198,64 @@ pub fn tx_text(tx: &pb::Transaction) -> String {
     if tx.heuristic_hazard {
         out += "HAZARD    a branch refused phase two after voting yes; retrying — look at the participant\n";
     }
+    if tx.heuristic {
+        out += "HEURISTIC an operator resolved phase two by hand: not every participant acknowledged the outcome\n";
+    }
+    let mut table = table([
+        "BRANCH",
+        "OP",
+        "STATE",
+        "ATTEMPTS",
+        "UPDATED",
+        "ENDPOINT",
+        "LAST ERROR",
+    ]);
     for b in &tx.branches {
-        out += &format!("branch    {}\n", b.branch_id);
         for o in &b.ops {
-            out += &format!(
-                "  {:<10} {:<9} attempts {:<3} {} {}\n",
-                o.op,
-                op_state_name(o.state),
-                o.attempts,
-                o.endpoint,
-                o.last_error
-            );
+            table.add_row(vec![
+                b.branch_id.clone(),
+                o.op.clone(),
+                op_state_name(o.state).to_string(),
+                o.attempts.to_string(),
+                if o.updated_at_ms > 0 {
+                    ago(o.updated_at_ms)
+                } else {
+                    "-".into()
+                },
+                o.endpoint.clone(),
+                o.last_error.clone(),
+            ]);
         }
     }
+    if !tx.branches.is_empty() {
+        out += &format!("{table}\n");
+    }
+    for r in &tx.repairs {
+        out += &format!(
+            "repair    {} {} by {} {} (entry {}): {}\n",
+            r.action,
+            if r.branch_id.is_empty() {
+                "(every branch)"
+            } else {
+                &r.branch_id
+            },
+            r.by,
+            ago(r.at_ms),
+            r.index,
+            r.reason
+        );
+    }
     out
+}
+
+/// A table without outer decoration, columns as wide as their content.
+fn table<const N: usize>(header: [&str; N]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    table
 }
 
 pub fn list_json(page: &pb::ListResponse) -> String {
@@ -139,15 +267,29 @@ pub fn list_json(page: &pb::ListResponse) -> String {
 }
 
 pub fn list_text(page: &pb::ListResponse) -> String {
-    let mut out = String::new();
+    let mut table = table(["GID", "PROTOCOL", "STATE", "CREATED", "UPDATED", "NOTE"]);
     for tx in &page.transactions {
-        out += &format!(
-            "{}  {:<5} {}\n",
-            tx.gid,
-            protocol_name(tx.protocol),
-            state_name(tx.state)
-        );
+        let note = if tx.heuristic {
+            "HEURISTIC"
+        } else if tx.heuristic_hazard {
+            "HAZARD"
+        } else {
+            ""
+        };
+        table.add_row(vec![
+            tx.gid.clone(),
+            protocol_name(tx.protocol).to_string(),
+            state_name(tx.state).to_string(),
+            ago(tx.created_at_ms),
+            ago(tx.updated_at_ms),
+            note.to_string(),
+        ]);
     }
+    let mut out = if page.transactions.is_empty() {
+        "(no transactions)\n".to_string()
+    } else {
+        format!("{table}\n")
+    };
     if !page.next_page_token.is_empty() {
         out += &format!("(more: --page-token {})\n", page.next_page_token);
     }
@@ -184,25 +326,22 @@ pub fn cluster_table(status: &pb::ClusterStatusResponse) -> String {
     } else {
         status.cluster_id.as_str()
     };
-    let mut out = format!(
-        "cluster {cluster_id}\nleader {}\n{:<4} {:<22} {:<13} {:>6} {:>10} {:>10}\n",
-        status.leader_id, "ID", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED"
-    );
+    let mut table = table([
+        "ID", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "ERROR",
+    ]);
     for n in &status.nodes {
-        out += &format!(
-            "{:<4} {:<22} {:<13} {:>6} {:>10} {:>10}{}\n",
-            n.id,
-            n.address,
-            n.role,
-            n.term,
-            n.commit,
-            n.applied,
-            if n.error.is_empty() {
-                String::new()
-            } else {
-                format!("  ({})", n.error)
-            }
-        );
+        table.add_row(vec![
+            n.id.to_string(),
+            n.address.clone(),
+            n.role.clone(),
+            n.term.to_string(),
+            n.commit.to_string(),
+            n.applied.to_string(),
+            n.error.clone(),
+        ]);
     }
-    out
+    format!(
+        "cluster {cluster_id}\nleader {}\n{table}\n",
+        status.leader_id
+    )
 }

@@ -220,10 +220,17 @@ impl<T: BranchTransport> Worker<T> {
         let mut timeout_sent_at: Option<Instant> = None;
         let deadline_at = plan::deadline_at(&current, Instant::now(), self.clock.now_ms());
         let mut fanned_out = false;
+        let mut repairs_seen = plan::last_repair_index(&current);
 
         loop {
             if current.state.is_terminal() {
                 return;
+            }
+            // An operator's retry: the named ops are due now.
+            let (asked, seen) = plan::retries_asked(&current, repairs_seen);
+            repairs_seen = seen;
+            for branch in asked {
+                retry_at.retain(|(b, _), _| branch.as_deref().is_some_and(|id| id != b));
             }
             let now = Instant::now();
             let view = plan::View {
@@ -326,6 +333,7 @@ impl<T: BranchTransport> Worker<T> {
                 failing,
             };
         };
+        let started = std::time::Instant::now();
         let outcome = self
             .caller
             .call(BranchCall {
@@ -339,6 +347,15 @@ impl<T: BranchTransport> Worker<T> {
                 timeout,
             })
             .await;
+        crate::metrics::branch_call(
+            call.op.name(),
+            match &outcome {
+                OpOutcome::Succeeded => "ok",
+                OpOutcome::Failed(_) => "failed",
+                _ => "transient",
+            },
+            started.elapsed(),
+        );
         if matches!(call.op, Op::Prepare | Op::CanCommit) {
             fail::fail_point!(failpoints::DURING_PREPARE);
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::model::command::OpOutcome;
-use crate::model::types::{Op, OpState, Transaction};
+use crate::model::types::{Op, OpState, RepairAction, Transaction};
 use crate::protocol::retry::{self, Recorded};
 use crate::protocol::{self, Call};
 
@@ -117,6 +117,24 @@ pub fn plan(view: &View, now: Instant) -> Plan {
         propose_timeout,
         wake_at,
     }
+}
+
+/// The log index of the newest repair record (0: none).
+pub fn last_repair_index(tx: &Transaction) -> u64 {
+    tx.repairs.last().map_or(0, |r| r.index)
+}
+
+/// Retries operators asked for after entry `seen`: for each, the branch it
+/// names (`None`: every branch); and the newest record's index, to pass
+/// next time.
+pub fn retries_asked(tx: &Transaction, seen: u64) -> (Vec<Option<String>>, u64) {
+    let asked = tx
+        .repairs
+        .iter()
+        .filter(|r| r.index > seen && r.action == RepairAction::Retry)
+        .map(|r| (!r.branch_id.is_empty()).then(|| r.branch_id.clone()))
+        .collect();
+    (asked, last_repair_index(tx).max(seen))
 }
 
 /// A failing op's attempts as the worker counts them, and what the log

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Op, Payload, Protocol, RetryPolicy, Transaction, TxOptions, TxState};
+use super::types::{
+    Op, Payload, Protocol, RepairAction, RetryPolicy, Transaction, TxOptions, TxState,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -76,6 +78,16 @@ pub enum Command {
         check_back: String,
         destinations: Vec<DestinationSpec>,
         payload: Payload,
+        now_ms: i64,
+    },
+    /// An operator's repair (`tandem tx retry|resolve`), recorded in the
+    /// transaction's history. `branch_id` `None`: every branch it fits.
+    Repair {
+        gid: String,
+        action: RepairAction,
+        branch_id: Option<String>,
+        reason: String,
+        by: String,
         now_ms: i64,
     },
 }
@@ -147,7 +159,8 @@ impl Command {
             | Command::Abort { gid, .. }
             | Command::OpResult { gid, .. }
             | Command::Timeout { gid, .. }
-            | Command::PrepareMessage { gid, .. } => Some(gid),
+            | Command::PrepareMessage { gid, .. }
+            | Command::Repair { gid, .. } => Some(gid),
             Command::Gc { .. } | Command::InitCluster { .. } => None,
         }
     }

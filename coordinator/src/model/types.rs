@@ -163,6 +163,10 @@ pub enum OpState {
     /// ran): a heuristic hazard. Still retried with backoff until it is
     /// acknowledged, and shown by Get.
     Refused,
+    /// Phase two marked done by an operator (`tandem tx resolve`), not by
+    /// the participant: a heuristic outcome, shown as such everywhere. The
+    /// coordinator no longer calls it. (Appended: the log keeps old variants.)
+    Resolved,
 }
 
 impl OpState {
@@ -170,6 +174,47 @@ impl OpState {
     pub fn is_open(self) -> bool {
         matches!(self, OpState::Pending | OpState::Refused)
     }
+
+    /// Counts as done in phase two: acknowledged by the participant, not
+    /// needed, or resolved by an operator.
+    pub fn is_closed_in_phase_two(self) -> bool {
+        matches!(
+            self,
+            OpState::Succeeded | OpState::Skipped | OpState::Resolved
+        )
+    }
+}
+
+/// What an operator did to a transaction by hand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RepairAction {
+    /// Call the open ops now instead of after their backoff.
+    Retry,
+    /// Mark open phase-two ops done without their participant
+    /// ([`OpState::Resolved`]).
+    Resolve,
+}
+
+impl RepairAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            RepairAction::Retry => "retry",
+            RepairAction::Resolve => "resolve",
+        }
+    }
+}
+
+/// The audit record of one repair, kept in the transaction's history:
+/// what, on which branch, why, by whom, when, and in which log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repair {
+    pub action: RepairAction,
+    /// Empty: every branch the action applied to.
+    pub branch_id: String,
+    pub reason: String,
+    pub by: String,
+    pub at_ms: i64,
+    pub index: u64,
 }
 
 /// An operation a participant can be asked to perform.
@@ -308,6 +353,9 @@ pub struct Transaction {
     /// than an error; only a Commit after the application's own Abort is a
     /// contradiction.
     pub commit_requested: bool,
+    /// Operators' repairs, oldest first; at most `validate::REPAIRS_MAX`
+    /// (the oldest retries give way first).
+    pub repairs: Vec<Repair>,
 }
 
 impl Transaction {
@@ -347,6 +395,14 @@ impl Transaction {
 
     pub fn is_decided(&self) -> bool {
         self.decision.is_some()
+    }
+
+    /// An op was resolved by an operator rather than by its participant.
+    pub fn is_heuristic(&self) -> bool {
+        self.branches
+            .iter()
+            .flat_map(|b| &b.ops)
+            .any(|o| o.state == OpState::Resolved)
     }
 
     /// The retry policy of a branch: its own if it has one, else the

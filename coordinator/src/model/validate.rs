@@ -11,6 +11,12 @@ pub const PAYLOAD_BYTES_HARD_MAX: usize = 4 * 1024 * 1024;
 pub const BRANCHES_HARD_MAX: usize = 1024;
 /// An abort reason (kept as the transaction's error).
 pub const REASON_BYTES_MAX: usize = 1024;
+/// Operators' repairs kept per transaction, and the length of their texts.
+/// Not in the footprint (which is fixed when a transaction starts): at
+/// most `REPAIRS_MAX * (REPAIR_TEXT_BYTES_MAX * 2 + 64)` bytes, about
+/// 4 KiB, and only on transactions someone repaired.
+pub const REPAIRS_MAX: usize = 8;
+pub const REPAIR_TEXT_BYTES_MAX: usize = 256;
 /// Gids in one Gc command.
 pub const GC_BATCH_MAX: usize = 10_000;
 /// A participant's error text kept per op (longer ones are cut).

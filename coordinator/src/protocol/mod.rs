@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 pub mod app_driven;
 pub mod msg;
+pub mod repair;
 pub mod retry;
 pub mod saga;
 pub mod tcc;
@@ -561,10 +562,10 @@ fn record_phase_two(
 fn finish_if_done(tx: &mut Transaction, now_ms: i64) {
     let Some(decision) = &tx.decision else { return };
     let done = match phase_two_op(tx.protocol, decision.outcome) {
-        Some(op) => tx.branches.iter().all(|b| {
-            b.op(op)
-                .is_none_or(|o| matches!(o.state, OpState::Succeeded | OpState::Skipped))
-        }),
+        Some(op) => tx
+            .branches
+            .iter()
+            .all(|b| b.op(op).is_none_or(|o| o.state.is_closed_in_phase_two())),
         // Nothing to send after the decision (a saga gone forward).
         None => true,
     };
@@ -717,6 +718,7 @@ pub(crate) mod tests {
             fence: Fence::default(),
             version: 1,
             commit_requested: false,
+            repairs: Vec::new(),
         }
     }
 

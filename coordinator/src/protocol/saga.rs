@@ -253,7 +253,7 @@ fn next(tx: &Transaction) -> Vec<Call> {
                 .iter()
                 .filter(|d| {
                     !d.op(Op::Compensate)
-                        .is_some_and(|o| matches!(o.state, OpState::Succeeded | OpState::Skipped))
+                        .is_some_and(|o| o.state.is_closed_in_phase_two())
                 })
                 .flat_map(|d| d.after.iter().map(String::as_str))
                 .collect();

@@ -326,7 +326,10 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
                 };
                 self.raw.report_snapshot(to, status);
             }
-            Input::SnapshotWritten(snapshot) => self.adopt_snapshot(*snapshot),
+            Input::SnapshotWritten(snapshot) => {
+                crate::metrics::snapshot_written();
+                self.adopt_snapshot(*snapshot)
+            }
             Input::SnapshotFailed(error) => {
                 self.snapshot_in_flight = false;
                 tracing::error!(%error, "taking a snapshot failed; will retry");
@@ -409,7 +412,10 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
             return;
         }
         match self.raw.propose(Vec::new(), data) {
-            Ok(()) => self.track(pending),
+            Ok(()) => {
+                crate::metrics::proposals(1);
+                self.track(pending)
+            }
             Err(raft::Error::ProposalDropped) => {
                 reply_err(pending, NodeError::Overloaded(self.config.id))
             }
@@ -453,11 +459,16 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
             }
         }
         // 4. One durable write for the new entries and the hard state.
-        if let Err(e) = self
+        let must_sync = ready.must_sync();
+        let write_started = std::time::Instant::now();
+        let written = self
             .raw
             .mut_store()
-            .persist(ready.entries(), ready.hs(), ready.must_sync())
-        {
+            .persist(ready.entries(), ready.hs(), must_sync);
+        if must_sync {
+            crate::metrics::fsync(write_started.elapsed());
+        }
+        if let Err(e) = written {
             // Acknowledging anything after a failed write would break durability.
             panic!("writing the raft log failed: {e}");
         }

@@ -74,7 +74,14 @@ pub struct ReplicaStatus {
     pub active_txs: usize,
     /// Footprint of the unfinished transactions (`--active-bytes-max`).
     pub active_bytes: usize,
+    /// Unfinished with an op that failed often (`state::machine::is_stuck`);
+    /// recounted at most every [`STUCK_RECOUNT`].
+    pub stuck_txs: usize,
 }
+
+/// How often the stuck transactions are recounted (a walk over the
+/// unfinished ones, on the Raft thread: not on every entry).
+const STUCK_RECOUNT: Duration = Duration::from_secs(1);
 
 /// How long finished transactions are kept.
 #[derive(Clone, Debug)]
@@ -103,6 +110,7 @@ pub struct ReplicaObserver {
     retention: Retention,
     clock: Arc<dyn Clock>,
     last_gc: Instant,
+    stuck: (usize, Instant),
 }
 
 impl ReplicaObserver {
@@ -112,11 +120,15 @@ impl ReplicaObserver {
         }
         self.status_stale = false;
         self.last_status = Instant::now();
+        if force || self.stuck.1.elapsed() >= STUCK_RECOUNT {
+            self.stuck = (state.stuck_count(), Instant::now());
+        }
         self.status.send_replace(Arc::new(ReplicaStatus {
             cluster_id: state.cluster_id(),
             txs: state.len(),
             active_txs: state.active_count(),
             active_bytes: state.active_bytes(),
+            stuck_txs: self.stuck.0,
         }));
     }
 }
@@ -127,9 +139,13 @@ impl Observer<StateMachine> for ReplicaObserver {
         match output {
             Ok(Applied::ClusterId { .. }) => self.publish(state, true),
             Ok(applied) => {
+                if let Applied::Begun { tx, created: true } = applied {
+                    crate::metrics::tx_begun(tx);
+                }
                 if let Some(tx) = applied.tx()
                     && tx.version == index
                 {
+                    crate::metrics::tx_changed(tx, index);
                     self.watchers.notify(tx);
                     if leading {
                         self.feed.changed(tx.clone());
@@ -225,6 +241,7 @@ pub fn observer(
         retention,
         clock,
         last_gc: Instant::now(),
+        stuck: (0, Instant::now()),
     };
     let make = move |node: Node| Replica {
         node,
@@ -237,7 +254,12 @@ pub fn observer(
 impl Replica {
     /// Replicates a command and returns what `apply` made of it.
     pub async fn propose(&self, command: Command) -> Result<ApplyResult, NodeError> {
-        self.node.propose(codec::encode(&command)).await
+        let started = Instant::now();
+        let result = self.node.propose(codec::encode(&command)).await;
+        if result.is_ok() {
+            crate::metrics::commit_latency(started.elapsed());
+        }
+        result
     }
 
     /// A linearizable view of the table (see [`NodeHandle::read`]).

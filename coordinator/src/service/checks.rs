@@ -234,6 +234,37 @@ pub fn abort(gid: &str, reason: &str) -> Result<()> {
     Ok(())
 }
 
+/// A repair's texts: a known gid shape, a branch id if one is named, and
+/// reason and author within their limit; `reason_required` for a resolve
+/// (a heuristic outcome must say why).
+pub fn repair(
+    gid: &str,
+    branch_id: &str,
+    reason: &str,
+    by: &str,
+    reason_required: bool,
+) -> Result<()> {
+    validate::gid(gid).map_err(|e| invalid(e.to_string()))?;
+    if !branch_id.is_empty() {
+        validate::branch_id(gid, branch_id).map_err(|e| invalid(e.to_string()))?;
+    }
+    if reason_required && reason.trim().is_empty() {
+        return Err(invalid(format!(
+            "transaction {gid}: a resolve needs a reason (why the participant can never acknowledge); it is kept in the audit record"
+        )));
+    }
+    for (name, text) in [("reason", reason), ("by", by)] {
+        if text.len() > validate::REPAIR_TEXT_BYTES_MAX {
+            return Err(invalid(format!(
+                "transaction {gid}: {name} is {} bytes; the limit is {}",
+                text.len(),
+                validate::REPAIR_TEXT_BYTES_MAX
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The protocols Begin accepts.
 pub fn implemented_protocol_names() -> String {
     Protocol::ALL

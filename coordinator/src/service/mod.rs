@@ -9,8 +9,8 @@ pub mod transactions;
 
 pub use cluster::{ClusterAdmin, ClusterView, MemberStatus, Members};
 pub use transactions::{
-    BeginInput, ListInput, MessageInput, OptionsInput, Page, RegisterInput, RetryInput, SagaInput,
-    StepInput, Transactions, wait_timeout,
+    BeginInput, ListInput, MessageInput, OptionsInput, Page, RegisterInput, RepairInput,
+    RetryInput, SagaInput, StepInput, Transactions, wait_timeout,
 };
 
 use crate::model::Rejection;

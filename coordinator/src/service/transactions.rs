@@ -12,6 +12,7 @@ use super::{Result, ServiceError, invalid};
 use crate::clock::Clock;
 use crate::config::Limits;
 use crate::model::command::DestinationSpec;
+use crate::model::types::RepairAction;
 use crate::model::{Applied, Command, Protocol, Transaction, TxState, validate};
 use crate::replica::Replica;
 use crate::replica::watch::TxWatch;
@@ -94,6 +95,19 @@ pub struct ListInput {
     pub protocol: Option<Protocol>,
     pub limit: usize,
     pub page_token: Option<String>,
+    /// Changed at or after this time (ms since the epoch).
+    pub updated_since_ms: Option<i64>,
+    /// Only stuck ones ([`crate::state::machine::STUCK_ATTEMPTS`]).
+    pub stuck: bool,
+}
+
+/// An operator's repair as asked for.
+pub struct RepairInput {
+    pub gid: String,
+    /// Empty: every branch it fits.
+    pub branch_id: String,
+    pub reason: String,
+    pub by: String,
 }
 
 pub struct Page {
@@ -278,6 +292,8 @@ impl Transactions {
         let filter = ListFilter {
             state: input.state,
             protocol: input.protocol,
+            updated_since_ms: input.updated_since_ms,
+            stuck: input.stuck,
         };
         let view = self.replica.read().await?;
         let page = view.list(&filter, limit, input.page_token.as_deref());
@@ -299,6 +315,38 @@ impl Transactions {
             txs,
             next_page_token,
         })
+    }
+
+    /// Repair: the open ops of one branch (or every one) are called now
+    /// instead of after their backoff; an audit record says who and why.
+    pub async fn retry(&self, input: RepairInput) -> Result<Arc<Transaction>> {
+        self.repair(RepairAction::Retry, input).await
+    }
+
+    /// Repair: open phase-two ops are marked done by hand (a heuristic
+    /// outcome), with an audit record.
+    pub async fn resolve_by_hand(&self, input: RepairInput) -> Result<Arc<Transaction>> {
+        self.repair(RepairAction::Resolve, input).await
+    }
+
+    async fn repair(&self, action: RepairAction, input: RepairInput) -> Result<Arc<Transaction>> {
+        checks::repair(
+            &input.gid,
+            &input.branch_id,
+            &input.reason,
+            &input.by,
+            action == RepairAction::Resolve,
+        )?;
+        self.replica.ensure_leader()?;
+        self.update(Command::Repair {
+            gid: input.gid,
+            action,
+            branch_id: (!input.branch_id.is_empty()).then_some(input.branch_id),
+            reason: input.reason,
+            by: input.by,
+            now_ms: self.clock.now_ms(),
+        })
+        .await
     }
 
     /// Proposes a command about one transaction; the transaction after it.

@@ -1804,7 +1804,8 @@ impl World {
             | Command::RegisterBranch { now_ms, .. }
             | Command::Commit { now_ms, .. }
             | Command::Abort { now_ms, .. }
-            | Command::PrepareMessage { now_ms, .. } => *now_ms = wall,
+            | Command::PrepareMessage { now_ms, .. }
+            | Command::Repair { now_ms, .. } => *now_ms = wall,
             // Not a client's: the driver's facts, housekeeping.
             Command::OpResult { .. }
             | Command::Timeout { .. }

@@ -216,6 +216,24 @@ impl StateMachine {
                 };
                 self.create(tx, ctx, now_ms)
             }
+            Command::Repair {
+                gid,
+                action,
+                branch_id,
+                reason,
+                by,
+                now_ms,
+            } => self.update(&gid, ctx, now_ms, |tx| {
+                protocol::repair::on_repair(
+                    tx,
+                    action,
+                    branch_id.as_deref(),
+                    &reason,
+                    &by,
+                    ctx,
+                    now_ms,
+                )
+            }),
         }
     }
 
@@ -275,6 +293,7 @@ impl StateMachine {
             },
             version: ctx.index,
             commit_requested: false,
+            repairs: Vec::new(),
         };
         check_footprint(&tx)?;
         let tx = Arc::new(tx);
@@ -417,6 +436,15 @@ impl StateMachine {
         self.txs.is_empty()
     }
 
+    /// Unfinished transactions that look stuck ([`is_stuck`]).
+    pub fn stuck_count(&self) -> usize {
+        self.active
+            .iter()
+            .filter_map(|gid| self.txs.get(gid))
+            .filter(|tx| is_stuck(tx))
+            .count()
+    }
+
     /// Unfinished gids, for the driver to resume.
     pub fn active_gids(&self) -> impl Iterator<Item = &String> {
         self.active.iter()
@@ -469,14 +497,22 @@ impl StateMachine {
     }
 
     pub fn decode_snapshot(data: &[u8]) -> Result<StateMachine, crate::codec::DecodeError> {
-        use crate::codec::{FORMAT_V1, decode_any, decode_body};
+        use crate::codec::{FORMAT_V1, FORMAT_V2, decode_any, decode_body};
         let snapshot: SnapshotIn = match decode_any(data)? {
             (FORMAT_V1, body) => {
                 let v1: SnapshotInV1 = decode_body(body)?;
                 SnapshotIn {
                     members: v1.members,
                     cluster_id: None,
-                    txs: v1.txs,
+                    txs: v1.txs.into_iter().map(Transaction::from).collect(),
+                }
+            }
+            (FORMAT_V2, body) => {
+                let v2: SnapshotInV2 = decode_body(body)?;
+                SnapshotIn {
+                    members: v2.members,
+                    cluster_id: v2.cluster_id,
+                    txs: v2.txs.into_iter().map(Transaction::from).collect(),
                 }
             }
             (_, body) => decode_body(body)?,
@@ -529,11 +565,12 @@ impl SnapshotSource {
             cluster_id: self.cluster_id,
             txs: TxSeq(&self.txs),
         };
-        crate::codec::encode_as(crate::codec::FORMAT_V2, &out)
+        crate::codec::encode_as(crate::codec::FORMAT_V3, &out)
     }
 }
 
-/// Snapshot layout, format 2 (format 1 had no cluster id).
+/// Snapshot layout, format 3 (format 1 had no cluster id, format 2 no
+/// repair records).
 #[derive(Serialize)]
 struct SnapshotOut<'a> {
     members: &'a BTreeMap<u64, String>,
@@ -563,9 +600,61 @@ struct SnapshotIn {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct SnapshotInV2 {
+    members: BTreeMap<u64, String>,
+    cluster_id: Option<uuid::Uuid>,
+    txs: Vec<TransactionV2>,
+}
+
+#[derive(Deserialize)]
 struct SnapshotInV1 {
     members: BTreeMap<u64, String>,
-    txs: Vec<Transaction>,
+    txs: Vec<TransactionV2>,
+}
+
+/// A transaction as snapshots of formats 1 and 2 laid it out: no repairs.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct TransactionV2 {
+    gid: String,
+    protocol: Protocol,
+    state: TxState,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    deadline_ms: i64,
+    finished_at_ms: Option<i64>,
+    options: TxOptions,
+    branches: Vec<Arc<Branch>>,
+    payload: crate::model::types::Payload,
+    error: String,
+    decision: Option<crate::model::types::Decision>,
+    fence: Fence,
+    version: u64,
+    commit_requested: bool,
+}
+
+impl From<TransactionV2> for Transaction {
+    fn from(t: TransactionV2) -> Transaction {
+        Transaction {
+            gid: t.gid,
+            protocol: t.protocol,
+            state: t.state,
+            created_at_ms: t.created_at_ms,
+            updated_at_ms: t.updated_at_ms,
+            deadline_ms: t.deadline_ms,
+            finished_at_ms: t.finished_at_ms,
+            options: t.options,
+            branches: t.branches,
+            payload: t.payload,
+            error: t.error,
+            decision: t.decision,
+            fence: t.fence,
+            version: t.version,
+            commit_requested: t.commit_requested,
+            repairs: Vec::new(),
+        }
+    }
 }
 
 /// What a reader sees: the table as of `applied_index`.
@@ -580,6 +669,33 @@ pub struct ReadView {
 pub struct ListFilter {
     pub state: Option<TxState>,
     pub protocol: Option<Protocol>,
+    /// Changed at or after this time (ms since the epoch).
+    pub updated_since_ms: Option<i64>,
+    /// Unfinished with an op failed at least [`STUCK_ATTEMPTS`] times.
+    pub stuck: bool,
+}
+
+/// An op that failed this many times makes its transaction "stuck": shown
+/// by `tandem tx list --stuck`, the dashboard and `tandem_transactions_stuck`.
+pub const STUCK_ATTEMPTS: u32 = 5;
+
+impl ListFilter {
+    pub fn matches(&self, tx: &Transaction) -> bool {
+        self.state.is_none_or(|s| s == tx.state)
+            && self.protocol.is_none_or(|p| p == tx.protocol)
+            && self.updated_since_ms.is_none_or(|t| tx.updated_at_ms >= t)
+            && (!self.stuck || is_stuck(tx))
+    }
+}
+
+/// Unfinished, with an open op that failed at least [`STUCK_ATTEMPTS`] times.
+pub fn is_stuck(tx: &Transaction) -> bool {
+    !tx.state.is_terminal()
+        && tx
+            .branches
+            .iter()
+            .flat_map(|b| &b.ops)
+            .any(|o| o.state.is_open() && o.attempts >= STUCK_ATTEMPTS)
 }
 
 pub struct ListPage {
@@ -610,9 +726,7 @@ impl ReadView {
                 };
             }
             last_seen = Some(gid.clone());
-            let matches = filter.state.is_none_or(|s| s == tx.state)
-                && filter.protocol.is_none_or(|p| p == tx.protocol);
-            if matches {
+            if filter.matches(tx) {
                 txs.push(tx.clone());
             }
         }
@@ -631,6 +745,43 @@ mod tests {
 
     fn ctx() -> ApplyContext {
         ApplyContext { index: 7, term: 2 }
+    }
+
+    /// Durability across upgrades: a snapshot written before repair records
+    /// existed (format 2) still restores, every transaction intact.
+    #[test]
+    fn durability_a_format_2_snapshot_restores() {
+        let mut m = StateMachine::default();
+        m.apply(begin("old", Protocol::Tcc, 5), ctx()).unwrap();
+        let tx = m.get("old").unwrap().as_ref().clone();
+        let old = SnapshotInV2 {
+            members: BTreeMap::from([(1, "127.0.0.1:7070".to_string())]),
+            cluster_id: Some(uuid::Uuid::from_u128(7)),
+            txs: vec![TransactionV2 {
+                gid: tx.gid.clone(),
+                protocol: tx.protocol,
+                state: tx.state,
+                created_at_ms: tx.created_at_ms,
+                updated_at_ms: tx.updated_at_ms,
+                deadline_ms: tx.deadline_ms,
+                finished_at_ms: tx.finished_at_ms,
+                options: tx.options,
+                branches: tx.branches.clone(),
+                payload: tx.payload.clone(),
+                error: tx.error.clone(),
+                decision: tx.decision.clone(),
+                fence: tx.fence,
+                version: tx.version,
+                commit_requested: tx.commit_requested,
+            }],
+        };
+        let bytes = crate::codec::encode_as(crate::codec::FORMAT_V2, &old);
+        let restored = StateMachine::decode_snapshot(&bytes).unwrap();
+        assert_eq!(restored.get("old").unwrap().as_ref(), &tx);
+        assert_eq!(restored.cluster_id(), Some(uuid::Uuid::from_u128(7)));
+        // And today's format round-trips with repairs.
+        let again = StateMachine::decode_snapshot(&restored.snapshot_source().encode()).unwrap();
+        assert_eq!(again.get("old").unwrap().as_ref(), &tx);
     }
 
     fn options() -> TxOptions {
@@ -890,6 +1041,7 @@ mod tests {
         let filter = ListFilter {
             state: Some(TxState::Active),
             protocol: Some(Protocol::Tcc),
+            ..ListFilter::default()
         };
         let page = view.list(&filter, 10, None);
         let gids: Vec<_> = page.txs.iter().map(|t| t.gid.as_str()).collect();

@@ -62,6 +62,8 @@ impl Default for Options {
 pub struct Node {
     pub id: u64,
     pub address: String,
+    /// The HTTP API's HOST:PORT.
+    pub http_address: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -70,6 +72,11 @@ pub struct Node {
 impl Node {
     pub fn endpoint(&self) -> String {
         self.address.clone()
+    }
+
+    /// The HTTP API's base URL.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_address)
     }
 
     pub fn is_running(&self) -> bool {
@@ -98,10 +105,15 @@ impl Cluster {
             Some((_, ip)) => format!("{ip}:7070"),
             None => format!("127.0.0.1:{}", free_port()),
         };
+        let http_address = |id: u64| match options.hosts.get(id as usize - 1) {
+            Some((_, ip)) => format!("{ip}:7080"),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
         let nodes: Vec<Node> = (1..=size)
             .map(|id| Node {
                 id,
                 address: address(id),
+                http_address: http_address(id),
                 data_dir: dir.path().join(format!("node-{id}")),
                 log: dir.path().join(format!("node-{id}.log")),
                 child: None,
@@ -158,6 +170,7 @@ impl Cluster {
             .arg("serve")
             .args(["--id", &id.to_string()])
             .args(["--listen", &node.address])
+            .args(["--http-listen", &node.http_address])
             .args(["--data-dir", &node.data_dir.to_string_lossy()])
             .args([
                 "--election-timeout-ms",
@@ -200,6 +213,7 @@ impl Cluster {
         self.nodes.push(Node {
             id,
             address: address.clone(),
+            http_address: format!("127.0.0.1:{}", free_port()),
             data_dir: self.dir.path().join(format!("node-{id}")),
             log: self.dir.path().join(format!("node-{id}.log")),
             child: None,

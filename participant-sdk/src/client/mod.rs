@@ -556,6 +556,56 @@ impl Client {
         .await
     }
 
+    /// Repair: calls the open ops of a stuck transaction now (one branch,
+    /// or every one when `branch_id` is empty) instead of after their
+    /// backoff. Recorded in the transaction's history with `reason` and `by`.
+    pub async fn retry_now(
+        &self,
+        gid: &str,
+        branch_id: &str,
+        reason: &str,
+        by: &str,
+    ) -> Result<pb::Transaction, Error> {
+        let request = pb::RetryRequest {
+            gid: gid.to_string(),
+            branch_id: branch_id.to_string(),
+            reason: reason.to_string(),
+            by: by.to_string(),
+        };
+        let response = self
+            .call(|ch| {
+                let request = request.clone();
+                async move { coordinator(ch).retry(request).await }
+            })
+            .await?;
+        Ok(response.transaction.unwrap_or_default())
+    }
+
+    /// Repair: marks open phase-two ops done by hand (their participant can
+    /// never acknowledge); the transaction ends with a heuristic outcome.
+    /// `reason` is required and kept in the audit record.
+    pub async fn resolve_by_hand(
+        &self,
+        gid: &str,
+        branch_id: &str,
+        reason: &str,
+        by: &str,
+    ) -> Result<pb::Transaction, Error> {
+        let request = pb::ResolveRequest {
+            gid: gid.to_string(),
+            branch_id: branch_id.to_string(),
+            reason: reason.to_string(),
+            by: by.to_string(),
+        };
+        let response = self
+            .call(|ch| {
+                let request = request.clone();
+                async move { coordinator(ch).resolve(request).await }
+            })
+            .await?;
+        Ok(response.transaction.unwrap_or_default())
+    }
+
     /// Calls one node only — no redirect, no failover. For reading a
     /// particular node (tests, diagnostics).
     pub async fn get_from(&self, endpoint: &str, gid: &str) -> Result<pb::Transaction, Error> {

@@ -146,4 +146,17 @@ impl Client {
     pub fn saga(&self) -> SagaBuilder {
         SagaBuilder::new(self.clone())
     }
+
+    /// Submits a saga request as it is (the CLI's `tx submit-saga`).
+    pub async fn submit_saga_with(
+        &self,
+        request: pb::SubmitSagaRequest,
+    ) -> Result<pb::SubmitSagaResponse, Error> {
+        let wait = Duration::from_millis(u64::from(request.wait_timeout_ms));
+        self.call_with_timeout(wait + self.inner.call_timeout, |ch| {
+            let request = request.clone();
+            async move { super::coordinator(ch).submit_saga(request).await }
+        })
+        .await
+    }
 }

@@ -1,0 +1,198 @@
+//! Prometheus metrics (`/metrics` on the HTTP port), through the `metrics`
+//! facade. Counters and histograms are recorded where things happen;
+//! gauges that describe state (in flight, stuck, Raft indexes) are read at
+//! scrape time, so they cannot drift.
+//!
+//! Transactions are counted as this node applies them (every node applies
+//! every entry): begun and finished totals agree across nodes once they
+//! have caught up, whichever node is scraped.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::model::Transaction;
+use crate::raft::Role;
+use crate::service::Transactions;
+
+pub const TX_BEGUN: &str = "tandem_transactions_begun_total";
+pub const TX_FINISHED: &str = "tandem_transactions_finished_total";
+pub const TX_IN_FLIGHT: &str = "tandem_transactions_in_flight";
+pub const TX_STUCK: &str = "tandem_transactions_stuck";
+pub const TX_RETAINED: &str = "tandem_transactions_retained";
+pub const DECISION_SECONDS: &str = "tandem_decision_seconds";
+pub const REPAIRS: &str = "tandem_repairs_total";
+pub const BRANCH_CALL_SECONDS: &str = "tandem_branch_call_seconds";
+pub const RAFT_TERM: &str = "tandem_raft_term";
+pub const RAFT_ROLE: &str = "tandem_raft_role";
+pub const RAFT_LEADER_CHANGES: &str = "tandem_raft_leader_changes_total";
+pub const RAFT_PROPOSALS: &str = "tandem_raft_proposals_total";
+pub const RAFT_COMMIT_SECONDS: &str = "tandem_raft_commit_seconds";
+pub const RAFT_FSYNC_SECONDS: &str = "tandem_raft_fsync_seconds";
+pub const RAFT_COMMIT_INDEX: &str = "tandem_raft_commit_index";
+pub const RAFT_APPLIED_INDEX: &str = "tandem_raft_applied_index";
+pub const RAFT_APPLY_LAG: &str = "tandem_raft_apply_lag_entries";
+pub const RAFT_LOG_ENTRIES: &str = "tandem_raft_log_entries";
+pub const RAFT_SNAPSHOTS: &str = "tandem_raft_snapshots_total";
+
+/// Latency buckets, in seconds: 100 µs to 30 s.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process's recorder (once; later calls return the same
+/// handle). `None` if another recorder was installed first.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+                .ok()?
+                .install_recorder()
+                .map_err(|e| tracing::warn!(error = %e, "metrics are off"))
+                .ok()?;
+            describe();
+            Some(recorder)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(TX_BEGUN, "Transactions begun, by protocol");
+    describe_counter!(
+        TX_FINISHED,
+        "Transactions finished, by protocol, outcome (committed, aborted) and heuristic (true: an op was resolved by hand)"
+    );
+    describe_gauge!(TX_IN_FLIGHT, "Unfinished transactions");
+    describe_gauge!(
+        TX_STUCK,
+        "Unfinished transactions with an op that failed 5 times or more"
+    );
+    describe_gauge!(TX_RETAINED, "Transactions held, finished ones included");
+    describe_histogram!(
+        DECISION_SECONDS,
+        Unit::Seconds,
+        "From begin to the decision, by protocol and outcome"
+    );
+    describe_counter!(REPAIRS, "Operators' repairs applied, by action");
+    describe_histogram!(
+        BRANCH_CALL_SECONDS,
+        Unit::Seconds,
+        "Calls to participants, by op and result (ok, failed, transient)"
+    );
+    describe_gauge!(RAFT_TERM, "This node's Raft term");
+    describe_gauge!(
+        RAFT_ROLE,
+        "1 for this node's role (label role), 0 for the others"
+    );
+    describe_counter!(RAFT_LEADER_CHANGES, "Times this node saw the leader change");
+    describe_counter!(RAFT_PROPOSALS, "Commands proposed on this node");
+    describe_histogram!(
+        RAFT_COMMIT_SECONDS,
+        Unit::Seconds,
+        "From proposal to applied, on the leader"
+    );
+    describe_histogram!(
+        RAFT_FSYNC_SECONDS,
+        Unit::Seconds,
+        "One log write with fsync"
+    );
+    describe_gauge!(RAFT_COMMIT_INDEX, "Highest committed log index");
+    describe_gauge!(RAFT_APPLIED_INDEX, "Highest applied log index");
+    describe_gauge!(RAFT_APPLY_LAG, "Committed entries not applied yet");
+    describe_gauge!(RAFT_LOG_ENTRIES, "Log entries after the last snapshot");
+    describe_counter!(RAFT_SNAPSHOTS, "Snapshots this node wrote");
+}
+
+/// A transaction began here (as applied).
+pub fn tx_begun(tx: &Transaction) {
+    counter!(TX_BEGUN, "protocol" => tx.protocol.name()).increment(1);
+}
+
+/// An applied entry changed `tx`: count its decision and its end.
+pub fn tx_changed(tx: &Transaction, index: u64) {
+    if let Some(d) = &tx.decision
+        && d.index == index
+    {
+        let outcome = match d.outcome {
+            crate::model::types::Outcome::Commit => "commit",
+            crate::model::types::Outcome::Abort => "abort",
+        };
+        let seconds = (d.decided_at_ms - tx.created_at_ms).max(0) as f64 / 1000.0;
+        histogram!(DECISION_SECONDS, "protocol" => tx.protocol.name(), "outcome" => outcome)
+            .record(seconds);
+    }
+    if let Some(repair) = tx.repairs.last()
+        && repair.index == index
+    {
+        counter!(REPAIRS, "action" => repair.action.name()).increment(1);
+    }
+    if tx.state.is_terminal() && tx.version == index {
+        counter!(
+            TX_FINISHED,
+            "protocol" => tx.protocol.name(),
+            "outcome" => tx.state.name(),
+            "heuristic" => if tx.is_heuristic() { "true" } else { "false" }
+        )
+        .increment(1);
+    }
+}
+
+/// One call to a participant ended.
+pub fn branch_call(op: &'static str, result: &'static str, took: Duration) {
+    histogram!(BRANCH_CALL_SECONDS, "op" => op, "result" => result).record(took.as_secs_f64());
+}
+
+pub fn proposals(n: usize) {
+    counter!(RAFT_PROPOSALS).increment(n as u64);
+}
+
+pub fn commit_latency(took: Duration) {
+    histogram!(RAFT_COMMIT_SECONDS).record(took.as_secs_f64());
+}
+
+pub fn fsync(took: Duration) {
+    histogram!(RAFT_FSYNC_SECONDS).record(took.as_secs_f64());
+}
+
+pub fn snapshot_written() {
+    counter!(RAFT_SNAPSHOTS).increment(1);
+}
+
+pub fn leader_changed() {
+    counter!(RAFT_LEADER_CHANGES).increment(1);
+}
+
+const ROLES: [Role; 6] = [
+    Role::Leader,
+    Role::Follower,
+    Role::Candidate,
+    Role::PreCandidate,
+    Role::Learner,
+    Role::Detached,
+];
+
+/// Sets the gauges that describe state, from this node's own view (no
+/// round trip: a scrape must work on a node cut off from the others).
+pub fn refresh(transactions: &Transactions) {
+    let replica = transactions.replica();
+    let node = replica.node_status();
+    let status = replica.status();
+    gauge!(TX_IN_FLIGHT).set(status.active_txs as f64);
+    gauge!(TX_RETAINED).set(status.txs as f64);
+    gauge!(TX_STUCK).set(status.stuck_txs as f64);
+    gauge!(RAFT_TERM).set(node.term as f64);
+    for role in ROLES {
+        gauge!(RAFT_ROLE, "role" => role.name()).set(if role == node.role { 1.0 } else { 0.0 });
+    }
+    gauge!(RAFT_COMMIT_INDEX).set(node.commit as f64);
+    gauge!(RAFT_APPLIED_INDEX).set(node.applied as f64);
+    gauge!(RAFT_APPLY_LAG).set(node.commit.saturating_sub(node.applied) as f64);
+    gauge!(RAFT_LOG_ENTRIES).set(node.last_index.saturating_sub(node.snapshot_index) as f64);
+}
