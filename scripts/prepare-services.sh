@@ -84,3 +84,12 @@ if ! port_open 5672; then
   port_open 5672 || { log "RabbitMQ did not come up"; exit 1; }
 fi
 log "RabbitMQ ready"
+
+# Python tools for the HTTP API's tests: the plain-`requests` client and
+# schemathesis (PyPI, pinned in clients/python/requirements.txt).
+if ! python3 -c 'import requests' 2>/dev/null || ! command -v schemathesis >/dev/null; then
+  log "installing the Python test tools"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    -r "$(dirname "$0")/../clients/python/requirements.txt"
+fi
+log "Python tools ready"

@@ -750,3 +750,67 @@ async fn cli_submits_a_saga_from_a_json_file_and_watches_it() {
     let (ok, out) = cli(&cluster, &["tx", "submit-saga", file.to_str().unwrap()]);
     assert!(!ok && out.contains("stepz"), "{out}");
 }
+
+/// A watch streams the transaction as it changes and ends once it has
+/// finished: the last event is the terminal state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_every_change_until_the_end() {
+    let cluster = Cluster::start(1);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let service = StepService::start().await;
+    *service.recorder.action_delay.lock().unwrap() = Duration::from_millis(300);
+    let url = cluster.node(1).http_url();
+    let client = http();
+    let mut body = saga_body("watched", &service.saga, &["one", "two"]);
+    body["wait"] = json!(false);
+    let response = client
+        .post(format!("{url}/v1/sagas"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let response = client
+        .get(format!(
+            "{url}/v1/transactions/watched/watch?timeout_ms=20000"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let started = Instant::now();
+    let text = response.text().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the stream ended with the saga"
+    );
+    let states: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["state"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(states.len() >= 2, "{text}");
+    assert_eq!(states.last().unwrap(), "committed", "{text}");
+    assert!(
+        states[..states.len() - 1].iter().all(|s| s == "active"),
+        "{states:?}"
+    );
+    // An unknown gid: a problem, not a stream.
+    let response = client
+        .get(format!("{url}/v1/transactions/nope/watch"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}

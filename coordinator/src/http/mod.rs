@@ -137,7 +137,7 @@ fn leader_of(status: &Status) -> Option<String> {
         BeginBody, SagaBody, StepJson, MessageBody, DestinationJson, RegisterBody,
         OpEndpointJson, CommitBody, AbortBody, RepairBody, OptionsJson, RetryJson,
         ProtocolName, StateName, BegunJson, TxJson, ListJson, TransactionJson, BranchJson,
-        OpJson, DecisionJson, RepairJson, Problem
+        OpJson, DecisionJson, RepairJson, Problem, SseEvent
     )),
     tags((name = "transactions", description = "Client operations, as in the gRPC API"),
          (name = "repair", description = "Operators' repairs, recorded in the transaction's history"))
@@ -372,7 +372,7 @@ async fn prepare_message(
 /// Enlist a branch (TCC, XA, 2PC, 3PC) while the transaction is active.
 /// Idempotent per branch id and spec.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/branches", tag = "transactions",
-    params(("gid" = String, Path, description = "The transaction")),
+    params(("gid" = String, Path, description = "The transaction", pattern = "^[!-~]{1,128}$")),
     request_body = RegisterBody,
     responses(
         (status = 200, description = "Registered", body = TxJson),
@@ -392,7 +392,7 @@ async fn register_branch(
 /// Ask to commit (a message: submit it). Safe to repeat; answers with the
 /// transaction as the request left it, or with `wait` once it ended.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/commit", tag = "transactions",
-    params(("gid" = String, Path, description = "The transaction")),
+    params(("gid" = String, Path, description = "The transaction", pattern = "^[!-~]{1,128}$")),
     request_body(content = CommitBody, description = "May be empty"),
     responses(
         (status = 200, description = "Commit recorded (or done, with wait)", body = TxJson),
@@ -417,7 +417,7 @@ async fn commit(
 /// Abort an undecided transaction (a saga compensates, a message is
 /// dropped). Safe to repeat; refused once the decision to commit is recorded.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/abort", tag = "transactions",
-    params(("gid" = String, Path, description = "The transaction")),
+    params(("gid" = String, Path, description = "The transaction", pattern = "^[!-~]{1,128}$")),
     request_body(content = AbortBody, description = "May be empty"),
     responses(
         (status = 200, description = "Abort recorded (or done, with wait)", body = TxJson),
@@ -442,7 +442,7 @@ async fn abort(
 
 /// One transaction, as of a linearizable read.
 #[utoipa::path(get, path = "/v1/transactions/{gid}", tag = "transactions",
-    params(("gid" = String, Path, description = "The transaction"), GetQuery),
+    params(("gid" = String, Path, description = "The transaction", pattern = "^[!-~]{1,128}$"), GetQuery),
     responses(
         (status = 200, description = "The transaction", body = TxJson),
         (status = "4XX", description = "Unknown gid or bad query", body = Problem, content_type = "application/problem+json"),
@@ -513,7 +513,7 @@ async fn list(
 /// Repair: call the open ops of a stuck transaction now (one branch or
 /// every one) instead of after their backoff. Recorded in its history.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/retry", tag = "repair",
-    params(("gid" = String, Path, description = "The transaction")),
+    params(("gid" = String, Path, description = "The transaction", pattern = "^[!-~]{1,128}$")),
     request_body(content = RepairBody, description = "May be empty"),
     responses(
         (status = 200, description = "Recorded; the calls go out now", body = TxJson),
@@ -540,7 +540,7 @@ async fn retry(
 /// can never acknowledge. The transaction finishes with a heuristic
 /// outcome, shown as such everywhere. Only after the decision.
 #[utoipa::path(post, path = "/v1/transactions/{gid}/resolve", tag = "repair",
-    params(("gid" = String, Path, description = "The transaction")),
+    params(("gid" = String, Path, description = "The transaction", pattern = "^[!-~]{1,128}$")),
     request_body = RepairBody,
     responses(
         (status = 200, description = "Resolved by hand", body = TxJson),
@@ -567,9 +567,9 @@ async fn resolve(
 /// its state now, then one per change this node applies, until it has
 /// finished or the watch's time is up.
 #[utoipa::path(get, path = "/v1/transactions/{gid}/watch", tag = "transactions",
-    params(("gid" = String, Path, description = "The transaction"), WatchQuery),
+    params(("gid" = String, Path, description = "The transaction", pattern = "^[!-~]{1,128}$"), WatchQuery),
     responses(
-        (status = 200, description = "An event stream of `transaction` events (TransactionJson)", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream: `transaction` events whose data is a TransactionJson", content_type = "text/event-stream", body = SseEvent),
         (status = "4XX", description = "Unknown gid, bad query, or too many watches", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No leader now; retry", body = Problem, content_type = "application/problem+json"),
     ))]

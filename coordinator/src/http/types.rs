@@ -156,6 +156,7 @@ fn payload_bytes(
 pub struct BeginBody {
     /// 1..=128 printable ASCII bytes without spaces, chosen by the client
     /// so that a retried request is recognised.
+    #[schema(pattern = "^[!-~]{1,128}$")]
     pub gid: String,
     pub protocol: ProtocolName,
     #[serde(default)]
@@ -201,6 +202,7 @@ pub struct StepJson {
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SagaBody {
+    #[schema(pattern = "^[!-~]{1,128}$")]
     pub gid: String,
     pub steps: Vec<StepJson>,
     #[serde(default)]
@@ -267,6 +269,7 @@ pub struct DestinationJson {
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MessageBody {
+    #[schema(pattern = "^[!-~]{1,128}$")]
     pub gid: String,
     /// The producer's check-back endpoint (asked whether its local
     /// transaction committed when no submit came by the timeout).
@@ -611,6 +614,18 @@ pub struct ListJson {
     /// Absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_page_token: Option<String>,
+}
+
+/// One server-sent event of a watch.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct SseEvent {
+    /// Always `transaction`.
+    pub event: String,
+    /// The transaction's version (the log index of its last change).
+    pub id: String,
+    /// A TransactionJson, as JSON text.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
 }
 
 /// An error, as RFC 9457 `application/problem+json`.
