@@ -87,9 +87,16 @@ log "RabbitMQ ready"
 
 # Python tools for the HTTP API's tests: the plain-`requests` client and
 # schemathesis (PyPI, pinned in clients/python/requirements.txt).
-if ! python3 -c 'import requests' 2>/dev/null || ! command -v schemathesis >/dev/null; then
+if ! python3 -c "import requests, playwright" 2>/dev/null || ! command -v schemathesis >/dev/null; then
   log "installing the Python test tools"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     -r "$(dirname "$0")/../clients/python/requirements.txt"
 fi
 log "Python tools ready"
+
+# Debian's chromium, driven headless by the dashboard's browser test.
+if ! command -v chromium >/dev/null; then
+  log "installing chromium"
+  install chromium
+fi
+log "chromium ready"

@@ -24,8 +24,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tandem_proto::v1 as pb;
-use tandem_proto::v1::coordinator_client::CoordinatorClient;
-use tandem_proto::v1::coordinator_server::Coordinator;
 use tonic::{Code, Status};
 use utoipa::OpenApi;
 
@@ -47,6 +45,7 @@ const FORWARD_DEADLINE: Duration = Duration::from_secs(5);
 pub struct ApiState {
     local: CoordinatorService,
     transactions: Transactions,
+    cluster: crate::service::ClusterAdmin,
     /// A client of the leader a request was last forwarded to.
     forward: Mutex<Option<(String, tandem_sdk::Client)>>,
     watches: Arc<tokio::sync::Semaphore>,
@@ -60,6 +59,7 @@ impl ApiState {
     ) -> ApiState {
         ApiState {
             local: CoordinatorService::new(transactions.clone()),
+            cluster: crate::service::ClusterAdmin::new(transactions.replica().clone()),
             transactions,
             forward: Mutex::new(None),
             watches: Arc::new(tokio::sync::Semaphore::new(WATCHES_MAX)),
@@ -88,30 +88,39 @@ impl ApiState {
 macro_rules! call {
     ($state:expr, $method:ident, $request:expr) => {{
         let request = $request;
-        match $state
-            .local
-            .$method(tonic::Request::new(request.clone()))
-            .await
-        {
+        let local = ::tandem_proto::v1::coordinator_server::Coordinator::$method(
+            &$state.local,
+            ::tonic::Request::new(request.clone()),
+        )
+        .await;
+        match local {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => match leader_of(&status) {
+            Err(status) => match $crate::http::leader_of(&status) {
                 Some(leader) => {
                     let client = $state.leader_client(&leader)?;
                     client
                         .call(|channel| {
                             let request = request.clone();
-                            async move { CoordinatorClient::new(channel).$method(request).await }
+                            async move {
+                                ::tandem_proto::v1::coordinator_client::CoordinatorClient::new(
+                                    channel,
+                                )
+                                .$method(request)
+                                .await
+                            }
                         })
                         .await
-                        .map_err(ApiError::from)
+                        .map_err($crate::http::ApiError::from)
                 }
-                None => Err(ApiError::from(status)),
+                None => Err($crate::http::ApiError::from(status)),
             },
         }
     }};
 }
 
-fn leader_of(status: &Status) -> Option<String> {
+mod ui;
+
+pub(crate) fn leader_of(status: &Status) -> Option<String> {
     if status.code() != Code::Unavailable {
         return None;
     }
@@ -159,6 +168,10 @@ pub fn router(state: Arc<ApiState>, body_limit: usize) -> Router {
         .route("/v1/messages", post(prepare_message))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .route("/ui", get(ui::overview))
+        .route("/ui/", get(ui::overview))
+        .route("/ui/tx/{gid}", get(ui::transaction))
+        .route("/", get(|| async { axum::response::Redirect::to("/ui") }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
