@@ -47,6 +47,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_HTTP_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<String>,
+    /// Export traces over OTLP/gRPC to this collector, e.g.
+    /// http://127.0.0.1:4317. [default: off]
+    #[arg(long, env = "TANDEM_OTLP_ENDPOINT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
     /// Address peers and clients dial to reach this node. [default: --listen]
     #[arg(long, env = "TANDEM_ADVERTISE")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -184,6 +189,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// The HTTP API's address; `None`: off.
     pub http_listen: Option<SocketAddr>,
+    /// Where traces go (OTLP/gRPC); `None`: tracing off.
+    pub otlp_endpoint: Option<String>,
     pub node: NodeConfig,
     pub limits: Limits,
     /// How long finished transactions are kept.
@@ -230,6 +237,14 @@ impl ServeConfig {
         if http_listen.is_some_and(|h| h == listen) {
             return Err(err(format!(
                 "--http-listen and --listen are both {listen}; give each its own port"
+            )));
+        }
+        let otlp_endpoint = args.otlp_endpoint.filter(|e| !e.is_empty());
+        if let Some(endpoint) = &otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(err(format!(
+                "--otlp-endpoint {endpoint:?} must be an http:// or https:// URL (OTLP over gRPC, e.g. http://127.0.0.1:4317)"
             )));
         }
         let address = args.advertise.unwrap_or(listen_text);
@@ -341,6 +356,7 @@ impl ServeConfig {
         Ok(ServeConfig {
             listen,
             http_listen,
+            otlp_endpoint,
             node,
             limits,
             retention,

@@ -18,3 +18,4 @@ pub mod service;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod state;
+pub mod telemetry;

@@ -30,7 +30,6 @@ fn main() -> ExitCode {
             )
         };
     }
-    cli::init_logging(cli.log_format, &cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -122,6 +122,7 @@ fn initial() -> State {
         version: 1,
         commit_requested: false,
         repairs: Vec::new(),
+        trace_parent: String::new(),
     };
     let (ops, _) = protocol::branch_ops(Protocol::ThreePc);
     for b in BRANCHES {

@@ -4,6 +4,7 @@
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::coordinator_server::Coordinator;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::convert::{protocol_from_pb, state_from_pb, tx_to_pb};
 use super::status::{from_service_error, invalid};
@@ -12,6 +13,7 @@ use crate::service::{
     BeginInput, ListInput, MessageInput, OptionsInput, RegisterInput, RepairInput, RetryInput,
     SagaInput, StepInput, Transactions, wait_timeout,
 };
+use crate::telemetry;
 
 pub struct CoordinatorService {
     service: Transactions,
@@ -21,6 +23,38 @@ impl CoordinatorService {
     pub fn new(service: Transactions) -> Self {
         CoordinatorService { service }
     }
+}
+
+/// The W3C trace context a client sent in the request's metadata.
+fn client_traceparent<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get(telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// The coordinator's span for a request that begins a transaction (a
+/// child of the client's context; none when tracing is off), and the
+/// context the transaction's later work continues.
+fn request_span(
+    name: &'static str,
+    gid: &str,
+    client: Option<&str>,
+) -> (tracing::Span, Option<String>) {
+    let span = telemetry::child_span(
+        || {
+            tracing::info_span!(
+                "tandem.request",
+                otel.name = name,
+                otel.kind = "server",
+                gid
+            )
+        },
+        client,
+    );
+    let trace = telemetry::traceparent_for(&span, client);
+    (span, trace)
 }
 
 fn retry_input(r: pb::RetryPolicy) -> RetryInput {
@@ -47,7 +81,9 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
+        let client = client_traceparent(&request);
         let request = request.into_inner();
+        let (span, trace_parent) = request_span("Begin", &request.gid, client.as_deref());
         let protocol = match protocol_from_pb(request.protocol) {
             Ok(protocol) => protocol,
             Err(e) => {
@@ -64,7 +100,9 @@ impl Coordinator for CoordinatorService {
                 protocol,
                 options: options_input(request.options),
                 payload: request.payload.into(),
+                trace_parent,
             })
+            .instrument(span)
             .await
             .map_err(from_service_error)?;
         Ok(Response::new(pb::BeginResponse {
@@ -77,7 +115,9 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::SubmitSagaRequest>,
     ) -> Result<Response<pb::SubmitSagaResponse>, Status> {
+        let client = client_traceparent(&request);
         let request = request.into_inner();
+        let (span, trace_parent) = request_span("SubmitSaga", &request.gid, client.as_deref());
         let steps = request
             .steps
             .into_iter()
@@ -99,7 +139,9 @@ impl Coordinator for CoordinatorService {
                 payload: request.payload.into(),
                 concurrent: request.concurrent,
                 wait: request.wait.then(|| wait_timeout(request.wait_timeout_ms)),
+                trace_parent,
             })
+            .instrument(span)
             .await
             .map_err(from_service_error)?;
         Ok(Response::new(pb::SubmitSagaResponse {
@@ -112,7 +154,9 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::PrepareMessageRequest>,
     ) -> Result<Response<pb::PrepareMessageResponse>, Status> {
+        let client = client_traceparent(&request);
         let request = request.into_inner();
+        let (span, trace_parent) = request_span("PrepareMessage", &request.gid, client.as_deref());
         let destinations = request
             .destinations
             .into_iter()
@@ -130,7 +174,9 @@ impl Coordinator for CoordinatorService {
                 check_back: request.check_back,
                 destinations,
                 payload: request.payload.into(),
+                trace_parent,
             })
+            .instrument(span)
             .await
             .map_err(from_service_error)?;
         Ok(Response::new(pb::PrepareMessageResponse {

@@ -42,6 +42,8 @@ pub struct BranchCall<'a> {
     pub payload: &'a Payload,
     pub fence: Fence,
     pub timeout: Duration,
+    /// W3C trace context for the participant's work (`telemetry`).
+    pub traceparent: Option<&'a str>,
 }
 
 pub struct BranchCaller {
@@ -118,6 +120,9 @@ impl BranchCaller {
                 tandem_proto::wire::message_id(call.gid, call.branch_id),
             );
         }
+        if let Some(traceparent) = call.traceparent {
+            request = request.header(crate::telemetry::TRACEPARENT, traceparent);
+        }
         match request.body(call.payload.clone()).send().await {
             Ok(response) => {
                 let status = response.status();
@@ -168,6 +173,11 @@ impl BranchCaller {
             protocol: protocol_to_pb(call.protocol) as i32,
         });
         request.set_timeout(call.timeout);
+        if let Some(value) = call.traceparent.and_then(|t| t.parse().ok()) {
+            request
+                .metadata_mut()
+                .insert(crate::telemetry::TRACEPARENT, value);
+        }
         let mut client = ParticipantClient::new(channel);
         match tokio::time::timeout(call.timeout, client.call(request)).await {
             Ok(Ok(_)) => OpOutcome::Succeeded,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tandem_coordinator::config::{ServeArgs, ServeConfig};
+
 use tandem_coordinator::model::{Protocol, TxState};
 use tandem_sdk::{Client, proto as pb};
 
@@ -272,30 +273,67 @@ pub enum TxCommand {
     },
 }
 
-pub fn init_logging(format: LogFormat, filter: &str) {
+/// Logs to stderr (the filter applies to them), and with `otlp` spans
+/// to that collector (every span at info and above, whatever the log
+/// filter). Call inside the runtime: the exporter needs it.
+fn init_logging(
+    format: LogFormat,
+    filter: &str,
+    otlp: Option<&str>,
+) -> anyhow::Result<Option<tandem_coordinator::telemetry::Telemetry>> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Human => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let (otel, guard) = match otlp {
+        Some(endpoint) => {
+            let (layer, guard) = tandem_coordinator::telemetry::layer(endpoint, "tandem")
+                .map_err(anyhow::Error::msg)?;
+            let level = tracing_subscriber::filter::LevelFilter::INFO;
+            (Some(layer.with_filter(level)), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .init();
+    Ok(guard)
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(*args).await,
-
-        Command::Cluster { command } => cluster(command).await,
-        Command::Tx { command } => tx(command).await,
-        Command::Bench { command } => bench::run(command).await,
+        Command::Serve(args) => {
+            let config = ServeConfig::resolve(*args)?;
+            let _telemetry = init_logging(
+                cli.log_format,
+                &cli.log_level,
+                config.otlp_endpoint.as_deref(),
+            )?;
+            if let Some(endpoint) = &config.otlp_endpoint {
+                tracing::info!(%endpoint, "exporting traces");
+            }
+            serve(config).await
+        }
+        command => {
+            init_logging(cli.log_format, &cli.log_level, None)?;
+            match command {
+                Command::Cluster { command } => cluster(command).await,
+                Command::Tx { command } => tx(command).await,
+                Command::Bench { command } => bench::run(command).await,
+                Command::Serve(_) => unreachable!("matched above"),
+            }
+        }
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = ServeConfig::resolve(args)?;
+async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Fail-stop: a node that hit a bug (or a failpoint's panic) must not limp
     // on with half its tasks dead; its peers carry on and it restarts clean.
     let default_hook = std::panic::take_hook();

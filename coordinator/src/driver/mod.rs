@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::branch::{BranchCall, BranchTransport};
 use crate::clock::Clock;
@@ -169,6 +170,8 @@ struct CallSpec {
     phase_two: bool,
     /// Phase one gives up after this many attempts (the protocol decides).
     attempts_limit: Option<u32>,
+    /// The transaction's trace context (`None`: it has none).
+    trace_parent: Option<String>,
 }
 
 impl CallSpec {
@@ -184,6 +187,7 @@ impl CallSpec {
             timeout: Duration::from_millis(u64::from(tx.options.branch_timeout_ms)),
             phase_two,
             attempts_limit,
+            trace_parent: (!tx.trace_parent.is_empty()).then(|| tx.trace_parent.clone()),
             call,
         }
     }
@@ -324,6 +328,7 @@ impl<T: BranchTransport> Worker<T> {
             timeout,
             phase_two,
             attempts_limit,
+            trace_parent,
         } = spec;
         let key = Some((call.branch_id.clone(), call.op));
         let Ok(_permit) = self.calls.clone().acquire_owned().await else {
@@ -333,6 +338,26 @@ impl<T: BranchTransport> Worker<T> {
                 failing,
             };
         };
+        // One span per call, a child of the transaction's context; its
+        // context goes to the participant (none made when tracing is off:
+        // the transaction's context passes on as it is).
+        let span = crate::telemetry::child_span(
+            || {
+                tracing::info_span!(
+                    "tandem.branch_call",
+                    otel.name = %format_args!("{} {}", call.op.name(), call.branch_id),
+                    otel.kind = "client",
+                    gid = %gid,
+                    branch = %call.branch_id,
+                    op = call.op.name(),
+                    attempt = failing.attempts + 1,
+                    fence = %format_args!("{}/{}", call.fence.term, call.fence.index),
+                    otel.status_code = tracing::field::Empty,
+                )
+            },
+            trace_parent.as_deref(),
+        );
+        let traceparent = crate::telemetry::traceparent_for(&span, trace_parent.as_deref());
         let started = std::time::Instant::now();
         let outcome = self
             .caller
@@ -345,8 +370,21 @@ impl<T: BranchTransport> Worker<T> {
                 payload: &payload,
                 fence: call.fence,
                 timeout,
+                traceparent: traceparent.as_deref(),
             })
+            .instrument(span.clone())
             .await;
+        if !span.is_none() {
+            span.record(
+                "otel.status_code",
+                if outcome == OpOutcome::Succeeded {
+                    "ok"
+                } else {
+                    "error"
+                },
+            );
+        }
+        drop(span);
         crate::metrics::branch_call(
             call.op.name(),
             match &outcome {

@@ -86,11 +86,15 @@ impl ApiState {
 /// Calls this node's gRPC service in process; a node that is not the
 /// leader forwards the same request to the leader it names.
 macro_rules! call {
-    ($state:expr, $method:ident, $request:expr) => {{
+    ($state:expr, $method:ident, $request:expr) => {
+        call!($state, $method, $request, None::<&str>)
+    };
+    ($state:expr, $method:ident, $request:expr, $traceparent:expr) => {{
         let request = $request;
+        let traceparent: Option<&str> = $traceparent;
         let local = ::tandem_proto::v1::coordinator_server::Coordinator::$method(
             &$state.local,
-            ::tonic::Request::new(request.clone()),
+            $crate::http::grpc_request(request.clone(), traceparent),
         )
         .await;
         match local {
@@ -100,7 +104,7 @@ macro_rules! call {
                     let client = $state.leader_client(&leader)?;
                     client
                         .call(|channel| {
-                            let request = request.clone();
+                            let request = $crate::http::grpc_request(request.clone(), traceparent);
                             async move {
                                 ::tandem_proto::v1::coordinator_client::CoordinatorClient::new(
                                     channel,
@@ -116,6 +120,27 @@ macro_rules! call {
             },
         }
     }};
+}
+
+/// A gRPC request carrying the client's trace context, if it sent one.
+pub(crate) fn grpc_request<T>(message: T, traceparent: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = traceparent
+        .and_then(crate::telemetry::valid_traceparent)
+        .and_then(|v| v.parse().ok())
+    {
+        request
+            .metadata_mut()
+            .insert(crate::telemetry::TRACEPARENT, value);
+    }
+    request
+}
+
+/// The `traceparent` header of an HTTP request.
+fn traceparent(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(crate::telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
 }
 
 mod ui;
@@ -334,10 +359,12 @@ fn begun(tx: Option<pb::Transaction>, created: bool) -> Response {
     ))]
 async fn begin(
     State(state): State<Arc<ApiState>>,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<BeginBody>,
 ) -> ApiResult<Response> {
     let request = body.to_pb().map_err(|e| invalid(&body.gid, e))?;
-    let response = call!(state, begin, request).map_err(|e| e.about(&body.gid))?;
+    let response =
+        call!(state, begin, request, traceparent(&headers)).map_err(|e| e.about(&body.gid))?;
     Ok(begun(response.transaction, response.created))
 }
 
@@ -355,10 +382,12 @@ async fn begin(
     ))]
 async fn submit_saga(
     State(state): State<Arc<ApiState>>,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<SagaBody>,
 ) -> ApiResult<Response> {
     let request = body.to_pb().map_err(|e| invalid(&body.gid, e))?;
-    let response = call!(state, submit_saga, request).map_err(|e| e.about(&body.gid))?;
+    let response = call!(state, submit_saga, request, traceparent(&headers))
+        .map_err(|e| e.about(&body.gid))?;
     Ok(begun(response.transaction, response.created))
 }
 
@@ -375,10 +404,12 @@ async fn submit_saga(
     ))]
 async fn prepare_message(
     State(state): State<Arc<ApiState>>,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<MessageBody>,
 ) -> ApiResult<Response> {
     let request = body.to_pb().map_err(|e| invalid(&body.gid, e))?;
-    let response = call!(state, prepare_message, request).map_err(|e| e.about(&body.gid))?;
+    let response = call!(state, prepare_message, request, traceparent(&headers))
+        .map_err(|e| e.about(&body.gid))?;
     Ok(begun(response.transaction, response.created))
 }
 

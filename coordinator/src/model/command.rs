@@ -80,6 +80,13 @@ pub enum Command {
         payload: Payload,
         now_ms: i64,
     },
+    /// A command that came with a W3C trace context (`traceparent`): a
+    /// transaction it begins keeps it, so that every later call on its
+    /// behalf — from whichever leader — joins the same trace.
+    Traced {
+        trace_parent: String,
+        command: Box<Command>,
+    },
     /// An operator's repair (`tandem tx retry|resolve`), recorded in the
     /// transaction's history. `branch_id` `None`: every branch it fits.
     Repair {
@@ -161,6 +168,7 @@ impl Command {
             | Command::Timeout { gid, .. }
             | Command::PrepareMessage { gid, .. }
             | Command::Repair { gid, .. } => Some(gid),
+            Command::Traced { command, .. } => command.gid(),
             Command::Gc { .. } | Command::InitCluster { .. } => None,
         }
     }

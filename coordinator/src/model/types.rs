@@ -356,6 +356,9 @@ pub struct Transaction {
     /// Operators' repairs, oldest first; at most `validate::REPAIRS_MAX`
     /// (the oldest retries give way first).
     pub repairs: Vec<Repair>,
+    /// W3C `traceparent` its work continues (the coordinator's span for
+    /// the request that began it, or the client's context); empty: none.
+    pub trace_parent: String,
 }
 
 impl Transaction {

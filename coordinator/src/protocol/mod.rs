@@ -719,6 +719,7 @@ pub(crate) mod tests {
             version: 1,
             commit_requested: false,
             repairs: Vec::new(),
+            trace_parent: String::new(),
         }
     }
 

@@ -46,6 +46,9 @@ pub struct OptionsInput {
 }
 
 pub struct BeginInput {
+    /// W3C trace context the transaction's work continues (ignored unless
+    /// well formed).
+    pub trace_parent: Option<String>,
     pub gid: String,
     /// Required; `None` is refused with the protocols to choose from.
     pub protocol: Option<Protocol>,
@@ -63,6 +66,9 @@ pub struct StepInput {
 }
 
 pub struct SagaInput {
+    /// W3C trace context the transaction's work continues (ignored unless
+    /// well formed).
+    pub trace_parent: Option<String>,
     pub gid: String,
     pub options: OptionsInput,
     pub steps: Vec<StepInput>,
@@ -74,6 +80,9 @@ pub struct SagaInput {
 }
 
 pub struct MessageInput {
+    /// W3C trace context the transaction's work continues (ignored unless
+    /// well formed).
+    pub trace_parent: Option<String>,
     pub gid: String,
     pub options: OptionsInput,
     /// The producer's check-back endpoint.
@@ -145,11 +154,16 @@ impl Transactions {
     }
 
     /// Starts a transaction; `(tx, created)`. Idempotent per gid and protocol.
-    pub async fn begin(&self, input: BeginInput) -> Result<(Arc<Transaction>, bool)> {
+    pub async fn begin(&self, mut input: BeginInput) -> Result<(Arc<Transaction>, bool)> {
+        let trace = input.trace_parent.take();
         let proposal = checks::begin(&self.limits, input, self.clock.now_ms())?;
         self.replica.ensure_leader()?;
         self.check_admission(&proposal)?;
-        match self.replica.propose(proposal.command).await?? {
+        match self
+            .replica
+            .propose(traced(proposal.command, trace))
+            .await??
+        {
             Applied::Begun { tx, created } => Ok((tx, created)),
             other => Err(ServiceError::Internal(format!(
                 "unexpected result of Begin: {other:?}"
@@ -158,13 +172,18 @@ impl Transactions {
     }
 
     /// Submits a whole saga; `(tx, created)`. Idempotent per gid and steps.
-    pub async fn submit_saga(&self, input: SagaInput) -> Result<(Arc<Transaction>, bool)> {
+    pub async fn submit_saga(&self, mut input: SagaInput) -> Result<(Arc<Transaction>, bool)> {
         let wait = input.wait;
+        let trace = input.trace_parent.take();
         let proposal = checks::saga(&self.limits, input, self.clock.now_ms())?;
         self.replica.ensure_leader()?;
         self.check_admission(&proposal)?;
         let watch = self.replica.watch(proposal.gid());
-        let (tx, created) = match self.replica.propose(proposal.command).await?? {
+        let (tx, created) = match self
+            .replica
+            .propose(traced(proposal.command, trace))
+            .await??
+        {
             Applied::Begun { tx, created } => (tx, created),
             other => {
                 return Err(ServiceError::Internal(format!(
@@ -182,11 +201,19 @@ impl Transactions {
     /// Prepares a transactional message; `(tx, created)`. Idempotent per
     /// gid and spec. Nothing is delivered before Submit (or the check-back)
     /// decides.
-    pub async fn prepare_message(&self, input: MessageInput) -> Result<(Arc<Transaction>, bool)> {
+    pub async fn prepare_message(
+        &self,
+        mut input: MessageInput,
+    ) -> Result<(Arc<Transaction>, bool)> {
+        let trace = input.trace_parent.take();
         let proposal = checks::message(&self.limits, input, self.clock.now_ms())?;
         self.replica.ensure_leader()?;
         self.check_admission(&proposal)?;
-        match self.replica.propose(proposal.command).await?? {
+        match self
+            .replica
+            .propose(traced(proposal.command, trace))
+            .await??
+        {
             Applied::Begun { tx, created } => Ok((tx, created)),
             other => Err(ServiceError::Internal(format!(
                 "unexpected result of PrepareMessage: {other:?}"
@@ -378,6 +405,20 @@ impl Transactions {
             )));
         }
         Ok(())
+    }
+}
+
+/// The command, with the trace context it came with if that is well formed.
+fn traced(command: Command, trace_parent: Option<String>) -> Command {
+    match trace_parent
+        .as_deref()
+        .and_then(crate::telemetry::valid_traceparent)
+    {
+        Some(trace_parent) => Command::Traced {
+            trace_parent: trace_parent.to_string(),
+            command: Box::new(command),
+        },
+        None => command,
     }
 }
 

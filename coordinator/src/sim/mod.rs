@@ -687,6 +687,7 @@ impl World {
             let mut steps = Vec::new();
             let begin = |_now_ms: i64| {
                 let input = BeginInput {
+                    trace_parent: None,
                     gid: gid.clone(),
                     protocol: Some(protocol),
                     options,
@@ -763,6 +764,7 @@ impl World {
                     let mut options = options;
                     options.concurrency = if concurrent { 2 } else { 0 };
                     let input = SagaInput {
+                        trace_parent: None,
                         gid: gid.clone(),
                         options,
                         steps: specs,
@@ -786,6 +788,7 @@ impl World {
                         })
                         .collect();
                     let input = MessageInput {
+                        trace_parent: None,
                         gid: gid.clone(),
                         options,
                         check_back: endpoint(producer),
@@ -1798,20 +1801,7 @@ impl World {
         }
         // The leader stamps its clock into the command, as the service does.
         let wall = self.wall_ms(idx);
-        match &mut command {
-            Command::Begin { now_ms, .. }
-            | Command::SubmitSaga { now_ms, .. }
-            | Command::RegisterBranch { now_ms, .. }
-            | Command::Commit { now_ms, .. }
-            | Command::Abort { now_ms, .. }
-            | Command::PrepareMessage { now_ms, .. }
-            | Command::Repair { now_ms, .. } => *now_ms = wall,
-            // Not a client's: the driver's facts, housekeeping.
-            Command::OpResult { .. }
-            | Command::Timeout { .. }
-            | Command::Gc { .. }
-            | Command::InitCluster { .. } => {}
-        }
+        stamp(&mut command, wall);
         self.propose(id, &command, Waiter::Client { client: c, req });
     }
 
@@ -2038,4 +2028,23 @@ fn digest(tx: &Transaction) -> u64 {
 /// Runs one seed.
 pub fn run(seed: u64, opts: &Options) -> Report {
     World::new(seed, opts.clone()).run()
+}
+
+/// The leader stamps its clock into a client's command, as the service does.
+fn stamp(command: &mut Command, wall: i64) {
+    match command {
+        Command::Begin { now_ms, .. }
+        | Command::SubmitSaga { now_ms, .. }
+        | Command::RegisterBranch { now_ms, .. }
+        | Command::Commit { now_ms, .. }
+        | Command::Abort { now_ms, .. }
+        | Command::PrepareMessage { now_ms, .. }
+        | Command::Repair { now_ms, .. } => *now_ms = wall,
+        Command::Traced { command, .. } => stamp(command, wall),
+        // Not a client's: the driver's facts, housekeeping.
+        Command::OpResult { .. }
+        | Command::Timeout { .. }
+        | Command::Gc { .. }
+        | Command::InitCluster { .. } => {}
+    }
 }

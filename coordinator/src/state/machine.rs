@@ -59,7 +59,28 @@ impl StateMachine {
     }
 
     pub fn apply(&mut self, command: Command, ctx: ApplyContext) -> ApplyResult {
+        self.apply_traced(command, ctx, None)
+    }
+
+    /// [`StateMachine::apply`] for a command that came with a trace
+    /// context (`Command::Traced`): a transaction it creates keeps it.
+    fn apply_traced(
+        &mut self,
+        command: Command,
+        ctx: ApplyContext,
+        trace_parent: Option<String>,
+    ) -> ApplyResult {
         match command {
+            Command::Traced {
+                trace_parent: inner,
+                command,
+            } => match trace_parent {
+                None => self.apply_traced(*command, ctx, Some(inner)),
+                Some(_) => Err(Rejection::Invalid(validate::InvalidInput::Other {
+                    gid: command.gid().unwrap_or_default().to_string(),
+                    problem: "a traced command inside another".into(),
+                })),
+            },
             Command::Begin {
                 gid,
                 protocol,
@@ -89,6 +110,7 @@ impl StateMachine {
                     });
                 }
                 let tx = NewTx {
+                    trace_parent: trace_parent.clone().unwrap_or_default(),
                     gid,
                     protocol,
                     options,
@@ -130,6 +152,7 @@ impl StateMachine {
                     return repeat;
                 }
                 let tx = NewTx {
+                    trace_parent: trace_parent.clone().unwrap_or_default(),
                     gid,
                     protocol: Protocol::Saga,
                     options,
@@ -208,6 +231,7 @@ impl StateMachine {
                     return repeat;
                 }
                 let tx = NewTx {
+                    trace_parent: trace_parent.clone().unwrap_or_default(),
                     gid,
                     protocol: Protocol::Msg,
                     options,
@@ -294,6 +318,7 @@ impl StateMachine {
             version: ctx.index,
             commit_requested: false,
             repairs: Vec::new(),
+            trace_parent: new.trace_parent,
         };
         check_footprint(&tx)?;
         let tx = Arc::new(tx);
@@ -544,6 +569,8 @@ fn check_footprint(tx: &Transaction) -> Result<(), Rejection> {
 
 /// What a new transaction starts with.
 struct NewTx {
+    /// W3C trace context the transaction's work continues (empty: none).
+    trace_parent: String,
     gid: String,
     protocol: Protocol,
     options: TxOptions,
@@ -653,6 +680,7 @@ impl From<TransactionV2> for Transaction {
             version: t.version,
             commit_requested: t.commit_requested,
             repairs: Vec::new(),
+            trace_parent: String::new(),
         }
     }
 }

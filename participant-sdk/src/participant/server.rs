@@ -56,6 +56,49 @@ impl<H: Handler> ParticipantServer<H> {
     pub async fn call(&self, request: BranchRequest) -> Result<(), BranchError> {
         dispatch(&self.fences, self.handler.as_ref(), request).await
     }
+
+    /// [`ParticipantServer::call`] as a coordinator's call arrives, with its
+    /// W3C trace context: with the `otel` feature, the handler runs in a
+    /// span that joins the coordinator's trace (the application installs
+    /// the tracer and `opentelemetry::global`'s propagator).
+    async fn call_traced(
+        &self,
+        request: BranchRequest,
+        traceparent: Option<&str>,
+    ) -> Result<(), BranchError> {
+        #[cfg(feature = "otel")]
+        {
+            use tracing::Instrument;
+            let span = participant_span(&request.ctx, traceparent);
+            self.call(request).instrument(span).await
+        }
+        #[cfg(not(feature = "otel"))]
+        {
+            let _ = traceparent;
+            self.call(request).await
+        }
+    }
+}
+
+/// The span a call runs in, a child of the coordinator's branch call.
+#[cfg(feature = "otel")]
+fn participant_span(ctx: &BranchContext, traceparent: Option<&str>) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(
+        "tandem.participant",
+        otel.name = %format_args!("{} {}", ctx.op, ctx.branch_id),
+        otel.kind = "server",
+        gid = %ctx.gid,
+        branch = %ctx.branch_id,
+        op = %ctx.op,
+    );
+    if let Some(value) = traceparent {
+        let carrier =
+            std::collections::HashMap::from([("traceparent".to_string(), value.to_string())]);
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+        let _ = span.set_parent(parent);
+    }
+    span
 }
 
 /// Serves `handler` on `listener` until `shutdown` resolves.
@@ -114,7 +157,11 @@ async fn http_call<H: Handler>(
         Ok(ctx) => ctx,
         Err(bad) => return bad,
     };
-    match server.call(BranchRequest { ctx, payload: body }).await {
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    match server
+        .call_traced(BranchRequest { ctx, payload: body }, traceparent)
+        .await
+    {
         Ok(()) => (StatusCode::OK, String::new()),
         Err(BranchError::Failure(message)) => (StatusCode::CONFLICT, message),
         Err(BranchError::Transient(message)) => (StatusCode::SERVICE_UNAVAILABLE, message),
@@ -131,6 +178,11 @@ impl<H: Handler> Participant for ParticipantServer<H> {
         &self,
         request: tonic::Request<pb::BranchCallRequest>,
     ) -> Result<tonic::Response<pb::BranchCallResponse>, tonic::Status> {
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let r = request.into_inner();
         if r.gid.is_empty() || r.branch_id.is_empty() || r.op.is_empty() {
             return Err(tonic::Status::invalid_argument(
@@ -147,14 +199,15 @@ impl<H: Handler> Participant for ParticipantServer<H> {
                 index: r.fence_index,
             },
         };
-        match ParticipantServer::call(
-            self,
-            BranchRequest {
-                ctx,
-                payload: r.payload.into(),
-            },
-        )
-        .await
+        match self
+            .call_traced(
+                BranchRequest {
+                    ctx,
+                    payload: r.payload.into(),
+                },
+                traceparent.as_deref(),
+            )
+            .await
         {
             Ok(()) => Ok(tonic::Response::new(pb::BranchCallResponse {})),
             Err(BranchError::Failure(m)) => Err(tonic::Status::failed_precondition(m)),
