@@ -16,6 +16,7 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 ./target/release/tandem cluster status
+echo "dashboard: http://127.0.0.1:7080/ui   API: http://127.0.0.1:7080/openapi.json"
 ./target/release/quickstart --endpoint 127.0.0.1:7070
 ./target/release/order-events --endpoint 127.0.0.1:7070 --orders 200 --fail-rate 0.2
 ./target/release/xa-bank --endpoint 127.0.0.1:7070 --transfers 200 --concurrency 16 --fail-rate 0.1

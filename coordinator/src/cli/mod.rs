@@ -420,6 +420,36 @@ fn print_tx(tx: &pb::Transaction, json: bool) {
     }
 }
 
+/// Runs `work`; while it takes long and stderr is a terminal, says so
+/// there every second (stdout stays clean for scripts).
+async fn progress<T>(
+    label: &str,
+    waiting: bool,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    use std::io::IsTerminal;
+    if !waiting || !std::io::stderr().is_terminal() {
+        return work.await;
+    }
+    let started = tokio::time::Instant::now();
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval_at(
+        started + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    loop {
+        tokio::select! {
+            out = &mut work => {
+                eprint!("\r\x1b[K");
+                return out;
+            }
+            _ = tick.tick() => {
+                eprint!("\r\x1b[K{label}… {}s", started.elapsed().as_secs());
+            }
+        }
+    }
+}
+
 /// Prints a transaction, then each change, until it has ended or
 /// `timeout` passed (polling: a change between two looks is shown as the
 /// state after it).
@@ -490,9 +520,12 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
             json,
         } => {
             let client = endpoint.client()?;
-            let tx = client
-                .commit(&gid, wait.is_some(), wait.unwrap_or_default())
-                .await?;
+            let tx = progress(
+                &format!("waiting for {gid} to finish"),
+                wait.is_some(),
+                client.commit(&gid, wait.is_some(), wait.unwrap_or_default()),
+            )
+            .await?;
             print_tx(&tx, json);
         }
         TxCommand::Abort {
@@ -503,9 +536,12 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
             json,
         } => {
             let client = endpoint.client()?;
-            let tx = client
-                .abort(&gid, &reason, wait.is_some(), wait.unwrap_or_default())
-                .await?;
+            let tx = progress(
+                &format!("waiting for {gid} to finish aborting"),
+                wait.is_some(),
+                client.abort(&gid, &reason, wait.is_some(), wait.unwrap_or_default()),
+            )
+            .await?;
             print_tx(&tx, json);
         }
         TxCommand::SubmitSaga {
@@ -530,7 +566,13 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
                 request.wait_timeout_ms = wait.as_millis().min(u32::MAX as u128) as u32;
             }
             let client = endpoint.client()?;
-            let response = client.submit_saga_with(request).await?;
+            let waiting = request.wait;
+            let response = progress(
+                &format!("waiting for saga {} to finish", request.gid),
+                waiting,
+                client.submit_saga_with(request.clone()),
+            )
+            .await?;
             print_tx(&response.transaction.unwrap_or_default(), json);
         }
         TxCommand::Retry {
