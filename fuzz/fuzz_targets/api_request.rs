@@ -11,10 +11,10 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tandem_coordinator::config::Limits;
+use tandem_coordinator::model::command::DestinationSpec;
 use tandem_coordinator::model::{ApplyContext, Command, Op, Protocol, Rejection};
 use tandem_coordinator::protocol::{branch_ops, is_implemented};
 use tandem_coordinator::service::checks;
-use tandem_coordinator::model::command::DestinationSpec;
 use tandem_coordinator::service::{
     BeginInput, MessageInput, OptionsInput, RegisterInput, RetryInput, SagaInput, StepInput,
 };
@@ -156,6 +156,7 @@ fn protocol(n: u8) -> Protocol {
 fn begun(gid: &str, protocol: Protocol) -> Option<StateMachine> {
     let limits = Limits::default();
     let input = BeginInput {
+        trace_parent: None,
         gid: gid.to_string(),
         protocol: Some(protocol),
         options: OptionsInput::default(),
@@ -184,6 +185,7 @@ fuzz_target!(|request: Request<'_>| {
             payload,
         } => {
             let input = BeginInput {
+                trace_parent: None,
                 gid: gid.id(),
                 protocol: protocol.and_then(|n| Protocol::ALL.get(usize::from(n) % 8).copied()),
                 options: (&options).into(),
@@ -205,6 +207,7 @@ fuzz_target!(|request: Request<'_>| {
             concurrent,
         } => {
             let input = SagaInput {
+                trace_parent: None,
                 gid: gid.id(),
                 options: (&options).into(),
                 steps: steps
@@ -238,6 +241,7 @@ fuzz_target!(|request: Request<'_>| {
             payload,
         } => {
             let input = MessageInput {
+                trace_parent: None,
                 gid: gid.id(),
                 options: (&options).into(),
                 check_back: check_back.endpoint(),

@@ -422,21 +422,15 @@ fn print_tx(tx: &pb::Transaction, json: bool) {
 
 /// Runs `work`; while it takes long and stderr is a terminal, says so
 /// there every second (stdout stays clean for scripts).
-async fn progress<T>(
-    label: &str,
-    waiting: bool,
-    work: impl std::future::Future<Output = T>,
-) -> T {
+async fn progress<T>(label: &str, waiting: bool, work: impl std::future::Future<Output = T>) -> T {
     use std::io::IsTerminal;
     if !waiting || !std::io::stderr().is_terminal() {
         return work.await;
     }
     let started = tokio::time::Instant::now();
     let mut work = std::pin::pin!(work);
-    let mut tick = tokio::time::interval_at(
-        started + Duration::from_secs(1),
-        Duration::from_secs(1),
-    );
+    let mut tick =
+        tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
     loop {
         tokio::select! {
             out = &mut work => {
