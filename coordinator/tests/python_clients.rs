@@ -108,8 +108,12 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_schema() {
     let cluster = Cluster::start(1);
     cluster.wait_leader(LEADER_TIMEOUT).await;
     let url = format!("{}/openapi.json", cluster.node(1).http_url());
+    // Its cache goes to a directory of its own, not the source tree.
+    let scratch = tempfile::tempdir().unwrap();
+    let cwd = scratch.path().to_path_buf();
     let output = tokio::task::spawn_blocking(move || {
         Command::new("schemathesis")
+            .current_dir(cwd)
             .arg("run")
             .arg(&url)
             .args([
