@@ -22,6 +22,7 @@ def main():
     ap.add_argument("--done", required=True)
     ap.add_argument("--stuck", required=True)
     ap.add_argument("--branch", required=True)
+    ap.add_argument("--heuristic", required=True)
     ap.add_argument("--shots", required=True)
     ap.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     args = ap.parse_args()
@@ -51,6 +52,15 @@ def main():
         expect(page.locator("#title")).to_contain_text("committed", timeout=15000)
         expect(page.locator(".timeline")).to_contain_text("repair retry")
         page.screenshot(path=f"{args.shots}/dashboard-retried.png", full_page=True)
+        # A transaction resolved by hand: the heuristic is shown, never silent.
+        page.goto(f"{args.url}/ui?state=aborted")
+        row = page.locator("#transactions tr", has_text=args.heuristic)
+        expect(row).to_contain_text("heuristic")
+        row.get_by_role("link").click()
+        expect(page.locator("#title")).to_contain_text("heuristic")
+        expect(page.locator("#branches")).to_contain_text("resolved")
+        expect(page.locator(".timeline")).to_contain_text("stock db dropped")
+        page.screenshot(path=f"{args.shots}/dashboard-heuristic.png", full_page=True)
         # A gid that does not exist: a page that says so.
         page.goto(f"{args.url}/ui/tx/no-such-gid")
         expect(page.locator("main")).to_contain_text("not found")

@@ -102,6 +102,44 @@ async fn the_dashboard_in_a_browser_shows_a_saga_and_retries_a_stuck_branch() {
         let _ = tandem_sdk::participant::serve(listener, server, std::future::pending()).await;
     });
 
+    // A TCC whose participant is gone for good, aborted and resolved by
+    // hand: the heuristic must show in the page.
+    let gone = format!("http://{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    });
+    let post = |path: String, body: serde_json::Value| {
+        let http = http.clone();
+        async move {
+            let r = http.post(path).json(&body).send().await.unwrap();
+            assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+        }
+    };
+    post(
+        format!("{url}/v1/transactions"),
+        json!({"gid": "order-1003", "protocol": "tcc"}),
+    )
+    .await;
+    post(
+        format!("{url}/v1/transactions/order-1003/branches"),
+        json!({"branch_id": "stock", "ops": [
+            {"op": "try", "endpoint": participant_endpoint(&gone, "try")},
+            {"op": "confirm", "endpoint": participant_endpoint(&gone, "confirm")},
+            {"op": "cancel", "endpoint": participant_endpoint(&gone, "cancel")},
+        ]}),
+    )
+    .await;
+    post(
+        format!("{url}/v1/transactions/order-1003/abort"),
+        json!({"reason": "gave up"}),
+    )
+    .await;
+    post(
+        format!("{url}/v1/transactions/order-1003/resolve"),
+        json!({"reason": "stock db dropped", "by": "oncall"}),
+    )
+    .await;
+
     let shots = repo().join("target/ci-artifacts");
     let script = repo().join("clients/python/dashboard_check.py");
     let output = tokio::task::spawn_blocking({
@@ -117,7 +155,8 @@ async fn the_dashboard_in_a_browser_shows_a_saga_and_retries_a_stuck_branch() {
                     "--stuck",
                     "order-1002",
                 ])
-                .args(["--branch", "reserve", "--shots", shots.to_str().unwrap()])
+                .args(["--branch", "reserve", "--heuristic", "order-1003"])
+                .args(["--shots", shots.to_str().unwrap()])
                 .args(["--chromium", &chromium])
                 .output()
                 .unwrap()
@@ -143,7 +182,7 @@ async fn the_dashboard_in_a_browser_shows_a_saga_and_retries_a_stuck_branch() {
         recorder.effects("order-1002"),
         [("reserve".to_string(), "action".to_string())]
     );
-    for name in ["overview", "saga", "stuck", "retried"] {
+    for name in ["overview", "saga", "stuck", "retried", "heuristic"] {
         assert!(
             shots.join(format!("dashboard-{name}.png")).exists(),
             "{name}"
