@@ -142,6 +142,23 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_AMQP_URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amqp_url: Option<String>,
+    /// This node's certificate (PEM): TLS on the gRPC and HTTP ports, and
+    /// its identity to peers (mutual TLS). With --tls-key and --tls-ca.
+    #[arg(long, env = "TANDEM_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "TANDEM_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster's CA (PEM): peers' and clients' certificates must chain to it.
+    #[arg(long, env = "TANDEM_TLS_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve plaintext on an address other than loopback (refused otherwise).
+    #[arg(long, env = "TANDEM_INSECURE")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
 }
 
 /// Limits and defaults the API applies before anything is proposed.
@@ -191,6 +208,8 @@ pub struct ServeConfig {
     pub http_listen: Option<SocketAddr>,
     /// Where traces go (OTLP/gRPC); `None`: tracing off.
     pub otlp_endpoint: Option<String>,
+    /// Certificates for TLS; `None`: plaintext (loopback, or --insecure).
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
     pub node: NodeConfig,
     pub limits: Limits,
     /// How long finished transactions are kept.
@@ -246,6 +265,30 @@ impl ServeConfig {
             return Err(err(format!(
                 "--otlp-endpoint {endpoint:?} must be an http:// or https:// URL (OTLP over gRPC, e.g. http://127.0.0.1:4317)"
             )));
+        }
+        let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => {
+                Some(crate::tls::Tls::load(cert, key, ca).map_err(|e| err(e.to_string()))?)
+            }
+            _ => {
+                return Err(err(
+                    "--tls-cert, --tls-key and --tls-ca go together (`tandem certs dev --out DIR` writes a development set)",
+                ));
+            }
+        };
+        if tls.is_none() && !args.insecure {
+            for (flag, address) in [("--listen", Some(listen)), ("--http-listen", http_listen)] {
+                if let Some(address) = address
+                    && !address.ip().is_loopback()
+                {
+                    return Err(err(format!(
+                        "refusing to serve plaintext on {address} ({flag}): anyone who reaches it could \
+                         run transactions and change the cluster. Give --tls-cert, --tls-key and --tls-ca \
+                         (`tandem certs dev --out DIR` writes a development set), or --insecure to accept it"
+                    )));
+                }
+            }
         }
         let address = args.advertise.unwrap_or(listen_text);
         check_host_port("--advertise", &address)?;
@@ -357,6 +400,7 @@ impl ServeConfig {
             listen,
             http_listen,
             otlp_endpoint,
+            tls,
             node,
             limits,
             retention,

@@ -19,3 +19,4 @@ pub mod service;
 pub mod sim;
 pub mod state;
 pub mod telemetry;
+pub mod tls;

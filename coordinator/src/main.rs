@@ -16,20 +16,6 @@ use cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, cli::Command::Serve(_)) {
-        // A command whose reader went away (`tandem tx list | head`) ends
-        // quietly, as Unix tools do, instead of failing to print. The node
-        // (`serve`) keeps Rust's default: a write to a closed socket is an
-        // error it handles, not a signal that ends it.
-        // SAFETY: at the start of main, before any thread exists; resetting
-        // a signal to its default action installs no handler code.
-        let _ = unsafe {
-            nix::sys::signal::signal(
-                nix::sys::signal::Signal::SIGPIPE,
-                nix::sys::signal::SigHandler::SigDfl,
-            )
-        };
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,7 +29,13 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let text = format!("{e:#}");
+            eprintln!("error: {text}");
+            if text.contains("h2 protocol error") || text.contains("http2 error") {
+                eprintln!(
+                    "hint: the node may serve TLS: pass --tls-ca (and --tls-cert/--tls-key if it asks for a client certificate)"
+                );
+            }
             ExitCode::FAILURE
         }
     }

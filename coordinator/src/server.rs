@@ -69,6 +69,7 @@ pub async fn serve(
         node_config.id,
         node_config.address.clone(),
         node_config.cluster_name.clone(),
+        config.tls.clone(),
         tokio::runtime::Handle::current(),
     );
     tracing::info!(
@@ -101,20 +102,29 @@ pub async fn serve(
     let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
     let http_task = http_listener.map(|listener| {
         tracing::info!(http_listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving the HTTP API");
-        let state = Arc::new(crate::http::ApiState::new(transactions.clone(), metrics));
+        let state = Arc::new(crate::http::ApiState::new(
+            transactions.clone(),
+            metrics,
+            config.tls.clone(),
+        ));
         let router = crate::http::router(state, config.limits.tx_bytes_max + (1 << 20));
         let mut stopped = http_stopped.clone();
+        let tls = config.tls.clone();
         tokio::spawn(async move {
             let stop = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            if let Err(e) = crate::http::serve(listener, router, stop).await {
+            if let Err(e) = crate::http::serve(listener, router, stop, tls).await {
                 tracing::error!(error = %e, "HTTP API stopped");
             }
         })
     });
     tokio::spawn(count_leader_changes(node.clone()));
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.server())?;
+    }
+    let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(
             CoordinatorServer::new(CoordinatorService::new(transactions))
@@ -122,9 +132,9 @@ pub async fn serve(
                 // (the API then names what is over which limit).
                 .max_decoding_message_size(config.limits.tx_bytes_max + (1 << 20)),
         )
-        .add_service(ClusterServer::new(ClusterService::new(ClusterAdmin::new(
-            replica.clone(),
-        ))))
+        .add_service(ClusterServer::new(ClusterService::new(
+            ClusterAdmin::new(replica.clone()).with_tls(config.tls.clone()),
+        )))
         .add_service(transport.service())
         .add_service(health_service)
         .add_service(reflection);

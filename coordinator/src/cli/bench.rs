@@ -413,7 +413,7 @@ impl Report {
         let ms = |q: f64| self.histogram.value_at_quantile(q) as f64 / 1000.0;
         let max_ms = self.histogram.max() as f64 / 1000.0;
         if as_json {
-            println!(
+            outln!(
                 "{}",
                 json!({
                     "bench": what,
@@ -434,7 +434,7 @@ impl Report {
                 Some(rate) => format!("open loop at {rate}/s over {concurrency} callers"),
                 None => format!("closed loop with {concurrency} callers"),
             };
-            println!(
+            outln!(
                 "{what}: {per_second:.0}/s over {:.1}s, {shape}; {} ok, {} errors\n\
                  latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {max_ms:.2}",
                 self.elapsed.as_secs_f64(),

@@ -1,8 +1,37 @@
 //! Command-line interface. The shapes of these commands and of their JSON
 //! output are relied on by tooling: change them only compatibly.
 
+/// `println!` for command output: a reader that went away (`tandem tx
+/// list | head`) ends the command quietly, as Unix tools do, instead of a
+/// panic. (SIGPIPE stays ignored, as Rust sets it: with its default action
+/// a peer closing a socket would kill the process.)
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for command output; see [`outln`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod output;
+
+pub fn write_out(text: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text).and_then(|_| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
 
 use std::time::Duration;
 
@@ -57,10 +86,28 @@ pub enum Command {
         #[command(subcommand)]
         command: TxCommand,
     },
+    /// Certificates for TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Measure throughput and latency against a running cluster.
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Write a development CA and certificates: ca.pem, node-1.pem /
+    /// node-1.key … node-N.pem / node-N.key, client.pem / client.key (for
+    /// 127.0.0.1 and localhost). Not for production: use your own CA there.
+    Dev {
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
     },
 }
 
@@ -75,14 +122,32 @@ pub struct EndpointArg {
     /// Give up finding a node that takes the call after this long.
     #[arg(long, env = "TANDEM_RETRY_DEADLINE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub retry_deadline: Duration,
+    /// The cluster's CA (PEM): talk TLS to it.
+    #[arg(long, env = "TANDEM_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) to present, with --tls-key.
+    #[arg(long, env = "TANDEM_CLIENT_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "TANDEM_CLIENT_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl EndpointArg {
     pub fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::builder([self.endpoint.as_str()])
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+        };
+        let mut builder = Client::builder([self.endpoint.as_str()])
             .connect_timeout(self.connect_timeout)
-            .retry_deadline(self.retry_deadline)
-            .build()?)
+            .retry_deadline(self.retry_deadline);
+        if let Some(ca) = &self.tls_ca {
+            builder = builder.tls_ca(read("--tls-ca", ca)?);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            builder = builder.tls_identity(read("--tls-cert", cert)?, read("--tls-key", key)?);
+        }
+        Ok(builder.build()?)
     }
 }
 
@@ -327,6 +392,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Cluster { command } => cluster(command).await,
                 Command::Tx { command } => tx(command).await,
                 Command::Bench { command } => bench::run(command).await,
+                Command::Certs {
+                    command: CertsCommand::Dev { out, nodes },
+                } => {
+                    let written = tandem_coordinator::tls::write_dev_certs(&out, nodes)?;
+                    for path in written {
+                        outln!("{}", path.display());
+                    }
+                    Ok(())
+                }
                 Command::Serve(_) => unreachable!("matched above"),
             }
         }
@@ -367,9 +441,9 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Status { endpoint, json } => {
             let status = endpoint.client()?.cluster_status().await?;
             if json {
-                println!("{}", output::cluster_json(&status));
+                outln!("{}", output::cluster_json(&status));
             } else {
-                print!("{}", output::cluster_table(&status));
+                out!("{}", output::cluster_table(&status));
             }
         }
         ClusterCommand::Add {
@@ -382,11 +456,11 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
                 .client()?
                 .add_node(id, &address, learner_only)
                 .await?;
-            println!("voters {:?} learners {:?}", m.voters, m.learners);
+            outln!("voters {:?} learners {:?}", m.voters, m.learners);
         }
         ClusterCommand::Remove { endpoint, id } => {
             let m = endpoint.client()?.remove_node(id).await?;
-            println!("voters {:?} learners {:?}", m.voters, m.learners);
+            outln!("voters {:?} learners {:?}", m.voters, m.learners);
         }
     }
     Ok(())
@@ -414,9 +488,9 @@ fn parse_state(name: &str) -> anyhow::Result<pb::TxState> {
 
 fn print_tx(tx: &pb::Transaction, json: bool) {
     if json {
-        println!("{}", output::tx_json(tx));
+        outln!("{}", output::tx_json(tx));
     } else {
-        print!("{}", output::tx_text(tx));
+        out!("{}", output::tx_text(tx));
     }
 }
 
@@ -455,9 +529,9 @@ async fn watch(client: &Client, gid: &str, timeout: Duration, json: bool) -> any
         let tx = client.get(gid).await?;
         if shown.as_ref() != Some(&tx) {
             if json {
-                println!("{}", output::tx_json(&tx));
+                outln!("{}", output::tx_json(&tx));
             } else {
-                print!("{}", output::watch_line(&tx));
+                out!("{}", output::watch_line(&tx));
             }
             shown = Some(tx.clone());
         }
@@ -505,7 +579,7 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
             };
             let response = endpoint.client()?.begin_with(request).await?;
             let tx = response.transaction.unwrap_or_default();
-            println!("{}", tx.gid);
+            outln!("{}", tx.gid);
         }
         TxCommand::Commit {
             gid,
@@ -650,9 +724,9 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
             }
             let page = endpoint.client()?.list(request).await?;
             if json {
-                println!("{}", output::list_json(&page));
+                outln!("{}", output::list_json(&page));
             } else {
-                print!("{}", output::list_text(&page));
+                out!("{}", output::list_text(&page));
             }
         }
     }

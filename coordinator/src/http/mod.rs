@@ -50,16 +50,20 @@ pub struct ApiState {
     forward: Mutex<Option<(String, tandem_sdk::Client)>>,
     watches: Arc<tokio::sync::Semaphore>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl ApiState {
     pub fn new(
         transactions: Transactions,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+        tls: Option<Arc<crate::tls::Tls>>,
     ) -> ApiState {
         ApiState {
             local: CoordinatorService::new(transactions.clone()),
-            cluster: crate::service::ClusterAdmin::new(transactions.replica().clone()),
+            cluster: crate::service::ClusterAdmin::new(transactions.replica().clone())
+                .with_tls(tls.clone()),
+            tls,
             transactions,
             forward: Mutex::new(None),
             watches: Arc::new(tokio::sync::Semaphore::new(WATCHES_MAX)),
@@ -74,8 +78,13 @@ impl ApiState {
         {
             return Ok(client.clone());
         }
-        let client = tandem_sdk::Client::builder([leader])
-            .retry_deadline(FORWARD_DEADLINE)
+        let mut builder = tandem_sdk::Client::builder([leader]).retry_deadline(FORWARD_DEADLINE);
+        if let Some(tls) = &self.tls {
+            builder = builder
+                .tls_ca(tls.ca_pem.clone())
+                .tls_identity(tls.cert_pem.clone(), tls.key_pem.clone());
+        }
+        let client = builder
             .build()
             .map_err(|e| ApiError::internal(format!("cannot reach the leader at {leader}: {e}")))?;
         *forward = Some((leader.to_string(), client.clone()));
@@ -203,18 +212,69 @@ pub fn router(state: Arc<ApiState>, body_limit: usize) -> Router {
         .with_state(state)
 }
 
-/// Serves the API until `shutdown` resolves.
+/// Serves the API until `shutdown` resolves; over TLS with `tls`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    tls: Option<Arc<crate::tls::Tls>>,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    match tls {
+        None => {
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+        Some(tls) => serve_tls(listener, router, shutdown, &tls).await,
+    }
+}
+
+/// A TLS handshake longer than this is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    tls: &crate::tls::Tls,
+) -> std::io::Result<()> {
+    let config = tls.rustls_server().map_err(std::io::Error::other)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone().layer(axum::Extension(ConnectInfo(peer)));
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "HTTP API: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+        });
+    }
 }
 
 // ---------------------------------------------------------------- errors

@@ -22,7 +22,7 @@ use tandem_proto::v1::raft_transport_client::RaftTransportClient;
 use tandem_proto::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
 use tandem_proto::v1::{RaftAck, RaftBatch};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Messages waiting per peer; beyond this they are dropped (raft resends).
 const PEER_QUEUE_MAX: usize = 4096;
@@ -63,6 +63,8 @@ struct Inner {
     id: u64,
     address: String,
     cluster_name: String,
+    /// Mutual TLS to and from peers; `None`: plaintext.
+    tls: Option<Arc<crate::tls::Tls>>,
     runtime: tokio::runtime::Handle,
     /// Where received messages and delivery reports go (the Raft loop).
     inputs: OnceLock<Sender<PeerEvent>>,
@@ -87,6 +89,7 @@ impl Transport {
         id: u64,
         address: String,
         cluster_name: String,
+        tls: Option<Arc<crate::tls::Tls>>,
         runtime: tokio::runtime::Handle,
     ) -> Transport {
         Transport {
@@ -94,6 +97,7 @@ impl Transport {
                 id,
                 address,
                 cluster_name,
+                tls,
                 runtime,
                 inputs: OnceLock::new(),
                 addresses: RwLock::new(BTreeMap::new()),
@@ -184,7 +188,7 @@ impl Transport {
     }
 
     async fn run_peer(self, to: u64, address: String, mut rx: mpsc::Receiver<Message>) {
-        let endpoint = match Endpoint::from_shared(format!("http://{address}")) {
+        let endpoint = match crate::tls::endpoint(&address, self.inner.tls.as_deref()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true)
@@ -338,9 +342,10 @@ impl RaftTransport for RaftService {
         &self,
         request: tonic::Request<RaftBatch>,
     ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+        let certs = request.peer_certs();
         let batch = request.into_inner();
-        self.admit(&batch)?;
-        if !self.deliver(&batch.messages)? {
+        self.admit(&batch, certs.as_deref().map(Vec::as_slice))?;
+        if !self.deliver(&batch.messages, batch.from_id)? {
             return Err(tonic::Status::resource_exhausted("raft loop saturated"));
         }
         Ok(tonic::Response::new(RaftAck {}))
@@ -350,6 +355,7 @@ impl RaftTransport for RaftService {
         &self,
         request: tonic::Request<tonic::Streaming<RaftBatch>>,
     ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+        let certs = request.peer_certs();
         let mut batches = request.into_inner();
         let mut closing = self.transport.inner.closing.subscribe();
         let mut admitted = false;
@@ -363,10 +369,10 @@ impl RaftTransport for RaftService {
             let Some(batch) = batch else { break };
             // A stream comes from one sender: check who it is once.
             if !admitted {
-                self.admit(&batch)?;
+                self.admit(&batch, certs.as_deref().map(Vec::as_slice))?;
                 admitted = true;
             }
-            if !self.deliver(&batch.messages)? {
+            if !self.deliver(&batch.messages, batch.from_id)? {
                 // Raft resends what a saturated loop could not take.
                 tracing::debug!("raft loop saturated; a batch from a peer was dropped");
             }
@@ -376,14 +382,43 @@ impl RaftTransport for RaftService {
 }
 
 impl RaftService {
-    /// Refuses a sender from another cluster; learns where it serves.
-    fn admit(&self, batch: &RaftBatch) -> Result<(), tonic::Status> {
+    /// Refuses a sender from another cluster and, with TLS, one whose
+    /// certificate (already checked against the CA) does not name the
+    /// member it claims to be; learns where it serves.
+    fn admit(
+        &self,
+        batch: &RaftBatch,
+        certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+    ) -> Result<(), tonic::Status> {
         let inner = &self.transport.inner;
         if batch.cluster_name != inner.cluster_name {
             return Err(tonic::Status::failed_precondition(format!(
                 "node {} belongs to cluster {:?}, not {:?}",
                 inner.id, inner.cluster_name, batch.cluster_name
             )));
+        }
+        if inner.tls.is_some() {
+            let Some(cert) = certs.and_then(|c| c.first()) else {
+                tracing::warn!(
+                    from = batch.from_id,
+                    "refused raft traffic without a client certificate"
+                );
+                return Err(tonic::Status::unauthenticated(
+                    "raft traffic needs a client certificate signed by the cluster's CA",
+                ));
+            };
+            let names = crate::tls::names_in(cert);
+            if !crate::tls::names_member(&names, batch.from_id) {
+                tracing::warn!(
+                    from = batch.from_id,
+                    ?names,
+                    "refused raft traffic: the certificate does not name that member"
+                );
+                return Err(tonic::Status::permission_denied(format!(
+                    "a certificate for {names:?} cannot speak for node {}: it must name node-{}",
+                    batch.from_id, batch.from_id
+                )));
+            }
         }
         if !batch.from_address.is_empty() {
             let known = inner
@@ -405,7 +440,7 @@ impl RaftService {
 
     /// Decodes messages and hands them to the Raft loop; false when the
     /// loop was too busy to take them.
-    fn deliver(&self, encoded: &[Vec<u8>]) -> Result<bool, tonic::Status> {
+    fn deliver(&self, encoded: &[Vec<u8>], from: u64) -> Result<bool, tonic::Status> {
         let inner = &self.transport.inner;
         if fail::eval(FAILPOINT_ISOLATE, |_| ()).is_some() {
             return Err(tonic::Status::unavailable("isolated by failpoint"));
@@ -420,6 +455,14 @@ impl RaftService {
                 return Err(tonic::Status::invalid_argument(format!(
                     "message for node {} reached node {}",
                     message.to, inner.id
+                )));
+            }
+            // A sender speaks for itself only (its certificate was checked
+            // for `from` once per stream).
+            if message.from != from {
+                return Err(tonic::Status::permission_denied(format!(
+                    "node {from} sent a message from node {}",
+                    message.from
                 )));
             }
             messages.push(message);

@@ -102,11 +102,19 @@ fn cluster_id(replica: &ReplicaStatus) -> String {
 #[derive(Clone)]
 pub struct ClusterAdmin {
     replica: Replica,
+    /// How to reach peers (TLS when the node has certificates).
+    tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 impl ClusterAdmin {
     pub fn new(replica: Replica) -> ClusterAdmin {
-        ClusterAdmin { replica }
+        ClusterAdmin { replica, tls: None }
+    }
+
+    /// Peers are asked over TLS with these certificates.
+    pub fn with_tls(mut self, tls: Option<std::sync::Arc<crate::tls::Tls>>) -> ClusterAdmin {
+        self.tls = tls;
+        self
     }
 
     fn node(&self) -> &Node {
@@ -129,13 +137,13 @@ impl ClusterAdmin {
             ids.push(own.id);
         }
         let calls = ids.iter().map(|&id| {
-            let (own, replica) = (own.clone(), replica.clone());
+            let (own, replica, tls) = (own.clone(), replica.clone(), self.tls.clone());
             async move {
                 if id == own.id {
                     return MemberStatus::of(&own, &replica);
                 }
                 match own.members.get(&id) {
-                    Some(address) => peer_status(id, address.clone()).await,
+                    Some(address) => peer_status(id, address.clone(), tls.as_deref()).await,
                     None => MemberStatus::unreachable(id, String::new(), "address unknown"),
                 }
             }
@@ -240,8 +248,8 @@ impl ClusterAdmin {
 }
 
 /// Asks a peer for its own status over its Cluster service.
-async fn peer_status(id: u64, address: String) -> MemberStatus {
-    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
+async fn peer_status(id: u64, address: String, tls: Option<&crate::tls::Tls>) -> MemberStatus {
+    let endpoint = match crate::tls::endpoint(&address, tls) {
         Ok(e) => e
             .connect_timeout(PEER_STATUS_TIMEOUT)
             .timeout(PEER_STATUS_TIMEOUT),

@@ -43,6 +43,9 @@ pub struct Options {
     /// `hosts[i - 1].1` (an IP address; see `netns::Net`). Empty: every
     /// node on loopback.
     pub hosts: Vec<(String, String)>,
+    /// A directory written by `tandem certs dev`: node `i` serves with
+    /// `node-i.pem`, the test's clients use `client.pem` and `ca.pem`.
+    pub tls: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -55,6 +58,7 @@ impl Default for Options {
             extra: Vec::new(),
             default_cluster_name: false,
             hosts: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -199,6 +203,15 @@ impl Cluster {
         if !options.default_cluster_name {
             command.args(["--cluster-name", &name]);
         }
+        if let Some(dir) = &options.tls {
+            command
+                .arg("--tls-cert")
+                .arg(dir.join(format!("node-{id}.pem")))
+                .arg("--tls-key")
+                .arg(dir.join(format!("node-{id}.key")))
+                .arg("--tls-ca")
+                .arg(dir.join("ca.pem"));
+        }
         if join {
             command.arg("--join");
         } else {
@@ -324,17 +337,36 @@ impl Cluster {
             .collect()
     }
 
+    /// The client certificates of a TLS cluster (`Options::tls`).
+    pub fn client_tls(&self) -> Option<tandem_coordinator::tls::Tls> {
+        let dir = self.options.tls.as_ref()?;
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect("certificate");
+        Some(tandem_coordinator::tls::Tls {
+            cert_pem: read("client.pem"),
+            key_pem: read("client.key"),
+            ca_pem: read("ca.pem"),
+        })
+    }
+
     pub fn client(&self) -> Client {
-        Client::builder(self.endpoints())
+        let mut builder = Client::builder(self.endpoints());
+        if let Some(tls) = self.client_tls() {
+            builder = builder
+                .tls_ca(tls.ca_pem.clone())
+                .tls_identity(tls.cert_pem.clone(), tls.key_pem.clone());
+        }
+        builder
             .retry_deadline(Duration::from_secs(30))
             .build()
             .expect("client")
     }
 
     pub async fn local_status(&self, id: u64) -> Option<pb::NodeStatus> {
-        let address = format!("http://{}", self.node(id).address);
+        let tls = self.client_tls();
+        let endpoint =
+            tandem_coordinator::tls::endpoint(&self.node(id).address, tls.as_ref()).ok()?;
         let call = async {
-            let mut client = ClusterClient::connect(address).await.ok()?;
+            let mut client = ClusterClient::new(endpoint.connect().await.ok()?);
             client
                 .local_status(pb::NodeStatusRequest {})
                 .await

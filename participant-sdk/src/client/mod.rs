@@ -136,6 +136,15 @@ pub struct ClientBuilder {
     call_timeout: Duration,
     retry_deadline: Duration,
     connect_timeout: Duration,
+    tls: Option<ClientTls>,
+}
+
+/// TLS to the coordinator: its CA, and a client certificate if the
+/// cluster asks for one.
+#[derive(Clone, Debug)]
+struct ClientTls {
+    ca_pem: String,
+    identity: Option<(String, String)>,
 }
 
 impl ClientBuilder {
@@ -158,6 +167,27 @@ impl ClientBuilder {
         self
     }
 
+    /// Talk TLS to the cluster, trusting this CA (PEM); endpoints without a
+    /// scheme become `https://`.
+    pub fn tls_ca(mut self, ca_pem: impl Into<String>) -> Self {
+        let tls = self.tls.get_or_insert(ClientTls {
+            ca_pem: String::new(),
+            identity: None,
+        });
+        tls.ca_pem = ca_pem.into();
+        self
+    }
+
+    /// Present this certificate and key (PEM) to the cluster.
+    pub fn tls_identity(mut self, cert_pem: impl Into<String>, key_pem: impl Into<String>) -> Self {
+        let tls = self.tls.get_or_insert(ClientTls {
+            ca_pem: String::new(),
+            identity: None,
+        });
+        tls.identity = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
     /// Checks the endpoints; connections are made lazily, on first use.
     pub fn build(self) -> Result<Client, Error> {
         if self.endpoints.is_empty() {
@@ -166,11 +196,13 @@ impl ClientBuilder {
                 problem: "no endpoints given".into(),
             });
         }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let endpoints = self
             .endpoints
             .iter()
-            .map(|e| normalize(e))
+            .map(|e| normalize_as(e, scheme))
             .collect::<Result<Vec<_>, _>>()?;
+
         let current = endpoints[0].clone();
         Ok(Client {
             inner: Arc::new(Inner {
@@ -180,6 +212,7 @@ impl ClientBuilder {
                 call_timeout: self.call_timeout,
                 retry_deadline: self.retry_deadline,
                 connect_timeout: self.connect_timeout,
+                tls: self.tls,
                 http: reqwest::Client::builder()
                     .timeout(self.call_timeout)
                     .build()
@@ -193,7 +226,13 @@ impl ClientBuilder {
 }
 
 /// `host:port` or `http://host:port` → `http://host:port`.
+#[cfg(test)]
 fn normalize(endpoint: &str) -> Result<String, Error> {
+    normalize_as(endpoint, "http")
+}
+
+/// `host:port` → `SCHEME://host:port`; a URL keeps its own scheme.
+fn normalize_as(endpoint: &str, scheme: &str) -> Result<String, Error> {
     let endpoint = endpoint.trim();
     let bad = |problem: &str| Error::InvalidEndpoint {
         endpoint: endpoint.to_string(),
@@ -202,7 +241,7 @@ fn normalize(endpoint: &str) -> Result<String, Error> {
     let url = if endpoint.contains("://") {
         endpoint.to_string()
     } else {
-        format!("http://{endpoint}")
+        format!("{scheme}://{endpoint}")
     };
     let rest = url
         .strip_prefix("http://")
@@ -236,6 +275,7 @@ struct Inner {
     call_timeout: Duration,
     retry_deadline: Duration,
     connect_timeout: Duration,
+    tls: Option<ClientTls>,
     /// For the calls the application makes to participants through the SDK.
     http: reqwest::Client,
 }
@@ -275,7 +315,20 @@ impl Client {
             call_timeout: Duration::from_secs(15),
             retry_deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
+            tls: None,
         }
+    }
+
+    /// An endpoint as this client writes it (`https://` when it talks TLS).
+    fn normalize(&self, endpoint: &str) -> Result<String, Error> {
+        normalize_as(
+            endpoint,
+            if self.inner.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+        )
     }
 
     pub(crate) fn channel(&self, endpoint: &str) -> Channel {
@@ -283,12 +336,27 @@ impl Client {
         channels
             .entry(endpoint.to_string())
             .or_insert_with(|| {
-                Endpoint::from_shared(endpoint.to_string())
+                let mut e = Endpoint::from_shared(endpoint.to_string())
                     .expect("endpoints are validated when they are added")
                     .connect_timeout(self.inner.connect_timeout)
                     .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(20))
-                    .connect_lazy()
+                    .http2_keep_alive_interval(Duration::from_secs(20));
+                if let (Some(tls), Some(rest)) =
+                    (&self.inner.tls, endpoint.strip_prefix("https://"))
+                {
+                    let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
+                    let mut config = tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem))
+                        .domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+                    if let Some((cert, key)) = &tls.identity {
+                        config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+                    }
+                    // A bad CA shows as a failed call naming the node.
+                    if let Ok(secured) = e.clone().tls_config(config) {
+                        e = secured;
+                    }
+                }
+                e.connect_lazy()
             })
             .clone()
     }
@@ -377,7 +445,7 @@ impl Client {
                 .metadata()
                 .get(tandem_proto::LEADER_METADATA_KEY)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|a| normalize(a).ok());
+                .and_then(|a| self.normalize(a).ok());
             match leader {
                 // Follow a redirect at once, a few times in a row at most.
                 Some(leader) if leader != target && redirects < 3 => {
@@ -609,7 +677,7 @@ impl Client {
     /// Calls one node only — no redirect, no failover. For reading a
     /// particular node (tests, diagnostics).
     pub async fn get_from(&self, endpoint: &str, gid: &str) -> Result<pb::Transaction, Error> {
-        let endpoint = normalize(endpoint)?;
+        let endpoint = self.normalize(endpoint)?;
         let request = pb::GetRequest {
             gid: gid.to_string(),
             resolve: false,

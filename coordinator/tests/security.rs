@@ -1,0 +1,267 @@
+//! Transport security on real processes: plaintext only on loopback unless
+//! asked for; a cluster with `tandem certs dev` certificates runs sagas
+//! through a leader kill over mutual TLS; clients without the CA, and peers
+//! whose certificate is from another CA or names another member, are
+//! refused.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::participant::StepService;
+use common::{BIN, Cluster, Options, free_port, wait_for};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::raft_transport_client::RaftTransportClient;
+use tandem_sdk::{Client, Step};
+
+const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn dev_certs(dir: &std::path::Path, nodes: u64) {
+    let out = Command::new(BIN)
+        .args(["certs", "dev", "--nodes", &nodes.to_string(), "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for name in tandem_coordinator::tls::dev_file_names(nodes) {
+        assert!(dir.join(&name).exists(), "{name}");
+        assert!(listed.contains(&name), "{listed}");
+    }
+}
+
+#[test]
+fn plaintext_on_a_public_address_is_refused_unless_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--http-listen",
+            "off",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("d"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "it exits at once"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to serve plaintext on 0.0.0.0"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--insecure") && err.contains("tandem certs dev"),
+        "{err}"
+    );
+    assert!(!dir.path().join("d").exists(), "nothing was written");
+
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--http-listen",
+            "off",
+        ])
+        .arg("--insecure")
+        .arg("--data-dir")
+        .arg(dir.path().join("d"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up, "with --insecure it serves");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_with_dev_certificates_runs_sagas_over_mutual_tls_through_a_leader_kill() {
+    let certs = tempfile::tempdir().unwrap();
+    dev_certs(certs.path(), 3);
+    let mut cluster = Cluster::start_with(
+        3,
+        Options {
+            tls: Some(certs.path().to_path_buf()),
+            ..Options::default()
+        },
+    );
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let service = StepService::start().await;
+    let client = cluster.client();
+    let saga = |gid: &str| {
+        client
+            .saga()
+            .gid(gid)
+            .step(Step::service("a", &service.saga))
+            .step(Step::service("b", &service.saga))
+    };
+    for i in 0..5 {
+        let tx = saga(&format!("tls-{i}"))
+            .submit_and_wait(Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(tx.state, pb::TxState::Committed as i32);
+    }
+    cluster.kill(leader);
+    for i in 5..10 {
+        let tx = saga(&format!("tls-{i}"))
+            .submit_and_wait(Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            tx.state,
+            pb::TxState::Committed as i32,
+            "after the leader's death"
+        );
+    }
+    for i in 0..10 {
+        assert_eq!(
+            service.recorder.effects(&format!("tls-{i}")).len(),
+            2,
+            "tls-{i}"
+        );
+    }
+
+    let alive = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
+    // A plaintext client is refused.
+    let plain = Client::builder([alive.endpoint()])
+        .retry_deadline(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert!(plain.get("tls-0").await.is_err());
+    // A client trusting another CA refuses the node.
+    let other = tempfile::tempdir().unwrap();
+    dev_certs(other.path(), 1);
+    let stranger = Client::builder([alive.endpoint()])
+        .tls_ca(std::fs::read_to_string(other.path().join("ca.pem")).unwrap())
+        .retry_deadline(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let e = stranger.get("tls-0").await.unwrap_err();
+    assert!(e.to_string().contains("certificate"), "{e}");
+    // The HTTP API is HTTPS, with the cluster's CA.
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(certs.path().join("ca.pem")).unwrap())
+        .unwrap();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let got: serde_json::Value = https
+        .get(format!(
+            "https://{}/v1/transactions/tls-9",
+            alive.http_address
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["transaction"]["state"], "committed");
+    assert!(
+        reqwest::get(format!(
+            "http://{}/v1/transactions/tls-9",
+            alive.http_address
+        ))
+        .await
+        .is_err(),
+        "no plaintext HTTP"
+    );
+}
+
+/// Raft traffic: from a certificate of another CA, the handshake fails;
+/// from the cluster's CA but naming another member (or a client), the
+/// batch is refused — the node keeps its term and its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_traffic_needs_a_member_certificate_from_the_clusters_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    dev_certs(certs.path(), 3);
+    let cluster = Cluster::start_with(
+        1,
+        Options {
+            tls: Some(certs.path().to_path_buf()),
+            ..Options::default()
+        },
+    );
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let before = cluster.local_status(1).await.unwrap();
+    let read = |dir: &std::path::Path, name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let peer = |dir: &std::path::Path, cert: &str, key: &str| tandem_coordinator::tls::Tls {
+        cert_pem: read(dir, cert),
+        key_pem: read(dir, key),
+        ca_pem: read(certs.path(), "ca.pem"),
+    };
+    let address = cluster.node(1).address.clone();
+    // A vote request claiming to be node 2, with a far higher term.
+    let batch = |from: u64| {
+        let mut m = raft::eraftpb::Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgRequestVote);
+        m.from = from;
+        m.to = 1;
+        m.term = before.term + 100;
+        pb::RaftBatch {
+            cluster_name: cluster.name.clone(),
+            from_id: from,
+            from_address: "127.0.0.1:1".into(),
+            messages: vec![protobuf::Message::write_to_bytes(&m).unwrap()],
+        }
+    };
+    let send = |tls: tandem_coordinator::tls::Tls, from: u64| {
+        let address = address.clone();
+        let batch = batch(from);
+        async move {
+            let endpoint = tandem_coordinator::tls::endpoint(&address, Some(&tls)).unwrap();
+            let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+            RaftTransportClient::new(channel)
+                .send(batch)
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        }
+    };
+    let other = tempfile::tempdir().unwrap();
+    dev_certs(other.path(), 2);
+    let foreign = tandem_coordinator::tls::Tls {
+        ca_pem: read(certs.path(), "ca.pem"),
+        ..peer(other.path(), "node-2.pem", "node-2.key")
+    };
+    assert!(send(foreign, 2).await.is_err(), "another CA's certificate");
+    let e = send(peer(certs.path(), "node-3.pem", "node-3.key"), 2)
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("PermissionDenied") && e.contains("node-2"),
+        "{e}"
+    );
+    let e = send(peer(certs.path(), "client.pem", "client.key"), 2)
+        .await
+        .unwrap_err();
+    assert!(e.contains("PermissionDenied"), "{e}");
+    // The refusals are in the node's log.
+    let log = std::fs::read_to_string(&cluster.node(1).log).unwrap();
+    assert!(log.contains("refused raft traffic"), "{log}");
+    let after = wait_for(Duration::from_secs(2), "a status", || {
+        cluster.local_status(1)
+    })
+    .await;
+    assert_eq!(after.term, before.term, "no forged vote moved the term");
+    assert_eq!(after.role, "leader");
+}
