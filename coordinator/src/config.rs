@@ -155,6 +155,16 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_TLS_CA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// Bearer tokens and their roles: a TOML file with a [tokens] table of
+    /// "TOKEN" = "reader" | "app" | "operator". Every client call then needs one.
+    #[arg(long, env = "TANDEM_AUTH_TOKENS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_tokens: Option<PathBuf>,
+    /// Accept JWTs (claims `role` and `exp`) signed with this key: an HS256
+    /// secret, or an RSA/EC public key in PEM (RS256/ES256).
+    #[arg(long, env = "TANDEM_JWT_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_key: Option<PathBuf>,
     /// Serve plaintext on an address other than loopback (refused otherwise).
     #[arg(long, env = "TANDEM_INSECURE")]
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -210,6 +220,8 @@ pub struct ServeConfig {
     pub otlp_endpoint: Option<String>,
     /// Certificates for TLS; `None`: plaintext (loopback, or --insecure).
     pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
+    /// Tokens and roles; `None`: every client may do everything.
+    pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
     pub node: NodeConfig,
     pub limits: Limits,
     /// How long finished transactions are kept.
@@ -290,6 +302,8 @@ impl ServeConfig {
                 }
             }
         }
+        let auth = crate::auth::Auth::load(args.auth_tokens.as_deref(), args.jwt_key.as_deref())
+            .map_err(err)?;
         let address = args.advertise.unwrap_or(listen_text);
         check_host_port("--advertise", &address)?;
         let peers = match args.peers {
@@ -401,6 +415,7 @@ impl ServeConfig {
             http_listen,
             otlp_endpoint,
             tls,
+            auth,
             node,
             limits,
             retention,

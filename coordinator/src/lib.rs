@@ -2,6 +2,7 @@
 //! replicated through Raft. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod auth;
 pub mod branch;
 pub mod clock;
 pub mod codec;

@@ -107,7 +107,11 @@ pub async fn serve(
             metrics,
             config.tls.clone(),
         ));
-        let router = crate::http::router(state, config.limits.tx_bytes_max + (1 << 20));
+        let router = crate::http::router(
+            state,
+            config.limits.tx_bytes_max + (1 << 20),
+            config.auth.clone(),
+        );
         let mut stopped = http_stopped.clone();
         let tls = config.tls.clone();
         tokio::spawn(async move {
@@ -125,6 +129,7 @@ pub async fn serve(
         builder = builder.tls_config(tls.server())?;
     }
     let router = builder
+        .layer(crate::auth::GrpcAuthLayer(config.auth.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(
             CoordinatorServer::new(CoordinatorService::new(transactions))

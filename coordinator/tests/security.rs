@@ -265,3 +265,204 @@ async fn raft_traffic_needs_a_member_certificate_from_the_clusters_ca() {
     assert_eq!(after.term, before.term, "no forged vote moved the term");
     assert_eq!(after.role, "leader");
 }
+
+/// Tokens and roles, over gRPC (the CLI) and HTTP (through a follower,
+/// which forwards the credential to the leader), and JWTs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_and_roles_guard_every_surface() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        "[tokens]\n\"reader-token-0123456789\" = \"reader\"\n\"app-token-0123456789ab\" = \"app\"\n\"operator-token-01234567\" = \"operator\"\n",
+    )
+    .unwrap();
+    let secret = "jwt-secret-of-at-least-thirty-two-bytes";
+    let jwt_key = dir.path().join("jwt.key");
+    std::fs::write(&jwt_key, secret).unwrap();
+    let cluster = Cluster::start_with(
+        3,
+        Options {
+            extra: vec![
+                "--auth-tokens".into(),
+                tokens.to_string_lossy().into(),
+                "--jwt-key".into(),
+                jwt_key.to_string_lossy().into(),
+            ],
+            ..Options::default()
+        },
+    );
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let endpoints = cluster.endpoints().join(",");
+    let cli = |args: &[&str], token: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .args(["--endpoint", &endpoints, "--retry-deadline", "3s"])
+            .env_remove("TANDEM_TOKEN");
+        if let Some(token) = token {
+            command.env("TANDEM_TOKEN", token);
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = cli(
+        &["tx", "begin", "--protocol", "tcc", "--gid", "auth-1"],
+        None,
+    );
+    assert!(
+        !ok && err.contains("unauthenticated") && err.contains("requires a token"),
+        "{err}"
+    );
+    let (ok, err) = cli(
+        &["tx", "begin", "--protocol", "tcc", "--gid", "auth-1"],
+        Some("reader-token-0123456789"),
+    );
+    assert!(
+        !ok && err.contains("permission denied") && err.contains("app role"),
+        "{err}"
+    );
+    let (ok, err) = cli(
+        &["tx", "begin", "--protocol", "tcc", "--gid", "auth-1"],
+        Some("app-token-0123456789ab"),
+    );
+    assert!(ok, "{err}");
+    let (ok, err) = cli(&["tx", "get", "auth-1"], Some("reader-token-0123456789"));
+    assert!(ok, "{err}");
+    let (ok, err) = cli(
+        &["cluster", "remove", "--id", "3"],
+        Some("app-token-0123456789ab"),
+    );
+    assert!(
+        !ok && err.contains("permission denied") && err.contains("operator"),
+        "{err}"
+    );
+    let (ok, err) = cli(&["tx", "retry", "auth-1"], Some("app-token-0123456789ab"));
+    assert!(!ok && err.contains("permission denied"), "{err}");
+    let (ok, err) = cli(&["tx", "get", "auth-1"], Some("forged-token-0123456789"));
+    assert!(!ok && err.contains("unknown token"), "{err}");
+
+    // JWTs: a fresh one works, an expired one is refused.
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let key = EncodingKey::from_secret(secret.as_bytes()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let jwt = |role: &str, exp: u64| {
+        encode(
+            &Header::default(),
+            &serde_json::json!({"role": role, "exp": exp}),
+            &key,
+        )
+        .unwrap()
+    };
+    let (ok, err) = cli(&["tx", "get", "auth-1"], Some(&jwt("reader", now + 300)));
+    assert!(ok, "{err}");
+    let (ok, err) = cli(&["tx", "get", "auth-1"], Some(&jwt("operator", now - 600)));
+    assert!(!ok && err.contains("expired"), "{err}");
+
+    // HTTP, through a follower: 401 / 403 / 2xx; the follower forwards the
+    // credential with the request.
+    let follower = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
+    let url = follower.http_url();
+    let http = reqwest::Client::new();
+    let begin = |token: Option<&str>, gid: &str| {
+        let mut request = http
+            .post(format!("{url}/v1/transactions"))
+            .json(&serde_json::json!({"gid": gid, "protocol": "saga"}));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let r = begin(None, "auth-2").await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    assert_eq!(
+        begin(Some("reader-token-0123456789"), "auth-2")
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        begin(Some("app-token-0123456789ab"), "auth-2")
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let r = http
+        .post(format!("{url}/v1/transactions"))
+        .bearer_auth(jwt("app", now + 300))
+        .json(&serde_json::json!({"gid": "auth-3", "protocol": "tcc"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let r = http
+        .post(format!("{url}/v1/transactions/auth-3/retry"))
+        .bearer_auth("app-token-0123456789ab")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = http.get(format!("{url}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "metrics need a reader");
+    let r = http
+        .get(format!("{url}/metrics"))
+        .bearer_auth("reader-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The dashboard asks for a token, then keeps it in a cookie.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = browser.get(format!("{url}/ui")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/ui/login");
+    let r = browser
+        .post(format!("{url}/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=reader-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let r = browser
+        .get(format!("{url}/ui"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = browser
+        .post(format!("{url}/v1/transactions/auth-3/resolve"))
+        .header("cookie", &pair)
+        .json(&serde_json::json!({"reason": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "a reader's cookie cannot repair");
+    // Open without a token: the OpenAPI document.
+    assert_eq!(
+        http.get(format!("{url}/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}

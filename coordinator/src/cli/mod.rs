@@ -125,6 +125,9 @@ pub struct EndpointArg {
     /// The cluster's CA (PEM): talk TLS to it.
     #[arg(long, env = "TANDEM_TLS_CA")]
     pub tls_ca: Option<std::path::PathBuf>,
+    /// A bearer token (from the node's --auth-tokens file, or a JWT).
+    #[arg(long, env = "TANDEM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// A client certificate (PEM) to present, with --tls-key.
     #[arg(long, env = "TANDEM_CLIENT_CERT", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -146,6 +149,9 @@ impl EndpointArg {
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             builder = builder.tls_identity(read("--tls-cert", cert)?, read("--tls-key", key)?);
+        }
+        if let Some(token) = &self.token {
+            builder = builder.token(token.clone());
         }
         Ok(builder.build()?)
     }

@@ -131,9 +131,24 @@ macro_rules! call {
     }};
 }
 
-/// A gRPC request carrying the client's trace context, if it sent one.
+tokio::task_local! {
+    /// The bearer credential of the HTTP request being served, passed on
+    /// when it is forwarded to the leader (which checks it again).
+    static CREDENTIAL: Option<String>;
+}
+
+/// A gRPC request carrying the client's trace context, if it sent one,
+/// and its credential.
 pub(crate) fn grpc_request<T>(message: T, traceparent: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
+    if let Some(value) = CREDENTIAL
+        .try_with(|c| c.clone())
+        .ok()
+        .flatten()
+        .and_then(|c| c.parse().ok())
+    {
+        request.metadata_mut().insert("authorization", value);
+    }
     if let Some(value) = traceparent
         .and_then(crate::telemetry::valid_traceparent)
         .and_then(|v| v.parse().ok())
@@ -187,8 +202,13 @@ pub(crate) fn leader_of(status: &Status) -> Option<String> {
 )]
 pub struct ApiDoc;
 
-/// The routes: the API under `/v1`, the OpenAPI document, metrics.
-pub fn router(state: Arc<ApiState>, body_limit: usize) -> Router {
+/// The routes: the API under `/v1`, the OpenAPI document, metrics, the
+/// dashboard; with `auth`, each behind the role it needs.
+pub fn router(
+    state: Arc<ApiState>,
+    body_limit: usize,
+    auth: Option<Arc<crate::auth::Auth>>,
+) -> Router {
     Router::new()
         .route("/v1/transactions", post(begin).get(list))
         .route("/v1/transactions/{gid}", get(get_tx))
@@ -205,11 +225,68 @@ pub fn router(state: Arc<ApiState>, body_limit: usize) -> Router {
         .route("/ui", get(ui::overview))
         .route("/ui/", get(ui::overview))
         .route("/ui/tx/{gid}", get(ui::transaction))
+        .route("/ui/login", get(ui::login_page).post(ui::login))
         .route("/", get(|| async { axum::response::Redirect::to("/ui") }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(auth, authorize))
+}
+
+/// The cookie the dashboard keeps its token in.
+pub const TOKEN_COOKIE: &str = "tandem_token";
+
+/// Refuses a request without the role it needs (401/403 problem, or the
+/// dashboard's login page); runs the rest with its credential at hand.
+async fn authorize(
+    State(auth): State<Option<Arc<crate::auth::Auth>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let credential = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| {
+            headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().strip_prefix(TOKEN_COOKIE)?.strip_prefix('='))
+                .map(|t| format!("Bearer {t}"))
+                .next()
+        });
+    if let Some(auth) = &auth
+        && let Some(need) = crate::auth::http_role(request.method(), request.uri().path())
+    {
+        let what = format!("{} {}", request.method(), request.uri().path());
+        if let Err(refusal) = auth.check(credential.as_deref(), need, &what) {
+            tracing::info!(%what, %refusal, "refused an HTTP request");
+            let dashboard = request.uri().path().starts_with("/ui");
+            return match refusal {
+                crate::auth::Refusal::Unauthenticated(_) if dashboard => {
+                    axum::response::Redirect::to("/ui/login").into_response()
+                }
+                crate::auth::Refusal::Unauthenticated(m) => {
+                    let mut response =
+                        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", m)
+                            .into_response();
+                    response.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"tandem\""),
+                    );
+                    response
+                }
+                crate::auth::Refusal::PermissionDenied(m) => {
+                    ApiError::new(StatusCode::FORBIDDEN, "permission-denied", m).into_response()
+                }
+            };
+        }
+    }
+    CREDENTIAL.scope(credential, next.run(request)).await
 }
 
 /// Serves the API until `shutdown` resolves; over TLS with `tls`.

@@ -468,3 +468,50 @@ fn phase_two_op(protocol: &str, outcome: &str) -> Option<&'static str> {
     };
     crate::protocol::phase_two_op(Protocol::from_name(protocol)?, outcome).map(|op| op.name())
 }
+
+/// `/ui/login`: where the dashboard asks for a token (when the node
+/// requires one).
+pub async fn login_page() -> Response {
+    page(
+        "Sign in",
+        html! {
+            h2 { "Sign in" }
+            p.muted { "This node requires a token (reader to look, operator to repair)." }
+            form method="post" action="/ui/login" {
+                input type="password" name="token" size="48" placeholder="token" autofocus;
+                " "
+                button type="submit" { "sign in" }
+            }
+        },
+    )
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    token: String,
+}
+
+/// Keeps the token in a cookie only this site sends (HttpOnly,
+/// SameSite=Strict; Secure over TLS) and opens the dashboard.
+pub async fn login(
+    State(state): State<Arc<ApiState>>,
+    axum::Form(form): axum::Form<LoginForm>,
+) -> Response {
+    let token = form.token.trim();
+    let printable = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
+    if !printable {
+        return (axum::http::StatusCode::BAD_REQUEST, login_page().await).into_response();
+    }
+    let secure = if state.tls.is_some() { "; Secure" } else { "" };
+    let cookie = format!(
+        "{}={token}; Path=/; HttpOnly; SameSite=Strict{secure}",
+        super::TOKEN_COOKIE
+    );
+    let mut response = axum::response::Redirect::to("/ui").into_response();
+    if let Ok(value) = cookie.parse() {
+        response
+            .headers_mut()
+            .insert(axum::http::header::SET_COOKIE, value);
+    }
+    response
+}

@@ -35,7 +35,7 @@ const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// The Coordinator service on a channel, reading answers up to
 /// [`RESPONSE_BYTES_MAX`] (tonic's default, 4 MiB, is less than one large
 /// transaction).
-pub(crate) fn coordinator(channel: Channel) -> CoordinatorClient<Channel> {
+pub(crate) fn coordinator(channel: Connection) -> CoordinatorClient<Connection> {
     CoordinatorClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
 }
 
@@ -137,6 +137,26 @@ pub struct ClientBuilder {
     retry_deadline: Duration,
     connect_timeout: Duration,
     tls: Option<ClientTls>,
+    token: Option<String>,
+}
+
+/// A connection to one coordinator node: its channel, with the client's
+/// bearer token (if any) on every call.
+pub type Connection = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
 }
 
 /// TLS to the coordinator: its CA, and a client certificate if the
@@ -178,6 +198,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Send this bearer token with every call to the cluster (a static
+    /// token from the node's `--auth-tokens` file, or a JWT).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
     /// Present this certificate and key (PEM) to the cluster.
     pub fn tls_identity(mut self, cert_pem: impl Into<String>, key_pem: impl Into<String>) -> Self {
         let tls = self.tls.get_or_insert(ClientTls {
@@ -202,6 +229,15 @@ impl ClientBuilder {
             .iter()
             .map(|e| normalize_as(e, scheme))
             .collect::<Result<Vec<_>, _>>()?;
+        let bearer = match &self.token {
+            None => Bearer(None),
+            Some(t) => Bearer(Some(format!("Bearer {}", t.trim()).parse().map_err(
+                |_| Error::InvalidEndpoint {
+                    endpoint: String::new(),
+                    problem: "the token must be printable ASCII".into(),
+                },
+            )?)),
+        };
 
         let current = endpoints[0].clone();
         Ok(Client {
@@ -213,6 +249,7 @@ impl ClientBuilder {
                 retry_deadline: self.retry_deadline,
                 connect_timeout: self.connect_timeout,
                 tls: self.tls,
+                bearer,
                 http: reqwest::Client::builder()
                     .timeout(self.call_timeout)
                     .build()
@@ -276,6 +313,7 @@ struct Inner {
     retry_deadline: Duration,
     connect_timeout: Duration,
     tls: Option<ClientTls>,
+    bearer: Bearer,
     /// For the calls the application makes to participants through the SDK.
     http: reqwest::Client,
 }
@@ -316,6 +354,7 @@ impl Client {
             retry_deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
             tls: None,
+            token: None,
         }
     }
 
@@ -361,6 +400,14 @@ impl Client {
             .clone()
     }
 
+    /// A node's channel with this client's token on every call.
+    pub(crate) fn connection(&self, endpoint: &str) -> Connection {
+        tonic::service::interceptor::InterceptedService::new(
+            self.channel(endpoint),
+            self.inner.bearer.clone(),
+        )
+    }
+
     fn current(&self) -> String {
         self.inner.current.lock().expect("current lock").clone()
     }
@@ -382,7 +429,7 @@ impl Client {
     /// until it succeeds, fails for good, or the retry deadline passes.
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Error>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Connection) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.call_with_timeout(self.inner.call_timeout, call).await
@@ -396,7 +443,7 @@ impl Client {
         mut call: F,
     ) -> Result<T, Error>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Connection) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let started = Instant::now();
@@ -410,7 +457,7 @@ impl Client {
             .build();
         let mut redirects = 0;
         loop {
-            let attempt = tokio::time::timeout(call_timeout, call(self.channel(&target))).await;
+            let attempt = tokio::time::timeout(call_timeout, call(self.connection(&target))).await;
             let status = match attempt {
                 Ok(Ok(response)) => {
                     self.set_current(&target);
@@ -682,7 +729,7 @@ impl Client {
             gid: gid.to_string(),
             resolve: false,
         };
-        coordinator(self.channel(&endpoint))
+        coordinator(self.connection(&endpoint))
             .get(request)
             .await
             .map(|r| r.into_inner().transaction.unwrap_or_default())
