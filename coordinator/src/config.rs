@@ -165,6 +165,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_JWT_KEY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_key: Option<PathBuf>,
+    /// Sign every call to participants with this key (a file of at least 32
+    /// bytes, shared with them): HMAC-SHA256 headers they verify.
+    #[arg(long, env = "TANDEM_PARTICIPANT_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participant_key: Option<PathBuf>,
     /// Serve plaintext on an address other than loopback (refused otherwise).
     #[arg(long, env = "TANDEM_INSECURE")]
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -222,6 +227,8 @@ pub struct ServeConfig {
     pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
     /// Tokens and roles; `None`: every client may do everything.
     pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    /// The key calls to participants are signed with.
+    pub participant_key: Option<std::sync::Arc<[u8]>>,
     pub node: NodeConfig,
     pub limits: Limits,
     /// How long finished transactions are kept.
@@ -304,6 +311,22 @@ impl ServeConfig {
         }
         let auth = crate::auth::Auth::load(args.auth_tokens.as_deref(), args.jwt_key.as_deref())
             .map_err(err)?;
+        let participant_key = match &args.participant_key {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err(format!("--participant-key {}: {e}", path.display())))?;
+                let key = text.trim();
+                if key.len() < tandem_proto::wire::signing::KEY_BYTES_MIN {
+                    return Err(err(format!(
+                        "--participant-key {}: the key must be at least {} bytes",
+                        path.display(),
+                        tandem_proto::wire::signing::KEY_BYTES_MIN
+                    )));
+                }
+                Some(std::sync::Arc::from(key.as_bytes()))
+            }
+        };
         let address = args.advertise.unwrap_or(listen_text);
         check_host_port("--advertise", &address)?;
         let peers = match args.peers {
@@ -416,6 +439,7 @@ impl ServeConfig {
             otlp_endpoint,
             tls,
             auth,
+            participant_key,
             node,
             limits,
             retention,

@@ -87,7 +87,10 @@ pub async fn serve(
     let replica = replica(node.clone());
     let driver = Driver::new(
         replica.clone(),
-        Arc::new(BranchCaller::new(config.brokers.clone())),
+        Arc::new(BranchCaller::with_key(
+            config.brokers.clone(),
+            config.participant_key.clone(),
+        )),
         clock.clone(),
     );
     let driver_task = tokio::spawn(driver.run(leader_events));

@@ -466,3 +466,104 @@ async fn tokens_and_roles_guard_every_surface() {
         200
     );
 }
+
+/// Signed calls: a participant holding the cluster's key accepts the
+/// coordinator's calls, and refuses unsigned, forged, stale and replayed
+/// ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_with_the_key_refuses_forged_and_replayed_calls() {
+    use tandem_proto::wire::{headers, participant_endpoint, signing};
+    let dir = tempfile::tempdir().unwrap();
+    let key = "participant-key-of-at-least-32-bytes!";
+    let key_file = dir.path().join("participant.key");
+    std::fs::write(&key_file, key).unwrap();
+    let cluster = Cluster::start_with(
+        1,
+        Options {
+            extra: vec![
+                "--participant-key".into(),
+                key_file.to_string_lossy().into(),
+            ],
+            ..Options::default()
+        },
+    );
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let recorder = common::participant::StepRecorder::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tandem_sdk::participant::ParticipantServer::new(tandem_sdk::participant::Saga(
+        recorder.clone(),
+    ))
+    .with_key(key);
+    let task = tokio::spawn(async move {
+        let _ = tandem_sdk::participant::serve(listener, server, std::future::pending()).await;
+    });
+
+    // The coordinator's calls are accepted.
+    let tx = cluster
+        .client()
+        .saga()
+        .gid("signed-1")
+        .step(Step::service("only", &base))
+        .submit_and_wait(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(tx.state, pb::TxState::Committed as i32);
+    assert_eq!(recorder.effects("signed-1").len(), 1);
+
+    let http = reqwest::Client::new();
+    let url = participant_endpoint(&base, "action");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let call = |signature: Option<(i64, String)>| {
+        let mut request = http
+            .post(&url)
+            .header(headers::GID, "forged-1")
+            .header(headers::BRANCH_ID, "only")
+            .header(headers::OP, "action")
+            .header(headers::FENCE_TERM, "1")
+            .header(headers::FENCE_INDEX, "1")
+            .body("{}");
+        if let Some((at, signature)) = signature {
+            request = request
+                .header(headers::TIMESTAMP, at.to_string())
+                .header(headers::SIGNATURE, signature);
+        }
+        request.send()
+    };
+    let sign =
+        |key: &[u8], at: i64| signing::sign(key, "forged-1", "only", "action", 1, 1, at, b"{}");
+    let refused = |reason: &'static str| {
+        move |r: reqwest::Response| async move {
+            assert_eq!(r.status(), 401);
+            let text = r.text().await.unwrap();
+            assert!(text.contains(reason), "{text}");
+        }
+    };
+    refused("unsigned")(call(None).await.unwrap()).await;
+    refused("bad signature")(
+        call(Some((
+            now,
+            sign(b"some-other-key-that-is-32-bytes-long", now),
+        )))
+        .await
+        .unwrap(),
+    )
+    .await;
+    refused("window")(
+        call(Some((now - 600_000, sign(key.as_bytes(), now - 600_000))))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let valid = Some((now, sign(key.as_bytes(), now)));
+    assert_eq!(call(valid.clone()).await.unwrap().status(), 200);
+    refused("replayed")(call(valid).await.unwrap()).await;
+    assert!(
+        recorder.effects("forged-1").len() == 1,
+        "only the genuine call ran"
+    );
+    task.abort();
+}

@@ -13,6 +13,7 @@
 pub mod broker;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -47,6 +48,8 @@ pub struct BranchCall<'a> {
 }
 
 pub struct BranchCaller {
+    /// Signs every call (`wire::signing`) when the cluster has a key.
+    key: Option<Arc<[u8]>>,
     http: reqwest::Client,
     grpc: Mutex<HashMap<String, Channel>>,
     brokers: broker::Brokers,
@@ -73,6 +76,11 @@ impl BranchTransport for BranchCaller {
 
 impl BranchCaller {
     pub fn new(brokers: broker::BrokerConfig) -> BranchCaller {
+        BranchCaller::with_key(brokers, None)
+    }
+
+    /// A caller that signs every call to a participant with `key`.
+    pub fn with_key(brokers: broker::BrokerConfig, key: Option<Arc<[u8]>>) -> BranchCaller {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
@@ -80,6 +88,7 @@ impl BranchCaller {
             .build()
             .expect("an HTTP client with static settings");
         BranchCaller {
+            key,
             http,
             grpc: Mutex::new(HashMap::new()),
             brokers: broker::Brokers::new(brokers),
@@ -123,6 +132,11 @@ impl BranchCaller {
         if let Some(traceparent) = call.traceparent {
             request = request.header(crate::telemetry::TRACEPARENT, traceparent);
         }
+        if let Some((timestamp, signature)) = self.sign(call) {
+            request = request
+                .header(headers::TIMESTAMP, timestamp)
+                .header(headers::SIGNATURE, signature);
+        }
         match request.body(call.payload.clone()).send().await {
             Ok(response) => {
                 let status = response.status();
@@ -139,6 +153,23 @@ impl BranchCaller {
                 OpOutcome::Transient(truncate(&format!("{}: {}", call.endpoint, error_chain(&e))))
             }
         }
+    }
+
+    /// The call's timestamp and signature, when the cluster has a key.
+    fn sign(&self, call: &BranchCall<'_>) -> Option<(String, String)> {
+        let key = self.key.as_deref()?;
+        let now = crate::clock::now_ms();
+        let signature = tandem_proto::wire::signing::sign(
+            key,
+            call.gid,
+            call.branch_id,
+            call.op.name(),
+            call.fence.term,
+            call.fence.index,
+            now,
+            call.payload,
+        );
+        Some((now.to_string(), signature))
     }
 
     fn channel(&self, authority: &str) -> Result<Channel, String> {
@@ -177,6 +208,13 @@ impl BranchCaller {
             request
                 .metadata_mut()
                 .insert(crate::telemetry::TRACEPARENT, value);
+        }
+        if let Some((timestamp, signature)) = self.sign(call) {
+            let metadata = request.metadata_mut();
+            if let (Ok(t), Ok(s)) = (timestamp.parse(), signature.parse()) {
+                metadata.insert(headers::TIMESTAMP, t);
+                metadata.insert(headers::SIGNATURE, s);
+            }
         }
         let mut client = ParticipantClient::new(channel);
         match tokio::time::timeout(call.timeout, client.call(request)).await {

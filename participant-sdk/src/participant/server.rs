@@ -17,6 +17,7 @@ use super::{BranchContext, BranchError, BranchRequest, Fence, Fences, Handler, d
 pub struct ParticipantServer<H> {
     handler: Arc<H>,
     fences: Arc<Fences>,
+    verifier: Option<Arc<Verifier>>,
 }
 
 impl<H> Clone for ParticipantServer<H> {
@@ -24,7 +25,90 @@ impl<H> Clone for ParticipantServer<H> {
         ParticipantServer {
             handler: self.handler.clone(),
             fences: self.fences.clone(),
+            verifier: self.verifier.clone(),
         }
+    }
+}
+
+/// A signed call is accepted this long after (or before) its timestamp.
+pub const SIGNATURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Signatures remembered to refuse replays (the oldest go first beyond it):
+/// about 100 bytes each, so at most ~100 MiB, and room for 16,000 calls a
+/// second within the window.
+pub const SIGNATURES_REMEMBERED_MAX: usize = 1_000_000;
+
+/// Checks the coordinator's signature on each call (`wire::signing`).
+pub struct Verifier {
+    key: Vec<u8>,
+    seen: std::sync::Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    signatures: std::collections::HashSet<String>,
+    /// (forgotten after, signature), oldest first.
+    order: std::collections::VecDeque<(i64, String)>,
+}
+
+impl Verifier {
+    /// Refuses an unsigned, forged, stale or replayed call with the reason.
+    pub fn check(
+        &self,
+        ctx: &BranchContext,
+        body: &[u8],
+        timestamp: Option<&str>,
+        signature: Option<&str>,
+    ) -> Result<(), String> {
+        let (Some(timestamp), Some(signature)) = (timestamp, signature) else {
+            return Err(
+                "unsigned call: this participant accepts only calls signed with the cluster's key"
+                    .into(),
+            );
+        };
+        let at: i64 = timestamp
+            .parse()
+            .map_err(|_| format!("bad {}", tandem_proto::wire::headers::TIMESTAMP))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let window = SIGNATURE_WINDOW.as_millis() as i64;
+        if (now - at).abs() > window {
+            return Err(format!(
+                "the call was signed {}s from now, outside the {}s window (a replay, or clocks apart)",
+                (at - now) / 1000,
+                window / 1000
+            ));
+        }
+        let valid = tandem_proto::wire::signing::verify(
+            &self.key,
+            &ctx.gid,
+            &ctx.branch_id,
+            &ctx.op,
+            ctx.fence.term,
+            ctx.fence.index,
+            at,
+            body,
+            signature,
+        );
+        if !valid {
+            return Err("bad signature: not signed with this participant's key".into());
+        }
+        let mut seen = self.seen.lock().expect("signature cache lock");
+        while seen.order.front().is_some_and(|(until, _)| *until < now) {
+            if let Some((_, old)) = seen.order.pop_front() {
+                seen.signatures.remove(&old);
+            }
+        }
+        if !seen.signatures.insert(signature.to_string()) {
+            return Err("replayed call: this signature was used already".into());
+        }
+        seen.order.push_back((at + window, signature.to_string()));
+        if seen.order.len() > SIGNATURES_REMEMBERED_MAX
+            && let Some((_, old)) = seen.order.pop_front()
+        {
+            seen.signatures.remove(&old);
+        }
+        Ok(())
     }
 }
 
@@ -33,7 +117,25 @@ impl<H: Handler> ParticipantServer<H> {
         ParticipantServer {
             handler: Arc::new(handler),
             fences: Arc::new(Fences::default()),
+            verifier: None,
         }
+    }
+
+    /// Accept only calls signed with `key` (the coordinator's
+    /// `--participant-key`, at least 32 bytes): unsigned, forged, stale and
+    /// replayed calls are refused (HTTP 401, gRPC UNAUTHENTICATED).
+    pub fn with_key(mut self, key: impl AsRef<[u8]>) -> Self {
+        let key = key.as_ref();
+        assert!(
+            key.len() >= tandem_proto::wire::signing::KEY_BYTES_MIN,
+            "a participant key must be at least {} bytes",
+            tandem_proto::wire::signing::KEY_BYTES_MIN
+        );
+        self.verifier = Some(Arc::new(Verifier {
+            key: key.to_vec(),
+            seen: Default::default(),
+        }));
+        self
     }
 
     pub fn handler(&self) -> &H {
@@ -157,6 +259,18 @@ async fn http_call<H: Handler>(
         Ok(ctx) => ctx,
         Err(bad) => return bad,
     };
+    if let Some(verifier) = &server.verifier {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        if let Err(reason) = verifier.check(
+            &ctx,
+            &body,
+            get(headers::TIMESTAMP),
+            get(headers::SIGNATURE),
+        ) {
+            tracing::warn!(gid = %ctx.gid, branch = %ctx.branch_id, op = %ctx.op, %reason, "refused a call");
+            return (StatusCode::UNAUTHORIZED, reason);
+        }
+    }
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     match server
         .call_traced(BranchRequest { ctx, payload: body }, traceparent)
@@ -178,11 +292,15 @@ impl<H: Handler> Participant for ParticipantServer<H> {
         &self,
         request: tonic::Request<pb::BranchCallRequest>,
     ) -> Result<tonic::Response<pb::BranchCallResponse>, tonic::Status> {
-        let traceparent = request
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let metadata = request.metadata();
+        let get = |name: &str| {
+            metadata
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let traceparent = get("traceparent");
+        let signed = (get(headers::TIMESTAMP), get(headers::SIGNATURE));
         let r = request.into_inner();
         if r.gid.is_empty() || r.branch_id.is_empty() || r.op.is_empty() {
             return Err(tonic::Status::invalid_argument(
@@ -199,6 +317,13 @@ impl<H: Handler> Participant for ParticipantServer<H> {
                 index: r.fence_index,
             },
         };
+        if let Some(verifier) = &self.verifier
+            && let Err(reason) =
+                verifier.check(&ctx, &r.payload, signed.0.as_deref(), signed.1.as_deref())
+        {
+            tracing::warn!(gid = %ctx.gid, branch = %ctx.branch_id, op = %ctx.op, %reason, "refused a call");
+            return Err(tonic::Status::unauthenticated(reason));
+        }
         match self
             .call_traced(
                 BranchRequest {
