@@ -170,6 +170,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_PARTICIPANT_KEY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub participant_key: Option<PathBuf>,
+    /// Requests a second one client address may make (a burst of twice
+    /// that), over gRPC and HTTP; beyond it RESOURCE_EXHAUSTED / 429.
+    /// 0: no limit. [default: 0 on loopback, 5000 on any other address]
+    #[arg(long, env = "TANDEM_CLIENT_RATE_MAX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_rate_max: Option<u32>,
     /// Serve plaintext on an address other than loopback (refused otherwise).
     #[arg(long, env = "TANDEM_INSECURE")]
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -229,6 +235,8 @@ pub struct ServeConfig {
     pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
     /// The key calls to participants are signed with.
     pub participant_key: Option<std::sync::Arc<[u8]>>,
+    /// Requests a second per client address; 0: no limit.
+    pub client_rate_max: u32,
     pub node: NodeConfig,
     pub limits: Limits,
     /// How long finished transactions are kept.
@@ -440,6 +448,15 @@ impl ServeConfig {
             tls,
             auth,
             participant_key,
+            // On loopback every client is this machine: a per-address limit
+            // would only throttle the one application there.
+            client_rate_max: args.client_rate_max.unwrap_or(
+                if listen.ip().is_loopback() && http_listen.is_none_or(|h| h.ip().is_loopback()) {
+                    0
+                } else {
+                    5_000
+                },
+            ),
             node,
             limits,
             retention,

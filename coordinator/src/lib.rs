@@ -9,6 +9,7 @@ pub mod codec;
 pub mod config;
 pub mod driver;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod protocol;

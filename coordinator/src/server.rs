@@ -102,6 +102,7 @@ pub async fn serve(
         .build_v1()?;
 
     let transactions = Transactions::new(replica.clone(), config.limits.clone(), clock.clone());
+    let rate = crate::limits::ClientLimiter::new(config.client_rate_max);
     let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
     let http_task = http_listener.map(|listener| {
         tracing::info!(http_listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving the HTTP API");
@@ -114,6 +115,7 @@ pub async fn serve(
             state,
             config.limits.tx_bytes_max + (1 << 20),
             config.auth.clone(),
+            rate.clone(),
         );
         let mut stopped = http_stopped.clone();
         let tls = config.tls.clone();
@@ -132,6 +134,7 @@ pub async fn serve(
         builder = builder.tls_config(tls.server())?;
     }
     let router = builder
+        .layer(crate::limits::GrpcRateLayer(rate))
         .layer(crate::auth::GrpcAuthLayer(config.auth.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(

@@ -567,3 +567,81 @@ async fn a_participant_with_the_key_refuses_forged_and_replayed_calls() {
     );
     task.abort();
 }
+
+/// One client flooding a node is held back (429 over HTTP, RESOURCE_EXHAUSTED
+/// over gRPC) while another client's sagas keep finishing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flooding_client_is_held_back_and_another_is_not() {
+    let cluster = Cluster::start_with(
+        1,
+        Options {
+            extra: vec!["--client-rate-max".into(), "50".into()],
+            ..Options::default()
+        },
+    );
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let service = StepService::start().await;
+    let url = cluster.node(1).http_url();
+    // The flood comes from 127.0.0.2; the well-behaved client from 127.0.0.1.
+    let flooder = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let flood = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let mut refused = 0;
+            let mut retry_after = false;
+            for _ in 0..20 {
+                let calls = (0..25).map(|_| flooder.get(format!("{url}/v1/transactions")).send());
+                for r in futures::future::join_all(calls).await {
+                    let r = r.unwrap();
+                    if r.status() == 429 {
+                        refused += 1;
+                        retry_after |= r.headers().contains_key("retry-after");
+                    }
+                }
+            }
+            (refused, retry_after)
+        }
+    });
+    let client = cluster.client();
+    for i in 0..10 {
+        let tx = client
+            .saga()
+            .gid(&format!("calm-{i}"))
+            .step(Step::service("a", &service.saga))
+            .submit_and_wait(Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(tx.state, pb::TxState::Committed as i32, "calm-{i}");
+    }
+    let (refused, retry_after) = flood.await.unwrap();
+    assert!(
+        refused > 100,
+        "the flood was held back: {refused} of 500 refused"
+    );
+    assert!(retry_after);
+    // Over gRPC too.
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.node(1).address))
+            .unwrap()
+            .local_address(Some(std::net::IpAddr::from([127, 0, 0, 3])));
+    let mut grpc = tandem_proto::v1::coordinator_client::CoordinatorClient::new(
+        endpoint.connect().await.unwrap(),
+    );
+    let mut exhausted = None;
+    for _ in 0..300 {
+        if let Err(status) = grpc.list(pb::ListRequest::default()).await {
+            exhausted = Some(status);
+            break;
+        }
+    }
+    let status = exhausted.expect("the gRPC flood was held back");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        status.message().contains("127.0.0.3"),
+        "{}",
+        status.message()
+    );
+}

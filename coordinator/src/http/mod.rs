@@ -208,6 +208,7 @@ pub fn router(
     state: Arc<ApiState>,
     body_limit: usize,
     auth: Option<Arc<crate::auth::Auth>>,
+    rate: Option<Arc<crate::limits::ClientLimiter>>,
 ) -> Router {
     Router::new()
         .route("/v1/transactions", post(begin).get(list))
@@ -232,6 +233,23 @@ pub fn router(
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(auth, authorize))
+        .layer(axum::middleware::from_fn_with_state(rate, limit_rate))
+}
+
+/// Refuses a client over its rate (429 with Retry-After).
+async fn limit_rate(
+    State(rate): State<Option<Arc<crate::limits::ClientLimiter>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(rate) = &rate
+        && let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>()
+        && let Err(message) = rate.check(peer.ip())
+    {
+        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "resource-exhausted", message)
+            .into_response();
+    }
+    next.run(request).await
 }
 
 /// The cookie the dashboard keeps its token in.

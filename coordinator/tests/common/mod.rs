@@ -200,6 +200,11 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);
+        if !options.hosts.is_empty() && options.tls.is_none() {
+            // The test's own private network: plaintext on its addresses,
+            // and no per-client limit on the workload.
+            command.args(["--insecure", "--client-rate-max", "0"]);
+        }
         if !options.default_cluster_name {
             command.args(["--cluster-name", &name]);
         }
