@@ -150,8 +150,8 @@ impl EndpointArg {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             builder = builder.tls_identity(read("--tls-cert", cert)?, read("--tls-key", key)?);
         }
-        if let Some(token) = &self.token {
-            builder = builder.token(token.clone());
+        if let Some(token) = self.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+            builder = builder.token(token);
         }
         Ok(builder.build()?)
     }
