@@ -170,6 +170,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_PARTICIPANT_KEY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub participant_key: Option<PathBuf>,
+    /// Trust this CA (PEM) too for HTTPS participants (the cluster's
+    /// --tls-ca and the system's roots are trusted already).
+    #[arg(long, env = "TANDEM_PARTICIPANT_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participant_ca: Option<PathBuf>,
     /// Requests a second one client address may make (a burst of twice
     /// that), over gRPC and HTTP; beyond it RESOURCE_EXHAUSTED / 429.
     /// 0: no limit. [default: 0 on loopback, 5000 on any other address]
@@ -237,6 +242,8 @@ pub struct ServeConfig {
     pub participant_key: Option<std::sync::Arc<[u8]>>,
     /// Requests a second per client address; 0: no limit.
     pub client_rate_max: u32,
+    /// An extra CA (PEM) for HTTPS participants.
+    pub participant_ca: Option<String>,
     pub node: NodeConfig,
     pub limits: Limits,
     /// How long finished transactions are kept.
@@ -448,6 +455,13 @@ impl ServeConfig {
             tls,
             auth,
             participant_key,
+            participant_ca: match &args.participant_ca {
+                None => None,
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| err(format!("--participant-ca {}: {e}", path.display())))?,
+                ),
+            },
             // On loopback every client is this machine: a per-address limit
             // would only throttle the one application there.
             client_rate_max: args.client_rate_max.unwrap_or(

@@ -36,6 +36,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("calling participants: {0}")]
+    Participants(String),
 }
 
 /// Runs a node until `shutdown` resolves, then stops serving, lets the Raft
@@ -87,10 +89,11 @@ pub async fn serve(
     let replica = replica(node.clone());
     let driver = Driver::new(
         replica.clone(),
-        Arc::new(BranchCaller::with_key(
-            config.brokers.clone(),
-            config.participant_key.clone(),
-        )),
+        Arc::new(
+            BranchCaller::with_key(config.brokers.clone(), config.participant_key.clone())
+                .with_tls(config.tls.as_deref(), config.participant_ca.as_deref())
+                .map_err(ServeError::Participants)?,
+        ),
         clock.clone(),
     );
     let driver_task = tokio::spawn(driver.run(leader_events));

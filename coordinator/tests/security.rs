@@ -645,3 +645,98 @@ async fn a_flooding_client_is_held_back_and_another_is_not() {
         status.message()
     );
 }
+
+/// HTTPS to participants: a participant that asks for a client certificate
+/// from the cluster's CA gets the node's, and its calls go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_participants_get_the_nodes_client_certificate() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = tempfile::tempdir().unwrap();
+    dev_certs(certs.path(), 3);
+    let cluster = Cluster::start_with(
+        1,
+        Options {
+            tls: Some(certs.path().to_path_buf()),
+            ..Options::default()
+        },
+    );
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+
+    // The participant: HTTPS with node-3's certificate, requiring a client
+    // certificate signed by the cluster's CA.
+    let read = |name: &str| std::fs::read(certs.path().join(name)).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&read("ca.pem")) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            CertificateDer::pem_slice_iter(&read("node-3.pem"))
+                .map(|c| c.unwrap())
+                .collect(),
+            PrivateKeyDer::from_pem_slice(&read("node-3.key")).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let recorder = common::participant::StepRecorder::default();
+    let router = tandem_sdk::participant::ParticipantServer::new(tandem_sdk::participant::Saga(
+        recorder.clone(),
+    ))
+    .router();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://{}", listener.local_addr().unwrap());
+    let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = tokio::spawn({
+        let handshakes = handshakes.clone();
+        async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (acceptor, router, handshakes) =
+                    (acceptor.clone(), router.clone(), handshakes.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let presented = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|c| !c.is_empty());
+                    if presented {
+                        handshakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    let service = hyper_util::service::TowerToHyperService::new(router);
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        }
+    });
+    let tx = cluster
+        .client()
+        .saga()
+        .gid("https-1")
+        .step(Step::service("only", &base))
+        .submit_and_wait(Duration::from_secs(20))
+        .await
+        .unwrap();
+    server.abort();
+    assert_eq!(tx.state, pb::TxState::Committed as i32, "{tx:?}");
+    assert_eq!(recorder.effects("https-1").len(), 1);
+    assert!(handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}

@@ -81,12 +81,7 @@ impl BranchCaller {
 
     /// A caller that signs every call to a participant with `key`.
     pub fn with_key(brokers: broker::BrokerConfig, key: Option<Arc<[u8]>>) -> BranchCaller {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .expect("an HTTP client with static settings");
+        let http = Self::http_client(None, None).expect("an HTTP client with static settings");
         BranchCaller {
             key,
             http,
@@ -153,6 +148,44 @@ impl BranchCaller {
                 OpOutcome::Transient(truncate(&format!("{}: {}", call.endpoint, error_chain(&e))))
             }
         }
+    }
+
+    /// HTTPS to participants: trust `extra_ca` (PEM) and the cluster's CA
+    /// besides the system's roots, and present this node's certificate to
+    /// participants that ask for one.
+    pub fn with_tls(
+        mut self,
+        tls: Option<&crate::tls::Tls>,
+        extra_ca: Option<&str>,
+    ) -> Result<BranchCaller, String> {
+        self.http = Self::http_client(tls, extra_ca)?;
+        Ok(self)
+    }
+
+    fn http_client(
+        tls: Option<&crate::tls::Tls>,
+        extra_ca: Option<&str>,
+    ) -> Result<reqwest::Client, String> {
+        let mut builder = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2));
+        let roots = tls.map(|t| t.ca_pem.as_str()).into_iter().chain(extra_ca);
+        for pem in roots {
+            for cert in reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| format!("a participant CA: {e}"))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if let Some(tls) = tls {
+            let identity = reqwest::Identity::from_pem(
+                format!("{}\n{}", tls.cert_pem, tls.key_pem).as_bytes(),
+            )
+            .map_err(|e| format!("this node's certificate for participants: {e}"))?;
+            builder = builder.identity(identity);
+        }
+        builder.build().map_err(|e| e.to_string())
     }
 
     /// The call's timestamp and signature, when the cluster has a key.

@@ -150,7 +150,12 @@ impl EndpointArg {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             builder = builder.tls_identity(read("--tls-cert", cert)?, read("--tls-key", key)?);
         }
-        if let Some(token) = self.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        if let Some(token) = self
+            .token
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
             builder = builder.token(token);
         }
         Ok(builder.build()?)
