@@ -775,6 +775,56 @@ mod tests {
         ApplyContext { index: 7, term: 2 }
     }
 
+    fn prepare(gid: &str, check_back: &str, to: &str, payload: &'static [u8]) -> Command {
+        Command::PrepareMessage {
+            gid: gid.to_string(),
+            options: options(),
+            check_back: check_back.to_string(),
+            destinations: vec![crate::model::command::DestinationSpec {
+                branch_id: "d".into(),
+                endpoint: to.to_string(),
+                payload: bytes::Bytes::from_static(payload),
+            }],
+            payload: bytes::Bytes::new(),
+            now_ms: 1,
+        }
+    }
+
+    /// Idempotency (DESIGN §7) for messages: the same Prepare again is
+    /// answered with the message there; one with another destination,
+    /// payload or check-back is refused and changes nothing.
+    #[test]
+    fn idempotency_a_repeated_prepare_must_be_the_same_message() {
+        let mut m = StateMachine::default();
+        let first = prepare("msg-1", "http://p/check", "nats://orders", b"a");
+        assert!(matches!(
+            m.apply(first.clone(), ctx()),
+            Ok(Applied::Begun { created: true, .. })
+        ));
+        let before = m.get("msg-1").unwrap().clone();
+        assert!(matches!(
+            m.apply(first, ctx()),
+            Ok(Applied::Begun { created: false, .. })
+        ));
+        for other in [
+            prepare("msg-1", "http://p/check", "nats://payments", b"a"),
+            prepare("msg-1", "http://p/check", "nats://orders", b"b"),
+            prepare("msg-1", "http://q/check", "nats://orders", b"a"),
+        ] {
+            let e = m.apply(other, ctx()).unwrap_err();
+            assert!(e.to_string().contains("msg-1"), "{e}");
+            assert!(
+                e.to_string().contains("other destinations or check-back"),
+                "{e}"
+            );
+        }
+        let e = m
+            .apply(begin("msg-1", Protocol::Saga, 1), ctx())
+            .unwrap_err();
+        assert!(matches!(e, Rejection::ProtocolMismatch { .. }), "{e}");
+        assert_eq!(m.get("msg-1").unwrap(), &before, "nothing changed");
+    }
+
     /// Durability across upgrades: a snapshot written before repair records
     /// existed (format 2) still restores, every transaction intact.
     #[test]
