@@ -170,6 +170,17 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_PARTICIPANT_KEY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub participant_key: Option<PathBuf>,
+    /// Requests one client address may have in flight at once, over gRPC
+    /// and HTTP; beyond it RESOURCE_EXHAUSTED / 429. 0: no limit.
+    /// [default: 0 on loopback, 1000 on any other address]
+    #[arg(long, env = "TANDEM_CLIENT_CONCURRENCY_MAX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_concurrency_max: Option<usize>,
+    /// Connections the gRPC port and the HTTP port each hold at once; more
+    /// wait to be accepted. [default: 10000]
+    #[arg(long, env = "TANDEM_CONNECTIONS_MAX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections_max: Option<usize>,
     /// Trust this CA (PEM) too for HTTPS participants (the cluster's
     /// --tls-ca and the system's roots are trusted already).
     #[arg(long, env = "TANDEM_PARTICIPANT_CA")]
@@ -242,6 +253,10 @@ pub struct ServeConfig {
     pub participant_key: Option<std::sync::Arc<[u8]>>,
     /// Requests a second per client address; 0: no limit.
     pub client_rate_max: u32,
+    /// Requests in flight per client address; 0: no limit.
+    pub client_concurrency_max: usize,
+    /// Connections each port holds at once.
+    pub connections_max: usize,
     /// An extra CA (PEM) for HTTPS participants.
     pub participant_ca: Option<String>,
     pub node: NodeConfig,
@@ -326,6 +341,10 @@ impl ServeConfig {
         }
         let auth = crate::auth::Auth::load(args.auth_tokens.as_deref(), args.jwt_key.as_deref())
             .map_err(err)?;
+        // On loopback every client is this machine: per-address limits
+        // would only throttle the one application there.
+        let loopback_only =
+            listen.ip().is_loopback() && http_listen.is_none_or(|h| h.ip().is_loopback());
         let participant_key = match &args.participant_key {
             None => None,
             Some(path) => {
@@ -462,15 +481,18 @@ impl ServeConfig {
                         .map_err(|e| err(format!("--participant-ca {}: {e}", path.display())))?,
                 ),
             },
-            // On loopback every client is this machine: a per-address limit
-            // would only throttle the one application there.
-            client_rate_max: args.client_rate_max.unwrap_or(
-                if listen.ip().is_loopback() && http_listen.is_none_or(|h| h.ip().is_loopback()) {
-                    0
-                } else {
-                    5_000
-                },
-            ),
+            client_rate_max: args
+                .client_rate_max
+                .unwrap_or(if loopback_only { 0 } else { 5_000 }),
+            client_concurrency_max: args.client_concurrency_max.unwrap_or(if loopback_only {
+                0
+            } else {
+                1_000
+            }),
+            connections_max: match args.connections_max.unwrap_or(10_000) {
+                0 => return Err(err("--connections-max must be at least 1")),
+                n => n,
+            },
             node,
             limits,
             retention,

@@ -105,7 +105,8 @@ pub async fn serve(
         .build_v1()?;
 
     let transactions = Transactions::new(replica.clone(), config.limits.clone(), clock.clone());
-    let rate = crate::limits::ClientLimiter::new(config.client_rate_max);
+    let rate =
+        crate::limits::ClientLimiter::new(config.client_rate_max, config.client_concurrency_max);
     let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
     let http_task = http_listener.map(|listener| {
         tracing::info!(http_listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving the HTTP API");
@@ -122,11 +123,12 @@ pub async fn serve(
         );
         let mut stopped = http_stopped.clone();
         let tls = config.tls.clone();
+        let connections_max = config.connections_max;
         tokio::spawn(async move {
             let stop = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            if let Err(e) = crate::http::serve(listener, router, stop, tls).await {
+            if let Err(e) = crate::http::serve(listener, router, stop, tls, connections_max).await {
                 tracing::error!(error = %e, "HTTP API stopped");
             }
         })
@@ -160,7 +162,10 @@ pub async fn serve(
         .serve_with_incoming_shutdown(
             // The builder's tcp_nodelay does not reach sockets of an incoming
             // we bind ourselves; without it, small replies wait on delayed ACKs.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            crate::limits::limit_connections(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
+            ),
             {
                 let transport = transport.clone();
                 async move {

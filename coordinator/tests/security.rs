@@ -740,3 +740,51 @@ async fn https_participants_get_the_nodes_client_certificate() {
     assert_eq!(recorder.effects("https-1").len(), 1);
     assert!(handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1);
 }
+
+/// Connections a port holds are bounded: past the limit a new client
+/// waits until one closes; an idle connection does not keep its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_bounded_and_idle_ones_do_not_hold_their_place() {
+    let cluster = Cluster::start_with(
+        1,
+        Options {
+            extra: vec!["--connections-max".into(), "2".into()],
+            ..Options::default()
+        },
+    );
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let address = cluster.node(1).http_address.clone();
+    let url = format!("{}/openapi.json", cluster.node(1).http_url());
+    // A fresh connection per request, so that only the test's own idle
+    // connections hold places.
+    let fetch = || async {
+        reqwest::Client::builder()
+            .timeout(Duration::from_millis(800))
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+            .get(&url)
+            .send()
+            .await
+    };
+    let idle_a = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let idle_b = tokio::net::TcpStream::connect(&address).await.unwrap();
+    assert!(fetch().await.is_err(), "both places are taken");
+    drop(idle_a);
+    let answered = wait_for(Duration::from_secs(5), "a place", || async {
+        fetch().await.ok().map(|r| r.status())
+    })
+    .await;
+    assert_eq!(answered, 200, "a closed connection gives its place back");
+    drop(idle_b);
+    // Two connections that send nothing take both places — until the node
+    // drops them for it (its read timeout is 10 s).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _silent_a = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let _silent_b = tokio::net::TcpStream::connect(&address).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fetch().await.is_err(), "both places are taken");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let r = fetch().await;
+    assert!(r.as_ref().is_ok_and(|r| r.status() == 200), "{r:?}");
+}

@@ -242,14 +242,21 @@ async fn limit_rate(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let mut admitted = None;
     if let Some(rate) = &rate
         && let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>()
-        && let Err(message) = rate.check(peer.ip())
     {
-        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "resource-exhausted", message)
-            .into_response();
+        match rate.admit(peer.ip()) {
+            Ok(place) => admitted = Some(place),
+            Err(message) => {
+                return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "resource-exhausted", message)
+                    .into_response();
+            }
+        }
     }
-    next.run(request).await
+    let response = next.run(request).await;
+    drop(admitted);
+    response
 }
 
 /// The cookie the dashboard keeps its token in.
@@ -307,39 +314,28 @@ async fn authorize(
     CREDENTIAL.scope(credential, next.run(request)).await
 }
 
-/// Serves the API until `shutdown` resolves; over TLS with `tls`.
+/// Serves the API until `shutdown` resolves; over TLS with `tls`; at most
+/// `connections_max` connections at once (more wait to be accepted).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     tls: Option<Arc<crate::tls::Tls>>,
+    connections_max: usize,
 ) -> std::io::Result<()> {
-    match tls {
-        None => {
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
-        }
-        Some(tls) => serve_tls(listener, router, shutdown, &tls).await,
-    }
-}
-
-/// A TLS handshake longer than this is dropped.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    tls: &crate::tls::Tls,
-) -> std::io::Result<()> {
-    let config = tls.rustls_server().map_err(std::io::Error::other)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = match tls {
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            tls.rustls_server().map_err(std::io::Error::other)?,
+        ))),
+        None => None,
+    };
+    let places = Arc::new(tokio::sync::Semaphore::new(connections_max));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let place = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            place = places.clone().acquire_owned() => place.expect("never closed"),
+        };
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
@@ -351,25 +347,63 @@ async fn serve_tls(
                 }
             },
         };
+        let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone().layer(axum::Extension(ConnectInfo(peer)));
         tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "HTTP API: TLS handshake failed");
-                        return;
+            // A client that connects and sends nothing is dropped after the
+            // read timeout (hyper's own timeout starts only once it has
+            // seen which HTTP version the client speaks).
+            let mut first = [0u8; 1];
+            if tokio::time::timeout(READ_TIMEOUT, stream.peek(&mut first))
+                .await
+                .is_err()
+            {
+                tracing::debug!(%peer, "HTTP API: a connection sent nothing; closed");
+                return;
+            }
+            let stream = crate::limits::Limited::new(stream, place);
+            match acceptor {
+                None => serve_connection(stream, router).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(READ_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, router).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "HTTP API: TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "HTTP API: TLS handshake timed out");
+                        }
                     }
-                    Err(_) => return,
-                };
-            let service = hyper_util::service::TowerToHyperService::new(router);
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                }
+            }
         });
     }
+}
+
+/// A client has this long to send a request's headers (and to finish a
+/// TLS handshake): a slow one cannot hold a connection's place.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_connection<S>(stream: S, router: Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(READ_TIMEOUT);
+    let _ = builder
+        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
 }
 
 // ---------------------------------------------------------------- errors
