@@ -268,6 +268,29 @@ impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
     }
 }
 
+/// A client must send its first bytes within this long, or its connection
+/// is closed (it would otherwise hold a place doing nothing).
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Passes a connection on once it has sent something; `None` (closed) if
+/// it stays silent for [`FIRST_BYTES_TIMEOUT`].
+pub async fn first_bytes<E>(
+    io: Result<Limited<tokio::net::TcpStream>, E>,
+) -> Option<Result<Limited<tokio::net::TcpStream>, E>> {
+    let io = match io {
+        Ok(io) => io,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, io.get_ref().peek(&mut first)).await {
+        Ok(_) => Some(Ok(io)),
+        Err(_) => {
+            tracing::debug!(peer = ?io.get_ref().peer_addr().ok(), "closed a connection that sent nothing");
+            None
+        }
+    }
+}
+
 /// The gRPC server's incoming connections, at most `places` at once: past
 /// that, accepting waits until one closes (the kernel's backlog holds the
 /// rest).

@@ -38,6 +38,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("calling participants: {0}")]
     Participants(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Runs a node until `shutdown` resolves, then stops serving, lets the Raft
@@ -134,10 +136,17 @@ pub async fn serve(
         })
     });
     tokio::spawn(count_leader_changes(node.clone()));
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.tls {
-        builder = builder.tls_config(tls.server())?;
-    }
+    // TLS is done here, not by tonic, so that a refused handshake (a peer
+    // or client with a certificate from another CA) is logged, and a
+    // connection that never completes one does not hold its place.
+    let grpc_tls = match &config.tls {
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            tls.rustls_grpc_server()
+                .map_err(|e| ServeError::Tls(e.to_string()))?,
+        ))),
+        None => None,
+    };
+    let builder = tonic::transport::Server::builder();
     let router = builder
         .layer(crate::limits::GrpcRateLayer(rate))
         .layer(crate::auth::GrpcAuthLayer(config.auth.clone()))
@@ -158,25 +167,42 @@ pub async fn serve(
     let router = router.add_service(tandem_proto::v1::debug_server::DebugServer::new(
         crate::api::debug::DebugService,
     ));
-    let served = router
-        .serve_with_incoming_shutdown(
-            // The builder's tcp_nodelay does not reach sockets of an incoming
-            // we bind ourselves; without it, small replies wait on delayed ACKs.
-            crate::limits::limit_connections(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
-            ),
-            {
-                let transport = transport.clone();
-                async move {
-                    shutdown.await;
-                    let _ = http_stop.send(true);
-                    // Peers' streams never end by themselves.
-                    transport.close();
-                }
-            },
-        )
-        .await;
+    // The builder's tcp_nodelay does not reach sockets of an incoming we
+    // bind ourselves; without it, small replies wait on delayed ACKs.
+    let incoming = crate::limits::limit_connections(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
+    );
+    let stop = {
+        let transport = transport.clone();
+        async move {
+            shutdown.await;
+            let _ = http_stop.send(true);
+            // Peers' streams never end by themselves.
+            transport.close();
+        }
+    };
+    let served = match grpc_tls {
+        None => {
+            use futures::StreamExt;
+            let speaking = incoming
+                .map(crate::limits::first_bytes)
+                .buffer_unordered(crate::tls::HANDSHAKES_AT_ONCE)
+                .filter_map(std::future::ready);
+            router.serve_with_incoming_shutdown(speaking, stop).await
+        }
+        Some(acceptor) => {
+            use futures::StreamExt;
+            let secured = incoming
+                .map(move |io| {
+                    let acceptor = acceptor.clone();
+                    async move { crate::tls::accept(&acceptor, io).await }
+                })
+                .buffer_unordered(crate::tls::HANDSHAKES_AT_ONCE)
+                .filter_map(std::future::ready);
+            router.serve_with_incoming_shutdown(secured, stop).await
+        }
+    };
     tracing::info!("gRPC server stopped; stopping the raft loop");
     node.shutdown();
     let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;

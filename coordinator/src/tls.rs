@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// A node's certificate, key and CA, as PEM.
 #[derive(Clone, Debug)]
@@ -61,19 +61,47 @@ impl Tls {
         Identity::from_pem(&self.cert_pem, &self.key_pem)
     }
 
-    /// The server side: this node's identity; client certificates are
-    /// asked for and checked against the CA, but optional (clients of the
-    /// API need not have one; the peer transport requires one itself).
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity())
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
-            .client_auth_optional(true)
+    /// The gRPC port's TLS (rustls): this node's certificate; a client
+    /// certificate is asked for and, when one is presented, must chain to
+    /// the CA (the peer transport then requires one and checks its name).
+    pub fn rustls_grpc_server(&self) -> Result<rustls::ServerConfig, TlsError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots
+                .add(cert.map_err(|e| TlsError(format!("--tls-ca: {e}")))?)
+                .map_err(|e| TlsError(format!("--tls-ca: {e}")))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError(format!("--tls-ca: {e}")))?;
+        let (certs, key) = self.own_certificate()?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| TlsError(format!("--tls-cert/--tls-key: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
     }
 
-    /// The HTTP API's TLS (rustls): this node's certificate; clients are
-    /// not asked for one.
-    pub fn rustls_server(&self) -> Result<rustls::ServerConfig, TlsError> {
+    #[allow(clippy::type_complexity)]
+    fn own_certificate(
+        &self,
+    ) -> Result<
+        (
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        TlsError,
+    > {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
@@ -81,6 +109,13 @@ impl Tls {
             .map_err(|e| TlsError(format!("--tls-cert: {e}")))?;
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
             .map_err(|e| TlsError(format!("--tls-key: {e}")))?;
+        Ok((certs, key))
+    }
+
+    /// The HTTP API's TLS (rustls): this node's certificate; clients are
+    /// not asked for one.
+    pub fn rustls_server(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let (certs, key) = self.own_certificate()?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -99,6 +134,39 @@ impl Tls {
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(self.identity())
             .domain_name(host_of(address))
+    }
+}
+
+/// TLS handshakes the gRPC port runs at once.
+pub const HANDSHAKES_AT_ONCE: usize = 256;
+/// A handshake longer than this is dropped.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One connection's TLS handshake on the gRPC port: the secured stream, or
+/// `None` (logged) when it fails or takes too long.
+pub async fn accept<E>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    io: Result<crate::limits::Limited<tokio::net::TcpStream>, E>,
+) -> Option<Result<tokio_rustls::server::TlsStream<crate::limits::Limited<tokio::net::TcpStream>>, E>>
+{
+    let io = match io {
+        Ok(io) => io,
+        Err(e) => return Some(Err(e)),
+    };
+    let peer = io.get_ref().peer_addr().ok();
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+        Ok(Ok(stream)) => Some(Ok(stream)),
+        Ok(Err(e)) => {
+            tracing::warn!(?peer, error = %e, "refused a TLS connection");
+            None
+        }
+        Err(_) => {
+            tracing::info!(
+                ?peer,
+                "closed a connection that did not finish its TLS handshake"
+            );
+            None
+        }
     }
 }
 

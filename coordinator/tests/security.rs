@@ -255,9 +255,11 @@ async fn raft_traffic_needs_a_member_certificate_from_the_clusters_ca() {
         .await
         .unwrap_err();
     assert!(e.contains("PermissionDenied"), "{e}");
-    // The refusals are in the node's log.
+    // The refusals are in the node's log: the other CA's handshake, and
+    // the certificates that speak for another member.
     let log = std::fs::read_to_string(&cluster.node(1).log).unwrap();
     assert!(log.contains("refused raft traffic"), "{log}");
+    assert!(log.contains("refused a TLS connection"), "{log}");
     let after = wait_for(Duration::from_secs(2), "a status", || {
         cluster.local_status(1)
     })
