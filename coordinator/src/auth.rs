@@ -256,67 +256,6 @@ pub fn http_role(method: &axum::http::Method, path: &str) -> Option<Role> {
     Some(Role::App)
 }
 
-/// A tower layer for the gRPC server: refuses calls without the role
-/// their method needs, with the gRPC status a client understands.
-#[derive(Clone)]
-pub struct GrpcAuthLayer(pub Option<Arc<Auth>>);
-
-impl<S> tower::Layer<S> for GrpcAuthLayer {
-    type Service = GrpcAuth<S>;
-
-    fn layer(&self, inner: S) -> GrpcAuth<S> {
-        GrpcAuth {
-            auth: self.0.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct GrpcAuth<S> {
-    auth: Option<Arc<Auth>>,
-    inner: S,
-}
-
-impl<S, B> tower::Service<axum::http::Request<B>> for GrpcAuth<S>
-where
-    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        if let Some(auth) = &self.auth
-            && let Some(need) = grpc_role(request.uri().path())
-        {
-            let authorization = request
-                .headers()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok());
-            let method = request.uri().path().rsplit('/').next().unwrap_or_default();
-            if let Err(refusal) = auth.check(authorization, need, &format!("call {method}")) {
-                tracing::info!(path = request.uri().path(), %refusal, "refused a call");
-                let status = match refusal {
-                    Refusal::Unauthenticated(m) => tonic::Status::unauthenticated(m),
-                    Refusal::PermissionDenied(m) => tonic::Status::permission_denied(m),
-                };
-                return Box::pin(std::future::ready(Ok(status.into_http())));
-            }
-        }
-        Box::pin(self.inner.call(request))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -115,12 +115,12 @@ impl ClientLimiter {
 
 /// Whether a gRPC method is limited (clients' calls; not the peer
 /// transport, health checks or reflection).
-fn limited(path: &str) -> bool {
+pub fn limited(path: &str) -> bool {
     path.starts_with("/tandem.v1.Coordinator/") || path.starts_with("/tandem.v1.Cluster/")
 }
 
 /// The client address tonic records for a connection (plain or TLS).
-fn peer_ip<B>(request: &axum::http::Request<B>) -> Option<IpAddr> {
+pub fn peer_ip<B>(request: &axum::http::Request<B>) -> Option<IpAddr> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     let extensions = request.extensions();
     extensions
@@ -132,67 +132,6 @@ fn peer_ip<B>(request: &axum::http::Request<B>) -> Option<IpAddr> {
                 .and_then(|t| t.get_ref().remote_addr())
         })
         .map(|a| a.ip())
-}
-
-/// A tower layer for the gRPC server applying the per-client limit.
-#[derive(Clone)]
-pub struct GrpcRateLayer(pub Option<Arc<ClientLimiter>>);
-
-impl<S> tower::Layer<S> for GrpcRateLayer {
-    type Service = GrpcRate<S>;
-
-    fn layer(&self, inner: S) -> GrpcRate<S> {
-        GrpcRate {
-            limiter: self.0.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct GrpcRate<S> {
-    limiter: Option<Arc<ClientLimiter>>,
-    inner: S,
-}
-
-impl<S, B> tower::Service<axum::http::Request<B>> for GrpcRate<S>
-where
-    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        let mut admitted = None;
-        if let Some(limiter) = &self.limiter
-            && limited(request.uri().path())
-            && let Some(ip) = peer_ip(&request)
-        {
-            match limiter.admit(ip) {
-                Ok(place) => admitted = Some(place),
-                Err(message) => {
-                    let status = tonic::Status::resource_exhausted(message);
-                    return Box::pin(std::future::ready(Ok(status.into_http())));
-                }
-            }
-        }
-        let answer = self.inner.call(request);
-        Box::pin(async move {
-            let answer = answer.await;
-            drop(admitted);
-            answer
-        })
-    }
 }
 
 /// A connection holding one of its listener's places until it closes.

@@ -148,8 +148,10 @@ pub async fn serve(
     };
     let builder = tonic::transport::Server::builder();
     let router = builder
-        .layer(crate::limits::GrpcRateLayer(rate))
-        .layer(crate::auth::GrpcAuthLayer(config.auth.clone()))
+        .layer(crate::api::gate::GateLayer {
+            auth: config.auth.clone(),
+            limits: rate.clone(),
+        })
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(
             CoordinatorServer::new(CoordinatorService::new(transactions))

@@ -7,4 +7,5 @@ pub mod convert;
 pub mod coordinator;
 #[cfg(feature = "failpoints")]
 pub mod debug;
+pub mod gate;
 pub mod status;

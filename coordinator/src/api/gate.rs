@@ -1,0 +1,105 @@
+//! What every gRPC call passes before its service sees it: its client's
+//! limits (`limits`) and its role (`auth`). One tower layer for both;
+//! with neither configured (the loopback default) it adds nothing to a
+//! call — no allocation, no lookup.
+
+use std::sync::Arc;
+
+use futures::future::{BoxFuture, Either};
+
+use crate::auth::{Auth, Refusal, grpc_role};
+use crate::limits::{ClientLimiter, limited, peer_ip};
+
+#[derive(Clone)]
+pub struct GateLayer {
+    pub auth: Option<Arc<Auth>>,
+    pub limits: Option<Arc<ClientLimiter>>,
+}
+
+impl<S> tower::Layer<S> for GateLayer {
+    type Service = Gate<S>;
+
+    fn layer(&self, inner: S) -> Gate<S> {
+        Gate {
+            auth: self.auth.clone(),
+            limits: self.limits.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Gate<S> {
+    auth: Option<Arc<Auth>>,
+    limits: Option<Arc<ClientLimiter>>,
+    inner: S,
+}
+
+type Answer = axum::http::Response<tonic::body::Body>;
+
+fn refuse<E: Send + 'static>(status: tonic::Status) -> BoxFuture<'static, Result<Answer, E>> {
+    Box::pin(std::future::ready(Ok(status.into_http())))
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for Gate<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = Answer>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Answer;
+    type Error = S::Error;
+    type Future = Either<S::Future, BoxFuture<'static, Result<Answer, S::Error>>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        if self.auth.is_none() && self.limits.is_none() {
+            return Either::Left(self.inner.call(request));
+        }
+        let path = request.uri().path();
+        let mut admitted = None;
+        if let Some(limits) = &self.limits
+            && limited(path)
+            && let Some(ip) = peer_ip(&request)
+        {
+            match limits.admit(ip) {
+                Ok(place) => admitted = Some(place),
+                Err(message) => {
+                    return Either::Right(refuse(tonic::Status::resource_exhausted(message)));
+                }
+            }
+        }
+        if let Some(auth) = &self.auth
+            && let Some(need) = grpc_role(path)
+        {
+            let authorization = request
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            let method = path.rsplit('/').next().unwrap_or_default();
+            if let Err(refusal) = auth.check(authorization, need, &format!("call {method}")) {
+                tracing::info!(path, %refusal, "refused a call");
+                return Either::Right(refuse(match refusal {
+                    Refusal::Unauthenticated(m) => tonic::Status::unauthenticated(m),
+                    Refusal::PermissionDenied(m) => tonic::Status::permission_denied(m),
+                }));
+            }
+        }
+        let answer = self.inner.call(request);
+        match admitted {
+            None => Either::Left(answer),
+            // The client's place is given back once the answer is made.
+            Some(place) => Either::Right(Box::pin(async move {
+                let answer = answer.await;
+                drop(place);
+                answer
+            })),
+        }
+    }
+}
