@@ -825,6 +825,37 @@ mod tests {
         assert_eq!(m.get("msg-1").unwrap(), &before, "nothing changed");
     }
 
+    /// Durability of a transaction's trace context: a traced Begin read back
+    /// from the log (as a restarted node replays it) and through a snapshot
+    /// gives the same transaction, context included.
+    #[test]
+    fn durability_a_traced_begin_keeps_its_context_through_the_log_and_snapshots() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced = Command::Traced {
+            trace_parent: parent.into(),
+            command: Box::new(begin("t-1", Protocol::Tcc, 5)),
+        };
+        let entry = crate::codec::encode(&traced);
+        let replayed: Command = crate::codec::decode(&entry).unwrap();
+        let mut m = StateMachine::default();
+        m.apply(replayed, ctx()).unwrap();
+        assert_eq!(m.get("t-1").unwrap().trace_parent, parent);
+        let restored = StateMachine::decode_snapshot(&m.snapshot_source().encode()).unwrap();
+        assert_eq!(restored.get("t-1").unwrap(), m.get("t-1").unwrap());
+        // An untraced Begin has none; a traced command inside another is refused.
+        m.apply(begin("t-2", Protocol::Tcc, 5), ctx()).unwrap();
+        assert_eq!(m.get("t-2").unwrap().trace_parent, "");
+        let nested = Command::Traced {
+            trace_parent: parent.into(),
+            command: Box::new(Command::Traced {
+                trace_parent: parent.into(),
+                command: Box::new(begin("t-3", Protocol::Tcc, 5)),
+            }),
+        };
+        assert!(m.apply(nested, ctx()).is_err());
+        assert!(m.get("t-3").is_none());
+    }
+
     /// Durability across upgrades: a snapshot written before repair records
     /// existed (format 2) still restores, every transaction intact.
     #[test]
