@@ -65,65 +65,53 @@ impl Tls {
     /// certificate is asked for and, when one is presented, must chain to
     /// the CA (the peer transport then requires one and checks its name).
     pub fn rustls_grpc_server(&self) -> Result<rustls::ServerConfig, TlsError> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
-            roots
-                .add(cert.map_err(|e| TlsError(format!("--tls-ca: {e}")))?)
-                .map_err(|e| TlsError(format!("--tls-ca: {e}")))?;
-        }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError(format!("--tls-ca: {e}")))?;
-        let (certs, key) = self.own_certificate()?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(certs, key)
-            .map_err(|e| TlsError(format!("--tls-cert/--tls-key: {e}")))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(config)
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn own_certificate(
-        &self,
-    ) -> Result<
-        (
-            Vec<rustls::pki_types::CertificateDer<'static>>,
-            rustls::pki_types::PrivateKeyDer<'static>,
-        ),
-        TlsError,
-    > {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError(format!("--tls-cert: {e}")))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
-            .map_err(|e| TlsError(format!("--tls-key: {e}")))?;
-        Ok((certs, key))
+        self.rustls_server_config(true, &[b"h2"])
     }
 
     /// The HTTP API's TLS (rustls): this node's certificate; clients are
     /// not asked for one.
     pub fn rustls_server(&self) -> Result<rustls::ServerConfig, TlsError> {
-        let (certs, key) = self.own_certificate()?;
+        self.rustls_server_config(false, &[b"h2", b"http/1.1"])
+    }
+
+    fn rustls_server_config(
+        &self,
+        ask_client_certificate: bool,
+        alpn: &[&[u8]],
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let pem = |flag: &str, e: &dyn std::fmt::Display| TlsError(format!("{flag}: {e}"));
+        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem("--tls-cert", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| pem("--tls-key", &e))?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError(e.to_string()))?
-            .with_no_client_auth()
+            .map_err(|e| TlsError(e.to_string()))?;
+        let builder = if ask_client_certificate {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+                let cert = cert.map_err(|e| pem("--tls-ca", &e))?;
+                roots.add(cert).map_err(|e| pem("--tls-ca", &e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| pem("--tls-ca", &e))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
             .with_single_cert(certs, key)
-            .map_err(|e| TlsError(format!("--tls-cert/--tls-key: {e}")))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            .map_err(|e| pem("--tls-cert/--tls-key", &e))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(config)
     }
 

@@ -147,6 +147,7 @@ pub fn tx_to_pb(tx: &Transaction) -> pb::Transaction {
             .flat_map(|b| &b.ops)
             .any(|o| o.state == OpState::Refused),
         heuristic: tx.is_heuristic(),
+        stuck: crate::state::machine::is_stuck(tx),
         repairs: tx.repairs.iter().map(repair_to_pb).collect(),
     }
 }

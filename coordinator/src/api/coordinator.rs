@@ -289,41 +289,38 @@ impl Coordinator for CoordinatorService {
 
     async fn retry(
         &self,
-        request: Request<pb::RetryRequest>,
-    ) -> Result<Response<pb::RetryResponse>, Status> {
-        let r = request.into_inner();
+        request: Request<pb::RepairRequest>,
+    ) -> Result<Response<pb::RepairResponse>, Status> {
         let tx = self
             .service
-            .retry(RepairInput {
-                gid: r.gid,
-                branch_id: r.branch_id,
-                reason: r.reason,
-                by: r.by,
-            })
+            .retry(repair_input(request.into_inner()))
             .await
             .map_err(from_service_error)?;
-        Ok(Response::new(pb::RetryResponse {
+        Ok(Response::new(pb::RepairResponse {
             transaction: Some(tx_to_pb(&tx)),
         }))
     }
 
     async fn resolve(
         &self,
-        request: Request<pb::ResolveRequest>,
-    ) -> Result<Response<pb::ResolveResponse>, Status> {
-        let r = request.into_inner();
+        request: Request<pb::RepairRequest>,
+    ) -> Result<Response<pb::RepairResponse>, Status> {
         let tx = self
             .service
-            .resolve_by_hand(RepairInput {
-                gid: r.gid,
-                branch_id: r.branch_id,
-                reason: r.reason,
-                by: r.by,
-            })
+            .resolve_by_hand(repair_input(request.into_inner()))
             .await
             .map_err(from_service_error)?;
-        Ok(Response::new(pb::ResolveResponse {
+        Ok(Response::new(pb::RepairResponse {
             transaction: Some(tx_to_pb(&tx)),
         }))
+    }
+}
+
+fn repair_input(r: pb::RepairRequest) -> RepairInput {
+    RepairInput {
+        gid: r.gid,
+        branch_id: r.branch_id,
+        reason: r.reason,
+        by: r.by,
     }
 }

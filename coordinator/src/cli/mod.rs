@@ -162,7 +162,22 @@ impl EndpointArg {
     }
 }
 
-/// Who did a repair, for its audit record: `$USER@host` unless given.
+/// A repair as the CLI asks for it; who did it is `$USER@host` unless given.
+fn repair_request(
+    gid: String,
+    branch: Option<String>,
+    reason: String,
+    by: Option<String>,
+) -> pb::RepairRequest {
+    pb::RepairRequest {
+        gid,
+        branch_id: branch.unwrap_or_default(),
+        reason,
+        by: by.unwrap_or_else(operator_name),
+    }
+}
+
+/// Who did a repair, for its audit record: `$USER@host`.
 fn operator_name() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
@@ -662,12 +677,8 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
             by,
             json,
         } => {
-            let by = by.unwrap_or_else(operator_name);
-            let tx = endpoint
-                .client()?
-                .retry_now(&gid, branch.as_deref().unwrap_or(""), &reason, &by)
-                .await?;
-            print_tx(&tx, json);
+            let request = repair_request(gid, branch, reason, by);
+            print_tx(&endpoint.client()?.retry_now(request).await?, json);
         }
         TxCommand::Resolve {
             gid,
@@ -677,12 +688,8 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
             by,
             json,
         } => {
-            let by = by.unwrap_or_else(operator_name);
-            let tx = endpoint
-                .client()?
-                .resolve_by_hand(&gid, branch.as_deref().unwrap_or(""), &reason, &by)
-                .await?;
-            print_tx(&tx, json);
+            let request = repair_request(gid, branch, reason, by);
+            print_tx(&endpoint.client()?.resolve_by_hand(request).await?, json);
         }
         TxCommand::Watch {
             gid,
@@ -711,7 +718,7 @@ async fn tx(command: TxCommand) -> anyhow::Result<()> {
             json,
         } => {
             let updated_since_ms = match since {
-                Some(d) => (output::now_ms() - d.as_millis() as i64).max(1),
+                Some(d) => tandem_coordinator::clock::ms_ago(d),
                 None => 0,
             };
             let request = pb::ListRequest {

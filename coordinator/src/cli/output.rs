@@ -1,6 +1,7 @@
 //! Text and JSON renderings of API answers for the CLI.
 
 use serde_json::{Value, json};
+use tandem_coordinator::clock::ago;
 use tandem_sdk::proto as pb;
 
 fn protocol_name(value: i32) -> &'static str {
@@ -101,13 +102,6 @@ pub fn tx_json(tx: &pb::Transaction) -> String {
     tx_value(tx).to_string()
 }
 
-/// Milliseconds since the epoch, now.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// An instant as RFC 3339 and how long ago (or ahead) it is: "2026-12-03T17:05:20.123Z (3s ago)".
 pub fn when(ms: i64) -> String {
     if ms <= 0 {
@@ -118,24 +112,6 @@ pub fn when(ms: i64) -> String {
         tandem_coordinator::http::types::rfc3339(ms),
         ago(ms)
     )
-}
-
-/// "3s ago", "in 2m", "now".
-pub fn ago(ms: i64) -> String {
-    let delta = now_ms() - ms;
-    let span = std::time::Duration::from_secs(delta.unsigned_abs() / 1000);
-    if span.is_zero() {
-        return "now".into();
-    }
-    let text = humantime::format_duration(span).to_string();
-    // Keep the two largest units: "1h 2m", not "1h 2m 3s".
-    let short: Vec<&str> = text.split(' ').take(2).collect();
-    let short = short.join(" ");
-    if delta >= 0 {
-        format!("{short} ago")
-    } else {
-        format!("in {short}")
-    }
 }
 
 /// One line per change, for `tx watch`.
@@ -159,7 +135,7 @@ pub fn watch_line(tx: &pb::Transaction) -> String {
         .collect();
     format!(
         "{}  {} {:<10} {}{}\n",
-        tandem_coordinator::http::types::rfc3339(now_ms()),
+        tandem_coordinator::http::types::rfc3339(tandem_coordinator::clock::now_ms()),
         tx.gid,
         state_name(tx.state),
         ops.join(" "),

@@ -349,7 +349,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let router = router.clone().layer(axum::Extension(ConnectInfo(peer)));
+        let router = router.clone();
         tokio::spawn(async move {
             // A client that connects and sends nothing is dropped after the
             // read timeout (hyper's own timeout starts only once it has
@@ -364,10 +364,10 @@ pub async fn serve(
             }
             let stream = crate::limits::Limited::new(stream, place);
             match acceptor {
-                None => serve_connection(stream, router).await,
+                None => serve_connection(stream, router, peer).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(READ_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve_connection(stream, router).await,
+                        Ok(Ok(stream)) => serve_connection(stream, router, peer).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "HTTP API: TLS handshake failed");
                         }
@@ -385,10 +385,19 @@ pub async fn serve(
 /// TLS handshake): a slow one cannot hold a connection's place.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn serve_connection<S>(stream: S, router: Router)
+async fn serve_connection<S>(stream: S, router: Router, peer: SocketAddr)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Handlers and middleware find the client's address as axum's own
+    // server would give it.
+    let router = tower::ServiceExt::map_request(
+        router,
+        move |mut request: axum::http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request
+        },
+    );
     let service = hyper_util::service::TowerToHyperService::new(router);
     let mut builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
@@ -724,9 +733,7 @@ async fn list(
                     "since {since:?} is not a duration like 1h or 30m: {e}"
                 ))
             })?;
-            let now = crate::clock::SystemClock.now_ms();
-            now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-                .max(1)
+            crate::clock::ms_ago(d)
         }
     };
     let request = pb::ListRequest {
@@ -764,12 +771,7 @@ async fn retry(
     GidPath(gid): GidPath,
     JsonBody(body): JsonBody<RepairBody>,
 ) -> ApiResult<Json<TxJson>> {
-    let request = pb::RetryRequest {
-        gid: gid.clone(),
-        branch_id: body.branch_id.unwrap_or_default(),
-        reason: body.reason,
-        by: body.by.unwrap_or_else(|| format!("http {peer}")),
-    };
+    let request = body.to_pb(&gid, peer);
     let response = call!(state, retry, request).map_err(|e| e.about(&gid))?;
     Ok(Json(tx_json(response.transaction)))
 }
@@ -791,12 +793,7 @@ async fn resolve(
     GidPath(gid): GidPath,
     JsonBody(body): JsonBody<RepairBody>,
 ) -> ApiResult<Json<TxJson>> {
-    let request = pb::ResolveRequest {
-        gid: gid.clone(),
-        branch_id: body.branch_id.unwrap_or_default(),
-        reason: body.reason,
-        by: body.by.unwrap_or_else(|| format!("http {peer}")),
-    };
+    let request = body.to_pb(&gid, peer);
     let response = call!(state, resolve, request).map_err(|e| e.about(&gid))?;
     Ok(Json(tx_json(response.transaction)))
 }
@@ -917,5 +914,3 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
         ),
     )
 }
-
-use crate::clock::Clock as _;

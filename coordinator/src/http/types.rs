@@ -379,6 +379,18 @@ pub struct RepairBody {
     pub by: Option<String>,
 }
 
+impl RepairBody {
+    /// The repair of `gid`, done by `by` or else by the HTTP client at `peer`.
+    pub fn to_pb(self, gid: &str, peer: std::net::SocketAddr) -> pb::RepairRequest {
+        pb::RepairRequest {
+            gid: gid.to_string(),
+            branch_id: self.branch_id.unwrap_or_default(),
+            reason: self.reason,
+            by: self.by.unwrap_or_else(|| format!("http {peer}")),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields, default)]
 #[into_params(parameter_in = Query)]
@@ -488,6 +500,8 @@ pub struct TransactionJson {
     pub heuristic_hazard: bool,
     /// An op was resolved by an operator, not by its participant.
     pub heuristic: bool,
+    /// Unfinished, with an open op that failed 5 times or more.
+    pub stuck: bool,
     pub repairs: Vec<RepairJson>,
 }
 
@@ -579,6 +593,7 @@ impl TransactionJson {
             }),
             heuristic_hazard: tx.heuristic_hazard,
             heuristic: tx.heuristic,
+            stuck: tx.stuck,
             repairs: tx
                 .repairs
                 .iter()

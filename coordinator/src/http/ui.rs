@@ -24,6 +24,7 @@ use tandem_proto::v1 as pb;
 use super::extract::{GidPath, QueryParams};
 use super::types::{ProtocolName, StateName, TransactionJson, rfc3339};
 use super::{ApiError, ApiState};
+use crate::clock::ago;
 
 const STYLE: &str = r#"
 body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
@@ -117,26 +118,6 @@ fn badge(text: &str) -> Markup {
     html! { span class={"badge " (text)} { (text) } }
 }
 
-fn ago(ms: i64) -> String {
-    if ms <= 0 {
-        return "-".into();
-    }
-    let now = crate::clock::now_ms();
-    let secs = (now - ms).unsigned_abs() / 1000;
-    let text = match secs {
-        0 => return "now".into(),
-        1..=59 => format!("{secs}s"),
-        60..=3599 => format!("{}m {}s", secs / 60, secs % 60),
-        3600..=86399 => format!("{}h {}m", secs / 3600, secs % 3600 / 60),
-        _ => format!("{}d {}h", secs / 86400, secs % 86400 / 3600),
-    };
-    if now >= ms {
-        format!("{text} ago")
-    } else {
-        format!("in {text}")
-    }
-}
-
 fn time(ms: i64) -> Markup {
     html! { span title=(rfc3339(ms)) { (ago(ms)) } }
 }
@@ -196,7 +177,7 @@ pub async fn overview(
         None => 0,
         Some(text) => {
             let d = humantime::parse_duration(text).map_err(|_| bad("since", &filters.since))?;
-            (crate::clock::now_ms() - d.as_millis() as i64).max(1)
+            crate::clock::ms_ago(d)
         }
     };
     let stuck = filters.stuck.is_some();
@@ -270,7 +251,7 @@ pub async fn overview(
                         td {
                             @if tx.heuristic { (badge("heuristic")) " " }
                             @if tx.heuristic_hazard { span.badge.refused { "hazard" } " " }
-                            @if is_stuck(tx) { span.badge.refused { "stuck" } }
+                            @if tx.stuck { span.badge.refused { "stuck" } }
                         }
                     }
                 }
@@ -292,14 +273,6 @@ fn bad(name: &str, value: &Option<String>) -> ApiError {
             value.as_deref().unwrap_or("")
         ),
     )
-}
-
-fn is_stuck(tx: &TransactionJson) -> bool {
-    !matches!(tx.state.as_str(), "committed" | "aborted")
-        && tx.branches.iter().flat_map(|b| &b.ops).any(|o| {
-            matches!(o.state.as_str(), "pending" | "refused")
-                && o.attempts >= crate::state::machine::STUCK_ATTEMPTS
-        })
 }
 
 fn url_escape(text: &str) -> String {

@@ -674,19 +674,7 @@ impl Client {
     /// Repair: calls the open ops of a stuck transaction now (one branch,
     /// or every one when `branch_id` is empty) instead of after their
     /// backoff. Recorded in the transaction's history with `reason` and `by`.
-    pub async fn retry_now(
-        &self,
-        gid: &str,
-        branch_id: &str,
-        reason: &str,
-        by: &str,
-    ) -> Result<pb::Transaction, Error> {
-        let request = pb::RetryRequest {
-            gid: gid.to_string(),
-            branch_id: branch_id.to_string(),
-            reason: reason.to_string(),
-            by: by.to_string(),
-        };
+    pub async fn retry_now(&self, request: pb::RepairRequest) -> Result<pb::Transaction, Error> {
         let response = self
             .call(|ch| {
                 let request = request.clone();
@@ -701,17 +689,8 @@ impl Client {
     /// `reason` is required and kept in the audit record.
     pub async fn resolve_by_hand(
         &self,
-        gid: &str,
-        branch_id: &str,
-        reason: &str,
-        by: &str,
+        request: pb::RepairRequest,
     ) -> Result<pb::Transaction, Error> {
-        let request = pb::ResolveRequest {
-            gid: gid.to_string(),
-            branch_id: branch_id.to_string(),
-            reason: reason.to_string(),
-            by: by.to_string(),
-        };
         let response = self
             .call(|ch| {
                 let request = request.clone();
