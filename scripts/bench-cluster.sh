@@ -15,17 +15,18 @@ peers=""
 for i in $(seq 1 "$nodes"); do peers+="${peers:+,}$i=127.0.0.1:$((7170 + i))"; done
 pids=()
 cleanup() {
-  kill "${pids[@]}" 2>/dev/null
+  kill "${pids[@]}" 2>/dev/null || true
   # SIGTERM is a graceful stop; give it 5 s, then make sure.
   for _ in $(seq 1 50); do kill -0 "${pids[@]}" 2>/dev/null || break; sleep 0.1; done
-  kill -9 "${pids[@]}" 2>/dev/null
-  wait 2>/dev/null
+  kill -9 "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  if [ -n "${TANDEM_BENCH_KEEP_LOGS:-}" ]; then cp "$dir"/node-*.log "$TANDEM_BENCH_KEEP_LOGS"/ || true; fi
   rm -rf "$dir"
 }
 trap cleanup EXIT
 for i in $(seq 1 "$nodes"); do
   "$bin" serve --id "$i" --listen "127.0.0.1:$((7170 + i))" --http-listen "127.0.0.1:$((7180 + i))" --peers "$peers" \
-    --data-dir "$dir/node-$i" --log-level warn ${TANDEM_BENCH_SERVE_ARGS:-} > "$dir/node-$i.log" 2>&1 &
+    --data-dir "$dir/node-$i" --log-level ${TANDEM_BENCH_LOG_LEVEL:-warn} ${TANDEM_BENCH_SERVE_ARGS:-} > "$dir/node-$i.log" 2>&1 &
   pids+=($!)
 done
 ENDPOINTS=$(echo "$peers" | sed 's/[0-9]*=//g')
@@ -34,5 +35,19 @@ for _ in $(seq 1 100); do
   "$bin" cluster status --endpoint "$ENDPOINTS" --json 2>/dev/null | grep -q '"leader":[1-9]' && break
   sleep 0.1
 done
+# CPU seconds (user + system) each node used while the command ran, so a
+# run can be read as CPU per operation (TANDEM_BENCH_CPU=0 to skip).
+cpu_of() { awk '{ printf "%.2f", ($14 + $15) / '"$(getconf CLK_TCK)"' }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+declare -A cpu_before
+for p in "${pids[@]}"; do cpu_before[$p]=$(cpu_of "$p"); done
 cmd="$*"
 eval "${cmd//\$ENDPOINTS/$ENDPOINTS}"
+if [ "${TANDEM_BENCH_CPU:-1}" = 1 ]; then
+  total=0; i=1
+  for p in "${pids[@]}"; do
+    used=$(awk -v a="$(cpu_of "$p")" -v b="${cpu_before[$p]}" 'BEGIN { printf "%.2f", a - b }')
+    echo "node-$i cpu ${used}s" >&2
+    total=$(awk -v a="$total" -v b="$used" 'BEGIN { printf "%.2f", a + b }'); i=$((i + 1))
+  done
+  echo "nodes cpu ${total}s" >&2
+fi

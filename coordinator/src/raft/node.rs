@@ -79,6 +79,10 @@ pub struct NodeConfig {
     /// Entries kept behind a snapshot, so a slightly lagging follower catches
     /// up from the log rather than by a whole snapshot.
     pub log_retain_entries: u64,
+    /// Group commit: a log write that needs an fsync waits until at least
+    /// this long after the previous one, gathering what arrives meanwhile
+    /// into the same write. Zero writes as soon as a turn ends.
+    pub group_commit_gap: Duration,
 }
 
 /// What is waiting for the entry at a given log index.
@@ -180,6 +184,7 @@ pub fn start<S: Replicated, O: Observer<S>>(
         reads: HashMap::new(),
         next_read_ctx: 0,
         snapshot_in_flight: false,
+        last_sync: Instant::now(),
         last_status: Instant::now() - STATUS_INTERVAL,
         last_role: (StateRole::Follower, 0, 0),
         status_stale: false,
@@ -221,6 +226,8 @@ pub(super) struct Loop<S: Replicated, O: Observer<S>> {
     pub(super) reads: HashMap<u64, ReadBatch<S::View>>,
     pub(super) next_read_ctx: u64,
     pub(super) snapshot_in_flight: bool,
+    /// When the log was last fsync'd (for the group-commit gap).
+    pub(super) last_sync: Instant,
     pub(super) last_status: Instant,
     /// (role, term, leader) when status was last published.
     pub(super) last_role: (StateRole, u64, u64),
@@ -289,6 +296,9 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
                     }
                 }
             }
+            if !self.gather_for_group_commit() {
+                break 'outer;
+            }
             self.request_read_index();
             self.on_ready();
             self.track_leadership();
@@ -301,6 +311,40 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         }
         self.observer.closed();
         tracing::info!(id = self.config.id, "raft loop stopped");
+    }
+
+    /// Group commit: when new entries wait to be written and the previous
+    /// fsync was less than `group_commit_gap` ago, keeps taking inputs until
+    /// the gap has passed, so they share the write. Under light load the
+    /// previous fsync is long past and nothing waits; under heavy load the
+    /// fsyncs (each a device flush, and CPU on a virtual machine) are at most
+    /// one per gap, and each carries more. Returns false when the loop must
+    /// stop.
+    fn gather_for_group_commit(&mut self) -> bool {
+        let gap = self.config.group_commit_gap;
+        if gap.is_zero()
+            || !self.is_leader()
+            || self.raw.raft.raft_log.unstable_entries().is_empty()
+        {
+            return true;
+        }
+        let until = self.last_sync + gap;
+        loop {
+            let input = crossbeam_channel::select! {
+                recv(self.inputs_rx) -> input => match input {
+                    Ok(input) => input,
+                    Err(_) => return false,
+                },
+                recv(self.peers_rx) -> event => match event {
+                    Ok(event) => Input::Peer(event),
+                    Err(_) => return true,
+                },
+                default(until.saturating_duration_since(Instant::now())) => return true,
+            };
+            if !self.handle(input) {
+                return false;
+            }
+        }
     }
 
     /// Returns false when the loop must stop.
@@ -467,6 +511,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
             .persist(ready.entries(), ready.hs(), must_sync);
         if must_sync {
             crate::metrics::fsync(write_started.elapsed());
+            self.last_sync = Instant::now();
         }
         if let Err(e) = written {
             // Acknowledging anything after a failed write would break durability.
