@@ -4,6 +4,12 @@
 # $ENDPOINTS set to the nodes' addresses, then stops the cluster.
 #
 #   bash scripts/bench-cluster.sh 3 -- ./target/release/tandem bench begin --endpoint '$ENDPOINTS'
+#
+# Knobs (environment): TANDEM_BIN (the node binary), TANDEM_BENCH_SERVE_ARGS
+# (more `serve` flags), TANDEM_BENCH_NODE_ENV (environment for the nodes
+# only, e.g. TOKIO_WORKER_THREADS=1), TANDEM_BENCH_LOG_LEVEL (warn),
+# TANDEM_BENCH_KEEP_LOGS (a directory to copy the nodes' logs to),
+# TANDEM_BENCH_CPU=0 (do not print the nodes' CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${1:?number of nodes}; shift
@@ -25,7 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT
 for i in $(seq 1 "$nodes"); do
-  "$bin" serve --id "$i" --listen "127.0.0.1:$((7170 + i))" --http-listen "127.0.0.1:$((7180 + i))" --peers "$peers" \
+  env ${TANDEM_BENCH_NODE_ENV:-} "$bin" serve --id "$i" --listen "127.0.0.1:$((7170 + i))" --http-listen "127.0.0.1:$((7180 + i))" --peers "$peers" \
     --data-dir "$dir/node-$i" --log-level ${TANDEM_BENCH_LOG_LEVEL:-warn} ${TANDEM_BENCH_SERVE_ARGS:-} > "$dir/node-$i.log" 2>&1 &
   pids+=($!)
 done
