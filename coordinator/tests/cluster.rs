@@ -500,6 +500,26 @@ async fn durability_a_foreign_cluster_cannot_feed_raft_messages() {
 /// The cluster keeps serving meanwhile, and nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durability_a_flipped_byte_in_a_followers_log_is_refused_or_repaired() {
+    flipped_byte_in_a_followers_log(Flip::Middle).await;
+}
+
+/// The same at the end of the log, where raft-engine's recovery tolerates a
+/// damaged last record (it takes it for a torn write and truncates it): the
+/// follower then has fewer entries than it acknowledged. Safe while the
+/// others hold them — the follower is caught up from the leader and ends
+/// identical to it — which is why this is tested with one damaged node of
+/// three, the fault model Raft promises to survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durability_a_flipped_byte_at_the_end_of_a_followers_log_is_refused_or_repaired() {
+    flipped_byte_in_a_followers_log(Flip::Tail).await;
+}
+
+enum Flip {
+    Middle,
+    Tail,
+}
+
+async fn flipped_byte_in_a_followers_log(flip: Flip) {
     let mut cluster = Cluster::start(3);
     let (leader, _) = cluster.wait_leader(Duration::from_secs(10)).await;
     let mut acked = begin_many(&cluster, "before", 400, 16).await;
@@ -516,9 +536,9 @@ async fn durability_a_flipped_byte_in_a_followers_log_is_refused_or_repaired() {
         .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .expect("a log file");
     let mut bytes = std::fs::read(&file).expect("read the log file");
-    let at = match std::env::var("TANDEM_FLIP_AT_TAIL") {
-        Ok(_) => bytes.len() - 8,
-        Err(_) => bytes.len() / 2,
+    let at = match flip {
+        Flip::Tail => bytes.len() - 8,
+        Flip::Middle => bytes.len() / 2,
     };
     bytes[at] ^= 0x5a;
     std::fs::write(&file, &bytes).expect("write the log file");
