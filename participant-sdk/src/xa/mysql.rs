@@ -44,6 +44,12 @@
 //! 55.
 //!
 //! Takeover needs the `PROCESS` privilege (to read the InnoDB status).
+//!
+//! **Known hazard**: MariaDB 10.11.19 has crashed (signal 11) inside
+//! `SHOW ENGINE INNODB STATUS` while printing a session being torn down —
+//! seen once, under the race test's storm of takeovers (RELIABILITY.md,
+//! "The takeover condition can crash MariaDB"). Takeovers are rare in
+//! production, but each runs that statement.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
