@@ -84,9 +84,34 @@ async fn no_blocking_new_leader_within_3s_of_leader_kill_and_restarted_node_catc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durability_every_node_killed_and_restarted_loses_nothing_acknowledged() {
-    let mut cluster = Cluster::start(3);
+    every_node_killed_loses_nothing_acknowledged(Options::default(), "all", 300).await;
+}
+
+/// With the group-commit gap the leader holds its own fsync back to batch
+/// writes; it must still acknowledge only what a majority has fsync'd. The
+/// whole cluster is killed (-9) right after the last answer, so anything
+/// acknowledged from memory alone would be missing after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durability_with_a_group_commit_gap_every_node_killed_loses_nothing_acknowledged() {
+    let options = Options {
+        extra: vec!["--group-commit-gap-us".into(), "5000".into()],
+        ..Options::default()
+    };
+    every_node_killed_loses_nothing_acknowledged(options, "gap", 400).await;
+}
+
+/// Begins `count` transactions, kills every node (-9) at once, restarts
+/// them: the new leader holds exactly what was acknowledged, and takes
+/// writes again.
+async fn every_node_killed_loses_nothing_acknowledged(
+    options: Options,
+    prefix: &str,
+    count: usize,
+) {
+    let mut cluster = Cluster::start_with(3, options);
     cluster.wait_leader(LEADER_TIMEOUT).await;
-    let acked = begin_many(&cluster, "all", 300, 32).await;
+    let acked = begin_many(&cluster, prefix, count, 32).await;
+    assert_eq!(acked.len(), count);
     for id in 1..=3 {
         cluster.kill(id);
     }
@@ -106,39 +131,6 @@ async fn durability_every_node_killed_and_restarted_loses_nothing_acknowledged()
         .begin("after-restart", pb::Protocol::Tcc)
         .await
         .expect("begin after a full restart");
-}
-
-/// With the group-commit gap the leader holds its own fsync back to batch
-/// writes; it must still acknowledge only what a majority has fsync'd. The
-/// whole cluster is killed (-9) right after the last answer, so anything
-/// acknowledged from memory alone would be missing after the restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn durability_with_a_group_commit_gap_every_node_killed_loses_nothing_acknowledged() {
-    let options = Options {
-        extra: vec!["--group-commit-gap-us".into(), "5000".into()],
-        ..Options::default()
-    };
-    let mut cluster = Cluster::start_with(3, options);
-    cluster.wait_leader(LEADER_TIMEOUT).await;
-    let acked = begin_many(&cluster, "gap", 400, 32).await;
-    assert_eq!(acked.len(), 400);
-    for id in 1..=3 {
-        cluster.kill(id);
-    }
-    for id in 1..=3 {
-        cluster.restart(id);
-    }
-    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
-    let held: BTreeSet<String> = list_all_from(&cluster.node(leader).endpoint())
-        .await
-        .into_iter()
-        .collect();
-    for gid in &acked {
-        assert!(
-            held.contains(gid),
-            "acknowledged {gid} lost with the gap on"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

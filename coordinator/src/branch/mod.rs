@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tandem_proto::v1 as pb;
@@ -149,61 +150,57 @@ impl BranchCaller {
         }
     }
 
-    fn plain_request(
-        &self,
-        call: &BranchCall<'_>,
-    ) -> Result<hyper::Request<Full<Bytes>>, hyper::http::Error> {
+    fn plain_request(&self, call: &BranchCall<'_>) -> Result<hyper::Request<Full<Bytes>>, String> {
         let mut request = hyper::Request::post(call.endpoint)
-            .header(headers::GID, call.gid)
-            .header(headers::BRANCH_ID, call.branch_id)
-            .header(headers::OP, call.op.name())
-            .header(headers::PROTOCOL, call.protocol.name())
-            .header(headers::FENCE_TERM, call.fence.term)
-            .header(headers::FENCE_INDEX, call.fence.index)
-            .header(hyper::header::CONTENT_TYPE, content_type(call.payload));
+            .body(Full::new(call.payload.clone()))
+            .map_err(|e| e.to_string())?;
+        *request.headers_mut() = self.call_headers(call)?;
+        Ok(request)
+    }
+
+    /// The headers of an HTTP call (docs/http-participants.md), for both
+    /// the plain and the TLS path.
+    fn call_headers(&self, call: &BranchCall<'_>) -> Result<HeaderMap, String> {
+        let text =
+            |value: &str| HeaderValue::from_str(value).map_err(|e| format!("{value:?}: {e}"));
+        let mut map = HeaderMap::with_capacity(10);
+        map.insert(headers::GID, text(call.gid)?);
+        map.insert(headers::BRANCH_ID, text(call.branch_id)?);
+        map.insert(headers::OP, HeaderValue::from_static(call.op.name()));
+        map.insert(
+            headers::PROTOCOL,
+            HeaderValue::from_static(call.protocol.name()),
+        );
+        map.insert(headers::FENCE_TERM, HeaderValue::from(call.fence.term));
+        map.insert(headers::FENCE_INDEX, HeaderValue::from(call.fence.index));
+        map.insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type(call.payload)),
+        );
         if call.op == Op::Deliver {
-            request = request.header(
-                headers::MESSAGE_ID,
-                tandem_proto::wire::message_id(call.gid, call.branch_id),
-            );
+            let id = tandem_proto::wire::message_id(call.gid, call.branch_id);
+            map.insert(headers::MESSAGE_ID, text(&id)?);
         }
         if let Some(traceparent) = call.traceparent {
-            request = request.header(crate::telemetry::TRACEPARENT, traceparent);
+            map.insert(crate::telemetry::TRACEPARENT, text(traceparent)?);
         }
         if let Some((timestamp, signature)) = self.sign(call) {
-            request = request
-                .header(headers::TIMESTAMP, timestamp)
-                .header(headers::SIGNATURE, signature);
+            map.insert(headers::TIMESTAMP, text(&timestamp)?);
+            map.insert(headers::SIGNATURE, text(&signature)?);
         }
-        request.body(Full::new(call.payload.clone()))
+        Ok(map)
     }
 
     async fn call_http(&self, call: &BranchCall<'_>) -> OpOutcome {
-        let mut request = self
+        let headers = match self.call_headers(call) {
+            Ok(headers) => headers,
+            Err(e) => return OpOutcome::Transient(truncate(&format!("{}: {e}", call.endpoint))),
+        };
+        let request = self
             .http
             .post(call.endpoint)
             .timeout(call.timeout)
-            .header(headers::GID, call.gid)
-            .header(headers::BRANCH_ID, call.branch_id)
-            .header(headers::OP, call.op.name())
-            .header(headers::PROTOCOL, call.protocol.name())
-            .header(headers::FENCE_TERM, call.fence.term.to_string())
-            .header(headers::FENCE_INDEX, call.fence.index.to_string())
-            .header(reqwest::header::CONTENT_TYPE, content_type(call.payload));
-        if call.op == Op::Deliver {
-            request = request.header(
-                headers::MESSAGE_ID,
-                tandem_proto::wire::message_id(call.gid, call.branch_id),
-            );
-        }
-        if let Some(traceparent) = call.traceparent {
-            request = request.header(crate::telemetry::TRACEPARENT, traceparent);
-        }
-        if let Some((timestamp, signature)) = self.sign(call) {
-            request = request
-                .header(headers::TIMESTAMP, timestamp)
-                .header(headers::SIGNATURE, signature);
-        }
+            .headers(headers);
         match request.body(call.payload.clone()).send().await {
             Ok(response) => {
                 let status = response.status();

@@ -85,6 +85,9 @@ pub struct NodeConfig {
     pub group_commit_gap: Duration,
 }
 
+/// The node's input channel has no senders left.
+struct Closed;
+
 /// What is waiting for the entry at a given log index.
 pub(super) enum Pending<S: Replicated> {
     Command(Reply<S::Output>),
@@ -256,14 +259,8 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         }
         let mut next_tick = Instant::now() + self.config.tick;
         'outer: loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
-            let first = crossbeam_channel::select! {
-                recv(self.inputs_rx) -> input => match input {
-                    Ok(input) => Some(input),
-                    Err(_) => break 'outer,
-                },
-                recv(self.peers_rx) -> event => event.ok().map(Input::Peer),
-                default(timeout) => None,
+            let Ok(first) = self.next_input(next_tick) else {
+                break 'outer;
             };
             if let Some(input) = first {
                 if !self.handle(input) {
@@ -330,20 +327,27 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         }
         let until = self.last_sync + gap;
         loop {
-            let input = crossbeam_channel::select! {
-                recv(self.inputs_rx) -> input => match input {
-                    Ok(input) => input,
-                    Err(_) => return false,
-                },
-                recv(self.peers_rx) -> event => match event {
-                    Ok(event) => Input::Peer(event),
-                    Err(_) => return true,
-                },
-                default(until.saturating_duration_since(Instant::now())) => return true,
-            };
-            if !self.handle(input) {
-                return false;
+            match self.next_input(until) {
+                Err(Closed) => return false,
+                Ok(None) => return true,
+                Ok(Some(input)) => {
+                    if !self.handle(input) {
+                        return false;
+                    }
+                }
             }
+        }
+    }
+
+    /// The next input from clients or peers, waiting until `until` at most
+    /// (`None` then, or when the transport has gone); `Closed` once the
+    /// node's input channel has no senders left (the loop must stop).
+    fn next_input(&self, until: Instant) -> Result<Option<Input<S>>, Closed> {
+        let timeout = until.saturating_duration_since(Instant::now());
+        crossbeam_channel::select! {
+            recv(self.inputs_rx) -> input => input.map(Some).map_err(|_| Closed),
+            recv(self.peers_rx) -> event => Ok(event.ok().map(Input::Peer)),
+            default(timeout) => Ok(None),
         }
     }
 
