@@ -14,7 +14,7 @@ use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
 use sqlx::{Connection, Row};
 use tandem_sdk::ClusterId;
 use tandem_sdk::participant::{BranchContext, BranchError, Fence};
-use tandem_sdk::xa::{HoldOptions, MySqlXa, XaStore, session_gone};
+use tandem_sdk::xa::{HoldOptions, MySqlXa, PROBE_PACE, SessionProbe, XaStore};
 
 const URL: &str = "mysql://root@127.0.0.1:3306/test";
 
@@ -130,8 +130,14 @@ async fn mariadb_a_prepared_xid_survives_its_sessions_end_and_another_session_co
     let mut b = pool.acquire().await.unwrap();
     // Once the preparing session is provably gone (see the race test) the
     // xid is listed to every session and another one commits it.
+    let sessions = SessionProbe::default();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while session_gone(&mut b, session).await.unwrap().is_err() {
+    while sessions
+        .session_gone(&mut b, session)
+        .await
+        .unwrap()
+        .is_err()
+    {
         assert!(
             Instant::now() < deadline,
             "the preparing session never went"
@@ -166,33 +172,86 @@ async fn mariadb_xa_commit_from_another_session_is_refused_while_the_preparer_li
     assert_eq!(probe_rows(&pool, probe).await, 1);
 }
 
+/// One read of INNODB_TRX by this session: the session ids it lists with
+/// their query texts.
+async fn innodb_trx(conn: &mut MySqlConnection, marker: &str) -> Vec<(u64, Option<String>)> {
+    let rows = sqlx::raw_sql(&format!(
+        "SELECT CAST(trx_mysql_thread_id AS UNSIGNED), trx_query, '{marker}' \
+         FROM information_schema.INNODB_TRX"
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// What the takeover proof stands on: INNODB_TRX names the session a
+/// prepared transaction is attached to, shows 0 once it is detached, and is
+/// served from a cache while read more often than every 100 ms — which the
+/// probe detects by its own query text.
 #[tokio::test]
-async fn mariadb_innodb_status_names_the_session_a_prepared_xid_is_attached_to() {
+async fn mariadb_innodb_trx_names_the_session_a_prepared_xid_is_attached_to_and_its_cache_shows() {
     let pool = pool(4).await;
-    let (g, probe) = (gtrid(), probe_id());
+    let (g, probe_row) = (gtrid(), probe_id());
     let xid = format!("'{g}','b',424242");
     let mut a = connect().await;
-    let session = prepare_raw(&mut a, &xid, probe).await;
+    let session = prepare_raw(&mut a, &xid, probe_row).await;
     let mut b = pool.acquire().await.unwrap();
-    let alive = session_gone(&mut b, session).await.unwrap();
+    let probe = SessionProbe::default();
+    let alive = probe.session_gone(&mut b, session).await.unwrap();
     assert!(alive.is_err(), "a live preparer must not count as gone");
+
+    // The cache: two reads in quick succession; the second, if it came
+    // within 100 ms, answers with the first one's text.
+    exec(&mut b, "START TRANSACTION WITH CONSISTENT SNAPSHOT")
+        .await
+        .unwrap();
+    let me: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+        .fetch_one(&mut *b)
+        .await
+        .unwrap();
+    tokio::time::sleep(PROBE_PACE).await;
+    let first_at = Instant::now();
+    let first = innodb_trx(&mut b, "first-read").await;
+    let second = innodb_trx(&mut b, "second-read").await;
+    let quick = first_at.elapsed() < Duration::from_millis(90);
+    exec(&mut b, "ROLLBACK").await.unwrap();
+    let text_of = |rows: &[(u64, Option<String>)], who: u64| {
+        rows.iter().find(|r| r.0 == who).and_then(|r| r.1.clone())
+    };
+    assert!(
+        text_of(&first, me).is_some_and(|q| q.contains("first-read")),
+        "a fresh snapshot shows the reading session's own query: {first:?}"
+    );
+    assert!(
+        first.iter().any(|r| r.0 == session),
+        "the attached prepared transaction is listed under its session: {first:?}"
+    );
+    if quick {
+        assert!(
+            text_of(&second, me).is_some_and(|q| q.contains("first-read")),
+            "a read within 100 ms of the last one is served from the cache: {second:?}"
+        );
+    }
+
     a.close().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while let Err(why) = session_gone(&mut b, session).await.unwrap() {
+    while let Err(why) = probe.session_gone(&mut b, session).await.unwrap() {
         assert!(Instant::now() < deadline, "never gone: {why}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let status: String = sqlx::raw_sql("SHOW ENGINE INNODB STATUS")
-        .fetch_one(&mut *b)
-        .await
-        .unwrap()
-        .get(2);
+    tokio::time::sleep(PROBE_PACE).await;
+    let detached = innodb_trx(&mut b, "detached").await;
     assert!(
-        status.contains("recovered trx"),
-        "a detached prepared transaction shows as recovered"
+        !detached.iter().any(|r| r.0 == session),
+        "once gone, no transaction is attached to the session: {detached:?}"
+    );
+    assert!(
+        detached.iter().any(|r| r.0 == 0),
+        "the detached prepared transaction is listed with session 0: {detached:?}"
     );
     exec(&mut b, &format!("XA ROLLBACK {xid}")).await.unwrap();
-    assert_eq!(probe_rows(&pool, probe).await, 0);
+    assert_eq!(probe_rows(&pool, probe_row).await, 0);
 }
 
 #[tokio::test]
@@ -333,12 +392,16 @@ async fn mariadb_a_deadlock_inside_an_xa_branch_rolls_the_branch_back() {
 /// wait until another session sees the xid in `XA RECOVER`, and commit it
 /// from there. Now and then the commit answers OK and is lost. Whether the
 /// race shows in a given run is chance; what this pins is that the helper's
-/// takeover condition ([`session_gone`]) never holds when a commit would be
+/// takeover condition ([`SessionProbe`]) never holds when a commit would be
 /// lost: every lost commit happened while it said "not gone".
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn atomicity_mariadb_takeover_race_reproduced_and_the_takeover_condition_is_sound() {
     const CYCLES: u64 = 4_000;
     let pool = pool(16).await;
+    // One probe for the whole test, as one helper instance has: its reads
+    // are paced and batched, so that the test does not keep the server's
+    // INNODB_TRX cache stale itself.
+    let sessions = Arc::new(SessionProbe::default());
     let stats = Arc::new([
         AtomicU64::new(0), // lost, condition not evaluated
         AtomicU64::new(0), // lost while the condition said "not gone"
@@ -347,7 +410,7 @@ async fn atomicity_mariadb_takeover_race_reproduced_and_the_takeover_condition_i
     ]);
     futures::stream::iter(0..CYCLES)
         .for_each_concurrent(8, |i| {
-            let (pool, stats) = (pool.clone(), stats.clone());
+            let (pool, stats, sessions) = (pool.clone(), stats.clone(), sessions.clone());
             async move {
                 let (g, probe) = (gtrid(), probe_id());
                 // A format id of its own: orphans this test makes (the lost
@@ -367,7 +430,13 @@ async fn atomicity_mariadb_takeover_race_reproduced_and_the_takeover_condition_i
                 // whatever the condition says — as the helper used to.
                 let condition = loop {
                     let condition = if i % 2 == 0 {
-                        Some(session_gone(&mut b, session).await.unwrap().is_ok())
+                        Some(
+                            sessions
+                                .session_gone(&mut b, session)
+                                .await
+                                .unwrap()
+                                .is_ok(),
+                        )
                     } else {
                         None
                     };
@@ -427,7 +496,7 @@ async fn commit_until_done(xa: &MySqlXa, ctx: &BranchContext) {
 async fn atomicity_mariadb_helper_loses_no_commit_in_5000_prepare_commit_cycles() {
     const TAKEOVERS: u64 = 4_000;
     const HELD: u64 = 1_000;
-    let pool = pool(24).await;
+    let pool = pool(48).await;
     let cluster = cluster();
     let no_hold = HoldOptions {
         max: 0,
@@ -440,7 +509,7 @@ async fn atomicity_mariadb_helper_loses_no_commit_in_5000_prepare_commit_cycles(
     let committer = MySqlXa::new(pool.clone(), cluster).await.unwrap();
     let probes = Arc::new(std::sync::Mutex::new(Vec::new()));
     futures::stream::iter(0..TAKEOVERS + HELD)
-        .for_each_concurrent(8, |i| {
+        .for_each_concurrent(32, |i| {
             let (preparer, holder, committer, probes) = (
                 preparer.clone(),
                 holder.clone(),

@@ -1933,6 +1933,7 @@ impl World {
         // The bug the checker must catch (tests/simulation.rs): a node
         // answers from its own state without asking the leader.
         #[cfg(feature = "inject-bug-stale-read")]
+        #[allow(clippy::needless_return)] // the honest path follows, compiled out
         {
             let _ = raw;
             let seen = Some(self.nodes[idx].sm.get(&gid).cloned());

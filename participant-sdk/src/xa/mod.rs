@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use tandem_proto::v1 as pb;
 
-pub use mysql::{HoldOptions, MySqlXa, session_gone};
+pub use mysql::{HoldOptions, MySqlXa, PROBE_PACE, SessionProbe};
 pub use postgres::PgXa;
 
 use crate::client::{Client, Error};

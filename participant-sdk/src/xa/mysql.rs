@@ -23,9 +23,10 @@
 //! * another session (another process, a restarted one, or this one after
 //!   the held session broke or was released) takes over only once the
 //!   preparing session is provably gone: it is absent from
-//!   `information_schema.PROCESSLIST` **and** `SHOW ENGINE INNODB STATUS`
-//!   no longer shows an InnoDB transaction attached to it (`MariaDB thread
-//!   id N,`; a detached one says `recovered trx`). Until then the call is a
+//!   `information_schema.PROCESSLIST` **and** a snapshot of
+//!   `information_schema.INNODB_TRX` taken after that shows no InnoDB
+//!   transaction attached to it ([`SessionProbe`] — which also proves the
+//!   snapshot is not the server's cached one). Until then the call is a
 //!   transient error, which the coordinator retries with backoff. The
 //!   preparing session's id travels in the xid's branch qualifier, so any
 //!   process can check it.
@@ -43,13 +44,12 @@
 //! gtrid and bqual to 64 bytes each: gids up to 64 bytes, branch ids up to
 //! 55.
 //!
-//! Takeover needs the `PROCESS` privilege (to read the InnoDB status).
+//! Takeover needs the `PROCESS` privilege (to read INNODB_TRX).
 //!
-//! **Known hazard**: MariaDB 10.11.19 has crashed (signal 11) inside
-//! `SHOW ENGINE INNODB STATUS` while printing a session being torn down —
-//! seen once, under the race test's storm of takeovers (RELIABILITY.md,
-//! "The takeover condition can crash MariaDB"). Takeovers are rare in
-//! production, but each runs that statement.
+//! It used to read `SHOW ENGINE INNODB STATUS` instead, until MariaDB
+//! 10.11.19 crashed (signal 11) inside that statement while printing a
+//! session being torn down — exactly the moment a takeover asks about
+//! (RELIABILITY.md, "The takeover condition could crash MariaDB").
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -105,6 +105,8 @@ struct Inner {
     hold: HoldOptions,
     /// Sessions that prepared a branch and stay open for its phase two.
     held: Mutex<HashMap<BranchKey, Held>>,
+    /// Proves a preparing session gone before a takeover.
+    probe: SessionProbe,
 }
 
 type BranchKey = (String, String);
@@ -236,59 +238,173 @@ fn row_state<'a>(
     })
 }
 
-/// Whether database session `session` is gone and its XA transaction, if
-/// it had one, detached from it — the condition for another session to
-/// commit or roll back what it prepared (see the module doc). `Ok(Err(why))`
-/// while it is not. Public for tests and diagnostics.
-pub fn session_gone(
-    conn: &mut MySqlConnection,
-    session: u64,
-) -> BoxFuture<'_, Result<Result<(), String>, BranchError>> {
-    Box::pin(async move {
-        let open: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?")
-                .bind(session)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(transient)?;
-        if open > 0 {
-            return Ok(Err(format!("database session {session} is still open")));
-        }
-        let status = sqlx::Executor::fetch_one(
-            &mut *conn,
-            sqlx::raw_sql("SHOW ENGINE INNODB STATUS"),
-        )
-        .await
-        .map_err(|e| {
-            BranchError::Transient(format!(
-                "cannot read SHOW ENGINE INNODB STATUS to prove database session {session} is gone \
-                     (XA takeover needs the PROCESS privilege): {e}"
-            ))
-        })?;
-        let text: String = match status.try_get::<String, _>(2) {
-            Ok(t) => t,
-            Err(_) => String::from_utf8_lossy(&status.try_get::<Vec<u8>, _>(2).map_err(transient)?)
-                .into_owned(),
-        };
-        let transactions = text
-            .split_once("LIST OF TRANSACTIONS FOR EACH SESSION")
-            .map(|(_, rest)| rest);
-        let Some(transactions) = transactions else {
-            return Ok(Err(
-                "SHOW ENGINE INNODB STATUS has no transaction list".into()
-            ));
-        };
-        if transactions.contains("truncated") {
-            return Ok(Err(
-                "SHOW ENGINE INNODB STATUS was truncated; cannot see every transaction".into(),
-            ));
-        }
-        if transactions.contains(&format!(" thread id {session},")) {
-            return Ok(Err(format!(
+/// Proves that a database session is gone and its XA transaction, if it
+/// had one, detached from it — the condition for another session to commit
+/// or roll back what it prepared (see the module doc).
+///
+/// Two reads, in this order on one connection:
+/// 1. `information_schema.PROCESSLIST` no longer lists the session;
+/// 2. a snapshot of `information_schema.INNODB_TRX` taken *after* that shows
+///    no InnoDB transaction attached to it (`trx_mysql_thread_id`; a
+///    detached prepared transaction shows 0). Detaching is one-way, so a
+///    snapshot taken later than step 1 that shows it detached is proof.
+///
+/// INNODB_TRX is served from a cache that the server refreshes only when
+/// nobody has read it for 100 ms, so a snapshot is proven fresh by the
+/// reading session finding its own row carrying the text of the very query
+/// that read it (a random marker). A stale one proves nothing and is read
+/// again after a pause. The probe paces its reads (one at a time, at least
+/// [`PROBE_PACE`] apart) so that it does not keep the cache stale itself, and
+/// one fresh snapshot answers every caller that asked before it was read.
+///
+/// It never reads `SHOW ENGINE INNODB STATUS`, which MariaDB 10.11.19 has
+/// crashed in while printing a session being torn down (RELIABILITY.md).
+#[derive(Default)]
+pub struct SessionProbe {
+    state: tokio::sync::Mutex<ProbeState>,
+}
+
+/// Reads of INNODB_TRX by one probe are at least this far apart: the
+/// server's cache refreshes only after 100 ms without a read.
+pub const PROBE_PACE: Duration = Duration::from_millis(110);
+/// Stale snapshots tolerated in one call before it answers "not proven".
+const PROBE_ATTEMPTS: u32 = 4;
+/// Above this many InnoDB transactions the snapshot (16 MiB at most in the
+/// server) might be truncated without a word to the client, so it proves
+/// nothing. Each row costs the cache ~1.5 KiB (1 KiB of query text at most).
+const PROBE_ROWS_MAX: usize = 2_000;
+
+#[derive(Default)]
+struct ProbeState {
+    last_read: Option<Instant>,
+    snapshot: Option<Snapshot>,
+}
+
+/// A fresh INNODB_TRX snapshot: the sessions with an attached InnoDB
+/// transaction, and when the read that produced it was sent.
+struct Snapshot {
+    sent: Instant,
+    attached: Attached,
+}
+
+impl SessionProbe {
+    /// `Ok(Ok(()))` once database session `session` is provably gone and its
+    /// XA transaction (if any) detached; `Ok(Err(why))` while it is not, or
+    /// cannot be proven yet.
+    pub fn session_gone<'a>(
+        &'a self,
+        conn: &'a mut MySqlConnection,
+        session: u64,
+    ) -> BoxFuture<'a, Result<Result<(), String>, BranchError>> {
+        Box::pin(async move {
+            let open: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?",
+            )
+            .bind(session)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(transient)?;
+            if open > 0 {
+                return Ok(Err(format!("database session {session} is still open")));
+            }
+            let asked = Instant::now();
+            let mut state = self.state.lock().await;
+            for _ in 0..PROBE_ATTEMPTS {
+                if let Some(snapshot) = &state.snapshot
+                    && snapshot.sent > asked
+                {
+                    return Ok(snapshot.verdict(session));
+                }
+                if let Some(last) = state.last_read {
+                    // A little jitter, so that two processes probing one server
+                    // do not keep meeting inside each other's 100 ms.
+                    let jitter =
+                        Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 40));
+                    tokio::time::sleep_until((last + PROBE_PACE + jitter).into()).await;
+                }
+                let sent = Instant::now();
+                state.last_read = Some(sent);
+                match innodb_trx_snapshot(conn).await? {
+                    Ok(Some(attached)) => {
+                        let snapshot = Snapshot { sent, attached };
+                        let verdict = snapshot.verdict(session);
+                        state.snapshot = Some(snapshot);
+                        return Ok(verdict);
+                    }
+                    Ok(None) => continue,
+                    Err(why) => return Ok(Err(why)),
+                }
+            }
+            Ok(Err(format!(
+                "cannot prove database session {session} is gone: information_schema.INNODB_TRX \
+             answered from its cache {PROBE_ATTEMPTS} times (another client reads it more often \
+             than every 100 ms)"
+            )))
+        })
+    }
+}
+
+impl Snapshot {
+    fn verdict(&self, session: u64) -> Result<(), String> {
+        if self.attached.contains(&session) {
+            Err(format!(
                 "database session {session} is closing but its XA transaction is still attached to it"
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// One read of INNODB_TRX: `Ok(Some(sessions with an attached InnoDB
+/// transaction))` if the snapshot was taken by this very read, `Ok(None)`
+/// if it came from the server's cache, `Err(why)` if it cannot prove
+/// anything.
+type Attached = std::collections::HashSet<u64>;
+
+fn innodb_trx_snapshot(
+    conn: &mut MySqlConnection,
+) -> BoxFuture<'_, Result<Result<Option<Attached>, String>, BranchError>> {
+    Box::pin(async move {
+        let marker = uuid::Uuid::new_v4().simple().to_string();
+        // An InnoDB transaction of this session's own, so that it has a row.
+        let mut tx = conn
+            .begin_with("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+            .await
+            .map_err(transient)?;
+        let sql = format!(
+            "SELECT CAST(trx_mysql_thread_id AS UNSIGNED), \
+                CAST(COALESCE(trx_mysql_thread_id = CONNECTION_ID() \
+                     AND trx_query LIKE '%tandem-probe-{marker}%', 0) AS SIGNED) \
+         FROM information_schema.INNODB_TRX"
+        );
+        let rows = sqlx::Executor::fetch_all(&mut *tx, sqlx::raw_sql(&sql))
+            .await
+            .map_err(|e| {
+                BranchError::Transient(format!(
+                    "cannot read information_schema.INNODB_TRX to prove a database session is gone \
+             (XA takeover needs the PROCESS privilege): {e}"
+                ))
+            })?;
+        tx.rollback().await.map_err(transient)?;
+        if rows.len() > PROBE_ROWS_MAX {
+            return Ok(Err(format!(
+                "{} InnoDB transactions are open; above {PROBE_ROWS_MAX} the server may truncate \
+             information_schema.INNODB_TRX without saying so",
+                rows.len()
             )));
         }
-        Ok(Ok(()))
+        let mut fresh = false;
+        let mut attached = Attached::with_capacity(rows.len());
+        for row in &rows {
+            let thread: u64 = row.try_get(0).map_err(transient)?;
+            let mine: i64 = row.try_get(1).map_err(transient)?;
+            fresh |= mine == 1;
+            if thread != 0 {
+                attached.insert(thread);
+            }
+        }
+        Ok(Ok(fresh.then_some(attached)))
     })
 }
 
@@ -313,6 +429,7 @@ impl MySqlXa {
                 format_id: cluster.xa_format_id(),
                 hold,
                 held: Mutex::new(HashMap::new()),
+                probe: SessionProbe::default(),
             }),
         })
     }
@@ -534,7 +651,7 @@ impl MySqlXa {
         commit: bool,
     ) -> BoxFuture<'a, Result<(), BranchError>> {
         Box::pin(async move {
-            if let Err(why) = session_gone(conn, xid.session).await? {
+            if let Err(why) = self.inner.probe.session_gone(conn, xid.session).await? {
                 return Err(BranchError::Transient(format!(
                     "branch {} of transaction {} is prepared by another session; waiting until it is gone before taking over: {why}",
                     xid.branch_id, xid.gid
