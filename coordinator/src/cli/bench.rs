@@ -73,6 +73,16 @@ pub enum BenchCommand {
     Saga {
         #[command(flatten)]
         load: Load,
+        /// Write every call the participant received to this file, one
+        /// line each: `<unix time µs> <gid> <branch> <op>` (what
+        /// scripts/bench-failover.sh reads to see when sagas moved again).
+        #[arg(long)]
+        call_log: Option<std::path::PathBuf>,
+        /// Drive the same sagas through a DTM-compatible coordinator at this
+        /// URL instead (a peer, for comparison: `POST /api/dtmsvr/submit`);
+        /// a saga counts once its second step's action has been called.
+        #[arg(long, value_name = "URL")]
+        peer_dtm: Option<String>,
     },
     /// Two-branch TCC transactions: begin, try both branches (a no-op HTTP
     /// participant this command serves), commit and wait for both confirms.
@@ -149,6 +159,47 @@ impl TwoPhaseResource for NoOp {
     }
 
     async fn rollback(&self, _: &BranchContext) -> Result<(), BranchError> {
+        Ok(())
+    }
+}
+
+/// A no-op saga participant that notes every call it receives: when, and
+/// for which transaction, branch and op.
+#[derive(Clone, Default)]
+struct CallLog(Arc<std::sync::Mutex<Vec<Call>>>);
+
+/// When (unix µs), gid, branch, op.
+type Call = (u64, String, String, &'static str);
+
+impl CallLog {
+    fn note(&self, ctx: &BranchContext, op: &'static str) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let entry = (at, ctx.gid.clone(), ctx.branch_id.clone(), op);
+        self.0.lock().expect("call log lock").push(entry);
+    }
+
+    fn write(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        use std::io::Write;
+        let calls = std::mem::take(&mut *self.0.lock().expect("call log lock"));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (at, gid, branch, op) in calls {
+            writeln!(out, "{at} {gid} {branch} {op}")?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+}
+
+impl SagaStep for CallLog {
+    async fn action(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), BranchError> {
+        self.note(ctx, "action");
+        Ok(())
+    }
+
+    async fn compensate(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), BranchError> {
+        self.note(ctx, "compensate");
         Ok(())
     }
 }
@@ -239,20 +290,34 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             let ops = ["can_commit", "pre_commit", "do_commit", "abort"];
             coordinator_driven(&load, "3pc", pb::Protocol::ThreePc, &base, &ops).await
         }
-        BenchCommand::Saga { load } => {
+        BenchCommand::Saga {
+            load,
+            peer_dtm: Some(dtm),
+            ..
+        } => dtm_sagas(&load, &dtm).await,
+        BenchCommand::Saga { load, call_log, .. } => {
             let client = load.endpoint.client()?;
-            let base = serve_participant(Saga(NoOp)).await?;
-            load.run("saga", move || {
-                let (client, base) = (client.clone(), base.clone());
-                async move {
-                    let saga = client
-                        .saga()
-                        .step(Step::service("a", &base))
-                        .step(Step::service("b", &base));
-                    committed(saga.submit_and_wait(Duration::from_secs(30)).await?)
-                }
-            })
-            .await
+            let calls = CallLog::default();
+            let base = match &call_log {
+                None => serve_participant(Saga(NoOp)).await?,
+                Some(_) => serve_participant(Saga(calls.clone())).await?,
+            };
+            let ran = load
+                .run("saga", move || {
+                    let (client, base) = (client.clone(), base.clone());
+                    async move {
+                        let saga = client
+                            .saga()
+                            .step(Step::service("a", &base))
+                            .step(Step::service("b", &base));
+                        committed(saga.submit_and_wait(Duration::from_secs(30)).await?)
+                    }
+                })
+                .await;
+            if let Some(path) = call_log {
+                calls.write(&path)?;
+            }
+            ran
         }
         BenchCommand::Msg { load } => {
             let client = load.endpoint.client()?;
@@ -312,6 +377,76 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+/// Two-step sagas through a DTM-compatible coordinator (the peer in
+/// BENCHMARKS.md): submit, then wait until the no-op participant served
+/// here receives the second step's action. The peer finishes its own
+/// bookkeeping after that, so this favours it slightly.
+async fn dtm_sagas(load: &Load, dtm: &str) -> anyhow::Result<()> {
+    let awaited: Awaited = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let notify = awaited.clone();
+    let app = axum::Router::new()
+        .route(
+            "/step/{step}",
+            axum::routing::post(
+                move |axum::extract::Path(step): axum::extract::Path<String>,
+                      query: axum::extract::Query<std::collections::HashMap<String, String>>| {
+                    let awaited = notify.clone();
+                    async move {
+                        if step == "b"
+                            && let Some(gid) = query.get("gid")
+                            && let Some(waiter) = awaited.lock().expect("awaited lock").remove(gid)
+                        {
+                            let _ = waiter.send(Instant::now());
+                        }
+                        axum::Json(json!({ "dtm_result": "SUCCESS" }))
+                    }
+                },
+            ),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(load.concurrency)
+        .build()?;
+    let submit = format!("{}/api/dtmsvr/submit", dtm.trim_end_matches('/'));
+    load.run("saga (peer: DTM-compatible)", move || {
+        let (http, submit, awaited) = (http.clone(), submit.clone(), awaited.clone());
+        let steps: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|s| json!({ "action": format!("{base}/step/{s}"), "compensate": format!("{base}/step/undo-{s}") }))
+            .collect();
+        async move {
+            let gid = tandem_sdk::new_gid();
+            let (arrived, arrival) = tokio::sync::oneshot::channel();
+            awaited
+                .lock()
+                .expect("awaited lock")
+                .insert(gid.clone(), arrived);
+            let body = json!({ "gid": gid, "trans_type": "saga", "steps": steps });
+            let unavailable = |last: String| tandem_sdk::Error::Unavailable {
+                elapsed: Duration::ZERO,
+                last,
+            };
+            let finished = match http.post(&submit).json(&body).send().await {
+                Ok(r) if r.status().is_success() => {
+                    match tokio::time::timeout(Duration::from_secs(30), arrival).await {
+                        Ok(Ok(_)) => Ok(()),
+                        _ => Err(format!("saga {gid} not finished within 30 s")),
+                    }
+                }
+                Ok(r) => Err(format!("submit of {gid} answered {}", r.status())),
+                Err(e) => Err(format!("submit of {gid}: {e}")),
+            };
+            awaited.lock().expect("awaited lock").remove(&gid);
+            finished.map_err(unavailable)
+        }
+    })
+    .await
 }
 
 /// Whole transactions of a protocol the coordinator drives (2PC, 3PC):
