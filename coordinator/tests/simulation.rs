@@ -154,3 +154,39 @@ fn simulation_finds_the_injected_bug_deliver_on_timeout() {
         "the checker found the injected bug in only {found} of 200 seeds"
     );
 }
+
+/// Shrinking a failing seed keeps its failure, replays exactly, and drops
+/// scheduled faults the failure does not need (in some of the seeds: a bug
+/// that needs no fault at all keeps none).
+#[cfg(feature = "injected-bug")]
+#[test]
+fn simulation_shrinking_keeps_the_failure_with_fewer_faults() {
+    let opts = bug_options();
+    let scheduled = |r: &Report| r.faults.iter().filter(|f| f.starts_with('#')).count();
+    let (mut shrunk, mut dropped) = (0, 0);
+    for seed in 0..200 {
+        let full = sim::run(seed, &opts);
+        if full.violations.is_empty() {
+            continue;
+        }
+        let (smaller, report) = sim::shrink(seed, &opts).expect("a failing seed shrinks");
+        assert!(
+            !report.violations.is_empty(),
+            "seed {seed}: the shrunk run must still fail"
+        );
+        let replayed = sim::run(seed, &smaller);
+        assert_eq!(
+            (replayed.trace, replayed.violations.len()),
+            (report.trace, report.violations.len()),
+            "seed {seed}: the shrunk run replays exactly"
+        );
+        assert!(scheduled(&report) <= scheduled(&full));
+        dropped += scheduled(&full) - scheduled(&report);
+        shrunk += 1;
+        if shrunk == 5 {
+            break;
+        }
+    }
+    assert_eq!(shrunk, 5, "fewer than 5 of 200 seeds failed");
+    assert!(dropped > 0, "shrinking dropped no fault in 5 failing seeds");
+}

@@ -1,9 +1,11 @@
 //! Runs the deterministic simulation over many seeds, or replays one.
 //!
 //!     tandem-sim --seeds 1000 [--start 0]
-//!     tandem-sim --seed 42 [--verbose]
+//!     tandem-sim --seed 42 [--verbose] [--skip-faults 0,3]
 //!
-//! Prints a line per failing seed with the command that replays it, and
+//! Prints a line per failing seed with the command that replays it, then
+//! shrinks the first failing seed's fault schedule (the scheduled faults it
+//! can do without) and prints the command that replays the smaller run, and
 //! last one JSON line: `{"seeds":N,"failed":M,"first_failure":S|null}`.
 
 use clap::Parser;
@@ -27,13 +29,29 @@ struct Args {
     /// Run without faults.
     #[arg(long)]
     no_faults: bool,
+    /// Leave out these scheduled faults (their `#N` in the fault list), as
+    /// a shrunk replay does.
+    #[arg(long, value_delimiter = ',')]
+    skip_faults: Vec<usize>,
+    /// Do not shrink the first failing seed.
+    #[arg(long)]
+    no_shrink: bool,
 }
 
 fn main() {
     let args = Args::parse();
     let opts = Options {
         faults: !args.no_faults,
+        skip_faults: args.skip_faults.iter().copied().collect(),
         ..Options::default()
+    };
+    let replay = |seed: u64, opts: &Options| {
+        let mut command = format!("bash scripts/simulate.sh --seed {seed}");
+        if !opts.skip_faults.is_empty() {
+            let skipped: Vec<String> = opts.skip_faults.iter().map(usize::to_string).collect();
+            command += &format!(" --skip-faults {}", skipped.join(","));
+        }
+        command
     };
     let seeds: Vec<u64> = match args.seed {
         Some(s) => vec![s],
@@ -67,8 +85,22 @@ fn main() {
             for v in report.violations.iter().take(10) {
                 println!("seed {seed}: {v}");
             }
-            println!("replay: bash scripts/simulate.sh --seed {seed}");
+            println!("replay: {}", replay(seed, &opts));
         }
+    }
+    if let Some(seed) = first_failure.filter(|_| !args.no_shrink)
+        && let Some((shrunk, report)) = sim::shrink(seed, &opts)
+    {
+        let kept = report.faults.iter().filter(|f| f.starts_with('#')).count();
+        println!(
+            "shrunk seed {seed}: {kept} of its {} scheduled faults still fail it ({})",
+            report.faults_scheduled,
+            report.violations.first().map_or("", String::as_str)
+        );
+        for f in &report.faults {
+            println!("  fault: {f}");
+        }
+        println!("replay: {}", replay(seed, &shrunk));
     }
     println!(
         "{}",

@@ -60,6 +60,10 @@ pub struct Options {
     /// A run not done by here is blocked: a violation. Clock jumps do not
     /// stretch it: leaders time deadlines on their monotonic clocks.
     pub max_ms: i64,
+    /// Scheduled faults left out, by their number (`#N` in
+    /// [`Report::faults`]): what [`shrink`] removes. The seed still draws
+    /// them, so every other fault stays as it was.
+    pub skip_faults: BTreeSet<usize>,
 }
 
 impl Default for Options {
@@ -72,6 +76,7 @@ impl Default for Options {
             faults: true,
             heal_at_ms: 3_000,
             max_ms: 3_000 + 30_000,
+            skip_faults: BTreeSet::new(),
         }
     }
 }
@@ -99,6 +104,8 @@ pub struct Report {
     /// (committed, aborted) per protocol.
     pub by_protocol: BTreeMap<Protocol, (usize, usize)>,
     pub faults: Vec<String>,
+    /// Faults the schedule drew (numbered from 0), skipped ones included.
+    pub faults_scheduled: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -450,6 +457,8 @@ pub(crate) struct World {
     trace: u64,
     events: u64,
     fault_log: Vec<String>,
+    /// Scheduled faults drawn so far (the next one's number).
+    faults_scheduled: usize,
     /// Each node snapshots its state and compacts its log once it applied
     /// this many entries past its last snapshot (drawn per seed).
     snapshot_every: Option<u64>,
@@ -583,6 +592,7 @@ impl World {
             trace: 0xcbf2_9ce4_8422_2325,
             events: 0,
             fault_log: Vec::new(),
+            faults_scheduled: 0,
             snapshot_every,
             snapshots_installed: 0,
         };
@@ -831,6 +841,18 @@ impl World {
         }
     }
 
+    /// Numbers a scheduled fault; false if the options skip it (it is then
+    /// neither logged nor scheduled, but was drawn like the rest).
+    fn scheduled(&mut self, what: String) -> bool {
+        let number = self.faults_scheduled;
+        self.faults_scheduled += 1;
+        if self.opts.skip_faults.contains(&number) {
+            return false;
+        }
+        self.fault_log.push(format!("#{number} {what}"));
+        true
+    }
+
     fn schedule_faults(&mut self) {
         let heal = self.opts.heal_at_ms;
         let nodes = self.opts.nodes;
@@ -838,17 +860,17 @@ impl World {
             let node = self.rng.random_range(1..=nodes);
             let at = self.rng.random_range(0..heal);
             let back = at + self.rng.random_range(50..1_000);
-            self.fault_log
-                .push(format!("crash node {node} at {at}, restart at {back}"));
-            self.at(at, Ev::Crash(node));
-            self.at(back.min(heal), Ev::Restart(node));
+            if self.scheduled(format!("crash node {node} at {at}, restart at {back}")) {
+                self.at(at, Ev::Crash(node));
+                self.at(back.min(heal), Ev::Restart(node));
+            }
         }
         for _ in 0..self.rng.random_range(0..=4) {
             let at = self.rng.random_range(0..heal);
             let down = self.rng.random_range(20..800);
-            self.fault_log
-                .push(format!("crash the leader at {at}, restart after {down} ms"));
-            self.at(at, Ev::CrashLeader(down));
+            if self.scheduled(format!("crash the leader at {at}, restart after {down} ms")) {
+                self.at(at, Ev::CrashLeader(down));
+            }
         }
         for _ in 0..self.rng.random_range(0..=3) {
             let at = self.rng.random_range(0..heal);
@@ -859,10 +881,13 @@ impl World {
                 continue;
             }
             let both = self.rng.random_bool(0.5);
-            self.fault_log.push(format!(
+            let what = format!(
                 "cut {a}->{b}{} from {at} to {until}",
                 if both { " both ways" } else { "" }
-            ));
+            );
+            if !self.scheduled(what) {
+                continue;
+            }
             for (x, y) in [(a, b), (b, a)].into_iter().take(if both { 2 } else { 1 }) {
                 self.at(at, Ev::Cut(Addr::Node(x), Addr::Node(y), true));
                 self.at(until, Ev::Cut(Addr::Node(x), Addr::Node(y), false));
@@ -873,17 +898,17 @@ impl World {
             let at = self.rng.random_range(0..heal);
             let jump = self.rng.random_range(100_000..500_000)
                 * if self.rng.random_bool(0.5) { 1 } else { -1 };
-            self.fault_log
-                .push(format!("clock of node {node} jumps {jump} ms at {at}"));
-            self.at(at, Ev::ClockJump(node, jump));
+            if self.scheduled(format!("clock of node {node} jumps {jump} ms at {at}")) {
+                self.at(at, Ev::ClockJump(node, jump));
+            }
         }
         for _ in 0..self.rng.random_range(0..=3) {
             let part = self.rng.random_range(0..self.opts.participants);
             let at = self.rng.random_range(0..heal);
             let len = self.rng.random_range(50..1_000);
-            self.fault_log
-                .push(format!("participant {part} down at {at} for {len} ms"));
-            self.at(at, Ev::PartDown(part, at + len));
+            if self.scheduled(format!("participant {part} down at {at} for {len} ms")) {
+                self.at(at, Ev::PartDown(part, at + len));
+            }
         }
     }
 
@@ -956,6 +981,7 @@ impl World {
             .filter(|f| f.contains("crashed mid-write"))
             .count();
         report.faults = self.fault_log;
+        report.faults_scheduled = self.faults_scheduled;
         report.leaders = self.next_epoch - 1;
         report
     }
@@ -2029,6 +2055,40 @@ fn digest(tx: &Transaction) -> u64 {
 /// Runs one seed.
 pub fn run(seed: u64, opts: &Options) -> Report {
     World::new(seed, opts.clone()).run()
+}
+
+/// The invariant a violation names (the text before its first colon).
+fn invariant_of(violation: &str) -> &str {
+    violation.split(':').next().unwrap_or(violation)
+}
+
+/// Shrinks a failing seed's fault schedule: leaves out one scheduled fault
+/// at a time and keeps it out if the run still violates the invariant the
+/// full run violated first, until no single fault can go. Returns the
+/// options that replay the smaller run and its report; `None` if the seed
+/// does not fail. Only the scheduled faults (crashes, cuts, clock jumps,
+/// participants down) shrink; the seed's rates of loss, duplication, delay
+/// and torn writes stay.
+pub fn shrink(seed: u64, opts: &Options) -> Option<(Options, Report)> {
+    let mut report = run(seed, opts);
+    let invariant = invariant_of(report.violations.first()?).to_string();
+    let mut opts = opts.clone();
+    for number in 0..report.faults_scheduled {
+        if opts.skip_faults.contains(&number) {
+            continue;
+        }
+        let mut fewer = opts.clone();
+        fewer.skip_faults.insert(number);
+        let tried = run(seed, &fewer);
+        if tried
+            .violations
+            .iter()
+            .any(|v| invariant_of(v) == invariant)
+        {
+            (opts, report) = (fewer, tried);
+        }
+    }
+    Some((opts, report))
 }
 
 /// The leader stamps its clock into a client's command, as the service does.
