@@ -9,6 +9,7 @@
 //! * `snapshots.rs` — taking, adopting and installing snapshots
 //! * `status.rs` — what a node says about itself
 //! * `storage.rs` — raft-engine log and snapshot files
+//! * `sync_mark.rs` — what the log held after its last fsync, checked on open
 //! * `transport.rs` — peer messages over gRPC
 
 mod handle;
@@ -20,6 +21,7 @@ pub mod replicated;
 mod snapshots;
 mod status;
 pub mod storage;
+mod sync_mark;
 pub mod transport;
 
 pub use handle::{MembershipChange, NodeError, NodeHandle};

@@ -6,6 +6,10 @@
 //!   `truncated` mark (index and term of the last entry compaction removed).
 //! * `snapshots/snap-<index>-<term>.snap` — the newest state-machine snapshot
 //!   (older ones are deleted once a newer one is durable).
+//! * `raft-log.mark` — what the log held after its last fsync
+//!   ([`super::sync_mark`]): a log found shorter than it, or a hard state
+//!   behind it, lost records that were durable, and the node refuses to
+//!   start.
 //!
 //! Crash safety rests on two orderings: a snapshot file is durable (written to
 //! a temporary name, fsync'd, renamed, directory fsync'd) before the log is
@@ -23,6 +27,8 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use raft_engine::{Command as EngineCommand, Engine, LogBatch, MessageExt};
+
+use super::sync_mark::{Mark, SyncMark};
 
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_TRUNCATED: &[u8] = b"truncated";
@@ -44,6 +50,13 @@ pub enum StoreError {
     CorruptSnapshot { path: PathBuf, problem: String },
     #[error("raft log: {0}")]
     Protobuf(#[from] protobuf::ProtobufError),
+    #[error(
+        "raft log {dir}: corrupt — it lost {lost}, which were fsync'd (the sync mark says so); \
+         the engine cut a corrupted tail on open. This node may have acknowledged what it no \
+         longer has, so it refuses to start: `tandem cluster remove` it, empty its data \
+         directory, start it with --join and `tandem cluster add` it again; it re-syncs from the leader"
+    )]
+    LostDurable { dir: PathBuf, lost: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -91,6 +104,8 @@ pub struct LogStore {
     /// Set when raft asked for a snapshot the newest one cannot serve (it
     /// predates the receiver joining); the loop then takes a fresh one.
     snapshot_wanted: Cell<bool>,
+    /// What the log held after its last fsync.
+    mark: SyncMark,
 }
 
 impl LogStore {
@@ -126,6 +141,17 @@ impl LogStore {
             .get(group, KEY_TRUNCATED)
             .map(|v| decode_pair(&v))
             .unwrap_or((0, 0));
+        let (mark, marked) = SyncMark::open(dir)?;
+        if let Some(marked) = marked {
+            let found = Mark {
+                last_index: engine.last_index(group).unwrap_or(truncated.0),
+                term: hard_state.term,
+                vote: hard_state.vote,
+            };
+            if let Some(lost) = marked.lost_by(&found) {
+                return Err(StoreError::LostDurable { dir: log_dir, lost });
+            }
+        }
         let snapshot = load_newest_snapshot(&snap_dir)?.unwrap_or_default();
         let mut store = LogStore {
             engine,
@@ -135,6 +161,7 @@ impl LogStore {
             snapshot,
             snap_dir,
             snapshot_wanted: Cell::new(false),
+            mark,
         };
         let fresh = store.snapshot.get_metadata().index == 0
             && store.hard_state == HardState::default()
@@ -143,7 +170,19 @@ impl LogStore {
             Some(bootstrap) if fresh => store.bootstrap(bootstrap)?,
             _ => store.reconcile_with_snapshot()?,
         }
+        store.record_mark()?;
         Ok(store)
+    }
+
+    /// Records what the log holds now as durable: call after an fsync'd
+    /// write.
+    fn record_mark(&mut self) -> Result<(), StoreError> {
+        let mark = Mark {
+            last_index: self.last_index_raw(),
+            term: self.hard_state.term,
+            vote: self.hard_state.vote,
+        };
+        self.mark.record(mark)
     }
 
     fn bootstrap(&mut self, bootstrap: Bootstrap) -> Result<(), StoreError> {
@@ -186,6 +225,7 @@ impl LogStore {
                 snapshot_index = meta.index,
                 "the raft log does not continue the newest snapshot; replacing it"
             );
+            self.mark.lower(meta.index)?;
             batch.add_command(self.group, EngineCommand::Clean);
             self.truncated = (meta.index, meta.term);
         }
@@ -228,7 +268,11 @@ impl LogStore {
         sync: bool,
     ) -> Result<(), StoreError> {
         let mut batch = LogBatch::with_capacity(entries.len().max(1));
-        if !entries.is_empty() {
+        if let Some(first) = entries.first() {
+            if first.index <= self.last_index_raw() {
+                // A conflicting append replaces the tail: the log gets shorter.
+                self.mark.lower(first.index - 1)?;
+            }
             batch.add_entries::<EntryExt>(self.group, entries)?;
         }
         if let Some(hs) = hard_state {
@@ -239,6 +283,9 @@ impl LogStore {
         }
         if !batch.is_empty() {
             self.engine.write(&mut batch, sync)?;
+            if sync {
+                self.record_mark()?;
+            }
         }
         Ok(())
     }
@@ -258,6 +305,7 @@ impl LogStore {
         self.truncated = (meta.index, meta.term);
         self.hard_state.commit = self.hard_state.commit.max(meta.index);
         self.hard_state.term = self.hard_state.term.max(meta.term);
+        self.mark.lower(meta.index)?;
         let mut batch = LogBatch::default();
         batch.add_command(self.group, EngineCommand::Clean);
         batch.put_message(self.group, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
@@ -267,6 +315,7 @@ impl LogStore {
             encode_pair(self.truncated),
         )?;
         self.engine.write(&mut batch, true)?;
+        self.record_mark()?;
         self.snapshot = snapshot.clone();
         remove_snapshots_before(&self.snap_dir, meta.index);
         Ok(())
@@ -646,6 +695,77 @@ mod tests {
         store.persist(&[entry(3, 3)], None, true).unwrap();
         assert_eq!(store.last_index().unwrap(), 3);
         assert_eq!(store.term(3).unwrap(), 3);
+        // A log shortened by a conflicting append is not taken for a log
+        // that lost durable entries.
+        drop(store);
+        let store = LogStore::open(dir.path(), 1, bootstrap()).expect("reopens");
+        assert_eq!(store.last_index().unwrap(), 3);
+    }
+
+    fn refused(dir: &Path) -> String {
+        match LogStore::open(dir, 1, bootstrap()) {
+            Err(e @ StoreError::LostDurable { .. }) => e.to_string(),
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(store) => panic!("opened, log ends at {}", store.last_index().unwrap()),
+        }
+    }
+
+    #[test]
+    fn durability_a_log_behind_its_sync_mark_is_refused_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
+            let mut hs = store.hard_state().clone();
+            (hs.term, hs.vote) = (2, 3);
+            let entries: Vec<_> = (2..=20).map(|i| entry(i, 2)).collect();
+            store.persist(&entries, Some(&hs), true).unwrap();
+        }
+        // As if the log had lost entries 21..=25, and then the vote.
+        let (mut mark, found) = SyncMark::open(dir.path()).unwrap();
+        let found = found.expect("a mark after an fsync");
+        assert_eq!((found.last_index, found.term, found.vote), (20, 2, 3));
+        mark.record(Mark {
+            last_index: 25,
+            ..found
+        })
+        .unwrap();
+        drop(mark);
+        let why = refused(dir.path());
+        assert!(
+            why.contains("corrupt") && why.contains("entries 21..=25"),
+            "{why}"
+        );
+        let (mut mark, _) = SyncMark::open(dir.path()).unwrap();
+        mark.record(Mark { vote: 1, ..found }).unwrap();
+        drop(mark);
+        assert!(refused(dir.path()).contains("vote for node 1 in term 2"));
+    }
+
+    /// The hazard itself: a byte of the last fsync'd record rots; the
+    /// engine cuts the record on open as if it were a torn write, and the
+    /// mark catches it.
+    #[test]
+    fn durability_a_rotten_byte_in_the_last_fsynced_record_is_refused_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
+            for i in 2..=40 {
+                store.persist(&[entry(i, 2)], None, true).unwrap();
+            }
+        }
+        let log_dir = dir.path().join("raft-log");
+        let file = fs::read_dir(&log_dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "raftlog"))
+            .expect("a log file");
+        let mut bytes = fs::read(&file).unwrap();
+        let at = bytes.len() - 8;
+        bytes[at] ^= 0x5a;
+        fs::write(&file, &bytes).unwrap();
+        let why = refused(dir.path());
+        assert!(why.contains("corrupt") && why.contains("..=40"), "{why}");
     }
 
     #[test]
