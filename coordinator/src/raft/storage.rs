@@ -741,6 +741,40 @@ mod tests {
         assert!(refused(dir.path()).contains("vote for node 1 in term 2"));
     }
 
+    fn flip_near_the_end_of_the_log(dir: &Path) {
+        let log_dir = dir.join("raft-log");
+        let file = fs::read_dir(&log_dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "raftlog"))
+            .expect("a log file");
+        let mut bytes = fs::read(&file).unwrap();
+        let at = bytes.len() - 8;
+        bytes[at] ^= 0x5a;
+        fs::write(&file, &bytes).unwrap();
+    }
+
+    /// What the engine cuts past the last fsync'd write (here a commit
+    /// index noted without sync, as a follower writes before it stops) was
+    /// never promised to anyone: the node starts, all its entries there.
+    #[test]
+    fn durability_a_cut_record_past_the_last_fsync_is_no_reason_to_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
+            let entries: Vec<_> = (2..=40).map(|i| entry(i, 2)).collect();
+            store.persist(&entries, None, true).unwrap();
+            let mut hs = store.hard_state().clone();
+            hs.commit = 40;
+            store.persist(&[], Some(&hs), false).unwrap();
+            store.sync().unwrap();
+        }
+        flip_near_the_end_of_the_log(dir.path());
+        let store = LogStore::open(dir.path(), 1, bootstrap()).expect("starts");
+        assert_eq!(store.last_index().unwrap(), 40);
+    }
+
     /// The hazard itself: a byte of the last fsync'd record rots; the
     /// engine cuts the record on open as if it were a torn write, and the
     /// mark catches it.
@@ -753,17 +787,7 @@ mod tests {
                 store.persist(&[entry(i, 2)], None, true).unwrap();
             }
         }
-        let log_dir = dir.path().join("raft-log");
-        let file = fs::read_dir(&log_dir)
-            .unwrap()
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "raftlog"))
-            .expect("a log file");
-        let mut bytes = fs::read(&file).unwrap();
-        let at = bytes.len() - 8;
-        bytes[at] ^= 0x5a;
-        fs::write(&file, &bytes).unwrap();
+        flip_near_the_end_of_the_log(dir.path());
         let why = refused(dir.path());
         assert!(why.contains("corrupt") && why.contains("..=40"), "{why}");
     }
