@@ -388,6 +388,42 @@ impl Transaction {
         tx_footprint(self.gid.len(), self.payload.len(), branches)
     }
 
+    /// What a finished transaction is charged against
+    /// `--finished-bytes-max`: the texts it did record (it records no more;
+    /// an operator's repair changes the charge, and the table re-counts it
+    /// on every change) plus fixed costs for its structs, set to cover what
+    /// a node was measured to hold per finished transaction, the log's and
+    /// the allocator's share included (BENCHMARKS.md: 1.8 KiB for a
+    /// two-step saga, charged ~2.2 KiB here against ~7 KiB of footprint).
+    pub fn retained_bytes(&self) -> usize {
+        use super::validate::{RETAINED_BRANCH_BYTES, RETAINED_REPAIR_BYTES, RETAINED_TX_BYTES};
+        let branches: usize = self
+            .branches
+            .iter()
+            .map(|b| {
+                RETAINED_BRANCH_BYTES
+                    + b.branch_id.len()
+                    + b.payload.len()
+                    + b.after.iter().map(String::len).sum::<usize>()
+                    + b.ops
+                        .iter()
+                        .map(|o| o.endpoint.len() + o.last_error.len())
+                        .sum::<usize>()
+            })
+            .sum();
+        let repairs: usize = self
+            .repairs
+            .iter()
+            .map(|r| RETAINED_REPAIR_BYTES + r.branch_id.len() + r.reason.len() + r.by.len())
+            .sum();
+        let texts = self.gid.len()
+            + self.payload.len()
+            + self.error.len()
+            + self.trace_parent.len()
+            + self.decision.as_ref().map_or(0, |d| d.reason.len());
+        RETAINED_TX_BYTES + texts + branches + repairs
+    }
+
     /// A branch to change: copied first if an older version shares it.
     pub fn branch_mut(&mut self, branch_id: &str) -> Option<&mut Branch> {
         self.branches

@@ -31,6 +31,17 @@ pub const TX_OVERHEAD_BYTES: usize = 512 + 2 * REASON_BYTES_MAX;
 /// A branch's fixed cost: the struct and the last error of each of its ops.
 pub const BRANCH_OVERHEAD_BYTES: usize = 256 + 2 * ERROR_BYTES_MAX;
 
+/// A finished transaction's fixed cost in what retention charges it
+/// ([`crate::model::Transaction::retained_bytes`]): its struct, its entry
+/// in the table and indexes, and the node's other memory per finished
+/// transaction as measured (BENCHMARKS.md, "Memory per retained finished
+/// transaction"), with a margin.
+pub const RETAINED_TX_BYTES: usize = 1536;
+/// A finished branch's fixed cost in the same: the struct and its ops.
+pub const RETAINED_BRANCH_BYTES: usize = 256;
+/// An operator's repair record's fixed cost in the same.
+pub const RETAINED_REPAIR_BYTES: usize = 64;
+
 /// A branch's footprint: its fixed cost, its texts (id, endpoints, the ids
 /// it comes after) and its payload.
 pub fn branch_footprint(text_bytes: usize, payload_bytes: usize) -> usize {

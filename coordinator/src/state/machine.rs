@@ -369,17 +369,19 @@ impl StateMachine {
         Ok(Applied::Updated { tx })
     }
 
+    /// An unfinished transaction is charged its footprint (everything it
+    /// may still record), a finished one what it holds.
     fn account(&mut self, tx: &Transaction) {
         match tx.finished_at_ms {
             None => self.active_bytes += tx.footprint_bytes(),
-            Some(_) => self.finished_bytes += tx.footprint_bytes(),
+            Some(_) => self.finished_bytes += tx.retained_bytes(),
         }
     }
 
     fn unaccount(&mut self, tx: &Transaction) {
         match tx.finished_at_ms {
             None => self.active_bytes -= tx.footprint_bytes(),
-            Some(_) => self.finished_bytes -= tx.footprint_bytes(),
+            Some(_) => self.finished_bytes -= tx.retained_bytes(),
         }
     }
 
@@ -477,7 +479,7 @@ impl StateMachine {
 
     /// Terminal transactions to collect: every one finished before
     /// `finished_before_ms`, and the oldest beyond `finished_max` or beyond
-    /// `finished_bytes_max` of footprint; at most `limit`.
+    /// `finished_bytes_max` of what they hold; at most `limit`.
     pub fn gc_candidates(
         &self,
         finished_before_ms: i64,
@@ -494,7 +496,7 @@ impl StateMachine {
                 let collect =
                     *i < excess || *at < finished_before_ms || bytes_left > finished_bytes_max;
                 if collect {
-                    bytes_left -= self.txs.get(gid).map_or(0, |t| t.footprint_bytes());
+                    bytes_left -= self.txs.get(gid).map_or(0, |t| t.retained_bytes());
                 }
                 collect
             })
@@ -1048,10 +1050,14 @@ mod tests {
         assert_eq!((m.active_bytes(), m.finished_bytes()), (3 * one, 0));
         finish(&mut m, "a", 10);
         finish(&mut m, "b", 20);
-        assert_eq!((m.active_bytes(), m.finished_bytes()), (one, 2 * one));
+        // Finished, each is charged what it holds, not what it might have.
+        let kept = m.get("a").unwrap().retained_bytes();
+        assert_eq!(kept, m.get("b").unwrap().retained_bytes());
+        assert!(kept < one, "finished {kept} against a footprint of {one}");
+        assert_eq!((m.active_bytes(), m.finished_bytes()), (one, 2 * kept));
         // Keep at most one transaction's worth: the oldest goes.
-        assert_eq!(m.gc_candidates(0, 100, one, 100), vec!["a"]);
-        assert_eq!(m.gc_candidates(0, 100, 2 * one, 100), Vec::<String>::new());
+        assert_eq!(m.gc_candidates(0, 100, kept, 100), vec!["a"]);
+        assert_eq!(m.gc_candidates(0, 100, 2 * kept, 100), Vec::<String>::new());
         m.apply(
             Command::Gc {
                 gids: vec!["a".into()],
@@ -1059,11 +1065,11 @@ mod tests {
             ctx(),
         )
         .unwrap();
-        assert_eq!((m.active_bytes(), m.finished_bytes()), (one, one));
+        assert_eq!((m.active_bytes(), m.finished_bytes()), (one, kept));
         let restored = StateMachine::decode_snapshot(&m.snapshot_source().encode()).unwrap();
         assert_eq!(
             (restored.active_bytes(), restored.finished_bytes()),
-            (one, one),
+            (one, kept),
             "derived from the table on restore"
         );
     }
