@@ -267,6 +267,8 @@ pub struct SessionProbe {
 /// Reads of INNODB_TRX by one probe are at least this far apart: the
 /// server's cache refreshes only after 100 ms without a read.
 pub const PROBE_PACE: Duration = Duration::from_millis(110);
+/// How long one read of INNODB_TRX may take.
+const PROBE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Stale snapshots tolerated in one call before it answers "not proven".
 const PROBE_ATTEMPTS: u32 = 4;
 /// Above this many InnoDB transactions the snapshot (16 MiB at most in the
@@ -324,7 +326,16 @@ impl SessionProbe {
                 }
                 let sent = Instant::now();
                 state.last_read = Some(sent);
-                match innodb_trx_snapshot(conn).await? {
+                // Bounded: the probe is shared, and a read hung on a sick
+                // server must not hold every other takeover behind it.
+                let read = tokio::time::timeout(PROBE_READ_TIMEOUT, innodb_trx_snapshot(conn))
+                    .await
+                    .map_err(|_| {
+                        BranchError::Transient(format!(
+                            "information_schema.INNODB_TRX did not answer within {PROBE_READ_TIMEOUT:?}"
+                        ))
+                    })?;
+                match read? {
                     Ok(Some(attached)) => {
                         let snapshot = Snapshot { sent, attached };
                         let verdict = snapshot.verdict(session);
