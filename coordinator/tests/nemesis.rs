@@ -248,9 +248,17 @@ async fn nemesis(net: Option<Net>) {
         async move { unfinished(&client).await.is_empty().then_some(()) }
     })
     .await;
+    // Each node's own table. A node that has not yet heard from the leader
+    // since the heal answers UNAVAILABLE ("retry"), as it should: retry,
+    // for a bounded time.
     let mut tables = Vec::new();
     for endpoint in cluster.endpoints() {
-        let mut gids = common::list_all_from(&endpoint).await;
+        let what = format!("{endpoint} to answer a List");
+        let mut gids = wait_for(Duration::from_secs(20), &what, || {
+            let endpoint = endpoint.clone();
+            async move { common::try_list_all_from(&endpoint).await.ok() }
+        })
+        .await;
         gids.sort();
         tables.push(gids);
     }

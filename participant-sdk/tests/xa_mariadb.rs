@@ -130,7 +130,7 @@ async fn mariadb_a_prepared_xid_survives_its_sessions_end_and_another_session_co
     let mut b = pool.acquire().await.unwrap();
     // Once the preparing session is provably gone (see the race test) the
     // xid is listed to every session and another one commits it.
-    let sessions = SessionProbe::default();
+    let sessions = SessionProbe::new((*pool.connect_options()).clone());
     let deadline = Instant::now() + Duration::from_secs(5);
     while sessions
         .session_gone(&mut b, session)
@@ -197,7 +197,7 @@ async fn mariadb_innodb_trx_names_the_session_a_prepared_xid_is_attached_to_and_
     let mut a = connect().await;
     let session = prepare_raw(&mut a, &xid, probe_row).await;
     let mut b = pool.acquire().await.unwrap();
-    let probe = SessionProbe::default();
+    let probe = SessionProbe::new((*pool.connect_options()).clone());
     let alive = probe.session_gone(&mut b, session).await.unwrap();
     assert!(alive.is_err(), "a live preparer must not count as gone");
 
@@ -401,7 +401,7 @@ async fn atomicity_mariadb_takeover_race_reproduced_and_the_takeover_condition_i
     // One probe for the whole test, as one helper instance has: its reads
     // are paced and batched, so that the test does not keep the server's
     // INNODB_TRX cache stale itself.
-    let sessions = Arc::new(SessionProbe::default());
+    let sessions = Arc::new(SessionProbe::new((*pool.connect_options()).clone()));
     let stats = Arc::new([
         AtomicU64::new(0), // lost, condition not evaluated
         AtomicU64::new(0), // lost while the condition said "not gone"

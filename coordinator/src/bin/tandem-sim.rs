@@ -47,6 +47,9 @@ fn main() {
     };
     let replay = |seed: u64, opts: &Options| {
         let mut command = format!("bash scripts/simulate.sh --seed {seed}");
+        if !opts.faults {
+            command += " --no-faults";
+        }
         if !opts.skip_faults.is_empty() {
             let skipped: Vec<String> = opts.skip_faults.iter().map(usize::to_string).collect();
             command += &format!(" --skip-faults {}", skipped.join(","));

@@ -81,7 +81,7 @@ pub enum BenchCommand {
         /// Drive the same sagas through a DTM-compatible coordinator at this
         /// URL instead (a peer, for comparison: `POST /api/dtmsvr/submit`);
         /// a saga counts once its second step's action has been called.
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "URL", conflicts_with = "call_log")]
         peer_dtm: Option<String>,
     },
     /// Two-branch TCC transactions: begin, try both branches (a no-op HTTP

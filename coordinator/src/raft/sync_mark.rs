@@ -14,14 +14,12 @@
 //! that was durable: the node refuses to start and says so, and the
 //! operator replaces it (RELIABILITY.md, "Storage faults").
 //!
-//! The mark is written without its own fsync: it costs one `pwrite` per
-//! fsync of the log. After a process crash the page cache keeps both in the
-//! order they were written. After a power loss the mark may be older than
-//! the log (then it checks less, never wrongly), or — only if the last write
-//! before the power loss shortened the log, which a new leader's conflicting
-//! append or an installed snapshot does — newer: then a sound node is
-//! refused, which is safe, and is replaced like a corrupt one. Writes that
-//! shorten the log lower the mark first.
+//! Raising the mark costs one `pwrite` per fsync of the log, without an
+//! fsync of its own: after a process crash the page cache keeps it, and
+//! after a power loss it may be older than the log, which only makes it
+//! check less, never wrongly. Writes that shorten the log on purpose (a new
+//! leader's conflicting append, an installed snapshot) lower the mark first,
+//! durably, so that no crash leaves it above a log shortened that way.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -163,13 +161,22 @@ impl SyncMark {
     }
 
     /// Lowers the recorded last index to `at_most` before a write that may
-    /// shorten the log.
+    /// shorten the log — durably (fdatasync), so that not even a power loss
+    /// can leave a mark above a log that was shortened on purpose. Rare: a
+    /// new leader's conflicting append, an installed snapshot.
     pub fn lower(&mut self, at_most: u64) -> Result<(), StoreError> {
         let mark = Mark {
             last_index: self.written.last_index.min(at_most),
             ..self.written
         };
-        self.record(mark)
+        if mark == self.written {
+            return Ok(());
+        }
+        self.record(mark)?;
+        self.file.sync_data().map_err(|source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 

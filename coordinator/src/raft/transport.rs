@@ -7,7 +7,7 @@
 //! setup is paid per batch; snapshots, which can be large, go in a call of
 //! their own (`Send`) with a longer deadline. A failed stream or call reports
 //! the peer unreachable to raft (which retransmits) and backs off
-//! exponentially up to a second; channels reconnect by themselves. Messages
+//! exponentially up to a quarter second; channels reconnect by themselves. Messages
 //! are raft-rs protobuf bytes.
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,8 +34,13 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Snapshots can be large; give their call longer.
 const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Reconnecting to an unreachable peer: from this, doubling, to the max.
+/// The max stays under the default election timeout (500 ms): after a
+/// partition heals or a paused node resumes, the leader's stream is back
+/// before its followers give up on it (with 1 s they timed out and
+/// campaigned — harmlessly, pre-vote refused them — but had no leader to
+/// answer from for up to a second; the nemesis test saw it).
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// Largest message a node sends or accepts from a peer (snapshots included).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 1 << 30;
 

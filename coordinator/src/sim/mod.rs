@@ -2057,35 +2057,49 @@ pub fn run(seed: u64, opts: &Options) -> Report {
     World::new(seed, opts.clone()).run()
 }
 
-/// The invariant a violation names (the text before its first colon).
+/// The invariant a violation names: the text before its first colon, or,
+/// for one a participant recorded (`gid/branch: what`), before the colon
+/// after that.
 fn invariant_of(violation: &str) -> &str {
-    violation.split(':').next().unwrap_or(violation)
+    let mut parts = violation.splitn(3, ':');
+    let first = parts.next().unwrap_or(violation);
+    match parts.next() {
+        Some(second) if first.contains('/') => second.trim(),
+        _ => first,
+    }
 }
 
 /// Shrinks a failing seed's fault schedule: leaves out one scheduled fault
 /// at a time and keeps it out if the run still violates the invariant the
-/// full run violated first, until no single fault can go. Returns the
-/// options that replay the smaller run and its report; `None` if the seed
-/// does not fail. Only the scheduled faults (crashes, cuts, clock jumps,
-/// participants down) shrink; the seed's rates of loss, duplication, delay
-/// and torn writes stay.
+/// full run violated first, pass after pass until no single fault can go
+/// (at most one pass per fault). Returns the options that replay the
+/// smaller run and its report; `None` if the seed does not fail. Only the
+/// scheduled faults (crashes, cuts, clock jumps, participants down) shrink;
+/// the seed's rates of loss, duplication, delay and torn writes stay.
 pub fn shrink(seed: u64, opts: &Options) -> Option<(Options, Report)> {
     let mut report = run(seed, opts);
     let invariant = invariant_of(report.violations.first()?).to_string();
     let mut opts = opts.clone();
-    for number in 0..report.faults_scheduled {
-        if opts.skip_faults.contains(&number) {
-            continue;
+    for _ in 0..report.faults_scheduled {
+        let mut removed = false;
+        for number in 0..report.faults_scheduled {
+            if opts.skip_faults.contains(&number) {
+                continue;
+            }
+            let mut fewer = opts.clone();
+            fewer.skip_faults.insert(number);
+            let tried = run(seed, &fewer);
+            if tried
+                .violations
+                .iter()
+                .any(|v| invariant_of(v) == invariant)
+            {
+                (opts, report) = (fewer, tried);
+                removed = true;
+            }
         }
-        let mut fewer = opts.clone();
-        fewer.skip_faults.insert(number);
-        let tried = run(seed, &fewer);
-        if tried
-            .violations
-            .iter()
-            .any(|v| invariant_of(v) == invariant)
-        {
-            (opts, report) = (fewer, tried);
+        if !removed {
+            break;
         }
     }
     Some((opts, report))

@@ -56,6 +56,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use sqlx::mysql::MySqlConnectOptions;
 use sqlx::{Connection, MySqlConnection, MySqlPool, Row};
 
 use super::{
@@ -259,25 +260,37 @@ fn row_state<'a>(
 ///
 /// It never reads `SHOW ENGINE INNODB STATUS`, which MariaDB 10.11.19 has
 /// crashed in while printing a session being torn down (RELIABILITY.md).
-#[derive(Default)]
 pub struct SessionProbe {
+    /// Where the probe opens its own connection.
+    options: MySqlConnectOptions,
     state: tokio::sync::Mutex<ProbeState>,
 }
 
-/// Reads of INNODB_TRX by one probe are at least this far apart: the
-/// server's cache refreshes only after 100 ms without a read.
+/// Reads of INNODB_TRX by one probe are at least this far apart, counted
+/// from the end of the last one: the server's cache refreshes only after
+/// 100 ms without a read.
 pub const PROBE_PACE: Duration = Duration::from_millis(110);
-/// How long one read of INNODB_TRX may take.
+/// How long one read of INNODB_TRX may take, connecting included.
 const PROBE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Stale snapshots tolerated in one call before it answers "not proven".
 const PROBE_ATTEMPTS: u32 = 4;
-/// Above this many InnoDB transactions the snapshot (16 MiB at most in the
-/// server) might be truncated without a word to the client, so it proves
-/// nothing. Each row costs the cache ~1.5 KiB (1 KiB of query text at most).
-const PROBE_ROWS_MAX: usize = 2_000;
+/// The server fills INNODB_TRX, INNODB_LOCKS and INNODB_LOCK_WAITS in one
+/// cache of 16 MiB and, once it is full, leaves rows out without a word to
+/// the client — a snapshot that might be truncated proves nothing. Below
+/// these counts it cannot be: a transaction row takes at most ~1.5 KiB (1
+/// KiB of query text), a lock row at most ~8.3 KiB (8 KiB of lock data), a
+/// wait row a few dozen bytes — under 12 MiB in all.
+const PROBE_TRX_ROWS_MAX: i64 = 2_000;
+const PROBE_LOCK_ROWS_MAX: i64 = 1_000;
+const PROBE_WAIT_ROWS_MAX: i64 = 10_000;
 
 #[derive(Default)]
 struct ProbeState {
+    /// The probe's own session: its transaction and its reads never touch
+    /// a connection the application's pool hands out. Dropped (closed) on
+    /// any error or timeout, reopened on the next read.
+    conn: Option<MySqlConnection>,
+    /// When the last read ended.
     last_read: Option<Instant>,
     snapshot: Option<Snapshot>,
 }
@@ -290,9 +303,19 @@ struct Snapshot {
 }
 
 impl SessionProbe {
+    /// A probe that reads INNODB_TRX on a session of its own, opened with
+    /// `options` (`pool.connect_options()`; the user needs the `PROCESS`
+    /// privilege).
+    pub fn new(options: MySqlConnectOptions) -> SessionProbe {
+        SessionProbe {
+            options,
+            state: tokio::sync::Mutex::default(),
+        }
+    }
+
     /// `Ok(Ok(()))` once database session `session` is provably gone and its
     /// XA transaction (if any) detached; `Ok(Err(why))` while it is not, or
-    /// cannot be proven yet.
+    /// cannot be proven yet. `conn` is used for one PROCESSLIST query.
     pub fn session_gone<'a>(
         &'a self,
         conn: &'a mut MySqlConnection,
@@ -325,17 +348,30 @@ impl SessionProbe {
                     tokio::time::sleep_until((last + PROBE_PACE + jitter).into()).await;
                 }
                 let sent = Instant::now();
-                state.last_read = Some(sent);
                 // Bounded: the probe is shared, and a read hung on a sick
-                // server must not hold every other takeover behind it.
-                let read = tokio::time::timeout(PROBE_READ_TIMEOUT, innodb_trx_snapshot(conn))
-                    .await
-                    .map_err(|_| {
-                        BranchError::Transient(format!(
-                            "information_schema.INNODB_TRX did not answer within {PROBE_READ_TIMEOUT:?}"
-                        ))
-                    })?;
-                match read? {
+                // server must not hold every other takeover behind it. The
+                // session is taken out, so that a read that fails, times out
+                // or is cancelled closes it rather than leave it mid-way.
+                let probe_conn = state.conn.take();
+                let read = tokio::time::timeout(PROBE_READ_TIMEOUT, async {
+                    let mut probe_conn = match probe_conn {
+                        Some(c) => c,
+                        None => MySqlConnection::connect_with(&self.options)
+                            .await
+                            .map_err(transient)?,
+                    };
+                    let read = innodb_trx_snapshot(&mut probe_conn).await?;
+                    Ok::<_, BranchError>((probe_conn, read))
+                })
+                .await;
+                state.last_read = Some(Instant::now());
+                let (probe_conn, read) = read.map_err(|_| {
+                    BranchError::Transient(format!(
+                        "information_schema.INNODB_TRX did not answer within {PROBE_READ_TIMEOUT:?}"
+                    ))
+                })??;
+                state.conn = Some(probe_conn);
+                match read {
                     Ok(Some(attached)) => {
                         let snapshot = Snapshot { sent, attached };
                         let verdict = snapshot.verdict(session);
@@ -348,8 +384,8 @@ impl SessionProbe {
             }
             Ok(Err(format!(
                 "cannot prove database session {session} is gone: information_schema.INNODB_TRX \
-             answered from its cache {PROBE_ATTEMPTS} times (another client reads it more often \
-             than every 100 ms)"
+                 answered from its cache {PROBE_ATTEMPTS} times (another client reads it more \
+                 often than every 100 ms)"
             )))
         })
     }
@@ -385,25 +421,35 @@ fn innodb_trx_snapshot(
             .map_err(transient)?;
         let sql = format!(
             "SELECT CAST(trx_mysql_thread_id AS UNSIGNED), \
-                CAST(COALESCE(trx_mysql_thread_id = CONNECTION_ID() \
-                     AND trx_query LIKE '%tandem-probe-{marker}%', 0) AS SIGNED) \
-         FROM information_schema.INNODB_TRX"
+                    CAST(COALESCE(trx_mysql_thread_id = CONNECTION_ID() \
+                         AND trx_query LIKE '%tandem-probe-{marker}%', 0) AS SIGNED), \
+                    (SELECT COUNT(*) FROM information_schema.INNODB_LOCKS), \
+                    (SELECT COUNT(*) FROM information_schema.INNODB_LOCK_WAITS) \
+             FROM information_schema.INNODB_TRX"
         );
         let rows = sqlx::Executor::fetch_all(&mut *tx, sqlx::raw_sql(&sql))
             .await
             .map_err(|e| {
                 BranchError::Transient(format!(
-                    "cannot read information_schema.INNODB_TRX to prove a database session is gone \
-             (XA takeover needs the PROCESS privilege): {e}"
+                    "cannot read information_schema.INNODB_TRX to prove a database session is \
+                     gone (XA takeover needs the PROCESS privilege): {e}"
                 ))
             })?;
         tx.rollback().await.map_err(transient)?;
-        if rows.len() > PROBE_ROWS_MAX {
-            return Ok(Err(format!(
-                "{} InnoDB transactions are open; above {PROBE_ROWS_MAX} the server may truncate \
-             information_schema.INNODB_TRX without saying so",
-                rows.len()
-            )));
+        if let Some(row) = rows.first() {
+            let locks: i64 = row.try_get(2).map_err(transient)?;
+            let waits: i64 = row.try_get(3).map_err(transient)?;
+            let trx = rows.len() as i64;
+            if trx > PROBE_TRX_ROWS_MAX
+                || locks > PROBE_LOCK_ROWS_MAX
+                || waits > PROBE_WAIT_ROWS_MAX
+            {
+                return Ok(Err(format!(
+                    "{trx} InnoDB transactions, {locks} locks and {waits} lock waits: above \
+                     {PROBE_TRX_ROWS_MAX}, {PROBE_LOCK_ROWS_MAX} or {PROBE_WAIT_ROWS_MAX} the \
+                     server may leave rows out of information_schema.INNODB_TRX without saying so"
+                )));
+            }
         }
         let mut fresh = false;
         let mut attached = Attached::with_capacity(rows.len());
@@ -434,13 +480,14 @@ impl MySqlXa {
         hold: HoldOptions,
     ) -> Result<MySqlXa, sqlx::Error> {
         sqlx::migrate!("../migrations/mysql").run(&pool).await?;
+        let probe = SessionProbe::new((*pool.connect_options()).clone());
         Ok(MySqlXa {
             inner: Arc::new(Inner {
                 pool,
                 format_id: cluster.xa_format_id(),
                 hold,
                 held: Mutex::new(HashMap::new()),
-                probe: SessionProbe::default(),
+                probe,
             }),
         })
     }
