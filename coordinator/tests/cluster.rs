@@ -496,11 +496,11 @@ async fn durability_a_flipped_byte_in_a_followers_log_is_refused_or_repaired() {
 }
 
 /// The same at the end of the log, where raft-engine's recovery tolerates a
-/// damaged last record (it takes it for a torn write and truncates it): the
-/// follower then has fewer entries than it acknowledged. Safe while the
-/// others hold them — the follower is caught up from the leader and ends
-/// identical to it — which is why this is tested with one damaged node of
-/// three, the fault model Raft promises to survive.
+/// damaged last record (it takes it for a torn write and cuts it). The sync
+/// mark decides: if the cut reached what the follower had fsync'd, it
+/// refuses to start; if not (here, the last record of a stopped follower is
+/// an unsynced commit note), it runs, is caught up from the leader and ends
+/// identical to it. Either way the others keep everything acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durability_a_flipped_byte_at_the_end_of_a_followers_log_is_refused_or_repaired() {
     flipped_byte_in_a_followers_log(Flip::Tail).await;

@@ -94,9 +94,9 @@ fn main() {
     if let Some(seed) = first_failure.filter(|_| !args.no_shrink)
         && let Some((shrunk, report)) = sim::shrink(seed, &opts)
     {
-        let kept = report.faults.iter().filter(|f| f.starts_with('#')).count();
         println!(
-            "shrunk seed {seed}: {kept} of its {} scheduled faults still fail it ({})",
+            "shrunk seed {seed}: {} of its {} scheduled faults still fail it ({})",
+            report.faults_kept(),
             report.faults_scheduled,
             report.violations.first().map_or("", String::as_str)
         );

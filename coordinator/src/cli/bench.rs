@@ -233,6 +233,13 @@ impl tandem_sdk::participant::Handler for Committed {
 type Awaited =
     Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<Instant>>>>;
 
+/// Tells whoever awaits `id` that it arrived (once).
+fn arrived(awaited: &Awaited, id: &str) {
+    if let Some(waiter) = awaited.lock().expect("awaited lock").remove(id) {
+        let _ = waiter.send(Instant::now());
+    }
+}
+
 /// A no-op HTTP destination that tells whoever awaits a message id that it
 /// arrived; its URL.
 async fn serve_destination(awaited: Awaited) -> anyhow::Result<String> {
@@ -247,9 +254,7 @@ async fn serve_destination(awaited: Awaited) -> anyhow::Result<String> {
                     .get(tandem_sdk::wire::headers::MESSAGE_ID)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default();
-                if let Some(waiter) = awaited.lock().expect("awaited lock").remove(id) {
-                    let _ = waiter.send(Instant::now());
-                }
+                arrived(&awaited, id);
                 axum::http::StatusCode::OK
             }
         }),
@@ -398,9 +403,8 @@ async fn dtm_sagas(load: &Load, dtm: &str) -> anyhow::Result<()> {
                     async move {
                         if step == "b"
                             && let Some(gid) = query.get("gid")
-                            && let Some(waiter) = awaited.lock().expect("awaited lock").remove(gid)
                         {
-                            let _ = waiter.send(Instant::now());
+                            arrived(&awaited, gid);
                         }
                         axum::Json(json!({ "dtm_result": "SUCCESS" }))
                     }
@@ -414,12 +418,13 @@ async fn dtm_sagas(load: &Load, dtm: &str) -> anyhow::Result<()> {
         .pool_max_idle_per_host(load.concurrency)
         .build()?;
     let submit = format!("{}/api/dtmsvr/submit", dtm.trim_end_matches('/'));
+    let steps: serde_json::Value = ["a", "b"]
+        .iter()
+        .map(|s| json!({ "action": format!("{base}/step/{s}"), "compensate": format!("{base}/step/undo-{s}") }))
+        .collect();
     load.run("saga (peer: DTM-compatible)", move || {
         let (http, submit, awaited) = (http.clone(), submit.clone(), awaited.clone());
-        let steps: Vec<_> = ["a", "b"]
-            .iter()
-            .map(|s| json!({ "action": format!("{base}/step/{s}"), "compensate": format!("{base}/step/undo-{s}") }))
-            .collect();
+        let steps = steps.clone();
         async move {
             let gid = tandem_sdk::new_gid();
             let (arrived, arrival) = tokio::sync::oneshot::channel();

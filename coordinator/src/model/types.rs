@@ -311,6 +311,14 @@ pub struct Branch {
 }
 
 impl Branch {
+    /// The texts it was registered with: its id, its ops' endpoints and the
+    /// ids it comes after.
+    pub fn text_bytes(&self) -> usize {
+        self.branch_id.len()
+            + self.ops.iter().map(|o| o.endpoint.len()).sum::<usize>()
+            + self.after.iter().map(String::len).sum::<usize>()
+    }
+
     pub fn op(&self, op: Op) -> Option<&BranchOp> {
         self.ops.iter().find(|o| o.op == op)
     }
@@ -378,12 +386,7 @@ impl Transaction {
         let branches: usize = self
             .branches
             .iter()
-            .map(|b| {
-                let text = b.branch_id.len()
-                    + b.ops.iter().map(|o| o.endpoint.len()).sum::<usize>()
-                    + b.after.iter().map(String::len).sum::<usize>();
-                branch_footprint(text, b.payload.len())
-            })
+            .map(|b| branch_footprint(b.text_bytes(), b.payload.len()))
             .sum();
         tx_footprint(self.gid.len(), self.payload.len(), branches)
     }
@@ -401,14 +404,8 @@ impl Transaction {
             .branches
             .iter()
             .map(|b| {
-                RETAINED_BRANCH_BYTES
-                    + b.branch_id.len()
-                    + b.payload.len()
-                    + b.after.iter().map(String::len).sum::<usize>()
-                    + b.ops
-                        .iter()
-                        .map(|o| o.endpoint.len() + o.last_error.len())
-                        .sum::<usize>()
+                let errors: usize = b.ops.iter().map(|o| o.last_error.len()).sum();
+                RETAINED_BRANCH_BYTES + b.text_bytes() + b.payload.len() + errors
             })
             .sum();
         let repairs: usize = self

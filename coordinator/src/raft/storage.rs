@@ -142,16 +142,6 @@ impl LogStore {
             .map(|v| decode_pair(&v))
             .unwrap_or((0, 0));
         let (mark, marked) = SyncMark::open(dir)?;
-        if let Some(marked) = marked {
-            let found = Mark {
-                last_index: engine.last_index(group).unwrap_or(truncated.0),
-                term: hard_state.term,
-                vote: hard_state.vote,
-            };
-            if let Some(lost) = marked.lost_by(&found) {
-                return Err(StoreError::LostDurable { dir: log_dir, lost });
-            }
-        }
         let snapshot = load_newest_snapshot(&snap_dir)?.unwrap_or_default();
         let mut store = LogStore {
             engine,
@@ -163,6 +153,10 @@ impl LogStore {
             snapshot_wanted: Cell::new(false),
             mark,
         };
+        // Before anything is written: the log as the engine recovered it.
+        if let Some(lost) = marked.and_then(|m| m.lost_by(&store.durable_now())) {
+            return Err(StoreError::LostDurable { dir: log_dir, lost });
+        }
         let fresh = store.snapshot.get_metadata().index == 0
             && store.hard_state == HardState::default()
             && store.engine.last_index(group).is_none();
@@ -174,15 +168,19 @@ impl LogStore {
         Ok(store)
     }
 
-    /// Records what the log holds now as durable: call after an fsync'd
-    /// write.
-    fn record_mark(&mut self) -> Result<(), StoreError> {
-        let mark = Mark {
+    /// What the log holds now, in the sync mark's terms.
+    fn durable_now(&self) -> Mark {
+        Mark {
             last_index: self.last_index_raw(),
             term: self.hard_state.term,
             vote: self.hard_state.vote,
-        };
-        self.mark.record(mark)
+        }
+    }
+
+    /// Records what the log holds now as durable: call after an fsync'd
+    /// write.
+    fn record_mark(&mut self) -> Result<(), StoreError> {
+        self.mark.record(self.durable_now())
     }
 
     fn bootstrap(&mut self, bootstrap: Bootstrap) -> Result<(), StoreError> {

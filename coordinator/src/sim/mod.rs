@@ -108,6 +108,13 @@ pub struct Report {
     pub faults_scheduled: usize,
 }
 
+impl Report {
+    /// Scheduled faults this run kept (the `#N` lines of [`Report::faults`]).
+    pub fn faults_kept(&self) -> usize {
+        self.faults.iter().filter(|f| f.starts_with('#')).count()
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Addr {
     Node(u64),

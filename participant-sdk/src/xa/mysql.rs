@@ -243,11 +243,12 @@ fn row_state<'a>(
 /// had one, detached from it — the condition for another session to commit
 /// or roll back what it prepared (see the module doc).
 ///
-/// Two reads, in this order on one connection:
-/// 1. `information_schema.PROCESSLIST` no longer lists the session;
-/// 2. a snapshot of `information_schema.INNODB_TRX` taken *after* that shows
-///    no InnoDB transaction attached to it (`trx_mysql_thread_id`; a
-///    detached prepared transaction shows 0). Detaching is one-way, so a
+/// Two reads, in this order:
+/// 1. `information_schema.PROCESSLIST` no longer lists the session (on the
+///    caller's connection);
+/// 2. a snapshot of `information_schema.INNODB_TRX`, read on the probe's own
+///    session once the first answered, shows no InnoDB transaction attached
+///    to it (`trx_mysql_thread_id`; a detached prepared transaction shows 0). Detaching is one-way, so a
 ///    snapshot taken later than step 1 that shows it detached is proof.
 ///
 /// INNODB_TRX is served from a cache that the server refreshes only when
@@ -403,12 +404,13 @@ impl Snapshot {
     }
 }
 
+/// Sessions with an InnoDB transaction attached.
+type Attached = std::collections::HashSet<u64>;
+
 /// One read of INNODB_TRX: `Ok(Some(sessions with an attached InnoDB
 /// transaction))` if the snapshot was taken by this very read, `Ok(None)`
 /// if it came from the server's cache, `Err(why)` if it cannot prove
 /// anything.
-type Attached = std::collections::HashSet<u64>;
-
 fn innodb_trx_snapshot(
     conn: &mut MySqlConnection,
 ) -> BoxFuture<'_, Result<Result<Option<Attached>, String>, BranchError>> {
