@@ -83,8 +83,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_HEARTBEAT_INTERVAL_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_interval_ms: Option<u64>,
-    /// Snapshot the state machine (and compact the log) every this many
-    /// applied entries. [default: 20000]
+    /// Snapshot the state machine (and compact the log) after at least this
+    /// many applied entries, and once the log written since the last
+    /// snapshot is twice that snapshot's size. [default: 20000]
     #[arg(long, env = "TANDEM_SNAPSHOT_INTERVAL_ENTRIES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_interval_entries: Option<u64>,

@@ -136,6 +136,7 @@ pub fn start<S: Replicated, O: Observer<S>>(
     };
     let store = LogStore::open(&config.data_dir, config.group, bootstrap)?;
     let snapshot_meta = store.snapshot_meta().clone();
+    let last_snapshot_bytes = store.snapshot_data().len() as u64;
     let machine = if snapshot_meta.index == 0 {
         S::founding(BTreeMap::new())
     } else {
@@ -187,6 +188,8 @@ pub fn start<S: Replicated, O: Observer<S>>(
         reads: HashMap::new(),
         next_read_ctx: 0,
         snapshot_in_flight: false,
+        last_snapshot_bytes,
+        log_bytes_since_snapshot: 0,
         last_sync: Instant::now(),
         last_status: Instant::now() - STATUS_INTERVAL,
         last_role: (StateRole::Follower, 0, 0),
@@ -229,6 +232,10 @@ pub(super) struct Loop<S: Replicated, O: Observer<S>> {
     pub(super) reads: HashMap<u64, ReadBatch<S::View>>,
     pub(super) next_read_ctx: u64,
     pub(super) snapshot_in_flight: bool,
+    /// Bytes of the newest snapshot's state (what the next will cost, about).
+    pub(super) last_snapshot_bytes: u64,
+    /// Log bytes applied since the newest snapshot was taken.
+    pub(super) log_bytes_since_snapshot: u64,
     /// When the log was last fsync'd (for the group-commit gap).
     pub(super) last_sync: Instant,
     pub(super) last_status: Instant,
@@ -540,6 +547,8 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
             }
             self.applied = entry.index;
             self.applied_term = entry.term;
+            self.log_bytes_since_snapshot +=
+                entry.data.len() as u64 + super::snapshots::ENTRY_OVERHEAD_BYTES;
             let ours = match self.pending.remove(&entry.index) {
                 Some((term, pending)) if term == entry.term => Some(pending),
                 Some((_, pending)) => {

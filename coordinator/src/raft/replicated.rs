@@ -28,13 +28,6 @@ pub trait Replicated: Sized + Send + 'static {
     /// the snapshot thread.
     fn snapshot(&self) -> Box<dyn FnOnce() -> Vec<u8> + Send>;
 
-    /// How many records a snapshot of the state would encode: a snapshot's
-    /// cost grows with it, so the loop spaces snapshots by it (see
-    /// `raft::snapshots`).
-    fn records(&self) -> u64 {
-        0
-    }
-
     /// The state a snapshot holds.
     fn restore(data: &[u8]) -> Result<Self, String>;
 

@@ -12,8 +12,14 @@ use super::node::{Loop, reply_err};
 use super::replicated::{Observer, Replicated};
 use super::storage::write_snapshot_file;
 
-/// Records a snapshot may encode per entry applied since the last one.
-pub(super) const RECORDS_PER_ENTRY: u64 = 2;
+/// Log bytes applied since the last snapshot, per byte of that snapshot,
+/// before the next is taken (with at least `snapshot_interval_entries`
+/// entries): a snapshot then encodes at most half as many bytes as the log
+/// wrote since the last, however large the retained state.
+pub(super) const LOG_BYTES_PER_SNAPSHOT_BYTE: u64 = 2;
+/// What an entry costs the log beyond its data (raft-engine's record and
+/// index, the entry's own header): counted so that tiny entries count.
+pub(super) const ENTRY_OVERHEAD_BYTES: u64 = 32;
 
 impl<S: Replicated, O: Observer<S>> Loop<S, O> {
     pub(super) fn install_snapshot(&mut self, snapshot: &Snapshot) {
@@ -34,6 +40,8 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         });
         self.applied = meta.index;
         self.applied_term = meta.term;
+        self.last_snapshot_bytes = snapshot.get_data().len() as u64;
+        self.log_bytes_since_snapshot = 0;
         self.conf_state = meta.get_conf_state().clone();
         self.status_stale = true;
         // Entries up to the snapshot will never be applied here one by one.
@@ -47,21 +55,22 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         self.observer.restored(&self.machine);
     }
 
-    /// Entries applied since the last snapshot before the next is taken:
-    /// the configured interval, or one per [`RECORDS_PER_ENTRY`] records the
-    /// state holds if that is more. Encoding a snapshot costs in proportion
-    /// to the records, replaying the log in proportion to the entries; so
-    /// a snapshot encodes at most that many records per entry applied,
-    /// however many finished transactions are retained (every 20,000
-    /// entries with 200,000 retained was ten records per entry — a full
-    /// encode every 2 s at peak, ~5 % of the leader's CPU and the slowest
-    /// 1 % of sagas). The log behind the newest snapshot stays within
-    /// max(interval, records / 2) entries, and records are bounded by the
-    /// active and finished limits.
-    pub(super) fn snapshot_interval(&self) -> u64 {
-        self.config
-            .snapshot_interval_entries
-            .max(self.machine.records() / RECORDS_PER_ENTRY)
+    /// Whether enough was applied since the last snapshot for the next:
+    /// at least the configured number of entries, *and* at least
+    /// [`LOG_BYTES_PER_SNAPSHOT_BYTE`] log bytes per byte the last snapshot
+    /// took. Encoding a snapshot costs in proportion to its bytes, replaying
+    /// the log in proportion to the log's; spacing them by bytes keeps the
+    /// encoding under half of what the log itself wrote, however many
+    /// finished transactions are retained. (Every 20,000 entries with
+    /// 29,000 sagas retained re-encoded 12 MB every 1.7 s at peak, 8 % of
+    /// the leader's CPU; BENCHMARKS.md.) The log behind the newest snapshot
+    /// stays within max(interval entries, twice the snapshot's bytes), and
+    /// the snapshot is bounded by the active and finished limits, so replay
+    /// after a restart stays bounded too.
+    pub(super) fn snapshot_due(&self, last: u64) -> bool {
+        self.applied >= last + self.config.snapshot_interval_entries
+            && self.log_bytes_since_snapshot
+                >= LOG_BYTES_PER_SNAPSHOT_BYTE * self.last_snapshot_bytes
     }
 
     pub(super) fn maybe_snapshot(&mut self) {
@@ -69,11 +78,12 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         // Raft needed a snapshot the newest one cannot serve (a node added
         // since): take one now rather than at the next interval.
         let wanted = self.raw.store().take_snapshot_wanted() && self.applied > last;
-        if self.snapshot_in_flight || (!wanted && self.applied < last + self.snapshot_interval()) {
+        if self.snapshot_in_flight || !(wanted || self.snapshot_due(last)) {
             return;
         }
 
         self.snapshot_in_flight = true;
+        self.log_bytes_since_snapshot = 0;
         let encode = self.machine.snapshot();
         let mut snapshot = Snapshot::default();
         let meta = snapshot.mut_metadata();
@@ -110,6 +120,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
 
     pub(super) fn adopt_snapshot(&mut self, snapshot: Snapshot) {
         self.snapshot_in_flight = false;
+        self.last_snapshot_bytes = snapshot.get_data().len() as u64;
         let index = snapshot.get_metadata().index;
         let compact_to = (index + 1)
             .saturating_sub(self.config.log_retain_entries)

@@ -51,10 +51,6 @@ impl Replicated for StateMachine {
         Box::new(move || source.encode())
     }
 
-    fn records(&self) -> u64 {
-        self.len() as u64
-    }
-
     fn restore(data: &[u8]) -> Result<Self, String> {
         StateMachine::decode_snapshot(data).map_err(|e| e.to_string())
     }
