@@ -66,13 +66,15 @@ fn main() {
         let report = sim::run(seed, &opts);
         if args.verbose || args.seed.is_some() {
             eprintln!(
-                "seed {seed}: {} transactions ({} committed, {} aborted), {} leaders, {} reads, {} snapshots installed, {} crashes mid-write, {} events, {} ms simulated, trace {:016x}",
+                "seed {seed}: {} transactions ({} committed, {} aborted), {} leaders, {} reads, {} snapshots installed, {} membership changes (members {:?}), {} crashes mid-write, {} events, {} ms simulated, trace {:016x}",
                 report.txs,
                 report.committed,
                 report.aborted,
                 report.leaders,
                 report.reads,
                 report.snapshots_installed,
+                report.membership_changes,
+                report.members,
                 report.torn_writes,
                 report.events,
                 report.sim_ms,

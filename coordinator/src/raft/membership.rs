@@ -138,6 +138,12 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
                 return Err(NodeError::Membership(e.to_string()));
             }
         };
+        if step_down_if_removed(&mut self.raw.raft) {
+            tracing::warn!(
+                index = entry.index,
+                "this leader applied its own removal (proposed under an earlier leader): stepped down"
+            );
+        }
         if let Ok(ctx) = codec::decode::<MembershipContext>(&entry.context) {
             for change in cc.get_changes() {
                 if change.node_id != ctx.id {
@@ -171,6 +177,26 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         book.extend(self.machine.members().iter().map(|(k, v)| (*k, v.clone())));
         self.transport.set_addresses(book);
     }
+}
+
+/// A leader that has just applied a change leaving it out of the voters
+/// steps down (same term, no leader known), and reports that it did.
+///
+/// Tandem never proposes a leader's own removal (it hands over first), but
+/// a removal proposed under an earlier leader can commit under the node it
+/// removes. raft-rs leaves that leader leading (its `post_conf_change` says
+/// the branch is untested) with no progress of its own, and the next write
+/// it persists panics on the missing progress. Found by the simulation
+/// once it changed membership (RELIABILITY.md). As a follower it proposes
+/// nothing more; the remaining voters elect a leader after their timeout.
+pub(crate) fn step_down_if_removed<T: raft::Storage>(raft: &mut raft::Raft<T>) -> bool {
+    let removed = !raft.prs().conf().voters().contains(raft.id);
+    if removed && raft.state == raft::StateRole::Leader {
+        let term = raft.term;
+        raft.become_follower(term, raft::INVALID_ID);
+        return true;
+    }
+    false
 }
 
 pub(super) fn single_change(node_id: u64, change_type: ConfChangeType) -> ConfChangeSingle {

@@ -19,7 +19,10 @@ mod participant;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use raft::eraftpb::{ConfState, Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry,
+    EntryType, Message, Snapshot,
+};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, RawNode, StateRole, StorageError};
 use rand::rngs::StdRng;
@@ -44,11 +47,17 @@ const TICK_MS: i64 = 10;
 const DRIVER_TICK_MS: i64 = 5;
 /// A client resends a request that got no answer after this long.
 const CLIENT_RETRY_MS: i64 = 300;
+/// Where the real store's bootstrap snapshot sits (its term is 1 too).
+use crate::raft::storage::BOOTSTRAP_INDEX;
 
 /// How a run is shaped.
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// Founding voters.
     pub nodes: u64,
+    /// Nodes that start empty and join when a membership change adds them
+    /// (numbered after the founding ones).
+    pub spares: u64,
     pub participants: usize,
     pub clients: usize,
     /// Agents that only read (Get), at random nodes, until the faults heal.
@@ -70,6 +79,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             nodes: 3,
+            spares: 1,
             participants: 4,
             clients: 12,
             readers: 3,
@@ -99,6 +109,13 @@ pub struct Report {
     pub reads: usize,
     /// Snapshots a node took in place of its state from the leader.
     pub snapshots_installed: usize,
+    /// Membership changes committed (joint consensus: entering and leaving
+    /// count one each).
+    pub membership_changes: usize,
+    /// The membership at the end, when it is no longer the founding one.
+    pub members: Option<Vec<u64>>,
+    /// Leaders that applied their own removal and stepped down.
+    pub removed_leaders: usize,
     /// Nodes that crashed in the middle of a log write.
     pub torn_writes: usize,
     /// (committed, aborted) per protocol.
@@ -201,6 +218,10 @@ enum Ev {
         delivered: bool,
     },
     Cut(Addr, Addr, bool),
+    /// The operator's next membership change (by its place in the plan):
+    /// made at the leader as `raft/membership.rs` makes it, checked again
+    /// until it is in effect.
+    Membership(usize),
     ClockJump(u64, i64),
     PartDown(usize, i64),
     Heal,
@@ -231,6 +252,7 @@ impl Ev {
             Ev::GetReq { node, .. } => 20 + (node << 8),
             Ev::GetReply { reader, .. } => 21 + ((*reader as u64) << 8),
             Ev::SnapshotSent { from, .. } => 22 + (from << 8),
+            Ev::Membership(i) => 23 + ((*i as u64) << 8),
         }
     }
 }
@@ -248,6 +270,14 @@ enum Waiter {
         key: Option<Key>,
     },
     Internal,
+}
+
+/// A membership change an operator asks for.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    AddLearner(u64),
+    Promote(u64),
+    Remove(u64),
 }
 
 /// One transaction's worker state on the leader, as the real worker keeps it.
@@ -282,6 +312,8 @@ struct Driver {
 struct Disk {
     log: MemStorage,
     snapshot: std::sync::Arc<std::sync::Mutex<Snapshot>>,
+    /// Raft asked for a snapshot the newest cannot serve.
+    wanted: std::sync::Arc<std::sync::Mutex<bool>>,
 }
 
 impl Disk {
@@ -319,9 +351,15 @@ impl raft::Storage for Disk {
         self.log.last_index()
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // As `LogStore` serves one: a node added after the snapshot would
+        // refuse it (it is not in the snapshot's membership).
         let snap = self.snapshot();
-        if snap.get_metadata().index == 0 || snap.get_metadata().index < request_index {
+        let meta = snap.get_metadata();
+        let conf = meta.get_conf_state();
+        let includes_receiver = conf.voters.contains(&to) || conf.learners.contains(&to);
+        if meta.index < request_index.max(1) || !includes_receiver {
+            *self.wanted.lock().expect("one thread") = true;
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -340,6 +378,8 @@ struct Node {
     sm: StateMachine,
     applied: u64,
     applied_term: u64,
+    /// The membership as of `applied`.
+    conf: ConfState,
     clock_offset_ms: i64,
     pending: BTreeMap<u64, (u64, Waiter)>,
     driver: Option<Driver>,
@@ -470,6 +510,11 @@ pub(crate) struct World {
     /// this many entries past its last snapshot (drawn per seed).
     snapshot_every: Option<u64>,
     snapshots_installed: usize,
+    /// The operator's membership changes, made one after the other.
+    plan: Vec<Change>,
+    plan_at: usize,
+    /// The membership after each committed conf change, by log index.
+    pub(crate) conf_at: BTreeMap<u64, ConfState>,
 }
 
 fn raft_config(id: u64) -> raft::Config {
@@ -524,22 +569,46 @@ impl World {
     fn new(seed: u64, opts: Options) -> World {
         let mut rng = StdRng::seed_from_u64(seed);
         let voters: Vec<u64> = (1..=opts.nodes).collect();
-        let nodes = voters
-            .iter()
-            .map(|&id| {
+        let nodes = (1..=opts.nodes + opts.spares)
+            .map(|id| {
+                // Founding members start from the bootstrap snapshot the
+                // real store writes (index 1, the voters in it); a spare
+                // starts empty and must be sent it, as a joining node is.
+                let founding = id <= opts.nodes;
                 let store = Disk {
-                    log: MemStorage::new_with_conf_state(ConfState::from((voters.clone(), vec![]))),
+                    log: MemStorage::new(),
                     snapshot: Default::default(),
+                    wanted: Default::default(),
                 };
+                let mut conf = ConfState::default();
+                if founding {
+                    let mut snap = Snapshot::default();
+                    snap.set_data(
+                        Replicated::snapshot(&StateMachine::new(BTreeMap::new()))().into(),
+                    );
+                    let meta = snap.mut_metadata();
+                    meta.index = BOOTSTRAP_INDEX;
+                    meta.term = BOOTSTRAP_INDEX;
+                    meta.set_conf_state(ConfState::from((voters.clone(), vec![])));
+                    conf = meta.get_conf_state().clone();
+                    store
+                        .log
+                        .wl()
+                        .apply_snapshot(snap.clone())
+                        .expect("an empty log takes the bootstrap snapshot");
+                    *store.snapshot.lock().expect("one thread") = snap;
+                }
                 let raw = RawNode::new(&raft_config(id), store.clone(), &logger())
                     .expect("a valid raft config");
+                let applied = if founding { BOOTSTRAP_INDEX } else { 0 };
                 Node {
                     id,
                     store,
                     raw: Some(raw),
                     sm: StateMachine::new(BTreeMap::new()),
-                    applied: 0,
-                    applied_term: 0,
+                    applied,
+                    applied_term: applied,
+                    conf,
                     clock_offset_ms: 0,
                     pending: BTreeMap::new(),
                     driver: None,
@@ -602,6 +671,9 @@ impl World {
             faults_scheduled: 0,
             snapshot_every,
             snapshots_installed: 0,
+            plan: Vec::new(),
+            plan_at: 0,
+            conf_at: BTreeMap::new(),
         };
         world.fault_log.push(format!(
             "loss {} dup {} delay<={}ms disk {}ms transient {} crash-mid-write {} snapshot every {:?} entries",
@@ -613,7 +685,7 @@ impl World {
             world.faults.torn,
             world.snapshot_every
         ));
-        for id in 1..=world.opts.nodes {
+        for id in 1..=world.opts.nodes + world.opts.spares {
             // Nodes tick out of phase, as real ones do.
             let phase = world.rng.random_range(0..TICK_MS);
             world.at(phase, Ev::Tick(id));
@@ -909,6 +981,26 @@ impl World {
                 self.at(at, Ev::ClockJump(node, jump));
             }
         }
+        // Half the runs replace a node, as an operator does: add a spare as
+        // a learner, promote it, remove one voter (perhaps the spare again,
+        // perhaps the leader, which hands over first).
+        if self.opts.spares > 0 && self.rng.random_bool(0.5) {
+            let spare = nodes + 1;
+            let gone = self.rng.random_range(1..=spare);
+            let first = self.rng.random_range(0..heal);
+            for change in [
+                Change::AddLearner(spare),
+                Change::Promote(spare),
+                Change::Remove(gone),
+            ] {
+                if self.scheduled(format!("{change:?}, the changes start at {first}")) {
+                    self.plan.push(change);
+                }
+            }
+            if !self.plan.is_empty() {
+                self.at(first, Ev::Membership(0));
+            }
+        }
         for _ in 0..self.rng.random_range(0..=3) {
             let part = self.rng.random_range(0..self.opts.participants);
             let at = self.rng.random_range(0..heal);
@@ -962,7 +1054,7 @@ impl World {
         };
         report.violations = std::mem::take(&mut self.violations);
         report.violations.extend(check::check(&self));
-        let sm = &self.nodes[0].sm;
+        let sm = &self.members().next().expect("a cluster has members").sm;
         for c in &self.clients {
             if let Some(tx) = sm.get(&c.gid) {
                 report.txs += 1;
@@ -982,6 +1074,17 @@ impl World {
         }
         report.reads = self.observed.iter().filter(|o| o.what == "Get").count();
         report.snapshots_installed = self.snapshots_installed;
+        report.membership_changes = self.conf_at.len();
+        report.members = self
+            .conf_at
+            .values()
+            .next_back()
+            .map(|_| self.members().map(|n| n.id).collect());
+        report.removed_leaders = self
+            .fault_log
+            .iter()
+            .filter(|f| f.contains("its own removal"))
+            .count();
         report.torn_writes = self
             .fault_log
             .iter()
@@ -999,8 +1102,7 @@ impl World {
             return false;
         }
         let commit = self.committed.keys().next_back().copied().unwrap_or(0);
-        self.nodes
-            .iter()
+        self.members()
             .all(|n| n.raw.is_some() && n.applied == commit && n.sm.active_count() == 0)
     }
 
@@ -1036,7 +1138,7 @@ impl World {
                 node.reads.clear();
             }
             Ev::CrashLeader(down) => {
-                let leader = (1..=self.opts.nodes).find(|&id| {
+                let leader = (1..=self.nodes.len() as u64).find(|&id| {
                     self.nodes[(id - 1) as usize]
                         .raw
                         .as_ref()
@@ -1064,6 +1166,7 @@ impl World {
                     node.sm = restore(&snap);
                     node.applied = snap.get_metadata().index;
                     node.applied_term = snap.get_metadata().term;
+                    node.conf = snap.get_metadata().get_conf_state().clone();
                 }
             }
             Ev::ClientWake(c, req) => self.client_step(c, req),
@@ -1163,6 +1266,7 @@ impl World {
                 }
                 self.ready(from);
             }
+            Ev::Membership(i) => self.membership(i),
             Ev::Cut(a, b, on) => {
                 if on && self.faults.active {
                     self.faults.cut.insert((a, b));
@@ -1194,7 +1298,7 @@ impl World {
                 for p in &mut self.parts {
                     p.down_until = 0;
                 }
-                for id in 1..=self.opts.nodes {
+                for id in 1..=self.nodes.len() as u64 {
                     self.handle(Ev::Restart(id));
                 }
             }
@@ -1277,11 +1381,16 @@ impl World {
             node.sm = restore(rd.snapshot());
             node.applied = rd.snapshot().get_metadata().index;
             node.applied_term = rd.snapshot().get_metadata().term;
+            node.conf = rd.snapshot().get_metadata().get_conf_state().clone();
         }
         write(&store, &rd);
         let persisted = rd.take_persisted_messages();
         let raw = self.nodes[idx].raw.as_mut().expect("checked above");
-        let mut light = raw.advance(rd);
+        // The loop applies this Ready's committed entries before `advance`,
+        // which tells raft they are applied; here they are applied after
+        // it, so raft is told only at `advance_apply` below. (Told early,
+        // a leader leaving a joint membership proposed the leave twice.)
+        let mut light = raw.advance_append(rd);
         if let Some(commit) = light.commit_index() {
             store.log.wl().mut_hard_state().set_commit(commit);
         }
@@ -1308,15 +1417,19 @@ impl World {
     /// Snapshots the state at the applied index and compacts the log up to
     /// it, once enough entries were applied since the last snapshot.
     fn maybe_snapshot(&mut self, id: u64) {
-        let Some(every) = self.snapshot_every else {
-            return;
-        };
+        let every = self.snapshot_every;
         let node = &mut self.nodes[(id - 1) as usize];
         let last = node.store.snapshot().get_metadata().index;
         // Only what raft, too, counts as applied (a build with an injected
         // bug applies ahead of it).
         let raft_applied = node.raw.as_ref().map(|r| r.raft.raft_log.applied);
-        if raft_applied != Some(node.applied) || node.applied < last + every {
+        if raft_applied != Some(node.applied) || node.applied <= last {
+            return;
+        }
+        // Raft needed a snapshot the newest one cannot serve (a node added
+        // since), as `raft/snapshots.rs` takes one then.
+        let wanted = std::mem::take(&mut *node.store.wanted.lock().expect("one thread"));
+        if !wanted && every.is_none_or(|every| node.applied < last + every) {
             return;
         }
         let mut snap = Snapshot::default();
@@ -1324,15 +1437,13 @@ impl World {
         let meta = snap.mut_metadata();
         meta.index = node.applied;
         meta.term = node.applied_term;
-        meta.set_conf_state(ConfState::from((
-            (1..=self.opts.nodes).collect::<Vec<_>>(),
-            vec![],
-        )));
+        meta.set_conf_state(node.conf.clone());
         *node.store.snapshot.lock().expect("one thread") = snap;
-        node.store
-            .log
-            .wl()
-            .compact(node.applied)
+        // Restarted from this snapshot, raft starts from its membership
+        // and is told the changes after it again (as `LogStore` does).
+        let mut log = node.store.log.wl();
+        log.set_conf_state(node.conf.clone());
+        log.compact(node.applied)
             .expect("compacting behind a snapshot");
     }
 
@@ -1408,6 +1519,10 @@ impl World {
                 Some((term, w)) if term == entry.term => Some(w),
                 _ => None,
             };
+            if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
+                self.apply_conf_change(id, &entry);
+                continue;
+            }
             if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
                 continue;
             }
@@ -1431,6 +1546,142 @@ impl World {
                 Some(Waiter::Internal) | None => {}
             }
         }
+    }
+
+    /// A committed membership change, applied as `raft/membership.rs`
+    /// applies it: raft's configuration, then the members' addresses in
+    /// the state machine.
+    fn apply_conf_change(&mut self, id: u64, entry: &Entry) {
+        use protobuf::Message as _;
+        let mut cc = ConfChangeV2::default();
+        cc.merge_from_bytes(&entry.data)
+            .expect("a conf change this simulation proposed decodes");
+        let node = &mut self.nodes[(id - 1) as usize];
+        let Some(raw) = node.raw.as_mut() else {
+            return;
+        };
+        let conf = match raw.apply_conf_change(&cc) {
+            Ok(conf) => conf,
+            Err(e) => {
+                self.violations.push(format!(
+                    "membership: node {id} refused the committed conf change at {}: {e}",
+                    entry.index
+                ));
+                return;
+            }
+        };
+        if crate::raft::step_down_if_removed(&mut raw.raft) {
+            self.fault_log.push(format!(
+                "node {id} applied its own removal at {} while leading, and stepped down",
+                entry.index
+            ));
+        }
+        for change in cc.get_changes() {
+            let member = change.node_id;
+            let address = (change.get_change_type() != ConfChangeType::RemoveNode)
+                .then(|| format!("node{member}.sim:7171"));
+            node.sm.set_member(member, address);
+        }
+        node.conf = conf.clone();
+        match self.conf_at.get(&entry.index) {
+            Some(seen) if *seen != conf => self.violations.push(format!(
+                "replicas disagree: node {id} has membership {conf:?} after entry {}, another {seen:?}",
+                entry.index
+            )),
+            Some(_) => {}
+            None => {
+                self.conf_at.insert(entry.index, conf);
+            }
+        }
+    }
+
+    /// The nodes of the membership the last committed change left (the
+    /// founding voters if none): those the checker holds to every rule.
+    fn members(&self) -> impl Iterator<Item = &Node> {
+        let founding = self.opts.nodes;
+        let conf = self.conf_at.values().next_back();
+        self.nodes.iter().filter(move |n| match conf {
+            None => n.id <= founding,
+            Some(c) => [&c.voters, &c.learners, &c.voters_outgoing, &c.learners_next]
+                .iter()
+                .any(|ids| ids.contains(&n.id)),
+        })
+    }
+
+    /// The operator's membership change at `i` in the plan: made at the
+    /// leader as `raft/membership.rs` makes it (one at a time, joint
+    /// consensus left by itself, a leader removed only after it handed
+    /// over), then checked again until it is in effect; then the next.
+    fn membership(&mut self, i: usize) {
+        if i != self.plan_at || i >= self.plan.len() {
+            return;
+        }
+        let again = self.now + 100;
+        let Some(leader) = (1..=self.nodes.len() as u64).find(|&id| self.leading(id)) else {
+            self.at(again, Ev::Membership(i));
+            return;
+        };
+        let node = &self.nodes[(leader - 1) as usize];
+        let conf = node.conf.clone();
+        let voter = |id: u64| conf.voters.contains(&id);
+        let learner = |id: u64| conf.learners.contains(&id);
+        let joint = !conf.voters_outgoing.is_empty();
+        // (the change to make, or whether the plan moves on: in effect or refused)
+        let change = match self.plan[i] {
+            Change::AddLearner(id) if voter(id) || learner(id) => Err(true),
+            Change::AddLearner(id) => Ok((id, ConfChangeType::AddLearnerNode)),
+            Change::Promote(id) if voter(id) && !joint => Err(true),
+            Change::Promote(id) if !learner(id) && !voter(id) => Err(false),
+            Change::Promote(id) => Ok((id, ConfChangeType::AddNode)),
+            Change::Remove(id) if !voter(id) && !learner(id) && !joint => Err(true),
+            Change::Remove(id) if conf.voters == [id] => Err(false),
+            Change::Remove(id) => Ok((id, ConfChangeType::RemoveNode)),
+        };
+        let (id, change_type) = match change {
+            Err(in_effect) => {
+                if !in_effect {
+                    self.fault_log
+                        .push(format!("{:?} refused at {}", self.plan[i], self.now));
+                }
+                self.plan_at += 1;
+                if self.plan_at < self.plan.len() {
+                    let next = self.now + self.rng.random_range(50..800);
+                    self.at(next, Ev::Membership(self.plan_at));
+                }
+                return;
+            }
+            Ok(change) => change,
+        };
+        let raw = self.nodes[(leader - 1) as usize]
+            .raw
+            .as_mut()
+            .expect("a leading node is up");
+        if joint || raw.raft.has_pending_conf() {
+            // One change at a time (`MembershipInProgress`).
+        } else if id == leader && change_type == ConfChangeType::RemoveNode {
+            // A leader hands over before it is removed.
+            let best = conf
+                .voters
+                .iter()
+                .filter(|&&v| v != leader)
+                .filter_map(|&v| raw.raft.prs().get(v).map(|p| (p.matched, v)))
+                .max();
+            if let Some((_, to)) = best {
+                raw.transfer_leader(to);
+            }
+        } else {
+            let mut cc = ConfChangeV2::default();
+            let mut single = ConfChangeSingle {
+                node_id: id,
+                ..Default::default()
+            };
+            single.set_change_type(change_type);
+            cc.set_changes(vec![single].into());
+            cc.set_transition(ConfChangeTransition::Implicit);
+            let _ = raw.propose_conf_change(Vec::new(), cc);
+        }
+        self.ready(leader);
+        self.at(again, Ev::Membership(i));
     }
 
     /// Leader, and has applied an entry of its own term (its state holds
@@ -1839,7 +2090,7 @@ impl World {
     }
 
     fn client_reply(&mut self, c: usize, req: u64, reply: Option<ApplyResult>) {
-        let nodes = self.opts.nodes;
+        let nodes = self.nodes.len() as u64;
         let client = &mut self.clients[c];
         if client.done || client.at as u64 != req {
             return;
