@@ -187,9 +187,10 @@ pub fn start<S: Replicated, O: Observer<S>>(
         reads_waiting: Vec::new(),
         reads: HashMap::new(),
         next_read_ctx: 0,
-        snapshot_in_flight: false,
+        snapshot_in_flight: None,
         last_snapshot_bytes,
-        log_bytes_since_snapshot: 0,
+        log_bytes_applied: 0,
+        log_bytes_at_snapshot: 0,
         last_sync: Instant::now(),
         last_status: Instant::now() - STATUS_INTERVAL,
         last_role: (StateRole::Follower, 0, 0),
@@ -231,11 +232,14 @@ pub(super) struct Loop<S: Replicated, O: Observer<S>> {
     /// Read batches by read-index context.
     pub(super) reads: HashMap<u64, ReadBatch<S::View>>,
     pub(super) next_read_ctx: u64,
-    pub(super) snapshot_in_flight: bool,
+    /// A snapshot being written: `log_bytes_applied` when it was taken.
+    pub(super) snapshot_in_flight: Option<u64>,
     /// Bytes of the newest snapshot's state (what the next will cost, about).
     pub(super) last_snapshot_bytes: u64,
-    /// Log bytes applied since the newest snapshot was taken.
-    pub(super) log_bytes_since_snapshot: u64,
+    /// Log bytes applied since the node started (entry data and overhead).
+    pub(super) log_bytes_applied: u64,
+    /// `log_bytes_applied` at the newest snapshot's point.
+    pub(super) log_bytes_at_snapshot: u64,
     /// When the log was last fsync'd (for the group-commit gap).
     pub(super) last_sync: Instant,
     pub(super) last_status: Instant,
@@ -386,7 +390,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
                 self.adopt_snapshot(*snapshot)
             }
             Input::SnapshotFailed(error) => {
-                self.snapshot_in_flight = false;
+                self.snapshot_in_flight = None;
                 tracing::error!(%error, "taking a snapshot failed; will retry");
             }
             Input::Shutdown => return false,
@@ -547,7 +551,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
             }
             self.applied = entry.index;
             self.applied_term = entry.term;
-            self.log_bytes_since_snapshot +=
+            self.log_bytes_applied +=
                 entry.data.len() as u64 + super::snapshots::ENTRY_OVERHEAD_BYTES;
             let ours = match self.pending.remove(&entry.index) {
                 Some((term, pending)) if term == entry.term => Some(pending),

@@ -41,7 +41,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         self.applied = meta.index;
         self.applied_term = meta.term;
         self.last_snapshot_bytes = snapshot.get_data().len() as u64;
-        self.log_bytes_since_snapshot = 0;
+        self.log_bytes_at_snapshot = self.log_bytes_applied;
         self.conf_state = meta.get_conf_state().clone();
         self.status_stale = true;
         // Entries up to the snapshot will never be applied here one by one.
@@ -69,7 +69,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
     /// after a restart stays bounded too.
     pub(super) fn snapshot_due(&self, last: u64) -> bool {
         self.applied >= last + self.config.snapshot_interval_entries
-            && self.log_bytes_since_snapshot
+            && self.log_bytes_applied - self.log_bytes_at_snapshot
                 >= LOG_BYTES_PER_SNAPSHOT_BYTE * self.last_snapshot_bytes
     }
 
@@ -78,12 +78,12 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         // Raft needed a snapshot the newest one cannot serve (a node added
         // since): take one now rather than at the next interval.
         let wanted = self.raw.store().take_snapshot_wanted() && self.applied > last;
-        if self.snapshot_in_flight || !(wanted || self.snapshot_due(last)) {
+        if self.snapshot_in_flight.is_some() || !(wanted || self.snapshot_due(last)) {
             return;
         }
 
-        self.snapshot_in_flight = true;
-        self.log_bytes_since_snapshot = 0;
+        // Counted from here once adopted; a failed one is simply due again.
+        self.snapshot_in_flight = Some(self.log_bytes_applied);
         let encode = self.machine.snapshot();
         let mut snapshot = Snapshot::default();
         let meta = snapshot.mut_metadata();
@@ -113,13 +113,15 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
                 let _ = inputs.send(input);
             });
         if let Err(e) = spawned {
-            self.snapshot_in_flight = false;
+            self.snapshot_in_flight = None;
             tracing::error!(error = %e, "cannot start the snapshot thread");
         }
     }
 
     pub(super) fn adopt_snapshot(&mut self, snapshot: Snapshot) {
-        self.snapshot_in_flight = false;
+        if let Some(at) = self.snapshot_in_flight.take() {
+            self.log_bytes_at_snapshot = at;
+        }
         self.last_snapshot_bytes = snapshot.get_data().len() as u64;
         let index = snapshot.get_metadata().index;
         let compact_to = (index + 1)
