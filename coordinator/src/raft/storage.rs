@@ -87,7 +87,7 @@ pub struct Bootstrap {
 /// snapshot at this index, so a node that joins later (empty log, index 0)
 /// always needs a snapshot or the log from here on.
 pub const BOOTSTRAP_INDEX: u64 = 1;
-const BOOTSTRAP_TERM: u64 = 1;
+pub const BOOTSTRAP_TERM: u64 = 1;
 
 pub struct LogStore {
     engine: Engine,

@@ -34,6 +34,7 @@ use crate::model::command::{DestinationSpec, OpOutcome};
 use crate::model::types::{Fence, Op, Protocol, Transaction};
 use crate::model::{Applied, ApplyResult, Command};
 use crate::raft::Replicated;
+use crate::raft::storage::{BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 use crate::service::checks;
 use crate::service::{
     BeginInput, MessageInput, OptionsInput, RegisterInput, RetryInput, SagaInput, StepInput,
@@ -47,8 +48,6 @@ const TICK_MS: i64 = 10;
 const DRIVER_TICK_MS: i64 = 5;
 /// A client resends a request that got no answer after this long.
 const CLIENT_RETRY_MS: i64 = 300;
-/// Where the real store's bootstrap snapshot sits (its term is 1 too).
-use crate::raft::storage::BOOTSTRAP_INDEX;
 
 /// How a run is shaped.
 #[derive(Clone, Debug)]
@@ -112,7 +111,7 @@ pub struct Report {
     /// Membership changes committed (joint consensus: entering and leaving
     /// count one each).
     pub membership_changes: usize,
-    /// The membership at the end, when it is no longer the founding one.
+    /// The members at the end, if any membership change committed.
     pub members: Option<Vec<u64>>,
     /// Leaders that applied their own removal and stepped down.
     pub removed_leaders: usize,
@@ -588,7 +587,7 @@ impl World {
                     );
                     let meta = snap.mut_metadata();
                     meta.index = BOOTSTRAP_INDEX;
-                    meta.term = BOOTSTRAP_INDEX;
+                    meta.term = BOOTSTRAP_TERM;
                     meta.set_conf_state(ConfState::from((voters.clone(), vec![])));
                     conf = meta.get_conf_state().clone();
                     store
@@ -600,14 +599,18 @@ impl World {
                 }
                 let raw = RawNode::new(&raft_config(id), store.clone(), &logger())
                     .expect("a valid raft config");
-                let applied = if founding { BOOTSTRAP_INDEX } else { 0 };
+                let (applied, applied_term) = if founding {
+                    (BOOTSTRAP_INDEX, BOOTSTRAP_TERM)
+                } else {
+                    (0, 0)
+                };
                 Node {
                     id,
                     store,
                     raw: Some(raw),
                     sm: StateMachine::new(BTreeMap::new()),
                     applied,
-                    applied_term: applied,
+                    applied_term,
                     conf,
                     clock_offset_ms: 0,
                     pending: BTreeMap::new(),
