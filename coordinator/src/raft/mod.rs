@@ -25,6 +25,7 @@ mod sync_mark;
 pub mod transport;
 
 pub use handle::{MembershipChange, NodeError, NodeHandle};
+#[cfg(feature = "sim")]
 pub(crate) use membership::step_down_if_removed;
 pub use node::{NodeConfig, StartError, start};
 pub use replicated::{Observer, Replicated};
