@@ -86,12 +86,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
                 (id, ConfChangeType::RemoveNode, None)
             }
         };
-        let mut cc = ConfChangeV2::default();
-        let single = single_change(id, change_type);
-        cc.set_changes(vec![single].into());
-        // Joint consensus even for one change, leaving the joint state
-        // automatically once it is committed.
-        cc.set_transition(ConfChangeTransition::Implicit);
+        let cc = joint_change(id, change_type);
         let context = codec::encode(&MembershipContext { id, address });
         match self.raw.propose_conf_change(context, cc) {
             Ok(()) => self.track(Pending::Membership(reply)),
@@ -101,16 +96,8 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         }
     }
 
-    /// The voter other than this node with the most of the log.
     fn best_transferee(&self) -> Option<u64> {
-        let me = self.config.id;
-        self.conf_state
-            .voters
-            .iter()
-            .filter(|&&id| id != me)
-            .filter_map(|&id| self.raw.raft.prs().get(id).map(|p| (p.matched, id)))
-            .max()
-            .map(|(_, id)| id)
+        best_transferee(&self.raw.raft, &self.conf_state.voters)
     }
 
     pub(super) fn apply_conf_change(&mut self, entry: &Entry) -> Result<ConfState, NodeError> {
@@ -197,6 +184,29 @@ pub(crate) fn step_down_if_removed<T: raft::Storage>(raft: &mut raft::Raft<T>) -
         return true;
     }
     false
+}
+
+/// One change as a joint-consensus entry, left automatically once
+/// committed (every change Tandem makes; the simulation makes them so too).
+pub(crate) fn joint_change(node_id: u64, change_type: ConfChangeType) -> ConfChangeV2 {
+    let mut cc = ConfChangeV2::default();
+    cc.set_changes(vec![single_change(node_id, change_type)].into());
+    cc.set_transition(ConfChangeTransition::Implicit);
+    cc
+}
+
+/// The voter other than this (leading) node with the most of the log:
+/// whom it hands over to before its removal.
+pub(crate) fn best_transferee<T: raft::Storage>(
+    raft: &raft::Raft<T>,
+    voters: &[u64],
+) -> Option<u64> {
+    voters
+        .iter()
+        .filter(|&&id| id != raft.id)
+        .filter_map(|&id| raft.prs().get(id).map(|p| (p.matched, id)))
+        .max()
+        .map(|(_, id)| id)
 }
 
 pub(super) fn single_change(node_id: u64, change_type: ConfChangeType) -> ConfChangeSingle {

@@ -26,7 +26,7 @@ pub mod transport;
 
 pub use handle::{MembershipChange, NodeError, NodeHandle};
 #[cfg(feature = "sim")]
-pub(crate) use membership::step_down_if_removed;
+pub(crate) use membership::{best_transferee, joint_change, step_down_if_removed};
 pub use node::{NodeConfig, StartError, start};
 pub use replicated::{Observer, Replicated};
 pub use status::{NodeStatus, Role};

@@ -136,7 +136,6 @@ pub fn start<S: Replicated, O: Observer<S>>(
     };
     let store = LogStore::open(&config.data_dir, config.group, bootstrap)?;
     let snapshot_meta = store.snapshot_meta().clone();
-    let last_snapshot_bytes = store.snapshot_data().len() as u64;
     let machine = if snapshot_meta.index == 0 {
         S::founding(BTreeMap::new())
     } else {
@@ -188,7 +187,6 @@ pub fn start<S: Replicated, O: Observer<S>>(
         reads: HashMap::new(),
         next_read_ctx: 0,
         snapshot_in_flight: None,
-        last_snapshot_bytes,
         log_bytes_applied: 0,
         log_bytes_at_snapshot: 0,
         last_sync: Instant::now(),
@@ -234,8 +232,6 @@ pub(super) struct Loop<S: Replicated, O: Observer<S>> {
     pub(super) next_read_ctx: u64,
     /// A snapshot being written: `log_bytes_applied` when it was taken.
     pub(super) snapshot_in_flight: Option<u64>,
-    /// Bytes of the newest snapshot's state (what the next will cost, about).
-    pub(super) last_snapshot_bytes: u64,
     /// Log bytes applied since the node started (entry data and overhead).
     pub(super) log_bytes_applied: u64,
     /// `log_bytes_applied` at the newest snapshot's point.

@@ -40,7 +40,6 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         });
         self.applied = meta.index;
         self.applied_term = meta.term;
-        self.last_snapshot_bytes = snapshot.get_data().len() as u64;
         self.log_bytes_at_snapshot = self.log_bytes_applied;
         self.conf_state = meta.get_conf_state().clone();
         self.status_stale = true;
@@ -70,7 +69,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
     pub(super) fn snapshot_due(&self, last: u64) -> bool {
         self.applied >= last + self.config.snapshot_interval_entries
             && self.log_bytes_applied - self.log_bytes_at_snapshot
-                >= LOG_BYTES_PER_SNAPSHOT_BYTE * self.last_snapshot_bytes
+                >= LOG_BYTES_PER_SNAPSHOT_BYTE * self.raw.store().snapshot_data().len() as u64
     }
 
     pub(super) fn maybe_snapshot(&mut self) {
@@ -122,7 +121,6 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         if let Some(at) = self.snapshot_in_flight.take() {
             self.log_bytes_at_snapshot = at;
         }
-        self.last_snapshot_bytes = snapshot.get_data().len() as u64;
         let index = snapshot.get_metadata().index;
         let compact_to = (index + 1)
             .saturating_sub(self.config.log_retain_entries)

@@ -19,10 +19,7 @@ mod participant;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use raft::eraftpb::{
-    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry,
-    EntryType, Message, Snapshot,
-};
+use raft::eraftpb::{ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, RawNode, StateRole, StorageError};
 use rand::rngs::StdRng;
@@ -1663,24 +1660,11 @@ impl World {
             // One change at a time (`MembershipInProgress`).
         } else if id == leader && change_type == ConfChangeType::RemoveNode {
             // A leader hands over before it is removed.
-            let best = conf
-                .voters
-                .iter()
-                .filter(|&&v| v != leader)
-                .filter_map(|&v| raw.raft.prs().get(v).map(|p| (p.matched, v)))
-                .max();
-            if let Some((_, to)) = best {
+            if let Some(to) = crate::raft::best_transferee(&raw.raft, &conf.voters) {
                 raw.transfer_leader(to);
             }
         } else {
-            let mut cc = ConfChangeV2::default();
-            let mut single = ConfChangeSingle {
-                node_id: id,
-                ..Default::default()
-            };
-            single.set_change_type(change_type);
-            cc.set_changes(vec![single].into());
-            cc.set_transition(ConfChangeTransition::Implicit);
+            let cc = crate::raft::joint_change(id, change_type);
             let _ = raw.propose_conf_change(Vec::new(), cc);
         }
         self.ready(leader);
