@@ -454,6 +454,7 @@ impl ServeConfig {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             tick: Duration::from_millis(tick_ms),
             election_ticks: (election_ms / tick_ms) as usize,
+            election_ticks_max: None,
             heartbeat_ticks: (heartbeat_ms / tick_ms).max(1) as usize,
             snapshot_interval_entries,
             log_retain_entries: args.log_retain_entries.unwrap_or(5_000),

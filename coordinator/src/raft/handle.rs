@@ -60,10 +60,10 @@ pub enum MembershipChange {
     Remove { id: u64 },
 }
 
-pub(super) type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
 /// What the loop takes in.
-pub(super) enum Input<S: Replicated> {
+pub(crate) enum Input<S: Replicated> {
     Propose {
         data: Vec<u8>,
         reply: Reply<S::Output>,

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use super::handle::{MembershipChange, NodeError, Reply};
 use super::node::{Loop, Pending, codec};
 use super::replicated::{Observer, Replicated};
+use super::storage::LogStorage;
+use super::transport::PeerNet;
 
 /// Carried in a conf-change entry's context, so every replica learns the
 /// address of a node the entry adds.
@@ -22,7 +24,7 @@ pub(super) struct MembershipContext {
     pub(super) address: Option<String>,
 }
 
-impl<S: Replicated, O: Observer<S>> Loop<S, O> {
+impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N> {
     pub(super) fn change_membership(&mut self, change: MembershipChange, reply: Reply<ConfState>) {
         if !self.is_leader() {
             let _ = reply.send(Err(self.not_leader()));
@@ -122,10 +124,12 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
             Ok(cs) => cs,
             Err(e) => {
                 tracing::error!(index = entry.index, error = %e, "a committed conf change was refused by raft");
+                self.observer.membership_changed(entry.index, None, false);
                 return Err(NodeError::Membership(e.to_string()));
             }
         };
-        if step_down_if_removed(&mut self.raw.raft) {
+        let stepped_down = step_down_if_removed(&mut self.raw.raft);
+        if stepped_down {
             tracing::warn!(
                 index = entry.index,
                 "this leader applied its own removal (proposed under an earlier leader): stepped down"
@@ -156,6 +160,8 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         self.conf_state = conf_state.clone();
         self.status_stale = true;
         self.refresh_addresses();
+        self.observer
+            .membership_changed(entry.index, Some(&conf_state), stepped_down);
         Ok(conf_state)
     }
 
@@ -176,7 +182,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
 /// it persists panics on the missing progress. Found by the simulation
 /// once it changed membership (RELIABILITY.md). As a follower it proposes
 /// nothing more; the remaining voters elect a leader after their timeout.
-pub(crate) fn step_down_if_removed<T: raft::Storage>(raft: &mut raft::Raft<T>) -> bool {
+pub(super) fn step_down_if_removed<T: raft::Storage>(raft: &mut raft::Raft<T>) -> bool {
     let removed = !raft.prs().conf().voters().contains(raft.id);
     if removed && raft.state == raft::StateRole::Leader {
         let term = raft.term;
@@ -187,8 +193,8 @@ pub(crate) fn step_down_if_removed<T: raft::Storage>(raft: &mut raft::Raft<T>) -
 }
 
 /// One change as a joint-consensus entry, left automatically once
-/// committed (every change Tandem makes; the simulation makes them so too).
-pub(crate) fn joint_change(node_id: u64, change_type: ConfChangeType) -> ConfChangeV2 {
+/// committed (every change Tandem makes).
+pub(super) fn joint_change(node_id: u64, change_type: ConfChangeType) -> ConfChangeV2 {
     let mut cc = ConfChangeV2::default();
     cc.set_changes(vec![single_change(node_id, change_type)].into());
     cc.set_transition(ConfChangeTransition::Implicit);
@@ -197,7 +203,7 @@ pub(crate) fn joint_change(node_id: u64, change_type: ConfChangeType) -> ConfCha
 
 /// The voter other than this (leading) node with the most of the log:
 /// whom it hands over to before its removal.
-pub(crate) fn best_transferee<T: raft::Storage>(
+pub(super) fn best_transferee<T: raft::Storage>(
     raft: &raft::Raft<T>,
     voters: &[u64],
 ) -> Option<u64> {

@@ -24,9 +24,11 @@ pub mod storage;
 mod sync_mark;
 pub mod transport;
 
+#[cfg(feature = "sim")]
+pub(crate) use handle::Input;
 pub use handle::{MembershipChange, NodeError, NodeHandle};
 #[cfg(feature = "sim")]
-pub(crate) use membership::{best_transferee, joint_change, step_down_if_removed};
+pub(crate) use node::Loop;
 pub use node::{NodeConfig, StartError, start};
 pub use replicated::{Observer, Replicated};
 pub use status::{NodeStatus, Role};

@@ -5,6 +5,15 @@
 //! It is a thread, not a tokio task, because raft-engine's writes block on
 //! fsync; a blocked task would stall a runtime worker on a 2-core machine.
 //!
+//! The loop is in two parts. [`Loop`] is everything a turn does — taking an
+//! input, ticking, the Ready contract below, reads, snapshots, membership —
+//! over a [`LogStorage`] and a [`PeerNet`], with the time passed in; it
+//! blocks on nothing but its store's writes. [`Thread`] is the shell that
+//! runs it on a node: it waits on the input channels, keeps the tick's
+//! timer, gathers a group commit and runs snapshot jobs on their own
+//! thread. The simulation (`sim/`) drives the same `Loop` over its own
+//! disk, network and clock.
+//!
 //! # The Ready contract (raft-rs), as this loop follows it
 //!
 //! Each turn of the loop gathers every input that is waiting (proposals, peer
@@ -34,7 +43,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use raft::eraftpb::{ConfState, Entry, EntryType, Message};
+use raft::eraftpb::{ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use tokio::sync::watch;
 
@@ -42,8 +51,8 @@ use super::handle::{Input, NodeError, NodeHandle, Reply};
 use super::reads::ReadBatch;
 use super::replicated::{Observer, Replicated};
 use super::status::NodeStatus;
-use super::storage::{Bootstrap, LogStore, StoreError};
-use super::transport::{PeerEvent, Transport};
+use super::storage::{Bootstrap, LogStorage, LogStore, StoreError, write_snapshot_file};
+use super::transport::{PeerEvent, PeerNet, Transport};
 pub(super) use crate::codec;
 
 /// Inputs handled in one turn before raft gets a chance to produce a Ready;
@@ -73,6 +82,10 @@ pub struct NodeConfig {
     pub group: u64,
     pub tick: Duration,
     pub election_ticks: usize,
+    /// The election timeout is drawn from `election_ticks` up to this
+    /// (exclusive); `None`: twice `election_ticks`, raft's default. (The
+    /// simulation fixes it: raft draws from its own random source.)
+    pub election_ticks_max: Option<usize>,
     pub heartbeat_ticks: usize,
     /// Take a snapshot after this many entries have been applied since the last.
     pub snapshot_interval_entries: u64,
@@ -135,88 +148,61 @@ pub fn start<S: Replicated, O: Observer<S>>(
         })
     };
     let store = LogStore::open(&config.data_dir, config.group, bootstrap)?;
-    let snapshot_meta = store.snapshot_meta().clone();
-    let machine = if snapshot_meta.index == 0 {
+    let machine = if store.snapshot_meta().index == 0 {
         S::founding(BTreeMap::new())
     } else {
         S::restore(store.snapshot_data()).map_err(StartError::Snapshot)?
     };
-    let raft_config = raft::Config {
-        id: config.id,
-        election_tick: config.election_ticks,
-        heartbeat_tick: config.heartbeat_ticks,
-        applied: snapshot_meta.index,
-        check_quorum: true,
-        pre_vote: true,
-        batch_append: true,
-        max_size_per_msg: 1 << 20,
-        max_inflight_msgs: 256,
-        max_uncommitted_size: 64 << 20,
-        read_only_option: ReadOnlyOption::Safe,
-        ..Default::default()
-    };
-    raft_config.validate()?;
-    let raw = RawNode::new(&raft_config, store, &super::logger::raft_logger(config.id))?;
-    let status = Arc::new(NodeStatus {
-        id: config.id,
-        address: config.address.clone(),
-        cluster_name: config.cluster_name.clone(),
-        ..NodeStatus::default()
-    });
-    let (status_tx, status_rx) = watch::channel(status);
+    let id = config.id;
+    let (core, status) = Loop::new(config, store, machine, transport, observer)?;
     let handle = NodeHandle {
         inputs: inputs_tx.clone(),
-        status: status_rx,
-        id: config.id,
+        status,
+        id,
         request_timeout: Duration::from_secs(10),
     };
-    let mut node = Loop {
-        conf_state: snapshot_meta.get_conf_state().clone(),
-        applied: snapshot_meta.index,
-        applied_term: snapshot_meta.term,
-        config,
-        raw,
-        machine,
-        transport,
+    let thread = Thread {
+        core,
         inputs_rx,
         peers_rx,
         inputs_tx,
-        status_tx,
-        pending: BTreeMap::new(),
-        reads_waiting: Vec::new(),
-        reads: HashMap::new(),
-        next_read_ctx: 0,
-        snapshot_in_flight: None,
-        log_bytes_applied: 0,
-        log_bytes_at_snapshot: 0,
-        last_sync: Instant::now(),
-        last_status: Instant::now() - STATUS_INTERVAL,
-        last_role: (StateRole::Follower, 0, 0),
-        status_stale: false,
-        observer,
-        leading_term: None,
     };
-    node.refresh_addresses();
-    node.publish_status(true);
     let thread = std::thread::Builder::new()
         .name("raft".into())
-        .spawn(move || node.run())
+        .spawn(move || thread.run())
         .map_err(|e| StartError::Config(format!("cannot start the raft thread: {e}")))?;
     Ok((handle, thread))
 }
 
-pub(super) struct Loop<S: Replicated, O: Observer<S>> {
-    pub(super) config: NodeConfig,
-    pub(super) raw: RawNode<LogStore>,
-    pub(super) machine: S,
-    pub(super) transport: Transport,
-    pub(super) inputs_rx: Receiver<Input<S>>,
+/// A snapshot to finish off the loop: its metadata is set, its data is
+/// encoded by `encode`; once durable it comes back as
+/// `Input::SnapshotWritten` (or `SnapshotFailed`).
+pub(crate) struct SnapshotJob {
+    pub(crate) snapshot: Snapshot,
+    pub(crate) encode: Box<dyn FnOnce() -> Vec<u8> + Send>,
+}
+
+/// The shell that runs a [`Loop`] on a node: the input channels, the tick's
+/// timer, group commit and the snapshot thread.
+struct Thread<S: Replicated, O: Observer<S>> {
+    core: Loop<S, O, LogStore, Transport>,
+    inputs_rx: Receiver<Input<S>>,
     /// What the transport delivers: peers' messages and delivery reports.
     /// A channel of its own, so that the transport knows nothing of the
     /// loop's inputs.
-    pub(super) peers_rx: Receiver<PeerEvent>,
+    peers_rx: Receiver<PeerEvent>,
     /// For the snapshot writer thread to report back.
-    pub(super) inputs_tx: Sender<Input<S>>,
+    inputs_tx: Sender<Input<S>>,
+}
+
+/// One node's Raft state and everything a turn does with it (see the
+/// module's documentation); driven by [`Thread`] on a node and by the
+/// simulation.
+pub(crate) struct Loop<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> {
+    pub(super) config: NodeConfig,
+    pub(super) raw: RawNode<St>,
+    pub(super) machine: S,
+    pub(super) transport: N,
     pub(super) status_tx: watch::Sender<Arc<NodeStatus>>,
     /// The membership as of `applied`.
     pub(super) conf_state: ConfState,
@@ -232,6 +218,8 @@ pub(super) struct Loop<S: Replicated, O: Observer<S>> {
     pub(super) next_read_ctx: u64,
     /// A snapshot being written: `log_bytes_applied` when it was taken.
     pub(super) snapshot_in_flight: Option<u64>,
+    /// A snapshot taken this turn, for the shell to finish.
+    pub(super) snapshot_job: Option<SnapshotJob>,
     /// Log bytes applied since the node started (entry data and overhead).
     pub(super) log_bytes_applied: u64,
     /// `log_bytes_applied` at the newest snapshot's point.
@@ -250,27 +238,15 @@ pub(super) struct Loop<S: Replicated, O: Observer<S>> {
     pub(super) leading_term: Option<u64>,
 }
 
-impl<S: Replicated, O: Observer<S>> Loop<S, O> {
+impl<S: Replicated, O: Observer<S>> Thread<S, O> {
     fn run(mut self) {
-        tracing::info!(
-            id = self.config.id,
-            applied = self.applied,
-            voters = ?self.conf_state.voters,
-            "raft loop started"
-        );
-        // A cluster of one has nobody to wait for: lead at once.
-        if self.conf_state.voters == [self.config.id]
-            && let Err(e) = self.raw.campaign()
-        {
-            tracing::warn!(error = %e, "cannot campaign");
-        }
-        let mut next_tick = Instant::now() + self.config.tick;
+        let mut next_tick = Instant::now() + self.core.config.tick;
         'outer: loop {
             let Ok(first) = self.next_input(next_tick) else {
                 break 'outer;
             };
             if let Some(input) = first {
-                if !self.handle(input) {
+                if !self.core.handle(input) {
                     break 'outer;
                 }
                 for _ in 0..INPUTS_PER_TURN {
@@ -281,40 +257,28 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
                             Err(_) => break,
                         },
                     };
-                    if !self.handle(input) {
+                    if !self.core.handle(input) {
                         break 'outer;
                     }
                 }
             }
             let now = Instant::now();
             if now >= next_tick {
-                self.raw.tick();
-                next_tick = now + self.config.tick;
-                self.expire_reads(now);
-                let housekeeping = self
-                    .observer
-                    .tick(&self.machine, self.leading_term.is_some());
-                if self.is_leader() {
-                    for data in housekeeping {
-                        self.propose(data, Pending::Internal);
-                    }
-                }
+                self.core.tick(now);
+                next_tick = now + self.core.config.tick;
             }
             if !self.gather_for_group_commit() {
                 break 'outer;
             }
-            self.request_read_index();
-            self.on_ready();
-            self.track_leadership();
-            self.answer_reads();
-            self.maybe_snapshot();
-            self.publish_status(false);
+            if let Err(e) = self.core.end_turn() {
+                // Acknowledging anything after a failed write would break durability.
+                panic!("writing the raft log failed: {e}");
+            }
+            if let Some(job) = self.core.take_snapshot_job() {
+                self.write_snapshot(job);
+            }
         }
-        if let Err(e) = self.raw.store().sync() {
-            tracing::error!(error = %e, "could not flush the raft log on shutdown");
-        }
-        self.observer.closed();
-        tracing::info!(id = self.config.id, "raft loop stopped");
+        self.core.stop();
     }
 
     /// Group commit: when new entries wait to be written and the previous
@@ -325,20 +289,20 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
     /// one per gap, and each carries more. Returns false when the loop must
     /// stop.
     fn gather_for_group_commit(&mut self) -> bool {
-        let gap = self.config.group_commit_gap;
+        let gap = self.core.config.group_commit_gap;
         if gap.is_zero()
-            || !self.is_leader()
-            || self.raw.raft.raft_log.unstable_entries().is_empty()
+            || !self.core.is_leader()
+            || self.core.raw.raft.raft_log.unstable_entries().is_empty()
         {
             return true;
         }
-        let until = self.last_sync + gap;
+        let until = self.core.last_sync + gap;
         loop {
             match self.next_input(until) {
                 Err(Closed) => return false,
                 Ok(None) => return true,
                 Ok(Some(input)) => {
-                    if !self.handle(input) {
+                    if !self.core.handle(input) {
                         return false;
                     }
                 }
@@ -358,11 +322,176 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         }
     }
 
-    /// Returns false when the loop must stop.
-    fn handle(&mut self, input: Input<S>) -> bool {
+    /// Encodes and writes a snapshot on a thread of its own; the loop hears
+    /// of it as an input.
+    fn write_snapshot(&mut self, job: SnapshotJob) {
+        let SnapshotJob {
+            mut snapshot,
+            encode,
+        } = job;
+        let dir = self.core.raw.store().snapshot_dir().to_path_buf();
+        let inputs = self.inputs_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let started = Instant::now();
+                snapshot.set_data(encode().into());
+                let input = match write_snapshot_file(&dir, &snapshot) {
+                    Ok(path) => {
+                        tracing::info!(
+                            index = snapshot.get_metadata().index,
+                            bytes = snapshot.get_data().len(),
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            path = %path.display(),
+                            "snapshot written"
+                        );
+                        Input::SnapshotWritten(Box::new(snapshot))
+                    }
+                    Err(e) => Input::SnapshotFailed(e.to_string()),
+                };
+                let _ = inputs.send(input);
+            });
+        if let Err(e) = spawned {
+            self.core.snapshot_in_flight = None;
+            tracing::error!(error = %e, "cannot start the snapshot thread");
+        }
+    }
+}
+
+impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N> {
+    /// A loop over `store` (opened, with `machine` restored from its newest
+    /// snapshot) and `transport`, and the receiver of the status it
+    /// publishes. A cluster of one campaigns at once.
+    pub(crate) fn new(
+        config: NodeConfig,
+        store: St,
+        machine: S,
+        transport: N,
+        observer: O,
+    ) -> Result<(Self, watch::Receiver<Arc<NodeStatus>>), StartError> {
+        let snapshot_meta = store.snapshot_metadata();
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            min_election_tick: config.election_ticks,
+            max_election_tick: config
+                .election_ticks_max
+                .unwrap_or(2 * config.election_ticks),
+            applied: snapshot_meta.index,
+            check_quorum: true,
+            pre_vote: true,
+            batch_append: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            max_uncommitted_size: 64 << 20,
+            read_only_option: ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        raft_config.validate()?;
+        let raw = RawNode::new(&raft_config, store, &super::logger::raft_logger(config.id))?;
+        let status = Arc::new(NodeStatus {
+            id: config.id,
+            address: config.address.clone(),
+            cluster_name: config.cluster_name.clone(),
+            ..NodeStatus::default()
+        });
+        let (status_tx, status_rx) = watch::channel(status);
+        let mut node = Loop {
+            conf_state: snapshot_meta.get_conf_state().clone(),
+            applied: snapshot_meta.index,
+            applied_term: snapshot_meta.term,
+            config,
+            raw,
+            machine,
+            transport,
+            status_tx,
+            pending: BTreeMap::new(),
+            reads_waiting: Vec::new(),
+            reads: HashMap::new(),
+            next_read_ctx: 0,
+            snapshot_in_flight: None,
+            snapshot_job: None,
+            log_bytes_applied: 0,
+            log_bytes_at_snapshot: 0,
+            last_sync: Instant::now(),
+            last_status: Instant::now() - STATUS_INTERVAL,
+            last_role: (StateRole::Follower, 0, 0),
+            status_stale: false,
+            observer,
+            leading_term: None,
+        };
+        node.refresh_addresses();
+        node.publish_status(true);
+        tracing::info!(
+            id = node.config.id,
+            applied = node.applied,
+            voters = ?node.conf_state.voters,
+            "raft loop started"
+        );
+        // A cluster of one has nobody to wait for: lead at once.
+        if node.conf_state.voters == [node.config.id]
+            && let Err(e) = node.raw.campaign()
+        {
+            tracing::warn!(error = %e, "cannot campaign");
+        }
+        Ok((node, status_rx))
+    }
+
+    /// A tick of raft's logical clock, at `now`: elections and heartbeats,
+    /// reads past their deadline, the observer's housekeeping.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        self.raw.tick();
+        self.expire_reads(now);
+        let housekeeping = self
+            .observer
+            .tick(&self.machine, self.leading_term.is_some());
+        if self.is_leader() {
+            for data in housekeeping {
+                self.propose(data, Pending::Internal);
+            }
+        }
+    }
+
+    /// What ends a turn, once its inputs are taken: read-index requests,
+    /// the Ready contract, leadership, reads, snapshots, status. An error
+    /// is a failed log write: the node must stop.
+    pub(crate) fn end_turn(&mut self) -> Result<(), StoreError> {
+        self.request_read_index();
+        self.on_ready()?;
+        self.track_leadership();
+        self.answer_reads();
+        self.maybe_snapshot();
+        self.publish_status(false);
+        Ok(())
+    }
+
+    /// The snapshot this turn took, for the shell to encode and write.
+    pub(crate) fn take_snapshot_job(&mut self) -> Option<SnapshotJob> {
+        self.snapshot_job.take()
+    }
+
+    /// The loop stops: flushes the log and tells the observer.
+    fn stop(&mut self) {
+        if let Err(e) = self.raw.store().sync() {
+            tracing::error!(error = %e, "could not flush the raft log on shutdown");
+        }
+        self.observer.closed();
+        tracing::info!(id = self.config.id, "raft loop stopped");
+    }
+
+    /// Takes one input. Returns false when the loop must stop.
+    pub(crate) fn handle(&mut self, input: Input<S>) -> bool {
         match input {
             Input::Propose { data, reply } => self.propose(data, Pending::Command(reply)),
             Input::ChangeMembership { change, reply } => self.change_membership(change, reply),
+            // The bug the simulation's checker must catch
+            // (tests/simulation.rs): a node answers from its own state
+            // without asking the leader.
+            #[cfg(feature = "inject-bug-stale-read")]
+            Input::Read { reply, .. } => {
+                let _ = reply.send(Ok(Arc::new(self.machine.view(self.applied))));
+            }
             Input::Read { reply, deadline } => self.reads_waiting.push((reply, deadline)),
             Input::Peer(PeerEvent::Raft(messages)) => {
                 for mut message in messages {
@@ -466,7 +595,23 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
             reply_err(pending, self.not_leader());
             return;
         }
+        #[cfg(feature = "inject-bug-apply-before-commit")]
+        let data_copy = data.clone();
         match self.raw.propose(Vec::new(), data) {
+            // The bug the simulation's checker must catch
+            // (tests/simulation.rs): the leader applies and answers before
+            // the entry is committed.
+            #[cfg(feature = "inject-bug-apply-before-commit")]
+            Ok(()) if self.applied + 1 == self.raw.raft.raft_log.last_index() => {
+                let index = self.applied + 1;
+                let term = self.raw.raft.term;
+                let output = self.machine.apply(&data_copy, index, term);
+                self.applied = index;
+                self.applied_term = term;
+                if let Pending::Command(reply) = pending {
+                    let _ = reply.send(Ok(output));
+                }
+            }
             Ok(()) => {
                 crate::metrics::proposals(1);
                 self.track(pending)
@@ -491,9 +636,9 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         }
     }
 
-    fn on_ready(&mut self) {
+    fn on_ready(&mut self) -> Result<(), StoreError> {
         if !self.raw.has_ready() {
-            return;
+            return Ok(());
         }
         let mut ready = self.raw.ready();
         // 1. Messages that do not wait for our own write.
@@ -524,10 +669,8 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
             crate::metrics::fsync(write_started.elapsed());
             self.last_sync = Instant::now();
         }
-        if let Err(e) = written {
-            // Acknowledging anything after a failed write would break durability.
-            panic!("writing the raft log failed: {e}");
-        }
+        // Nothing of this Ready may go further after a failed write.
+        written?;
         // 5. Messages that promise what step 4 made durable.
         self.transport.send(ready.take_persisted_messages());
         // 6. Advance.
@@ -538,6 +681,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         self.transport.send(light.take_messages());
         self.apply(light.take_committed_entries());
         self.raw.advance_apply();
+        Ok(())
     }
 
     fn apply(&mut self, entries: Vec<Entry>) {
@@ -547,6 +691,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
             }
             self.applied = entry.index;
             self.applied_term = entry.term;
+            self.observer.entry_applied(entry.index, entry.term);
             self.log_bytes_applied +=
                 entry.data.len() as u64 + super::snapshots::ENTRY_OVERHEAD_BYTES;
             let ours = match self.pending.remove(&entry.index) {
@@ -588,6 +733,32 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
                 }
             }
         }
+    }
+}
+
+/// What the simulation reads of a loop it drives.
+#[cfg(feature = "sim")]
+impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N> {
+    pub(crate) fn machine(&self) -> &S {
+        &self.machine
+    }
+
+    pub(crate) fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// The membership as of the applied index.
+    pub(crate) fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    /// Leads, and has told the observer so (an entry of its term applied).
+    pub(crate) fn leading(&self) -> bool {
+        self.is_leader() && self.leading_term.is_some()
+    }
+
+    pub(crate) fn raft(&self) -> &raft::Raft<St> {
+        &self.raw.raft
     }
 }
 

@@ -8,6 +8,8 @@ use std::time::Instant;
 use super::handle::Reply;
 use super::node::Loop;
 use super::replicated::{Observer, Replicated};
+use super::storage::LogStorage;
+use super::transport::PeerNet;
 
 pub(super) struct ReadBatch<V> {
     pub(super) replies: Vec<(Reply<Arc<V>>, Instant)>,
@@ -18,7 +20,7 @@ pub(super) struct ReadBatch<V> {
     pub(super) read_index: Option<u64>,
 }
 
-impl<S: Replicated, O: Observer<S>> Loop<S, O> {
+impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N> {
     pub(super) fn request_read_index(&mut self) {
         if self.reads_waiting.is_empty() {
             return;

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use raft::eraftpb::ConfState;
+
 /// A deterministic state machine over the log's entries.
 pub trait Replicated: Sized + Send + 'static {
     /// What applying an entry gives back to whoever proposed it.
@@ -45,6 +47,15 @@ pub trait Observer<S: Replicated>: Send + 'static {
     /// An entry was applied. `leading`: this node leads, and [`Observer::lead`]
     /// was called for its term.
     fn applied(&mut self, state: &S, output: &S::Output, index: u64, leading: bool);
+
+    /// Every entry applied, by index and term: empty and membership entries
+    /// included (the simulation's checker compares them across replicas).
+    fn entry_applied(&mut self, _index: u64, _term: u64) {}
+
+    /// The membership change at `index` was applied: the membership it
+    /// left (`None`: raft refused it), and whether this node led, was
+    /// removed by it and stepped down.
+    fn membership_changed(&mut self, _index: u64, _conf: Option<&ConfState>, _stepped_down: bool) {}
 
     /// This node leads `term` and has applied an entry of that term, so its
     /// state holds every committed entry. Proposals to make now.

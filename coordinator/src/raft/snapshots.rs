@@ -3,14 +3,13 @@
 //! adopted (and the log compacted behind it) once durable; and installed
 //! when the leader sends one.
 
-use std::time::Instant;
-
 use raft::eraftpb::Snapshot;
 
-use super::handle::{Input, NodeError};
-use super::node::{Loop, reply_err};
+use super::handle::NodeError;
+use super::node::{Loop, SnapshotJob, reply_err};
 use super::replicated::{Observer, Replicated};
-use super::storage::write_snapshot_file;
+use super::storage::LogStorage;
+use super::transport::PeerNet;
 
 /// Log bytes applied since the last snapshot, per byte of that snapshot,
 /// before the next is taken (with at least `snapshot_interval_entries`
@@ -21,7 +20,7 @@ pub(super) const LOG_BYTES_PER_SNAPSHOT_BYTE: u64 = 2;
 /// index, the entry's own header): counted so that tiny entries count.
 pub(super) const ENTRY_OVERHEAD_BYTES: u64 = 32;
 
-impl<S: Replicated, O: Observer<S>> Loop<S, O> {
+impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N> {
     pub(super) fn install_snapshot(&mut self, snapshot: &Snapshot) {
         let meta = snapshot.get_metadata();
         tracing::info!(
@@ -69,11 +68,19 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
     pub(super) fn snapshot_due(&self, last: u64) -> bool {
         self.applied >= last + self.config.snapshot_interval_entries
             && self.log_bytes_applied - self.log_bytes_at_snapshot
-                >= LOG_BYTES_PER_SNAPSHOT_BYTE * self.raw.store().snapshot_data().len() as u64
+                >= LOG_BYTES_PER_SNAPSHOT_BYTE * self.raw.store().snapshot_len() as u64
     }
 
+    /// Takes a snapshot when one is due: its metadata now, its encoding a
+    /// job for the shell to run off the loop (`snapshot_job`).
     pub(super) fn maybe_snapshot(&mut self) {
-        let last = self.raw.store().snapshot_meta().index;
+        // With the injected bug, the leader applies ahead of the commit; a
+        // snapshot past it would compact what raft still needs.
+        #[cfg(feature = "inject-bug-apply-before-commit")]
+        if self.applied > self.raw.raft.raft_log.applied {
+            return;
+        }
+        let last = self.raw.store().snapshot_index();
         // Raft needed a snapshot the newest one cannot serve (a node added
         // since): take one now rather than at the next interval.
         let wanted = self.raw.store().take_snapshot_wanted() && self.applied > last;
@@ -89,32 +96,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
         meta.index = self.applied;
         meta.term = self.applied_term;
         meta.set_conf_state(self.conf_state.clone());
-        let dir = self.raw.store().snapshot_dir().to_path_buf();
-        let inputs = self.inputs_tx.clone();
-        let spawned = std::thread::Builder::new()
-            .name("snapshot".into())
-            .spawn(move || {
-                let started = Instant::now();
-                snapshot.set_data(encode().into());
-                let input = match write_snapshot_file(&dir, &snapshot) {
-                    Ok(path) => {
-                        tracing::info!(
-                            index = snapshot.get_metadata().index,
-                            bytes = snapshot.get_data().len(),
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            path = %path.display(),
-                            "snapshot written"
-                        );
-                        Input::SnapshotWritten(Box::new(snapshot))
-                    }
-                    Err(e) => Input::SnapshotFailed(e.to_string()),
-                };
-                let _ = inputs.send(input);
-            });
-        if let Err(e) = spawned {
-            self.snapshot_in_flight = None;
-            tracing::error!(error = %e, "cannot start the snapshot thread");
-        }
+        self.snapshot_job = Some(SnapshotJob { snapshot, encode });
     }
 
     pub(super) fn adopt_snapshot(&mut self, snapshot: Snapshot) {

@@ -8,6 +8,8 @@ use raft::StateRole;
 
 use super::node::{Loop, STATUS_INTERVAL};
 use super::replicated::{Observer, Replicated};
+use super::storage::LogStorage;
+use super::transport::PeerNet;
 
 /// The role this node plays, as shown by `tandem cluster status`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -66,7 +68,7 @@ impl NodeStatus {
     }
 }
 
-impl<S: Replicated, O: Observer<S>> Loop<S, O> {
+impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N> {
     pub(super) fn publish_status(&mut self, force: bool) {
         let raft = &self.raw.raft;
         let role_now = (raft.state, raft.term, raft.leader_id);
@@ -110,7 +112,7 @@ impl<S: Replicated, O: Observer<S>> Loop<S, O> {
             commit: raft.raft_log.committed,
             applied: self.applied,
             last_index: raft.raft_log.last_index(),
-            snapshot_index: self.raw.store().snapshot_meta().index,
+            snapshot_index: self.raw.store().snapshot_index(),
             voters: self.conf_state.voters.clone(),
             learners: self.conf_state.learners.clone(),
             members,

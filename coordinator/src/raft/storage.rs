@@ -57,6 +57,52 @@ pub enum StoreError {
          directory, start it with --join and `tandem cluster add` it again; it re-syncs from the leader"
     )]
     LostDurable { dir: PathBuf, lost: String },
+    /// The simulation crashed the node in the middle of this write (what
+    /// reached the disk is kept or lost whole).
+    #[cfg(feature = "sim")]
+    #[error("the node crashed in the middle of a log write")]
+    CrashedMidWrite,
+}
+
+/// What the Raft loop needs of its durable store beyond what raft itself
+/// reads (`raft::Storage`): [`LogStore`] (raft-engine and snapshot files)
+/// on a node, memory in the simulation — the same loop runs over both.
+pub trait LogStorage: raft::Storage {
+    /// Appends entries and records the hard state in one write, fsync'd
+    /// when `sync`. An error means the write may or may not have reached
+    /// the disk; the node must stop.
+    fn persist(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), StoreError>;
+
+    /// Notes a commit index learnt after a Ready; written with the next
+    /// write (losing it in a crash is harmless: it is relearnt).
+    fn note_commit(&mut self, commit: u64);
+
+    /// Installs a snapshot received from the leader in place of the log.
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StoreError>;
+
+    /// Adopts a snapshot this node made itself (already durable) and
+    /// compacts the log up to `compact_to` (exclusive), which must not pass
+    /// the snapshot.
+    fn adopt_snapshot(&mut self, snapshot: Snapshot, compact_to: u64) -> Result<(), StoreError>;
+
+    /// Flushes everything written without sync (on shutdown).
+    fn sync(&self) -> Result<(), StoreError>;
+
+    /// The newest snapshot's metadata (index, term, membership).
+    fn snapshot_metadata(&self) -> SnapshotMetadata;
+
+    fn snapshot_index(&self) -> u64;
+
+    /// The newest snapshot's size in bytes (what taking the next costs).
+    fn snapshot_len(&self) -> usize;
+
+    /// Whether raft needed a newer snapshot than the store has; clears the flag.
+    fn take_snapshot_wanted(&self) -> bool;
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -256,10 +302,29 @@ impl LogStore {
             .map(|e| e.term))
     }
 
+    pub fn snapshot_meta(&self) -> &SnapshotMetadata {
+        self.snapshot.get_metadata()
+    }
+
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.snap_dir
+    }
+
+    /// The newest snapshot's state-machine bytes, to rebuild the state on start.
+    pub fn snapshot_data(&self) -> &[u8] {
+        self.snapshot.get_data()
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+}
+
+impl LogStorage for LogStore {
     /// Appends entries and records the hard state in one write; one fsync
     /// when `sync`. This is the group commit: every proposal gathered into
     /// one Raft Ready shares it.
-    pub fn persist(
+    fn persist(
         &mut self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
@@ -291,13 +356,13 @@ impl LogStore {
     /// Notes a commit index learnt after a Ready; written with the next batch.
     /// (Losing it in a crash is harmless: the commit index is relearnt from
     /// the leader, and snapshots raise it on open.)
-    pub fn note_commit(&mut self, commit: u64) {
+    fn note_commit(&mut self, commit: u64) {
         self.hard_state.commit = self.hard_state.commit.max(commit);
     }
 
     /// Installs a snapshot received from the leader: the file first, then the
     /// log replaced by it in one batch.
-    pub fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StoreError> {
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StoreError> {
         let meta = snapshot.get_metadata();
         write_snapshot_file(&self.snap_dir, snapshot)?;
         self.truncated = (meta.index, meta.term);
@@ -322,11 +387,7 @@ impl LogStore {
     /// Adopts a snapshot this node made itself (its file already durable) and
     /// compacts the log up to `compact_to` (exclusive), which must not pass
     /// the snapshot: entries after it must stay.
-    pub fn adopt_snapshot(
-        &mut self,
-        snapshot: Snapshot,
-        compact_to: u64,
-    ) -> Result<(), StoreError> {
+    fn adopt_snapshot(&mut self, snapshot: Snapshot, compact_to: u64) -> Result<(), StoreError> {
         let index = snapshot.get_metadata().index;
         assert!(
             compact_to <= index + 1,
@@ -357,30 +418,24 @@ impl LogStore {
     }
 
     /// Flushes everything written without sync (on shutdown).
-    pub fn sync(&self) -> Result<(), StoreError> {
+    fn sync(&self) -> Result<(), StoreError> {
         Ok(self.engine.sync()?)
     }
 
-    pub fn snapshot_meta(&self) -> &SnapshotMetadata {
-        self.snapshot.get_metadata()
+    fn snapshot_metadata(&self) -> SnapshotMetadata {
+        self.snapshot.get_metadata().clone()
     }
 
-    pub fn snapshot_dir(&self) -> &Path {
-        &self.snap_dir
+    fn snapshot_index(&self) -> u64 {
+        self.snapshot.get_metadata().index
     }
 
-    /// The newest snapshot's state-machine bytes, to rebuild the state on start.
-    pub fn snapshot_data(&self) -> &[u8] {
-        self.snapshot.get_data()
+    fn snapshot_len(&self) -> usize {
+        self.snapshot.get_data().len()
     }
 
-    /// Whether raft needed a newer snapshot than the store has; clears the flag.
-    pub fn take_snapshot_wanted(&self) -> bool {
+    fn take_snapshot_wanted(&self) -> bool {
         self.snapshot_wanted.replace(false)
-    }
-
-    pub fn hard_state(&self) -> &HardState {
-        &self.hard_state
     }
 }
 

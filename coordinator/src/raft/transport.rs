@@ -59,6 +59,27 @@ pub enum PeerEvent {
     SnapshotSent { to: u64, delivered: bool },
 }
 
+/// How the Raft loop reaches its peers: [`Transport`] (gRPC streams) on a
+/// node, the simulated network in the simulation. Neither call blocks;
+/// what happens to a message later comes back as a [`PeerEvent`].
+pub trait PeerNet {
+    /// Queues messages for their peers.
+    fn send(&self, messages: Vec<Message>);
+
+    /// Node id → address, as membership and configuration say.
+    fn set_addresses(&self, addresses: BTreeMap<u64, String>);
+}
+
+impl PeerNet for Transport {
+    fn send(&self, messages: Vec<Message>) {
+        Transport::send(self, messages)
+    }
+
+    fn set_addresses(&self, addresses: BTreeMap<u64, String>) {
+        Transport::set_addresses(self, addresses)
+    }
+}
+
 #[derive(Clone)]
 pub struct Transport {
     inner: Arc<Inner>,

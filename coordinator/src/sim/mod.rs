@@ -1,5 +1,7 @@
 //! Deterministic simulation of a whole coordinator cluster in one thread:
-//! raft-rs `RawNode`s over in-memory logs, the real state machine
+//! each node's real Raft loop (`raft::Loop`: raft-rs driven by the Ready
+//! contract, proposals, reads, snapshots, membership changes) over a
+//! simulated disk and network ([`io`]), the real state machine
 //! (`Replicated::apply` of `StateMachine`, so every protocol's rules), the
 //! real driver plan (`driver::plan`: which calls, retries, timeouts), the
 //! SDK's fencing table in front of simulated participants, and clients that
@@ -8,36 +10,45 @@
 //! participants' own records. The same seed gives the same run.
 //!
 //! What is real and what is a model: DESIGN.md and RELIABILITY.md say it in
-//! full. In short: consensus is raft-rs itself, driven as our Raft loop
-//! drives it (the Ready contract's order); the loop's thread, the
-//! raft-engine files and gRPC are replaced by this file; the gRPC service
-//! layer is not in the simulation (clients propose commands directly).
+//! full. In short: the Raft loop is the node's own code; the loop's thread
+//! (its shell), the raft-engine files and gRPC are replaced by [`io`] and
+//! this file; the gRPC service layer is not in the simulation (clients
+//! propose commands directly, through the service's input checks).
 
 mod check;
+mod io;
 mod participant;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use raft::eraftpb::{ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
-use raft::storage::MemStorage;
-use raft::{GetEntriesContext, RaftState, RawNode, StateRole, StorageError};
+use raft::StateRole;
+use raft::eraftpb::{ConfState, Message, Snapshot};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio::sync::oneshot;
 
 use crate::codec;
 use crate::driver::plan::{self, Failing, Key};
 use crate::model::command::{DestinationSpec, OpOutcome};
 use crate::model::types::{Fence, Op, Protocol, Transaction};
 use crate::model::{Applied, ApplyResult, Command};
-use crate::raft::Replicated;
-use crate::raft::storage::{BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
+use crate::raft::transport::PeerEvent;
+use crate::raft::{Input, Loop, MembershipChange, NodeConfig, NodeError, Replicated};
 use crate::service::checks;
 use crate::service::{
     BeginInput, MessageInput, OptionsInput, RegisterInput, RetryInput, SagaInput, StepInput,
 };
-use crate::state::StateMachine;
+use crate::state::{ReadView, StateMachine};
+use io::{Disk, Ears, Heard, Net, Tears};
 use participant::{Answer, Participant};
+
+/// A node's real Raft loop, on the simulation's disk and network.
+type Core = Loop<StateMachine, Ears, Disk, Net>;
+/// The loop's answer to one input, once it gives it.
+type Awaited<T> = oneshot::Receiver<Result<T, NodeError>>;
 
 /// What the simulated cluster's wall clocks read at time 0.
 const EPOCH_MS: i64 = 1_800_000_000_000;
@@ -213,6 +224,13 @@ enum Ev {
         to: u64,
         delivered: bool,
     },
+    /// A snapshot the node took is durable (its writer thread's report),
+    /// unless the node restarted since (`life`).
+    SnapshotWritten {
+        node: u64,
+        life: u64,
+        snapshot: Box<Snapshot>,
+    },
     Cut(Addr, Addr, bool),
     /// The operator's next membership change (by its place in the plan):
     /// made at the leader as `raft/membership.rs` makes it, checked again
@@ -249,6 +267,7 @@ impl Ev {
             Ev::GetReply { reader, .. } => 21 + ((*reader as u64) << 8),
             Ev::SnapshotSent { from, .. } => 22 + (from << 8),
             Ev::Membership(i) => 23 + ((*i as u64) << 8),
+            Ev::SnapshotWritten { node, .. } => 24 + (node << 8),
         }
     }
 }
@@ -300,97 +319,44 @@ struct Driver {
     calls: BTreeMap<u64, InFlight>,
 }
 
-/// A node's disk: the log and hard state (raft-rs's `MemStorage`) and the
-/// latest snapshot, with the state machine's encoded state in it — what the
-/// real `raft/storage.rs` keeps in raft-engine and a snapshot file. The log
-/// is compacted only behind a snapshot already in place, as there.
-#[derive(Clone)]
-struct Disk {
-    log: MemStorage,
-    snapshot: std::sync::Arc<std::sync::Mutex<Snapshot>>,
-    /// Raft asked for a snapshot the newest cannot serve.
-    wanted: std::sync::Arc<std::sync::Mutex<bool>>,
-}
-
-impl Disk {
-    fn snapshot(&self) -> Snapshot {
-        self.snapshot.lock().expect("one thread").clone()
-    }
-}
-
-impl raft::Storage for Disk {
-    fn initial_state(&self) -> raft::Result<RaftState> {
-        self.log.initial_state()
-    }
-
-    fn entries(
-        &self,
-        low: u64,
-        high: u64,
-        max_size: impl Into<Option<u64>>,
-        context: GetEntriesContext,
-    ) -> raft::Result<Vec<Entry>> {
-        self.log.entries(low, high, max_size, context)
-    }
-
-    fn term(&self, idx: u64) -> raft::Result<u64> {
-        // Compaction keeps the snapshot's own entry, and an installed
-        // snapshot sets MemStorage's metadata: the log knows every term.
-        self.log.term(idx)
-    }
-
-    fn first_index(&self) -> raft::Result<u64> {
-        self.log.first_index()
-    }
-
-    fn last_index(&self) -> raft::Result<u64> {
-        self.log.last_index()
-    }
-
-    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        // As `LogStore` serves one: a node added after the snapshot would
-        // refuse it (it is not in the snapshot's membership).
-        let snap = self.snapshot();
-        let meta = snap.get_metadata();
-        let conf = meta.get_conf_state();
-        let includes_receiver = conf.voters.contains(&to) || conf.learners.contains(&to);
-        if meta.index < request_index.max(1) || !includes_receiver {
-            *self.wanted.lock().expect("one thread") = true;
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        Ok(snap)
-    }
-}
-
 struct Node {
     id: u64,
     /// What survives a crash: written before the messages that promise it,
     /// as the real loop fsyncs in its turn — unless the node crashes in
     /// the middle of that write (`Faults::torn`).
-    store: Disk,
-    raw: Option<RawNode<Disk>>,
-    sm: StateMachine,
-    applied: u64,
-    applied_term: u64,
-    /// The membership as of `applied`.
-    conf: ConfState,
+    disk: Disk,
+    /// The node's Raft loop while it is up.
+    core: Option<Core>,
+    /// Starts of the node so far: a snapshot taken in an earlier life is
+    /// not reported to this one.
+    life: u64,
+    /// What the loop sent and heard during a turn (drained after it).
+    out: Arc<Mutex<Vec<(Message, bool)>>>,
+    ears: Ears,
     clock_offset_ms: i64,
-    pending: BTreeMap<u64, (u64, Waiter)>,
     driver: Option<Driver>,
-    /// Gets waiting for raft to confirm a read index (by request context),
-    /// then for the node to apply up to it — as `raft/reads.rs` serves them.
-    reads: BTreeMap<u64, PendingRead>,
-    #[cfg_attr(feature = "inject-bug-stale-read", allow(dead_code))]
-    next_read_ctx: u64,
+    /// Proposals waiting for the loop's answer, in the order they were made.
+    waiting: Vec<(Awaited<ApplyResult>, Waiter)>,
+    /// Gets waiting for the loop's answer (a read index confirmed by the
+    /// leader, then applied here — as `raft/reads.rs` serves them).
+    reads: Vec<(Awaited<Arc<ReadView>>, PendingRead)>,
+}
+
+impl Node {
+    /// The state machine, while the node is up.
+    pub(crate) fn sm(&self) -> Option<&StateMachine> {
+        self.core.as_ref().map(|c| c.machine())
+    }
+
+    pub(crate) fn applied(&self) -> u64 {
+        self.core.as_ref().map_or(0, |c| c.applied())
+    }
 }
 
 struct PendingRead {
     reader: usize,
     req: u64,
     gid: String,
-    index: Option<u64>,
 }
 
 /// Asks Get of random transactions at random nodes, all run long: its
@@ -467,12 +433,9 @@ pub(crate) struct Faults {
     delay_max_ms: i64,
     disk_ms: i64,
     transient: f64,
-    /// The chance that a node crashes in the middle of a log write (before
-    /// its fsync ended), and how many more such crashes this run may have.
-    /// The write is then kept or lost whole (raft-engine writes a batch as
-    /// one checksummed record and drops a torn tail on recovery).
-    torn: f64,
-    torn_left: u32,
+    /// Crashes in the middle of a log write (before its fsync ended): the
+    /// chance per write, and how many a run may have (drawn by the disks).
+    torn: Arc<Mutex<Tears>>,
     cut: BTreeSet<(Addr, Addr)>,
     active: bool,
 }
@@ -503,8 +466,10 @@ pub(crate) struct World {
     /// Scheduled faults drawn so far (the next one's number).
     faults_scheduled: usize,
     /// Each node snapshots its state and compacts its log once it applied
-    /// this many entries past its last snapshot (drawn per seed).
+    /// this many entries past its last snapshot (and the log's bytes rule
+    /// allows), keeping this many entries behind it (drawn per seed).
     snapshot_every: Option<u64>,
+    log_retain: u64,
     snapshots_installed: usize,
     /// The operator's membership changes, made one after the other.
     plan: Vec<Change>,
@@ -513,25 +478,32 @@ pub(crate) struct World {
     pub(crate) conf_at: BTreeMap<u64, ConfState>,
 }
 
-fn raft_config(id: u64) -> raft::Config {
-    raft::Config {
-        id,
-        election_tick: 10,
-        heartbeat_tick: 2,
-        // One value: raft-rs draws the randomized timeout from its own RNG,
-        // which would make runs differ; message delays break ties instead.
-        min_election_tick: 10,
-        max_election_tick: 11,
-        check_quorum: true,
-        pre_vote: true,
-        max_size_per_msg: 1 << 20,
-        max_inflight_msgs: 256,
-        ..Default::default()
-    }
+fn address(id: u64) -> String {
+    format!("node{id}.sim:7171")
 }
 
-fn logger() -> slog::Logger {
-    slog::Logger::root(slog::Discard, slog::o!())
+/// The text of a Raft loop's configuration as a node's would be, on the
+/// simulation's tick. The election timeout is one value: raft-rs draws the
+/// randomized one from its own random source, which would make runs differ;
+/// message delays break ties instead.
+fn node_config(id: u64, founding: u64, snapshot_every: Option<u64>, log_retain: u64) -> NodeConfig {
+    NodeConfig {
+        id,
+        cluster_name: "sim".into(),
+        address: address(id),
+        peers: (1..=founding).map(|id| (id, address(id))).collect(),
+        join: id > founding,
+        data_dir: PathBuf::new(),
+        group: 1,
+        tick: Duration::from_millis(TICK_MS as u64),
+        election_ticks: 10,
+        election_ticks_max: Some(11),
+        heartbeat_ticks: 2,
+        // A run never applies this many: no snapshots but those raft asks for.
+        snapshot_interval_entries: snapshot_every.unwrap_or(1 << 40),
+        log_retain_entries: log_retain,
+        group_commit_gap: Duration::ZERO,
+    }
 }
 
 /// The simulated producer's local transaction, as a client step's branch.
@@ -564,59 +536,6 @@ fn mix(seed: u64, parts: &[&str]) -> u64 {
 impl World {
     fn new(seed: u64, opts: Options) -> World {
         let mut rng = StdRng::seed_from_u64(seed);
-        let voters: Vec<u64> = (1..=opts.nodes).collect();
-        let nodes = (1..=opts.nodes + opts.spares)
-            .map(|id| {
-                // Founding members start from the bootstrap snapshot the
-                // real store writes (index 1, the voters in it); a spare
-                // starts empty and must be sent it, as a joining node is.
-                let founding = id <= opts.nodes;
-                let store = Disk {
-                    log: MemStorage::new(),
-                    snapshot: Default::default(),
-                    wanted: Default::default(),
-                };
-                let mut conf = ConfState::default();
-                if founding {
-                    let mut snap = Snapshot::default();
-                    snap.set_data(
-                        Replicated::snapshot(&StateMachine::new(BTreeMap::new()))().into(),
-                    );
-                    let meta = snap.mut_metadata();
-                    meta.index = BOOTSTRAP_INDEX;
-                    meta.term = BOOTSTRAP_TERM;
-                    meta.set_conf_state(ConfState::from((voters.clone(), vec![])));
-                    conf = meta.get_conf_state().clone();
-                    store
-                        .log
-                        .wl()
-                        .apply_snapshot(snap.clone())
-                        .expect("an empty log takes the bootstrap snapshot");
-                    *store.snapshot.lock().expect("one thread") = snap;
-                }
-                let raw = RawNode::new(&raft_config(id), store.clone(), &logger())
-                    .expect("a valid raft config");
-                let (applied, applied_term) = if founding {
-                    (BOOTSTRAP_INDEX, BOOTSTRAP_TERM)
-                } else {
-                    (0, 0)
-                };
-                Node {
-                    id,
-                    store,
-                    raw: Some(raw),
-                    sm: StateMachine::new(BTreeMap::new()),
-                    applied,
-                    applied_term,
-                    conf,
-                    clock_offset_ms: 0,
-                    pending: BTreeMap::new(),
-                    driver: None,
-                    reads: BTreeMap::new(),
-                    next_read_ctx: 1,
-                }
-            })
-            .collect();
         let faults = if opts.faults {
             Faults {
                 loss: [0.0, 0.01, 0.05, 0.1][rng.random_range(0..4)],
@@ -624,8 +543,7 @@ impl World {
                 delay_max_ms: [2, 10, 30][rng.random_range(0..3)],
                 disk_ms: [0, 2, 8][rng.random_range(0..3)],
                 transient: [0.0, 0.05, 0.2][rng.random_range(0..3)],
-                torn: [0.0, 0.0, 0.003, 0.01][rng.random_range(0..4)],
-                torn_left: 3,
+                torn: Tears::new(seed, [0.0, 0.0, 0.003, 0.01][rng.random_range(0..4)], 3),
                 cut: BTreeSet::new(),
                 active: true,
             }
@@ -636,8 +554,7 @@ impl World {
                 delay_max_ms: 3,
                 disk_ms: 0,
                 transient: 0.0,
-                torn: 0.0,
-                torn_left: 0,
+                torn: Tears::new(seed, 0.0, 0),
                 cut: BTreeSet::new(),
                 active: false,
             }
@@ -646,6 +563,29 @@ impl World {
             .map(|_| Participant::default())
             .collect();
         let snapshot_every = [None, Some(25), Some(80)][rng.random_range(0..3)];
+        let log_retain = [0, 1, 10][rng.random_range(0..3)];
+        let voters: Vec<u64> = (1..=opts.nodes).collect();
+        let nodes = (1..=opts.nodes + opts.spares)
+            .map(|id| {
+                // Founding members start from the bootstrap snapshot the
+                // real store writes (index 1, the voters in it); a spare
+                // starts empty and must be sent it, as a joining node is.
+                let founding = id <= opts.nodes;
+                let disk = Disk::new(founding.then_some(&voters[..]), faults.torn.clone());
+                Node {
+                    id,
+                    disk,
+                    core: None,
+                    life: 0,
+                    out: Default::default(),
+                    ears: Ears::default(),
+                    clock_offset_ms: 0,
+                    driver: None,
+                    waiting: Vec::new(),
+                    reads: Vec::new(),
+                }
+            })
+            .collect();
         let mut world = World {
             seed,
             opts,
@@ -670,21 +610,26 @@ impl World {
             fault_log: Vec::new(),
             faults_scheduled: 0,
             snapshot_every,
+            log_retain,
             snapshots_installed: 0,
             plan: Vec::new(),
             plan_at: 0,
             conf_at: BTreeMap::new(),
         };
         world.fault_log.push(format!(
-            "loss {} dup {} delay<={}ms disk {}ms transient {} crash-mid-write {} snapshot every {:?} entries",
+            "loss {} dup {} delay<={}ms disk {}ms transient {} crash-mid-write {} snapshot every {:?} entries, {} kept",
             world.faults.loss,
             world.faults.dup,
             world.faults.delay_max_ms,
             world.faults.disk_ms,
             world.faults.transient,
-            world.faults.torn,
-            world.snapshot_every
+            world.faults.torn.lock().expect("one thread").chance,
+            world.snapshot_every,
+            world.log_retain,
         ));
+        for id in 1..=world.opts.nodes + world.opts.spares {
+            world.start_node(id);
+        }
         for id in 1..=world.opts.nodes + world.opts.spares {
             // Nodes tick out of phase, as real ones do.
             let phase = world.rng.random_range(0..TICK_MS);
@@ -1054,9 +999,9 @@ impl World {
         };
         report.violations = std::mem::take(&mut self.violations);
         report.violations.extend(check::check(&self));
-        let sm = &self.members().next().expect("a cluster has members").sm;
+        let sm = self.members().find_map(Node::sm);
         for c in &self.clients {
-            if let Some(tx) = sm.get(&c.gid) {
+            if let Some(tx) = sm.and_then(|sm| sm.get(&c.gid)) {
                 report.txs += 1;
                 let counts = report.by_protocol.entry(tx.protocol).or_default();
                 match tx.state {
@@ -1103,7 +1048,7 @@ impl World {
         }
         let commit = self.committed.keys().next_back().copied().unwrap_or(0);
         self.members()
-            .all(|n| n.raw.is_some() && n.applied == commit && n.sm.active_count() == 0)
+            .all(|n| n.applied() == commit && n.sm().is_some_and(|sm| sm.active_count() == 0))
     }
 
     fn node(&mut self, id: u64) -> &mut Node {
@@ -1113,10 +1058,7 @@ impl World {
     fn handle(&mut self, ev: Ev) {
         match ev {
             Ev::Tick(id) => {
-                if let Some(raw) = self.node(id).raw.as_mut() {
-                    raw.tick();
-                }
-                self.ready(id);
+                self.turn(id, Vec::new(), true);
                 self.at(self.now + TICK_MS, Ev::Tick(id));
             }
             Ev::DriverTick(id) => {
@@ -1125,24 +1067,23 @@ impl World {
             }
             Ev::Raft(m) => {
                 let to = m.to;
-                if let Some(raw) = self.node(to).raw.as_mut() {
-                    let _ = raw.step(*m);
-                    self.ready(to);
-                }
+                self.turn(to, vec![Input::Peer(PeerEvent::Raft(vec![*m]))], false);
             }
             Ev::Crash(id) => {
                 let node = self.node(id);
-                node.raw = None;
+                node.core = None;
                 node.driver = None;
-                node.pending.clear();
+                node.waiting.clear();
                 node.reads.clear();
+                node.out.lock().expect("one thread").clear();
+                node.ears.0.lock().expect("one thread").clear();
             }
             Ev::CrashLeader(down) => {
                 let leader = (1..=self.nodes.len() as u64).find(|&id| {
                     self.nodes[(id - 1) as usize]
-                        .raw
+                        .core
                         .as_ref()
-                        .is_some_and(|r| r.raft.state == StateRole::Leader)
+                        .is_some_and(|c| c.raft().state == StateRole::Leader)
                 });
                 if let Some(id) = leader
                     && self.faults.active
@@ -1153,20 +1094,8 @@ impl World {
                 }
             }
             Ev::Restart(id) => {
-                let node = self.node(id);
-                if node.raw.is_none() {
-                    // Back from its disk alone: the state machine is its
-                    // snapshot's, then the committed entries after it are
-                    // applied again.
-                    node.raw = Some(
-                        RawNode::new(&raft_config(id), node.store.clone(), &logger())
-                            .expect("a valid raft config"),
-                    );
-                    let snap = node.store.snapshot();
-                    node.sm = restore(&snap);
-                    node.applied = snap.get_metadata().index;
-                    node.applied_term = snap.get_metadata().term;
-                    node.conf = snap.get_metadata().get_conf_state().clone();
+                if self.node(id).core.is_none() {
+                    self.start_node(id);
                 }
             }
             Ev::ClientWake(c, req) => self.client_step(c, req),
@@ -1255,16 +1184,18 @@ impl World {
                 to,
                 delivered,
             } => {
-                let delivered = delivered && self.node(to).raw.is_some();
-                if let Some(raw) = self.node(from).raw.as_mut() {
-                    let status = if delivered {
-                        raft::SnapshotStatus::Finish
-                    } else {
-                        raft::SnapshotStatus::Failure
-                    };
-                    raw.report_snapshot(to, status);
+                let delivered = delivered && self.node(to).core.is_some();
+                let event = PeerEvent::SnapshotSent { to, delivered };
+                self.turn(from, vec![Input::Peer(event)], false);
+            }
+            Ev::SnapshotWritten {
+                node,
+                life,
+                snapshot,
+            } => {
+                if self.node(node).life == life {
+                    self.turn(node, vec![Input::SnapshotWritten(snapshot)], false);
                 }
-                self.ready(from);
             }
             Ev::Membership(i) => self.membership(i),
             Ev::Cut(a, b, on) => {
@@ -1290,7 +1221,7 @@ impl World {
                 self.faults.loss = 0.0;
                 self.faults.dup = 0.0;
                 self.faults.transient = 0.0;
-                self.faults.torn = 0.0;
+                self.faults.torn.lock().expect("one thread").chance = 0.0;
                 self.faults.disk_ms = 0;
                 for n in &mut self.nodes {
                     n.clock_offset_ms = 0;
@@ -1331,39 +1262,49 @@ impl World {
         self.parts[part].handle(now, gid, branch_id, op, fence, yes)
     }
 
-    /// The Ready contract, in the order the real loop follows it.
-    fn ready(&mut self, id: u64) {
-        let disk_ms = self.faults.disk_ms;
-        let idx = (id - 1) as usize;
-        let Some(raw) = self.nodes[idx].raw.as_mut() else {
+    /// Starts (or restarts) a node's Raft loop from its disk alone: the
+    /// state machine is its snapshot's, then the committed entries after
+    /// it are applied again — as a node's process starts.
+    fn start_node(&mut self, id: u64) {
+        let (founding, every, retain) = (self.opts.nodes, self.snapshot_every, self.log_retain);
+        let node = self.node(id);
+        let machine = restore(&node.disk.snapshot());
+        let net = Net {
+            out: node.out.clone(),
+            disk: node.disk.clone(),
+        };
+        let config = node_config(id, founding, every, retain);
+        let (core, _status) = Loop::new(config, node.disk.clone(), machine, net, node.ears.clone())
+            .expect("a simulated node starts");
+        node.core = Some(core);
+        node.life += 1;
+        self.after_turn(id);
+    }
+
+    /// One turn of a node's Raft loop, as its thread runs one: the inputs,
+    /// a tick if one is due, then the end of the turn (the Ready contract,
+    /// reads, snapshots). Then the world delivers what the turn sent.
+    fn turn(&mut self, id: u64, inputs: Vec<Input<StateMachine>>, tick: bool) {
+        let now = std::time::Instant::from(self.instant());
+        let node = self.node(id);
+        let Some(core) = node.core.as_mut() else {
             return;
         };
-        if !raw.has_ready() {
-            return;
+        node.disk.begin_turn();
+        for input in inputs {
+            core.handle(input);
         }
-        let mut rd = raw.ready();
-        for state in rd.take_read_states() {
-            let ctx = u64::from_le_bytes(state.request_ctx.try_into().unwrap_or_default());
-            if let Some(read) = self.nodes[idx].reads.get_mut(&ctx) {
-                read.index = Some(state.index);
-            }
+        if tick {
+            core.tick(now);
         }
-        let messages = rd.take_messages();
-        let committed = rd.take_committed_entries();
-        let store = self.nodes[idx].store.clone();
-        let writes = !rd.snapshot().is_empty() || !rd.entries().is_empty() || rd.hs().is_some();
-        if writes && self.faults.torn_left > 0 && self.chance(self.faults.torn) {
-            // The node dies while its write is under way: what the leader
-            // sends before its own write is out; the write is kept or lost
-            // whole; nothing that waits for the fsync happens.
-            self.faults.torn_left -= 1;
-            for m in messages {
-                self.send_raft(id, m, 0);
-            }
-            let kept = self.rng.random_bool(0.5);
-            if kept {
-                write(&store, &rd);
-            }
+        let ended = core.end_turn();
+        let job = core.take_snapshot_job();
+        self.after_turn(id);
+        if ended.is_err() {
+            // The node died while its write was under way: what it sent
+            // before the write is out; the write is kept or lost whole;
+            // nothing that waits for the fsync happens.
+            let kept = self.node(id).disk.take_torn().unwrap_or(false);
             let back = (self.now + self.rng.random_range(50..600)).min(self.opts.heal_at_ms);
             self.fault_log.push(format!(
                 "node {id} crashed mid-write at {}, the write {}, restart at {back}",
@@ -1374,103 +1315,131 @@ impl World {
             self.at(back, Ev::Restart(id));
             return;
         }
-        if !rd.snapshot().is_empty() {
-            // A snapshot from the leader replaces the state.
-            self.snapshots_installed += 1;
-            let node = &mut self.nodes[idx];
-            node.sm = restore(rd.snapshot());
-            node.applied = rd.snapshot().get_metadata().index;
-            node.applied_term = rd.snapshot().get_metadata().term;
-            node.conf = rd.snapshot().get_metadata().get_conf_state().clone();
+        if let Some(job) = job {
+            // The snapshot thread encodes and writes it; the loop hears of
+            // it a little later.
+            let mut snapshot = job.snapshot;
+            snapshot.set_data((job.encode)().into());
+            let life = self.node(id).life;
+            let took = self.rng.random_range(1..=1 + self.faults.disk_ms);
+            let ev = Ev::SnapshotWritten {
+                node: id,
+                life,
+                snapshot: Box::new(snapshot),
+            };
+            self.at(self.now + took, ev);
         }
-        write(&store, &rd);
-        let persisted = rd.take_persisted_messages();
-        let raw = self.nodes[idx].raw.as_mut().expect("checked above");
-        // The loop applies this Ready's committed entries before `advance`,
-        // which tells raft they are applied; here they are applied after
-        // it, so raft is told only at `advance_apply` below. (Told early,
-        // a leader leaving a joint membership proposed the leave twice.)
-        let mut light = raw.advance_append(rd);
-        if let Some(commit) = light.commit_index() {
-            store.log.wl().mut_hard_state().set_commit(commit);
-        }
-        let light_messages = light.take_messages();
-        let light_committed = light.take_committed_entries();
-        for m in messages {
-            self.send_raft(id, m, 0);
-        }
-        self.apply(id, committed);
-        for m in persisted {
-            self.send_raft(id, m, disk_ms);
-        }
-        for m in light_messages {
-            self.send_raft(id, m, disk_ms);
-        }
-        self.apply(id, light_committed);
-        if let Some(raw) = self.nodes[idx].raw.as_mut() {
-            raw.advance_apply();
-        }
-        self.answer_reads(id);
-        self.maybe_snapshot(id);
     }
 
-    /// Snapshots the state at the applied index and compacts the log up to
-    /// it, once enough entries were applied since the last snapshot.
-    fn maybe_snapshot(&mut self, id: u64) {
-        let every = self.snapshot_every;
-        let node = &mut self.nodes[(id - 1) as usize];
-        let last = node.store.snapshot().get_metadata().index;
-        // Only what raft, too, counts as applied (a build with an injected
-        // bug applies ahead of it).
-        let raft_applied = node.raw.as_ref().map(|r| r.raft.raft_log.applied);
-        if raft_applied != Some(node.applied) || node.applied <= last {
-            return;
+    /// Delivers what a node's turn sent: its peer messages (those sent
+    /// after a synced write waited for the disk), what its observer heard
+    /// (to the checker), and the answers its waiters got.
+    fn after_turn(&mut self, id: u64) {
+        let disk_ms = self.faults.disk_ms;
+        let idx = (id - 1) as usize;
+        let out = std::mem::take(&mut *self.nodes[idx].out.lock().expect("one thread"));
+        for (m, after_sync) in out {
+            self.send_raft(id, m, if after_sync { disk_ms } else { 0 });
         }
-        // Raft needed a snapshot the newest one cannot serve (a node added
-        // since), as `raft/snapshots.rs` takes one then.
-        let wanted = std::mem::take(&mut *node.store.wanted.lock().expect("one thread"));
-        if !wanted && every.is_none_or(|every| node.applied < last + every) {
-            return;
+        let heard = std::mem::take(&mut *self.nodes[idx].ears.0.lock().expect("one thread"));
+        for h in heard {
+            self.heard(id, h);
         }
-        let mut snap = Snapshot::default();
-        snap.set_data(Replicated::snapshot(&node.sm)().into());
-        let meta = snap.mut_metadata();
-        meta.index = node.applied;
-        meta.term = node.applied_term;
-        meta.set_conf_state(node.conf.clone());
-        *node.store.snapshot.lock().expect("one thread") = snap;
-        // Restarted from this snapshot, raft starts from its membership
-        // and is told the changes after it again (as `LogStore` does).
-        let mut log = node.store.log.wl();
-        log.set_conf_state(node.conf.clone());
-        log.compact(node.applied)
-            .expect("compacting behind a snapshot");
-    }
-
-    /// Serves every Get whose read index this node has applied.
-    fn answer_reads(&mut self, id: u64) {
-        let node = &mut self.nodes[(id - 1) as usize];
-        let applied = node.applied;
-        let ready: Vec<u64> = node
+        let mut answered = Vec::new();
+        self.nodes[idx]
+            .waiting
+            .retain_mut(|(rx, waiter)| match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => true,
+                Ok(result) => {
+                    answered.push((result.ok(), waiter.clone()));
+                    false
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    answered.push((None, waiter.clone()));
+                    false
+                }
+            });
+        for (result, waiter) in answered {
+            match waiter {
+                Waiter::Client { client, req } => self.send(
+                    Addr::Node(id),
+                    Addr::Client(client),
+                    Ev::ClientReply {
+                        client,
+                        req,
+                        reply: result,
+                    },
+                    0,
+                ),
+                Waiter::Driver { epoch, gid, key } => {
+                    if let Some(key) = key {
+                        self.proposal_applied(id, epoch, &gid, key);
+                    }
+                }
+                Waiter::Internal => {}
+            }
+        }
+        let mut read = Vec::new();
+        self.nodes[idx]
             .reads
-            .iter()
-            .filter(|(_, r)| r.index.is_some_and(|i| i <= applied))
-            .map(|(ctx, _)| *ctx)
-            .collect();
-        for ctx in ready {
-            let node = &mut self.nodes[(id - 1) as usize];
-            let read = node.reads.remove(&ctx).expect("listed above");
-            let seen = Some(node.sm.get(&read.gid).cloned());
-            self.send(
-                Addr::Node(id),
-                Addr::Reader(read.reader),
-                Ev::GetReply {
-                    reader: read.reader,
-                    req: read.req,
-                    seen,
-                },
-                0,
-            );
+            .retain_mut(|(rx, pending)| match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => true,
+                Ok(result) => {
+                    let seen = result.ok().map(|view| view.get(&pending.gid));
+                    read.push((pending.reader, pending.req, seen));
+                    false
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    read.push((pending.reader, pending.req, None));
+                    false
+                }
+            });
+        for (reader, req, seen) in read {
+            let reply = Ev::GetReply { reader, req, seen };
+            self.send(Addr::Node(id), Addr::Reader(reader), reply, 0);
+        }
+    }
+
+    /// What a node's loop told its observer, held to the replicas' rules.
+    fn heard(&mut self, id: u64, heard: Heard) {
+        match heard {
+            Heard::Entry { index, term } => match self.committed.get(&index) {
+                Some((seen, _)) if *seen != term => self.violations.push(format!(
+                    "replicas disagree: node {id} applied entry {index} of term {term}, another of term {seen}"
+                )),
+                Some(_) => {}
+                None => {
+                    self.committed.insert(index, (term, self.now));
+                }
+            },
+            Heard::Membership {
+                index,
+                conf: None,
+                ..
+            } => self.violations.push(format!(
+                "membership: node {id} refused the committed conf change at {index}"
+            )),
+            Heard::Membership {
+                index,
+                conf: Some(conf),
+                stepped_down,
+            } => {
+                if stepped_down {
+                    self.fault_log.push(format!(
+                        "node {id} applied its own removal at {index} while leading, and stepped down"
+                    ));
+                }
+                match self.conf_at.get(&index) {
+                    Some(seen) if *seen != conf => self.violations.push(format!(
+                        "replicas disagree: node {id} has membership {conf:?} after entry {index}, another {seen:?}"
+                    )),
+                    Some(_) => {}
+                    None => {
+                        self.conf_at.insert(index, conf);
+                    }
+                }
+            }
+            Heard::Restored => self.snapshots_installed += 1,
         }
     }
 
@@ -1496,105 +1465,6 @@ impl World {
         }
     }
 
-    fn apply(&mut self, id: u64, entries: Vec<Entry>) {
-        let idx = (id - 1) as usize;
-        for entry in entries {
-            match self.committed.get(&entry.index) {
-                Some((term, _)) if *term != entry.term => self.violations.push(format!(
-                    "replicas disagree: node {id} applied entry {} of term {}, another of term {term}",
-                    entry.index, entry.term
-                )),
-                Some(_) => {}
-                None => {
-                    self.committed.insert(entry.index, (entry.term, self.now));
-                }
-            }
-            let node = &mut self.nodes[idx];
-            if entry.index <= node.applied {
-                continue;
-            }
-            node.applied = entry.index;
-            node.applied_term = entry.term;
-            let waiter = match node.pending.remove(&entry.index) {
-                Some((term, w)) if term == entry.term => Some(w),
-                _ => None,
-            };
-            if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
-                self.apply_conf_change(id, &entry);
-                continue;
-            }
-            if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
-                continue;
-            }
-            let result = Replicated::apply(&mut node.sm, &entry.data, entry.index, entry.term);
-            match waiter {
-                Some(Waiter::Client { client, req }) => self.send(
-                    Addr::Node(id),
-                    Addr::Client(client),
-                    Ev::ClientReply {
-                        client,
-                        req,
-                        reply: Some(result),
-                    },
-                    0,
-                ),
-                Some(Waiter::Driver { epoch, gid, key }) => {
-                    if let Some(key) = key {
-                        self.proposal_applied(id, epoch, &gid, key);
-                    }
-                }
-                Some(Waiter::Internal) | None => {}
-            }
-        }
-    }
-
-    /// A committed membership change, applied as `raft/membership.rs`
-    /// applies it: raft's configuration, then the members' addresses in
-    /// the state machine.
-    fn apply_conf_change(&mut self, id: u64, entry: &Entry) {
-        use protobuf::Message as _;
-        let mut cc = ConfChangeV2::default();
-        cc.merge_from_bytes(&entry.data)
-            .expect("a conf change this simulation proposed decodes");
-        let node = &mut self.nodes[(id - 1) as usize];
-        let Some(raw) = node.raw.as_mut() else {
-            return;
-        };
-        let conf = match raw.apply_conf_change(&cc) {
-            Ok(conf) => conf,
-            Err(e) => {
-                self.violations.push(format!(
-                    "membership: node {id} refused the committed conf change at {}: {e}",
-                    entry.index
-                ));
-                return;
-            }
-        };
-        if crate::raft::step_down_if_removed(&mut raw.raft) {
-            self.fault_log.push(format!(
-                "node {id} applied its own removal at {} while leading, and stepped down",
-                entry.index
-            ));
-        }
-        for change in cc.get_changes() {
-            let member = change.node_id;
-            let address = (change.get_change_type() != ConfChangeType::RemoveNode)
-                .then(|| format!("node{member}.sim:7171"));
-            node.sm.set_member(member, address);
-        }
-        node.conf = conf.clone();
-        match self.conf_at.get(&entry.index) {
-            Some(seen) if *seen != conf => self.violations.push(format!(
-                "replicas disagree: node {id} has membership {conf:?} after entry {}, another {seen:?}",
-                entry.index
-            )),
-            Some(_) => {}
-            None => {
-                self.conf_at.insert(entry.index, conf);
-            }
-        }
-    }
-
     /// The nodes of the membership the last committed change left (the
     /// founding voters if none): those the checker holds to every rule.
     fn members(&self) -> impl Iterator<Item = &Node> {
@@ -1608,10 +1478,10 @@ impl World {
         })
     }
 
-    /// The operator's membership change at `i` in the plan: made at the
-    /// leader as `raft/membership.rs` makes it (one at a time, joint
-    /// consensus left by itself, a leader removed only after it handed
-    /// over), then checked again until it is in effect; then the next.
+    /// The operator's membership change at `i` in the plan, asked of the
+    /// leader's loop as `tandem cluster` asks it (the loop makes it one at
+    /// a time, by joint consensus, and has a leader it would remove hand
+    /// over first), then asked again until it is in effect; then the next.
     fn membership(&mut self, i: usize) {
         if i != self.plan_at || i >= self.plan.len() {
             return;
@@ -1621,23 +1491,30 @@ impl World {
             self.at(again, Ev::Membership(i));
             return;
         };
-        let node = &self.nodes[(leader - 1) as usize];
-        let conf = node.conf.clone();
+        let conf = self.nodes[(leader - 1) as usize]
+            .core
+            .as_ref()
+            .expect("a leading node is up")
+            .conf_state()
+            .clone();
         let voter = |id: u64| conf.voters.contains(&id);
         let learner = |id: u64| conf.learners.contains(&id);
         let joint = !conf.voters_outgoing.is_empty();
-        // (the change to make, or whether the plan moves on: in effect or refused)
+        // (the change to ask for, or whether the plan moves on: in effect or refused)
         let change = match self.plan[i] {
             Change::AddLearner(id) if voter(id) || learner(id) => Err(true),
-            Change::AddLearner(id) => Ok((id, ConfChangeType::AddLearnerNode)),
+            Change::AddLearner(id) => Ok(MembershipChange::AddLearner {
+                id,
+                address: address(id),
+            }),
             Change::Promote(id) if voter(id) && !joint => Err(true),
             Change::Promote(id) if !learner(id) && !voter(id) => Err(false),
-            Change::Promote(id) => Ok((id, ConfChangeType::AddNode)),
+            Change::Promote(id) => Ok(MembershipChange::Promote { id }),
             Change::Remove(id) if !voter(id) && !learner(id) && !joint => Err(true),
             Change::Remove(id) if conf.voters == [id] => Err(false),
-            Change::Remove(id) => Ok((id, ConfChangeType::RemoveNode)),
+            Change::Remove(id) => Ok(MembershipChange::Remove { id }),
         };
-        let (id, change_type) = match change {
+        let change = match change {
             Err(in_effect) => {
                 if !in_effect {
                     self.fault_log
@@ -1652,68 +1529,36 @@ impl World {
             }
             Ok(change) => change,
         };
-        let raw = self.nodes[(leader - 1) as usize]
-            .raw
-            .as_mut()
-            .expect("a leading node is up");
-        if joint || raw.raft.has_pending_conf() {
-            // One change at a time (`MembershipInProgress`).
-        } else if id == leader && change_type == ConfChangeType::RemoveNode {
-            // A leader hands over before it is removed.
-            if let Some(to) = crate::raft::best_transferee(&raw.raft, &conf.voters) {
-                raw.transfer_leader(to);
-            }
-        } else {
-            let cc = crate::raft::joint_change(id, change_type);
-            let _ = raw.propose_conf_change(Vec::new(), cc);
-        }
-        self.ready(leader);
+        // Its answer does not matter: the plan looks at the membership.
+        let (reply, _) = oneshot::channel();
+        self.turn(
+            leader,
+            vec![Input::ChangeMembership { change, reply }],
+            false,
+        );
         self.at(again, Ev::Membership(i));
     }
 
     /// Leader, and has applied an entry of its own term (its state holds
     /// every committed entry): the real loop's condition to start driving.
     fn leading(&self, id: u64) -> bool {
-        let node = &self.nodes[(id - 1) as usize];
-        node.raw.as_ref().is_some_and(|raw| {
-            raw.raft.state == StateRole::Leader && node.applied_term == raw.raft.term
-        })
+        self.nodes[(id - 1) as usize]
+            .core
+            .as_ref()
+            .is_some_and(|c| c.leading())
     }
 
+    /// Proposes a command at a node's loop; false if the node is down. Its
+    /// answer goes to `waiter` after the turn (refused ones included).
     fn propose(&mut self, id: u64, command: &Command, waiter: Waiter) -> bool {
         let node = self.node(id);
-        let Some(raw) = node.raw.as_mut() else {
-            return false;
-        };
-        if raw.propose(vec![], codec::encode(command)).is_err() {
+        if node.core.is_none() {
             return false;
         }
-        let index = raw.raft.raft_log.last_index();
-        let term = raw.raft.term;
-        // The bug the checker must catch (tests/simulation.rs): the leader
-        // applies and answers before the entry is committed.
-        #[cfg(feature = "inject-bug-apply-before-commit")]
-        if node.applied + 1 == index {
-            let result = Replicated::apply(&mut node.sm, &codec::encode(command), index, term);
-            node.applied = index;
-            node.applied_term = term;
-            if let Waiter::Client { client, req } = waiter {
-                self.send(
-                    Addr::Node(id),
-                    Addr::Client(client),
-                    Ev::ClientReply {
-                        client,
-                        req,
-                        reply: Some(result),
-                    },
-                    0,
-                );
-            }
-            self.ready(id);
-            return true;
-        }
-        node.pending.insert(index, (term, waiter));
-        self.ready(id);
+        let (reply, rx) = oneshot::channel();
+        node.waiting.push((rx, waiter));
+        let data = codec::encode(command);
+        self.turn(id, vec![Input::Propose { data, reply }], false);
         true
     }
 
@@ -1732,7 +1577,11 @@ impl World {
                 workers: BTreeMap::new(),
                 calls: BTreeMap::new(),
             });
-            if self.node(id).sm.cluster_id().is_none() {
+            if self
+                .node(id)
+                .sm()
+                .is_some_and(|sm| sm.cluster_id().is_none())
+            {
                 let cluster_id = uuid::Uuid::from_u64_pair(self.seed, 1);
                 self.propose(id, &Command::InitCluster { cluster_id }, Waiter::Internal);
             }
@@ -1744,18 +1593,22 @@ impl World {
         let idx = (id - 1) as usize;
         let now = self.instant();
         let wall = self.wall_ms(idx);
-        let mut gids: Vec<String> = self.nodes[idx].sm.active_gids().cloned().collect();
+        let Some(sm) = self.nodes[idx].sm() else {
+            return;
+        };
+        let mut gids: Vec<String> = sm.active_gids().cloned().collect();
         gids.sort();
         let mut timeouts = Vec::new();
         let mut starts = Vec::new();
         {
             let node = &mut self.nodes[idx];
+            let sm = node.core.as_ref().expect("up").machine();
             let driver = node.driver.as_mut().expect("made above");
             driver
                 .workers
                 .retain(|gid, _| gids.binary_search(gid).is_ok());
             for gid in &gids {
-                let tx = node.sm.get(gid).expect("active").clone();
+                let tx = sm.get(gid).expect("active").clone();
                 let w = driver.workers.entry(gid.clone()).or_insert_with(|| Worker {
                     in_flight: HashSet::new(),
                     retry_at: HashMap::new(),
@@ -1909,7 +1762,7 @@ impl World {
     fn proposal_applied(&mut self, id: u64, epoch: u64, gid: &str, key: Key) {
         let now = self.instant();
         let node = &mut self.nodes[(id - 1) as usize];
-        let Some(driver) = node.driver.as_mut() else {
+        let (Some(driver), Some(core)) = (node.driver.as_mut(), node.core.as_ref()) else {
             return;
         };
         if driver.epoch != epoch {
@@ -1919,7 +1772,7 @@ impl World {
             return;
         };
         w.in_flight.remove(&key);
-        let Some(tx) = node.sm.get(gid) else {
+        let Some(tx) = core.machine().get(gid) else {
             return;
         };
         let failing = w.failing.get(&key).copied().unwrap_or_default();
@@ -2059,15 +1912,18 @@ impl World {
 
     fn client_request(&mut self, id: u64, c: usize, req: u64, mut command: Command) {
         let idx = (id - 1) as usize;
-        if !self.leading(id) {
+        let Some(core) = self.nodes[idx].core.as_ref() else {
+            return;
+        };
+        // The service's `ensure_leader`: not the leader, the client goes
+        // elsewhere at once.
+        if core.raft().state != StateRole::Leader {
             let reply = Ev::ClientReply {
                 client: c,
                 req,
                 reply: None,
             };
-            if self.nodes[idx].raw.is_some() {
-                self.send(Addr::Node(id), Addr::Client(c), reply, 0);
-            }
+            self.send(Addr::Node(id), Addr::Client(c), reply, 0);
             return;
         }
         // The leader stamps its clock into the command, as the service does.
@@ -2197,50 +2053,14 @@ impl World {
     }
 
     fn get_request(&mut self, id: u64, reader: usize, req: u64, gid: String) {
-        let idx = (id - 1) as usize;
-        let Some(raw) = self.nodes[idx].raw.as_mut() else {
-            return;
-        };
-        // The bug the checker must catch (tests/simulation.rs): a node
-        // answers from its own state without asking the leader.
-        #[cfg(feature = "inject-bug-stale-read")]
-        #[allow(clippy::needless_return)] // the honest path follows, compiled out
-        {
-            let _ = raw;
-            let seen = Some(self.nodes[idx].sm.get(&gid).cloned());
-            let reply = Ev::GetReply { reader, req, seen };
-            self.send(Addr::Node(id), Addr::Reader(reader), reply, 0);
+        let deadline = std::time::Instant::from(self.instant()) + Duration::from_millis(200);
+        let node = self.node(id);
+        if node.core.is_none() {
             return;
         }
-        #[cfg(not(feature = "inject-bug-stale-read"))]
-        {
-            if raw.raft.leader_id == 0 {
-                let reply = Ev::GetReply {
-                    reader,
-                    req,
-                    seen: None,
-                };
-                self.send(Addr::Node(id), Addr::Reader(reader), reply, 0);
-                return;
-            }
-            let node = &mut self.nodes[idx];
-            let ctx = node.next_read_ctx;
-            node.next_read_ctx += 1;
-            node.raw
-                .as_mut()
-                .expect("checked above")
-                .read_index(ctx.to_le_bytes().to_vec());
-            node.reads.insert(
-                ctx,
-                PendingRead {
-                    reader,
-                    req,
-                    gid,
-                    index: None,
-                },
-            );
-            self.ready(id);
-        }
+        let (reply, rx) = oneshot::channel();
+        node.reads.push((rx, PendingRead { reader, req, gid }));
+        self.turn(id, vec![Input::Read { reply, deadline }], false);
     }
 
     fn get_reply(&mut self, r: usize, req: u64, seen: Option<Option<std::sync::Arc<Transaction>>>) {
@@ -2264,22 +2084,6 @@ impl World {
         let token = reader.token;
         let gap = self.rng.random_range(10..60);
         self.at(now + gap, Ev::ReaderWake(r, token));
-    }
-}
-
-/// Writes a Ready's snapshot, entries and hard state: one durable write.
-fn write(disk: &Disk, rd: &raft::Ready) {
-    let mut core = disk.log.wl();
-    if !rd.snapshot().is_empty() {
-        core.apply_snapshot(rd.snapshot().clone())
-            .expect("a snapshot newer than the log");
-        *disk.snapshot.lock().expect("one thread") = rd.snapshot().clone();
-    }
-    if !rd.entries().is_empty() {
-        core.append(rd.entries()).expect("appending to the log");
-    }
-    if let Some(hs) = rd.hs() {
-        core.set_hardstate(hs.clone());
     }
 }
 

@@ -1,0 +1,378 @@
+//! What the real Raft loop (`raft::Loop`) runs on in the simulation: a disk
+//! in memory that a crash can tear, a network that hands the loop's
+//! messages to the simulated one, and an observer that reports what the
+//! loop applied to the checker. The loop is the node's own code; only these
+//! three are the simulation's.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use raft::eraftpb::{ConfState, Entry, HardState, Message, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::model::ApplyResult;
+use crate::raft::storage::{BOOTSTRAP_INDEX, BOOTSTRAP_TERM, LogStorage, StoreError};
+use crate::raft::transport::PeerNet;
+use crate::raft::{Observer, Replicated};
+use crate::state::StateMachine;
+
+/// Crashes in the middle of a log write, drawn per write from the seed
+/// (one source for the whole cluster, so a run draws them in event order).
+pub(super) struct Tears {
+    rng: StdRng,
+    /// The chance that a write tears.
+    pub(super) chance: f64,
+    /// How many more this run may have.
+    pub(super) left: u32,
+}
+
+impl Tears {
+    pub(super) fn new(seed: u64, chance: f64, left: u32) -> Arc<Mutex<Tears>> {
+        Arc::new(Mutex::new(Tears {
+            rng: StdRng::seed_from_u64(seed ^ 0x7465_6172),
+            chance,
+            left,
+        }))
+    }
+
+    /// `Some(kept)` if this write tears: the node dies while it is under
+    /// way, and the write is kept or lost whole (raft-engine writes a batch
+    /// as one checksummed record and drops a torn tail on recovery).
+    fn draw(&mut self) -> Option<bool> {
+        if self.left == 0 || self.chance <= 0.0 || !self.rng.random_bool(self.chance) {
+            return None;
+        }
+        self.left -= 1;
+        Some(self.rng.random_bool(0.5))
+    }
+}
+
+/// A node's disk: what `LogStore` keeps in raft-engine and snapshot files,
+/// kept the same way — entries after a truncation mark, the hard state,
+/// the newest snapshot — and shared by the running loop and the node that
+/// outlives its crashes.
+#[derive(Clone)]
+pub(super) struct Disk(Arc<Mutex<DiskState>>);
+
+struct DiskState {
+    hard_state: HardState,
+    /// Index and term of the last entry compaction (or a snapshot) removed.
+    truncated: (u64, u64),
+    /// The entries from `truncated.0 + 1` on.
+    entries: Vec<Entry>,
+    snapshot: Snapshot,
+    /// Raft asked for a snapshot the newest cannot serve.
+    wanted: bool,
+    /// A synced write happened in the loop's current turn: what it sends
+    /// afterwards waited for the disk.
+    synced: bool,
+    /// The node crashed in its last write: whether the write was kept.
+    torn: Option<bool>,
+    tears: Arc<Mutex<Tears>>,
+}
+
+impl Disk {
+    /// An empty disk (a node that joins later), or a founding member's,
+    /// with the bootstrap snapshot `LogStore` writes (index 1, `voters`).
+    pub(super) fn new(voters: Option<&[u64]>, tears: Arc<Mutex<Tears>>) -> Disk {
+        let mut state = DiskState {
+            hard_state: HardState::default(),
+            truncated: (0, 0),
+            entries: Vec::new(),
+            snapshot: Snapshot::default(),
+            wanted: false,
+            synced: false,
+            torn: None,
+            tears,
+        };
+        if let Some(voters) = voters {
+            let mut snap = Snapshot::default();
+            snap.set_data(Replicated::snapshot(&StateMachine::new(BTreeMap::new()))().into());
+            let meta = snap.mut_metadata();
+            meta.index = BOOTSTRAP_INDEX;
+            meta.term = BOOTSTRAP_TERM;
+            meta.set_conf_state(ConfState::from((voters.to_vec(), vec![])));
+            state.snapshot = snap;
+            state.truncated = (BOOTSTRAP_INDEX, BOOTSTRAP_TERM);
+            state.hard_state.term = BOOTSTRAP_TERM;
+            state.hard_state.commit = BOOTSTRAP_INDEX;
+        }
+        Disk(Arc::new(Mutex::new(state)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DiskState> {
+        self.0.lock().expect("the simulation runs on one thread")
+    }
+
+    pub(super) fn snapshot(&self) -> Snapshot {
+        self.lock().snapshot.clone()
+    }
+
+    /// A turn of the loop begins.
+    pub(super) fn begin_turn(&self) {
+        self.lock().synced = false;
+    }
+
+    /// Whether the last write tore, and if so whether it was kept.
+    pub(super) fn take_torn(&self) -> Option<bool> {
+        self.lock().torn.take()
+    }
+}
+
+impl DiskState {
+    fn first_index(&self) -> u64 {
+        self.truncated.0 + 1
+    }
+
+    fn last_index(&self) -> u64 {
+        self.truncated.0 + self.entries.len() as u64
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.truncated.0 {
+            return Ok(self.truncated.1);
+        }
+        if idx < self.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last_index() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.entries[(idx - self.first_index()) as usize].term)
+    }
+}
+
+impl raft::Storage for Disk {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        // As `LogStore`: the membership as of the snapshot; committed
+        // changes after it are applied again on start.
+        let state = self.lock();
+        Ok(RaftState::new(
+            state.hard_state.clone(),
+            state.snapshot.get_metadata().get_conf_state().clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let state = self.lock();
+        if low < state.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > state.last_index() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let first = state.first_index();
+        let mut entries = state.entries[(low - first) as usize..(high - first) as usize].to_vec();
+        raft::util::limit_size(&mut entries, max_size.into());
+        Ok(entries)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.lock().term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.lock().first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.lock().last_index())
+    }
+
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // As `LogStore` serves one: a node added after the snapshot would
+        // refuse it (it is not in the snapshot's membership).
+        let mut state = self.lock();
+        let meta = state.snapshot.get_metadata();
+        let conf = meta.get_conf_state();
+        let includes_receiver = conf.voters.contains(&to) || conf.learners.contains(&to);
+        if meta.index < request_index.max(1) || !includes_receiver {
+            state.wanted = true;
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(state.snapshot.clone())
+    }
+}
+
+impl LogStorage for Disk {
+    fn persist(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if entries.is_empty() && hard_state.is_none() {
+            return Ok(());
+        }
+        let torn = state.tears.lock().expect("one thread").draw();
+        if torn == Some(false) {
+            state.torn = torn;
+            return Err(StoreError::CrashedMidWrite);
+        }
+        if let Some(first) = entries.first() {
+            // A conflicting append replaces the tail.
+            let keep = first.index.saturating_sub(state.first_index()) as usize;
+            state.entries.truncate(keep);
+            state.entries.extend_from_slice(entries);
+        }
+        if let Some(hs) = hard_state {
+            state.hard_state = hs.clone();
+        }
+        if torn.is_some() {
+            state.torn = torn;
+            return Err(StoreError::CrashedMidWrite);
+        }
+        state.synced |= sync;
+        Ok(())
+    }
+
+    fn note_commit(&mut self, commit: u64) {
+        let mut state = self.lock();
+        state.hard_state.commit = state.hard_state.commit.max(commit);
+    }
+
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let meta = snapshot.get_metadata();
+        state.truncated = (meta.index, meta.term);
+        state.hard_state.commit = state.hard_state.commit.max(meta.index);
+        state.hard_state.term = state.hard_state.term.max(meta.term);
+        state.entries.clear();
+        state.snapshot = snapshot.clone();
+        state.synced = true;
+        Ok(())
+    }
+
+    fn adopt_snapshot(&mut self, snapshot: Snapshot, compact_to: u64) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let index = snapshot.get_metadata().index;
+        assert!(
+            compact_to <= index + 1,
+            "compaction would pass the snapshot"
+        );
+        if index <= state.snapshot.get_metadata().index {
+            return Ok(());
+        }
+        let term = snapshot.get_metadata().term;
+        state.snapshot = snapshot;
+        if compact_to > state.first_index() {
+            let last = compact_to - 1;
+            let last_term = state.term(last).unwrap_or(term);
+            let drop = ((compact_to - state.first_index()) as usize).min(state.entries.len());
+            state.entries.drain(..drop);
+            state.truncated = (last, last_term);
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn snapshot_metadata(&self) -> SnapshotMetadata {
+        self.lock().snapshot.get_metadata().clone()
+    }
+
+    fn snapshot_index(&self) -> u64 {
+        self.lock().snapshot.get_metadata().index
+    }
+
+    fn snapshot_len(&self) -> usize {
+        self.lock().snapshot.get_data().len()
+    }
+
+    fn take_snapshot_wanted(&self) -> bool {
+        std::mem::take(&mut self.lock().wanted)
+    }
+}
+
+/// The loop's side of the simulated network: what it sends, collected for
+/// the world to deliver after the turn, each with whether it left after a
+/// synced write (then it waited for the disk).
+#[derive(Clone)]
+pub(super) struct Net {
+    pub(super) out: Arc<Mutex<Vec<(Message, bool)>>>,
+    pub(super) disk: Disk,
+}
+
+impl PeerNet for Net {
+    fn send(&self, messages: Vec<Message>) {
+        let after_sync = self.disk.lock().synced;
+        self.out
+            .lock()
+            .expect("one thread")
+            .extend(messages.into_iter().map(|m| (m, after_sync)));
+    }
+
+    fn set_addresses(&self, _addresses: BTreeMap<u64, String>) {}
+}
+
+/// What the loop told its observer, for the checker.
+#[derive(Clone, Debug)]
+pub(super) enum Heard {
+    Entry {
+        index: u64,
+        term: u64,
+    },
+    Membership {
+        index: u64,
+        conf: Option<ConfState>,
+        stepped_down: bool,
+    },
+    /// A snapshot from the leader replaced the state.
+    Restored,
+}
+
+/// The observer of a simulated node: it proposes nothing (the simulation's
+/// driver does) and reports what it hears.
+#[derive(Clone, Default)]
+pub(super) struct Ears(pub(super) Arc<Mutex<Vec<Heard>>>);
+
+impl Ears {
+    fn hear(&self, heard: Heard) {
+        self.0.lock().expect("one thread").push(heard);
+    }
+}
+
+impl Observer<StateMachine> for Ears {
+    fn applied(&mut self, _: &StateMachine, _: &ApplyResult, _: u64, _: bool) {}
+
+    fn lead(&mut self, _: &StateMachine, _: u64) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
+
+    fn follow(&mut self) {}
+
+    fn tick(&mut self, _: &StateMachine, _: bool) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
+
+    fn restored(&mut self, _: &StateMachine) {
+        self.hear(Heard::Restored);
+    }
+
+    fn closed(&mut self) {}
+
+    fn entry_applied(&mut self, index: u64, term: u64) {
+        self.hear(Heard::Entry { index, term });
+    }
+
+    fn membership_changed(&mut self, index: u64, conf: Option<&ConfState>, stepped_down: bool) {
+        self.hear(Heard::Membership {
+            index,
+            conf: conf.cloned(),
+            stepped_down,
+        });
+    }
+}
