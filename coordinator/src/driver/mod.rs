@@ -4,10 +4,12 @@
 //! are harmless facts.
 //!
 //! One worker task per unfinished transaction. A worker reads the latest
-//! applied state of its transaction, asks the pure [`plan::plan`] which
-//! calls to start, whether to propose a timeout and when to look again,
-//! carries that out (calls run concurrently), waits for a result, a change
-//! or its wake time, and repeats until the transaction is terminal. An op that is still open after its answer was recorded
+//! applied state of its transaction, asks its [`worker::WorkerState`] (over
+//! the pure [`plan::plan`]) which calls to start, whether to propose a
+//! timeout and when to look again, carries that out (calls run
+//! concurrently), waits for a result, a change or its wake time, and
+//! repeats until the transaction is terminal. The state is pure: the
+//! simulation drives the same one. An op that is still open after its answer was recorded
 //! (pending, or refused in phase two) is retried after
 //! [`crate::protocol::retry::backoff`]; failures are recorded in the log sparsely
 //! ([`crate::protocol::retry::should_record`]), not one entry per attempt. An undecided
@@ -18,7 +20,7 @@
 //! The commit point holds by construction: phase-two calls come only from
 //! applied state, and a decision is applied only once committed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +32,10 @@ use tracing::Instrument;
 use crate::branch::{BranchCall, BranchTransport};
 use crate::clock::Clock;
 pub mod plan;
+pub mod worker;
 
 use plan::Failing;
+use worker::WorkerState;
 
 use crate::model::command::{Applied, Command, OpOutcome};
 use crate::model::types::{Op, Transaction};
@@ -216,40 +220,17 @@ impl<T: BranchTransport> Clone for Worker<T> {
 
 impl<T: BranchTransport> Worker<T> {
     async fn run(self, mut updates: watch::Receiver<Arc<Transaction>>) {
-        let mut current = updates.borrow_and_update().clone();
-        let mut in_flight: HashSet<(String, Op)> = HashSet::new();
-        let mut retry_at: HashMap<(String, Op), Instant> = HashMap::new();
-        let mut failing: HashMap<(String, Op), Failing> = HashMap::new();
+        let first = updates.borrow_and_update().clone();
+        let mut state = WorkerState::new(first, Instant::now(), self.clock.now_ms());
         let mut calls: JoinSet<Done> = JoinSet::new();
-        let mut timeout_sent_at: Option<Instant> = None;
-        let deadline_at = plan::deadline_at(&current, Instant::now(), self.clock.now_ms());
-        let mut fanned_out = false;
-        let mut repairs_seen = plan::last_repair_index(&current);
-
         loop {
-            if current.state.is_terminal() {
+            if state.is_done() {
                 return;
             }
-            // An operator's retry: the named ops are due now.
-            let (asked, seen) = plan::retries_asked(&current, repairs_seen);
-            repairs_seen = seen;
-            for branch in asked {
-                retry_at.retain(|(b, _), _| branch.as_deref().is_some_and(|id| id != b));
-            }
-            let now = Instant::now();
-            let view = plan::View {
-                tx: &current,
-                in_flight: &in_flight,
-                retry_at: &retry_at,
-                timeout_sent_at,
-                deadline_at,
-            };
-            let plan = plan::plan(&view, now);
-            if plan.propose_timeout {
-                timeout_sent_at = Some(now);
+            let next = state.next(Instant::now(), self.clock.now_ms());
+            if let Some(now_ms) = next.timeout {
                 let node = self.node.clone();
-                let gid = current.gid.clone();
-                let now_ms = plan::timeout_stamp(&current, self.clock.now_ms());
+                let gid = state.current().gid.clone();
                 calls.spawn(async move {
                     let command = Command::Timeout { gid, now_ms };
                     let tx = propose(&node, command).await;
@@ -260,23 +241,13 @@ impl<T: BranchTransport> Worker<T> {
                     }
                 });
             }
-            for call in plan.start {
-                if current.is_decided() && !fanned_out {
-                    // The decision is applied, so committed; nothing of phase
-                    // two has left this node yet.
-                    fail::fail_point!(failpoints::BEFORE_FANOUT);
-                    fanned_out = true;
-                }
-                let key = (call.branch_id.clone(), call.op);
-                let so_far = *failing
-                    .entry(key.clone())
-                    .or_insert_with(|| Failing::from_log(&current, &key));
-                in_flight.insert(key);
-                let spec = CallSpec::new(&current, call);
+            if next.fanning_out {
+                fail::fail_point!(failpoints::BEFORE_FANOUT);
+            }
+            for (call, so_far) in next.start {
+                let spec = CallSpec::new(state.current(), call);
                 calls.spawn(self.clone().call(spec, so_far));
             }
-            let wake = plan.wake_at;
-
             tokio::select! {
                 changed = updates.changed() => {
                     if changed.is_err() {
@@ -284,34 +255,13 @@ impl<T: BranchTransport> Worker<T> {
                         return;
                     }
                     let tx = updates.borrow_and_update().clone();
-                    if tx.version > current.version {
-                        current = tx;
-                    }
+                    state.update(tx);
                 }
                 Some(done) = calls.join_next(), if !calls.is_empty() => {
                     let Ok(done) = done else { continue };
-                    if let Some(tx) = done.tx
-                        && tx.version > current.version {
-                            current = tx;
-                        }
-                    let Some(key) = done.key else { continue };
-                    in_flight.remove(&key);
-                    // One rule: an op still open once its answer is in the
-                    // log is called again after the backoff; whatever the
-                    // answer was (unavailable, refused, or a success whose
-                    // proposal did not get in).
-                    match plan::retry_after(&current, &key, done.failing) {
-                        Some(wait) => {
-                            retry_at.insert(key.clone(), Instant::now() + wait);
-                            failing.insert(key, done.failing);
-                        }
-                        None => {
-                            retry_at.remove(&key);
-                            failing.remove(&key);
-                        }
-                    }
+                    state.finished(done.key, done.tx, done.failing, Instant::now());
                 }
-                _ = tokio::time::sleep_until(wake) => {}
+                _ = tokio::time::sleep_until(next.wake_at) => {}
             }
         }
     }

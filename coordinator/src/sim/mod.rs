@@ -19,7 +19,7 @@ mod check;
 mod io;
 mod participant;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::codec;
 use crate::driver::plan::{self, Failing, Key};
+use crate::driver::worker::WorkerState;
 use crate::model::command::{DestinationSpec, OpOutcome};
 use crate::model::types::{Fence, Op, Protocol, Transaction};
 use crate::model::{Applied, ApplyResult, Command};
@@ -279,10 +280,12 @@ enum Waiter {
         client: usize,
         req: u64,
     },
+    /// A worker's proposal: a call's answer (`key`), or a Timeout.
     Driver {
         epoch: u64,
         gid: String,
         key: Option<Key>,
+        failing: Failing,
     },
     Internal,
 }
@@ -295,15 +298,6 @@ enum Change {
     Remove(u64),
 }
 
-/// One transaction's worker state on the leader, as the real worker keeps it.
-struct Worker {
-    in_flight: HashSet<Key>,
-    retry_at: HashMap<Key, tokio::time::Instant>,
-    failing: HashMap<Key, Failing>,
-    timeout_sent_at: Option<tokio::time::Instant>,
-    deadline_at: tokio::time::Instant,
-}
-
 struct InFlight {
     gid: String,
     key: Key,
@@ -312,10 +306,11 @@ struct InFlight {
     attempts_limit: Option<u32>,
 }
 
-/// The driver of one leadership term.
+/// The driver of one leadership term: the real workers' state
+/// (`driver::worker`), its tasks' plumbing modelled.
 struct Driver {
     epoch: u64,
-    workers: BTreeMap<String, Worker>,
+    workers: BTreeMap<String, WorkerState>,
     calls: BTreeMap<u64, InFlight>,
 }
 
@@ -1371,10 +1366,18 @@ impl World {
                     },
                     0,
                 ),
-                Waiter::Driver { epoch, gid, key } => {
-                    if let Some(key) = key {
-                        self.proposal_applied(id, epoch, &gid, key);
-                    }
+                Waiter::Driver {
+                    epoch,
+                    gid,
+                    key,
+                    failing,
+                } => {
+                    // What the task's `propose` takes from an answer.
+                    let tx = match result {
+                        Some(Ok(Applied::Updated { tx } | Applied::Begun { tx, .. })) => Some(tx),
+                        _ => None,
+                    };
+                    self.proposal_applied(id, epoch, &gid, key, tx, failing);
                 }
                 Waiter::Internal => {}
             }
@@ -1609,36 +1612,24 @@ impl World {
                 .retain(|gid, _| gids.binary_search(gid).is_ok());
             for gid in &gids {
                 let tx = sm.get(gid).expect("active").clone();
-                let w = driver.workers.entry(gid.clone()).or_insert_with(|| Worker {
-                    in_flight: HashSet::new(),
-                    retry_at: HashMap::new(),
-                    failing: HashMap::new(),
-                    timeout_sent_at: None,
-                    deadline_at: plan::deadline_at(&tx, now, wall),
-                });
-                let p = plan::plan(
-                    &plan::View {
-                        tx: &tx,
-                        in_flight: &w.in_flight,
-                        retry_at: &w.retry_at,
-                        timeout_sent_at: w.timeout_sent_at,
-                        deadline_at: w.deadline_at,
-                    },
-                    now,
-                );
-                if p.propose_timeout {
-                    w.timeout_sent_at = Some(now);
-                    timeouts.push((gid.clone(), plan::timeout_stamp(&tx, wall)));
+                let w = driver
+                    .workers
+                    .entry(gid.clone())
+                    .or_insert_with(|| WorkerState::new(tx.clone(), now, wall));
+                w.update(tx);
+                let next = w.next(now, wall);
+                if let Some(now_ms) = next.timeout {
+                    timeouts.push((gid.clone(), now_ms));
                 }
-                for call in p.start {
-                    let key = (call.branch_id.clone(), call.op);
-                    let failing = *w
-                        .failing
-                        .entry(key.clone())
-                        .or_insert_with(|| Failing::from_log(&tx, &key));
-                    w.in_flight.insert(key.clone());
-                    let (phase_two, attempts_limit) = plan::call_terms(&tx, &call);
-                    starts.push((tx.clone(), call, failing, phase_two, attempts_limit));
+                for (call, failing) in next.start {
+                    let (phase_two, attempts_limit) = plan::call_terms(w.current(), &call);
+                    starts.push((
+                        w.current().clone(),
+                        call,
+                        failing,
+                        phase_two,
+                        attempts_limit,
+                    ));
                 }
             }
         }
@@ -1648,15 +1639,13 @@ impl World {
                 gid: gid.clone(),
                 now_ms,
             };
-            self.propose(
-                id,
-                &command,
-                Waiter::Driver {
-                    epoch,
-                    gid,
-                    key: None,
-                },
-            );
+            let waiter = Waiter::Driver {
+                epoch,
+                gid,
+                key: None,
+                failing: Failing::default(),
+            };
+            self.propose(id, &command, waiter);
         }
         for (tx, call, failing, phase_two, attempts_limit) in starts {
             if self.nodes[idx].driver.is_none() {
@@ -1732,58 +1721,50 @@ impl World {
             call.attempts_limit,
             wall,
         );
-        if let Some(w) = driver.workers.get_mut(&call.gid) {
-            w.failing.insert(call.key.clone(), call.failing);
-        }
-        match record {
-            Some(outcome) => {
-                let command = Command::OpResult {
-                    gid: call.gid.clone(),
-                    branch_id: call.key.0.clone(),
-                    op: call.key.1,
-                    outcome,
-                    now_ms: wall,
-                };
-                let waiter = Waiter::Driver {
-                    epoch,
-                    gid: call.gid.clone(),
-                    key: Some(call.key.clone()),
-                };
-                if !self.propose(id, &command, waiter) {
-                    self.proposal_applied(id, epoch, &call.gid, call.key);
-                }
-            }
-            None => self.proposal_applied(id, epoch, &call.gid, call.key),
+        let (gid, key, failing) = (call.gid, call.key, call.failing);
+        let Some(outcome) = record else {
+            self.proposal_applied(id, epoch, &gid, Some(key), None, failing);
+            return;
+        };
+        let command = Command::OpResult {
+            gid: gid.clone(),
+            branch_id: key.0.clone(),
+            op: key.1,
+            outcome,
+            now_ms: wall,
+        };
+        let waiter = Waiter::Driver {
+            epoch,
+            gid: gid.clone(),
+            key: Some(key.clone()),
+            failing,
+        };
+        if !self.propose(id, &command, waiter) {
+            self.proposal_applied(id, epoch, &gid, Some(key), None, failing);
         }
     }
 
-    /// A call is over (its answer applied, or not worth an entry): retry
-    /// it after the backoff if its op is still open, as the worker does.
-    fn proposal_applied(&mut self, id: u64, epoch: u64, gid: &str, key: Key) {
+    /// A worker's call or Timeout is over (its proposal answered, or none
+    /// made): the worker's state takes it, as the task's does.
+    fn proposal_applied(
+        &mut self,
+        id: u64,
+        epoch: u64,
+        gid: &str,
+        key: Option<Key>,
+        tx: Option<Arc<Transaction>>,
+        failing: Failing,
+    ) {
         let now = self.instant();
         let node = &mut self.nodes[(id - 1) as usize];
-        let (Some(driver), Some(core)) = (node.driver.as_mut(), node.core.as_ref()) else {
+        let Some(driver) = node.driver.as_mut() else {
             return;
         };
         if driver.epoch != epoch {
             return;
         }
-        let Some(w) = driver.workers.get_mut(gid) else {
-            return;
-        };
-        w.in_flight.remove(&key);
-        let Some(tx) = core.machine().get(gid) else {
-            return;
-        };
-        let failing = w.failing.get(&key).copied().unwrap_or_default();
-        match plan::retry_after(tx, &key, failing) {
-            Some(wait) => {
-                w.retry_at.insert(key, now + wait);
-            }
-            None => {
-                w.retry_at.remove(&key);
-                w.failing.remove(&key);
-            }
+        if let Some(w) = driver.workers.get_mut(gid) {
+            w.finished(key, tx, failing, now);
         }
     }
 
