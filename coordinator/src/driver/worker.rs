@@ -152,3 +152,91 @@ impl WorkerState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::types::{Op, Protocol};
+    use crate::protocol::tests::{at, spec, tx};
+    use crate::protocol::{on_commit, on_register};
+
+    fn keys(next: &Next) -> Vec<Key> {
+        next.start
+            .iter()
+            .map(|(c, _)| (c.branch_id.clone(), c.op))
+            .collect()
+    }
+
+    fn preparing_2pc() -> Arc<Transaction> {
+        let mut t = tx(Protocol::TwoPc);
+        on_register(&mut t, spec(Protocol::TwoPc, "a"), 1).unwrap();
+        on_register(&mut t, spec(Protocol::TwoPc, "b"), 1).unwrap();
+        on_commit(&mut t, at(2), 2).unwrap();
+        Arc::new(t)
+    }
+
+    /// Idempotency (DESIGN §4): a call is not made twice at once; an op
+    /// left open after its answer is called again only after its backoff.
+    #[test]
+    fn idempotency_a_call_in_flight_is_not_started_again_and_an_open_op_waits_its_backoff() {
+        let t = preparing_2pc();
+        let now = Instant::now();
+        let wall = t.deadline_ms - 60_000;
+        let mut w = WorkerState::new(t.clone(), now, wall);
+        let first = w.next(now, wall);
+        let a = ("a".to_string(), Op::Prepare);
+        let b = ("b".to_string(), Op::Prepare);
+        assert_eq!(keys(&first), vec![a.clone(), b.clone()]);
+        assert!(first.timeout.is_none() && !first.fanning_out);
+        assert!(keys(&w.next(now, wall)).is_empty(), "both in flight");
+        // `a` timed out; its answer was not worth an entry: still open.
+        let failing = Failing {
+            attempts: 1,
+            ..Failing::default()
+        };
+        w.finished(Some(a.clone()), None, failing, now);
+        let wait = plan::retry_after(&t, &a, failing).expect("open");
+        assert!(wait > Duration::ZERO);
+        let early = w.next(now + wait - Duration::from_millis(1), wall);
+        assert!(keys(&early).is_empty(), "not before its backoff");
+        assert!(early.wake_at <= now + wait);
+        assert_eq!(keys(&w.next(now + wait, wall)), vec![a]);
+    }
+
+    /// Commit point first (DESIGN §4): phase two starts only from an applied
+    /// decision, and the fan-out is noted once (its failpoint fires once).
+    #[test]
+    fn commit_point_first_phase_two_starts_from_the_applied_decision_once() {
+        let mut t = tx(Protocol::Tcc);
+        on_register(&mut t, spec(Protocol::Tcc, "a"), 1).unwrap();
+        let now = Instant::now();
+        let wall = t.deadline_ms - 60_000;
+        let mut w = WorkerState::new(Arc::new(t.clone()), now, wall);
+        assert!(
+            keys(&w.next(now, wall)).is_empty(),
+            "undecided: no phase two"
+        );
+        on_commit(&mut t, at(2), 2).unwrap();
+        t.version = 2;
+        w.update(Arc::new(t.clone()));
+        let fan = w.next(now, wall);
+        assert_eq!(keys(&fan), vec![("a".to_string(), Op::Confirm)]);
+        assert!(fan.fanning_out);
+        w.finished(
+            Some(("a".to_string(), Op::Confirm)),
+            None,
+            Failing::default(),
+            now,
+        );
+        let again = w.next(now + Duration::from_secs(60), wall);
+        assert_eq!(keys(&again), vec![("a".to_string(), Op::Confirm)]);
+        assert!(!again.fanning_out, "the fan-out is noted once");
+        // An older version never replaces a newer one.
+        let mut old = t.clone();
+        old.version = 1;
+        w.update(Arc::new(old));
+        assert_eq!(w.current().version, 2);
+    }
+}

@@ -225,6 +225,12 @@ enum Ev {
         to: u64,
         delivered: bool,
     },
+    /// The transport could not reach a peer (its stream failed): told to
+    /// the sender's loop, as `raft/transport.rs` reports it.
+    Unreachable {
+        from: u64,
+        to: u64,
+    },
     /// A snapshot the node took is durable (its writer thread's report),
     /// unless the node restarted since (`life`).
     SnapshotWritten {
@@ -269,6 +275,7 @@ impl Ev {
             Ev::SnapshotSent { from, .. } => 22 + (from << 8),
             Ev::Membership(i) => 23 + ((*i as u64) << 8),
             Ev::SnapshotWritten { node, .. } => 24 + (node << 8),
+            Ev::Unreachable { from, .. } => 25 + (from << 8),
         }
     }
 }
@@ -1183,6 +1190,9 @@ impl World {
                 let event = PeerEvent::SnapshotSent { to, delivered };
                 self.turn(from, vec![Input::Peer(event)], false);
             }
+            Ev::Unreachable { from, to } => {
+                self.turn(from, vec![Input::Peer(PeerEvent::Unreachable(to))], false);
+            }
             Ev::SnapshotWritten {
                 node,
                 life,
@@ -1448,6 +1458,16 @@ impl World {
 
     fn send_raft(&mut self, from: u64, m: Message, extra_ms: i64) {
         let to = m.to;
+        if self
+            .nodes
+            .get((to - 1) as usize)
+            .is_some_and(|n| n.core.is_none())
+        {
+            // A down peer refuses the connection: the stream fails and the
+            // transport says so (a cut link only loses what it carries).
+            let when = self.now + extra_ms + self.rng.random_range(1..=5);
+            self.at(when, Ev::Unreachable { from, to });
+        }
         let snapshot = m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
         let left = self.transmit(
             Addr::Node(from),
