@@ -11,6 +11,11 @@
 use clap::Parser;
 use tandem_coordinator::sim::{self, Options};
 
+/// As the node's binary: each seed builds and drops a cluster, and glibc's
+/// malloc spent a quarter of the run in the kernel giving memory back.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "Deterministic simulation of a Tandem cluster under faults")]
 struct Args {

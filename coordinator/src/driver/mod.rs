@@ -84,7 +84,9 @@ impl<T: BranchTransport> Driver<T> {
     pub async fn run(mut self, events: Arc<LeaderFeed>) {
         let mut leading = false;
         loop {
+            // In order, not at random: the simulation replays runs exactly.
             tokio::select! {
+                biased;
                 event = events.next() => match event {
                     Some(LeaderEvent::Lead { term, txs }) => {
                         self.stop_all();
@@ -249,6 +251,7 @@ impl<T: BranchTransport> Worker<T> {
                 calls.spawn(self.clone().call(spec, so_far));
             }
             tokio::select! {
+                biased;
                 changed = updates.changed() => {
                     if changed.is_err() {
                         // The driver stopped this worker (leadership lost).

@@ -105,6 +105,21 @@ impl<S: Replicated> Clone for NodeHandle<S> {
 }
 
 impl<S: Replicated> NodeHandle<S> {
+    /// The handle of a loop the simulation drives: it drains `inputs`.
+    #[cfg(feature = "sim")]
+    pub(crate) fn simulated(
+        inputs: Sender<Input<S>>,
+        status: watch::Receiver<Arc<NodeStatus>>,
+        id: u64,
+    ) -> NodeHandle<S> {
+        NodeHandle {
+            inputs,
+            status,
+            id,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -162,7 +177,9 @@ impl<S: Replicated> NodeHandle<S> {
     /// before this call (ReadIndex), on any member that knows a leader.
     pub async fn read(&self) -> Result<Arc<S::View>, NodeError> {
         let (reply, rx) = oneshot::channel();
-        let deadline = Instant::now() + self.request_timeout;
+        // On tokio's clock: the same as the machine's, except in the
+        // simulation, whose clock it is.
+        let deadline = tokio::time::Instant::now().into_std() + self.request_timeout;
         self.send(Input::Read { reply, deadline })?;
         self.wait(rx).await
     }

@@ -1,10 +1,14 @@
-//! What the real Raft loop (`raft::Loop`) runs on in the simulation: a disk
-//! in memory that a crash can tear, a network that hands the loop's
-//! messages to the simulated one, and an observer that reports what the
-//! loop applied to the checker. The loop is the node's own code; only these
-//! three are the simulation's.
+//! What a node's real code runs on in the simulation: for the Raft loop
+//! (`raft::Loop`) a disk in memory that a crash can tear and a network that
+//! hands its messages to the simulated one; for the driver
+//! (`driver::Driver`) a branch transport whose calls the simulated network
+//! carries to simulated participants, and a wall clock that can jump; and
+//! beside the node's own observer (`replica::ReplicaObserver`: waiters, the
+//! driver's feed, the leader's housekeeping) ears that report what the loop
+//! applied to the checker.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use raft::eraftpb::{ConfState, Entry, HardState, Message, Snapshot, SnapshotMetadata};
@@ -12,10 +16,17 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use tokio::sync::oneshot;
+
+use crate::branch::{BranchCall, BranchTransport};
+use crate::clock::Clock;
 use crate::model::ApplyResult;
+use crate::model::command::OpOutcome;
+use crate::model::types::{Fence, Op};
 use crate::raft::storage::{BOOTSTRAP_INDEX, BOOTSTRAP_TERM, LogStorage, StoreError};
 use crate::raft::transport::PeerNet;
 use crate::raft::{Observer, Replicated};
+use crate::replica::ReplicaObserver;
 use crate::state::StateMachine;
 
 /// Crashes in the middle of a log write, drawn per write from the seed
@@ -332,10 +343,11 @@ pub(super) enum Heard {
     },
     /// A snapshot from the leader replaced the state.
     Restored,
+    /// The node leads a term (its driver resumes).
+    Lead,
 }
 
-/// The observer of a simulated node: it proposes nothing (the simulation's
-/// driver does) and reports what it hears.
+/// What the checker hears of a node's loop, collected for the world.
 #[derive(Clone, Default)]
 pub(super) struct Ears(pub(super) Arc<Mutex<Vec<Heard>>>);
 
@@ -345,34 +357,106 @@ impl Ears {
     }
 }
 
-impl Observer<StateMachine> for Ears {
-    fn applied(&mut self, _: &StateMachine, _: &ApplyResult, _: u64, _: bool) {}
+/// A simulated node's observer: the node's own (`ReplicaObserver`), and
+/// the checker's ears beside it.
+pub(super) struct Observers {
+    pub(super) replica: ReplicaObserver,
+    pub(super) ears: Ears,
+}
 
-    fn lead(&mut self, _: &StateMachine, _: u64) -> Vec<Vec<u8>> {
-        Vec::new()
+impl Observer<StateMachine> for Observers {
+    fn applied(&mut self, state: &StateMachine, output: &ApplyResult, index: u64, leading: bool) {
+        self.replica.applied(state, output, index, leading);
     }
 
-    fn follow(&mut self) {}
-
-    fn tick(&mut self, _: &StateMachine, _: bool) -> Vec<Vec<u8>> {
-        Vec::new()
+    fn lead(&mut self, state: &StateMachine, term: u64) -> Vec<Vec<u8>> {
+        self.ears.hear(Heard::Lead);
+        self.replica.lead(state, term)
     }
 
-    fn restored(&mut self, _: &StateMachine) {
-        self.hear(Heard::Restored);
+    fn follow(&mut self) {
+        self.replica.follow();
     }
 
-    fn closed(&mut self) {}
+    fn tick(&mut self, state: &StateMachine, leading: bool) -> Vec<Vec<u8>> {
+        self.replica.tick(state, leading)
+    }
+
+    fn restored(&mut self, state: &StateMachine) {
+        self.ears.hear(Heard::Restored);
+        self.replica.restored(state);
+    }
+
+    fn closed(&mut self) {
+        self.replica.closed();
+    }
 
     fn entry_applied(&mut self, index: u64, term: u64) {
-        self.hear(Heard::Entry { index, term });
+        self.ears.hear(Heard::Entry { index, term });
     }
 
     fn membership_changed(&mut self, index: u64, conf: Option<&ConfState>, stepped_down: bool) {
-        self.hear(Heard::Membership {
+        self.ears.hear(Heard::Membership {
             index,
             conf: conf.cloned(),
             stepped_down,
         });
+    }
+}
+
+/// A node's wall clock: the simulated time since the start, from an epoch,
+/// plus the node's own jumps.
+pub(super) struct SimClock {
+    pub(super) start: tokio::time::Instant,
+    pub(super) epoch_ms: i64,
+    pub(super) offset_ms: Arc<AtomicI64>,
+}
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> i64 {
+        let since = tokio::time::Instant::now() - self.start;
+        self.epoch_ms + since.as_millis() as i64 + self.offset_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// A call the driver made, for the world to carry to its participant; the
+/// answer goes back on `reply`.
+pub(super) struct OutCall {
+    pub(super) node: u64,
+    pub(super) gid: String,
+    pub(super) branch_id: String,
+    pub(super) op: Op,
+    pub(super) fence: Fence,
+    pub(super) endpoint: String,
+    pub(super) reply: oneshot::Sender<OpOutcome>,
+}
+
+/// The driver's branch transport in the simulation: each call is handed to
+/// the world, which carries it (or loses it); no answer within the call's
+/// timeout is a transient failure, as over HTTP.
+pub(super) struct SimCaller {
+    pub(super) node: u64,
+    pub(super) out: Arc<Mutex<Vec<OutCall>>>,
+}
+
+impl BranchTransport for SimCaller {
+    fn call(&self, call: BranchCall<'_>) -> impl std::future::Future<Output = OpOutcome> + Send {
+        let (reply, answer) = oneshot::channel();
+        self.out.lock().expect("one thread").push(OutCall {
+            node: self.node,
+            gid: call.gid.to_string(),
+            branch_id: call.branch_id.to_string(),
+            op: call.op,
+            fence: call.fence,
+            endpoint: call.endpoint.to_string(),
+            reply,
+        });
+        let timeout = call.timeout;
+        async move {
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(outcome)) => outcome,
+                _ => OpOutcome::Transient("timed out".into()),
+            }
+        }
     }
 }

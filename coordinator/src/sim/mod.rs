@@ -21,6 +21,7 @@ mod participant;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,31 +31,31 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::oneshot;
 
+use crate::clock::Clock;
 use crate::codec;
-use crate::driver::plan::{self, Failing, Key};
-use crate::driver::worker::WorkerState;
+use crate::driver::Driver;
 use crate::model::command::{DestinationSpec, OpOutcome};
 use crate::model::types::{Fence, Op, Protocol, Transaction};
 use crate::model::{Applied, ApplyResult, Command};
 use crate::raft::transport::PeerEvent;
-use crate::raft::{Input, Loop, MembershipChange, NodeConfig, NodeError, Replicated};
+use crate::raft::{Input, Loop, MembershipChange, NodeConfig, NodeError, NodeHandle, Replicated};
+use crate::replica::Retention;
 use crate::service::checks;
 use crate::service::{
     BeginInput, MessageInput, OptionsInput, RegisterInput, RetryInput, SagaInput, StepInput,
 };
 use crate::state::{ReadView, StateMachine};
-use io::{Disk, Ears, Heard, Net, Tears};
+use io::{Disk, Ears, Heard, Net, Observers, OutCall, SimCaller, SimClock, Tears};
 use participant::{Answer, Participant};
 
 /// A node's real Raft loop, on the simulation's disk and network.
-type Core = Loop<StateMachine, Ears, Disk, Net>;
+type Core = Loop<StateMachine, Observers, Disk, Net>;
 /// The loop's answer to one input, once it gives it.
 type Awaited<T> = oneshot::Receiver<Result<T, NodeError>>;
 
 /// What the simulated cluster's wall clocks read at time 0.
 const EPOCH_MS: i64 = 1_800_000_000_000;
 const TICK_MS: i64 = 10;
-const DRIVER_TICK_MS: i64 = 5;
 /// A client resends a request that got no answer after this long.
 const CLIENT_RETRY_MS: i64 = 300;
 
@@ -151,7 +152,6 @@ enum Addr {
 #[derive(Clone, Debug)]
 enum Ev {
     Tick(u64),
-    DriverTick(u64),
     Raft(Box<Message>),
     Crash(u64),
     /// Crash whichever node leads now (if any); restart it after this long.
@@ -173,7 +173,6 @@ enum Ev {
     Call {
         part: usize,
         node: u64,
-        epoch: u64,
         call_id: u64,
         gid: String,
         branch_id: String,
@@ -182,14 +181,8 @@ enum Ev {
     },
     CallReply {
         node: u64,
-        epoch: u64,
         call_id: u64,
-        answer: Option<Answer>,
-    },
-    CallTimeout {
-        node: u64,
-        epoch: u64,
-        call_id: u64,
+        answer: Answer,
     },
     /// The application's own call (TCC try, XA prepare) arrives.
     AppCall {
@@ -252,7 +245,6 @@ impl Ev {
     fn kind(&self) -> u64 {
         match self {
             Ev::Tick(n) => 1 + (n << 8),
-            Ev::DriverTick(n) => 2 + (n << 8),
             Ev::Raft(m) => 3 + (m.to << 8) + ((m.get_msg_type() as u64) << 16),
             Ev::Crash(n) => 4 + (n << 8),
             Ev::Restart(n) => 5 + (n << 8),
@@ -261,7 +253,6 @@ impl Ev {
             Ev::ClientReply { client, .. } => 8 + ((*client as u64) << 8),
             Ev::Call { part, op, .. } => 9 + ((*part as u64) << 8) + ((*op as u64) << 16),
             Ev::CallReply { node, .. } => 10 + (node << 8),
-            Ev::CallTimeout { node, .. } => 11 + (node << 8),
             Ev::AppCall { part, .. } => 12 + ((*part as u64) << 8),
             Ev::AppReply { client, .. } => 13 + ((*client as u64) << 8),
             Ev::Cut(..) => 14,
@@ -283,18 +274,7 @@ impl Ev {
 /// Who waits for a proposal.
 #[derive(Clone, Debug)]
 enum Waiter {
-    Client {
-        client: usize,
-        req: u64,
-    },
-    /// A worker's proposal: a call's answer (`key`), or a Timeout.
-    Driver {
-        epoch: u64,
-        gid: String,
-        key: Option<Key>,
-        failing: Failing,
-    },
-    Internal,
+    Client { client: usize, req: u64 },
 }
 
 /// A membership change an operator asks for.
@@ -303,22 +283,6 @@ enum Change {
     AddLearner(u64),
     Promote(u64),
     Remove(u64),
-}
-
-struct InFlight {
-    gid: String,
-    key: Key,
-    failing: Failing,
-    phase_two: bool,
-    attempts_limit: Option<u32>,
-}
-
-/// The driver of one leadership term: the real workers' state
-/// (`driver::worker`), its tasks' plumbing modelled.
-struct Driver {
-    epoch: u64,
-    workers: BTreeMap<String, WorkerState>,
-    calls: BTreeMap<u64, InFlight>,
 }
 
 struct Node {
@@ -335,8 +299,13 @@ struct Node {
     /// What the loop sent and heard during a turn (drained after it).
     out: Arc<Mutex<Vec<(Message, bool)>>>,
     ears: Ears,
-    clock_offset_ms: i64,
-    driver: Option<Driver>,
+    /// The node's wall clock's jumps.
+    offset_ms: Arc<AtomicI64>,
+    /// The node's driver (`driver::Driver`), a task on the simulation's
+    /// runtime while the node is up.
+    driver: Option<tokio::task::JoinHandle<()>>,
+    /// What the node's handle sends its loop (the driver's proposals).
+    inputs: Option<crossbeam_channel::Receiver<Input<StateMachine>>>,
     /// Proposals waiting for the loop's answer, in the order they were made.
     waiting: Vec<(Awaited<ApplyResult>, Waiter)>,
     /// Gets waiting for the loop's answer (a read index confirmed by the
@@ -454,9 +423,15 @@ pub(crate) struct World {
     clients: Vec<Client>,
     readers: Vec<Reader>,
     faults: Faults,
-    next_epoch: u64,
     next_call: u64,
-    base: std::time::Instant,
+    /// Calls the drivers made, not yet carried; and the answers awaited,
+    /// by call.
+    calls_out: Arc<Mutex<Vec<OutCall>>>,
+    calls: BTreeMap<u64, oneshot::Sender<OpOutcome>>,
+    /// The runtime's clock at time 0 (it is paused: only the world moves it).
+    start: tokio::time::Instant,
+    /// Terms a node led (and its driver resumed).
+    leads: u64,
     /// Every committed entry seen applied: index → (term, when first).
     pub(crate) committed: BTreeMap<u64, (u64, i64)>,
     pub(crate) acks: Vec<Ack>,
@@ -581,8 +556,9 @@ impl World {
                     life: 0,
                     out: Default::default(),
                     ears: Ears::default(),
-                    clock_offset_ms: 0,
+                    offset_ms: Default::default(),
                     driver: None,
+                    inputs: None,
                     waiting: Vec::new(),
                     reads: Vec::new(),
                 }
@@ -600,9 +576,11 @@ impl World {
             clients: Vec::new(),
             readers: Vec::new(),
             faults,
-            next_epoch: 1,
             next_call: 1,
-            base: std::time::Instant::now(),
+            calls_out: Default::default(),
+            calls: BTreeMap::new(),
+            start: tokio::time::Instant::now(),
+            leads: 0,
             committed: BTreeMap::new(),
             acks: Vec::new(),
             observed: Vec::new(),
@@ -636,7 +614,6 @@ impl World {
             // Nodes tick out of phase, as real ones do.
             let phase = world.rng.random_range(0..TICK_MS);
             world.at(phase, Ev::Tick(id));
-            world.at(phase, Ev::DriverTick(id));
         }
         world.make_clients();
         for r in 0..world.opts.readers {
@@ -686,11 +663,11 @@ impl World {
     }
 
     fn wall_ms(&self, node: usize) -> i64 {
-        EPOCH_MS + self.now + self.nodes[node].clock_offset_ms
+        EPOCH_MS + self.now + self.nodes[node].offset_ms.load(Ordering::Relaxed)
     }
 
     fn instant(&self) -> tokio::time::Instant {
-        tokio::time::Instant::from_std(self.base + Duration::from_millis(self.now as u64))
+        self.start + Duration::from_millis(self.now as u64)
     }
 
     fn make_clients(&mut self) {
@@ -958,10 +935,18 @@ impl World {
         }
     }
 
-    fn run(mut self) -> Report {
+    fn run(mut self, rt: &tokio::runtime::Runtime) -> Report {
         let mut last_check = 0;
         while let Some(((when, seq), ev)) = self.queue.pop_first() {
             self.now = when;
+            // The runtime's clock follows the world's (timers due by now fire).
+            let to = self.instant();
+            rt.block_on(async move {
+                let now = tokio::time::Instant::now();
+                if to > now {
+                    tokio::time::advance(to - now).await;
+                }
+            });
             self.events += 1;
             for v in [when as u64, seq, ev.kind()] {
                 self.trace ^= v;
@@ -978,6 +963,7 @@ impl World {
                 );
             }
             self.handle(ev);
+            self.settle(rt);
             if self.now >= self.opts.heal_at_ms + 500 && self.now - last_check >= 100 {
                 last_check = self.now;
                 if self.quiescent() {
@@ -1039,7 +1025,7 @@ impl World {
             .count();
         report.faults = self.fault_log;
         report.faults_scheduled = self.faults_scheduled;
-        report.leaders = self.next_epoch - 1;
+        report.leaders = self.leads;
         report
     }
 
@@ -1063,10 +1049,6 @@ impl World {
                 self.turn(id, Vec::new(), true);
                 self.at(self.now + TICK_MS, Ev::Tick(id));
             }
-            Ev::DriverTick(id) => {
-                self.drive(id);
-                self.at(self.now + DRIVER_TICK_MS, Ev::DriverTick(id));
-            }
             Ev::Raft(m) => {
                 let to = m.to;
                 self.turn(to, vec![Input::Peer(PeerEvent::Raft(vec![*m]))], false);
@@ -1074,7 +1056,10 @@ impl World {
             Ev::Crash(id) => {
                 let node = self.node(id);
                 node.core = None;
-                node.driver = None;
+                if let Some(driver) = node.driver.take() {
+                    driver.abort();
+                }
+                node.inputs = None;
                 node.waiting.clear();
                 node.reads.clear();
                 node.out.lock().expect("one thread").clear();
@@ -1111,7 +1096,6 @@ impl World {
             Ev::Call {
                 part,
                 node,
-                epoch,
                 call_id,
                 gid,
                 branch_id,
@@ -1120,30 +1104,31 @@ impl World {
             } => {
                 let answer = self.participant(part, &gid, &branch_id, op, fence);
                 if let Some(answer) = answer {
-                    self.send(
-                        Addr::Part(part),
-                        Addr::Node(node),
-                        Ev::CallReply {
-                            node,
-                            epoch,
-                            call_id,
-                            answer: Some(answer),
-                        },
-                        0,
-                    );
+                    let reply = Ev::CallReply {
+                        node,
+                        call_id,
+                        answer,
+                    };
+                    self.send(Addr::Part(part), Addr::Node(node), reply, 0);
                 }
             }
             Ev::CallReply {
                 node,
-                epoch,
                 call_id,
                 answer,
-            } => self.call_ended(node, epoch, call_id, answer),
-            Ev::CallTimeout {
-                node,
-                epoch,
-                call_id,
-            } => self.call_ended(node, epoch, call_id, None),
+            } => {
+                // To the call's task, if its node is still the one that
+                // made it (a restarted node's driver is another).
+                if let Some(reply) = self.calls.remove(&call_id)
+                    && self.node(node).driver.is_some()
+                {
+                    let _ = reply.send(match answer {
+                        Answer::Ok => OpOutcome::Succeeded,
+                        Answer::No(m) => OpOutcome::Failed(m),
+                        Answer::Unavailable => OpOutcome::Transient("unavailable".into()),
+                    });
+                }
+            }
             Ev::AppCall {
                 part,
                 client,
@@ -1212,7 +1197,7 @@ impl World {
             }
             Ev::ClockJump(id, ms) => {
                 if self.faults.active {
-                    self.node(id).clock_offset_ms += ms;
+                    self.node(id).offset_ms.fetch_add(ms, Ordering::Relaxed);
                 }
             }
             Ev::PartDown(p, until) => {
@@ -1229,7 +1214,7 @@ impl World {
                 self.faults.torn.lock().expect("one thread").chance = 0.0;
                 self.faults.disk_ms = 0;
                 for n in &mut self.nodes {
-                    n.clock_offset_ms = 0;
+                    n.offset_ms.store(0, Ordering::Relaxed);
                 }
                 for p in &mut self.parts {
                     p.down_until = 0;
@@ -1272,15 +1257,43 @@ impl World {
     /// it are applied again — as a node's process starts.
     fn start_node(&mut self, id: u64) {
         let (founding, every, retain) = (self.opts.nodes, self.snapshot_every, self.log_retain);
+        let (start, calls_out) = (self.start, self.calls_out.clone());
         let node = self.node(id);
         let machine = restore(&node.disk.snapshot());
         let net = Net {
             out: node.out.clone(),
             disk: node.disk.clone(),
         };
+        let clock: Arc<dyn Clock> = Arc::new(SimClock {
+            start,
+            epoch_ms: EPOCH_MS,
+            offset_ms: node.offset_ms.clone(),
+        });
+        // As a node's process wires itself (`server.rs`): the replica's
+        // observer in the loop, the replica over the loop's handle, the
+        // driver over the replica and the feed.
+        let retention = Retention {
+            age: Duration::from_secs(3_600),
+            count_max: 200_000,
+            bytes_max: 64 << 20,
+        };
+        let (replica, feed, make_replica) = crate::replica::observer(retention, clock.clone());
+        let observers = Observers {
+            replica,
+            ears: node.ears.clone(),
+        };
         let config = node_config(id, founding, every, retain);
-        let (core, _status) = Loop::new(config, node.disk.clone(), machine, net, node.ears.clone())
+        let (core, status) = Loop::new(config, node.disk.clone(), machine, net, observers)
             .expect("a simulated node starts");
+        let (inputs, inputs_rx) = crossbeam_channel::bounded(crate::raft::node::INPUT_QUEUE_MAX);
+        let replica = make_replica(NodeHandle::simulated(inputs, status, id));
+        let caller = Arc::new(SimCaller {
+            node: id,
+            out: calls_out,
+        });
+        let driver = Driver::new(replica, caller, clock);
+        node.driver = Some(tokio::spawn(driver.run(feed)));
+        node.inputs = Some(inputs_rx);
         node.core = Some(core);
         node.life += 1;
         self.after_turn(id);
@@ -1376,20 +1389,6 @@ impl World {
                     },
                     0,
                 ),
-                Waiter::Driver {
-                    epoch,
-                    gid,
-                    key,
-                    failing,
-                } => {
-                    // What the task's `propose` takes from an answer.
-                    let tx = match result {
-                        Some(Ok(Applied::Updated { tx } | Applied::Begun { tx, .. })) => Some(tx),
-                        _ => None,
-                    };
-                    self.proposal_applied(id, epoch, &gid, key, tx, failing);
-                }
-                Waiter::Internal => {}
             }
         }
         let mut read = Vec::new();
@@ -1453,6 +1452,7 @@ impl World {
                 }
             }
             Heard::Restored => self.snapshots_installed += 1,
+            Heard::Lead => self.leads += 1,
         }
     }
 
@@ -1585,207 +1585,56 @@ impl World {
         true
     }
 
-    // ---- the driver, as driver/mod.rs runs it, on the simulated clock ----
+    // ---- the drivers' calls, and the runtime they run on ----
 
-    fn drive(&mut self, id: u64) {
-        if !self.leading(id) {
-            self.node(id).driver = None;
-            return;
-        }
-        if self.node(id).driver.is_none() {
-            let epoch = self.next_epoch;
-            self.next_epoch += 1;
-            self.node(id).driver = Some(Driver {
-                epoch,
-                workers: BTreeMap::new(),
-                calls: BTreeMap::new(),
-            });
-            if self
-                .node(id)
-                .sm()
-                .is_some_and(|sm| sm.cluster_id().is_none())
-            {
-                let cluster_id = uuid::Uuid::from_u64_pair(self.seed, 1);
-                self.propose(id, &Command::InitCluster { cluster_id }, Waiter::Internal);
+    /// Lets the nodes' tasks (drivers) run until they wait on something
+    /// the world must do: what they proposed reaches their loops, the
+    /// calls they made leave for their participants. Bounded: work left
+    /// over goes on at the next event.
+    fn settle(&mut self, rt: &tokio::runtime::Runtime) {
+        for _ in 0..64 {
+            rt.block_on(tokio::task::yield_now());
+            let mut moved = false;
+            for id in 1..=self.nodes.len() as u64 {
+                let inputs: Vec<Input<StateMachine>> = match &self.node(id).inputs {
+                    Some(rx) => rx.try_iter().collect(),
+                    None => Vec::new(),
+                };
+                if !inputs.is_empty() {
+                    moved = true;
+                    self.turn(id, inputs, false);
+                }
             }
-            if self.node(id).driver.is_none() {
-                // It crashed writing that proposal.
+            let out = std::mem::take(&mut *self.calls_out.lock().expect("one thread"));
+            moved |= !out.is_empty();
+            for call in out {
+                self.carry_call(call);
+            }
+            if !moved {
                 return;
             }
         }
-        let idx = (id - 1) as usize;
-        let now = self.instant();
-        let wall = self.wall_ms(idx);
-        let Some(sm) = self.nodes[idx].sm() else {
-            return;
-        };
-        let mut gids: Vec<String> = sm.active_gids().cloned().collect();
-        gids.sort();
-        let mut timeouts = Vec::new();
-        let mut starts = Vec::new();
-        {
-            let node = &mut self.nodes[idx];
-            let sm = node.core.as_ref().expect("up").machine();
-            let driver = node.driver.as_mut().expect("made above");
-            driver
-                .workers
-                .retain(|gid, _| gids.binary_search(gid).is_ok());
-            for gid in &gids {
-                let tx = sm.get(gid).expect("active").clone();
-                let w = driver
-                    .workers
-                    .entry(gid.clone())
-                    .or_insert_with(|| WorkerState::new(tx.clone(), now, wall));
-                w.update(tx);
-                let next = w.next(now, wall);
-                if let Some(now_ms) = next.timeout {
-                    timeouts.push((gid.clone(), now_ms));
-                }
-                for (call, failing) in next.start {
-                    let (phase_two, attempts_limit) = plan::call_terms(w.current(), &call);
-                    starts.push((
-                        w.current().clone(),
-                        call,
-                        failing,
-                        phase_two,
-                        attempts_limit,
-                    ));
-                }
-            }
-        }
-        let epoch = self.nodes[idx].driver.as_ref().expect("made above").epoch;
-        for (gid, now_ms) in timeouts {
-            let command = Command::Timeout {
-                gid: gid.clone(),
-                now_ms,
-            };
-            let waiter = Waiter::Driver {
-                epoch,
-                gid,
-                key: None,
-                failing: Failing::default(),
-            };
-            self.propose(id, &command, waiter);
-        }
-        for (tx, call, failing, phase_two, attempts_limit) in starts {
-            if self.nodes[idx].driver.is_none() {
-                // It crashed writing a timeout: its calls never leave.
-                break;
-            }
-            let call_id = self.next_call;
-            self.next_call += 1;
-            let part = part_of(&call.endpoint);
-            let key = (call.branch_id.clone(), call.op);
-            if let Some(driver) = self.nodes[idx].driver.as_mut() {
-                driver.calls.insert(
-                    call_id,
-                    InFlight {
-                        gid: tx.gid.clone(),
-                        key,
-                        failing,
-                        phase_two,
-                        attempts_limit,
-                    },
-                );
-            }
-            let timeout = i64::from(tx.options.branch_timeout_ms);
-            self.at(
-                self.now + timeout,
-                Ev::CallTimeout {
-                    node: id,
-                    epoch,
-                    call_id,
-                },
-            );
-            self.send(
-                Addr::Node(id),
-                Addr::Part(part),
-                Ev::Call {
-                    part,
-                    node: id,
-                    epoch,
-                    call_id,
-                    gid: tx.gid.clone(),
-                    branch_id: call.branch_id,
-                    op: call.op,
-                    fence: call.fence,
-                },
-                0,
-            );
-        }
     }
 
-    fn call_ended(&mut self, id: u64, epoch: u64, call_id: u64, answer: Option<Answer>) {
-        let idx = (id - 1) as usize;
-        let wall = self.wall_ms(idx);
-        let Some(driver) = self.nodes[idx].driver.as_mut() else {
-            return;
-        };
-        if driver.epoch != epoch {
+    /// A driver's call leaves for its participant over the network.
+    fn carry_call(&mut self, call: OutCall) {
+        if self.node(call.node).driver.is_none() {
             return;
         }
-        let Some(mut call) = driver.calls.remove(&call_id) else {
-            return;
+        let call_id = self.next_call;
+        self.next_call += 1;
+        self.calls.insert(call_id, call.reply);
+        let part = part_of(&call.endpoint);
+        let ev = Ev::Call {
+            part,
+            node: call.node,
+            call_id,
+            gid: call.gid,
+            branch_id: call.branch_id,
+            op: call.op,
+            fence: call.fence,
         };
-        let outcome = match answer {
-            Some(Answer::Ok) => OpOutcome::Succeeded,
-            Some(Answer::No(m)) => OpOutcome::Failed(m),
-            Some(Answer::Unavailable) => OpOutcome::Transient("unavailable".into()),
-            None => OpOutcome::Transient("timed out".into()),
-        };
-        let record = plan::to_record(
-            &mut call.failing,
-            call.key.1,
-            outcome,
-            call.phase_two,
-            call.attempts_limit,
-            wall,
-        );
-        let (gid, key, failing) = (call.gid, call.key, call.failing);
-        let Some(outcome) = record else {
-            self.proposal_applied(id, epoch, &gid, Some(key), None, failing);
-            return;
-        };
-        let command = Command::OpResult {
-            gid: gid.clone(),
-            branch_id: key.0.clone(),
-            op: key.1,
-            outcome,
-            now_ms: wall,
-        };
-        let waiter = Waiter::Driver {
-            epoch,
-            gid: gid.clone(),
-            key: Some(key.clone()),
-            failing,
-        };
-        if !self.propose(id, &command, waiter) {
-            self.proposal_applied(id, epoch, &gid, Some(key), None, failing);
-        }
-    }
-
-    /// A worker's call or Timeout is over (its proposal answered, or none
-    /// made): the worker's state takes it, as the task's does.
-    fn proposal_applied(
-        &mut self,
-        id: u64,
-        epoch: u64,
-        gid: &str,
-        key: Option<Key>,
-        tx: Option<Arc<Transaction>>,
-        failing: Failing,
-    ) {
-        let now = self.instant();
-        let node = &mut self.nodes[(id - 1) as usize];
-        let Some(driver) = node.driver.as_mut() else {
-            return;
-        };
-        if driver.epoch != epoch {
-            return;
-        }
-        if let Some(w) = driver.workers.get_mut(gid) {
-            w.finished(key, tx, failing, now);
-        }
+        self.send(Addr::Node(call.node), Addr::Part(part), ev, 0);
     }
 
     // ---- clients ----
@@ -2104,7 +1953,14 @@ fn digest(tx: &Transaction) -> u64 {
 
 /// Runs one seed.
 pub fn run(seed: u64, opts: &Options) -> Report {
-    World::new(seed, opts.clone()).run()
+    // The nodes' tasks run on one thread, on a clock only the world moves.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime");
+    let _entered = rt.enter();
+    World::new(seed, opts.clone()).run(&rt)
 }
 
 /// The invariant a violation names: the text before its first colon, or,
