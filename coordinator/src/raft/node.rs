@@ -37,7 +37,7 @@
 //! Read states from the `Ready` release the linearizable reads waiting on them
 //! once the applied index reaches their read index.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -214,7 +214,9 @@ pub(crate) struct Loop<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet
     /// Reads that arrived this turn, not yet given a read-index request.
     pub(super) reads_waiting: Vec<(Reply<Arc<S::View>>, Instant)>,
     /// Read batches by read-index context.
-    pub(super) reads: HashMap<u64, ReadBatch<S::View>>,
+    /// Ordered: batches are answered, or failed, oldest first — and the
+    /// same way every time (the simulation replays runs exactly).
+    pub(super) reads: BTreeMap<u64, ReadBatch<S::View>>,
     pub(super) next_read_ctx: u64,
     /// A snapshot being written: `log_bytes_applied` when it was taken.
     pub(super) snapshot_in_flight: Option<u64>,
@@ -408,7 +410,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             status_tx,
             pending: BTreeMap::new(),
             reads_waiting: Vec::new(),
-            reads: HashMap::new(),
+            reads: BTreeMap::new(),
             next_read_ctx: 0,
             snapshot_in_flight: None,
             snapshot_job: None,

@@ -45,6 +45,7 @@ pub struct OptionsInput {
     pub concurrency: u32,
 }
 
+#[derive(Clone, Debug)]
 pub struct BeginInput {
     /// W3C trace context the transaction's work continues (ignored unless
     /// well formed).
@@ -56,6 +57,7 @@ pub struct BeginInput {
     pub payload: Bytes,
 }
 
+#[derive(Clone, Debug)]
 pub struct StepInput {
     pub branch_id: String,
     pub action: String,
@@ -65,6 +67,7 @@ pub struct StepInput {
     pub retry: Option<RetryInput>,
 }
 
+#[derive(Clone, Debug)]
 pub struct SagaInput {
     /// W3C trace context the transaction's work continues (ignored unless
     /// well formed).
@@ -79,6 +82,7 @@ pub struct SagaInput {
     pub wait: Option<Duration>,
 }
 
+#[derive(Clone, Debug)]
 pub struct MessageInput {
     /// W3C trace context the transaction's work continues (ignored unless
     /// well formed).
@@ -91,6 +95,7 @@ pub struct MessageInput {
     pub payload: Bytes,
 }
 
+#[derive(Clone, Debug)]
 pub struct RegisterInput {
     pub gid: String,
     pub branch_id: String,

@@ -2,18 +2,19 @@
 //! each node's real Raft loop (`raft::Loop`: raft-rs driven by the Ready
 //! contract, proposals, reads, snapshots, membership changes) over a
 //! simulated disk and network ([`io`]), the real state machine
-//! (`Replicated::apply` of `StateMachine`, so every protocol's rules), the
-//! real driver plan (`driver::plan`: which calls, retries, timeouts), the
-//! SDK's fencing table in front of simulated participants, and clients that
-//! retry ambiguous calls — all on one simulated clock and network, with
-//! faults drawn from a seed. [`check`] then judges the run from the
-//! participants' own records. The same seed gives the same run.
+//! (`Replicated::apply` of `StateMachine`, so every protocol's rules), each
+//! node's real driver (`driver::Driver`, its worker tasks, the replica's
+//! feed and handle) on a tokio runtime whose paused clock only the world
+//! moves, the SDK's fencing table in front of simulated participants, and
+//! clients that retry ambiguous calls — all on one simulated clock and
+//! network, with faults drawn from a seed. [`check`] then judges the run
+//! from the participants' own records. The same seed gives the same run.
 //!
-//! What is real and what is a model: DESIGN.md and RELIABILITY.md say it in
-//! full. In short: the Raft loop is the node's own code; the loop's thread
-//! (its shell), the raft-engine files and gRPC are replaced by [`io`] and
-//! this file; the gRPC service layer is not in the simulation (clients
-//! propose commands directly, through the service's input checks).
+//! What is real and what is a model: ARCHITECTURE.md and RELIABILITY.md say
+//! it in full. In short: the loop's thread (its shell), the raft-engine
+//! files, gRPC and HTTP are replaced by [`io`] and this file; the gRPC
+//! service layer is not in the simulation (clients propose commands
+//! directly, through the service's input checks).
 
 mod check;
 mod io;
@@ -32,26 +33,23 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
-use crate::codec;
+use crate::config::Limits;
 use crate::driver::Driver;
 use crate::model::command::{DestinationSpec, OpOutcome};
 use crate::model::types::{Fence, Op, Protocol, Transaction};
-use crate::model::{Applied, ApplyResult, Command};
 use crate::raft::transport::PeerEvent;
-use crate::raft::{Input, Loop, MembershipChange, NodeConfig, NodeError, NodeHandle, Replicated};
+use crate::raft::{Input, Loop, MembershipChange, NodeConfig, NodeHandle, Replicated};
 use crate::replica::Retention;
-use crate::service::checks;
 use crate::service::{
     BeginInput, MessageInput, OptionsInput, RegisterInput, RetryInput, SagaInput, StepInput,
 };
-use crate::state::{ReadView, StateMachine};
+use crate::service::{ServiceError, Transactions};
+use crate::state::StateMachine;
 use io::{Disk, Ears, Heard, Net, Observers, OutCall, SimCaller, SimClock, Tears};
 use participant::{Answer, Participant};
 
 /// A node's real Raft loop, on the simulation's disk and network.
 type Core = Loop<StateMachine, Observers, Disk, Net>;
-/// The loop's answer to one input, once it gives it.
-type Awaited<T> = oneshot::Receiver<Result<T, NodeError>>;
 
 /// What the simulated cluster's wall clocks read at time 0.
 const EPOCH_MS: i64 = 1_800_000_000_000;
@@ -162,12 +160,12 @@ enum Ev {
         node: u64,
         client: usize,
         req: u64,
-        command: Box<Command>,
+        request: Box<Request>,
     },
     ClientReply {
         client: usize,
         req: u64,
-        reply: Option<ApplyResult>,
+        reply: Answered,
     },
     /// A coordinator's call arrives at a participant.
     Call {
@@ -271,10 +269,54 @@ impl Ev {
     }
 }
 
-/// Who waits for a proposal.
+/// A client's request to a node's service layer (`service::Transactions`),
+/// as its API would pass it on.
 #[derive(Clone, Debug)]
-enum Waiter {
-    Client { client: usize, req: u64 },
+enum Request {
+    Begin(BeginInput),
+    Register(RegisterInput),
+    Saga(SagaInput),
+    Message(MessageInput),
+    Commit(String),
+    Abort(String, String),
+}
+
+impl Request {
+    /// The operation's name in the checker's histories.
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Begin(_) => "Begin",
+            Request::Register(_) => "RegisterBranch",
+            Request::Saga(_) => "SubmitSaga",
+            Request::Message(_) => "PrepareMessage",
+            Request::Commit(_) => "Commit",
+            Request::Abort(..) => "Abort",
+        }
+    }
+}
+
+/// What a client heard back from a node's service layer.
+#[derive(Clone, Debug)]
+enum Answered {
+    /// Done: the transaction as the service returned it.
+    Tx(Arc<Transaction>),
+    /// Refused for good (the state did not allow it, bad input).
+    Refused,
+    /// Not here, or not known (not the leader, leadership changed, a wait
+    /// that ran out): try again, elsewhere.
+    Elsewhere,
+}
+
+impl Answered {
+    fn of(result: crate::service::Result<Arc<Transaction>>) -> Answered {
+        match result {
+            Ok(tx) => Answered::Tx(tx),
+            Err(ServiceError::Node(_) | ServiceError::TimedOut(_) | ServiceError::Exhausted(_)) => {
+                Answered::Elsewhere
+            }
+            Err(_) => Answered::Refused,
+        }
+    }
 }
 
 /// A membership change an operator asks for.
@@ -301,16 +343,13 @@ struct Node {
     ears: Ears,
     /// The node's wall clock's jumps.
     offset_ms: Arc<AtomicI64>,
-    /// The node's driver (`driver::Driver`), a task on the simulation's
-    /// runtime while the node is up.
-    driver: Option<tokio::task::JoinHandle<()>>,
+    /// The node's tasks on the simulation's runtime while it is up: its
+    /// driver (`driver::Driver`) and the requests its service is serving.
+    tasks: Option<tokio::task::JoinSet<()>>,
+    /// The node's service layer (`service::Transactions`) while it is up.
+    service: Option<Arc<Transactions>>,
     /// What the node's handle sends its loop (the driver's proposals).
     inputs: Option<crossbeam_channel::Receiver<Input<StateMachine>>>,
-    /// Proposals waiting for the loop's answer, in the order they were made.
-    waiting: Vec<(Awaited<ApplyResult>, Waiter)>,
-    /// Gets waiting for the loop's answer (a read index confirmed by the
-    /// leader, then applied here — as `raft/reads.rs` serves them).
-    reads: Vec<(Awaited<Arc<ReadView>>, PendingRead)>,
 }
 
 impl Node {
@@ -322,12 +361,6 @@ impl Node {
     pub(crate) fn applied(&self) -> u64 {
         self.core.as_ref().map_or(0, |c| c.applied())
     }
-}
-
-struct PendingRead {
-    reader: usize,
-    req: u64,
-    gid: String,
 }
 
 /// Asks Get of random transactions at random nodes, all run long: its
@@ -360,7 +393,7 @@ pub(crate) struct Observed {
 /// A step of a client's script.
 #[derive(Clone, Debug)]
 enum Step {
-    Propose(Command),
+    Call(Request),
     App {
         branch_id: String,
         op: Op,
@@ -428,6 +461,8 @@ pub(crate) struct World {
     /// by call.
     calls_out: Arc<Mutex<Vec<OutCall>>>,
     calls: BTreeMap<u64, oneshot::Sender<OpOutcome>>,
+    /// Answers the nodes' services gave, not yet sent: (node, to, answer).
+    answers: Arc<Mutex<Vec<(u64, Addr, Ev)>>>,
     /// The runtime's clock at time 0 (it is paused: only the world moves it).
     start: tokio::time::Instant,
     /// Terms a node led (and its driver resumed).
@@ -557,10 +592,9 @@ impl World {
                     out: Default::default(),
                     ears: Ears::default(),
                     offset_ms: Default::default(),
-                    driver: None,
+                    tasks: None,
+                    service: None,
                     inputs: None,
-                    waiting: Vec::new(),
-                    reads: Vec::new(),
                 }
             })
             .collect();
@@ -579,6 +613,7 @@ impl World {
             next_call: 1,
             calls_out: Default::default(),
             calls: BTreeMap::new(),
+            answers: Default::default(),
             start: tokio::time::Instant::now(),
             leads: 0,
             committed: BTreeMap::new(),
@@ -662,10 +697,6 @@ impl World {
         true
     }
 
-    fn wall_ms(&self, node: usize) -> i64 {
-        EPOCH_MS + self.now + self.nodes[node].offset_ms.load(Ordering::Relaxed)
-    }
-
     fn instant(&self) -> tokio::time::Instant {
         self.start + Duration::from_millis(self.now as u64)
     }
@@ -682,10 +713,9 @@ impl World {
                 Protocol::Msg,
             ][self.rng.random_range(0..6)];
             let gid = format!("g{c}");
-            // Clients' requests become commands through the service's own
-            // input checks, as on a real node (defaults filled in, limits
-            // checked); the leader stamps its clock in when it proposes.
-            let limits = crate::config::Limits::default();
+            // Clients ask a node's service layer (`service::Transactions`)
+            // as its API would: input checks, the leader check, the
+            // leader's clock stamped in, waiting for a 2PC decision.
             let options = OptionsInput {
                 timeout_ms: self.rng.random_range(1_000..=4_000),
                 retry: Some(RetryInput {
@@ -698,22 +728,19 @@ impl World {
             };
             let parts = self.opts.participants;
             let mut steps = Vec::new();
-            let begin = |_now_ms: i64| {
-                let input = BeginInput {
+            let begin = || {
+                Request::Begin(BeginInput {
                     trace_parent: None,
                     gid: gid.clone(),
                     protocol: Some(protocol),
                     options,
                     payload: Default::default(),
-                };
-                checks::begin(&limits, input, 0)
-                    .expect("the simulation's Begin passes the input checks")
-                    .command
+                })
             };
             let branches = self.rng.random_range(1..=3usize);
             let register = |b: usize, ops: &[Op]| {
                 let part = (c + b) % parts;
-                let input = RegisterInput {
+                Request::Register(RegisterInput {
                     gid: gid.clone(),
                     branch_id: format!("b{b}"),
                     ops: ops
@@ -721,16 +748,14 @@ impl World {
                         .map(|op| (op.name().to_string(), endpoint(part)))
                         .collect(),
                     payload: Default::default(),
-                };
-                checks::register(&limits, input, 0)
-                    .expect("the simulation's RegisterBranch passes the input checks")
+                })
             };
             match protocol {
                 Protocol::TwoPc | Protocol::ThreePc => {
                     let (ops, _) = crate::protocol::branch_ops(protocol);
-                    steps.push(Step::Propose(begin(0)));
+                    steps.push(Step::Call(begin()));
                     for b in 0..branches {
-                        steps.push(Step::Propose(register(b, ops)));
+                        steps.push(Step::Call(register(b, ops)));
                     }
                     steps.push(Step::Decide);
                 }
@@ -740,9 +765,9 @@ impl World {
                     } else {
                         (Op::Try, &[Op::Try, Op::Confirm, Op::Cancel])
                     };
-                    steps.push(Step::Propose(begin(0)));
+                    steps.push(Step::Call(begin()));
                     for b in 0..branches {
-                        steps.push(Step::Propose(register(b, ops)));
+                        steps.push(Step::Call(register(b, ops)));
                         steps.push(Step::App {
                             branch_id: format!("b{b}"),
                             op: forward,
@@ -785,9 +810,7 @@ impl World {
                         concurrent,
                         wait: None,
                     };
-                    let proposal = checks::saga(&limits, input, 0)
-                        .expect("the simulation's saga passes the input checks");
-                    steps.push(Step::Propose(proposal.command));
+                    steps.push(Step::Call(Request::Saga(input)));
                 }
                 Protocol::Msg => {
                     // The producer serves the check-back; each destination
@@ -808,9 +831,7 @@ impl World {
                         destinations,
                         payload: Default::default(),
                     };
-                    let proposal = checks::message(&limits, input, 0)
-                        .expect("the simulation's message passes the input checks");
-                    steps.push(Step::Propose(proposal.command));
+                    steps.push(Step::Call(Request::Message(input)));
                     // Sometimes the local transaction takes longer than the
                     // message's timeout: the check-back races it.
                     if self.rng.random_bool(0.3) {
@@ -962,6 +983,9 @@ impl World {
                     ev.kind() & 0xff
                 );
             }
+            if std::env::var_os("TANDEM_SIM_TRACE").is_some() {
+                eprintln!("{when} {seq} {:?}", ev);
+            }
             self.handle(ev);
             self.settle(rt);
             if self.now >= self.opts.heal_at_ms + 500 && self.now - last_check >= 100 {
@@ -1056,12 +1080,12 @@ impl World {
             Ev::Crash(id) => {
                 let node = self.node(id);
                 node.core = None;
-                if let Some(driver) = node.driver.take() {
-                    driver.abort();
+                // Its tasks die with it: no answer leaves a dead node.
+                if let Some(mut tasks) = node.tasks.take() {
+                    tasks.abort_all();
                 }
+                node.service = None;
                 node.inputs = None;
-                node.waiting.clear();
-                node.reads.clear();
                 node.out.lock().expect("one thread").clear();
                 node.ears.0.lock().expect("one thread").clear();
             }
@@ -1090,8 +1114,8 @@ impl World {
                 node,
                 client,
                 req,
-                command,
-            } => self.client_request(node, client, req, *command),
+                request,
+            } => self.client_request(node, client, req, *request),
             Ev::ClientReply { client, req, reply } => self.client_reply(client, req, reply),
             Ev::Call {
                 part,
@@ -1120,7 +1144,7 @@ impl World {
                 // To the call's task, if its node is still the one that
                 // made it (a restarted node's driver is another).
                 if let Some(reply) = self.calls.remove(&call_id)
-                    && self.node(node).driver.is_some()
+                    && self.node(node).tasks.is_some()
                 {
                     let _ = reply.send(match answer {
                         Answer::Ok => OpOutcome::Succeeded,
@@ -1291,8 +1315,12 @@ impl World {
             node: id,
             out: calls_out,
         });
+        let service = Transactions::new(replica.clone(), Limits::default(), clock.clone());
         let driver = Driver::new(replica, caller, clock);
-        node.driver = Some(tokio::spawn(driver.run(feed)));
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(driver.run(feed));
+        node.tasks = Some(tasks);
+        node.service = Some(Arc::new(service));
         node.inputs = Some(inputs_rx);
         node.core = Some(core);
         node.life += 1;
@@ -1362,53 +1390,6 @@ impl World {
         let heard = std::mem::take(&mut *self.nodes[idx].ears.0.lock().expect("one thread"));
         for h in heard {
             self.heard(id, h);
-        }
-        let mut answered = Vec::new();
-        self.nodes[idx]
-            .waiting
-            .retain_mut(|(rx, waiter)| match rx.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => true,
-                Ok(result) => {
-                    answered.push((result.ok(), waiter.clone()));
-                    false
-                }
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    answered.push((None, waiter.clone()));
-                    false
-                }
-            });
-        for (result, waiter) in answered {
-            match waiter {
-                Waiter::Client { client, req } => self.send(
-                    Addr::Node(id),
-                    Addr::Client(client),
-                    Ev::ClientReply {
-                        client,
-                        req,
-                        reply: result,
-                    },
-                    0,
-                ),
-            }
-        }
-        let mut read = Vec::new();
-        self.nodes[idx]
-            .reads
-            .retain_mut(|(rx, pending)| match rx.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => true,
-                Ok(result) => {
-                    let seen = result.ok().map(|view| view.get(&pending.gid));
-                    read.push((pending.reader, pending.req, seen));
-                    false
-                }
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    read.push((pending.reader, pending.req, None));
-                    false
-                }
-            });
-        for (reader, req, seen) in read {
-            let reply = Ev::GetReply { reader, req, seen };
-            self.send(Addr::Node(id), Addr::Reader(reader), reply, 0);
         }
     }
 
@@ -1571,20 +1552,6 @@ impl World {
             .is_some_and(|c| c.leading())
     }
 
-    /// Proposes a command at a node's loop; false if the node is down. Its
-    /// answer goes to `waiter` after the turn (refused ones included).
-    fn propose(&mut self, id: u64, command: &Command, waiter: Waiter) -> bool {
-        let node = self.node(id);
-        if node.core.is_none() {
-            return false;
-        }
-        let (reply, rx) = oneshot::channel();
-        node.waiting.push((rx, waiter));
-        let data = codec::encode(command);
-        self.turn(id, vec![Input::Propose { data, reply }], false);
-        true
-    }
-
     // ---- the drivers' calls, and the runtime they run on ----
 
     /// Lets the nodes' tasks (drivers) run until they wait on something
@@ -1610,6 +1577,11 @@ impl World {
             for call in out {
                 self.carry_call(call);
             }
+            let answers = std::mem::take(&mut *self.answers.lock().expect("one thread"));
+            moved |= !answers.is_empty();
+            for (node, to, answer) in answers {
+                self.send(Addr::Node(node), to, answer, 0);
+            }
             if !moved {
                 return;
             }
@@ -1618,7 +1590,7 @@ impl World {
 
     /// A driver's call leaves for its participant over the network.
     fn carry_call(&mut self, call: OutCall) {
-        if self.node(call.node).driver.is_none() {
+        if self.node(call.node).tasks.is_none() {
             return;
         }
         let call_id = self.next_call;
@@ -1661,28 +1633,22 @@ impl World {
             Step::Decide => {
                 let gid = client.gid.clone();
                 let draw = self.rng.random_range(0..100);
-                let command = match (client.protocol, client.app_failed, draw) {
+                let request = match (client.protocol, client.app_failed, draw) {
                     // A producer submits after its local commit and aborts
                     // after its local rollback — or dies first, and the
                     // check-back settles it.
-                    (Protocol::Msg, false, 0..80) => Command::Commit { gid, now_ms: 0 },
-                    (Protocol::Msg, true, 0..80) => Command::Abort {
-                        gid,
-                        reason: "the local transaction rolled back".into(),
-                        now_ms: 0,
-                    },
+                    (Protocol::Msg, false, 0..80) => Request::Commit(gid),
+                    (Protocol::Msg, true, 0..80) => {
+                        Request::Abort(gid, "the local transaction rolled back".into())
+                    }
                     (Protocol::Msg, _, _) => {
                         self.clients[c].done = true;
                         return;
                     }
                     (Protocol::TwoPc | Protocol::ThreePc, _, 0..90) | (_, false, 0..80) => {
-                        Command::Commit { gid, now_ms: 0 }
+                        Request::Commit(gid)
                     }
-                    (_, _, 0..95) => Command::Abort {
-                        gid,
-                        reason: "the application gave up".into(),
-                        now_ms: 0,
-                    },
+                    (_, _, 0..95) => Request::Abort(gid, "the application gave up".into()),
                     // Abandoned: the deadline must end it.
                     _ => {
                         self.clients[c].done = true;
@@ -1692,14 +1658,14 @@ impl World {
                 // Retries resend the same decision.
                 let client = &mut self.clients[c];
                 let at = client.at;
-                client.steps[at] = Step::Propose(command.clone());
-                Step::Propose(command)
+                client.steps[at] = Step::Call(request.clone());
+                Step::Call(request)
             }
             s => s,
         };
         let client = &self.clients[c];
         match step {
-            Step::Propose(command) => {
+            Step::Call(request) => {
                 let node = client.target;
                 self.send(
                     Addr::Client(c),
@@ -1708,7 +1674,7 @@ impl World {
                         node,
                         client: c,
                         req: at,
-                        command: Box::new(command),
+                        request: Box::new(request),
                     },
                     0,
                 );
@@ -1760,55 +1726,55 @@ impl World {
         self.at(self.now, wake);
     }
 
-    fn client_request(&mut self, id: u64, c: usize, req: u64, mut command: Command) {
-        let idx = (id - 1) as usize;
-        let Some(core) = self.nodes[idx].core.as_ref() else {
+    /// A client's request reaches a node: its service layer serves it, as
+    /// its API would, in a task of the node's.
+    fn client_request(&mut self, id: u64, c: usize, req: u64, request: Request) {
+        let answers = self.answers.clone();
+        let node = self.node(id);
+        let (Some(service), Some(tasks)) = (node.service.clone(), node.tasks.as_mut()) else {
             return;
         };
-        // The service's `ensure_leader`: not the leader, the client goes
-        // elsewhere at once.
-        if core.raft().state != StateRole::Leader {
+        tasks.spawn(async move {
+            let result = match request {
+                Request::Begin(input) => service.begin(input).await.map(|(tx, _)| tx),
+                Request::Register(input) => service.register(input).await,
+                Request::Saga(input) => service.submit_saga(input).await.map(|(tx, _)| tx),
+                Request::Message(input) => service.prepare_message(input).await.map(|(tx, _)| tx),
+                // A 2PC or 3PC commit answers with the decision; a client
+                // waits for it at most this long, then asks again.
+                Request::Commit(gid) => service.commit(gid, false, Duration::from_secs(1)).await,
+                Request::Abort(gid, reason) => service.abort(gid, reason, None).await,
+            };
             let reply = Ev::ClientReply {
                 client: c,
                 req,
-                reply: None,
+                reply: Answered::of(result),
             };
-            self.send(Addr::Node(id), Addr::Client(c), reply, 0);
-            return;
-        }
-        // The leader stamps its clock into the command, as the service does.
-        let wall = self.wall_ms(idx);
-        stamp(&mut command, wall);
-        self.propose(id, &command, Waiter::Client { client: c, req });
+            answers
+                .lock()
+                .expect("one thread")
+                .push((id, Addr::Client(c), reply));
+        });
     }
 
-    fn client_reply(&mut self, c: usize, req: u64, reply: Option<ApplyResult>) {
+    fn client_reply(&mut self, c: usize, req: u64, reply: Answered) {
         let nodes = self.nodes.len() as u64;
         let client = &mut self.clients[c];
         if client.done || client.at as u64 != req {
             return;
         }
-        let Some(result) = reply else {
-            // Not the leader: try another node soon.
-            client.target = client.target % nodes + 1;
-            let wake = self.client_wake(c);
-            self.at(self.now + 20, wake);
+        let Step::Call(request) = &client.steps[client.at] else {
             return;
         };
-        let Step::Propose(command) = &client.steps[client.at] else {
-            return;
-        };
-        let name = match command {
-            Command::Begin { .. } => "Begin",
-            Command::SubmitSaga { .. } => "SubmitSaga",
-            Command::RegisterBranch { .. } => "RegisterBranch",
-            Command::Commit { .. } => "Commit",
-            Command::Abort { .. } => "Abort",
-            Command::PrepareMessage { .. } => "PrepareMessage",
-            _ => "other",
-        };
-        match result {
-            Ok(Applied::Begun { tx, .. } | Applied::Updated { tx }) => {
+        let name = request.name();
+        match reply {
+            Answered::Elsewhere => {
+                // Not the leader, or not known: try another node soon.
+                client.target = client.target % nodes + 1;
+                let wake = self.client_wake(c);
+                self.at(self.now + 20, wake);
+            }
+            Answered::Tx(tx) => {
                 self.observed.push(Observed {
                     gid: client.gid.clone(),
                     what: name,
@@ -1830,7 +1796,7 @@ impl World {
             }
             // Refused (for example a register after the deadline aborted
             // it): the application stops here.
-            Ok(_) | Err(_) => client.done = true,
+            Answered::Refused => client.done = true,
         }
     }
 
@@ -1902,15 +1868,26 @@ impl World {
         self.at(now + 200, Ev::ReaderWake(r, token));
     }
 
+    /// A reader's Get reaches a node: its service reads (a linearizable
+    /// read through the leader's read index, on any member).
     fn get_request(&mut self, id: u64, reader: usize, req: u64, gid: String) {
-        let deadline = std::time::Instant::from(self.instant()) + Duration::from_millis(200);
+        let answers = self.answers.clone();
         let node = self.node(id);
-        if node.core.is_none() {
+        let (Some(service), Some(tasks)) = (node.service.clone(), node.tasks.as_mut()) else {
             return;
-        }
-        let (reply, rx) = oneshot::channel();
-        node.reads.push((rx, PendingRead { reader, req, gid }));
-        self.turn(id, vec![Input::Read { reply, deadline }], false);
+        };
+        tasks.spawn(async move {
+            let seen = match service.get(&gid).await {
+                Ok(tx) => Some(Some(tx)),
+                Err(ServiceError::NotFound { .. }) => Some(None),
+                Err(_) => None,
+            };
+            let reply = Ev::GetReply { reader, req, seen };
+            answers
+                .lock()
+                .expect("one thread")
+                .push((id, Addr::Reader(reader), reply));
+        });
     }
 
     fn get_reply(&mut self, r: usize, req: u64, seen: Option<Option<std::sync::Arc<Transaction>>>) {
@@ -2009,23 +1986,4 @@ pub fn shrink(seed: u64, opts: &Options) -> Option<(Options, Report)> {
         }
     }
     Some((opts, report))
-}
-
-/// The leader stamps its clock into a client's command, as the service does.
-fn stamp(command: &mut Command, wall: i64) {
-    match command {
-        Command::Begin { now_ms, .. }
-        | Command::SubmitSaga { now_ms, .. }
-        | Command::RegisterBranch { now_ms, .. }
-        | Command::Commit { now_ms, .. }
-        | Command::Abort { now_ms, .. }
-        | Command::PrepareMessage { now_ms, .. }
-        | Command::Repair { now_ms, .. } => *now_ms = wall,
-        Command::Traced { command, .. } => stamp(command, wall),
-        // Not a client's: the driver's facts, housekeeping.
-        Command::OpResult { .. }
-        | Command::Timeout { .. }
-        | Command::Gc { .. }
-        | Command::InitCluster { .. } => {}
-    }
 }
