@@ -84,6 +84,9 @@ impl<T: BranchTransport> Driver<T> {
     pub async fn run(mut self, events: Arc<LeaderFeed>) {
         let mut leading = false;
         loop {
+            // Reap every finished worker first, so the set does not grow
+            // however busy the feed is (the select below prefers it).
+            while self.tasks.try_join_next().is_some() {}
             // In order, not at random: the simulation replays runs exactly.
             tokio::select! {
                 biased;
@@ -113,7 +116,7 @@ impl<T: BranchTransport> Driver<T> {
                         return;
                     }
                 },
-                // Reap finished workers so the set does not grow.
+                // A worker ended while the feed was quiet.
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
         }

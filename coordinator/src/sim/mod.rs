@@ -4,17 +4,18 @@
 //! simulated disk and network ([`io`]), the real state machine
 //! (`Replicated::apply` of `StateMachine`, so every protocol's rules), each
 //! node's real driver (`driver::Driver`, its worker tasks, the replica's
-//! feed and handle) on a tokio runtime whose paused clock only the world
-//! moves, the SDK's fencing table in front of simulated participants, and
-//! clients that retry ambiguous calls — all on one simulated clock and
+//! feed and handle) and service layer (`service::Transactions`, which the
+//! clients' requests reach) on a tokio runtime whose paused clock only the
+//! world moves, the SDK's fencing table in front of simulated participants,
+//! and clients that retry ambiguous calls — all on one simulated clock and
 //! network, with faults drawn from a seed. [`check`] then judges the run
-//! from the participants' own records. The same seed gives the same run.
+//! from the participants' own records. The same seed gives the same run
+//! (`TANDEM_SIM_TRACE=1` prints every event, to find where two differ).
 //!
 //! What is real and what is a model: ARCHITECTURE.md and RELIABILITY.md say
 //! it in full. In short: the loop's thread (its shell), the raft-engine
-//! files, gRPC and HTTP are replaced by [`io`] and this file; the gRPC
-//! service layer is not in the simulation (clients propose commands
-//! directly, through the service's input checks).
+//! files, the gRPC and HTTP transports and the databases are replaced by
+//! [`io`], this file and `participant.rs`.
 
 mod check;
 mod io;
