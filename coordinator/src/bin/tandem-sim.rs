@@ -71,7 +71,7 @@ fn main() {
         let report = sim::run(seed, &opts);
         if args.verbose || args.seed.is_some() {
             eprintln!(
-                "seed {seed}: {} transactions ({} committed, {} aborted), {} leaders, {} reads, {} snapshots installed, {} membership changes (members {:?}), {} crashes mid-write, {} events, {} ms simulated, trace {:016x}",
+                "seed {seed}: {} transactions ({} committed, {} aborted), {} leaders, {} reads, {} snapshots installed, {} membership changes (members {:?}), {} crashes mid-write, {} unsynced writes lost, {} events, {} ms simulated, trace {:016x}",
                 report.txs,
                 report.committed,
                 report.aborted,
@@ -81,6 +81,7 @@ fn main() {
                 report.membership_changes,
                 report.members,
                 report.torn_writes,
+                report.unsynced_lost,
                 report.events,
                 report.sim_ms,
                 report.trace

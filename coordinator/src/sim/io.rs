@@ -48,6 +48,11 @@ impl Tears {
         }))
     }
 
+    /// Heads or tails, from the same source.
+    fn coin(&mut self) -> bool {
+        self.rng.random_bool(0.5)
+    }
+
     /// `Some(kept)` if this write tears: the node dies while it is under
     /// way, and the write is kept or lost whole (raft-engine writes a batch
     /// as one checksummed record and drops a torn tail on recovery).
@@ -69,6 +74,10 @@ pub(super) struct Disk(Arc<Mutex<DiskState>>);
 
 struct DiskState {
     hard_state: HardState,
+    /// The commit index as of the last synced write: a write without sync
+    /// (only ever a new commit index: entries, term and vote are synced)
+    /// is lost if the node crashes before the next one.
+    synced_commit: u64,
     /// Index and term of the last entry compaction (or a snapshot) removed.
     truncated: (u64, u64),
     /// The entries from `truncated.0 + 1` on.
@@ -90,6 +99,7 @@ impl Disk {
     pub(super) fn new(voters: Option<&[u64]>, tears: Arc<Mutex<Tears>>) -> Disk {
         let mut state = DiskState {
             hard_state: HardState::default(),
+            synced_commit: 0,
             truncated: (0, 0),
             entries: Vec::new(),
             snapshot: Snapshot::default(),
@@ -109,6 +119,7 @@ impl Disk {
             state.truncated = (BOOTSTRAP_INDEX, BOOTSTRAP_TERM);
             state.hard_state.term = BOOTSTRAP_TERM;
             state.hard_state.commit = BOOTSTRAP_INDEX;
+            state.synced_commit = BOOTSTRAP_INDEX;
         }
         Disk(Arc::new(Mutex::new(state)))
     }
@@ -129,6 +140,21 @@ impl Disk {
     /// Whether the last write tore, and if so whether it was kept.
     pub(super) fn take_torn(&self) -> Option<bool> {
         self.lock().torn.take()
+    }
+
+    /// The node crashed: what it wrote without a sync since its last synced
+    /// write (a commit index) is lost or kept, as the seed draws it.
+    /// Returns whether something was lost.
+    pub(super) fn crash(&self) -> bool {
+        let mut state = self.lock();
+        let lost = state.hard_state.commit > state.synced_commit
+            && state.tears.lock().expect("one thread").coin();
+        if lost {
+            // Never below the snapshot: `LogStore` raises it to that on open.
+            let floor = state.snapshot.get_metadata().index;
+            state.hard_state.commit = state.synced_commit.max(floor);
+        }
+        lost
     }
 }
 
@@ -241,8 +267,13 @@ impl LogStorage for Disk {
             state.hard_state = hs.clone();
         }
         if torn.is_some() {
+            // Kept whole, as a synced write.
+            state.synced_commit = state.hard_state.commit;
             state.torn = torn;
             return Err(StoreError::CrashedMidWrite);
+        }
+        if sync {
+            state.synced_commit = state.hard_state.commit;
         }
         state.synced |= sync;
         Ok(())
@@ -262,6 +293,7 @@ impl LogStorage for Disk {
         state.entries.clear();
         state.snapshot = snapshot.clone();
         state.synced = true;
+        state.synced_commit = state.hard_state.commit;
         Ok(())
     }
 

@@ -126,6 +126,8 @@ pub struct Report {
     pub removed_leaders: usize,
     /// Nodes that crashed in the middle of a log write.
     pub torn_writes: usize,
+    /// Crashes that lost a write made without a sync (a commit index).
+    pub unsynced_lost: usize,
     /// (committed, aborted) per protocol.
     pub by_protocol: BTreeMap<Protocol, (usize, usize)>,
     pub faults: Vec<String>,
@@ -1048,6 +1050,11 @@ impl World {
             .iter()
             .filter(|f| f.contains("crashed mid-write"))
             .count();
+        report.unsynced_lost = self
+            .fault_log
+            .iter()
+            .filter(|f| f.contains("without a sync"))
+            .count();
         report.faults = self.fault_log;
         report.faults_scheduled = self.faults_scheduled;
         report.leaders = self.leads;
@@ -1080,6 +1087,7 @@ impl World {
             }
             Ev::Crash(id) => {
                 let node = self.node(id);
+                let lost = node.disk.crash();
                 node.core = None;
                 // Its tasks die with it: no answer leaves a dead node.
                 if let Some(mut tasks) = node.tasks.take() {
@@ -1089,6 +1097,12 @@ impl World {
                 node.inputs = None;
                 node.out.lock().expect("one thread").clear();
                 node.ears.0.lock().expect("one thread").clear();
+                if lost {
+                    self.fault_log.push(format!(
+                        "node {id} crashed at {} and lost what it wrote without a sync",
+                        self.now
+                    ));
+                }
             }
             Ev::CrashLeader(down) => {
                 let leader = (1..=self.nodes.len() as u64).find(|&id| {
