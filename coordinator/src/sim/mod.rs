@@ -470,6 +470,8 @@ pub(crate) struct World {
     start: tokio::time::Instant,
     /// Terms a node led (and its driver resumed).
     leads: u64,
+    /// `TANDEM_SIM_TRACE` is set: every event is printed as it happens.
+    print_events: bool,
     /// Every committed entry seen applied: index → (term, when first).
     pub(crate) committed: BTreeMap<u64, (u64, i64)>,
     pub(crate) acks: Vec<Ack>,
@@ -619,6 +621,7 @@ impl World {
             answers: Default::default(),
             start: tokio::time::Instant::now(),
             leads: 0,
+            print_events: std::env::var_os("TANDEM_SIM_TRACE").is_some(),
             committed: BTreeMap::new(),
             acks: Vec::new(),
             observed: Vec::new(),
@@ -986,7 +989,7 @@ impl World {
                     ev.kind() & 0xff
                 );
             }
-            if std::env::var_os("TANDEM_SIM_TRACE").is_some() {
+            if self.print_events {
                 eprintln!("{when} {seq} {:?}", ev);
             }
             self.handle(ev);
