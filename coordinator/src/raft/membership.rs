@@ -182,7 +182,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
 /// it persists panics on the missing progress. Found by the simulation
 /// once it changed membership (RELIABILITY.md). As a follower it proposes
 /// nothing more; the remaining voters elect a leader after their timeout.
-pub(super) fn step_down_if_removed<T: raft::Storage>(raft: &mut raft::Raft<T>) -> bool {
+fn step_down_if_removed<T: raft::Storage>(raft: &mut raft::Raft<T>) -> bool {
     let removed = !raft.prs().conf().voters().contains(raft.id);
     if removed && raft.state == raft::StateRole::Leader {
         let term = raft.term;
@@ -194,7 +194,7 @@ pub(super) fn step_down_if_removed<T: raft::Storage>(raft: &mut raft::Raft<T>) -
 
 /// One change as a joint-consensus entry, left automatically once
 /// committed (every change Tandem makes).
-pub(super) fn joint_change(node_id: u64, change_type: ConfChangeType) -> ConfChangeV2 {
+fn joint_change(node_id: u64, change_type: ConfChangeType) -> ConfChangeV2 {
     let mut cc = ConfChangeV2::default();
     cc.set_changes(vec![single_change(node_id, change_type)].into());
     cc.set_transition(ConfChangeTransition::Implicit);
@@ -203,10 +203,7 @@ pub(super) fn joint_change(node_id: u64, change_type: ConfChangeType) -> ConfCha
 
 /// The voter other than this (leading) node with the most of the log:
 /// whom it hands over to before its removal.
-pub(super) fn best_transferee<T: raft::Storage>(
-    raft: &raft::Raft<T>,
-    voters: &[u64],
-) -> Option<u64> {
+fn best_transferee<T: raft::Storage>(raft: &raft::Raft<T>, voters: &[u64]) -> Option<u64> {
     voters
         .iter()
         .filter(|&&id| id != raft.id)

@@ -105,6 +105,34 @@ pub trait LogStorage: raft::Storage {
     fn take_snapshot_wanted(&self) -> bool;
 }
 
+/// Whether the newest snapshot (`meta`) can serve raft's request for one at
+/// `request_index` or later to node `to`: a node added after the snapshot
+/// would refuse it, since it is not in the snapshot's configuration. When
+/// it cannot, the store notes that a fresh snapshot is wanted. (Every
+/// `LogStorage` serves snapshots by this rule.)
+pub fn snapshot_serves(meta: &SnapshotMetadata, request_index: u64, to: u64) -> bool {
+    let conf = meta.get_conf_state();
+    let includes_receiver = conf.voters.contains(&to) || conf.learners.contains(&to);
+    meta.index >= request_index.max(1) && includes_receiver
+}
+
+/// The hard state once a snapshot from the leader is installed: its commit
+/// and term at least the snapshot's.
+pub fn raise_to_snapshot(hard_state: &mut HardState, meta: &SnapshotMetadata) {
+    hard_state.commit = hard_state.commit.max(meta.index);
+    hard_state.term = hard_state.term.max(meta.term);
+}
+
+/// Whether a snapshot this node made (at `index`) replaces the newest one
+/// (at `newest`); a compaction up to `compact_to` must not pass it.
+pub fn adopts(newest: u64, index: u64, compact_to: u64) -> bool {
+    assert!(
+        compact_to <= index + 1,
+        "compaction would pass the snapshot"
+    );
+    index > newest
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
@@ -366,8 +394,7 @@ impl LogStorage for LogStore {
         let meta = snapshot.get_metadata();
         write_snapshot_file(&self.snap_dir, snapshot)?;
         self.truncated = (meta.index, meta.term);
-        self.hard_state.commit = self.hard_state.commit.max(meta.index);
-        self.hard_state.term = self.hard_state.term.max(meta.term);
+        raise_to_snapshot(&mut self.hard_state, meta);
         self.mark.lower(meta.index)?;
         let mut batch = LogBatch::default();
         batch.add_command(self.group, EngineCommand::Clean);
@@ -389,11 +416,7 @@ impl LogStorage for LogStore {
     /// the snapshot: entries after it must stay.
     fn adopt_snapshot(&mut self, snapshot: Snapshot, compact_to: u64) -> Result<(), StoreError> {
         let index = snapshot.get_metadata().index;
-        assert!(
-            compact_to <= index + 1,
-            "compaction would pass the snapshot"
-        );
-        if index <= self.snapshot.get_metadata().index {
+        if !adopts(self.snapshot.get_metadata().index, index, compact_to) {
             return Ok(());
         }
         self.snapshot = snapshot;
@@ -498,12 +521,7 @@ impl raft::Storage for LogStore {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let meta = self.snapshot.get_metadata();
-        let conf = meta.get_conf_state();
-        // A node added after this snapshot would refuse it: it is not in the
-        // snapshot's configuration.
-        let includes_receiver = conf.voters.contains(&to) || conf.learners.contains(&to);
-        if meta.index >= request_index.max(1) && includes_receiver {
+        if snapshot_serves(self.snapshot.get_metadata(), request_index, to) {
             Ok(self.snapshot.clone())
         } else {
             self.snapshot_wanted.set(true);

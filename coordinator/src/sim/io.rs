@@ -23,7 +23,10 @@ use crate::clock::Clock;
 use crate::model::ApplyResult;
 use crate::model::command::OpOutcome;
 use crate::model::types::{Fence, Op};
-use crate::raft::storage::{BOOTSTRAP_INDEX, BOOTSTRAP_TERM, LogStorage, StoreError};
+use crate::raft::storage::{
+    BOOTSTRAP_INDEX, BOOTSTRAP_TERM, LogStorage, StoreError, adopts, raise_to_snapshot,
+    snapshot_serves,
+};
 use crate::raft::transport::PeerNet;
 use crate::raft::{Observer, Replicated};
 use crate::replica::ReplicaObserver;
@@ -225,13 +228,8 @@ impl raft::Storage for Disk {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        // As `LogStore` serves one: a node added after the snapshot would
-        // refuse it (it is not in the snapshot's membership).
         let mut state = self.lock();
-        let meta = state.snapshot.get_metadata();
-        let conf = meta.get_conf_state();
-        let includes_receiver = conf.voters.contains(&to) || conf.learners.contains(&to);
-        if meta.index < request_index.max(1) || !includes_receiver {
+        if !snapshot_serves(state.snapshot.get_metadata(), request_index, to) {
             state.wanted = true;
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
@@ -288,8 +286,7 @@ impl LogStorage for Disk {
         let mut state = self.lock();
         let meta = snapshot.get_metadata();
         state.truncated = (meta.index, meta.term);
-        state.hard_state.commit = state.hard_state.commit.max(meta.index);
-        state.hard_state.term = state.hard_state.term.max(meta.term);
+        raise_to_snapshot(&mut state.hard_state, meta);
         state.entries.clear();
         state.snapshot = snapshot.clone();
         state.synced = true;
@@ -300,11 +297,7 @@ impl LogStorage for Disk {
     fn adopt_snapshot(&mut self, snapshot: Snapshot, compact_to: u64) -> Result<(), StoreError> {
         let mut state = self.lock();
         let index = snapshot.get_metadata().index;
-        assert!(
-            compact_to <= index + 1,
-            "compaction would pass the snapshot"
-        );
-        if index <= state.snapshot.get_metadata().index {
+        if !adopts(state.snapshot.get_metadata().index, index, compact_to) {
             return Ok(());
         }
         let term = snapshot.get_metadata().term;

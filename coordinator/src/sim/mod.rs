@@ -111,7 +111,7 @@ pub struct Report {
     pub sim_ms: i64,
     /// A hash of every event as it happened: equal for equal runs.
     pub trace: u64,
-    /// Leadership terms a driver ran in.
+    /// Terms a node led (and its driver resumed them).
     pub leaders: u64,
     /// Gets answered (linearizable reads through a read index).
     pub reads: usize,
@@ -1744,15 +1744,28 @@ impl World {
         self.at(self.now, wake);
     }
 
-    /// A client's request reaches a node: its service layer serves it, as
-    /// its API would, in a task of the node's.
-    fn client_request(&mut self, id: u64, c: usize, req: u64, request: Request) {
+    /// Serves a request at node `id` as its API would: `work`, given the
+    /// node's service layer, runs as a task of the node, and the answer it
+    /// makes goes to `to` — unless the node dies first (or is down).
+    fn serve<F>(&mut self, id: u64, to: Addr, work: impl FnOnce(Arc<Transactions>) -> F)
+    where
+        F: std::future::Future<Output = Ev> + Send + 'static,
+    {
         let answers = self.answers.clone();
         let node = self.node(id);
         let (Some(service), Some(tasks)) = (node.service.clone(), node.tasks.as_mut()) else {
             return;
         };
+        let work = work(service);
         tasks.spawn(async move {
+            let answer = work.await;
+            answers.lock().expect("one thread").push((id, to, answer));
+        });
+    }
+
+    /// A client's request reaches a node's service layer.
+    fn client_request(&mut self, id: u64, c: usize, req: u64, request: Request) {
+        self.serve(id, Addr::Client(c), |service| async move {
             let result = match request {
                 Request::Begin(input) => service.begin(input).await.map(|(tx, _)| tx),
                 Request::Register(input) => service.register(input).await,
@@ -1763,15 +1776,11 @@ impl World {
                 Request::Commit(gid) => service.commit(gid, false, Duration::from_secs(1)).await,
                 Request::Abort(gid, reason) => service.abort(gid, reason, None).await,
             };
-            let reply = Ev::ClientReply {
+            Ev::ClientReply {
                 client: c,
                 req,
                 reply: Answered::of(result),
-            };
-            answers
-                .lock()
-                .expect("one thread")
-                .push((id, Addr::Client(c), reply));
+            }
         });
     }
 
@@ -1889,22 +1898,13 @@ impl World {
     /// A reader's Get reaches a node: its service reads (a linearizable
     /// read through the leader's read index, on any member).
     fn get_request(&mut self, id: u64, reader: usize, req: u64, gid: String) {
-        let answers = self.answers.clone();
-        let node = self.node(id);
-        let (Some(service), Some(tasks)) = (node.service.clone(), node.tasks.as_mut()) else {
-            return;
-        };
-        tasks.spawn(async move {
+        self.serve(id, Addr::Reader(reader), |service| async move {
             let seen = match service.get(&gid).await {
                 Ok(tx) => Some(Some(tx)),
                 Err(ServiceError::NotFound { .. }) => Some(None),
                 Err(_) => None,
             };
-            let reply = Ev::GetReply { reader, req, seen };
-            answers
-                .lock()
-                .expect("one thread")
-                .push((id, Addr::Reader(reader), reply));
+            Ev::GetReply { reader, req, seen }
         });
     }
 
