@@ -34,8 +34,8 @@ use crate::clock::Clock;
 pub mod plan;
 pub mod worker;
 
-use plan::Failing;
-use worker::WorkerState;
+use plan::{Failing, Key};
+use worker::{Flush, WorkerState};
 
 use crate::model::command::{Applied, Command, OpOutcome};
 use crate::model::types::{Op, Transaction};
@@ -181,10 +181,13 @@ struct CallSpec {
     attempts_limit: Option<u32>,
     /// The transaction's trace context (`None`: it has none).
     trace_parent: Option<String>,
+    /// The answer goes back to the worker (`Done::Answered`) instead of
+    /// being proposed by the call.
+    answers_back: bool,
 }
 
 impl CallSpec {
-    fn new(tx: &Transaction, call: Call) -> CallSpec {
+    fn new(tx: &Transaction, call: Call, answers_back: bool) -> CallSpec {
         let (phase_two, attempts_limit) = plan::call_terms(tx, &call);
         CallSpec {
             gid: tx.gid.clone(),
@@ -197,19 +200,35 @@ impl CallSpec {
             phase_two,
             attempts_limit,
             trace_parent: (!tx.trace_parent.is_empty()).then(|| tx.trace_parent.clone()),
+            answers_back,
             call,
         }
     }
 }
 
-/// What a finished call task reports to its worker.
-struct Done {
-    /// The call this was; `None` for a Timeout proposal.
-    key: Option<(String, Op)>,
-    /// The transaction after the proposal, when it was applied.
-    tx: Option<Arc<Transaction>>,
-    /// The op's failures so far, as this worker counts them.
-    failing: Failing,
+/// What a finished call or proposal task reports to its worker.
+enum Done {
+    /// A call or a Timeout proposal is over.
+    Over {
+        /// The call this was; `None` for a Timeout proposal.
+        key: Option<Key>,
+        /// The transaction after the proposal, when it was applied.
+        tx: Option<Arc<Transaction>>,
+        /// The op's failures so far, as this worker counts them.
+        failing: Failing,
+    },
+    /// A saga action answered; the worker records it (`None`: the answer
+    /// is not worth an entry).
+    Answered {
+        key: Key,
+        outcome: Option<OpOutcome>,
+        failing: Failing,
+    },
+    /// Answers proposed together are in (`tx`) or not (`None`).
+    Flushed {
+        keys: Vec<(Key, Failing)>,
+        tx: Option<Arc<Transaction>>,
+    },
 }
 
 impl<T: BranchTransport> Clone for Worker<T> {
@@ -239,7 +258,7 @@ impl<T: BranchTransport> Worker<T> {
                 calls.spawn(async move {
                     let command = Command::Timeout { gid, now_ms };
                     let tx = propose(&node, command).await;
-                    Done {
+                    Done::Over {
                         key: None,
                         tx,
                         failing: Failing::default(),
@@ -250,7 +269,8 @@ impl<T: BranchTransport> Worker<T> {
                 fail::fail_point!(failpoints::BEFORE_FANOUT);
             }
             for (call, so_far) in next.start {
-                let spec = CallSpec::new(state.current(), call);
+                let answers_back = state.records_answers_to(call.op);
+                let spec = CallSpec::new(state.current(), call, answers_back);
                 calls.spawn(self.clone().call(spec, so_far));
             }
             tokio::select! {
@@ -265,11 +285,38 @@ impl<T: BranchTransport> Worker<T> {
                 }
                 Some(done) = calls.join_next(), if !calls.is_empty() => {
                     let Ok(done) = done else { continue };
-                    state.finished(done.key, done.tx, done.failing, Instant::now());
+                    match done {
+                        Done::Over { key, tx, failing } => {
+                            state.finished(key, tx, failing, Instant::now());
+                        }
+                        Done::Answered { key, outcome, failing } => {
+                            if let Some(flush) = state.answered(key, outcome, failing, Instant::now()) {
+                                calls.spawn(self.clone().flush(state.current().gid.clone(), flush));
+                            }
+                        }
+                        Done::Flushed { keys, tx } => state.flushed(keys, tx, Instant::now()),
+                    }
                 }
                 _ = tokio::time::sleep_until(next.wake_at) => {}
             }
         }
+    }
+
+    /// Proposes a saga's answers together.
+    async fn flush(self, gid: String, flush: Flush) -> Done {
+        let Flush {
+            results,
+            keys,
+            exact,
+        } = flush;
+        let command = Command::OpResults {
+            gid,
+            results,
+            exact,
+            now_ms: self.clock.now_ms(),
+        };
+        let tx = propose(&self.node, command).await;
+        Done::Flushed { keys, tx }
     }
 
     /// Makes one call and proposes what came back: a success or a phase-one
@@ -285,10 +332,11 @@ impl<T: BranchTransport> Worker<T> {
             phase_two,
             attempts_limit,
             trace_parent,
+            answers_back,
         } = spec;
         let key = Some((call.branch_id.clone(), call.op));
         let Ok(_permit) = self.calls.clone().acquire_owned().await else {
-            return Done {
+            return Done::Over {
                 key,
                 tx: None,
                 failing,
@@ -365,8 +413,15 @@ impl<T: BranchTransport> Worker<T> {
             attempts_limit,
             self.clock.now_ms(),
         );
+        if answers_back {
+            return Done::Answered {
+                key: (call.branch_id, call.op),
+                outcome,
+                failing,
+            };
+        }
         let Some(outcome) = outcome else {
-            return Done {
+            return Done::Over {
                 key,
                 tx: None,
                 failing,
@@ -388,7 +443,7 @@ impl<T: BranchTransport> Worker<T> {
         if pre_committed && applied.is_some() {
             fail::fail_point!(failpoints::AFTER_PRE_COMMIT);
         }
-        Done {
+        Done::Over {
             key,
             tx: applied,
             failing,

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::plan::{self, Failing, Key};
-use crate::model::types::Transaction;
-use crate::protocol::Call;
+use crate::model::command::OpOutcome;
+use crate::model::types::{Op, OpState, Protocol, Transaction, TxState};
+use crate::protocol::{Call, saga};
 
 pub struct WorkerState {
     current: Arc<Transaction>,
@@ -26,6 +27,29 @@ pub struct WorkerState {
     fanned_out: bool,
     /// The last operator's repair already acted on.
     repairs_seen: u64,
+    /// Saga: action successes answered and not yet proposed, in the order
+    /// they came — the worker runs one step ahead of the log
+    /// (`protocol::saga`, "Running ahead").
+    held: Vec<Key>,
+    /// `current` with the held successes in it: what the plan reads while
+    /// some are held.
+    ahead: Option<Arc<Transaction>>,
+    /// Held answers are being proposed. Nothing is held meanwhile: a
+    /// proposal that could overtake this one would not know all that ran.
+    flushing: bool,
+    /// Held answers were lost (their proposal did not get in): this worker
+    /// no longer knows every step it started, so it never claims to.
+    inexact: bool,
+}
+
+/// Answers to propose together (`Command::OpResults`).
+#[derive(Debug, PartialEq)]
+pub struct Flush {
+    pub results: Vec<(String, Op, OpOutcome)>,
+    /// The ops they answer, each with its failures so far.
+    pub keys: Vec<(Key, Failing)>,
+    /// Every step this worker started ahead of the log is among them.
+    pub exact: bool,
 }
 
 /// What to do now, as [`WorkerState::next`] says.
@@ -53,7 +77,17 @@ impl WorkerState {
             failing: HashMap::new(),
             timeout_sent_at: None,
             fanned_out: false,
+            held: Vec::new(),
+            ahead: None,
+            flushing: false,
+            inexact: false,
         }
+    }
+
+    /// Whether the answers to `op` come back to the worker to record
+    /// (a saga's actions), instead of being proposed by the call.
+    pub fn records_answers_to(&self, op: Op) -> bool {
+        self.current.protocol == Protocol::Saga && op == Op::Action
     }
 
     /// The newest version seen.
@@ -70,6 +104,117 @@ impl WorkerState {
     pub fn update(&mut self, tx: Arc<Transaction>) {
         if tx.version > self.current.version {
             self.current = tx;
+            self.refresh_ahead();
+        }
+    }
+
+    /// Recomputes `ahead` from `current` and the held successes. Once the
+    /// saga is decided they are moot: its decision counted one step beyond
+    /// the log, or came from this worker's own answers.
+    fn refresh_ahead(&mut self) {
+        let current = &self.current;
+        if current.state != TxState::Active {
+            self.held.clear();
+        }
+        self.held.retain(|(b, op)| {
+            current
+                .branch(b)
+                .and_then(|b| b.op(*op))
+                .is_some_and(|o| o.state == OpState::Pending)
+        });
+        self.ahead = (!self.held.is_empty()).then(|| {
+            let mut tx = (**current).clone();
+            for (b, op) in &self.held {
+                if let Some(o) = tx.branch_mut(b).and_then(|b| b.op_mut(*op)) {
+                    o.state = OpState::Succeeded;
+                }
+            }
+            Arc::new(tx)
+        });
+    }
+
+    /// A saga action's answer came back (`None`: not worth recording). A
+    /// success that lets further steps start now, from a step whose own
+    /// dependencies are recorded, is held; anything else is proposed
+    /// together with what is held.
+    pub fn answered(
+        &mut self,
+        key: Key,
+        outcome: Option<OpOutcome>,
+        failing: Failing,
+        now: Instant,
+    ) -> Option<Flush> {
+        let Some(outcome) = outcome else {
+            self.finished(Some(key), None, failing, now);
+            return None;
+        };
+        if outcome == OpOutcome::Succeeded && self.may_hold(&key) {
+            self.in_flight.remove(&key);
+            self.retry_at.remove(&key);
+            self.failing.remove(&key);
+            self.held.push(key);
+            self.refresh_ahead();
+            return None;
+        }
+        let mut results = Vec::with_capacity(self.held.len() + 1);
+        let mut keys = Vec::with_capacity(self.held.len() + 1);
+        for key in self.held.drain(..) {
+            results.push((key.0.clone(), key.1, OpOutcome::Succeeded));
+            // Not called again while the proposal is under way.
+            self.in_flight.insert(key.clone());
+            keys.push((key, Failing::default()));
+        }
+        results.push((key.0.clone(), key.1, outcome));
+        keys.push((key, failing));
+        self.ahead = None;
+        self.flushing = true;
+        Some(Flush {
+            results,
+            keys,
+            exact: !self.inexact,
+        })
+    }
+
+    /// Whether to hold `key`'s success: nothing is being proposed, the saga
+    /// is undecided, the step's dependencies are recorded as succeeded (so
+    /// the worker stays one step ahead of the log), and holding it lets a
+    /// step start that could not start from the log.
+    fn may_hold(&self, key: &Key) -> bool {
+        let tx = &self.current;
+        if self.flushing || tx.state != TxState::Active || !self.records_answers_to(key.1) {
+            return false;
+        }
+        let Some(step) = tx.branch(&key.0) else {
+            return false;
+        };
+        let none_held = std::collections::HashSet::new();
+        if !saga::may_start_ahead(tx, &none_held, step) {
+            return false;
+        }
+        let mut held: std::collections::HashSet<&str> =
+            self.held.iter().map(|(b, _)| b.as_str()).collect();
+        held.insert(&key.0);
+        tx.branches.iter().any(|b| {
+            let pending = b
+                .op(Op::Action)
+                .is_some_and(|o| o.state == OpState::Pending);
+            pending
+                && !held.contains(b.branch_id.as_str())
+                && !self.in_flight.contains(&(b.branch_id.clone(), Op::Action))
+                && b.after.iter().any(|d| held.contains(d.as_str()))
+                && saga::may_start_ahead(tx, &held, b)
+        })
+    }
+
+    /// The proposal of a [`Flush`] is over: `tx` is the transaction after
+    /// it, if it was applied.
+    pub fn flushed(&mut self, keys: Vec<(Key, Failing)>, tx: Option<Arc<Transaction>>, now: Instant) {
+        self.flushing = false;
+        if tx.is_none() {
+            self.inexact = true;
+        }
+        for (key, failing) in keys {
+            self.finished(Some(key), tx.clone(), failing, now);
         }
     }
 
@@ -85,7 +230,7 @@ impl WorkerState {
         }
         let plan = plan::plan(
             &plan::View {
-                tx: &self.current,
+                tx: self.ahead.as_ref().unwrap_or(&self.current),
                 in_flight: &self.in_flight,
                 retry_at: &self.retry_at,
                 timeout_sent_at: self.timeout_sent_at,
@@ -175,6 +320,104 @@ mod tests {
         on_register(&mut t, spec(Protocol::TwoPc, "b"), 1).unwrap();
         on_commit(&mut t, at(2), 2).unwrap();
         Arc::new(t)
+    }
+
+    fn saga(steps: &[(&str, &[&str])]) -> Transaction {
+        let mut t = tx(Protocol::Saga);
+        let specs = steps
+            .iter()
+            .map(|(id, after)| crate::model::command::SagaStepSpec {
+                branch_id: id.to_string(),
+                action: format!("http://svc/{id}/action"),
+                compensate: format!("http://svc/{id}/compensate"),
+                payload: Default::default(),
+                after: after.iter().map(|s| s.to_string()).collect(),
+                retry: None,
+            })
+            .collect();
+        t.branches = saga::branches(specs, 0);
+        t
+    }
+
+    fn action(id: &str) -> Key {
+        (id.to_string(), Op::Action)
+    }
+
+    fn yes(id: &str) -> (String, Op, OpOutcome) {
+        (id.to_string(), Op::Action, OpOutcome::Succeeded)
+    }
+
+    /// Saga (DESIGN §4), running ahead: a success that lets the next step
+    /// start is held, the next step starts at once, and the answer that
+    /// ends the hold is proposed with it — a two-step saga's answers are
+    /// one entry, claimed exact.
+    #[test]
+    fn saga_a_success_that_lets_the_next_step_start_is_held_and_proposed_with_the_next_answer() {
+        let t = Arc::new(saga(&[("a", &[]), ("b", &["a"])]));
+        let now = Instant::now();
+        let wall = t.deadline_ms - 60_000;
+        let mut w = WorkerState::new(t, now, wall);
+        assert_eq!(keys(&w.next(now, wall)), vec![action("a")]);
+        let none = Failing::default();
+        assert_eq!(w.answered(action("a"), Some(OpOutcome::Succeeded), none, now), None);
+        assert_eq!(keys(&w.next(now, wall)), vec![action("b")], "at once");
+        let flush = w
+            .answered(action("b"), Some(OpOutcome::Succeeded), none, now)
+            .expect("the last step ends the hold");
+        assert_eq!(flush.results, vec![yes("a"), yes("b")], "held first");
+        assert!(flush.exact);
+        assert!(keys(&w.next(now, wall)).is_empty(), "both wait for the entry");
+    }
+
+    /// Saga (DESIGN §4): the worker runs one step ahead of the log, never
+    /// two — what the decision counts on when it cannot know what ran.
+    #[test]
+    fn saga_the_worker_runs_one_step_ahead_of_the_log_never_two() {
+        let mut t = saga(&[("a", &[]), ("b", &["a"]), ("c", &["b"])]);
+        let now = Instant::now();
+        let wall = t.deadline_ms - 60_000;
+        let mut w = WorkerState::new(Arc::new(t.clone()), now, wall);
+        let none = Failing::default();
+        w.next(now, wall);
+        assert_eq!(w.answered(action("a"), Some(OpOutcome::Succeeded), none, now), None);
+        assert_eq!(keys(&w.next(now, wall)), vec![action("b")]);
+        // b's own dependency is only held: b's success is not.
+        let flush = w
+            .answered(action("b"), Some(OpOutcome::Succeeded), none, now)
+            .expect("not held");
+        assert_eq!(flush.results, vec![yes("a"), yes("b")]);
+        assert!(keys(&w.next(now, wall)).is_empty(), "c waits for the log");
+        for (id, _, outcome) in &flush.results {
+            crate::protocol::on_result(&mut t, id, Op::Action, outcome, at(3), 3).unwrap();
+        }
+        t.version = 3;
+        w.flushed(flush.keys, Some(Arc::new(t)), now);
+        assert_eq!(keys(&w.next(now, wall)), vec![action("c")]);
+    }
+
+    /// A proposal of held answers that did not get in leaves the worker
+    /// not knowing all it started: it never claims exact again, and the
+    /// lost answers' ops are called again.
+    #[test]
+    fn saga_held_answers_lost_make_the_worker_inexact_and_are_asked_again() {
+        let t = Arc::new(saga(&[("a", &[]), ("b", &["a"])]));
+        let now = Instant::now();
+        let wall = t.deadline_ms - 60_000;
+        let mut w = WorkerState::new(t, now, wall);
+        let none = Failing::default();
+        w.next(now, wall);
+        w.answered(action("a"), Some(OpOutcome::Succeeded), none, now);
+        w.next(now, wall);
+        let no = Some(OpOutcome::Failed("no".into()));
+        let flush = w.answered(action("b"), no.clone(), none, now).unwrap();
+        assert!(flush.exact);
+        w.flushed(flush.keys, None, now);
+        let later = now + Duration::from_secs(60);
+        assert_eq!(keys(&w.next(later, wall)), vec![action("a")]);
+        w.answered(action("a"), Some(OpOutcome::Succeeded), none, later);
+        assert_eq!(keys(&w.next(later, wall)), vec![action("b")]);
+        let flush = w.answered(action("b"), no, none, later).unwrap();
+        assert!(!flush.exact);
     }
 
     /// Idempotency (DESIGN §4): a call is not made twice at once; an op

@@ -97,6 +97,19 @@ pub enum Command {
         by: String,
         now_ms: i64,
     },
+    /// A saga's action answers, in the order the driver got them: the
+    /// successes it held back while it ran one step ahead of the log,
+    /// then the answer that ended the hold (see `protocol::saga`, "Running
+    /// ahead"). `exact`: the proposing worker knows every step it started
+    /// ahead, and all of them are here — so, if this entry decides to
+    /// compensate and no other leader drove the saga, only what may have
+    /// run from these results is compensated; otherwise one step beyond.
+    OpResults {
+        gid: String,
+        results: Vec<(String, Op, OpOutcome)>,
+        exact: bool,
+        now_ms: i64,
+    },
 }
 
 /// A message's destination as prepared: where, and what it receives.
@@ -167,7 +180,8 @@ impl Command {
             | Command::OpResult { gid, .. }
             | Command::Timeout { gid, .. }
             | Command::PrepareMessage { gid, .. }
-            | Command::Repair { gid, .. } => Some(gid),
+            | Command::Repair { gid, .. }
+            | Command::OpResults { gid, .. } => Some(gid),
             Command::Traced { command, .. } => command.gid(),
             Command::Gc { .. } | Command::InitCluster { .. } => None,
         }

@@ -384,6 +384,48 @@ pub fn on_result(
     rules.on_result(tx, branch_id, op, outcome, ctx, now_ms)
 }
 
+/// A saga's answers recorded in one entry (`Command::OpResults`), in order;
+/// if they decide to compensate, and they come from the worker that drove
+/// the saga since its submit (`exact`, and this entry is of the submit's
+/// term: no other leader drove it), only what may have run from the log is
+/// compensated (`saga::Reach::Exact`). All or nothing: one refused answer
+/// refuses the entry.
+pub fn on_results(
+    tx: &mut Transaction,
+    results: &[(String, Op, OpOutcome)],
+    exact: bool,
+    ctx: ApplyContext,
+    now_ms: i64,
+) -> Result<Changed, Rejection> {
+    if tx.protocol != Protocol::Saga {
+        return Err(unsupported(tx, "answers recorded together"));
+    }
+    if results.len() > BRANCHES_HARD_MAX {
+        return Err(Rejection::Invalid(validate::InvalidInput::Other {
+            gid: tx.gid.clone(),
+            problem: format!(
+                "at most {} answers are recorded together, not {}",
+                BRANCHES_HARD_MAX,
+                results.len()
+            ),
+        }));
+    }
+    let alone = tx.state == TxState::Active && tx.fence.term == ctx.term;
+    let mut changed = false;
+    for (branch_id, op, outcome) in results {
+        changed |= on_result(tx, branch_id, *op, outcome, ctx, now_ms)?;
+    }
+    let decided_here = tx
+        .decision
+        .as_ref()
+        .is_some_and(|d| d.index == ctx.index && d.outcome == Outcome::Abort);
+    if exact && alone && decided_here {
+        saga::mark_compensations(tx, saga::Reach::Exact);
+        finish_if_done(tx, now_ms);
+    }
+    Ok(changed)
+}
+
 /// The calls that should be under way for this transaction now.
 pub fn next(tx: &Transaction) -> Vec<Call> {
     rules(tx.protocol).map_or_else(Vec::new, |r| r.next(tx))
@@ -462,7 +504,9 @@ fn decide(tx: &mut Transaction, outcome: Outcome, reason: String, ctx: ApplyCont
         index: ctx.index,
     };
     if tx.protocol == Protocol::Saga && outcome == Outcome::Abort {
-        saga::mark_compensations(tx);
+        // The decision alone cannot know what a driver started ahead of
+        // the log: one step beyond (narrowed by `on_results` when it can).
+        saga::mark_compensations(tx, saga::Reach::OneAhead);
     }
     finish_if_done(tx, now_ms);
 }

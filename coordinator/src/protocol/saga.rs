@@ -7,15 +7,34 @@
 //! `protocol/mod.rs` (a row never reached, or a transition not in the
 //! table, fails them).
 //!
+//! **Running ahead.** A step's success is not recorded on its own when the
+//! next steps can start from it: the driver holds it back, starts them at
+//! once, and records it with the answer that ends the hold (a failure, or
+//! the last step's success) in one entry (`Command::OpResults`). A two-step
+//! saga is then two entries — submitted, done — not three, and it waits for
+//! one commit less. The driver runs **one step ahead of the log**, never
+//! more: it holds a success only if that step's own dependencies are
+//! recorded as succeeded. So, whatever a leader did before it died, a step
+//! may have run only if each of its dependencies is recorded as succeeded
+//! or may itself have run from recorded successes ([`Reach::OneAhead`]).
+//!
 //! **Which steps are compensated.** At the decision, every step whose action
-//! may have run — every step whose dependencies had all succeeded, the failed
-//! one included — keeps its compensation pending; the others are skipped
-//! (their action never ran and never will: actions only start from applied
-//! state, and after the decision none does). A compensation for an action
-//! that in fact never ran, or is still in flight, reaches a participant
-//! before its action: the barrier makes it a no-op and refuses the late
-//! action, and the fencing token (the decision's entry, newer than the
-//! submit's) does too.
+//! may have run keeps its compensation pending; the others are skipped
+//! (their action never ran and never will: after the decision no action
+//! starts). Which steps may have run:
+//! - by default one step beyond what the log says ([`Reach::OneAhead`]):
+//!   a client's Abort, a Timeout, an operator's repair, or answers from a
+//!   leader that does not know all that ran;
+//! - exactly what the log says ([`Reach::Exact`]) when the decision is
+//!   taken by the answers of the worker that drove the saga from its submit
+//!   (`exact`, and the entry is of the submit's term, so no other leader
+//!   drove it) — its held successes are in that entry, so every step it
+//!   started is among those the log lets run.
+//!
+//! A compensation for an action that in fact never ran, or is still in
+//! flight, reaches a participant before its action: the barrier makes it a
+//! no-op and refuses the late action, and the fencing token (the decision's
+//! entry, newer than the submit's) does too.
 //!
 //! **Order.** A compensation runs only after the compensations of every
 //! step that depends on its step are done: reverse dependency order.
@@ -268,20 +287,67 @@ fn next(tx: &Transaction) -> Vec<Call> {
     }
 }
 
-/// At the decision to compensate: keep the compensations of every step that
-/// may have run, skip the others.
-pub fn mark_compensations(tx: &mut Transaction) {
+/// How far beyond the log's successes a step's action may have run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Steps whose dependencies are all recorded as succeeded.
+    Exact,
+    /// Those, and the steps whose dependencies are all among those: a
+    /// driver runs at most one step ahead of the log.
+    OneAhead,
+}
+
+/// The steps whose action may have run, by id.
+fn may_have_run(tx: &Transaction, reach: Reach) -> HashSet<&str> {
     let succeeded = succeeded(tx);
-    let may_have_run: Vec<bool> = tx
+    let exact: HashSet<&str> = tx
         .branches
         .iter()
-        .map(|b| runnable(&succeeded, b))
+        .filter(|b| runnable(&succeeded, b))
+        .map(|b| b.branch_id.as_str())
         .collect();
-    for (branch, may) in tx.branches.iter_mut().zip(may_have_run) {
+    match reach {
+        Reach::Exact => exact,
+        Reach::OneAhead => tx
+            .branches
+            .iter()
+            .filter(|b| runnable(&exact, b))
+            .map(|b| b.branch_id.as_str())
+            .collect(),
+    }
+}
+
+/// At the decision to compensate: the compensations of every step that
+/// may have run (as far as `reach`) are pending, the others skipped. Called
+/// again in the same entry with a narrower reach, it skips the difference.
+pub fn mark_compensations(tx: &mut Transaction, reach: Reach) {
+    let may: Vec<bool> = {
+        let may = may_have_run(tx, reach);
+        tx.branches
+            .iter()
+            .map(|b| may.contains(b.branch_id.as_str()))
+            .collect()
+    };
+    for (branch, may) in tx.branches.iter_mut().zip(may) {
         if !may && let Some(o) = Arc::make_mut(branch).op_mut(Op::Compensate) {
             o.state = OpState::Skipped;
         }
     }
+}
+
+/// Whether the driver, holding `held` successes besides those `tx`
+/// records, may start `step`'s action now: its dependencies all succeeded,
+/// and those it holds depend only on recorded successes (one step ahead of
+/// the log, never more).
+pub fn may_start_ahead(tx: &Transaction, held: &HashSet<&str>, step: &Branch) -> bool {
+    let succeeded = succeeded(tx);
+    step.after.iter().all(|dep| {
+        succeeded.contains(dep.as_str())
+            || (held.contains(dep.as_str())
+                && tx
+                    .branch(dep)
+                    .is_some_and(|d| runnable(&succeeded, d)))
+    })
 }
 
 fn on_result(
@@ -348,7 +414,7 @@ fn on_result(
 #[cfg(test)]
 mod tests {
     use super::super::tests::{at, tx};
-    use super::super::{on_abort, on_result as on_any_result};
+    use super::super::{on_abort, on_result as on_any_result, on_results, on_timeout};
     use super::*;
     use crate::model::types::Protocol;
 
@@ -435,20 +501,36 @@ mod tests {
         assert!(calls(&t).is_empty());
     }
 
+    fn shipping_compensation(t: &Transaction) -> OpState {
+        t.branch("shipping")
+            .unwrap()
+            .op(Op::Compensate)
+            .unwrap()
+            .state
+    }
+
+    fn declined() -> (String, Op, OpOutcome) {
+        (
+            "payment".into(),
+            Op::Action,
+            OpOutcome::Failed("card declined".into()),
+        )
+    }
+
+    /// Saga (DESIGN §4): the driver's held successes and the failure that
+    /// ends the hold land in one entry; from the worker that drove the saga
+    /// since its submit, that entry knows every step that ran — the steps
+    /// it let run are compensated, no more.
     #[test]
     fn saga_failure_compensates_what_may_have_run_in_reverse_order() {
         let mut t = dag();
+        t.fence.term = at(2).term; // submitted in this term
         ok(&mut t, "order", Op::Action, 2);
-        ok(&mut t, "inventory", Op::Action, 3);
-        on_any_result(
-            &mut t,
-            "payment",
-            Op::Action,
-            &OpOutcome::Failed("card declined".into()),
-            at(4),
-            4,
-        )
-        .unwrap();
+        let inventory = ("inventory".to_string(), Op::Action, OpOutcome::Succeeded);
+        assert_eq!(
+            on_results(&mut t, &[inventory, declined()], true, at(4), 4),
+            Ok(true)
+        );
         assert_eq!(t.state, TxState::Aborting);
         assert_eq!(t.error, "step payment failed: card declined");
         assert_eq!(t.fence.index, 4, "compensations carry the decision's token");
@@ -479,6 +561,59 @@ mod tests {
         assert_eq!(t.state, TxState::Aborted);
     }
 
+    /// Saga (DESIGN §4): a decision that cannot know what a driver started
+    /// ahead of the log — a client's abort, a timeout, answers from another
+    /// term's leader or from a worker that lost some — compensates one step
+    /// beyond the recorded successes; never two.
+    #[test]
+    fn saga_a_decision_that_cannot_know_what_ran_ahead_compensates_one_step_beyond() {
+        // Nothing recorded: order may have run, and one step beyond it.
+        let mut t = dag();
+        on_abort(&mut t, "user cancelled", at(3), 3).unwrap();
+        let pending = |t: &Transaction| -> Vec<String> {
+            t.branches
+                .iter()
+                .filter(|b| b.op(Op::Compensate).unwrap().state == OpState::Pending)
+                .map(|b| b.branch_id.clone())
+                .collect()
+        };
+        assert_eq!(pending(&t), vec!["order", "inventory", "payment"]);
+        assert_eq!(shipping_compensation(&t), OpState::Skipped);
+
+        let mut t = dag();
+        ok(&mut t, "order", Op::Action, 2);
+        t.deadline_ms = 0;
+        on_timeout(&mut t, at(3), 3).unwrap();
+        assert_eq!(t.state, TxState::Aborting);
+        assert_eq!(shipping_compensation(&t), OpState::Pending, "timeout");
+
+        for (exact, submit_term) in [(true, 1), (false, 2)] {
+            let mut t = dag();
+            t.fence.term = submit_term;
+            ok(&mut t, "order", Op::Action, 2);
+            let inventory = ("inventory".to_string(), Op::Action, OpOutcome::Succeeded);
+            on_results(&mut t, &[inventory, declined()], exact, at(4), 4).unwrap();
+            assert_eq!(
+                shipping_compensation(&t),
+                OpState::Pending,
+                "exact {exact}, submitted in term {submit_term}"
+            );
+        }
+    }
+
+    /// An answer for a step the saga does not have refuses the whole
+    /// entry (the state machine keeps its copy only when nothing is refused).
+    #[test]
+    fn saga_answers_recorded_together_are_refused_together() {
+        let mut t = dag();
+        let results = [
+            ("order".to_string(), Op::Action, OpOutcome::Succeeded),
+            ("nope".to_string(), Op::Action, OpOutcome::Succeeded),
+        ];
+        let refused = on_results(&mut t, &results, true, at(2), 2).unwrap_err();
+        assert!(refused.to_string().contains("nope"), "{refused}");
+    }
+
     #[test]
     fn saga_no_forward_step_after_compensation_began() {
         let mut t = dag();
@@ -503,16 +638,10 @@ mod tests {
     #[test]
     fn saga_exhausted_action_retries_compensate_and_compensations_never_give_up() {
         let mut t = dag();
+        t.fence.term = at(2).term; // submitted in this term
         for i in 0..3 {
-            on_any_result(
-                &mut t,
-                "order",
-                Op::Action,
-                &OpOutcome::Transient("503".into()),
-                at(2 + i),
-                2,
-            )
-            .unwrap();
+            let failed = ("order".to_string(), Op::Action, OpOutcome::Transient("503".into()));
+            on_results(&mut t, &[failed], true, at(2 + i), 2).unwrap();
         }
         assert_eq!(t.state, TxState::Aborting);
         assert!(t.error.contains("failed 3 times"), "{}", t.error);

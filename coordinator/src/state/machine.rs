@@ -190,6 +190,14 @@ impl StateMachine {
             } => self.update(&gid, ctx, now_ms, |tx| {
                 protocol::on_result(tx, &branch_id, op, &outcome, ctx, now_ms)
             }),
+            Command::OpResults {
+                gid,
+                results,
+                exact,
+                now_ms,
+            } => self.update(&gid, ctx, now_ms, |tx| {
+                protocol::on_results(tx, &results, exact, ctx, now_ms)
+            }),
             Command::Timeout { gid, now_ms } => self.update(&gid, ctx, now_ms, |tx| {
                 protocol::on_timeout(tx, ctx, now_ms)
             }),
