@@ -80,6 +80,15 @@ fn seeds() -> Vec<Command> {
             },
             now_ms: 5,
         },
+        Command::OpResults {
+            gid: "s1".into(),
+            results: vec![
+                ("a".into(), Op::Action, OpOutcome::Succeeded),
+                ("a".into(), Op::Compensate, OpOutcome::Failed("no".into())),
+            ],
+            exact: true,
+            now_ms: 5,
+        },
         Command::Timeout {
             gid: "g1".into(),
             now_ms: 6,
