@@ -24,6 +24,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -246,7 +249,10 @@ impl<T: BranchTransport> Worker<T> {
     async fn run(self, mut updates: watch::Receiver<Arc<Transaction>>) {
         let first = updates.borrow_and_update().clone();
         let mut state = WorkerState::new(first, Instant::now(), self.clock.now_ms());
-        let mut calls: JoinSet<Done> = JoinSet::new();
+        // Polled by this task, not spawned: a call is a future of the
+        // worker's, so it costs no task, no hand-over between threads and
+        // no join (and ends with the worker when leadership is lost).
+        let mut calls: FuturesUnordered<BoxFuture<'static, Done>> = FuturesUnordered::new();
         loop {
             if state.is_done() {
                 return;
@@ -255,7 +261,7 @@ impl<T: BranchTransport> Worker<T> {
             if let Some(now_ms) = next.timeout {
                 let node = self.node.clone();
                 let gid = state.current().gid.clone();
-                calls.spawn(async move {
+                calls.push(Box::pin(async move {
                     let command = Command::Timeout { gid, now_ms };
                     let tx = propose(&node, command).await;
                     Done::Over {
@@ -263,7 +269,7 @@ impl<T: BranchTransport> Worker<T> {
                         tx,
                         failing: Failing::default(),
                     }
-                });
+                }));
             }
             if next.fanning_out {
                 fail::fail_point!(failpoints::BEFORE_FANOUT);
@@ -271,7 +277,7 @@ impl<T: BranchTransport> Worker<T> {
             for (call, so_far) in next.start {
                 let answers_back = state.records_answers_to(call.op);
                 let spec = CallSpec::new(state.current(), call, answers_back);
-                calls.spawn(self.clone().call(spec, so_far));
+                calls.push(Box::pin(self.clone().call(spec, so_far)));
             }
             tokio::select! {
                 biased;
@@ -283,15 +289,15 @@ impl<T: BranchTransport> Worker<T> {
                     let tx = updates.borrow_and_update().clone();
                     state.update(tx);
                 }
-                Some(done) = calls.join_next(), if !calls.is_empty() => {
-                    let Ok(done) = done else { continue };
+                Some(done) = calls.next(), if !calls.is_empty() => {
                     match done {
                         Done::Over { key, tx, failing } => {
                             state.finished(key, tx, failing, Instant::now());
                         }
                         Done::Answered { key, outcome, failing } => {
                             if let Some(flush) = state.answered(key, outcome, failing, Instant::now()) {
-                                calls.spawn(self.clone().flush(state.current().gid.clone(), flush));
+                                let gid = state.current().gid.clone();
+                                calls.push(Box::pin(self.clone().flush(gid, flush)));
                             }
                         }
                         Done::Flushed { keys, tx } => state.flushed(keys, tx, Instant::now()),

@@ -208,7 +208,12 @@ impl WorkerState {
 
     /// The proposal of a [`Flush`] is over: `tx` is the transaction after
     /// it, if it was applied.
-    pub fn flushed(&mut self, keys: Vec<(Key, Failing)>, tx: Option<Arc<Transaction>>, now: Instant) {
+    pub fn flushed(
+        &mut self,
+        keys: Vec<(Key, Failing)>,
+        tx: Option<Arc<Transaction>>,
+        now: Instant,
+    ) {
         self.flushing = false;
         if tx.is_none() {
             self.inexact = true;
@@ -359,14 +364,20 @@ mod tests {
         let mut w = WorkerState::new(t, now, wall);
         assert_eq!(keys(&w.next(now, wall)), vec![action("a")]);
         let none = Failing::default();
-        assert_eq!(w.answered(action("a"), Some(OpOutcome::Succeeded), none, now), None);
+        assert_eq!(
+            w.answered(action("a"), Some(OpOutcome::Succeeded), none, now),
+            None
+        );
         assert_eq!(keys(&w.next(now, wall)), vec![action("b")], "at once");
         let flush = w
             .answered(action("b"), Some(OpOutcome::Succeeded), none, now)
             .expect("the last step ends the hold");
         assert_eq!(flush.results, vec![yes("a"), yes("b")], "held first");
         assert!(flush.exact);
-        assert!(keys(&w.next(now, wall)).is_empty(), "both wait for the entry");
+        assert!(
+            keys(&w.next(now, wall)).is_empty(),
+            "both wait for the entry"
+        );
     }
 
     /// Saga (DESIGN §4): the worker runs one step ahead of the log, never
@@ -379,7 +390,10 @@ mod tests {
         let mut w = WorkerState::new(Arc::new(t.clone()), now, wall);
         let none = Failing::default();
         w.next(now, wall);
-        assert_eq!(w.answered(action("a"), Some(OpOutcome::Succeeded), none, now), None);
+        assert_eq!(
+            w.answered(action("a"), Some(OpOutcome::Succeeded), none, now),
+            None
+        );
         assert_eq!(keys(&w.next(now, wall)), vec![action("b")]);
         // b's own dependency is only held: b's success is not.
         let flush = w

@@ -344,9 +344,7 @@ pub fn may_start_ahead(tx: &Transaction, held: &HashSet<&str>, step: &Branch) ->
     step.after.iter().all(|dep| {
         succeeded.contains(dep.as_str())
             || (held.contains(dep.as_str())
-                && tx
-                    .branch(dep)
-                    .is_some_and(|d| runnable(&succeeded, d)))
+                && tx.branch(dep).is_some_and(|d| runnable(&succeeded, d)))
     })
 }
 
@@ -640,7 +638,11 @@ mod tests {
         let mut t = dag();
         t.fence.term = at(2).term; // submitted in this term
         for i in 0..3 {
-            let failed = ("order".to_string(), Op::Action, OpOutcome::Transient("503".into()));
+            let failed = (
+                "order".to_string(),
+                Op::Action,
+                OpOutcome::Transient("503".into()),
+            );
             on_results(&mut t, &[failed], true, at(2 + i), 2).unwrap();
         }
         assert_eq!(t.state, TxState::Aborting);
