@@ -106,13 +106,16 @@ mod clean {
     /// committed (proposed under an earlier leader). raft-rs keeps such a
     /// leader leading without a progress of its own: its next persisted
     /// write panics (seed 25) or the cluster blocks under a leader it no
-    /// longer has (297, 634). `raft::step_down_if_removed` makes it step
+    /// longer has (2, 634). `raft::step_down_if_removed` makes it step
     /// down; the simulation runs the real loop, so these seeds fail without
-    /// it.
+    /// it. The seeds change whenever the simulation or the driver changes
+    /// what a run does: pick again from `tandem-sim --seeds 3000 --verbose
+    /// | grep -v ' 0 leaders removed'`, keeping seeds that fail with the
+    /// step-down switched off.
     #[test]
     fn no_blocking_a_leader_that_applies_its_own_removal_steps_down() {
         let opts = Options::default();
-        for seed in [25, 297, 634] {
+        for seed in [2, 25, 634] {
             let report = sim::run(seed, &opts);
             assert!(
                 report.violations.is_empty(),
@@ -122,7 +125,7 @@ mod clean {
             assert!(
                 report.removed_leaders > 0,
                 "seed {seed} no longer removes a leader under its feet: pick others \
-                 (`tandem-sim --seeds 2000 --verbose | grep 'its own removal'`)"
+                 (`tandem-sim --seeds 3000 --verbose | grep -v ' 0 leaders removed'`)"
             );
         }
     }

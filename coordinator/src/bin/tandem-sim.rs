@@ -71,7 +71,7 @@ fn main() {
         let report = sim::run(seed, &opts);
         if args.verbose || args.seed.is_some() {
             eprintln!(
-                "seed {seed}: {} transactions ({} committed, {} aborted), {} leaders, {} reads, {} snapshots installed, {} membership changes (members {:?}), {} crashes mid-write, {} unsynced writes lost, {} events, {} ms simulated, trace {:016x}",
+                "seed {seed}: {} transactions ({} committed, {} aborted), {} leaders, {} reads, {} snapshots installed, {} membership changes (members {:?}), {} leaders removed under their feet, {} crashes mid-write, {} unsynced writes lost, {} events, {} ms simulated, trace {:016x}",
                 report.txs,
                 report.committed,
                 report.aborted,
@@ -80,6 +80,7 @@ fn main() {
                 report.snapshots_installed,
                 report.membership_changes,
                 report.members,
+                report.removed_leaders,
                 report.torn_writes,
                 report.unsynced_lost,
                 report.events,

@@ -34,9 +34,11 @@ pub struct WorkerState {
     /// `current` with the held successes in it: what the plan reads while
     /// some are held.
     ahead: Option<Arc<Transaction>>,
-    /// Held answers are being proposed. Nothing is held meanwhile: a
-    /// proposal that could overtake this one would not know all that ran.
-    flushing: bool,
+    /// Proposals of answers under way. Nothing is held meanwhile, and a
+    /// proposal made while another is under way does not claim to be exact:
+    /// if the earlier one does not get in, the later one would decide
+    /// without the successes it carried.
+    flushing: usize,
     /// Held answers were lost (their proposal did not get in): this worker
     /// no longer knows every step it started, so it never claims to.
     inexact: bool,
@@ -79,7 +81,7 @@ impl WorkerState {
             fanned_out: false,
             held: Vec::new(),
             ahead: None,
-            flushing: false,
+            flushing: 0,
             inexact: false,
         }
     }
@@ -167,11 +169,12 @@ impl WorkerState {
         results.push((key.0.clone(), key.1, outcome));
         keys.push((key, failing));
         self.ahead = None;
-        self.flushing = true;
+        let exact = !self.inexact && self.flushing == 0;
+        self.flushing += 1;
         Some(Flush {
             results,
             keys,
-            exact: !self.inexact,
+            exact,
         })
     }
 
@@ -181,7 +184,7 @@ impl WorkerState {
     /// step start that could not start from the log.
     fn may_hold(&self, key: &Key) -> bool {
         let tx = &self.current;
-        if self.flushing || tx.state != TxState::Active || !self.records_answers_to(key.1) {
+        if self.flushing > 0 || tx.state != TxState::Active || !self.records_answers_to(key.1) {
             return false;
         }
         let Some(step) = tx.branch(&key.0) else {
@@ -214,7 +217,7 @@ impl WorkerState {
         tx: Option<Arc<Transaction>>,
         now: Instant,
     ) {
-        self.flushing = false;
+        self.flushing -= 1;
         if tx.is_none() {
             self.inexact = true;
         }
@@ -407,6 +410,33 @@ mod tests {
         t.version = 3;
         w.flushed(flush.keys, Some(Arc::new(t)), now);
         assert_eq!(keys(&w.next(now, wall)), vec![action("c")]);
+    }
+
+    /// Saga (DESIGN §4): answers proposed while others are under way do not
+    /// claim to be exact — if the earlier proposal (carrying held
+    /// successes) does not get in, the later one must not decide as if
+    /// nothing had run ahead.
+    #[test]
+    fn saga_answers_proposed_while_others_are_under_way_are_not_exact() {
+        let t = Arc::new(saga(&[("a", &[]), ("b", &["a"]), ("c", &["a"])]));
+        let now = Instant::now();
+        let wall = t.deadline_ms - 60_000;
+        let mut w = WorkerState::new(t, now, wall);
+        let none = Failing::default();
+        w.next(now, wall);
+        assert_eq!(
+            w.answered(action("a"), Some(OpOutcome::Succeeded), none, now),
+            None
+        );
+        assert_eq!(keys(&w.next(now, wall)), vec![action("b"), action("c")]);
+        let first = w
+            .answered(action("b"), Some(OpOutcome::Succeeded), none, now)
+            .unwrap();
+        assert_eq!(first.results, vec![yes("a"), yes("b")]);
+        assert!(first.exact);
+        let no = Some(OpOutcome::Failed("no".into()));
+        let second = w.answered(action("c"), no, none, now).unwrap();
+        assert!(!second.exact, "the first may not get in");
     }
 
     /// A proposal of held answers that did not get in leaves the worker
