@@ -22,11 +22,24 @@ use tandem_sdk::Client;
 pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 
 /// A free loopback port (bound, then released for the node to take).
+/// A port free now, never one this process was given before: the kernel
+/// may hand a just-released port out again, and a node given the same
+/// port for `--listen` and `--http-listen` refuses to start (seen once in
+/// a full run: "timed out waiting for a leader").
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no port this process has not used already");
 }
 
 #[derive(Clone, Debug)]
