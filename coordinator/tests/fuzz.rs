@@ -93,6 +93,15 @@ fn seeds() -> Vec<Command> {
             gid: "g1".into(),
             now_ms: 6,
         },
+        Command::AbortV2 {
+            gid: "s1".into(),
+            reason: "no".into(),
+            now_ms: 6,
+        },
+        Command::TimeoutV2 {
+            gid: "s1".into(),
+            now_ms: 7,
+        },
         Command::Gc {
             gids: vec!["g1".into()],
         },

@@ -262,7 +262,7 @@ impl<T: BranchTransport> Worker<T> {
                 let node = self.node.clone();
                 let gid = state.current().gid.clone();
                 calls.push(Box::pin(async move {
-                    let command = Command::Timeout { gid, now_ms };
+                    let command = Command::TimeoutV2 { gid, now_ms };
                     let tx = propose(&node, command).await;
                     Done::Over {
                         key: None,

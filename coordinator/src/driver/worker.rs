@@ -178,13 +178,19 @@ impl WorkerState {
         })
     }
 
-    /// Whether to hold `key`'s success: nothing is being proposed, the saga
-    /// is undecided, the step's dependencies are recorded as succeeded (so
-    /// the worker stays one step ahead of the log), and holding it lets a
-    /// step start that could not start from the log.
+    /// Whether to hold `key`'s success: nothing is being proposed, no
+    /// proposal's outcome is unknown (one that timed out may still land,
+    /// exact, and must then have carried every success held before it), the
+    /// saga is undecided, the step's dependencies are recorded as succeeded
+    /// (so the worker stays one step ahead of the log), and holding it lets
+    /// a step start that could not start from the log.
     fn may_hold(&self, key: &Key) -> bool {
         let tx = &self.current;
-        if self.flushing > 0 || tx.state != TxState::Active || !self.records_answers_to(key.1) {
+        if self.flushing > 0
+            || self.inexact
+            || tx.state != TxState::Active
+            || !self.records_answers_to(key.1)
+        {
             return false;
         }
         let Some(step) = tx.branch(&key.0) else {
@@ -439,9 +445,11 @@ mod tests {
         assert!(!second.exact, "the first may not get in");
     }
 
-    /// A proposal of held answers that did not get in leaves the worker
-    /// not knowing all it started: it never claims exact again, and the
-    /// lost answers' ops are called again.
+    /// A proposal of held answers whose outcome is unknown (refused, or
+    /// timed out — it may still land) leaves the worker not knowing all it
+    /// started: it never claims exact again, never holds again (an exact
+    /// proposal landing late must have carried every success held before
+    /// it), and the answers' ops are called again.
     #[test]
     fn saga_held_answers_lost_make_the_worker_inexact_and_are_asked_again() {
         let t = Arc::new(saga(&[("a", &[]), ("b", &["a"])]));
@@ -458,10 +466,12 @@ mod tests {
         w.flushed(flush.keys, None, now);
         let later = now + Duration::from_secs(60);
         assert_eq!(keys(&w.next(later, wall)), vec![action("a")]);
-        w.answered(action("a"), Some(OpOutcome::Succeeded), none, later);
-        assert_eq!(keys(&w.next(later, wall)), vec![action("b")]);
-        let flush = w.answered(action("b"), no, none, later).unwrap();
+        let flush = w
+            .answered(action("a"), Some(OpOutcome::Succeeded), none, later)
+            .expect("not held again");
+        assert_eq!(flush.results, vec![yes("a")]);
         assert!(!flush.exact);
+        assert!(keys(&w.next(later, wall)).is_empty(), "b waits for the log");
     }
 
     /// Idempotency (DESIGN §4): a call is not made twice at once; an op

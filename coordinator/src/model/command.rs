@@ -110,6 +110,18 @@ pub enum Command {
         exact: bool,
         now_ms: i64,
     },
+    /// [`Command::Abort`] as written since sagas run ahead of the log: a
+    /// saga it decides compensates one step beyond the recorded successes.
+    /// `Abort` entries keep their old meaning (exactly the recorded ones),
+    /// so a log written before replays as it applied.
+    AbortV2 {
+        gid: String,
+        reason: String,
+        now_ms: i64,
+    },
+    /// [`Command::Timeout`] as written since sagas run ahead of the log
+    /// (see [`Command::AbortV2`]).
+    TimeoutV2 { gid: String, now_ms: i64 },
 }
 
 /// A message's destination as prepared: where, and what it receives.
@@ -181,7 +193,9 @@ impl Command {
             | Command::Timeout { gid, .. }
             | Command::PrepareMessage { gid, .. }
             | Command::Repair { gid, .. }
-            | Command::OpResults { gid, .. } => Some(gid),
+            | Command::OpResults { gid, .. }
+            | Command::AbortV2 { gid, .. }
+            | Command::TimeoutV2 { gid, .. } => Some(gid),
             Command::Traced { command, .. } => command.gid(),
             Command::Gc { .. } | Command::InitCluster { .. } => None,
         }

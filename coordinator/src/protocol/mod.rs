@@ -415,15 +415,48 @@ pub fn on_results(
     for (branch_id, op, outcome) in results {
         changed |= on_result(tx, branch_id, *op, outcome, ctx, now_ms)?;
     }
+    if !(exact && alone) {
+        count_one_step_ahead(tx, ctx);
+    }
+    Ok(changed)
+}
+
+/// [`on_abort`], for `Command::AbortV2`: a saga it decides compensates one
+/// step beyond the recorded successes (a driver may have run that far).
+pub fn on_abort_v2(
+    tx: &mut Transaction,
+    reason: &str,
+    ctx: ApplyContext,
+    now_ms: i64,
+) -> Result<Changed, Rejection> {
+    let changed = on_abort(tx, reason, ctx, now_ms)?;
+    count_one_step_ahead(tx, ctx);
+    Ok(changed)
+}
+
+/// [`on_timeout`], for `Command::TimeoutV2` (see [`on_abort_v2`]).
+pub fn on_timeout_v2(
+    tx: &mut Transaction,
+    ctx: ApplyContext,
+    now_ms: i64,
+) -> Result<Changed, Rejection> {
+    let changed = on_timeout(tx, ctx, now_ms)?;
+    count_one_step_ahead(tx, ctx);
+    Ok(changed)
+}
+
+/// If this entry decided to compensate a saga, its compensations reach one
+/// step beyond the recorded successes (`saga::Reach::OneAhead`) instead of
+/// exactly them. Nothing was called yet at the decision's own entry, so
+/// the marks can still change.
+fn count_one_step_ahead(tx: &mut Transaction, ctx: ApplyContext) {
     let decided_here = tx
         .decision
         .as_ref()
         .is_some_and(|d| d.index == ctx.index && d.outcome == Outcome::Abort);
-    if exact && alone && decided_here {
-        saga::mark_compensations(tx, saga::Reach::Exact);
-        finish_if_done(tx, now_ms);
+    if tx.protocol == Protocol::Saga && decided_here && !tx.state.is_terminal() {
+        saga::mark_compensations(tx, saga::Reach::OneAhead);
     }
-    Ok(changed)
 }
 
 /// The calls that should be under way for this transaction now.
@@ -504,9 +537,10 @@ fn decide(tx: &mut Transaction, outcome: Outcome, reason: String, ctx: ApplyCont
         index: ctx.index,
     };
     if tx.protocol == Protocol::Saga && outcome == Outcome::Abort {
-        // The decision alone cannot know what a driver started ahead of
-        // the log: one step beyond (narrowed by `on_results` when it can).
-        saga::mark_compensations(tx, saga::Reach::OneAhead);
+        // What the log says may have run. Commands written since sagas run
+        // ahead widen it by one step (`on_abort_v2`, `on_timeout_v2`,
+        // `on_results`); the older ones keep this meaning on replay.
+        saga::mark_compensations(tx, saga::Reach::Exact);
     }
     finish_if_done(tx, now_ms);
 }

@@ -22,9 +22,12 @@
 //! may have run keeps its compensation pending; the others are skipped
 //! (their action never ran and never will: after the decision no action
 //! starts). Which steps may have run:
-//! - by default one step beyond what the log says ([`Reach::OneAhead`]):
-//!   a client's Abort, a Timeout, an operator's repair, or answers from a
-//!   leader that does not know all that ran;
+//! - one step beyond what the log says ([`Reach::OneAhead`]): a client's
+//!   Abort and a Timeout (`Command::AbortV2`, `TimeoutV2`), and answers
+//!   from a leader that does not know all that ran. (The older `Abort`,
+//!   `Timeout` and `OpResult` keep their meaning — exactly what the log
+//!   says — so logs written before sagas ran ahead replay as they applied.)
+//!   An operator's repair never decides an undecided saga;
 //! - exactly what the log says ([`Reach::Exact`]) when the decision is
 //!   taken by the answers of the worker that drove the saga from its submit
 //!   (`exact`, and the entry is of the submit's term, so no other leader
@@ -319,7 +322,8 @@ fn may_have_run(tx: &Transaction, reach: Reach) -> HashSet<&str> {
 
 /// At the decision to compensate: the compensations of every step that
 /// may have run (as far as `reach`) are pending, the others skipped. Called
-/// again in the same entry with a narrower reach, it skips the difference.
+/// again in the decision's own entry (nothing was called yet) with another
+/// reach, it moves the difference.
 pub fn mark_compensations(tx: &mut Transaction, reach: Reach) {
     let may: Vec<bool> = {
         let may = may_have_run(tx, reach);
@@ -329,8 +333,14 @@ pub fn mark_compensations(tx: &mut Transaction, reach: Reach) {
             .collect()
     };
     for (branch, may) in tx.branches.iter_mut().zip(may) {
-        if !may && let Some(o) = Arc::make_mut(branch).op_mut(Op::Compensate) {
-            o.state = OpState::Skipped;
+        let state = branch.op(Op::Compensate).map(|o| o.state);
+        let to = match (may, state) {
+            (false, Some(OpState::Pending)) => OpState::Skipped,
+            (true, Some(OpState::Skipped)) => OpState::Pending,
+            _ => continue,
+        };
+        if let Some(o) = Arc::make_mut(branch).op_mut(Op::Compensate) {
+            o.state = to;
         }
     }
 }
@@ -412,7 +422,9 @@ fn on_result(
 #[cfg(test)]
 mod tests {
     use super::super::tests::{at, tx};
-    use super::super::{on_abort, on_result as on_any_result, on_results, on_timeout};
+    use super::super::{
+        on_abort, on_abort_v2, on_result as on_any_result, on_results, on_timeout, on_timeout_v2,
+    };
     use super::*;
     use crate::model::types::Protocol;
 
@@ -567,7 +579,7 @@ mod tests {
     fn saga_a_decision_that_cannot_know_what_ran_ahead_compensates_one_step_beyond() {
         // Nothing recorded: order may have run, and one step beyond it.
         let mut t = dag();
-        on_abort(&mut t, "user cancelled", at(3), 3).unwrap();
+        on_abort_v2(&mut t, "user cancelled", at(3), 3).unwrap();
         let pending = |t: &Transaction| -> Vec<String> {
             t.branches
                 .iter()
@@ -581,7 +593,7 @@ mod tests {
         let mut t = dag();
         ok(&mut t, "order", Op::Action, 2);
         t.deadline_ms = 0;
-        on_timeout(&mut t, at(3), 3).unwrap();
+        on_timeout_v2(&mut t, at(3), 3).unwrap();
         assert_eq!(t.state, TxState::Aborting);
         assert_eq!(shipping_compensation(&t), OpState::Pending, "timeout");
 
@@ -597,6 +609,23 @@ mod tests {
                 "exact {exact}, submitted in term {submit_term}"
             );
         }
+    }
+
+    /// Replay: an Abort or Timeout written before sagas ran ahead keeps
+    /// its meaning — exactly the steps the log lets run — so a log from
+    /// then replays as it was applied (every replica, from any snapshot,
+    /// reaches the same state).
+    #[test]
+    fn saga_old_abort_and_timeout_entries_replay_with_their_old_meaning() {
+        let mut t = dag();
+        ok(&mut t, "order", Op::Action, 2);
+        on_abort(&mut t, "user cancelled", at(3), 3).unwrap();
+        assert_eq!(shipping_compensation(&t), OpState::Skipped, "abort");
+        let mut t = dag();
+        ok(&mut t, "order", Op::Action, 2);
+        t.deadline_ms = 0;
+        on_timeout(&mut t, at(3), 3).unwrap();
+        assert_eq!(shipping_compensation(&t), OpState::Skipped, "timeout");
     }
 
     /// An answer for a step the saga does not have refuses the whole

@@ -715,7 +715,13 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
                         &self.machine,
                         &output,
                         entry.index,
-                        self.leading_term.is_some(),
+                        // Not `leading_term` alone: in the turn a leader
+                        // steps down it still applies the new leader's
+                        // entries, and its driver must not start workers
+                        // for them (a worker running ahead on a deposed
+                        // node could make the real leader's exact decision
+                        // wrong).
+                        self.is_leader() && self.leading_term.is_some(),
                     );
                     match ours {
                         Some(Pending::Command(reply)) => {

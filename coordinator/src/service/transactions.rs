@@ -275,7 +275,7 @@ impl Transactions {
         self.replica.ensure_leader()?;
         let watch = self.replica.watch(&gid);
         let tx = self
-            .update(Command::Abort {
+            .update(Command::AbortV2 {
                 gid,
                 reason,
                 now_ms: self.clock.now_ms(),
@@ -308,7 +308,7 @@ impl Transactions {
             return Ok(tx);
         }
         self.replica.ensure_leader()?;
-        self.update(Command::Timeout {
+        self.update(Command::TimeoutV2 {
             gid: gid.to_string(),
             now_ms,
         })

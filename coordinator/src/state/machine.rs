@@ -198,6 +198,16 @@ impl StateMachine {
             } => self.update(&gid, ctx, now_ms, |tx| {
                 protocol::on_results(tx, &results, exact, ctx, now_ms)
             }),
+            Command::AbortV2 {
+                gid,
+                reason,
+                now_ms,
+            } => self.update(&gid, ctx, now_ms, |tx| {
+                protocol::on_abort_v2(tx, &reason, ctx, now_ms)
+            }),
+            Command::TimeoutV2 { gid, now_ms } => self.update(&gid, ctx, now_ms, |tx| {
+                protocol::on_timeout_v2(tx, ctx, now_ms)
+            }),
             Command::Timeout { gid, now_ms } => self.update(&gid, ctx, now_ms, |tx| {
                 protocol::on_timeout(tx, ctx, now_ms)
             }),
