@@ -196,22 +196,20 @@ impl WorkerState {
         let Some(step) = tx.branch(&key.0) else {
             return false;
         };
-        let none_held = std::collections::HashSet::new();
-        if !saga::may_start_ahead(tx, &none_held, step) {
+        let succeeded = saga::succeeded(tx);
+        if !saga::may_start_ahead(tx, &succeeded, &HashSet::new(), step) {
             return false;
         }
-        let mut held: std::collections::HashSet<&str> =
-            self.held.iter().map(|(b, _)| b.as_str()).collect();
+        let mut held: HashSet<&str> = self.held.iter().map(|(b, _)| b.as_str()).collect();
         held.insert(&key.0);
         tx.branches.iter().any(|b| {
-            let pending = b
-                .op(Op::Action)
-                .is_some_and(|o| o.state == OpState::Pending);
-            pending
+            // Cheapest first: only a step after something held is a candidate.
+            b.after.iter().any(|d| held.contains(d.as_str()))
                 && !held.contains(b.branch_id.as_str())
+                && b.op(Op::Action)
+                    .is_some_and(|o| o.state == OpState::Pending)
+                && saga::may_start_ahead(tx, &succeeded, &held, b)
                 && !self.in_flight.contains(&(b.branch_id.clone(), Op::Action))
-                && b.after.iter().any(|d| held.contains(d.as_str()))
-                && saga::may_start_ahead(tx, &held, b)
         })
     }
 
@@ -340,14 +338,7 @@ mod tests {
         let mut t = tx(Protocol::Saga);
         let specs = steps
             .iter()
-            .map(|(id, after)| crate::model::command::SagaStepSpec {
-                branch_id: id.to_string(),
-                action: format!("http://svc/{id}/action"),
-                compensate: format!("http://svc/{id}/compensate"),
-                payload: Default::default(),
-                after: after.iter().map(|s| s.to_string()).collect(),
-                retry: None,
-            })
+            .map(|(id, after)| crate::protocol::tests::saga_step(id, after))
             .collect();
         t.branches = saga::branches(specs, 0);
         t

@@ -801,6 +801,18 @@ pub(crate) mod tests {
         }
     }
 
+    /// A saga step calling `http://svc/ID/...`, after the steps named.
+    pub fn saga_step(id: &str, after: &[&str]) -> crate::model::command::SagaStepSpec {
+        crate::model::command::SagaStepSpec {
+            branch_id: id.into(),
+            action: format!("http://svc/{id}/action"),
+            compensate: format!("http://svc/{id}/compensate"),
+            payload: Default::default(),
+            after: after.iter().map(|s| s.to_string()).collect(),
+            retry: None,
+        }
+    }
+
     pub fn spec(protocol: Protocol, branch_id: &str) -> BranchSpec {
         let (required, _) = branch_ops(protocol);
         BranchSpec {

@@ -224,7 +224,7 @@ pub fn branches(steps: Vec<SagaStepSpec>, now_ms: i64) -> Vec<Arc<Branch>> {
 /// The steps whose action succeeded. Built once per question, so that
 /// answering it for every step stays linear in the saga's size (a saga may
 /// have a thousand steps, and the question is asked on every answer).
-fn succeeded(tx: &Transaction) -> HashSet<&str> {
+pub fn succeeded(tx: &Transaction) -> HashSet<&str> {
     tx.branches
         .iter()
         .filter(|b| {
@@ -346,15 +346,20 @@ pub fn mark_compensations(tx: &mut Transaction, reach: Reach) {
 }
 
 /// Whether the driver, holding `held` successes besides those `tx`
-/// records, may start `step`'s action now: its dependencies all succeeded,
-/// and those it holds depend only on recorded successes (one step ahead of
-/// the log, never more).
-pub fn may_start_ahead(tx: &Transaction, held: &HashSet<&str>, step: &Branch) -> bool {
-    let succeeded = succeeded(tx);
+/// records (`succeeded`, from [`succeeded`], built once by the caller: the
+/// question is asked for every step), may start `step`'s action now: its
+/// dependencies all succeeded, and those it holds depend only on recorded
+/// successes (one step ahead of the log, never more).
+pub fn may_start_ahead(
+    tx: &Transaction,
+    succeeded: &HashSet<&str>,
+    held: &HashSet<&str>,
+    step: &Branch,
+) -> bool {
     step.after.iter().all(|dep| {
         succeeded.contains(dep.as_str())
             || (held.contains(dep.as_str())
-                && tx.branch(dep).is_some_and(|d| runnable(&succeeded, d)))
+                && tx.branch(dep).is_some_and(|d| runnable(succeeded, d)))
     })
 }
 
@@ -421,23 +426,13 @@ fn on_result(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::saga_step as step;
     use super::super::tests::{at, tx};
     use super::super::{
         on_abort, on_abort_v2, on_result as on_any_result, on_results, on_timeout, on_timeout_v2,
     };
     use super::*;
     use crate::model::types::Protocol;
-
-    fn step(id: &str, after: &[&str]) -> SagaStepSpec {
-        SagaStepSpec {
-            branch_id: id.into(),
-            action: format!("http://svc/{id}/action"),
-            compensate: format!("http://svc/{id}/compensate"),
-            payload: Default::default(),
-            after: after.iter().map(|s| s.to_string()).collect(),
-            retry: None,
-        }
-    }
 
     /// order → (inventory ‖ payment) → shipping
     fn dag() -> Transaction {
