@@ -44,15 +44,22 @@ done
 # CPU seconds (user + system) each node used while the command ran, so a
 # run can be read as CPU per operation (TANDEM_BENCH_CPU=0 to skip).
 cpu_of() { awk '{ printf "%.2f", ($14 + $15) / '"$(getconf CLK_TCK)"' }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-declare -A cpu_before
-for p in "${pids[@]}"; do cpu_before[$p]=$(cpu_of "$p"); done
+# Context switches of all the node's threads (voluntary + not): a count of
+# wake-ups that, unlike CPU seconds, does not drift with the machine's speed.
+switches_of() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { n += $2 } END { print n + 0 }'; }
+# Read- and write-type system calls (sockets and the log alike).
+syscalls_of() { awk '/^sysc[rw]/ { n += $2 } END { print n + 0 }' /proc/"$1"/io 2>/dev/null || echo 0; }
+declare -A cpu_before switches_before syscalls_before
+for p in "${pids[@]}"; do
+  cpu_before[$p]=$(cpu_of "$p"); switches_before[$p]=$(switches_of "$p"); syscalls_before[$p]=$(syscalls_of "$p")
+done
 cmd="$*"
 eval "${cmd//\$ENDPOINTS/$ENDPOINTS}"
 if [ "${TANDEM_BENCH_CPU:-1}" = 1 ]; then
   total=0; i=1
   for p in "${pids[@]}"; do
     used=$(awk -v a="$(cpu_of "$p")" -v b="${cpu_before[$p]}" 'BEGIN { printf "%.2f", a - b }')
-    echo "node-$i cpu ${used}s" >&2
+    echo "node-$i cpu ${used}s, $(( $(switches_of "$p") - ${switches_before[$p]} )) context switches, $(( $(syscalls_of "$p") - ${syscalls_before[$p]} )) read/write syscalls" >&2
     total=$(awk -v a="$total" -v b="$used" 'BEGIN { printf "%.2f", a + b }'); i=$((i + 1))
   done
   echo "nodes cpu ${total}s" >&2

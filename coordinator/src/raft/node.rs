@@ -247,22 +247,10 @@ impl<S: Replicated, O: Observer<S>> Thread<S, O> {
             let Ok(first) = self.next_input(next_tick) else {
                 break 'outer;
             };
-            if let Some(input) = first {
-                if !self.core.handle(input) {
-                    break 'outer;
-                }
-                for _ in 0..INPUTS_PER_TURN {
-                    let input = match self.inputs_rx.try_recv() {
-                        Ok(input) => input,
-                        Err(_) => match self.peers_rx.try_recv() {
-                            Ok(event) => Input::Peer(event),
-                            Err(_) => break,
-                        },
-                    };
-                    if !self.core.handle(input) {
-                        break 'outer;
-                    }
-                }
+            if let Some(input) = first
+                && (!self.core.handle(input) || !self.take_waiting())
+            {
+                break 'outer;
             }
             let now = Instant::now();
             if now >= next_tick {
@@ -283,13 +271,33 @@ impl<S: Replicated, O: Observer<S>> Thread<S, O> {
         self.core.stop();
     }
 
+    /// Handles the inputs already waiting, up to a turn's worth. Returns
+    /// false when the loop must stop.
+    fn take_waiting(&mut self) -> bool {
+        for _ in 0..INPUTS_PER_TURN {
+            let input = match self.inputs_rx.try_recv() {
+                Ok(input) => input,
+                Err(_) => match self.peers_rx.try_recv() {
+                    Ok(event) => Input::Peer(event),
+                    Err(_) => break,
+                },
+            };
+            if !self.core.handle(input) {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Group commit: when new entries wait to be written and the previous
-    /// fsync was less than `group_commit_gap` ago, keeps taking inputs until
-    /// the gap has passed, so they share the write. Under light load the
-    /// previous fsync is long past and nothing waits; under heavy load the
-    /// fsyncs (each a device flush, and CPU on a virtual machine) are at most
-    /// one per gap, and each carries more. Returns false when the loop must
-    /// stop.
+    /// fsync was less than `group_commit_gap` ago, sleeps until the gap has
+    /// passed and then takes what arrived meanwhile, so it shares the write.
+    /// Sleeping rather than waking for each arrival is the point: a thread
+    /// woken per proposal costs a context switch each (most of a moderate
+    /// load's CPU on a virtual machine), one woken per gap does not. Under
+    /// light load the previous fsync is long past and nothing waits; under
+    /// heavy load the fsyncs (each a device flush) are at most one per gap,
+    /// and each carries more. Returns false when the loop must stop.
     fn gather_for_group_commit(&mut self) -> bool {
         let gap = self.core.config.group_commit_gap;
         if gap.is_zero()
@@ -298,18 +306,11 @@ impl<S: Replicated, O: Observer<S>> Thread<S, O> {
         {
             return true;
         }
-        let until = self.core.last_sync + gap;
-        loop {
-            match self.next_input(until) {
-                Err(Closed) => return false,
-                Ok(None) => return true,
-                Ok(Some(input)) => {
-                    if !self.core.handle(input) {
-                        return false;
-                    }
-                }
-            }
+        let wait = (self.core.last_sync + gap).saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
         }
+        self.take_waiting()
     }
 
     /// The next input from clients or peers, waiting until `until` at most
@@ -388,6 +389,14 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             max_inflight_msgs: 256,
             max_uncommitted_size: 64 << 20,
             read_only_option: ReadOnlyOption::Safe,
+            // A follower learns that its entries committed from the next
+            // append or heartbeat instead of from an append of its own: at
+            // moderate load that halves the messages and wake-ups per entry
+            // (BENCHMARKS.md, sixth session). Nothing waits on a follower's
+            // apply: reads ask the leader for the index (its heartbeat
+            // round brings the commit), and a leader serves only once an
+            // entry of its own term is applied.
+            skip_bcast_commit: true,
             ..Default::default()
         };
         raft_config.validate()?;
