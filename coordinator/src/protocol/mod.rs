@@ -448,7 +448,10 @@ pub fn on_timeout_v2(
 /// If this entry decided to compensate a saga, its compensations reach one
 /// step beyond the recorded successes (`saga::Reach::OneAhead`) instead of
 /// exactly them. Nothing was called yet at the decision's own entry, so
-/// the marks can still change.
+/// the marks can still change. `decide` has already asked whether the saga
+/// finished; it cannot have, for a saga with steps: the exact reach always
+/// holds its first steps, whose compensations start pending. The terminal
+/// check only keeps an empty saga's outcome as it is.
 fn count_one_step_ahead(tx: &mut Transaction, ctx: ApplyContext) {
     let decided_here = tx
         .decision

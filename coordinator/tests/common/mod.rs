@@ -21,8 +21,8 @@ use tandem_sdk::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 
-/// A free loopback port (bound, then released for the node to take).
-/// A port free now, never one this process was given before: the kernel
+/// A free loopback port (bound, then released for the node to take), never
+/// one this process was given before: the kernel
 /// may hand a just-released port out again, and a node given the same
 /// port for `--listen` and `--http-listen` refuses to start (seen once in
 /// a full run: "timed out waiting for a leader").
