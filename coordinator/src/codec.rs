@@ -29,7 +29,16 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 /// Encodes `value` under an explicit format byte (a layout that changed
 /// gets a new one; see [`decode_any`]).
 pub fn encode_as<T: Serialize + ?Sized>(format: u8, value: &T) -> Vec<u8> {
-    let mut out = vec![format];
+    encode_sized(format, value, 0)
+}
+
+/// [`encode_as`] into a buffer that starts with room for `capacity_hint`
+/// bytes: for a large record whose size is roughly known (a snapshot), so
+/// that the buffer is not grown, copied and faulted in again and again.
+/// Room reserved and not written costs address space, not memory.
+pub fn encode_sized<T: Serialize + ?Sized>(format: u8, value: &T, capacity_hint: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity_hint.max(1));
+    out.push(format);
     // Serializing plain data into a Vec cannot fail.
     postcard::to_io(value, &mut out).expect("postcard serialization into memory");
     out

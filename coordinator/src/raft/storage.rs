@@ -570,18 +570,23 @@ pub fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<PathBuf, S
     let tmp_path = final_path.with_extension("tmp");
     let conf = meta.get_conf_state().write_to_bytes()?;
     let data = snapshot.get_data();
-    let mut buf = Vec::with_capacity(64 + conf.len() + data.len());
-    buf.extend_from_slice(SNAPSHOT_MAGIC);
-    buf.extend_from_slice(&meta.index.to_le_bytes());
-    buf.extend_from_slice(&meta.term.to_le_bytes());
-    buf.extend_from_slice(&(conf.len() as u64).to_le_bytes());
-    buf.extend_from_slice(&conf);
-    buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    buf.extend_from_slice(data);
-    let crc = crc32fast::hash(&buf);
-    buf.extend_from_slice(&crc.to_le_bytes());
+    // The data (megabytes) is written from where it is, not copied behind
+    // the header first; the checksum covers header and data alike.
+    let mut head = Vec::with_capacity(64 + conf.len());
+    head.extend_from_slice(SNAPSHOT_MAGIC);
+    head.extend_from_slice(&meta.index.to_le_bytes());
+    head.extend_from_slice(&meta.term.to_le_bytes());
+    head.extend_from_slice(&(conf.len() as u64).to_le_bytes());
+    head.extend_from_slice(&conf);
+    head.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    crc.update(data);
+    let crc = crc.finalize();
     let mut file = fs::File::create(&tmp_path).map_err(io_err(&tmp_path))?;
-    file.write_all(&buf).map_err(io_err(&tmp_path))?;
+    for part in [&head[..], data, &crc.to_le_bytes()] {
+        file.write_all(part).map_err(io_err(&tmp_path))?;
+    }
     file.sync_all().map_err(io_err(&tmp_path))?;
     drop(file);
     fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))?;

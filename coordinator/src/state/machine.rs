@@ -538,6 +538,7 @@ impl StateMachine {
             members: self.members.clone(),
             cluster_id: self.cluster_id,
             txs: self.txs.clone(),
+            size_hint: SNAPSHOT_HEAD_BYTES + self.active_bytes + self.finished_bytes,
         }
     }
 
@@ -598,11 +599,18 @@ struct NewTx {
     branches: Vec<Arc<Branch>>,
 }
 
+/// Room for a snapshot's members and cluster id beside its transactions.
+const SNAPSHOT_HEAD_BYTES: usize = 4096;
+
 /// The state as of one applied index, ready to be encoded for a snapshot.
 pub struct SnapshotSource {
     members: BTreeMap<u64, String>,
     cluster_id: Option<uuid::Uuid>,
     txs: TxTable,
+    /// What the transactions are counted to hold in memory: more than
+    /// their encoding (fixed overheads are counted, varints are short),
+    /// so the encoding fits without the buffer growing.
+    size_hint: usize,
 }
 
 impl SnapshotSource {
@@ -612,7 +620,7 @@ impl SnapshotSource {
             cluster_id: self.cluster_id,
             txs: TxSeq(&self.txs),
         };
-        crate::codec::encode_as(crate::codec::FORMAT_V3, &out)
+        crate::codec::encode_sized(crate::codec::FORMAT_V3, &out, self.size_hint)
     }
 }
 
@@ -1090,6 +1098,56 @@ mod tests {
             (one, kept),
             "derived from the table on restore"
         );
+    }
+
+    /// The byte limits (`--active-bytes-max`, `--finished-bytes-max`) bound
+    /// memory only if what is counted covers what is held; a snapshot is
+    /// the table written out, so its encoding must fit in the count. The
+    /// snapshot buffer is sized by it and must never have to grow.
+    #[test]
+    fn limits_a_snapshot_fits_in_the_bytes_the_table_is_counted_to_hold() {
+        let mut m = StateMachine::new(BTreeMap::from([(1, "127.0.0.1:1".to_string())]));
+        let step = |i: usize, len: usize| SagaStepSpec {
+            branch_id: format!("step-{i}"),
+            action: format!("http://127.0.0.1:8080/svc/{i}/action"),
+            compensate: format!("http://127.0.0.1:8080/svc/{i}/compensate"),
+            payload: vec![b'x'; len].into(),
+            after: if i > 0 {
+                vec![format!("step-{}", i - 1)]
+            } else {
+                Vec::new()
+            },
+            retry: None,
+        };
+        for n in 0..300usize {
+            let gid = format!("saga-{n:06}-with-a-longer-gid-than-most");
+            let command = Command::SubmitSaga {
+                gid: gid.clone(),
+                options: options(),
+                steps: (0..1 + n % 5).map(|i| step(i, (n * 37) % 3000)).collect(),
+                payload: vec![b'p'; n % 700].into(),
+                now_ms: n as i64,
+            };
+            m.apply(command, ctx()).unwrap();
+            if n % 3 == 0 {
+                finish(&mut m, &gid, n as i64 + 1);
+            }
+        }
+        let source = m.snapshot_source();
+        let counted = source.size_hint;
+        let encoded = source.encode();
+        assert!(
+            encoded.len() <= counted,
+            "the snapshot takes {} bytes, the table is counted to hold {counted}",
+            encoded.len()
+        );
+        assert_eq!(
+            encoded.capacity(),
+            counted,
+            "the buffer grew while encoding"
+        );
+        let restored = StateMachine::decode_snapshot(&encoded).unwrap();
+        assert_eq!(restored.len(), 300);
     }
 
     #[test]
