@@ -9,7 +9,8 @@
 # (more `serve` flags), TANDEM_BENCH_NODE_ENV (environment for the nodes
 # only, e.g. TOKIO_WORKER_THREADS=1), TANDEM_BENCH_LOG_LEVEL (warn),
 # TANDEM_BENCH_KEEP_LOGS (a directory to copy the nodes' logs to),
-# TANDEM_BENCH_CPU=0 (do not print the nodes' CPU).
+# TANDEM_BENCH_CPU=0 (do not print, per node, the CPU, context switches,
+# read/write system calls and log fsyncs the command cost).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${1:?number of nodes}; shift
@@ -49,9 +50,17 @@ cpu_of() { awk '{ printf "%.2f", ($14 + $15) / '"$(getconf CLK_TCK)"' }' "/proc/
 switches_of() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { n += $2 } END { print n + 0 }'; }
 # Read- and write-type system calls (sockets and the log alike).
 syscalls_of() { awk '/^sysc[rw]/ { n += $2 } END { print n + 0 }' /proc/"$1"/io 2>/dev/null || echo 0; }
-declare -A cpu_before switches_before syscalls_before
+# The log's fsyncs, as the node counts them (its /metrics): on this kind
+# of virtual machine each costs tens of microseconds of CPU.
+fsyncs_of() {
+  curl -s --max-time 2 "http://127.0.0.1:$((7180 + $1))/metrics" 2>/dev/null |
+    awk '/^tandem_raft_fsync_seconds_count/ { n = $2 } END { print n + 0 }'
+}
+declare -A cpu_before switches_before syscalls_before fsyncs_before
+i=1
 for p in "${pids[@]}"; do
   cpu_before[$p]=$(cpu_of "$p"); switches_before[$p]=$(switches_of "$p"); syscalls_before[$p]=$(syscalls_of "$p")
+  fsyncs_before[$p]=$(fsyncs_of "$i"); i=$((i + 1))
 done
 cmd="$*"
 eval "${cmd//\$ENDPOINTS/$ENDPOINTS}"
@@ -59,7 +68,7 @@ if [ "${TANDEM_BENCH_CPU:-1}" = 1 ]; then
   total=0; i=1
   for p in "${pids[@]}"; do
     used=$(awk -v a="$(cpu_of "$p")" -v b="${cpu_before[$p]}" 'BEGIN { printf "%.2f", a - b }')
-    echo "node-$i cpu ${used}s, $(( $(switches_of "$p") - ${switches_before[$p]} )) context switches, $(( $(syscalls_of "$p") - ${syscalls_before[$p]} )) read/write syscalls" >&2
+    echo "node-$i cpu ${used}s, $(( $(switches_of "$p") - ${switches_before[$p]} )) context switches, $(( $(syscalls_of "$p") - ${syscalls_before[$p]} )) read/write syscalls, $(( $(fsyncs_of "$i") - ${fsyncs_before[$p]} )) fsyncs" >&2
     total=$(awk -v a="$total" -v b="$used" 'BEGIN { printf "%.2f", a + b }'); i=$((i + 1))
   done
   echo "nodes cpu ${total}s" >&2

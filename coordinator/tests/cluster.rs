@@ -94,7 +94,13 @@ async fn durability_every_node_killed_and_restarted_loses_nothing_acknowledged()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durability_with_a_group_commit_gap_every_node_killed_loses_nothing_acknowledged() {
     let options = Options {
-        extra: vec!["--group-commit-gap-us".into(), "5000".into()],
+        // Every write waits out the gap, whatever the batch before it.
+        extra: vec![
+            "--group-commit-gap-us".into(),
+            "5000".into(),
+            "--group-commit-min-entries".into(),
+            "0".into(),
+        ],
         ..Options::default()
     };
     every_node_killed_loses_nothing_acknowledged(options, "gap", 400).await;

@@ -520,6 +520,7 @@ fn node_config(id: u64, founding: u64, snapshot_every: Option<u64>, log_retain: 
         snapshot_interval_entries: snapshot_every.unwrap_or(1 << 40),
         log_retain_entries: log_retain,
         group_commit_gap: Duration::ZERO,
+        group_commit_min_entries: 0,
     }
 }
 
