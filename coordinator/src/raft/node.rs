@@ -110,8 +110,9 @@ struct Closed;
 /// Runs the calling thread at the lowest priority (nice 19): for work that
 /// can wait, such as writing a snapshot. Encoding and writing one takes a
 /// core for up to hundreds of milliseconds, and on a loaded machine every
-/// saga in flight waited behind it (p99 80-94 ms at 5,500 sagas/s against
-/// 57-66 ms with snapshots off, BENCHMARKS.md). At nice 19 it takes the
+/// saga in flight waited behind it (three nodes at 5,500 sagas/s: p99
+/// 76-116 ms, 57-66 ms with snapshots off, 52-65 ms with this; BENCHMARKS.md,
+/// seventh session). At nice 19 it takes the
 /// cores the hot path leaves idle, and a little more under full load
 /// (the scheduler starves no thread), so a snapshot still finishes; meanwhile
 /// the log only grows, and no other snapshot starts.
