@@ -111,11 +111,11 @@ struct Closed;
 /// can wait, such as writing a snapshot. Encoding and writing one takes a
 /// core for up to hundreds of milliseconds, and on a loaded machine every
 /// saga in flight waited behind it (three nodes at 5,500 sagas/s: p99
-/// 76-116 ms, 57-66 ms with snapshots off, 52-65 ms with this; BENCHMARKS.md,
-/// seventh session). At nice 19 it takes the
-/// cores the hot path leaves idle, and a little more under full load
-/// (the scheduler starves no thread), so a snapshot still finishes; meanwhile
-/// the log only grows, and no other snapshot starts.
+/// 76-116 ms, 57-66 ms with snapshots off, 52-65 ms with this;
+/// BENCHMARKS.md, seventh session). At nice 19 it takes the cores the hot
+/// path leaves idle, and a little more under full load (the scheduler
+/// starves no thread), so a snapshot still finishes; meanwhile the log
+/// only grows, and no other snapshot starts.
 fn yield_to_the_hot_path() {
     // SAFETY: a plain system call with no pointers; on Linux, `who` 0 with
     // PRIO_PROCESS names the calling thread only (nice is per thread).
