@@ -31,6 +31,7 @@ pub const RAFT_LEADER_CHANGES: &str = "tandem_raft_leader_changes_total";
 pub const RAFT_PROPOSALS: &str = "tandem_raft_proposals_total";
 pub const RAFT_COMMIT_SECONDS: &str = "tandem_raft_commit_seconds";
 pub const RAFT_FSYNC_SECONDS: &str = "tandem_raft_fsync_seconds";
+pub const RAFT_GROUP_COMMIT_WAITS: &str = "tandem_raft_group_commit_waits_total";
 pub const RAFT_COMMIT_INDEX: &str = "tandem_raft_commit_index";
 pub const RAFT_APPLIED_INDEX: &str = "tandem_raft_applied_index";
 pub const RAFT_APPLY_LAG: &str = "tandem_raft_apply_lag_entries";
@@ -53,6 +54,7 @@ struct Hot {
     proposals: metrics::Counter,
     commit_seconds: metrics::Histogram,
     fsync_seconds: metrics::Histogram,
+    group_commit_waits: metrics::Counter,
     /// By protocol, in `Protocol::ALL` order.
     begun: Vec<metrics::Counter>,
 }
@@ -75,6 +77,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 proposals: counter!(RAFT_PROPOSALS),
                 commit_seconds: histogram!(RAFT_COMMIT_SECONDS),
                 fsync_seconds: histogram!(RAFT_FSYNC_SECONDS),
+                group_commit_waits: counter!(RAFT_GROUP_COMMIT_WAITS),
                 begun: crate::model::Protocol::ALL
                     .iter()
                     .map(|p| counter!(TX_BEGUN, "protocol" => p.name()))
@@ -125,6 +128,10 @@ fn describe() {
         RAFT_FSYNC_SECONDS,
         Unit::Seconds,
         "One log write with fsync"
+    );
+    describe_counter!(
+        RAFT_GROUP_COMMIT_WAITS,
+        "Log writes the leader held back for the group-commit gap"
     );
     describe_gauge!(RAFT_COMMIT_INDEX, "Highest committed log index");
     describe_gauge!(RAFT_APPLIED_INDEX, "Highest applied log index");
@@ -193,6 +200,12 @@ pub fn commit_latency(took: Duration) {
 pub fn fsync(took: Duration) {
     if let Some(hot) = HOT.get() {
         hot.fsync_seconds.record(took.as_secs_f64());
+    }
+}
+
+pub fn group_commit_wait() {
+    if let Some(hot) = HOT.get() {
+        hot.group_commit_waits.increment(1);
     }
 }
 

@@ -84,13 +84,14 @@ async fn no_blocking_new_leader_within_3s_of_leader_kill_and_restarted_node_catc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durability_every_node_killed_and_restarted_loses_nothing_acknowledged() {
-    every_node_killed_loses_nothing_acknowledged(Options::default(), "all", 300).await;
+    every_node_killed_loses_nothing_acknowledged(Options::default(), "all", 300, false).await;
 }
 
 /// With the group-commit gap the leader holds its own fsync back to batch
 /// writes; it must still acknowledge only what a majority has fsync'd. The
 /// whole cluster is killed (-9) right after the last answer, so anything
-/// acknowledged from memory alone would be missing after the restart.
+/// acknowledged from memory alone would be missing after the restart. The
+/// nodes' own count of held-back writes shows the gap was exercised.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durability_with_a_group_commit_gap_every_node_killed_loses_nothing_acknowledged() {
     let options = Options {
@@ -103,21 +104,39 @@ async fn durability_with_a_group_commit_gap_every_node_killed_loses_nothing_ackn
         ],
         ..Options::default()
     };
-    every_node_killed_loses_nothing_acknowledged(options, "gap", 400).await;
+    every_node_killed_loses_nothing_acknowledged(options, "gap", 400, true).await;
 }
 
 /// Begins `count` transactions, kills every node (-9) at once, restarts
 /// them: the new leader holds exactly what was acknowledged, and takes
-/// writes again.
+/// writes again. With `gap`, first checks that the leader held writes
+/// back for the group-commit gap (else the test would not test it).
 async fn every_node_killed_loses_nothing_acknowledged(
     options: Options,
     prefix: &str,
     count: usize,
+    gap: bool,
 ) {
     let mut cluster = Cluster::start_with(3, options);
     cluster.wait_leader(LEADER_TIMEOUT).await;
     let acked = begin_many(&cluster, prefix, count, 32).await;
     assert_eq!(acked.len(), count);
+    if gap {
+        let mut waits = 0.0;
+        for id in 1..=3 {
+            let url = format!("{}/metrics", cluster.node(id).http_url());
+            let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+            waits += text
+                .lines()
+                .find_map(|l| l.strip_prefix("tandem_raft_group_commit_waits_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+        assert!(
+            waits > 0.0,
+            "no write was held back for the gap: the test did not exercise it"
+        );
+    }
     for id in 1..=3 {
         cluster.kill(id);
     }

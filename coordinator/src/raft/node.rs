@@ -337,6 +337,7 @@ impl<S: Replicated, O: Observer<S>> Thread<S, O> {
         if self.last_write_entries >= self.core.config.group_commit_min_entries {
             let wait = (self.core.last_sync + gap).saturating_duration_since(Instant::now());
             if !wait.is_zero() {
+                crate::metrics::group_commit_wait();
                 std::thread::sleep(wait);
             }
             if !self.take_waiting() {
