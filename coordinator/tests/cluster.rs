@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Options, begin_many, list_all_from, try_list_all_from, wait_for};
+use common::{Cluster, Options, begin_many, list_all_from, metric, try_list_all_from, wait_for};
 use tandem_proto::v1 as pb;
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -125,12 +125,8 @@ async fn every_node_killed_loses_nothing_acknowledged(
         let mut waits = 0.0;
         for id in 1..=3 {
             let url = format!("{}/metrics", cluster.node(id).http_url());
-            let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
-            waits += text
-                .lines()
-                .find_map(|l| l.strip_prefix("tandem_raft_group_commit_waits_total "))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0);
+            let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
+            waits += metric(&page, "tandem_raft_group_commit_waits_total");
         }
         assert!(
             waits > 0.0,

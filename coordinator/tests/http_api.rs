@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::participant::{StepRecorder, StepService};
-use common::{Cluster, Options, wait_for};
+use common::{Cluster, Options, metric, wait_for};
 use serde_json::{Value, json};
 use tandem_proto::wire::participant_endpoint;
 
@@ -34,19 +34,6 @@ fn saga_body(gid: &str, base: &str, steps: &[&str]) -> Value {
         "wait": true,
         "wait_timeout_ms": 20000,
     })
-}
-
-/// One metric's value in a Prometheus text page (0 when absent).
-fn metric(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 async fn scrape(node_url: &str) -> String {

@@ -190,7 +190,6 @@ pub fn start<S: Replicated, O: Observer<S>>(
         inputs_rx,
         peers_rx,
         inputs_tx,
-        last_write_entries: 0,
     };
     let thread = std::thread::Builder::new()
         .name("raft".into())
@@ -218,9 +217,6 @@ struct Thread<S: Replicated, O: Observer<S>> {
     peers_rx: Receiver<PeerEvent>,
     /// For the snapshot writer thread to report back.
     inputs_tx: Sender<Input<S>>,
-    /// Entries in the leader's previous log write (the group commit's
-    /// measure of load).
-    last_write_entries: usize,
 }
 
 /// One node's Raft state and everything a turn does with it (see the
@@ -254,8 +250,10 @@ pub(crate) struct Loop<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet
     pub(super) log_bytes_applied: u64,
     /// `log_bytes_applied` at the newest snapshot's point.
     pub(super) log_bytes_at_snapshot: u64,
-    /// When the log was last fsync'd (for the group-commit gap).
+    /// When the log was last fsync'd, and how many entries that write
+    /// carried (for the group-commit gap and its measure of load).
     pub(super) last_sync: Instant,
+    pub(super) last_sync_entries: usize,
     pub(super) last_status: Instant,
     /// (role, term, leader) when status was last published.
     pub(super) last_role: (StateRole, u64, u64),
@@ -330,21 +328,20 @@ impl<S: Replicated, O: Observer<S>> Thread<S, O> {
     /// carries more. Returns false when the loop must stop.
     fn gather_for_group_commit(&mut self) -> bool {
         let gap = self.core.config.group_commit_gap;
-        let waiting = self.core.raw.raft.raft_log.unstable_entries().len();
-        if gap.is_zero() || !self.core.is_leader() || waiting == 0 {
+        if gap.is_zero()
+            || !self.core.is_leader()
+            || self.core.raw.raft.raft_log.unstable_entries().is_empty()
+        {
             return true;
         }
-        if self.last_write_entries >= self.core.config.group_commit_min_entries {
+        if self.core.last_sync_entries >= self.core.config.group_commit_min_entries {
             let wait = (self.core.last_sync + gap).saturating_duration_since(Instant::now());
             if !wait.is_zero() {
                 crate::metrics::group_commit_wait();
                 std::thread::sleep(wait);
             }
-            if !self.take_waiting() {
-                return false;
-            }
+            return self.take_waiting();
         }
-        self.last_write_entries = self.core.raw.raft.raft_log.unstable_entries().len();
         true
     }
 
@@ -462,6 +459,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             log_bytes_applied: 0,
             log_bytes_at_snapshot: 0,
             last_sync: Instant::now(),
+            last_sync_entries: 0,
             last_status: Instant::now() - STATUS_INTERVAL,
             last_role: (StateRole::Follower, 0, 0),
             status_stale: false,
@@ -707,6 +705,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
         }
         // 4. One durable write for the new entries and the hard state.
         let must_sync = ready.must_sync();
+        let entries = ready.entries().len();
         let write_started = std::time::Instant::now();
         let written = self
             .raw
@@ -715,6 +714,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
         if must_sync {
             crate::metrics::fsync(write_started.elapsed());
             self.last_sync = Instant::now();
+            self.last_sync_entries = entries;
         }
         // Nothing of this Ready may go further after a failed write.
         written?;

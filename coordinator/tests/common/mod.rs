@@ -21,11 +21,24 @@ use tandem_sdk::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 
+/// One metric's value in a Prometheus text page (0 when absent).
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
 /// A free loopback port (bound, then released for the node to take), never
-/// one this process was given before: the kernel
-/// may hand a just-released port out again, and a node given the same
-/// port for `--listen` and `--http-listen` refuses to start (seen once in
-/// a full run: "timed out waiting for a leader").
+/// one this process was given before: the kernel may hand a just-released
+/// port out again, and a node given the same port for `--listen` and
+/// `--http-listen` refuses to start (seen once in a full run: "timed out
+/// waiting for a leader").
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
