@@ -14,6 +14,8 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::model::Transaction;
+use crate::model::command::OpOutcome;
+use crate::model::types::{Op, Outcome, Protocol, TxState};
 use crate::raft::Role;
 use crate::service::Transactions;
 
@@ -57,6 +59,34 @@ struct Hot {
     group_commit_waits: metrics::Counter,
     /// By protocol, in `Protocol::ALL` order.
     begun: Vec<metrics::Counter>,
+    /// The labelled series recorded per call or per finished transaction,
+    /// each registered on first use (a series never recorded is not
+    /// shown): by op and result, by protocol and outcome, by protocol,
+    /// end state and heuristic. A lookup by labels builds and hashes a key
+    /// each time; these are recorded thousands of times a second.
+    branch_calls: Lazy<metrics::Histogram>,
+    decisions: Lazy<metrics::Histogram>,
+    finished: Lazy<metrics::Counter>,
+}
+
+/// Handles made on first use, by a dense index over their labels.
+struct Lazy<T>(Vec<OnceLock<T>>);
+
+impl<T> Lazy<T> {
+    fn new(n: usize) -> Lazy<T> {
+        Lazy((0..n).map(|_| OnceLock::new()).collect())
+    }
+
+    fn get(&self, i: usize, make: impl FnOnce() -> T) -> Option<&T> {
+        self.0.get(i).map(|slot| slot.get_or_init(make))
+    }
+}
+
+const CALL_RESULTS: [&str; 3] = ["ok", "failed", "transient"];
+const OUTCOMES: [Outcome; 2] = [Outcome::Commit, Outcome::Abort];
+
+fn index_of<T: PartialEq>(all: &[T], x: &T) -> usize {
+    all.iter().position(|a| a == x).unwrap_or(0)
 }
 
 static HOT: OnceLock<Hot> = OnceLock::new();
@@ -78,10 +108,13 @@ pub fn install() -> Option<PrometheusHandle> {
                 commit_seconds: histogram!(RAFT_COMMIT_SECONDS),
                 fsync_seconds: histogram!(RAFT_FSYNC_SECONDS),
                 group_commit_waits: counter!(RAFT_GROUP_COMMIT_WAITS),
-                begun: crate::model::Protocol::ALL
+                begun: Protocol::ALL
                     .iter()
                     .map(|p| counter!(TX_BEGUN, "protocol" => p.name()))
                     .collect(),
+                branch_calls: Lazy::new(Op::ALL.len() * CALL_RESULTS.len()),
+                decisions: Lazy::new(Protocol::ALL.len() * OUTCOMES.len()),
+                finished: Lazy::new(Protocol::ALL.len() * TxState::ALL.len() * 2),
             });
             Some(recorder)
         })
@@ -143,9 +176,7 @@ fn describe() {
 /// A transaction began here (as applied).
 pub fn tx_begun(tx: &Transaction) {
     if let Some(hot) = HOT.get()
-        && let Some(i) = crate::model::Protocol::ALL
-            .iter()
-            .position(|p| *p == tx.protocol)
+        && let Some(i) = Protocol::ALL.iter().position(|p| *p == tx.protocol)
     {
         hot.begun[i].increment(1);
     }
@@ -153,16 +184,25 @@ pub fn tx_begun(tx: &Transaction) {
 
 /// An applied entry changed `tx`: count its decision and its end.
 pub fn tx_changed(tx: &Transaction, index: u64) {
+    let Some(hot) = HOT.get() else {
+        return;
+    };
+    let protocol = index_of(&Protocol::ALL, &tx.protocol);
     if let Some(d) = &tx.decision
         && d.index == index
     {
         let outcome = match d.outcome {
-            crate::model::types::Outcome::Commit => "commit",
-            crate::model::types::Outcome::Abort => "abort",
+            Outcome::Commit => "commit",
+            Outcome::Abort => "abort",
         };
         let seconds = (d.decided_at_ms - tx.created_at_ms).max(0) as f64 / 1000.0;
-        histogram!(DECISION_SECONDS, "protocol" => tx.protocol.name(), "outcome" => outcome)
-            .record(seconds);
+        let i = protocol * OUTCOMES.len() + index_of(&OUTCOMES, &d.outcome);
+        if let Some(h) = hot.decisions.get(
+            i,
+            || histogram!(DECISION_SECONDS, "protocol" => tx.protocol.name(), "outcome" => outcome),
+        ) {
+            h.record(seconds);
+        }
     }
     if let Some(repair) = tx.repairs.last()
         && repair.index == index
@@ -170,19 +210,39 @@ pub fn tx_changed(tx: &Transaction, index: u64) {
         counter!(REPAIRS, "action" => repair.action.name()).increment(1);
     }
     if tx.state.is_terminal() && tx.version == index {
-        counter!(
-            TX_FINISHED,
-            "protocol" => tx.protocol.name(),
-            "outcome" => tx.state.name(),
-            "heuristic" => if tx.is_heuristic() { "true" } else { "false" }
-        )
-        .increment(1);
+        let heuristic = tx.is_heuristic();
+        let i = (protocol * TxState::ALL.len() + index_of(&TxState::ALL, &tx.state)) * 2
+            + usize::from(heuristic);
+        if let Some(c) = hot.finished.get(i, || {
+            counter!(
+                TX_FINISHED,
+                "protocol" => tx.protocol.name(),
+                "outcome" => tx.state.name(),
+                "heuristic" => if heuristic { "true" } else { "false" }
+            )
+        }) {
+            c.increment(1);
+        }
     }
 }
 
 /// One call to a participant ended.
-pub fn branch_call(op: &'static str, result: &'static str, took: Duration) {
-    histogram!(BRANCH_CALL_SECONDS, "op" => op, "result" => result).record(took.as_secs_f64());
+pub fn branch_call(op: Op, outcome: &OpOutcome, took: Duration) {
+    let Some(hot) = HOT.get() else {
+        return;
+    };
+    let result = match outcome {
+        OpOutcome::Succeeded => 0,
+        OpOutcome::Failed(_) => 1,
+        _ => 2,
+    };
+    let i = index_of(&Op::ALL, &op) * CALL_RESULTS.len() + result;
+    if let Some(h) = hot.branch_calls.get(
+        i,
+        || histogram!(BRANCH_CALL_SECONDS, "op" => op.name(), "result" => CALL_RESULTS[result]),
+    ) {
+        h.record(took.as_secs_f64());
+    }
 }
 
 pub fn proposals(n: usize) {

@@ -395,15 +395,7 @@ impl<T: BranchTransport> Worker<T> {
             );
         }
         drop(span);
-        crate::metrics::branch_call(
-            call.op.name(),
-            match &outcome {
-                OpOutcome::Succeeded => "ok",
-                OpOutcome::Failed(_) => "failed",
-                _ => "transient",
-            },
-            started.elapsed(),
-        );
+        crate::metrics::branch_call(call.op, &outcome, started.elapsed());
         if matches!(call.op, Op::Prepare | Op::CanCommit) {
             fail::fail_point!(failpoints::DURING_PREPARE);
         }

@@ -12,6 +12,7 @@
 //! * `sync_mark.rs` — what the log held after its last fsync, checked on open
 //! * `transport.rs` — peer messages over gRPC
 
+mod entry_cache;
 mod handle;
 pub mod logger;
 mod membership;

@@ -28,6 +28,7 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use raft_engine::{Command as EngineCommand, Engine, LogBatch, MessageExt};
 
+use super::entry_cache::EntryCache;
 use super::sync_mark::{Mark, SyncMark};
 
 const KEY_HARD_STATE: &[u8] = b"hard_state";
@@ -180,6 +181,8 @@ pub struct LogStore {
     snapshot_wanted: Cell<bool>,
     /// What the log held after its last fsync.
     mark: SyncMark,
+    /// The log's newest entries, for Raft's reads of what it just wrote.
+    cache: EntryCache,
 }
 
 impl LogStore {
@@ -226,6 +229,7 @@ impl LogStore {
             snap_dir,
             snapshot_wanted: Cell::new(false),
             mark,
+            cache: EntryCache::default(),
         };
         // Before anything is written: the log as the engine recovered it.
         if let Some(lost) = marked.and_then(|m| m.lost_by(&store.durable_now())) {
@@ -324,6 +328,9 @@ impl LogStore {
     }
 
     fn entry_term(&self, index: u64) -> Result<Option<u64>, StoreError> {
+        if let Some(term) = self.cache.term(index) {
+            return Ok(Some(term));
+        }
         Ok(self
             .engine
             .get_entry::<EntryExt>(self.group, index)?
@@ -374,6 +381,7 @@ impl LogStorage for LogStore {
         }
         if !batch.is_empty() {
             self.engine.write(&mut batch, sync)?;
+            self.cache.append(entries);
             if sync {
                 self.record_mark()?;
             }
@@ -404,6 +412,7 @@ impl LogStorage for LogStore {
             KEY_TRUNCATED.to_vec(),
             encode_pair(self.truncated),
         )?;
+        self.cache.clear();
         self.engine.write(&mut batch, true)?;
         self.record_mark()?;
         self.snapshot = snapshot.clone();
@@ -434,6 +443,7 @@ impl LogStorage for LogStore {
                 encode_pair((last, term)),
             )?;
             self.engine.write(&mut batch, false)?;
+            self.cache.compact_to(compact_to);
             self.truncated = (last, term);
             self.engine.purge_expired_files()?;
         }
@@ -486,8 +496,15 @@ impl raft::Storage for LogStore {
         if high > self.last_index_raw() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
+        let max_size = max_size.into();
+        if let Some(entries) =
+            self.cache
+                .entries(low, high, max_size.filter(|&m| m != raft::NO_LIMIT))
+        {
+            return Ok(entries);
+        }
         let mut out = Vec::with_capacity((high - low) as usize);
-        let max_size = max_size.into().map(|s| s as usize);
+        let max_size = max_size.map(|s| s as usize);
         self.engine
             .fetch_entries_to::<EntryExt>(self.group, low, high, max_size, &mut out)
             .map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
