@@ -11,17 +11,15 @@
 //! shown by Get.
 
 pub mod broker;
+mod http1;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::header::{HeaderMap, HeaderValue};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::participant_client::ParticipantClient;
 use tandem_proto::wire::headers;
@@ -55,8 +53,8 @@ pub struct BranchCall<'a> {
 pub struct BranchCaller {
     /// Signs every call (`wire::signing`) when the cluster has a key.
     key: Option<Arc<[u8]>>,
-    /// `http://` participants: hyper's pooled client, nothing on top.
-    plain: PlainClient,
+    /// `http://` participants: HTTP/1.1 connections each call drives.
+    plain: http1::Http1Pool,
     /// `https://` participants (TLS roots, this node's certificate).
     http: reqwest::Client,
     grpc: Mutex<HashMap<String, Channel>>,
@@ -92,7 +90,7 @@ impl BranchCaller {
         let http = Self::http_client(None, None).expect("an HTTP client with static settings");
         BranchCaller {
             key,
-            plain: plain_client(),
+            plain: http1::Http1Pool::default(),
             http,
             grpc: Mutex::new(HashMap::new()),
             brokers: broker::Brokers::new(brokers),
@@ -117,45 +115,55 @@ impl BranchCaller {
         }
     }
 
-    /// A call to an `http://` participant. Straight on hyper's pooled
-    /// client: reqwest parsed and normalised the URL and built its own
-    /// request on every call; without it the leader spends 12–15 % less
-    /// CPU on the same sagas (BENCHMARKS.md). Redirects are not followed and no proxy from the
-    /// environment is used: a branch call goes to the endpoint the
-    /// transaction names, and a 3xx is an answer like any other non-2xx
-    /// (transient).
+    /// A call to an `http://` participant: hyper's HTTP/1.1 connection,
+    /// driven by the call itself ([`http1`]). Redirects are not followed and
+    /// no proxy from the environment is used: a branch call goes to the
+    /// endpoint the transaction names, and a 3xx is an answer like any
+    /// other non-2xx (transient).
     async fn call_plain(&self, call: &BranchCall<'_>) -> OpOutcome {
-        let request = match self.plain_request(call) {
-            Ok(request) => request,
-            Err(e) => return OpOutcome::Transient(truncate(&format!("{}: {e}", call.endpoint))),
+        let failed = |e: &dyn std::fmt::Display| {
+            OpOutcome::Transient(truncate(&format!("{}: {e}", call.endpoint)))
         };
-        let exchange = async {
-            let response = self.plain.request(request).await?;
-            let status = response.status();
-            // Read to the end (bounded) so that the connection goes back to
-            // the pool; of an error body only the start is kept.
-            let body = http_body_util::Limited::new(response.into_body(), ERROR_BODY_READ_MAX)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            Ok::<_, hyper_util::client::legacy::Error>((status, body))
+        let uri: hyper::Uri = match call.endpoint.parse() {
+            Ok(uri) => uri,
+            Err(e) => return failed(&e),
         };
+        let Some(authority) = uri.authority() else {
+            return failed(&"no host");
+        };
+        let address = match authority.port_u16() {
+            Some(_) => authority.as_str().to_string(),
+            None => format!("{}:80", authority.host()),
+        };
+        let path = uri.path_and_query().map_or_else(
+            || hyper::Uri::from_static("/"),
+            |p| p.as_str().parse().unwrap_or_default(),
+        );
+        let mut headers = match self.call_headers(call) {
+            Ok(headers) => headers,
+            Err(e) => return failed(&e),
+        };
+        match HeaderValue::from_str(authority.as_str()) {
+            Ok(host) => headers.insert(hyper::header::HOST, host),
+            Err(e) => return failed(&e),
+        };
+        let make = |headers: HeaderMap| {
+            let mut request = hyper::Request::new(Full::new(call.payload.clone()));
+            *request.method_mut() = hyper::Method::POST;
+            *request.uri_mut() = path.clone();
+            *request.headers_mut() = headers;
+            request
+        };
+        // The headers move into the first request; a second (after a reused
+        // connection failed) copies them again.
+        let mut first = Some(headers.clone());
+        let request = || make(first.take().unwrap_or_else(|| headers.clone()));
+        let exchange = self.plain.exchange(&address, request, ERROR_BODY_READ_MAX);
         match tokio::time::timeout(call.timeout, exchange).await {
             Ok(Ok((status, body))) => http_outcome(status.as_u16(), &body),
-            Ok(Err(e)) => {
-                OpOutcome::Transient(truncate(&format!("{}: {}", call.endpoint, error_chain(&e))))
-            }
+            Ok(Err(e)) => failed(&e),
             Err(_) => OpOutcome::Transient(format!("no answer within {:?}", call.timeout)),
         }
-    }
-
-    fn plain_request(&self, call: &BranchCall<'_>) -> Result<hyper::Request<Full<Bytes>>, String> {
-        let mut request = hyper::Request::post(call.endpoint)
-            .body(Full::new(call.payload.clone()))
-            .map_err(|e| e.to_string())?;
-        *request.headers_mut() = self.call_headers(call)?;
-        Ok(request)
     }
 
     /// The headers of an HTTP call (docs/http-participants.md), for both
@@ -331,17 +339,6 @@ impl BranchCaller {
 /// `ERROR_BYTES_MAX` are kept).
 const ERROR_BODY_READ_MAX: usize = 64 << 10;
 
-type PlainClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
-
-fn plain_client() -> PlainClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(256)
-        .build(connector)
-}
-
 /// A payload's content type: JSON if it parses as JSON.
 fn content_type(payload: &[u8]) -> &'static str {
     if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
@@ -386,7 +383,7 @@ pub fn grpc_outcome(code: tonic::Code, message: &str) -> OpOutcome {
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(s) = source {
@@ -511,5 +508,128 @@ mod tests {
             OpOutcome::Transient(text) => assert!(text.contains("127.0.0.1:1"), "{text}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Reads one request (headers, then a body of its Content-Length);
+    /// false if the connection ended first.
+    async fn read_request(stream: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + length {
+                    return true;
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// A participant on loopback, written by hand so that a test decides
+    /// what each connection does: `answers(connection, request)` says
+    /// whether the request (both counted from 1) gets a 200 or the
+    /// connection is closed instead; with `close_after`, every connection
+    /// is closed 50 ms after its first answer, without a word. Returns the base
+    /// URL and the connections and requests it saw.
+    async fn raw_participant(
+        answers: fn(usize, usize) -> bool,
+        close_after: bool,
+    ) -> (
+        String,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (connections, requests) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (c, r) = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let connection = c.fetch_add(1, Ordering::SeqCst) + 1;
+                let r = r.clone();
+                tokio::spawn(async move {
+                    for request in 1.. {
+                        if !read_request(&mut stream).await {
+                            return;
+                        }
+                        r.fetch_add(1, Ordering::SeqCst);
+                        if !answers(connection, request) {
+                            return;
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        if close_after {
+                            // After the client took the answer and pooled
+                            // the connection: it is closed while idle.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (base, connections, requests)
+    }
+
+    /// No blocking, and no failure that is not the participant's: a
+    /// connection the participant closed while it sat idle in the pool
+    /// (as servers do after their keep-alive timeout) is replaced by a new
+    /// one for the next call, which succeeds.
+    #[tokio::test]
+    async fn no_blocking_a_pooled_connection_the_participant_closed_is_replaced_not_failed() {
+        use std::sync::atomic::Ordering;
+        let (base, connections, requests) = raw_participant(|_, _| true, true).await;
+        let caller = BranchCaller::default();
+        for _ in 0..5 {
+            assert_eq!(
+                call(&caller, &format!("{base}/ok")).await,
+                OpOutcome::Succeeded
+            );
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 5);
+        // Each request reached the participant; some may have been sent
+        // on a closing connection first, then once more on a new one.
+        assert!(requests.load(Ordering::SeqCst) >= 5);
+    }
+
+    /// Idempotency (§4.6): a request written on a reused connection that
+    /// ends before any answer is sent once more on a new connection (the
+    /// participant's barrier makes the repeat harmless), and a connection
+    /// that answered goes back to the pool and serves the next call.
+    #[tokio::test]
+    async fn idempotency_a_request_lost_on_a_reused_connection_is_sent_once_more_on_a_new_one() {
+        use std::sync::atomic::Ordering;
+        // The first connection answers its first request and drops its second.
+        let (base, connections, requests) = raw_participant(
+            |connection, request| !(connection == 1 && request == 2),
+            false,
+        )
+        .await;
+        let caller = BranchCaller::default();
+        for _ in 0..3 {
+            assert_eq!(
+                call(&caller, &format!("{base}/ok")).await,
+                OpOutcome::Succeeded
+            );
+        }
+        // Call 1 on connection 1; call 2 lost there, then on connection 2;
+        // call 3 reuses connection 2.
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+        assert_eq!(requests.load(Ordering::SeqCst), 4);
     }
 }

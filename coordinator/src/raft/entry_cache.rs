@@ -16,13 +16,13 @@ use protobuf::Message as _;
 use raft::eraftpb::Entry;
 
 /// What the cache holds at most, by entries and by bytes (data and
-/// context; an entry is counted 64 bytes more for its fields). At peak the
+/// context; an entry is counted 128 bytes more for its fields and its slot). At peak the
 /// log grows by ~12,000 entries of a few hundred bytes a second, and Raft
 /// reads back an entry within milliseconds of writing it: a second's worth
 /// covers a follower a little behind as well.
 pub const ENTRIES_MAX: usize = 16_384;
 pub const BYTES_MAX: usize = 8 << 20;
-const ENTRY_OVERHEAD: usize = 64;
+const ENTRY_OVERHEAD: usize = 128;
 
 #[derive(Default)]
 pub struct EntryCache {
