@@ -85,8 +85,12 @@ impl<T> Lazy<T> {
 const CALL_RESULTS: [&str; 3] = ["ok", "failed", "transient"];
 const OUTCOMES: [Outcome; 2] = [Outcome::Commit, Outcome::Abort];
 
+/// `x`'s place in `all`, which lists every value of its type (a value
+/// missing from its `ALL` stops debug builds and tests here).
 fn index_of<T: PartialEq>(all: &[T], x: &T) -> usize {
-    all.iter().position(|a| a == x).unwrap_or(0)
+    let i = all.iter().position(|a| a == x);
+    debug_assert!(i.is_some(), "a value missing from its ALL list");
+    i.unwrap_or(0)
 }
 
 static HOT: OnceLock<Hot> = OnceLock::new();

@@ -7,13 +7,13 @@
 //! next call to the same participant takes it.
 //!
 //! An idle connection is not watched: a participant that closed it is
-//! noticed when the next call polls it, before the request is written, and
-//! that call then opens a new connection. A request written on a reused
-//! connection that fails before any answer is sent once more on a new one:
-//! branch calls are idempotent (DESIGN §3, the barrier), and the driver
-//! would retry it anyway.
+//! noticed when the next call polls it. The connection is then dropped at
+//! once, so its request, not yet written, comes back, and the call sends
+//! it on a new connection. A request that may have been written is never
+//! sent again here: its failure is the call's outcome (transient), and the
+//! driver retries it as it retries any transient failure.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::Mutex;
@@ -27,8 +27,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 /// Idle connections kept per participant address, and in all (each holds
-/// hyper's buffers, about 16 KiB between calls: 1,024 are ~16 MiB).
-/// A connection beyond either is closed once its call ends.
+/// hyper's buffers, usually ~16 KiB between calls, up to ~128 KiB after a
+/// large error body). A connection beyond either is closed once its call
+/// ends.
 const IDLE_PER_ADDRESS_MAX: usize = 256;
 const IDLE_MAX_TOTAL: usize = 1024;
 /// An idle connection older than this is closed rather than reused (a
@@ -36,11 +37,22 @@ const IDLE_MAX_TOTAL: usize = 1024;
 const IDLE_MAX: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+type Http1Request = Request<Full<Bytes>>;
+type Http1Connection = Pin<Box<Connection<TokioIo<TcpStream>, Full<Bytes>>>>;
+
 struct Conn {
     send: SendRequest<Full<Bytes>>,
-    conn: Pin<Box<Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
-    /// The connection ended (closed by the participant, or broken).
-    ended: bool,
+    /// Dropped as soon as it ends (closed by the participant, or broken):
+    /// that closes its request channel, so nothing waits on it.
+    conn: Option<Http1Connection>,
+}
+
+/// How an exchange failed.
+enum Failure {
+    /// The request was not written: it may go on another connection.
+    NotSent(Box<Http1Request>),
+    /// It may have been written; what happened, for the outcome.
+    Failed(String),
 }
 
 #[derive(Default)]
@@ -48,10 +60,11 @@ pub struct Http1Pool {
     idle: Mutex<Idle>,
 }
 
-/// Idle connections by address (no address with none), and their number.
+/// Idle connections by address, oldest first (no address with none), and
+/// their number.
 #[derive(Default)]
 struct Idle {
-    by_address: HashMap<String, Vec<(Conn, Instant)>>,
+    by_address: HashMap<String, VecDeque<(Conn, Instant)>>,
     total: usize,
 }
 
@@ -59,62 +72,92 @@ struct Idle {
 pub type Answer = (StatusCode, Bytes);
 
 impl Http1Pool {
-    /// One exchange with the participant at `address` (`host:port`);
-    /// `request` makes the request (twice if a reused connection failed).
+    /// One exchange with the participant at `address` (`host:port`).
     pub async fn exchange(
         &self,
         address: &str,
-        mut request: impl FnMut() -> Request<Full<Bytes>>,
+        request: Http1Request,
         body_max: usize,
     ) -> Result<Answer, String> {
-        if let Some(mut conn) = self.take(address)
-            && let Ok(answer) = conn.exchange(request(), body_max).await
-        {
-            self.give_back(address, conn);
-            return Ok(answer);
+        let mut request = request;
+        if let Some(mut conn) = self.take(address) {
+            match conn.exchange(request, body_max).await {
+                Ok(answer) => {
+                    self.give_back(address, conn);
+                    return Ok(answer);
+                }
+                // The participant had closed it: a new connection.
+                Err(Failure::NotSent(unsent)) => request = *unsent,
+                Err(Failure::Failed(e)) => return Err(e),
+            }
         }
         let mut conn = Conn::open(address).await?;
-        let answer = conn
-            .exchange(request(), body_max)
-            .await
-            .map_err(|e| super::error_chain(&e))?;
-        self.give_back(address, conn);
-        Ok(answer)
+        match conn.exchange(request, body_max).await {
+            Ok(answer) => {
+                self.give_back(address, conn);
+                Ok(answer)
+            }
+            Err(Failure::NotSent(_)) => Err(format!(
+                "{address} closed the connection before the request"
+            )),
+            Err(Failure::Failed(e)) => Err(e),
+        }
     }
 
     fn take(&self, address: &str) -> Option<Conn> {
         let mut idle = self.idle.lock().expect("http1 pool lock");
         let Idle { by_address, total } = &mut *idle;
         let list = by_address.get_mut(address)?;
-        let mut found = None;
-        while let Some((conn, since)) = list.pop() {
+        // The newest: the likeliest to be still open.
+        let found = list.pop_back().map(|(conn, since)| {
             *total -= 1;
-            if since.elapsed() < IDLE_MAX {
-                found = Some(conn);
-                break;
-            }
-        }
+            (conn, since)
+        });
         if list.is_empty() {
             by_address.remove(address);
         }
         found
+            .filter(|(_, since)| since.elapsed() < IDLE_MAX)
+            .map(|(conn, _)| conn)
     }
 
     fn give_back(&self, address: &str, conn: Conn) {
-        if conn.ended || conn.send.is_closed() {
+        if conn.conn.is_none() || conn.send.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().expect("http1 pool lock");
         let Idle { by_address, total } = &mut *idle;
         if *total >= IDLE_MAX_TOTAL {
-            return;
+            // Full: make room by closing what has been idle too long.
+            by_address.retain(|_, list| {
+                *total -= expire(list);
+                !list.is_empty()
+            });
+            if *total >= IDLE_MAX_TOTAL {
+                return;
+            }
         }
         let list = by_address.entry(address.to_string()).or_default();
+        *total -= expire(list);
         if list.len() < IDLE_PER_ADDRESS_MAX {
-            list.push((conn, Instant::now()));
+            list.push_back((conn, Instant::now()));
             *total += 1;
         }
     }
+}
+
+/// Closes a list's connections idle for too long (the oldest are first:
+/// each was put back after all before it); how many.
+fn expire(list: &mut VecDeque<(Conn, Instant)>) -> usize {
+    let mut n = 0;
+    while list
+        .front()
+        .is_some_and(|(_, since)| since.elapsed() >= IDLE_MAX)
+    {
+        list.pop_front();
+        n += 1;
+    }
+    n
 }
 
 impl Conn {
@@ -131,8 +174,7 @@ impl Conn {
             .map_err(|e| format!("connect to {address}: {e}"))?;
         Ok(Conn {
             send,
-            conn: Box::pin(conn),
-            ended: false,
+            conn: Some(Box::pin(conn)),
         })
     }
 
@@ -140,13 +182,24 @@ impl Conn {
     /// same future.
     async fn exchange(
         &mut self,
-        request: Request<Full<Bytes>>,
+        request: Http1Request,
         body_max: usize,
-    ) -> Result<Answer, hyper::Error> {
-        let Conn { send, conn, ended } = self;
+    ) -> Result<Answer, Failure> {
+        let Conn { send, conn } = self;
+        let failed = |e: &hyper::Error| Failure::Failed(super::error_chain(e));
         let work = async {
-            poll_fn(|cx| send.poll_ready(cx)).await?;
-            let response = send.send_request(request).await?;
+            if poll_fn(|cx| send.poll_ready(cx)).await.is_err() {
+                return Err(Failure::NotSent(Box::new(request)));
+            }
+            let response = match send.try_send_request(request).await {
+                Ok(response) => response,
+                Err(mut e) => {
+                    return Err(match e.take_message() {
+                        Some(request) => Failure::NotSent(Box::new(request)),
+                        None => failed(e.error()),
+                    });
+                }
+            };
             let status = response.status();
             // Read to the end (bounded) so that the connection can serve the
             // next call; of an error body only the start is kept.
@@ -154,20 +207,22 @@ impl Conn {
                 .collect()
                 .await
                 .map(|b| b.to_bytes());
-            Ok::<_, hyper::Error>((status, body))
+            Ok((status, body))
         };
         let mut work = pin!(work);
         let (status, body) = poll_fn(|cx| {
-            if !*ended && conn.as_mut().poll(cx).is_ready() {
-                *ended = true;
+            if let Some(c) = conn.as_mut()
+                && c.as_mut().poll(cx).is_ready()
+            {
+                *conn = None;
             }
             work.as_mut().poll(cx)
         })
         .await?;
-        // A body over the limit was not read to its end: the connection
-        // is not reusable.
         let body = body.unwrap_or_else(|_| {
-            *ended = true;
+            // A body over the limit was not read to its end: the
+            // connection is not reusable.
+            *conn = None;
             Bytes::new()
         });
         Ok((status, body))

@@ -16,12 +16,14 @@ use protobuf::Message as _;
 use raft::eraftpb::Entry;
 
 /// What the cache holds at most, by entries and by bytes (data and
-/// context; an entry is counted 128 bytes more for its fields and its slot). At peak the
+/// context; an entry is counted 128 bytes more for its fields and its slot).
+/// An entry's data may keep up to as much again in spare capacity (it is
+/// the encoder's buffer), so the memory held stays under twice the bytes. At peak the
 /// log grows by ~12,000 entries of a few hundred bytes a second, and Raft
 /// reads back an entry within milliseconds of writing it: a second's worth
 /// covers a follower a little behind as well.
 pub const ENTRIES_MAX: usize = 16_384;
-pub const BYTES_MAX: usize = 8 << 20;
+pub const BYTES_MAX: usize = 4 << 20;
 const ENTRY_OVERHEAD: usize = 128;
 
 #[derive(Default)]
@@ -54,7 +56,12 @@ impl EntryCache {
             }
             _ => self.clear(),
         }
-        for entry in entries {
+        // More than it can hold: only the last of them, and nothing before.
+        let skip = entries.len().saturating_sub(ENTRIES_MAX);
+        if skip > 0 {
+            self.clear();
+        }
+        for entry in &entries[skip..] {
             self.bytes += cost(entry);
             self.entries.push_back(entry.clone());
         }
