@@ -137,7 +137,13 @@ impl Http1Pool {
                 return;
             }
         }
-        let list = by_address.entry(address.to_string()).or_default();
+        // The address is copied only the first time it is pooled.
+        if !by_address.contains_key(address) {
+            by_address.insert(address.to_string(), VecDeque::new());
+        }
+        let Some(list) = by_address.get_mut(address) else {
+            return;
+        };
         *total -= expire(list);
         if list.len() < IDLE_PER_ADDRESS_MAX {
             list.push_back((conn, Instant::now()));

@@ -128,17 +128,20 @@ impl BranchCaller {
             Ok(uri) => uri,
             Err(e) => return failed(&e),
         };
-        let Some(authority) = uri.authority() else {
+        let mut parts = uri.into_parts();
+        let Some(authority) = parts.authority.take() else {
             return failed(&"no host");
         };
         let address = match authority.port_u16() {
-            Some(_) => authority.as_str().to_string(),
-            None => format!("{}:80", authority.host()),
+            Some(_) => std::borrow::Cow::Borrowed(authority.as_str()),
+            None => std::borrow::Cow::Owned(format!("{}:80", authority.host())),
         };
-        let path = uri.path_and_query().map_or_else(
-            || hyper::Uri::from_static("/"),
-            |p| p.as_str().parse().unwrap_or_default(),
-        );
+        // Origin form (`/path?query`), parsed once with the endpoint.
+        parts.scheme = None;
+        let path = match hyper::Uri::from_parts(parts) {
+            Ok(path) if path.path_and_query().is_some() => path,
+            _ => hyper::Uri::from_static("/"),
+        };
         let mut headers = match self.call_headers(call) {
             Ok(headers) => headers,
             Err(e) => return failed(&e),
