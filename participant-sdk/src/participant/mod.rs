@@ -95,7 +95,8 @@ fn is_forward(op: &str) -> bool {
 }
 
 /// Fencing tokens and tombstones seen per gid, and one lock per branch.
-/// Bounded: the oldest gids are forgotten first.
+/// Bounded: the oldest gids are forgotten first, except one with a call
+/// under way (its branch lock is held).
 pub struct Fences {
     inner: Mutex<FenceTable>,
     capacity: usize,
@@ -103,11 +104,78 @@ pub struct Fences {
 
 #[derive(Default)]
 struct FenceTable {
-    highest: HashMap<String, Fence>,
-    /// (gid, branch_id) undone: forward calls to them are refused.
-    tombstones: HashMap<(String, String), Fence>,
+    gids: HashMap<String, GidFences>,
+    /// The gids in the order they were first seen (each once).
     order: VecDeque<String>,
-    locks: HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// What is known of one gid: one entry, found with one lookup, and
+/// forgotten in one removal.
+#[derive(Default)]
+struct GidFences {
+    highest: Fence,
+    /// Its branches seen so far; a transaction has few, so a list.
+    branches: Vec<BranchFence>,
+}
+
+struct BranchFence {
+    id: String,
+    /// Undone (rolled back, cancelled, compensated, aborted): forward calls
+    /// to it are refused.
+    undone: bool,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl GidFences {
+    fn branch(&mut self, id: &str) -> &mut BranchFence {
+        let at = match self.branches.iter().position(|b| b.id == id) {
+            Some(at) => at,
+            None => {
+                self.branches.push(BranchFence {
+                    id: id.to_string(),
+                    undone: false,
+                    lock: Arc::default(),
+                });
+                self.branches.len() - 1
+            }
+        };
+        &mut self.branches[at]
+    }
+
+    fn in_use(&self) -> bool {
+        self.branches.iter().any(|b| Arc::strong_count(&b.lock) > 1)
+    }
+}
+
+impl FenceTable {
+    /// The gid's entry, made (and the oldest forgotten if over `capacity`)
+    /// if it is new.
+    fn gid(&mut self, gid: &str, capacity: usize) -> &mut GidFences {
+        if !self.gids.contains_key(gid) {
+            self.forget_beyond(capacity - 1);
+            self.order.push_back(gid.to_string());
+            self.gids.insert(gid.to_string(), GidFences::default());
+        }
+        self.gids.get_mut(gid).expect("just made")
+    }
+
+    /// Forgets the oldest gids until at most `keep` are left, skipping any
+    /// with a call under way (a second call of its branch must still wait
+    /// for the first); each is looked at once.
+    fn forget_beyond(&mut self, keep: usize) {
+        let mut looked = 0;
+        while self.order.len() > keep && looked < self.order.len() {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if self.gids.get(&old).is_some_and(GidFences::in_use) {
+                self.order.push_back(old);
+                looked += 1;
+            } else {
+                self.gids.remove(&old);
+            }
+        }
+    }
 }
 
 impl Default for Fences {
@@ -128,51 +196,33 @@ impl Fences {
     /// passes. Returns why it is refused otherwise.
     pub fn admit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
         let mut t = self.inner.lock().expect("fence lock");
-        if let Some(highest) = t.highest.get(&ctx.gid)
-            && ctx.fence < *highest
-        {
+        let known = t.gid(&ctx.gid, self.capacity);
+        if ctx.fence < known.highest {
             return Err(BranchError::Failure(format!(
                 "stale fencing token ({}, {}) for transaction {}: ({}, {}) was already accepted",
-                ctx.fence.term, ctx.fence.index, ctx.gid, highest.term, highest.index
+                ctx.fence.term, ctx.fence.index, ctx.gid, known.highest.term, known.highest.index
             )));
         }
-        let key = (ctx.gid.clone(), ctx.branch_id.clone());
-        if is_forward(&ctx.op) && t.tombstones.contains_key(&key) {
+        if is_forward(&ctx.op) && known.branch(&ctx.branch_id).undone {
             return Err(BranchError::Failure(format!(
                 "branch {} of transaction {} was already undone; late {} refused",
                 ctx.branch_id, ctx.gid, ctx.op
             )));
         }
-        if !t.highest.contains_key(&ctx.gid) {
-            t.order.push_back(ctx.gid.clone());
-            while t.order.len() > self.capacity {
-                if let Some(old) = t.order.pop_front() {
-                    t.highest.remove(&old);
-                    t.tombstones.retain(|(gid, _), _| *gid != old);
-                }
-            }
-        }
-        let highest = t.highest.entry(ctx.gid.clone()).or_default();
-        *highest = (*highest).max(ctx.fence);
+        known.highest = ctx.fence;
         Ok(())
     }
 
     /// Records that a branch was undone (after its undo succeeded).
     pub fn tombstone(&self, ctx: &BranchContext) {
         let mut t = self.inner.lock().expect("fence lock");
-        t.tombstones
-            .insert((ctx.gid.clone(), ctx.branch_id.clone()), ctx.fence);
+        t.gid(&ctx.gid, self.capacity).branch(&ctx.branch_id).undone = true;
     }
 
     fn lock(&self, ctx: &BranchContext) -> Arc<tokio::sync::Mutex<()>> {
         let mut t = self.inner.lock().expect("fence lock");
-        if t.locks.len() > self.capacity {
-            t.locks.retain(|_, l| Arc::strong_count(l) > 1);
-        }
-        t.locks
-            .entry((ctx.gid.clone(), ctx.branch_id.clone()))
-            .or_default()
-            .clone()
+        let known = t.gid(&ctx.gid, self.capacity);
+        known.branch(&ctx.branch_id).lock.clone()
     }
 }
 
@@ -239,7 +289,61 @@ mod tests {
             fences.admit(&c).unwrap();
         }
         let t = fences.inner.lock().unwrap();
-        assert_eq!(t.highest.len(), 2);
-        assert!(!t.highest.contains_key("a"));
+        assert_eq!(t.gids.len(), 2);
+        assert_eq!(t.order.len(), 2);
+        assert!(!t.gids.contains_key("a"));
+    }
+
+    #[test]
+    fn idempotency_a_gid_with_a_call_under_way_is_not_forgotten() {
+        let fences = Fences::with_capacity(2);
+        let mut first = ctx("action", 1, 1);
+        first.gid = "a".into();
+        // A call of "a" is under way: it holds its branch's lock.
+        let held = fences.lock(&first);
+        for gid in ["b", "c", "d"] {
+            let mut c = ctx("action", 1, 1);
+            c.gid = gid.into();
+            fences.admit(&c).unwrap();
+        }
+        // "a" was skipped, the others forgotten oldest first; a second
+        // call of its branch gets the same lock, so it waits for the first.
+        assert!(Arc::ptr_eq(&held, &fences.lock(&first)));
+        {
+            let t = fences.inner.lock().unwrap();
+            assert!(t.gids.contains_key("a") && t.gids.contains_key("d"));
+            assert_eq!(t.gids.len(), 2);
+        }
+        // Once the call ended, "a" is the next forgotten.
+        drop(held);
+        let mut e = ctx("action", 1, 1);
+        e.gid = "e".into();
+        fences.admit(&e).unwrap();
+        let t = fences.inner.lock().unwrap();
+        assert!(!t.gids.contains_key("a"));
+        assert_eq!(t.gids.len(), 2);
+        assert_eq!(t.order.len(), 2);
+    }
+
+    #[test]
+    fn idempotency_a_tombstone_lives_and_goes_with_its_gid() {
+        let fences = Fences::with_capacity(2);
+        fences.admit(&ctx("compensate", 1, 1)).unwrap();
+        fences.tombstone(&ctx("compensate", 1, 1));
+        assert!(fences.admit(&ctx("action", 1, 1)).is_err());
+        // Another branch of the same gid is not undone.
+        let mut other = ctx("action", 1, 1);
+        other.branch_id = "other".into();
+        assert!(fences.admit(&other).is_ok());
+        for gid in ["x", "y"] {
+            let mut c = ctx("action", 1, 1);
+            c.gid = gid.into();
+            fences.admit(&c).unwrap();
+        }
+        // "g" is forgotten whole, its tombstone with it: nothing stays
+        // behind for a gid the table no longer holds.
+        let t = fences.inner.lock().unwrap();
+        assert!(!t.gids.contains_key("g"));
+        assert_eq!(t.gids.len(), 2);
     }
 }
