@@ -183,6 +183,10 @@ pub struct LogStore {
     mark: SyncMark,
     /// The log's newest entries, for Raft's reads of what it just wrote.
     cache: EntryCache,
+    /// The batch every append is encoded into, kept so its buffer keeps its
+    /// size: raft-engine empties a batch it wrote, and a new one starts at
+    /// 4 KiB and grows by copying while the entries are encoded into it.
+    batch: LogBatch,
 }
 
 impl LogStore {
@@ -230,6 +234,7 @@ impl LogStore {
             snapshot_wanted: Cell::new(false),
             mark,
             cache: EntryCache::default(),
+            batch: LogBatch::default(),
         };
         // Before anything is written: the log as the engine recovered it.
         if let Some(lost) = marked.and_then(|m| m.lost_by(&store.durable_now())) {
@@ -365,28 +370,44 @@ impl LogStorage for LogStore {
         hard_state: Option<&HardState>,
         sync: bool,
     ) -> Result<(), StoreError> {
-        let mut batch = LogBatch::with_capacity(entries.len().max(1));
-        if let Some(first) = entries.first() {
-            if first.index <= self.last_index_raw() {
-                // A conflicting append replaces the tail: the log gets shorter.
-                self.mark.lower(first.index - 1)?;
-            }
-            batch.add_entries::<EntryExt>(self.group, entries)?;
+        if let Some(first) = entries.first()
+            && first.index <= self.last_index_raw()
+        {
+            // A conflicting append replaces the tail: the log gets shorter.
+            self.mark.lower(first.index - 1)?;
         }
         if let Some(hs) = hard_state {
             self.hard_state = hs.clone();
         }
-        if hard_state.is_some() || !entries.is_empty() {
-            batch.put_message(self.group, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
-        }
-        if !batch.is_empty() {
-            self.engine.write(&mut batch, sync)?;
-            self.cache.append(entries);
-            if sync {
-                self.record_mark()?;
+        let batch = &mut self.batch;
+        let written = (|| {
+            if !entries.is_empty() {
+                batch.add_entries::<EntryExt>(self.group, entries)?;
+            }
+            if hard_state.is_some() || !entries.is_empty() {
+                batch.put_message(self.group, KEY_HARD_STATE.to_vec(), &self.hard_state)?;
+            }
+            if batch.is_empty() {
+                return Ok(false);
+            }
+            self.engine.write(batch, sync)?;
+            Ok::<_, raft_engine::Error>(true)
+        })();
+        match written {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                self.cache.append(entries);
+                if sync {
+                    self.record_mark()?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // A batch a failed write left half-filled is not reused.
+                self.batch = LogBatch::default();
+                Err(e.into())
             }
         }
-        Ok(())
     }
 
     /// Notes a commit index learnt after a Ready; written with the next batch.
