@@ -83,6 +83,11 @@ pub enum BenchCommand {
         /// a saga counts once its second step's action has been called.
         #[arg(long, value_name = "URL", conflicts_with = "call_log")]
         peer_dtm: Option<String>,
+        /// Submit through Tandem's HTTP/JSON API at this URL (the leader's
+        /// `--http-listen`, e.g. http://127.0.0.1:7181) instead of gRPC,
+        /// with one keep-alive connection per caller.
+        #[arg(long, value_name = "URL", conflicts_with_all = ["call_log", "peer_dtm"])]
+        http_api: Option<String>,
     },
     /// Two-branch TCC transactions: begin, try both branches (a no-op HTTP
     /// participant this command serves), commit and wait for both confirms.
@@ -300,6 +305,11 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             peer_dtm: Some(dtm),
             ..
         } => dtm_sagas(&load, &dtm).await,
+        BenchCommand::Saga {
+            load,
+            http_api: Some(api),
+            ..
+        } => http_sagas(&load, &api).await,
         BenchCommand::Saga { load, call_log, .. } => {
             let client = load.endpoint.client()?;
             let calls = CallLog::default();
@@ -449,6 +459,55 @@ async fn dtm_sagas(load: &Load, dtm: &str) -> anyhow::Result<()> {
             };
             awaited.lock().expect("awaited lock").remove(&gid);
             finished.map_err(unavailable)
+        }
+    })
+    .await
+}
+
+/// Two-step sagas submitted through the HTTP/JSON API (`POST /v1/sagas`
+/// with `wait`), to compare its cost per request with gRPC's.
+async fn http_sagas(load: &Load, api: &str) -> anyhow::Result<()> {
+    let base = serve_participant(Saga(NoOp)).await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(load.concurrency)
+        .http1_only()
+        .build()?;
+    let submit = format!("{}/v1/sagas", api.trim_end_matches('/'));
+    let steps: serde_json::Value = ["a", "b"]
+        .iter()
+        .map(|s| {
+            json!({
+                "branch_id": s,
+                "action": tandem_sdk::wire::participant_endpoint(&base, tandem_sdk::wire::ops::ACTION),
+                "compensate": tandem_sdk::wire::participant_endpoint(&base, tandem_sdk::wire::ops::COMPENSATE),
+            })
+        })
+        .collect();
+    load.run("saga (HTTP/JSON API)", move || {
+        let (http, submit, steps) = (http.clone(), submit.clone(), steps.clone());
+        async move {
+            let gid = tandem_sdk::new_gid();
+            let body =
+                json!({ "gid": gid, "steps": steps, "wait": true, "wait_timeout_ms": 30_000 });
+            let failed = |last: String| tandem_sdk::Error::Unavailable {
+                elapsed: Duration::ZERO,
+                last,
+            };
+            let response = http
+                .post(&submit)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| failed(format!("submit of {gid}: {e}")))?;
+            let status = response.status();
+            let answer: serde_json::Value = response
+                .json()
+                .await
+                .map_err(|e| failed(format!("answer to {gid}: {e}")))?;
+            match answer["transaction"]["state"].as_str() {
+                Some("committed") if status.is_success() => Ok(()),
+                _ => Err(failed(format!("saga {gid}: {status} {answer}"))),
+            }
         }
     })
     .await
