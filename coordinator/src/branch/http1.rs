@@ -137,17 +137,20 @@ impl Http1Pool {
                 return;
             }
         }
-        // The address is copied only the first time it is pooled.
-        if !by_address.contains_key(address) {
-            by_address.insert(address.to_string(), VecDeque::new());
-        }
-        let Some(list) = by_address.get_mut(address) else {
-            return;
-        };
-        *total -= expire(list);
-        if list.len() < IDLE_PER_ADDRESS_MAX {
-            list.push_back((conn, Instant::now()));
-            *total += 1;
+        match by_address.get_mut(address) {
+            Some(list) => {
+                *total -= expire(list);
+                if list.len() < IDLE_PER_ADDRESS_MAX {
+                    list.push_back((conn, Instant::now()));
+                    *total += 1;
+                }
+            }
+            // The address is copied only the first time it is pooled.
+            None => {
+                let list = VecDeque::from([(conn, Instant::now())]);
+                by_address.insert(address.to_string(), list);
+                *total += 1;
+            }
         }
     }
 }
