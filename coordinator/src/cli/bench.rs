@@ -443,10 +443,6 @@ async fn dtm_sagas(load: &Load, dtm: &str) -> anyhow::Result<()> {
                 .expect("awaited lock")
                 .insert(gid.clone(), arrived);
             let body = json!({ "gid": gid, "trans_type": "saga", "steps": steps });
-            let unavailable = |last: String| tandem_sdk::Error::Unavailable {
-                elapsed: Duration::ZERO,
-                last,
-            };
             let finished = match http.post(&submit).json(&body).send().await {
                 Ok(r) if r.status().is_success() => {
                     match tokio::time::timeout(Duration::from_secs(30), arrival).await {
@@ -458,7 +454,7 @@ async fn dtm_sagas(load: &Load, dtm: &str) -> anyhow::Result<()> {
                 Err(e) => Err(format!("submit of {gid}: {e}")),
             };
             awaited.lock().expect("awaited lock").remove(&gid);
-            finished.map_err(unavailable)
+            finished.map_err(failed)
         }
     })
     .await
@@ -489,10 +485,6 @@ async fn http_sagas(load: &Load, api: &str) -> anyhow::Result<()> {
             let gid = tandem_sdk::new_gid();
             let body =
                 json!({ "gid": gid, "steps": steps, "wait": true, "wait_timeout_ms": 30_000 });
-            let failed = |last: String| tandem_sdk::Error::Unavailable {
-                elapsed: Duration::ZERO,
-                last,
-            };
             let response = http
                 .post(&submit)
                 .json(&body)
@@ -558,10 +550,18 @@ fn committed(tx: pb::Transaction) -> Result<(), tandem_sdk::Error> {
     if tx.state == pb::TxState::Committed as i32 {
         return Ok(());
     }
-    Err(tandem_sdk::Error::Unavailable {
+    Err(failed(format!(
+        "transaction {} ended in state {}",
+        tx.gid, tx.state
+    )))
+}
+
+/// A call the bench counts as an error, and why.
+fn failed(last: String) -> tandem_sdk::Error {
+    tandem_sdk::Error::Unavailable {
         elapsed: Duration::ZERO,
-        last: format!("transaction {} ended in state {}", tx.gid, tx.state),
-    })
+        last,
+    }
 }
 
 impl Load {
