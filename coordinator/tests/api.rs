@@ -159,6 +159,167 @@ async fn followers_redirect_writes_with_the_leaders_address() {
         .expect("SDK follows the redirect");
 }
 
+/// Reads a stream's answers until `ids` are all answered (bounded).
+async fn answers_for(
+    answers: &mut tonic::Streaming<pb::SubmitSagasResponse>,
+    ids: &[u64],
+) -> std::collections::HashMap<u64, pb::SagaAnswer> {
+    let mut got = std::collections::HashMap::new();
+    while got.len() < ids.len() {
+        let message = tokio::time::timeout(Duration::from_secs(20), answers.message())
+            .await
+            .expect("answers within 20 s")
+            .expect("the stream stays up")
+            .expect("the stream stays open");
+        for answer in message.answers {
+            assert!(
+                ids.contains(&answer.id),
+                "an answer to no submission: {answer:?}"
+            );
+            assert!(got.insert(answer.id, answer).is_none(), "answered twice");
+        }
+    }
+    got
+}
+
+/// The stream of submissions (`SubmitSagas`) answers each submission as its
+/// own SubmitSaga call would: a saga runs and is idempotent for its gid
+/// (invariant 6), bad input is INVALID_ARGUMENT naming the problem and
+/// stores nothing, a follower answers UNAVAILABLE with the leader's
+/// address and stores nothing, and a message over the limit ends the
+/// stream with a status that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_on_a_stream_are_answered_as_their_calls_would_be() {
+    let cluster = Cluster::start(3);
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    let service = common::participant::StepService::start().await;
+    let saga = |gid: &str| pb::SubmitSagaRequest {
+        gid: gid.to_string(),
+        steps: vec![pb::SagaStep {
+            branch_id: "a".into(),
+            action: tandem_proto::wire::participant_endpoint(&service.saga, "action"),
+            compensate: tandem_proto::wire::participant_endpoint(&service.saga, "compensate"),
+            ..Default::default()
+        }],
+        wait: true,
+        wait_timeout_ms: 10_000,
+        ..Default::default()
+    };
+    let submission = |id: u64, saga: Option<pb::SubmitSagaRequest>| pb::SagaSubmission {
+        id,
+        saga,
+        traceparent: String::new(),
+    };
+    let (sender, outgoing) = tokio::sync::mpsc::channel(4);
+    let mut client = raw_client(&cluster.node(leader).endpoint()).await;
+    let mut answers = client
+        .submit_sagas(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    sender
+        .send(pb::SubmitSagasRequest {
+            submissions: vec![
+                submission(1, Some(saga("s-1"))),
+                submission(2, Some(saga("has space"))),
+                submission(3, None),
+            ],
+        })
+        .await
+        .unwrap();
+    let got = answers_for(&mut answers, &[1, 2, 3]).await;
+    let ok = got[&1].response.clone().expect("s-1 answered");
+    assert_eq!(got[&1].code, 0);
+    assert!(ok.created);
+    let tx = ok.transaction.expect("its transaction");
+    assert_eq!(tx.gid, "s-1");
+    assert_eq!(tx.state, pb::TxState::Committed as i32);
+    assert_eq!(got[&2].code, Code::InvalidArgument as i32);
+    assert!(
+        got[&2].message.contains("printable ASCII"),
+        "{}",
+        got[&2].message
+    );
+    assert_eq!(got[&3].code, Code::InvalidArgument as i32);
+    assert_eq!(got[&3].message, "submission 3 has no saga");
+    // The same saga again, on the same stream: the one already there.
+    sender
+        .send(pb::SubmitSagasRequest {
+            submissions: vec![submission(4, Some(saga("s-1")))],
+        })
+        .await
+        .unwrap();
+    let again = answers_for(&mut answers, &[4]).await[&4].clone();
+    let again = again.response.expect("answered");
+    assert!(!again.created);
+    assert_eq!(
+        again.transaction.unwrap().state,
+        pb::TxState::Committed as i32
+    );
+    assert_eq!(service.recorder.effects("s-1").len(), 1, "one action, once");
+    // Over the limit: the stream ends saying why.
+    sender
+        .send(pb::SubmitSagasRequest {
+            submissions: (0..1025)
+                .map(|i| submission(100 + i, Some(saga(&format!("big-{i}")))))
+                .collect(),
+        })
+        .await
+        .unwrap();
+    let status = loop {
+        match answers.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("at most 1024"),
+        "{}",
+        status.message()
+    );
+
+    // A follower: UNAVAILABLE with the leader's address, nothing stored.
+    let (sender, outgoing) = tokio::sync::mpsc::channel(4);
+    let mut client = raw_client(&cluster.node(follower).endpoint()).await;
+    let mut answers = client
+        .submit_sagas(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    sender
+        .send(pb::SubmitSagasRequest {
+            submissions: vec![submission(7, Some(saga("s-follower")))],
+        })
+        .await
+        .unwrap();
+    let refused = answers_for(&mut answers, &[7]).await[&7].clone();
+    assert_eq!(
+        refused.code,
+        Code::Unavailable as i32,
+        "{}",
+        refused.message
+    );
+    assert_eq!(refused.leader, cluster.node(leader).address);
+    assert_eq!(
+        list_all_from(&cluster.node(leader).endpoint()).await,
+        vec!["s-1".to_string()],
+        "only s-1 is stored"
+    );
+    // The SDK, given only the follower, follows the leader from the stream's answer.
+    let sdk = tandem_sdk::Client::connect([cluster.node(follower).endpoint()]).expect("client");
+    let tx = sdk
+        .saga()
+        .gid("s-sdk")
+        .step(tandem_sdk::Step::service("a", &service.saga))
+        .submit_and_wait(Duration::from_secs(10))
+        .await
+        .expect("the SDK follows the leader");
+    assert_eq!(tx.state, pb::TxState::Committed as i32);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_begin_get_list_and_cluster_status_keep_their_shape() {
     let cluster = Cluster::start(3);

@@ -351,3 +351,61 @@ async fn bounded_memory_a_1000_step_saga_with_unreachable_participants() {
         RSS_BOUND >> 20
     );
 }
+
+/// Invariants 5 and 6 on the SDK's stream of submissions (`SubmitSagas`,
+/// its default) through a leader kill: every answer a caller got is its
+/// own saga's (the gid it submitted, matched by the stream's ids), says
+/// Committed, and is what the cluster and the participants hold — each
+/// action done exactly once, whichever node or path (stream, or the call
+/// the SDK falls back to) finally took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn saga_answers_on_the_submission_stream_are_each_their_own_through_a_leader_kill() {
+    let mut cluster = Cluster::start(3);
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let service = StepService::start().await;
+    let client = cluster.client();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, base, stop) = (client.clone(), service.saga.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut answered = Vec::new();
+                // Bounded: at most this many sagas per caller.
+                for _ in 0..2_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let saga = sequential(&client, &base, &["a", "b"]);
+                    let gid = saga.gid_str().to_string();
+                    let tx = saga
+                        .submit_and_wait(Duration::from_secs(20))
+                        .await
+                        .unwrap_or_else(|e| panic!("saga {gid}: {e}"));
+                    answered.push((gid, tx));
+                }
+                answered
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    cluster.kill(leader);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = Vec::new();
+    for caller in callers {
+        answered.extend(caller.await.expect("caller"));
+    }
+    assert!(answered.len() > 100, "only {} sagas ran", answered.len());
+    for (gid, tx) in &answered {
+        assert_eq!(&tx.gid, gid, "a caller was answered with another saga");
+        assert_eq!(state(tx), pb::TxState::Committed, "saga {gid}");
+        let held = client.get(gid).await.expect("get");
+        assert_eq!(state(&held), pb::TxState::Committed, "saga {gid} as held");
+        assert_eq!(
+            service.recorder.effects(gid),
+            expected_effects(&["a", "b"], None),
+            "saga {gid}"
+        );
+    }
+}

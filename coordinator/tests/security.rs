@@ -17,6 +17,64 @@ use tandem_sdk::{Client, Step};
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A one-step saga on `base` that the caller waits for.
+fn one_step(gid: &str, base: &str) -> pb::SubmitSagaRequest {
+    pb::SubmitSagaRequest {
+        gid: gid.to_string(),
+        steps: vec![pb::SagaStep {
+            branch_id: "a".into(),
+            action: tandem_proto::wire::participant_endpoint(base, "action"),
+            compensate: tandem_proto::wire::participant_endpoint(base, "compensate"),
+            ..Default::default()
+        }],
+        wait: true,
+        wait_timeout_ms: 10_000,
+        ..Default::default()
+    }
+}
+
+/// Sends `sagas` on a `SubmitSagas` stream (in one message), with `token`
+/// if any, and returns every answer by id (the saga's index).
+async fn on_a_stream(
+    client: &mut tandem_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    token: Option<&str>,
+    sagas: Vec<pb::SubmitSagaRequest>,
+) -> Result<std::collections::BTreeMap<u64, pb::SagaAnswer>, tonic::Status> {
+    let count = sagas.len();
+    let message = pb::SubmitSagasRequest {
+        submissions: sagas
+            .into_iter()
+            .enumerate()
+            .map(|(i, saga)| pb::SagaSubmission {
+                id: i as u64,
+                saga: Some(saga),
+                traceparent: String::new(),
+            })
+            .collect(),
+    };
+    let (sender, outgoing) = tokio::sync::mpsc::channel(1);
+    sender.send(message).await.unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let mut answers = client.submit_sagas(request).await?.into_inner();
+    let mut got = std::collections::BTreeMap::new();
+    while got.len() < count {
+        let message = tokio::time::timeout(Duration::from_secs(30), answers.message())
+            .await
+            .expect("answers within 30 s")?
+            .expect("the stream stays open");
+        for answer in message.answers {
+            got.insert(answer.id, answer);
+        }
+    }
+    drop(sender);
+    Ok(got)
+}
+
 fn dev_certs(dir: &std::path::Path, nodes: u64) {
     let out = Command::new(BIN)
         .args(["certs", "dev", "--nodes", &nodes.to_string(), "--out"])
@@ -367,6 +425,54 @@ async fn tokens_and_roles_guard_every_surface() {
     let (ok, err) = cli(&["tx", "get", "auth-1"], Some(&jwt("operator", now - 600)));
     assert!(!ok && err.contains("expired"), "{err}");
 
+    // A stream of submissions needs the app role, like SubmitSaga, and
+    // its token is checked again with every message: one that expires
+    // while the stream is open stops being honoured.
+    let service = StepService::start().await;
+    let mut grpc = tandem_proto::v1::coordinator_client::CoordinatorClient::connect(format!(
+        "http://{}",
+        cluster.node(leader).address
+    ))
+    .await
+    .unwrap();
+    let refused = on_a_stream(
+        &mut grpc,
+        Some("reader-token-0123456789"),
+        vec![one_step("auth-s0", &service.saga)],
+    )
+    .await
+    .expect_err("a reader may not submit");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    let short_lived = jwt("app", now + 1);
+    let (sender, outgoing) = tokio::sync::mpsc::channel(1);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {short_lived}").parse().unwrap(),
+    );
+    let mut answers = grpc.submit_sagas(request).await.unwrap().into_inner();
+    let submit = |id: u64, gid: &str| pb::SubmitSagasRequest {
+        submissions: vec![pb::SagaSubmission {
+            id,
+            saga: Some(one_step(gid, &service.saga)),
+            traceparent: String::new(),
+        }],
+    };
+    sender.send(submit(1, "auth-s1")).await.unwrap();
+    let first = answers.message().await.unwrap().unwrap().answers.remove(0);
+    assert_eq!(first.code, 0, "{}", first.message);
+    // Past its expiry and the nodes' leeway (5 s).
+    tokio::time::sleep(Duration::from_secs(1 + 5 + 1)).await;
+    sender.send(submit(2, "auth-s2")).await.unwrap();
+    let second = answers.message().await.unwrap().unwrap().answers.remove(0);
+    assert_eq!(second.code, tonic::Code::Unauthenticated as i32);
+    assert!(second.message.contains("expired"), "{}", second.message);
+    let (ok, err) = cli(&["tx", "get", "auth-s2"], Some("reader-token-0123456789"));
+    assert!(
+        !ok && err.contains("not found"),
+        "refused, not stored: {err}"
+    );
+
     // HTTP, through a follower: 401 / 403 / 2xx; the follower forwards the
     // credential with the request.
     let follower = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
@@ -646,6 +752,43 @@ async fn a_flooding_client_is_held_back_and_another_is_not() {
         "{}",
         status.message()
     );
+    // On a stream of submissions, each submission is held to the rate as
+    // its own call would be; those refused store nothing.
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.node(1).address))
+            .unwrap()
+            .local_address(Some(std::net::IpAddr::from([127, 0, 0, 4])));
+    let mut grpc = tandem_proto::v1::coordinator_client::CoordinatorClient::new(
+        endpoint.connect().await.unwrap(),
+    );
+    let sagas = (0..300)
+        .map(|i| one_step(&format!("flood-{i}"), &service.saga))
+        .collect();
+    let answers = on_a_stream(&mut grpc, None, sagas)
+        .await
+        .expect("the stream");
+    let refused: Vec<u64> = answers
+        .values()
+        .filter(|a| a.code == tonic::Code::ResourceExhausted as i32)
+        .map(|a| a.id)
+        .collect();
+    assert!(
+        refused.len() > 100,
+        "held back: {} of 300 refused",
+        refused.len()
+    );
+    let first = &answers[&refused[0]];
+    assert!(first.message.contains("127.0.0.4"), "{}", first.message);
+    for answer in answers.values() {
+        let gid = format!("flood-{}", answer.id);
+        let held = client.get(&gid).await;
+        if refused.contains(&answer.id) {
+            assert!(held.is_err(), "{gid} was refused and stored");
+        } else {
+            assert_eq!(answer.code, 0, "{gid}: {}", answer.message);
+            assert_eq!(held.unwrap().state, pb::TxState::Committed as i32, "{gid}");
+        }
+    }
 }
 
 /// HTTPS to participants: a participant that asks for a client certificate

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::convert::{protocol_from_pb, state_from_pb, tx_to_pb};
+use super::gate::PerSubmission;
 use super::status::{from_service_error, invalid};
 use crate::model::command::DestinationSpec;
 use crate::service::{
@@ -75,6 +76,37 @@ fn options_input(o: Option<pb::TxOptions>) -> OptionsInput {
     }
 }
 
+/// A SubmitSaga request as the service takes it, and the span its work
+/// runs in (the unary call and each submission on a stream alike).
+pub(super) fn saga_input(
+    request: pb::SubmitSagaRequest,
+    client_trace: Option<&str>,
+) -> (SagaInput, tracing::Span) {
+    let (span, trace_parent) = request_span("SubmitSaga", &request.gid, client_trace);
+    let steps = request
+        .steps
+        .into_iter()
+        .map(|s| StepInput {
+            branch_id: s.branch_id,
+            action: s.action,
+            compensate: s.compensate,
+            payload: s.payload.into(),
+            after: s.after,
+            retry: s.retry.map(retry_input),
+        })
+        .collect();
+    let input = SagaInput {
+        gid: request.gid,
+        options: options_input(request.options),
+        steps,
+        payload: request.payload.into(),
+        concurrent: request.concurrent,
+        wait: request.wait.then(|| wait_timeout(request.wait_timeout_ms)),
+        trace_parent,
+    };
+    (input, span)
+}
+
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn begin(
@@ -116,31 +148,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::SubmitSagaRequest>,
     ) -> Result<Response<pb::SubmitSagaResponse>, Status> {
         let client = client_traceparent(&request);
-        let request = request.into_inner();
-        let (span, trace_parent) = request_span("SubmitSaga", &request.gid, client.as_deref());
-        let steps = request
-            .steps
-            .into_iter()
-            .map(|s| StepInput {
-                branch_id: s.branch_id,
-                action: s.action,
-                compensate: s.compensate,
-                payload: s.payload.into(),
-                after: s.after,
-                retry: s.retry.map(retry_input),
-            })
-            .collect();
+        let (input, span) = saga_input(request.into_inner(), client.as_deref());
         let (tx, created) = self
             .service
-            .submit_saga(SagaInput {
-                gid: request.gid,
-                options: options_input(request.options),
-                steps,
-                payload: request.payload.into(),
-                concurrent: request.concurrent,
-                wait: request.wait.then(|| wait_timeout(request.wait_timeout_ms)),
-                trace_parent,
-            })
+            .submit_saga(input)
             .instrument(span)
             .await
             .map_err(from_service_error)?;
@@ -148,6 +159,20 @@ impl Coordinator for CoordinatorService {
             transaction: Some(tx_to_pb(&tx)),
             created,
         }))
+    }
+
+    type SubmitSagasStream = super::saga_stream::Answers;
+
+    async fn submit_sagas(
+        &self,
+        request: Request<tonic::Streaming<pb::SubmitSagasRequest>>,
+    ) -> Result<Response<Self::SubmitSagasStream>, Status> {
+        let gate = request.extensions().get::<PerSubmission>().cloned();
+        Ok(Response::new(super::saga_stream::Answers::new(
+            self.service.clone(),
+            request.into_inner(),
+            gate,
+        )))
     }
 
     async fn prepare_message(

@@ -1,14 +1,58 @@
 //! What every gRPC call passes before its service sees it: its client's
 //! limits (`limits`) and its role (`auth`). One tower layer for both;
 //! with neither configured (the loopback default) it adds nothing to a
-//! call — no allocation, no lookup.
+//! call — no allocation, no lookup. A stream of submissions
+//! (`SubmitSagas`) passes it once as a call, and then each submission
+//! passes the same checks as it arrives ([`PerSubmission`]).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures::future::{BoxFuture, Either};
 
-use crate::auth::{Auth, Refusal, grpc_role};
-use crate::limits::{ClientLimiter, limited, peer_ip};
+use crate::auth::{Auth, Refusal, Role, grpc_role};
+use crate::limits::{Admitted, ClientLimiter, limited, peer_ip};
+
+/// The method whose every message carries calls of their own.
+pub const SUBMIT_SAGAS_PATH: &str = "/tandem.v1.Coordinator/SubmitSagas";
+
+/// What a stream of submissions checks for each one, as the gate checks a
+/// call: the client's rate and calls in flight, and its credential's role
+/// (a token can expire while its stream is open). Set by the gate on the
+/// request; absent when neither limits nor auth are configured.
+#[derive(Clone)]
+pub struct PerSubmission {
+    limits: Option<(Arc<ClientLimiter>, IpAddr)>,
+    auth: Option<(Arc<Auth>, Option<String>)>,
+}
+
+impl PerSubmission {
+    /// The credential the stream was opened with, checked again (once per
+    /// message of submissions).
+    pub fn check_credential(&self) -> Result<(), tonic::Status> {
+        let Some((auth, authorization)) = &self.auth else {
+            return Ok(());
+        };
+        auth.check(authorization.as_deref(), Role::App, "call SubmitSagas")
+            .map(|_| ())
+            .map_err(|refusal| match refusal {
+                Refusal::Unauthenticated(m) => tonic::Status::unauthenticated(m),
+                Refusal::PermissionDenied(m) => tonic::Status::permission_denied(m),
+            })
+    }
+
+    /// One submission admitted within its client's rate and calls in
+    /// flight: its place, given back when dropped (once it is answered).
+    pub fn admit(&self) -> Result<Option<Admitted>, tonic::Status> {
+        match &self.limits {
+            None => Ok(None),
+            Some((limiter, ip)) => limiter
+                .admit(*ip)
+                .map(Some)
+                .map_err(tonic::Status::resource_exhausted),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct GateLayer {
@@ -90,6 +134,24 @@ where
                     Refusal::PermissionDenied(m) => tonic::Status::permission_denied(m),
                 }));
             }
+        }
+        let mut request = request;
+        if request.uri().path() == SUBMIT_SAGAS_PATH {
+            let per_submission = PerSubmission {
+                limits: self
+                    .limits
+                    .clone()
+                    .and_then(|l| peer_ip(&request).map(|ip| (l, ip))),
+                auth: self.auth.clone().map(|auth| {
+                    let authorization = request
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    (auth, authorization)
+                }),
+            };
+            request.extensions_mut().insert(per_submission);
         }
         let answer = self.inner.call(request);
         match admitted {

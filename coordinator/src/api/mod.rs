@@ -8,4 +8,5 @@ pub mod coordinator;
 #[cfg(feature = "failpoints")]
 pub mod debug;
 pub mod gate;
+pub mod saga_stream;
 pub mod status;

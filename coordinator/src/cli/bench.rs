@@ -88,6 +88,11 @@ pub enum BenchCommand {
         /// with one keep-alive connection per caller.
         #[arg(long, value_name = "URL", conflicts_with_all = ["call_log", "peer_dtm"])]
         http_api: Option<String>,
+        /// Submit each saga as a call of its own (`SubmitSaga`) instead of
+        /// on the client's stream of submissions (`SubmitSagas`, the SDK's
+        /// default).
+        #[arg(long, conflicts_with_all = ["peer_dtm", "http_api"])]
+        unary: bool,
     },
     /// Two-branch TCC transactions: begin, try both branches (a no-op HTTP
     /// participant this command serves), commit and wait for both confirms.
@@ -310,8 +315,13 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             http_api: Some(api),
             ..
         } => http_sagas(&load, &api).await,
-        BenchCommand::Saga { load, call_log, .. } => {
-            let client = load.endpoint.client()?;
+        BenchCommand::Saga {
+            load,
+            call_log,
+            unary,
+            ..
+        } => {
+            let client = load.endpoint.builder()?.submit_stream(!unary).build()?;
             let calls = CallLog::default();
             let base = match &call_log {
                 None => serve_participant(Saga(NoOp)).await?,

@@ -138,6 +138,11 @@ pub struct EndpointArg {
 
 impl EndpointArg {
     pub fn client(&self) -> anyhow::Result<Client> {
+        Ok(self.builder()?.build()?)
+    }
+
+    /// The client these arguments describe, still to be built.
+    pub fn builder(&self) -> anyhow::Result<tandem_sdk::ClientBuilder> {
         let read = |flag: &str, path: &std::path::Path| {
             std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
         };
@@ -158,7 +163,7 @@ impl EndpointArg {
         {
             builder = builder.token(token);
         }
-        Ok(builder.build()?)
+        Ok(builder)
     }
 }
 

@@ -129,14 +129,7 @@ impl SagaBuilder {
     async fn send(mut self, wait: bool, timeout: Duration) -> Result<pb::Transaction, Error> {
         self.request.wait = wait;
         self.request.wait_timeout_ms = timeout.as_millis().min(u32::MAX as u128) as u32;
-        let request = self.request;
-        let response = self
-            .client
-            .call_with_timeout(timeout + self.client.inner.call_timeout, |ch| {
-                let request = request.clone();
-                async move { super::coordinator(ch).submit_saga(request).await }
-            })
-            .await?;
+        let response = self.client.submit_saga_request(self.request).await?;
         Ok(response.transaction.unwrap_or_default())
     }
 }
@@ -152,11 +145,6 @@ impl Client {
         &self,
         request: pb::SubmitSagaRequest,
     ) -> Result<pb::SubmitSagaResponse, Error> {
-        let wait = Duration::from_millis(u64::from(request.wait_timeout_ms));
-        self.call_with_timeout(wait + self.inner.call_timeout, |ch| {
-            let request = request.clone();
-            async move { super::coordinator(ch).submit_saga(request).await }
-        })
-        .await
+        self.submit_saga_request(request).await
     }
 }
