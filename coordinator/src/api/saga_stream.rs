@@ -8,14 +8,16 @@
 //! The answer stream does the work itself: polled by the connection's
 //! task, it takes the client's messages in, keeps their submissions in
 //! flight as futures (not tasks) and hands out what finished. It stops
-//! reading while [`IN_FLIGHT_MAX`] submissions wait, so a client that
-//! floods it meets HTTP/2 flow control, not a growing queue.
+//! reading while [`IN_FLIGHT_MAX`] submissions or [`IN_FLIGHT_BYTES_MAX`]
+//! of them wait, so a client that floods it meets HTTP/2 flow control,
+//! not a growing queue.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
+use prost::Message as _;
 use tandem_proto::v1 as pb;
 use tonic::Status;
 use tracing::Instrument;
@@ -30,6 +32,9 @@ pub const SUBMISSIONS_PER_MESSAGE_MAX: usize = 1024;
 /// Submissions of one stream in flight at once; beyond it the stream's
 /// messages are not read until some are answered.
 pub const IN_FLIGHT_MAX: usize = 4096;
+/// Encoded bytes of one stream's submissions in flight at once, with the
+/// same effect (one message may cross it).
+pub const IN_FLIGHT_BYTES_MAX: usize = 64 << 20;
 /// Answers in one message at most.
 const ANSWERS_PER_MESSAGE_MAX: usize = 1024;
 
@@ -40,7 +45,9 @@ pub struct Answers {
     /// The client ended its side (or broke it): take nothing more.
     input_done: bool,
     gate: Option<PerSubmission>,
-    in_flight: FuturesUnordered<BoxFuture<'static, pb::SagaAnswer>>,
+    /// Each submission's answer to be, with its encoded size.
+    in_flight: FuturesUnordered<BoxFuture<'static, (pb::SagaAnswer, usize)>>,
+    in_flight_bytes: usize,
 }
 
 impl Answers {
@@ -55,6 +62,7 @@ impl Answers {
             input_done: false,
             gate,
             in_flight: FuturesUnordered::new(),
+            in_flight_bytes: 0,
         }
     }
 
@@ -74,6 +82,8 @@ impl Answers {
         };
         for submission in message.submissions {
             let id = submission.id;
+            let bytes = submission.encoded_len();
+            self.in_flight_bytes += bytes;
             let refused = credential.clone().err().or_else(|| {
                 submission
                     .saga
@@ -82,14 +92,14 @@ impl Answers {
             });
             if let Some(status) = refused {
                 self.in_flight
-                    .push(Box::pin(std::future::ready(refusal(id, &status))));
+                    .push(Box::pin(std::future::ready((refusal(id, &status), bytes))));
                 continue;
             }
             let service = self.service.clone();
             let gate = self.gate.clone();
             self.in_flight.push(Box::pin(async move {
                 let place = match gate.as_ref().map(PerSubmission::admit) {
-                    Some(Err(status)) => return refusal(id, &status),
+                    Some(Err(status)) => return (refusal(id, &status), bytes),
                     Some(Ok(place)) => place,
                     None => None,
                 };
@@ -98,7 +108,7 @@ impl Answers {
                 let (input, span) = super::coordinator::saga_input(saga, trace.as_deref());
                 let result = service.submit_saga(input).instrument(span).await;
                 drop(place);
-                match result {
+                let answer = match result {
                     Ok((tx, created)) => pb::SagaAnswer {
                         id,
                         response: Some(pb::SubmitSagaResponse {
@@ -108,7 +118,8 @@ impl Answers {
                         ..Default::default()
                     },
                     Err(e) => refusal(id, &from_service_error(e)),
-                }
+                };
+                (answer, bytes)
             }));
         }
         Ok(())
@@ -137,7 +148,10 @@ impl Stream for Answers {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        while !this.input_done && this.in_flight.len() < IN_FLIGHT_MAX {
+        while !this.input_done
+            && this.in_flight.len() < IN_FLIGHT_MAX
+            && this.in_flight_bytes < IN_FLIGHT_BYTES_MAX
+        {
             match this.input.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(message))) => {
                     if let Err(status) = this.take(message) {
@@ -154,7 +168,10 @@ impl Stream for Answers {
         let mut answers = Vec::new();
         while answers.len() < ANSWERS_PER_MESSAGE_MAX {
             match this.in_flight.poll_next_unpin(cx) {
-                Poll::Ready(Some(answer)) => answers.push(answer),
+                Poll::Ready(Some((answer, bytes))) => {
+                    this.in_flight_bytes -= bytes;
+                    answers.push(answer);
+                }
                 Poll::Ready(None) | Poll::Pending => break,
             }
         }

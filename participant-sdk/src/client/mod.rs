@@ -858,4 +858,45 @@ mod tests {
         assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
         silent.abort();
     }
+
+    /// A node that does not know `SubmitSagas` (one older than it) turns
+    /// the stream off for this client, and the saga goes as a call: the
+    /// answer is the call's (this node knows no SubmitSaga either), not the
+    /// stream's UNAVAILABLE.
+    #[tokio::test]
+    async fn a_node_without_the_stream_is_sent_calls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let node = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                tonic::service::Routes::default().into_axum_router(),
+            )
+            .await
+        });
+        let client = Client::builder([address.to_string()])
+            .retry_deadline(Duration::ZERO)
+            .build()
+            .unwrap();
+        let result = client
+            .saga()
+            .step(Step::new(
+                "a",
+                "http://127.0.0.1:9/a",
+                "http://127.0.0.1:9/c",
+            ))
+            .submit()
+            .await;
+        let error = result.expect_err("this node knows no saga");
+        assert_eq!(error.code(), Some(Code::Unimplemented), "{error}");
+        assert!(
+            client
+                .inner
+                .submissions
+                .unsupported
+                .load(std::sync::atomic::Ordering::Relaxed),
+            "the stream is off for this client"
+        );
+        node.abort();
+    }
 }

@@ -50,7 +50,7 @@ pub(super) struct Submissions {
     /// Streams opened so far; names the open one.
     generation: std::sync::atomic::AtomicU64,
     /// A node answered the method UNIMPLEMENTED: calls only, from then on.
-    unsupported: AtomicBool,
+    pub(super) unsupported: AtomicBool,
     /// Off by the builder: calls only.
     disabled: bool,
 }
@@ -131,14 +131,18 @@ impl Client {
     ) -> Result<pb::SubmitSagaResponse, Status> {
         let (generation, queue) = self.stream_queue();
         let (answer, answered) = oneshot::channel();
-        if queue.send(Waiting { saga, answer }).await.is_err() {
-            return Err(Status::unavailable("the submission stream closed"));
-        }
-        let result = match tokio::time::timeout(deadline, answered).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Status::unavailable(
-                "the submission stream ended before answering",
-            )),
+        let sent_and_answered = async move {
+            if queue.send(Waiting { saga, answer }).await.is_err() {
+                return Err(Status::unavailable("the submission stream closed"));
+            }
+            answered.await.unwrap_or_else(|_| {
+                Err(Status::unavailable(
+                    "the submission stream ended before answering",
+                ))
+            })
+        };
+        let result = match tokio::time::timeout(deadline, sent_and_answered).await {
+            Ok(result) => result,
             Err(_) => {
                 // A stream that stalls is not trusted with more.
                 self.inner.submissions.close(generation);
@@ -218,9 +222,15 @@ async fn run(
         }
     };
     let mut outgoing = Some(outgoing);
+    // The message made and not yet taken by the stream. Answers are read
+    // while it waits for room: a task that stopped reading answers while
+    // it waited to send could stall both ends (the node sends answers only
+    // as fast as this reads them, and reads requests only as it sends).
+    let mut unsent: Option<pb::SubmitSagasRequest> = None;
     let mut waiting: HashMap<u64, oneshot::Sender<Answer>> = HashMap::new();
     let mut next_id = 0u64;
     let ended = loop {
+        let room_on = outgoing.clone().filter(|_| unsent.is_some());
         tokio::select! {
             biased;
             message = answers.message() => match message {
@@ -237,7 +247,15 @@ async fn run(
                 Ok(None) => break Status::unavailable("the node ended the submission stream"),
                 Err(status) => break status,
             },
-            first = queue.recv(), if outgoing.is_some() && waiting.len() < IN_FLIGHT_MAX => {
+            room = async move { room_on.expect("checked").reserve_owned().await }, if room_on.is_some() => {
+                match room {
+                    Ok(room) => {
+                        room.send(unsent.take().expect("checked"));
+                    }
+                    Err(_) => break Status::unavailable("the submission stream broke"),
+                }
+            }
+            first = queue.recv(), if unsent.is_none() && outgoing.is_some() && waiting.len() < IN_FLIGHT_MAX => {
                 let Some(first) = first else {
                     // Closed by the client: no more submissions; end our
                     // side and wait for what was sent.
@@ -266,13 +284,7 @@ async fn run(
                         next = queue.try_recv().ok();
                     }
                 }
-                let sent = match &outgoing {
-                    Some(outgoing) => outgoing.send(pb::SubmitSagasRequest { submissions }).await,
-                    None => Ok(()),
-                };
-                if sent.is_err() {
-                    break Status::unavailable("the submission stream broke");
-                }
+                unsent = Some(pb::SubmitSagasRequest { submissions });
             }
         }
     };
