@@ -35,10 +35,7 @@ impl PerSubmission {
         };
         auth.check(authorization.as_deref(), Role::App, "call SubmitSagas")
             .map(|_| ())
-            .map_err(|refusal| match refusal {
-                Refusal::Unauthenticated(m) => tonic::Status::unauthenticated(m),
-                Refusal::PermissionDenied(m) => tonic::Status::permission_denied(m),
-            })
+            .map_err(refusal_status)
     }
 
     /// One submission admitted within its client's rate and calls in
@@ -51,6 +48,14 @@ impl PerSubmission {
                 .map(Some)
                 .map_err(tonic::Status::resource_exhausted),
         }
+    }
+}
+
+/// A refused credential as the call's status.
+fn refusal_status(refusal: Refusal) -> tonic::Status {
+    match refusal {
+        Refusal::Unauthenticated(m) => tonic::Status::unauthenticated(m),
+        Refusal::PermissionDenied(m) => tonic::Status::permission_denied(m),
     }
 }
 
@@ -129,10 +134,7 @@ where
             let method = path.rsplit('/').next().unwrap_or_default();
             if let Err(refusal) = auth.check(authorization, need, &format!("call {method}")) {
                 tracing::info!(path, %refusal, "refused a call");
-                return Either::Right(refuse(match refusal {
-                    Refusal::Unauthenticated(m) => tonic::Status::unauthenticated(m),
-                    Refusal::PermissionDenied(m) => tonic::Status::permission_denied(m),
-                }));
+                return Either::Right(refuse(refusal_status(refusal)));
             }
         }
         let mut request = request;
