@@ -860,7 +860,7 @@ mod tests {
     }
 
     /// A node that does not know `SubmitSagas` (one older than it) turns
-    /// the stream off for this client, and the saga goes as a call: the
+    /// the stream off for this client for a minute, and the saga goes as a call: the
     /// answer is the call's (this node knows no SubmitSaga either), not the
     /// stream's UNAVAILABLE.
     #[tokio::test]
@@ -893,9 +893,11 @@ mod tests {
             client
                 .inner
                 .submissions
-                .unsupported
-                .load(std::sync::atomic::Ordering::Relaxed),
-            "the stream is off for this client"
+                .unsupported_at
+                .lock()
+                .unwrap()
+                .is_some(),
+            "the stream is off for this client, for a while"
         );
         node.abort();
     }

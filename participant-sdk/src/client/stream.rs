@@ -12,9 +12,9 @@
 //! for its gid and steps.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use tandem_proto::v1 as pb;
@@ -35,6 +35,10 @@ const PER_MESSAGE_MAX: usize = 256;
 /// …and about this many bytes (one saga larger than that goes alone; the
 /// node accepts a message of its largest transaction and more).
 const MESSAGE_BYTES: usize = 1 << 20;
+/// After a node answered that it does not know the method, calls only
+/// for this long; then the stream is tried again (a rolling upgrade
+/// brings the method to every node in time).
+const UNSUPPORTED_FOR: Duration = Duration::from_secs(60);
 
 type Answer = Result<pb::SubmitSagaResponse, Status>;
 
@@ -49,8 +53,9 @@ pub(super) struct Submissions {
     open: Mutex<Option<Open>>,
     /// Streams opened so far; names the open one.
     generation: std::sync::atomic::AtomicU64,
-    /// A node answered the method UNIMPLEMENTED: calls only, from then on.
-    pub(super) unsupported: AtomicBool,
+    /// When a node last answered the method UNIMPLEMENTED: calls only,
+    /// for [`UNSUPPORTED_FOR`] from then.
+    pub(super) unsupported_at: Mutex<Option<Instant>>,
     /// Off by the builder: calls only.
     disabled: bool,
 }
@@ -71,7 +76,12 @@ impl Submissions {
     }
 
     fn usable(&self) -> bool {
-        !self.disabled && !self.unsupported.load(Ordering::Relaxed)
+        !self.disabled
+            && self
+                .unsupported_at
+                .lock()
+                .expect("stream lock")
+                .is_none_or(|at| at.elapsed() >= UNSUPPORTED_FOR)
     }
 
     /// Forgets the open stream if it is still `generation`: the next
@@ -215,7 +225,7 @@ async fn run(
             if status.code() == Code::Unimplemented
                 && let Some(owner) = owner.upgrade()
             {
-                owner.unsupported.store(true, Ordering::Relaxed);
+                *owner.unsupported_at.lock().expect("stream lock") = Some(Instant::now());
             }
             end(&mut queue, HashMap::new(), &status);
             return;
