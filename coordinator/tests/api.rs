@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::submissions::{one_step, open, submission};
 use common::{BIN, Cluster, Options, list_all_from};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
@@ -194,30 +195,9 @@ async fn submissions_on_a_stream_are_answered_as_their_calls_would_be() {
     let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
     let follower = (1..=3).find(|id| *id != leader).expect("a follower");
     let service = common::participant::StepService::start().await;
-    let saga = |gid: &str| pb::SubmitSagaRequest {
-        gid: gid.to_string(),
-        steps: vec![pb::SagaStep {
-            branch_id: "a".into(),
-            action: tandem_proto::wire::participant_endpoint(&service.saga, "action"),
-            compensate: tandem_proto::wire::participant_endpoint(&service.saga, "compensate"),
-            ..Default::default()
-        }],
-        wait: true,
-        wait_timeout_ms: 10_000,
-        ..Default::default()
-    };
-    let submission = |id: u64, saga: Option<pb::SubmitSagaRequest>| pb::SagaSubmission {
-        id,
-        saga,
-        traceparent: String::new(),
-    };
-    let (sender, outgoing) = tokio::sync::mpsc::channel(4);
+    let saga = |gid: &str| one_step(gid, &service.saga);
     let mut client = raw_client(&cluster.node(leader).endpoint()).await;
-    let mut answers = client
-        .submit_sagas(tokio_stream::wrappers::ReceiverStream::new(outgoing))
-        .await
-        .expect("the stream opens")
-        .into_inner();
+    let (sender, mut answers) = open(&mut client, None).await.expect("the stream opens");
     sender
         .send(pb::SubmitSagasRequest {
             submissions: vec![
@@ -282,13 +262,8 @@ async fn submissions_on_a_stream_are_answered_as_their_calls_would_be() {
     );
 
     // A follower: UNAVAILABLE with the leader's address, nothing stored.
-    let (sender, outgoing) = tokio::sync::mpsc::channel(4);
     let mut client = raw_client(&cluster.node(follower).endpoint()).await;
-    let mut answers = client
-        .submit_sagas(tokio_stream::wrappers::ReceiverStream::new(outgoing))
-        .await
-        .expect("the stream opens")
-        .into_inner();
+    let (sender, mut answers) = open(&mut client, None).await.expect("the stream opens");
     sender
         .send(pb::SubmitSagasRequest {
             submissions: vec![submission(7, Some(saga("s-follower")))],

@@ -10,28 +10,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::participant::StepService;
+use common::submissions::{one_step, open, submission};
 use common::{BIN, Cluster, Options, free_port, wait_for};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::raft_transport_client::RaftTransportClient;
 use tandem_sdk::{Client, Step};
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A one-step saga on `base` that the caller waits for.
-fn one_step(gid: &str, base: &str) -> pb::SubmitSagaRequest {
-    pb::SubmitSagaRequest {
-        gid: gid.to_string(),
-        steps: vec![pb::SagaStep {
-            branch_id: "a".into(),
-            action: tandem_proto::wire::participant_endpoint(base, "action"),
-            compensate: tandem_proto::wire::participant_endpoint(base, "compensate"),
-            ..Default::default()
-        }],
-        wait: true,
-        wait_timeout_ms: 10_000,
-        ..Default::default()
-    }
-}
 
 /// Sends `sagas` on a `SubmitSagas` stream (in one message), with `token`
 /// if any, and returns every answer by id (the saga's index).
@@ -45,22 +30,11 @@ async fn on_a_stream(
         submissions: sagas
             .into_iter()
             .enumerate()
-            .map(|(i, saga)| pb::SagaSubmission {
-                id: i as u64,
-                saga: Some(saga),
-                traceparent: String::new(),
-            })
+            .map(|(i, saga)| submission(i as u64, Some(saga)))
             .collect(),
     };
-    let (sender, outgoing) = tokio::sync::mpsc::channel(1);
+    let (sender, mut answers) = open(client, token).await?;
     sender.send(message).await.unwrap();
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    let mut answers = client.submit_sagas(request).await?.into_inner();
     let mut got = std::collections::BTreeMap::new();
     while got.len() < count {
         let message = tokio::time::timeout(Duration::from_secs(30), answers.message())
@@ -444,19 +418,9 @@ async fn tokens_and_roles_guard_every_surface() {
     .expect_err("a reader may not submit");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
     let short_lived = jwt("app", now + 1);
-    let (sender, outgoing) = tokio::sync::mpsc::channel(1);
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {short_lived}").parse().unwrap(),
-    );
-    let mut answers = grpc.submit_sagas(request).await.unwrap().into_inner();
+    let (sender, mut answers) = open(&mut grpc, Some(&short_lived)).await.unwrap();
     let submit = |id: u64, gid: &str| pb::SubmitSagasRequest {
-        submissions: vec![pb::SagaSubmission {
-            id,
-            saga: Some(one_step(gid, &service.saga)),
-            traceparent: String::new(),
-        }],
+        submissions: vec![submission(id, Some(one_step(gid, &service.saga)))],
     };
     sender.send(submit(1, "auth-s1")).await.unwrap();
     let first = answers.message().await.unwrap().unwrap().answers.remove(0);

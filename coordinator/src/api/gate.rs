@@ -107,7 +107,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: axum::http::Request<B>) -> Self::Future {
         if self.auth.is_none() && self.limits.is_none() {
             return Either::Left(self.inner.call(request));
         }
@@ -137,7 +137,6 @@ where
                 return Either::Right(refuse(refusal_status(refusal)));
             }
         }
-        let mut request = request;
         if request.uri().path() == SUBMIT_SAGAS_PATH {
             let per_submission = PerSubmission {
                 limits: self

@@ -13,6 +13,7 @@
 //! not a growing queue.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -40,11 +41,13 @@ const ANSWERS_PER_MESSAGE_MAX: usize = 1024;
 
 /// The answer stream of one `SubmitSagas` call.
 pub struct Answers {
-    service: Transactions,
+    /// Shared by the submissions in flight (one reference count each, not
+    /// a copy of the service's handles).
+    service: Arc<Transactions>,
     input: tonic::Streaming<pb::SubmitSagasRequest>,
     /// The client ended its side (or broke it): take nothing more.
     input_done: bool,
-    gate: Option<PerSubmission>,
+    gate: Option<Arc<PerSubmission>>,
     /// Each submission's answer to be, with its encoded size.
     in_flight: FuturesUnordered<BoxFuture<'static, (pb::SagaAnswer, usize)>>,
     in_flight_bytes: usize,
@@ -57,10 +60,10 @@ impl Answers {
         gate: Option<PerSubmission>,
     ) -> Answers {
         Answers {
-            service,
+            service: Arc::new(service),
             input,
             input_done: false,
-            gate,
+            gate: gate.map(Arc::new),
             in_flight: FuturesUnordered::new(),
             in_flight_bytes: 0,
         }
@@ -98,7 +101,7 @@ impl Answers {
             let service = self.service.clone();
             let gate = self.gate.clone();
             self.in_flight.push(Box::pin(async move {
-                let place = match gate.as_ref().map(PerSubmission::admit) {
+                let place = match gate.as_deref().map(PerSubmission::admit) {
                     Some(Err(status)) => return (refusal(id, &status), bytes),
                     Some(Ok(place)) => place,
                     None => None,

@@ -7,6 +7,7 @@
 pub mod netns;
 pub mod participant;
 pub mod proxy;
+pub mod submissions;
 
 use std::future::Future;
 use std::net::TcpListener;

@@ -104,6 +104,21 @@ pub enum Error {
     Unavailable { elapsed: Duration, last: String },
 }
 
+/// Whether a failed call is tried again (on the leader it names, another
+/// node, or after a pause). Cancelled: the connection broke under the call
+/// (a node died); the outcome is unknown, and every call the client
+/// retries is idempotent.
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+    )
+}
+
 fn code_name(code: Code) -> &'static str {
     match code {
         Code::InvalidArgument => "invalid argument",
@@ -432,6 +447,16 @@ impl Client {
         *self.inner.current.lock().expect("current lock") = endpoint.to_string();
     }
 
+    /// The leader's address a refusal names (`tandem-leader`), as this
+    /// client writes endpoints.
+    fn leader_named_by(&self, status: &Status) -> Option<String> {
+        status
+            .metadata()
+            .get(tandem_proto::LEADER_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|a| self.normalize(a).ok())
+    }
+
     fn next_endpoint(&self, after: &str) -> String {
         let eps = &self.inner.endpoints;
         let at = eps.iter().position(|e| e == after);
@@ -484,18 +509,7 @@ impl Client {
                     "{target} did not answer within {call_timeout:?}"
                 )),
             };
-            // Cancelled: the connection broke under the call (a node died);
-            // the outcome is unknown and every call here is idempotent.
-            let retryable = matches!(
-                status.code(),
-                Code::Unavailable
-                    | Code::ResourceExhausted
-                    | Code::DeadlineExceeded
-                    | Code::Unknown
-                    | Code::Cancelled
-            );
-
-            if !retryable {
+            if !retryable(status.code()) {
                 return Err(Error::Status(status));
             }
             if started.elapsed() >= self.inner.retry_deadline {
@@ -504,12 +518,7 @@ impl Client {
                     last: format!("{target}: {}", status.message()),
                 });
             }
-            let leader = status
-                .metadata()
-                .get(tandem_proto::LEADER_METADATA_KEY)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|a| self.normalize(a).ok());
-            match leader {
+            match self.leader_named_by(&status) {
                 // Follow a redirect at once, a few times in a row at most.
                 Some(leader) if leader != target && redirects < 3 => {
                     redirects += 1;

@@ -12,7 +12,6 @@
 //! for its gid and steps.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,14 +49,19 @@ struct Waiting {
 /// The client's stream of submissions, opened on first use.
 #[derive(Default)]
 pub(super) struct Submissions {
-    open: Mutex<Option<Open>>,
-    /// Streams opened so far; names the open one.
-    generation: std::sync::atomic::AtomicU64,
+    open: Mutex<Slot>,
     /// When a node last answered the method UNIMPLEMENTED: calls only,
     /// for [`UNSUPPORTED_FOR`] from then.
     pub(super) unsupported_at: Mutex<Option<Instant>>,
     /// Off by the builder: calls only.
     disabled: bool,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Streams opened so far; names the open one.
+    opened: u64,
+    open: Option<Open>,
 }
 
 struct Open {
@@ -88,24 +92,15 @@ impl Submissions {
     /// submission opens another. Its task ends once what it sent is
     /// answered.
     fn close(&self, generation: u64) {
-        let mut open = self.open.lock().expect("stream lock");
-        if open.as_ref().is_some_and(|o| o.generation == generation) {
-            *open = None;
+        let mut slot = self.open.lock().expect("stream lock");
+        if slot
+            .open
+            .as_ref()
+            .is_some_and(|o| o.generation == generation)
+        {
+            slot.open = None;
         }
     }
-}
-
-/// Whether the ordinary call may settle what the stream did not: the codes
-/// the call itself retries on.
-fn worth_a_call(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::ResourceExhausted
-            | Code::DeadlineExceeded
-            | Code::Unknown
-            | Code::Cancelled
-    )
 }
 
 impl Client {
@@ -119,7 +114,8 @@ impl Client {
         if self.inner.submissions.usable() {
             match self.submit_on_stream(request.clone(), deadline).await {
                 Ok(response) => return Ok(response),
-                Err(status) if !worth_a_call(status.code()) => {
+                // What the call would retry, the call may settle.
+                Err(status) if !super::retryable(status.code()) => {
                     return Err(super::Error::Status(status));
                 }
                 Err(status) => {
@@ -162,11 +158,7 @@ impl Client {
             }
         };
         if let Err(status) = &result
-            && let Some(leader) = status
-                .metadata()
-                .get(tandem_proto::LEADER_METADATA_KEY)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|a| self.normalize(a).ok())
+            && let Some(leader) = self.leader_named_by(status)
         {
             // The next stream opens to the leader; the call this
             // submission now makes starts there too.
@@ -181,14 +173,15 @@ impl Client {
     fn stream_queue(&self) -> (u64, mpsc::Sender<Waiting>) {
         let submissions = &self.inner.submissions;
         let target = self.current();
-        let mut open = submissions.open.lock().expect("stream lock");
-        if let Some(o) = open.as_ref()
+        let mut slot = submissions.open.lock().expect("stream lock");
+        if let Some(o) = slot.open.as_ref()
             && o.endpoint == target
             && !o.queue.is_closed()
         {
             return (o.generation, o.queue.clone());
         }
-        let generation = submissions.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        slot.opened += 1;
+        let generation = slot.opened;
         let (queue, waiting) = mpsc::channel(QUEUE_MAX);
         let connection = self.connection(&target);
         // Not a strong reference: the client's end drops the queue's
@@ -200,7 +193,7 @@ impl Client {
                 owner.close(generation);
             }
         });
-        *open = Some(Open {
+        slot.open = Some(Open {
             endpoint: target,
             generation,
             queue: queue.clone(),
