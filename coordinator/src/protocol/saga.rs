@@ -147,6 +147,10 @@ pub fn validate_steps(gid: &str, steps: &[SagaStepSpec]) -> Result<(), InvalidIn
         validate::endpoint(gid, &step.action)?;
         validate::endpoint(gid, &step.compensate)?;
     }
+    if steps.iter().all(|s| s.after.is_empty()) {
+        // Sequential: no dependency to check, no cycle possible.
+        return Ok(());
+    }
     for step in steps {
         for dep in &step.after {
             if !ids.contains(dep.as_str()) {
@@ -382,11 +386,12 @@ fn on_result(
     if !record(tx, branch_id, op, outcome, now_ms) {
         return Ok(false);
     }
-    let branch = tx.branch(branch_id).expect("recorded above").clone();
-    let action = branch
+    let attempts = tx
+        .branch(branch_id)
+        .expect("recorded above")
         .op(Op::Action)
         .expect("saga branches have an action")
-        .clone();
+        .attempts;
     let max_attempts = tx.retry_policy(branch_id).max_attempts;
     match outcome {
         OpOutcome::Failed(error) => {
@@ -399,9 +404,9 @@ fn on_result(
             );
         }
         OpOutcome::Transient(error) | OpOutcome::Retrying { error, .. }
-            if action.attempts >= max_attempts =>
+            if attempts >= max_attempts =>
         {
-            let reason = format!("step {branch_id} failed {} times: {error}", action.attempts);
+            let reason = format!("step {branch_id} failed {attempts} times: {error}");
             decide(tx, Outcome::Abort, reason, ctx, now_ms);
         }
         OpOutcome::Transient(_) | OpOutcome::Retrying { .. } => {}

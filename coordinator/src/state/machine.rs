@@ -340,7 +340,11 @@ impl StateMachine {
         };
         check_footprint(&tx)?;
         let tx = Arc::new(tx);
-        self.insert(tx.clone());
+        // New: the caller found no transaction with this gid.
+        debug_assert!(!self.txs.contains_key(&tx.gid));
+        self.account(&tx);
+        self.active.insert(tx.gid.clone());
+        self.txs.insert(tx.gid.clone(), tx.clone());
         Ok(Applied::Begun { tx, created: true })
     }
 
@@ -353,13 +357,11 @@ impl StateMachine {
         now_ms: i64,
         change: impl FnOnce(&mut Transaction) -> Result<protocol::Changed, Rejection>,
     ) -> ApplyResult {
-        let current = self
-            .txs
-            .get(gid)
-            .cloned()
-            .ok_or_else(|| Rejection::NotFound {
-                gid: gid.to_string(),
-            })?;
+        // One walk down the table: the slot found is the one replaced.
+        let slot = self.txs.get_mut(gid).ok_or_else(|| Rejection::NotFound {
+            gid: gid.to_string(),
+        })?;
+        let current = slot.clone();
         let mut tx = (*current).clone();
         if !change(&mut tx)? {
             return Ok(Applied::Updated { tx: current });
@@ -372,6 +374,7 @@ impl StateMachine {
         let tx = Arc::new(tx);
         // In place: no key to clone, and the indexes change only when the
         // transaction finishes (it never becomes unfinished again).
+        *slot = tx.clone();
         self.unaccount(&current);
         self.account(&tx);
         if let (None, Some(at)) = (current.finished_at_ms, tx.finished_at_ms) {
@@ -381,9 +384,6 @@ impl StateMachine {
         debug_assert!(
             current.finished_at_ms.is_none() || current.finished_at_ms == tx.finished_at_ms
         );
-        if let Some(slot) = self.txs.get_mut(gid) {
-            *slot = tx.clone();
-        }
         Ok(Applied::Updated { tx })
     }
 
