@@ -40,6 +40,12 @@ pub struct Load {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also print when the calls slower than this many milliseconds
+    /// ended, in 100 ms bins from the start of the measurement: a tail
+    /// that comes in bursts is a stall (one pause holds every caller),
+    /// one spread over the run is queueing.
+    #[arg(long, value_name = "MS")]
+    tail_ms: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -615,7 +621,16 @@ impl Load {
             let call = op();
             async move { call.await.map(Into::into) }
         };
-        let report = drive(self.concurrency, self.rate, self.warmup, self.duration, op).await;
+        let tail = self.tail_ms.map(Duration::from_millis);
+        let report = drive(
+            self.concurrency,
+            self.rate,
+            self.warmup,
+            self.duration,
+            tail,
+            op,
+        )
+        .await;
         report.print(what, self.concurrency, self.rate, self.json);
         Ok(())
     }
@@ -627,7 +642,13 @@ pub struct Report {
     elapsed: Duration,
     histogram: Histogram<u64>,
     last_error: Option<String>,
+    /// With `--tail-ms`: when each slower call ended (from the start of
+    /// the measurement), at most [`TAIL_KEPT_MAX`] of them.
+    tail: Option<(Duration, Vec<Duration>)>,
 }
+
+/// Slow calls `--tail-ms` keeps per caller.
+const TAIL_KEPT_MAX: usize = 10_000;
 
 impl Report {
     fn print(&self, what: &str, concurrency: usize, rate: Option<u32>, as_json: bool) {
@@ -670,6 +691,22 @@ impl Report {
         if let Some(e) = &self.last_error {
             eprintln!("last error: {e}");
         }
+        if let Some((over, ended)) = &self.tail {
+            let mut bins = std::collections::BTreeMap::<u128, usize>::new();
+            for at in ended {
+                *bins.entry(at.as_millis() / 100).or_default() += 1;
+            }
+            let bins: Vec<String> = bins
+                .iter()
+                .map(|(bin, n)| format!("{:.1}s:{n}", *bin as f64 / 10.0))
+                .collect();
+            eprintln!(
+                "calls over {} ms: {}, ended in (100 ms bins) {}",
+                over.as_millis(),
+                ended.len(),
+                bins.join(" ")
+            );
+        }
     }
 }
 
@@ -688,6 +725,7 @@ async fn drive<F, Fut>(
     rate: Option<u32>,
     warmup: Duration,
     duration: Duration,
+    tail: Option<Duration>,
     op: F,
 ) -> Report
 where
@@ -710,6 +748,7 @@ where
         tasks.push(tokio::spawn(async move {
             let mut histogram = histogram();
             let mut last_error = None;
+            let mut slow = Vec::new();
             let mut due = pace.map(|p| start + p * caller as u32);
             while !stop.load(Ordering::Relaxed) {
                 if let Some(at) = due {
@@ -728,7 +767,11 @@ where
                 match result {
                     Ok(from) => {
                         let from = from.unwrap_or(began).max(began);
-                        let _ = histogram.record(ended.duration_since(from).as_micros() as u64);
+                        let took = ended.duration_since(from);
+                        let _ = histogram.record(took.as_micros() as u64);
+                        if tail.is_some_and(|over| took > over) && slow.len() < TAIL_KEPT_MAX {
+                            slow.push(ended.duration_since(measure_from));
+                        }
                     }
                     Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -736,17 +779,19 @@ where
                     }
                 }
             }
-            (histogram, last_error)
+            (histogram, last_error, slow)
         }));
     }
     tokio::time::sleep_until(stop_at.into()).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = histogram();
     let mut last_error = None;
+    let mut slow = Vec::new();
     for task in tasks {
-        if let Ok((h, e)) = task.await {
+        if let Ok((h, e, s)) = task.await {
             let _ = total.add(h);
             last_error = last_error.or(e);
+            slow.extend(s);
         }
     }
     Report {
@@ -755,6 +800,7 @@ where
         elapsed: duration,
         histogram: total,
         last_error,
+        tail: tail.map(|over| (over, slow)),
     }
 }
 

@@ -94,8 +94,15 @@ pub struct Retention {
     pub bytes_max: usize,
 }
 
-/// How often the leader looks for finished transactions to collect.
-const GC_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the leader looks for finished transactions to collect, and
+/// how many one Gc entry names at most. Every replica removes them on its
+/// Raft thread, so one entry stalls every transaction for as long as its
+/// removals take: ~1,000 of them take 1–3 ms, the 7,500 a second's worth
+/// at peak took 20–40 ms, every second — that was the p99.9 (BENCHMARKS.md,
+/// eleventh session). A full batch is followed by the next one at the next
+/// tick, so up to ~20,000 a second are collected when they pile up.
+const GC_INTERVAL: Duration = Duration::from_millis(100);
+const GC_PROPOSE_MAX: usize = 1_000;
 /// Least gap between two publications of the replica's status.
 const STATUS_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -186,14 +193,20 @@ impl Observer<StateMachine> for ReplicaObserver {
         if !leading || self.last_gc.elapsed() < GC_INTERVAL {
             return Vec::new();
         }
-        self.last_gc = Instant::now();
         let before_ms = self.clock.now_ms() - self.retention.age.as_millis() as i64;
         let gids = state.gc_candidates(
             before_ms,
             self.retention.count_max,
             self.retention.bytes_max,
-            validate::GC_BATCH_MAX,
+            GC_PROPOSE_MAX.min(validate::GC_BATCH_MAX),
         );
+        // Behind (a full batch): the next batch at the next tick.
+        let now = Instant::now();
+        self.last_gc = if gids.len() < GC_PROPOSE_MAX {
+            now
+        } else {
+            now.checked_sub(GC_INTERVAL).unwrap_or(now)
+        };
         if gids.is_empty() {
             return Vec::new();
         }
