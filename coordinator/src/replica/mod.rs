@@ -103,6 +103,10 @@ pub struct Retention {
 /// tick, so up to ~20,000 a second are collected when they pile up.
 const GC_INTERVAL: Duration = Duration::from_millis(100);
 const GC_PROPOSE_MAX: usize = 1_000;
+const _: () = assert!(
+    GC_PROPOSE_MAX <= validate::GC_BATCH_MAX,
+    "apply takes every batch"
+);
 /// Least gap between two publications of the replica's status.
 const STATUS_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -198,7 +202,7 @@ impl Observer<StateMachine> for ReplicaObserver {
             before_ms,
             self.retention.count_max,
             self.retention.bytes_max,
-            GC_PROPOSE_MAX.min(validate::GC_BATCH_MAX),
+            GC_PROPOSE_MAX,
         );
         // Behind (a full batch): the next batch at the next tick.
         let now = Instant::now();
@@ -360,16 +364,6 @@ mod tests {
         state
     }
 
-    fn collected(proposals: &[Vec<u8>]) -> Vec<usize> {
-        proposals
-            .iter()
-            .map(|data| match codec::decode(data).expect("a command") {
-                Command::Gc { gids } => gids.len(),
-                other => panic!("not a Gc: {other:?}"),
-            })
-            .collect()
-    }
-
     /// Invariant 3 (no blocking): every replica removes a Gc entry's
     /// transactions on its Raft thread, where no commit applies meanwhile,
     /// so an entry names at most `GC_PROPOSE_MAX` (one a second of up to
@@ -387,16 +381,18 @@ mod tests {
         observer.last_gc = Instant::now() - GC_INTERVAL;
         let mut batches = Vec::new();
         for _ in 0..4 {
-            let proposals = observer.tick(&state, true);
-            for data in &proposals {
-                let command: Command = codec::decode(data).expect("a command");
+            for data in observer.tick(&state, true) {
+                let command: Command = codec::decode(&data).expect("a command");
+                match &command {
+                    Command::Gc { gids } => batches.push(gids.len()),
+                    other => panic!("not a Gc: {other:?}"),
+                }
                 let ctx = ApplyContext {
                     index: 10_000,
                     term: 1,
                 };
                 state.apply(command, ctx).expect("collected");
             }
-            batches.extend(collected(&proposals));
         }
         // Three ticks in a row, not one per interval: the first two were full.
         assert_eq!(batches, vec![GC_PROPOSE_MAX, GC_PROPOSE_MAX, 500]);
