@@ -20,6 +20,11 @@ pub mod headers {
     pub const TIMESTAMP: &str = "tandem-timestamp";
     /// HMAC-SHA256 of the call ([`super::signing`]), hex.
     pub const SIGNATURE: &str = "tandem-signature";
+    /// Pipelined HTTP/1.1 (docs/http-participants.md). On a participant's
+    /// answer: it takes up to this many calls in flight on one connection
+    /// and runs them concurrently, answering in order. On the coordinator's
+    /// request: the connection is a pipelined one.
+    pub const PIPELINE: &str = "tandem-pipeline";
 }
 
 /// Signed calls to participants: with a key shared by the cluster and its

@@ -70,6 +70,8 @@ struct Idle {
 
 /// An answer: status and (at most `body_max` bytes of) body.
 pub type Answer = (StatusCode, Bytes);
+/// An answer, and the pipelining depth it announced (`tandem-pipeline`).
+pub type Announced = (Answer, Option<usize>);
 
 impl Http1Pool {
     /// One exchange with the participant at `address` (`host:port`).
@@ -78,7 +80,7 @@ impl Http1Pool {
         address: &str,
         request: Http1Request,
         body_max: usize,
-    ) -> Result<Answer, String> {
+    ) -> Result<Announced, String> {
         let mut request = request;
         if let Some(mut conn) = self.take(address) {
             match conn.exchange(request, body_max).await {
@@ -193,7 +195,7 @@ impl Conn {
         &mut self,
         request: Http1Request,
         body_max: usize,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<Announced, Failure> {
         let Conn { send, conn } = self;
         let failed = |e: &hyper::Error| Failure::Failed(super::error_chain(e));
         let work = async {
@@ -210,16 +212,20 @@ impl Conn {
                 }
             };
             let status = response.status();
+            let pipeline = response
+                .headers()
+                .get(tandem_proto::wire::headers::PIPELINE);
+            let depth = super::pipeline::announced(pipeline.map(|v| v.as_bytes()));
             // Read to the end (bounded) so that the connection can serve the
             // next call; of an error body only the start is kept.
             let body = Limited::new(response.into_body(), body_max)
                 .collect()
                 .await
                 .map(|b| b.to_bytes());
-            Ok((status, body))
+            Ok((status, body, depth))
         };
         let mut work = pin!(work);
-        let (status, body) = poll_fn(|cx| {
+        let (status, body, depth) = poll_fn(|cx| {
             if let Some(c) = conn.as_mut()
                 && c.as_mut().poll(cx).is_ready()
             {
@@ -234,6 +240,6 @@ impl Conn {
             *conn = None;
             Bytes::new()
         });
-        Ok((status, body))
+        Ok(((status, body), depth))
     }
 }

@@ -12,7 +12,9 @@
 
 pub mod broker;
 mod http1;
+mod pipeline;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -28,6 +30,17 @@ use tonic::transport::{Channel, Endpoint};
 use crate::api::convert::protocol_to_pb;
 use crate::model::command::OpOutcome;
 use crate::model::types::{Fence, Op, Payload, Protocol};
+
+/// A call's headers as hyper takes them; a value HTTP cannot carry is
+/// refused.
+fn header_map(pairs: &[(&'static str, Cow<'_, str>)]) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::with_capacity(pairs.len() + 1);
+    for (name, value) in pairs {
+        let value = HeaderValue::from_str(value).map_err(|e| format!("{value:?}: {e}"))?;
+        map.insert(hyper::header::HeaderName::from_static(name), value);
+    }
+    Ok(map)
+}
 
 /// How much of a participant's error text is kept.
 const ERROR_BYTES_MAX: usize = 1024;
@@ -55,6 +68,8 @@ pub struct BranchCaller {
     key: Option<Arc<[u8]>>,
     /// `http://` participants: HTTP/1.1 connections each call drives.
     plain: http1::Http1Pool,
+    /// `http://` participants that announced pipelining.
+    pipelines: pipeline::Pipelines,
     /// `https://` participants (TLS roots, this node's certificate).
     http: reqwest::Client,
     grpc: Mutex<HashMap<String, Channel>>,
@@ -91,6 +106,7 @@ impl BranchCaller {
         BranchCaller {
             key,
             plain: http1::Http1Pool::default(),
+            pipelines: pipeline::Pipelines::default(),
             http,
             grpc: Mutex::new(HashMap::new()),
             brokers: broker::Brokers::new(brokers),
@@ -115,8 +131,10 @@ impl BranchCaller {
         }
     }
 
-    /// A call to an `http://` participant: hyper's HTTP/1.1 connection,
-    /// driven by the call itself ([`http1`]). Redirects are not followed and
+    /// A call to an `http://` participant: pipelined with others if the
+    /// participant announced it ([`pipeline`]), else on hyper's HTTP/1.1
+    /// connection, driven by the call itself ([`http1`]). Redirects are not
+    /// followed and
     /// no proxy from the environment is used: a branch call goes to the
     /// endpoint the transaction names, and a 3xx is an answer like any
     /// other non-2xx (transient).
@@ -142,7 +160,24 @@ impl BranchCaller {
             Ok(path) if path.path_and_query().is_some() => path,
             _ => hyper::Uri::from_static("/"),
         };
-        let mut headers = match self.call_headers(call) {
+        let pairs = self.call_header_pairs(call);
+        if self.pipelines.depth(&address).is_some() {
+            let path = path.path_and_query().map_or("/", |p| p.as_str());
+            let request =
+                match pipeline::encode_request(path, authority.as_str(), &pairs, call.payload) {
+                    Ok(request) => request,
+                    Err(e) => return failed(&e),
+                };
+            let exchange =
+                self.pipelines
+                    .exchange(&address, request, call.timeout, ERROR_BODY_READ_MAX);
+            return match tokio::time::timeout(call.timeout, exchange).await {
+                Ok(Ok((status, body))) => http_outcome(status.as_u16(), &body),
+                Ok(Err(e)) => failed(&e),
+                Err(_) => OpOutcome::Transient(format!("no answer within {:?}", call.timeout)),
+            };
+        }
+        let mut headers = match header_map(&pairs) {
             Ok(headers) => headers,
             Err(e) => return failed(&e),
         };
@@ -156,47 +191,47 @@ impl BranchCaller {
         *request.headers_mut() = headers;
         let exchange = self.plain.exchange(&address, request, ERROR_BODY_READ_MAX);
         match tokio::time::timeout(call.timeout, exchange).await {
-            Ok(Ok((status, body))) => http_outcome(status.as_u16(), &body),
+            Ok(Ok(((status, body), depth))) => {
+                if depth.is_some() {
+                    self.pipelines.announce(&address, depth);
+                }
+                http_outcome(status.as_u16(), &body)
+            }
             Ok(Err(e)) => failed(&e),
             Err(_) => OpOutcome::Transient(format!("no answer within {:?}", call.timeout)),
         }
     }
 
-    /// The headers of an HTTP call (docs/http-participants.md), for both
-    /// the plain and the TLS path.
-    fn call_headers(&self, call: &BranchCall<'_>) -> Result<HeaderMap, String> {
-        let text =
-            |value: &str| HeaderValue::from_str(value).map_err(|e| format!("{value:?}: {e}"));
-        let mut map = HeaderMap::with_capacity(10);
-        map.insert(headers::GID, text(call.gid)?);
-        map.insert(headers::BRANCH_ID, text(call.branch_id)?);
-        map.insert(headers::OP, HeaderValue::from_static(call.op.name()));
-        map.insert(
-            headers::PROTOCOL,
-            HeaderValue::from_static(call.protocol.name()),
-        );
-        map.insert(headers::FENCE_TERM, HeaderValue::from(call.fence.term));
-        map.insert(headers::FENCE_INDEX, HeaderValue::from(call.fence.index));
-        map.insert(
-            hyper::header::CONTENT_TYPE,
-            HeaderValue::from_static(content_type(call.payload)),
-        );
+    /// The headers of an HTTP call (docs/http-participants.md), for every
+    /// HTTP path: names and values.
+    fn call_header_pairs<'c>(&self, call: &BranchCall<'c>) -> Vec<(&'static str, Cow<'c, str>)> {
+        let mut pairs = Vec::with_capacity(11);
+        pairs.push((headers::GID, Cow::Borrowed(call.gid)));
+        pairs.push((headers::BRANCH_ID, Cow::Borrowed(call.branch_id)));
+        pairs.push((headers::OP, Cow::Borrowed(call.op.name())));
+        pairs.push((headers::PROTOCOL, Cow::Borrowed(call.protocol.name())));
+        pairs.push((headers::FENCE_TERM, Cow::Owned(call.fence.term.to_string())));
+        pairs.push((
+            headers::FENCE_INDEX,
+            Cow::Owned(call.fence.index.to_string()),
+        ));
+        pairs.push(("content-type", Cow::Borrowed(content_type(call.payload))));
         if call.op == Op::Deliver {
             let id = tandem_proto::wire::message_id(call.gid, call.branch_id);
-            map.insert(headers::MESSAGE_ID, text(&id)?);
+            pairs.push((headers::MESSAGE_ID, Cow::Owned(id)));
         }
         if let Some(traceparent) = call.traceparent {
-            map.insert(crate::telemetry::TRACEPARENT, text(traceparent)?);
+            pairs.push((crate::telemetry::TRACEPARENT, Cow::Borrowed(traceparent)));
         }
         if let Some((timestamp, signature)) = self.sign(call) {
-            map.insert(headers::TIMESTAMP, text(&timestamp)?);
-            map.insert(headers::SIGNATURE, text(&signature)?);
+            pairs.push((headers::TIMESTAMP, Cow::Owned(timestamp)));
+            pairs.push((headers::SIGNATURE, Cow::Owned(signature)));
         }
-        Ok(map)
+        pairs
     }
 
     async fn call_http(&self, call: &BranchCall<'_>) -> OpOutcome {
-        let headers = match self.call_headers(call) {
+        let headers = match header_map(&self.call_header_pairs(call)) {
             Ok(headers) => headers,
             Err(e) => return OpOutcome::Transient(truncate(&format!("{}: {e}", call.endpoint))),
         };

@@ -18,6 +18,7 @@
 //! a database keep their own durable tombstone too (the XA helpers and the
 //! barrier do).
 
+mod pipeline;
 mod roles;
 mod server;
 mod termination;

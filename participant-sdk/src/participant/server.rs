@@ -18,6 +18,10 @@ pub struct ParticipantServer<H> {
     handler: Arc<H>,
     fences: Arc<Fences>,
     verifier: Option<Arc<Verifier>>,
+    /// Served by [`serve`], which takes pipelined connections: its HTTP
+    /// answers say so (`tandem-pipeline`). Not in a router merged into an
+    /// application's own server, which may not.
+    pipelined: bool,
 }
 
 impl<H> Clone for ParticipantServer<H> {
@@ -26,6 +30,7 @@ impl<H> Clone for ParticipantServer<H> {
             handler: self.handler.clone(),
             fences: self.fences.clone(),
             verifier: self.verifier.clone(),
+            pipelined: self.pipelined,
         }
     }
 }
@@ -118,6 +123,7 @@ impl<H: Handler> ParticipantServer<H> {
             handler: Arc::new(handler),
             fences: Arc::new(Fences::default()),
             verifier: None,
+            pipelined: false,
         }
     }
 
@@ -203,29 +209,34 @@ fn participant_span(ctx: &BranchContext, traceparent: Option<&str>) -> tracing::
     span
 }
 
-/// Serves `handler` on `listener` until `shutdown` resolves.
+/// Serves `handler` on `listener` until `shutdown` resolves: gRPC and
+/// HTTP as [`ParticipantServer::router`] does, and pipelined HTTP/1.1
+/// connections from coordinators ([`super::pipeline`]). On shutdown it
+/// stops accepting, lets the calls in flight answer, and returns once every
+/// connection has closed.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     server: ParticipantServer<H>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, server.router())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let mut server = server;
+    server.pipelined = true;
+    super::pipeline::serve(listener, server, shutdown).await
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, (StatusCode, String)> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
+/// A header's value by name: `None` if absent, `""` if not text.
+pub(super) type HeaderLookup<'a> = dyn Fn(&str) -> Option<&'a str> + 'a;
+
+fn header<'a>(get: &HeaderLookup<'a>, name: &str) -> Result<&'a str, (StatusCode, String)> {
+    get(name)
         .filter(|v| !v.is_empty())
         .ok_or_else(|| (StatusCode::BAD_REQUEST, format!("missing header {name}")))
 }
 
-fn number(headers: &HeaderMap, name: &str) -> Result<u64, (StatusCode, String)> {
-    match headers.get(name) {
+fn number(get: &HeaderLookup<'_>, name: &str) -> Result<u64, (StatusCode, String)> {
+    match get(name) {
         None => Ok(0),
-        Some(v) => v.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
+        Some(v) => v.parse().map_err(|_| {
             (
                 StatusCode::BAD_REQUEST,
                 format!("header {name} is not a number"),
@@ -234,52 +245,77 @@ fn number(headers: &HeaderMap, name: &str) -> Result<u64, (StatusCode, String)> 
     }
 }
 
+/// An HTTP call as its route's `op`, its headers and its body carry it:
+/// the request for the handler with its W3C trace context, or the answer
+/// that refuses it (a header missing or malformed, a bad signature).
+/// Shared by the axum route and pipelined connections.
+pub(super) fn http_request<H>(
+    server: &ParticipantServer<H>,
+    op: String,
+    get: &HeaderLookup<'_>,
+    body: bytes::Bytes,
+) -> Result<(BranchRequest, Option<String>), (StatusCode, String)> {
+    let ctx = BranchContext {
+        gid: header(get, headers::GID)?.to_string(),
+        branch_id: header(get, headers::BRANCH_ID)?.to_string(),
+        op,
+        protocol: get(headers::PROTOCOL).unwrap_or_default().to_string(),
+        fence: Fence {
+            term: number(get, headers::FENCE_TERM)?,
+            index: number(get, headers::FENCE_INDEX)?,
+        },
+    };
+    if let Some(verifier) = &server.verifier
+        && let Err(reason) = verifier.check(
+            &ctx,
+            &body,
+            get(headers::TIMESTAMP),
+            get(headers::SIGNATURE),
+        )
+    {
+        tracing::warn!(gid = %ctx.gid, branch = %ctx.branch_id, op = %ctx.op, %reason, "refused a call");
+        return Err((StatusCode::UNAUTHORIZED, reason));
+    }
+    let traceparent = get("traceparent")
+        .filter(|v| !v.is_empty())
+        .map(str::to_string);
+    Ok((BranchRequest { ctx, payload: body }, traceparent))
+}
+
+impl<H: Handler> ParticipantServer<H> {
+    /// The handler's answer to an HTTP call, as status and body.
+    pub(super) async fn http_answer(
+        &self,
+        request: BranchRequest,
+        traceparent: Option<String>,
+    ) -> (StatusCode, String) {
+        match self.call_traced(request, traceparent.as_deref()).await {
+            Ok(()) => (StatusCode::OK, String::new()),
+            Err(BranchError::Failure(message)) => (StatusCode::CONFLICT, message),
+            Err(BranchError::Transient(message)) => (StatusCode::SERVICE_UNAVAILABLE, message),
+        }
+    }
+}
+
 async fn http_call<H: Handler>(
     State(server): State<ParticipantServer<H>>,
     Path(op): Path<String>,
     headers: HeaderMap,
     body: bytes::Bytes,
-) -> (StatusCode, String) {
-    let ctx = match (|| {
-        Ok::<_, (StatusCode, String)>(BranchContext {
-            gid: header(&headers, headers::GID)?.to_string(),
-            branch_id: header(&headers, headers::BRANCH_ID)?.to_string(),
-            op,
-            protocol: headers
-                .get(headers::PROTOCOL)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string(),
-            fence: Fence {
-                term: number(&headers, headers::FENCE_TERM)?,
-                index: number(&headers, headers::FENCE_INDEX)?,
-            },
-        })
-    })() {
-        Ok(ctx) => ctx,
-        Err(bad) => return bad,
+) -> (
+    StatusCode,
+    axum::response::AppendHeaders<Option<(&'static str, &'static str)>>,
+    String,
+) {
+    let get = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or_default());
+    let (status, text) = match http_request(&server, op, &get, body) {
+        Ok((request, traceparent)) => server.http_answer(request, traceparent).await,
+        Err(refused) => refused,
     };
-    if let Some(verifier) = &server.verifier {
-        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        if let Err(reason) = verifier.check(
-            &ctx,
-            &body,
-            get(headers::TIMESTAMP),
-            get(headers::SIGNATURE),
-        ) {
-            tracing::warn!(gid = %ctx.gid, branch = %ctx.branch_id, op = %ctx.op, %reason, "refused a call");
-            return (StatusCode::UNAUTHORIZED, reason);
-        }
-    }
-    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    match server
-        .call_traced(BranchRequest { ctx, payload: body }, traceparent)
-        .await
-    {
-        Ok(()) => (StatusCode::OK, String::new()),
-        Err(BranchError::Failure(message)) => (StatusCode::CONFLICT, message),
-        Err(BranchError::Transient(message)) => (StatusCode::SERVICE_UNAVAILABLE, message),
-    }
+    let advertised = server
+        .pipelined
+        .then_some((headers::PIPELINE, super::pipeline::DEPTH_TEXT));
+    (status, axum::response::AppendHeaders(advertised), text)
 }
 
 fn protocol_name(value: i32) -> &'static str {

@@ -1,0 +1,649 @@
+//! Pipelined HTTP/1.1 to `http://` participants that announce it
+//! (`tandem-pipeline: N` on their answers; docs/http-participants.md).
+//!
+//! Calls to such a participant share a few connections, up to N in flight
+//! on each: the calls that arrive together go out in one write, and their
+//! answers come back in one read, instead of a write and a read per call on
+//! each side. A connection is driven by a task of its own; the calls reach
+//! it through a channel, so one wake-up of the task serves every call sent
+//! meanwhile.
+//!
+//! Never sent twice here: when a connection breaks, every call on it, sent
+//! or not, fails as transient (its outcome is unknown), and the driver
+//! retries it as it retries any transient failure. A participant's calls
+//! are idempotent (fenced, the barrier), so that is safe.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::io::Write;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use hyper::StatusCode;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::http1::Answer;
+
+/// Connections per participant address; beyond it calls queue on the
+/// least busy one.
+const CONNECTIONS_PER_ADDRESS_MAX: usize = 8;
+/// Addresses remembered as pipelining (each with its connections).
+const ADDRESSES_MAX: usize = 1024;
+/// Calls in flight per connection at most, whatever a participant
+/// announces.
+pub const DEPTH_MAX: usize = 64;
+/// An answer's head and body on a pipelined connection; a larger one breaks
+/// the connection (its calls are retried).
+const HEAD_BYTES_MAX: usize = 64 << 10;
+const BODY_BYTES_MAX: usize = 1 << 20;
+const HEADERS_MAX: usize = 64;
+/// Each read has room for at least `READ_ROOM_MIN` bytes, made `READ_ROOM`.
+const READ_ROOM_MIN: usize = 4 << 10;
+const READ_ROOM: usize = 32 << 10;
+/// A connection with nothing in flight is closed after this (a
+/// participant's server may drop it meanwhile).
+const IDLE_MAX: Duration = Duration::from_secs(30);
+/// An answer later than its call's deadline by this much means the
+/// connection is stuck behind it: it is closed and its calls fail.
+const STUCK_AFTER: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A call's answer, and the depth its participant still announces (`None`:
+/// no longer).
+type Outcome = Result<(Answer, Option<usize>), Failed>;
+
+enum Failed {
+    /// Never written: it may go on another connection.
+    Unsent(Vec<u8>),
+    /// It may have been written; what happened.
+    Broken(String),
+}
+
+/// The depth an answer's `tandem-pipeline` header announces.
+pub fn announced(value: Option<&[u8]>) -> Option<usize> {
+    let depth: usize = std::str::from_utf8(value?).ok()?.trim().parse().ok()?;
+    (depth > 1).then_some(depth.min(DEPTH_MAX))
+}
+
+#[derive(Default)]
+pub struct Pipelines {
+    by_address: Mutex<HashMap<String, Address>>,
+}
+
+struct Address {
+    depth: usize,
+    connections: Vec<Arc<Connection>>,
+}
+
+struct Connection {
+    calls: mpsc::UnboundedSender<Call>,
+    /// Calls sent to the task and not yet answered or failed.
+    in_flight: Arc<AtomicUsize>,
+}
+
+struct Call {
+    /// The whole request, encoded.
+    request: Vec<u8>,
+    deadline: Instant,
+    answer: oneshot::Sender<Outcome>,
+}
+
+impl Pipelines {
+    /// The depth `address` announced, if it pipelines.
+    pub fn depth(&self, address: &str) -> Option<usize> {
+        let by_address = self.by_address.lock().expect("pipelines lock");
+        by_address.get(address).map(|a| a.depth)
+    }
+
+    /// Notes what an answer from `address` announced.
+    pub fn announce(&self, address: &str, depth: Option<usize>) {
+        let mut by_address = self.by_address.lock().expect("pipelines lock");
+        let full = by_address.len() >= ADDRESSES_MAX;
+        match (depth, by_address.get_mut(address)) {
+            (Some(depth), Some(known)) => known.depth = depth,
+            (Some(depth), None) if !full => {
+                let connections = Vec::new();
+                by_address.insert(address.to_string(), Address { depth, connections });
+            }
+            (Some(_), None) => {}
+            // Its connections end once their calls are answered.
+            (None, _) => {
+                by_address.remove(address);
+            }
+        }
+    }
+
+    /// One call on a pipelined connection to `address`: on the least busy
+    /// one, or on a new one when every one has `depth` calls in flight.
+    pub async fn exchange(
+        &self,
+        address: &str,
+        request: Vec<u8>,
+        timeout: Duration,
+        body_max: usize,
+    ) -> Result<Answer, String> {
+        let deadline = Instant::now() + timeout;
+        let mut outcome = send(&self.choose(address, false), request, deadline).await;
+        if let Err(Failed::Unsent(request)) = outcome {
+            // Its connection ended before writing it (idle, or broken): once
+            // more, on a new one.
+            outcome = send(&self.choose(address, true), request, deadline).await;
+        }
+        let ((status, mut body), depth) = outcome.map_err(|failed| match failed {
+            Failed::Unsent(_) => format!("{address}: the connection closed before the call"),
+            Failed::Broken(why) => format!("{address}: {why}"),
+        })?;
+        body.truncate(body_max);
+        if depth.is_none() {
+            self.announce(address, None);
+        }
+        Ok((status, body))
+    }
+
+    /// The connection a call goes on, its place counted: the least busy,
+    /// or a new one (connecting meanwhile; calls queue on it) when every
+    /// one has `depth` in flight, there are none, or `new` asks for one.
+    fn choose(&self, address: &str, new: bool) -> Arc<Connection> {
+        let mut by_address = self.by_address.lock().expect("pipelines lock");
+        let Some(known) = by_address.get_mut(address) else {
+            // No longer pipelining: a connection for this call alone.
+            return Connection::open(address, 1);
+        };
+        known.connections.retain(|c| !c.calls.is_closed());
+        let least = known
+            .connections
+            .iter()
+            .min_by_key(|c| c.in_flight.load(Ordering::Relaxed))
+            .filter(|c| !new && c.in_flight.load(Ordering::Relaxed) < known.depth);
+        let connection = match least {
+            Some(least) => least.clone(),
+            None if known.connections.len() < CONNECTIONS_PER_ADDRESS_MAX => {
+                let connection = Connection::open(address, known.depth);
+                known.connections.push(connection.clone());
+                connection
+            }
+            // All busy and no room for more: queue on the least busy.
+            None => known
+                .connections
+                .iter()
+                .min_by_key(|c| c.in_flight.load(Ordering::Relaxed))
+                .expect("at the limit, there are connections")
+                .clone(),
+        };
+        connection.in_flight.fetch_add(1, Ordering::Relaxed);
+        connection
+    }
+}
+
+impl Connection {
+    /// A new connection's handle; its task connects, then drives it.
+    fn open(address: &str, depth: usize) -> Arc<Connection> {
+        let (calls, queued) = mpsc::unbounded_channel();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(connect_and_drive(
+            address.to_string(),
+            queued,
+            depth,
+            in_flight.clone(),
+        ));
+        Arc::new(Connection { calls, in_flight })
+    }
+}
+
+/// Hands a call to the connection chosen for it (its place already
+/// counted) and waits for its outcome.
+async fn send(connection: &Connection, request: Vec<u8>, deadline: Instant) -> Outcome {
+    let (answer, answered) = oneshot::channel();
+    let call = Call {
+        request,
+        deadline,
+        answer,
+    };
+    if let Err(unsent) = connection.calls.send(call) {
+        connection.in_flight.fetch_sub(1, Ordering::Relaxed);
+        return Err(Failed::Unsent(unsent.0.request));
+    }
+    answered
+        .await
+        .unwrap_or_else(|_| Err(Failed::Broken("the connection's task ended".into())))
+}
+
+/// Writes a pipelined request: `POST {path}`, the `host`, the marker, the
+/// call's headers and the body. A header value that HTTP cannot carry
+/// (control characters) is refused.
+pub fn encode_request(
+    path: &str,
+    host: &str,
+    headers: &[(&'static str, std::borrow::Cow<'_, str>)],
+    body: &[u8],
+) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(256 + body.len());
+    let _ = write!(
+        out,
+        "POST {path} HTTP/1.1\r\nhost: {host}\r\n{}: 1\r\n",
+        tandem_proto::wire::headers::PIPELINE
+    );
+    for (name, value) in headers {
+        if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err(format!("{value:?}: not a valid header value"));
+        }
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    let _ = write!(out, "content-length: {}\r\n\r\n", body.len());
+    out.extend_from_slice(body);
+    Ok(out)
+}
+
+/// An answer taken off the front of the buffer.
+enum Next {
+    Answer {
+        status: StatusCode,
+        body: Bytes,
+        depth: Option<usize>,
+        close: bool,
+    },
+    Partial,
+    /// Not an answer this connection can carry on after.
+    Broken(String),
+}
+
+fn next_answer(read: &mut BytesMut) -> Next {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(read) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if read.len() <= HEAD_BYTES_MAX => return Next::Partial,
+        Ok(httparse::Status::Partial) => return Next::Broken("answer head too large".into()),
+        Err(e) => return Next::Broken(format!("malformed answer: {e}")),
+    };
+    let status = match response.code.map(StatusCode::from_u16) {
+        Some(Ok(status)) if status.as_u16() >= 200 => status,
+        _ => return Next::Broken(format!("unexpected status {:?}", response.code)),
+    };
+    let value = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    if value("transfer-encoding").is_some() {
+        return Next::Broken("a pipelined answer must have a content-length".into());
+    }
+    let body_len: usize = match value("content-length")
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
+    {
+        Some(n) if n <= BODY_BYTES_MAX => n,
+        Some(n) => return Next::Broken(format!("answer body of {n} bytes")),
+        None => return Next::Broken("a pipelined answer must have a content-length".into()),
+    };
+    let depth = announced(value(tandem_proto::wire::headers::PIPELINE));
+    let close = value("connection").is_some_and(|v| {
+        std::str::from_utf8(v).is_ok_and(|v| {
+            v.split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("close"))
+        })
+    });
+    if read.len() < head_len + body_len {
+        read.reserve(head_len + body_len - read.len());
+        return Next::Partial;
+    }
+    let _ = read.split_to(head_len);
+    let body = read.split_to(body_len).freeze();
+    Next::Answer {
+        status,
+        body,
+        depth,
+        close,
+    }
+}
+
+/// A connection's task: connects, then drives the connection. If it
+/// cannot connect, the calls queued on it fail.
+async fn connect_and_drive(
+    address: String,
+    mut queued: mpsc::UnboundedReceiver<Call>,
+    depth: usize,
+    in_flight: Arc<AtomicUsize>,
+) {
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address)).await;
+    let stream = match connected {
+        Ok(Ok(stream)) => stream.set_nodelay(true).map(|()| stream),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {CONNECT_TIMEOUT:?}"),
+        )),
+    };
+    match stream {
+        Ok(stream) => drive(stream, queued, depth, in_flight).await,
+        Err(e) => {
+            queued.close();
+            while let Ok(call) = queued.try_recv() {
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                let why = format!("connect to {address}: {e}");
+                let _ = call.answer.send(Err(Failed::Broken(why)));
+            }
+        }
+    }
+}
+
+/// A connection's task: writes the calls as they come (up to `depth` in
+/// flight), reads the answers and hands each to its call, in order. Ends
+/// when the connection breaks, closes, is stuck behind a late answer, or
+/// has been idle for [`IDLE_MAX`]; then every call still on it fails.
+async fn drive(
+    stream: TcpStream,
+    mut queued: mpsc::UnboundedReceiver<Call>,
+    depth: usize,
+    in_flight: Arc<AtomicUsize>,
+) {
+    let mut out: Vec<u8> = Vec::with_capacity(4096);
+    let mut written = 0;
+    let mut read = BytesMut::with_capacity(4096);
+    let mut waiting: VecDeque<(oneshot::Sender<Outcome>, Instant)> = VecDeque::new();
+    let mut no_more_calls = false;
+    let mut timer = pin!(tokio::time::sleep(IDLE_MAX));
+    let mut idle_since = Instant::now();
+    let ended: Result<(), String> = poll_fn(|cx| {
+        loop {
+            // New calls, while fewer than `depth` are in flight.
+            while !no_more_calls && waiting.len() < depth {
+                match queued.poll_recv(cx) {
+                    Poll::Ready(Some(call)) => {
+                        if call.answer.is_closed() {
+                            // Its caller gave up before it was sent.
+                            in_flight.fetch_sub(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        out.extend_from_slice(&call.request);
+                        waiting.push_back((call.answer, call.deadline));
+                    }
+                    Poll::Ready(None) => no_more_calls = true,
+                    Poll::Pending => break,
+                }
+            }
+            while written < out.len() {
+                match stream.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                    Poll::Pending => break,
+                }
+                match stream.try_write(&out[written..]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e.to_string())),
+                }
+            }
+            if written == out.len() {
+                out.clear();
+                written = 0;
+            }
+            // Answers, in order.
+            loop {
+                match next_answer(&mut read) {
+                    Next::Answer {
+                        status,
+                        body,
+                        depth: announced,
+                        close,
+                    } => {
+                        let Some((answer, _)) = waiting.pop_front() else {
+                            return Poll::Ready(Err("an answer to no call".into()));
+                        };
+                        in_flight.fetch_sub(1, Ordering::Relaxed);
+                        let _ = answer.send(Ok(((status, body), announced)));
+                        if waiting.is_empty() {
+                            idle_since = Instant::now();
+                        }
+                        if close {
+                            return Poll::Ready(
+                                Err("the participant closed the connection".into()),
+                            );
+                        }
+                    }
+                    Next::Partial => break,
+                    Next::Broken(why) => return Poll::Ready(Err(why)),
+                }
+            }
+            if no_more_calls && waiting.is_empty() && out.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            // Room for a batch: an empty BytesMut would read 64 bytes at a time.
+            if read.capacity() - read.len() < READ_ROOM_MIN {
+                read.reserve(READ_ROOM);
+            }
+            match stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => match stream.try_read_buf(&mut read) {
+                    Ok(0) => {
+                        return Poll::Ready(match waiting.is_empty() {
+                            true => Ok(()),
+                            false => Err("the participant closed the connection".into()),
+                        });
+                    }
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e.to_string())),
+                },
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                Poll::Pending => {}
+            }
+            // Nothing more to do now: wait for the first of the socket, a
+            // new call, or the timer (a stuck answer, or idleness).
+            let wake_at = match waiting.front() {
+                Some((_, deadline)) => *deadline + STUCK_AFTER,
+                None => idle_since + IDLE_MAX,
+            };
+            if timer.deadline() != wake_at {
+                timer.as_mut().reset(wake_at);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(match waiting.is_empty() {
+                    true => Ok(()),
+                    false => Err("no answer long after the call's deadline".into()),
+                });
+            }
+            return Poll::Pending;
+        }
+    })
+    .await;
+    // Whatever is still on it, sent or queued, fails: its outcome is
+    // unknown (or it was never sent), and the driver retries it.
+    queued.close();
+    let why = ended
+        .err()
+        .unwrap_or_else(|| "the connection closed".into());
+    for (answer, _) in waiting.drain(..) {
+        in_flight.fetch_sub(1, Ordering::Relaxed);
+        let _ = answer.send(Err(Failed::Broken(why.clone())));
+    }
+    while let Ok(call) = queued.try_recv() {
+        in_flight.fetch_sub(1, Ordering::Relaxed);
+        let _ = call.answer.send(Err(Failed::Unsent(call.request)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Invariant 1 (atomicity) on pipelined connections: an answer must
+    //! reach the call it answers, and a call whose answer never came must
+    //! not pass for answered.
+
+    use super::*;
+    use bytes::Buf;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    struct Participant {
+        address: String,
+        connections: Arc<AtomicUsize>,
+        most_in_one_read: Arc<AtomicUsize>,
+    }
+
+    /// A participant that answers 409 with the request's own body, in
+    /// order, as many in one write as it read; announcing pipelining if
+    /// `announce`, closing each connection after `answers_per_connection`.
+    async fn participant(announce: bool, answers_per_connection: Option<usize>) -> Participant {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let most_in_one_read = Arc::new(AtomicUsize::new(0));
+        let (opened, most) = (connections.clone(), most_in_one_read.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                opened.fetch_add(1, Ordering::Relaxed);
+                let most = most.clone();
+                tokio::spawn(async move {
+                    let mut read = BytesMut::with_capacity(64 << 10);
+                    let mut answered = 0;
+                    loop {
+                        read.reserve(64 << 10);
+                        if stream.read_buf(&mut read).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let (mut out, mut in_this_read) = (Vec::new(), 0);
+                        loop {
+                            let mut headers = [httparse::EMPTY_HEADER; 32];
+                            let mut request = httparse::Request::new(&mut headers);
+                            let Ok(httparse::Status::Complete(head)) = request.parse(&read) else {
+                                break;
+                            };
+                            let length: usize = request
+                                .headers
+                                .iter()
+                                .find(|h| h.name == "content-length")
+                                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+                                .unwrap();
+                            if read.len() < head + length {
+                                break;
+                            }
+                            let body = read[head..head + length].to_vec();
+                            read.advance(head + length);
+                            let announced = match announce {
+                                true => "tandem-pipeline: 32\r\n",
+                                false => "",
+                            };
+                            let _ = write!(
+                                out,
+                                "HTTP/1.1 409 Conflict\r\ncontent-length: {}\r\n{announced}\r\n",
+                                body.len()
+                            );
+                            out.extend_from_slice(&body);
+                            in_this_read += 1;
+                            answered += 1;
+                            if Some(answered) == answers_per_connection {
+                                let _ = stream.write_all(&out).await;
+                                return;
+                            }
+                        }
+                        most.fetch_max(in_this_read, Ordering::Relaxed);
+                        if stream.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Participant {
+            address,
+            connections,
+            most_in_one_read,
+        }
+    }
+
+    async fn call(pipelines: &Pipelines, address: &str, body: &str) -> Result<Answer, String> {
+        let headers = [("tandem-gid", std::borrow::Cow::Borrowed(body))];
+        let request = encode_request("/tandem/action", address, &headers, body.as_bytes())?;
+        pipelines
+            .exchange(address, request, Duration::from_secs(5), 1024)
+            .await
+    }
+
+    #[tokio::test]
+    async fn atomicity_pipelined_answers_reach_their_own_calls() {
+        let participant = participant(true, None).await;
+        let pipelines = Pipelines::default();
+        pipelines.announce(&participant.address, Some(32));
+        let calls = (0..2_000).map(|i| {
+            let (pipelines, address) = (&pipelines, &participant.address);
+            async move { (i, call(pipelines, address, &format!("call-{i}")).await) }
+        });
+        for (i, answer) in futures::future::join_all(calls).await {
+            let (status, body) = answer.expect("answered");
+            assert_eq!(status, StatusCode::CONFLICT);
+            assert_eq!(
+                body,
+                format!("call-{i}"),
+                "call {i} got another call's answer"
+            );
+        }
+        let connections = participant.connections.load(Ordering::Relaxed);
+        assert!(
+            connections <= CONNECTIONS_PER_ADDRESS_MAX,
+            "{connections} connections"
+        );
+        let most = participant.most_in_one_read.load(Ordering::Relaxed);
+        assert!(
+            most > 1,
+            "never more than one call in one write: {most}, {connections} connections"
+        );
+    }
+
+    #[tokio::test]
+    async fn atomicity_a_broken_connection_fails_every_call_on_it_unanswered() {
+        // Each connection answers 3 calls, then closes with more in flight.
+        let participant = participant(true, Some(3)).await;
+        let pipelines = Pipelines::default();
+        pipelines.announce(&participant.address, Some(32));
+        let calls = (0..200).map(|i| {
+            let (pipelines, address) = (&pipelines, &participant.address);
+            async move { (i, call(pipelines, address, &format!("call-{i}")).await) }
+        });
+        let mut failed = 0;
+        for (i, answer) in futures::future::join_all(calls).await {
+            match answer {
+                Ok((_, body)) => assert_eq!(body, format!("call-{i}")),
+                Err(_) => failed += 1,
+            }
+        }
+        assert!(
+            failed > 0,
+            "the broken connections' calls all passed for answered"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_participant_that_stops_announcing_is_no_longer_pipelined() {
+        let participant = participant(false, None).await;
+        let pipelines = Pipelines::default();
+        pipelines.announce(&participant.address, Some(32));
+        let (_, body) = call(&pipelines, &participant.address, "once")
+            .await
+            .unwrap();
+        assert_eq!(body, "once");
+        assert_eq!(pipelines.depth(&participant.address), None);
+    }
+
+    #[test]
+    fn the_announced_depth_is_bounded() {
+        assert_eq!(announced(Some(b"32")), Some(32));
+        assert_eq!(announced(Some(b" 8 ")), Some(8));
+        assert_eq!(announced(Some(b"100000")), Some(DEPTH_MAX));
+        assert_eq!(announced(Some(b"1")), None);
+        assert_eq!(announced(Some(b"0")), None);
+        assert_eq!(announced(Some(b"yes")), None);
+        assert_eq!(announced(None), None);
+    }
+
+    #[test]
+    fn a_header_value_http_cannot_carry_is_refused() {
+        let bad = [("tandem-gid", std::borrow::Cow::Borrowed("a\r\nx: y"))];
+        assert!(encode_request("/", "h", &bad, b"").is_err());
+    }
+}

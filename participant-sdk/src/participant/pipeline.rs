@@ -1,0 +1,458 @@
+//! Pipelined HTTP/1.1 from coordinators (docs/http-participants.md).
+//!
+//! A coordinator that has seen `tandem-pipeline: N` on an answer may write
+//! up to N calls on one connection without waiting for each answer, and
+//! marks such a connection by the same header on its requests. hyper's
+//! server takes pipelined requests one at a time: a slow handler would hold
+//! every call behind it. Here the calls of one connection run concurrently
+//! and their answers go back in order, as many in one write as are ready.
+//!
+//! [`serve`] reads the head of each new connection's first request: a
+//! pipelined connection is served here, anything else (HTTP/1.1 from other
+//! clients, HTTP/2, gRPC) goes to axum with the bytes already read put back
+//! in front.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
+use futures::future::{self, BoxFuture, Either, Shared};
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::server::{ParticipantServer, http_request};
+use super::{Handler, headers};
+
+/// Calls in flight on one pipelined connection; beyond it the connection
+/// is not read until answers go out. What the answers announce.
+pub const DEPTH: usize = 32;
+pub const DEPTH_TEXT: &str = "32";
+/// A request's head (request line and headers), and its number of headers.
+const HEAD_BYTES_MAX: usize = 64 * 1024;
+const HEADERS_MAX: usize = 64;
+/// Each read has room for at least `READ_ROOM_MIN` bytes, made `READ_ROOM`.
+const READ_ROOM_MIN: usize = 4 << 10;
+const READ_ROOM: usize = 32 << 10;
+/// A request's body: axum's default limit, as on other connections.
+const BODY_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// How long a new connection may take to send its first request's head.
+const FIRST_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// A pipelined connection with nothing in flight is closed after this.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Connections accepted and not yet handed on (to axum, or served here):
+/// beyond it the accept loop waits.
+const HANDOFF_QUEUE: usize = 64;
+
+type Stop = Shared<BoxFuture<'static, ()>>;
+
+pub(super) async fn serve<H: Handler>(
+    listener: TcpListener,
+    server: ParticipantServer<H>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let local = listener.local_addr()?;
+    let stop: Stop = shutdown.boxed().shared();
+    let (to_axum, handed) = mpsc::channel(HANDOFF_QUEUE);
+    // Each pipelined connection holds a sender: once all are dropped, every
+    // one of them has closed.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
+    let accepting = tokio::spawn(accept(
+        listener,
+        server.clone(),
+        to_axum,
+        stop.clone(),
+        open,
+    ));
+    let served = axum::serve(
+        Handed {
+            connections: handed,
+            local,
+        },
+        server.router(),
+    )
+    .with_graceful_shutdown(stop)
+    .await;
+    let _ = accepting.await;
+    let _ = all_closed.recv().await;
+    served
+}
+
+async fn accept<H: Handler>(
+    listener: TcpListener,
+    server: ParticipantServer<H>,
+    to_axum: mpsc::Sender<(Rewind, SocketAddr)>,
+    stop: Stop,
+    open: mpsc::Sender<()>,
+) {
+    let mut stopped = pin!(stop.clone());
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let (server, to_axum, stop, open) =
+                    (server.clone(), to_axum.clone(), stop.clone(), open.clone());
+                tokio::spawn(async move {
+                    // Until it is handed on, a connection holds up shutdown
+                    // by at most the time its first head takes.
+                    let first = tokio::select! {
+                        _ = stop.clone() => return,
+                        first = tokio::time::timeout(FIRST_HEAD_TIMEOUT, first_head(stream)) => first,
+                    };
+                    match first {
+                        Ok(Some((stream, read, true))) => {
+                            serve_pipelined(server, stream, read, stop).await;
+                            drop(open);
+                        }
+                        Ok(Some((stream, read, false))) => {
+                            drop(open);
+                            let rewind = Rewind {
+                                prefix: read.freeze(),
+                                stream,
+                            };
+                            tokio::select! {
+                                _ = stop => {}
+                                _ = to_axum.send((rewind, peer)) => {}
+                            }
+                        }
+                        // Closed, or silent: nothing to serve.
+                        Ok(None) | Err(_) => {}
+                    }
+                });
+            }
+            // Out of file descriptors and the like: as axum does, wait a
+            // moment rather than spin.
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Reads until the first request's head is complete (or cannot be one):
+/// the stream, what was read, and whether the connection is pipelined.
+/// `None` if it closed first.
+async fn first_head(mut stream: TcpStream) -> Option<(TcpStream, BytesMut, bool)> {
+    let mut read = BytesMut::with_capacity(4096);
+    loop {
+        if stream.read_buf(&mut read).await.ok()? == 0 {
+            return None;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+        let mut request = httparse::Request::new(&mut headers);
+        let pipelined = match request.parse(&read) {
+            Ok(httparse::Status::Complete(_)) => request
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case(headers::PIPELINE)),
+            Ok(httparse::Status::Partial) if read.len() < HEAD_BYTES_MAX => continue,
+            // HTTP/2's preface, or something axum will refuse in its words.
+            Ok(httparse::Status::Partial) | Err(_) => false,
+        };
+        return Some((stream, read, pipelined));
+    }
+}
+
+/// A request taken off the front of the buffer, or why none is.
+enum Next {
+    Request {
+        head: Bytes,
+        body: Bytes,
+        close: bool,
+    },
+    /// Not all of it has arrived.
+    Partial,
+    /// Cannot be read as a request: answered, then the connection closes.
+    Bad(StatusCode, &'static str),
+}
+
+fn next_request(read: &mut BytesMut) -> Next {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(read) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if read.len() <= HEAD_BYTES_MAX => return Next::Partial,
+        Ok(httparse::Status::Partial) => {
+            return Next::Bad(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request head too large",
+            );
+        }
+        Err(_) => return Next::Bad(StatusCode::BAD_REQUEST, "malformed request"),
+    };
+    let value = |name: &str| {
+        request
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    if value("transfer-encoding").is_some() {
+        return Next::Bad(
+            StatusCode::NOT_IMPLEMENTED,
+            "a pipelined call's body must have a content-length",
+        );
+    }
+    let body_len = match value("content-length") {
+        None => 0,
+        Some(v) => match std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()) {
+            Some(n) if n <= BODY_BYTES_MAX => n,
+            Some(_) => return Next::Bad(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            None => return Next::Bad(StatusCode::BAD_REQUEST, "bad content-length"),
+        },
+    };
+    let close = value("connection").is_some_and(|v| {
+        std::str::from_utf8(v).is_ok_and(|v| {
+            v.split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("close"))
+        })
+    });
+    if read.len() < head_len + body_len {
+        read.reserve(head_len + body_len - read.len());
+        return Next::Partial;
+    }
+    let head = read.split_to(head_len).freeze();
+    let body = read.split_to(body_len).freeze();
+    Next::Request { head, body, close }
+}
+
+/// The answer to one pipelined request (its head parsed again, from its
+/// own bytes, so that the read buffer is free meanwhile).
+async fn answer<H: Handler>(
+    server: ParticipantServer<H>,
+    head: Bytes,
+    body: Bytes,
+) -> (StatusCode, String) {
+    let parsed = {
+        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+        let mut request = httparse::Request::new(&mut headers);
+        let _ = request.parse(&head);
+        let route = request
+            .path
+            .unwrap_or_default()
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .strip_prefix(tandem_proto::wire::HTTP_ROUTE_PREFIX)
+            .filter(|op| !op.is_empty() && !op.contains('/'));
+        match (request.method, route) {
+            (Some("POST"), Some(op)) => {
+                let get = |name: &str| {
+                    request
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| std::str::from_utf8(h.value).unwrap_or_default())
+                };
+                http_request(&server, op.to_string(), &get, body)
+            }
+            (_, Some(_)) => Err((StatusCode::METHOD_NOT_ALLOWED, String::new())),
+            (_, None) => Err((StatusCode::NOT_FOUND, String::new())),
+        }
+    };
+    match parsed {
+        Ok((request, traceparent)) => server.http_answer(request, traceparent).await,
+        Err(refused) => refused,
+    }
+}
+
+fn encode(out: &mut Vec<u8>, (status, text): (StatusCode, String), close: bool) {
+    use std::io::Write;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}: {}\r\n{}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or_default(),
+        text.len(),
+        headers::PIPELINE,
+        DEPTH_TEXT,
+        if close { "connection: close\r\n" } else { "" },
+    );
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// Serves a pipelined connection: reads requests while fewer than
+/// [`DEPTH`] are in flight, runs them concurrently, writes the answers in
+/// order. After a request it cannot read, a `connection: close`, the
+/// peer's end of input or `stop`, it reads no more, answers what is in
+/// flight and closes.
+async fn serve_pipelined<H: Handler>(
+    server: ParticipantServer<H>,
+    stream: TcpStream,
+    read: BytesMut,
+    stop: Stop,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut read = read;
+    let mut in_flight = FuturesOrdered::new();
+    let mut out: Vec<u8> = Vec::with_capacity(4096);
+    let mut written = 0;
+    let mut closing = false;
+    let mut stop = pin!(stop);
+    let mut idle = pin!(tokio::time::sleep(IDLE_TIMEOUT));
+    poll_fn(|cx: &mut Context<'_>| {
+        loop {
+            if !closing && stop.as_mut().poll(cx).is_ready() {
+                closing = true;
+            }
+            // Take every complete request off the buffer.
+            while !closing && in_flight.len() < DEPTH {
+                match next_request(&mut read) {
+                    Next::Request { head, body, close } => {
+                        let call = answer(server.clone(), head, body);
+                        in_flight.push_back(Either::Left(call.map(move |a| (a, close))));
+                        closing = close;
+                    }
+                    Next::Partial => break,
+                    Next::Bad(status, why) => {
+                        let refused = ((status, why.to_string()), true);
+                        in_flight.push_back(Either::Right(future::ready(refused)));
+                        closing = true;
+                    }
+                }
+            }
+            // Answers, in order, as far as they are ready.
+            while let Poll::Ready(Some((answer, close))) = in_flight.poll_next_unpin(cx) {
+                encode(&mut out, answer, close);
+            }
+            while written < out.len() {
+                match stream.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => break,
+                }
+                match stream.try_write(&out[written..]) {
+                    Ok(0) => return Poll::Ready(()),
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return Poll::Ready(()),
+                }
+            }
+            if written == out.len() {
+                out.clear();
+                written = 0;
+            }
+            let quiet = in_flight.is_empty() && out.is_empty();
+            if closing && quiet {
+                return Poll::Ready(());
+            }
+            if !closing && in_flight.len() < DEPTH {
+                // Room for a batch: an empty BytesMut would read 64 bytes at a time.
+                if read.capacity() - read.len() < READ_ROOM_MIN {
+                    read.reserve(READ_ROOM);
+                }
+                match stream.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => match stream.try_read_buf(&mut read) {
+                        // The peer will send no more.
+                        Ok(0) => closing = true,
+                        Ok(_) => {
+                            idle.as_mut()
+                                .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+                            continue;
+                        }
+                        // Readiness was stale: poll it again.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(_) => return Poll::Ready(()),
+                    },
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => {}
+                }
+                if closing {
+                    continue;
+                }
+            }
+            if quiet && idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            return Poll::Pending;
+        }
+    })
+    .await;
+}
+
+/// The connections [`accept`] hands to axum.
+struct Handed {
+    connections: mpsc::Receiver<(Rewind, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for Handed {
+    type Io = Rewind;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Rewind, SocketAddr) {
+        match self.connections.recv().await {
+            Some(connection) => connection,
+            // The accept loop stopped: so did axum's (graceful shutdown).
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// A stream with the bytes already read from it put back in front.
+pub(super) struct Rewind {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
