@@ -409,3 +409,72 @@ async fn saga_answers_on_the_submission_stream_are_each_their_own_through_a_lead
         );
     }
 }
+
+/// Invariants 5 and 1 when pipelined connections break: the participant's
+/// server (the SDK's `serve`, which announces pipelining) is killed three
+/// times with calls in flight on its pipelined connections, and comes back
+/// on the same port each time. Every saga still commits, and each step took
+/// effect exactly once: no call passed for answered without an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn saga_a_participant_killed_mid_pipeline_loses_no_step() {
+    use tandem_sdk::participant::{ParticipantServer, Saga};
+    let cluster = Cluster::start(1);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let recorder = common::participant::StepRecorder::default();
+    *recorder.action_delay.lock().unwrap() = Duration::from_millis(20);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let base = format!("http://{address}");
+    let serve = |listener| {
+        let server = ParticipantServer::new(Saga(recorder.clone()));
+        tokio::spawn(tandem_sdk::participant::serve(
+            listener,
+            server,
+            std::future::pending(),
+        ))
+    };
+    let mut server = serve(listener);
+    let client = cluster.client();
+    let steps = ["s0", "s1"];
+    let sagas: Vec<_> = (0..1_500)
+        .map(|_| sequential(&client, &base, &steps))
+        .collect();
+    let gids: Vec<String> = sagas.iter().map(|s| s.gid_str().to_string()).collect();
+    let running = tokio::spawn(
+        futures::stream::iter(
+            sagas
+                .into_iter()
+                .map(|saga| saga.submit_and_wait(Duration::from_secs(60))),
+        )
+        .buffer_unordered(64)
+        .collect::<Vec<_>>(),
+    );
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.abort();
+        let _ = server.await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let again = tokio::net::TcpListener::bind(address).await;
+        server = serve(again.expect("the same port again"));
+    }
+    for result in running.await.unwrap() {
+        let tx = result.expect("submit");
+        assert_eq!(state(&tx), pb::TxState::Committed, "{}", tx.gid);
+    }
+    for gid in &gids {
+        let effects = recorder.effects(gid);
+        assert_eq!(effects, expected_effects(&steps, None), "saga {gid}");
+    }
+    // The kills cut calls short: a handler dropped mid-action never counted
+    // itself out.
+    let cut = recorder
+        .log
+        .lock()
+        .unwrap()
+        .running
+        .values()
+        .filter(|n| **n > 0)
+        .count();
+    assert!(cut > 0, "no kill hit a call in flight");
+    server.abort();
+}

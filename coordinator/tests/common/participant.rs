@@ -174,7 +174,7 @@ pub struct StepLog {
     undone: HashSet<(String, String)>,
     confirmed: HashSet<(String, String)>,
     /// Actions of a gid running right now, and the most seen at once.
-    running: BTreeMap<String, usize>,
+    pub running: BTreeMap<String, usize>,
     pub max_running: BTreeMap<String, usize>,
 }
 

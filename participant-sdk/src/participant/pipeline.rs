@@ -61,48 +61,40 @@ pub(super) async fn serve<H: Handler>(
     let local = listener.local_addr()?;
     let stop: Stop = shutdown.boxed().shared();
     let (to_axum, handed) = mpsc::channel(HANDOFF_QUEUE);
-    // Each pipelined connection holds a sender: once all are dropped, every
-    // one of them has closed.
-    let (open, mut all_closed) = mpsc::channel::<()>(1);
-    let accepting = tokio::spawn(accept(
-        listener,
-        server.clone(),
-        to_axum,
-        stop.clone(),
-        open,
-    ));
-    let served = axum::serve(
-        Handed {
-            connections: handed,
-            local,
-        },
-        server.router(),
-    )
-    .with_graceful_shutdown(stop)
-    .await;
-    let _ = accepting.await;
-    let _ = all_closed.recv().await;
+    let handed = Handed {
+        connections: handed,
+        local,
+    };
+    let axum = axum::serve(handed, server.router()).with_graceful_shutdown(stop.clone());
+    let (served, ()) = tokio::join!(
+        std::future::IntoFuture::into_future(axum),
+        accept(listener, server, to_axum, stop)
+    );
     served
 }
 
+/// Accepts connections until `stop`; serves the pipelined ones, hands the
+/// rest to axum; then waits for the pipelined ones to answer what is in
+/// flight. They are tasks of a set this future owns: dropping it (the
+/// server's future) ends them, as it ends accepting.
 async fn accept<H: Handler>(
     listener: TcpListener,
     server: ParticipantServer<H>,
     to_axum: mpsc::Sender<(Rewind, SocketAddr)>,
     stop: Stop,
-    open: mpsc::Sender<()>,
 ) {
+    let mut connections = tokio::task::JoinSet::new();
     let mut stopped = pin!(stop.clone());
     loop {
         let accepted = tokio::select! {
-            _ = &mut stopped => return,
+            _ = &mut stopped => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let (server, to_axum, stop, open) =
-                    (server.clone(), to_axum.clone(), stop.clone(), open.clone());
-                tokio::spawn(async move {
+                let (server, to_axum, stop) = (server.clone(), to_axum.clone(), stop.clone());
+                connections.spawn(async move {
                     // Until it is handed on, a connection holds up shutdown
                     // by at most the time its first head takes.
                     let first = tokio::select! {
@@ -112,10 +104,8 @@ async fn accept<H: Handler>(
                     match first {
                         Ok(Some((stream, read, true))) => {
                             serve_pipelined(server, stream, read, stop).await;
-                            drop(open);
                         }
                         Ok(Some((stream, read, false))) => {
-                            drop(open);
                             let rewind = Rewind {
                                 prefix: read.freeze(),
                                 stream,
@@ -138,6 +128,8 @@ async fn accept<H: Handler>(
             }
         }
     }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
 /// Reads until the first request's head is complete (or cannot be one):
