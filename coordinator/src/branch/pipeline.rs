@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::StatusCode;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -38,10 +38,12 @@ const ADDRESSES_MAX: usize = 1024;
 /// Calls in flight per connection at most, whatever a participant
 /// announces.
 pub const DEPTH_MAX: usize = 64;
-/// An answer's head and body on a pipelined connection; a larger one breaks
-/// the connection (its calls are retried).
+/// An answer's head on a pipelined connection; a larger one breaks the
+/// connection (its calls are retried).
 const HEAD_BYTES_MAX: usize = 64 << 10;
-const BODY_BYTES_MAX: usize = 1 << 20;
+/// Of an answer's body, this much is kept (what the outcome reads of it);
+/// the rest is read and dropped.
+const BODY_KEPT_MAX: usize = 64 << 10;
 const HEADERS_MAX: usize = 64;
 /// Each read has room for at least `READ_ROOM_MIN` bytes, made `READ_ROOM`.
 const READ_ROOM_MIN: usize = 4 << 10;
@@ -63,6 +65,31 @@ enum Failed {
     Unsent(Vec<u8>),
     /// It may have been written; what happened.
     Broken(String),
+    /// As `Broken`, because an answer could not be framed: the participant
+    /// does not pipeline as announced, and is no longer pipelined.
+    Unframed(String),
+}
+
+/// Why a connection ended.
+struct End {
+    why: String,
+    unframed: bool,
+}
+
+impl End {
+    fn broken(why: impl Into<String>) -> End {
+        End {
+            why: why.into(),
+            unframed: false,
+        }
+    }
+
+    fn unframed(why: impl Into<String>) -> End {
+        End {
+            why: why.into(),
+            unframed: true,
+        }
+    }
 }
 
 /// The depth an answer's `tandem-pipeline` header announces.
@@ -104,6 +131,10 @@ impl Pipelines {
     /// Notes what an answer from `address` announced.
     pub fn announce(&self, address: &str, depth: Option<usize>) {
         let mut by_address = self.by_address.lock().expect("pipelines lock");
+        if depth.is_some() && by_address.len() >= ADDRESSES_MAX {
+            // Make room: forget the addresses with no connection open.
+            by_address.retain(|_, a| a.connections.iter().any(|c| !c.calls.is_closed()));
+        }
         let full = by_address.len() >= ADDRESSES_MAX;
         match (depth, by_address.get_mut(address)) {
             (Some(depth), Some(known)) => known.depth = depth,
@@ -138,6 +169,10 @@ impl Pipelines {
         let ((status, mut body), depth) = outcome.map_err(|failed| match failed {
             Failed::Unsent(_) => format!("{address}: the connection closed before the call"),
             Failed::Broken(why) => format!("{address}: {why}"),
+            Failed::Unframed(why) => {
+                self.announce(address, None);
+                format!("{address}: {why}; no longer pipelined")
+            }
         })?;
         body.truncate(body_max);
         if depth.is_none() {
@@ -247,10 +282,12 @@ enum Next {
         body: Bytes,
         depth: Option<usize>,
         close: bool,
+        /// Bytes of the body past what was kept, still to be dropped.
+        skip: usize,
     },
     Partial,
     /// Not an answer this connection can carry on after.
-    Broken(String),
+    Unframed(String),
 }
 
 fn next_answer(read: &mut BytesMut) -> Next {
@@ -259,12 +296,12 @@ fn next_answer(read: &mut BytesMut) -> Next {
     let head_len = match response.parse(read) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if read.len() <= HEAD_BYTES_MAX => return Next::Partial,
-        Ok(httparse::Status::Partial) => return Next::Broken("answer head too large".into()),
-        Err(e) => return Next::Broken(format!("malformed answer: {e}")),
+        Ok(httparse::Status::Partial) => return Next::Unframed("answer head too large".into()),
+        Err(e) => return Next::Unframed(format!("malformed answer: {e}")),
     };
     let status = match response.code.map(StatusCode::from_u16) {
         Some(Ok(status)) if status.as_u16() >= 200 => status,
-        _ => return Next::Broken(format!("unexpected status {:?}", response.code)),
+        _ => return Next::Unframed(format!("unexpected status {:?}", response.code)),
     };
     let value = |name: &str| {
         response
@@ -273,15 +310,14 @@ fn next_answer(read: &mut BytesMut) -> Next {
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
     };
+    let unframed = || Next::Unframed("a pipelined answer must have a content-length".into());
     if value("transfer-encoding").is_some() {
-        return Next::Broken("a pipelined answer must have a content-length".into());
+        return unframed();
     }
-    let body_len: usize = match value("content-length")
-        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
-    {
-        Some(n) if n <= BODY_BYTES_MAX => n,
-        Some(n) => return Next::Broken(format!("answer body of {n} bytes")),
-        None => return Next::Broken("a pipelined answer must have a content-length".into()),
+    let Some(body_len) = value("content-length")
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
+    else {
+        return unframed();
     };
     let depth = announced(value(tandem_proto::wire::headers::PIPELINE));
     let close = value("connection").is_some_and(|v| {
@@ -290,17 +326,21 @@ fn next_answer(read: &mut BytesMut) -> Next {
                 .any(|token| token.trim().eq_ignore_ascii_case("close"))
         })
     });
-    if read.len() < head_len + body_len {
-        read.reserve(head_len + body_len - read.len());
+    let kept = body_len.min(BODY_KEPT_MAX);
+    if read.len() < head_len + kept {
+        read.reserve(head_len + kept - read.len());
         return Next::Partial;
     }
     let _ = read.split_to(head_len);
-    let body = read.split_to(body_len).freeze();
+    let body = read.split_to(kept).freeze();
+    let dropped = (body_len - kept).min(read.len());
+    read.advance(dropped);
     Next::Answer {
         status,
         body,
         depth,
         close,
+        skip: body_len - kept - dropped,
     }
 }
 
@@ -351,7 +391,8 @@ async fn drive(
     let mut no_more_calls = false;
     let mut timer = pin!(tokio::time::sleep(IDLE_MAX));
     let mut idle_since = Instant::now();
-    let ended: Result<(), String> = poll_fn(|cx| {
+    let mut skip = 0;
+    let ended: Result<(), End> = poll_fn(|cx| {
         loop {
             // New calls, while fewer than `depth` are in flight.
             while !no_more_calls && waiting.len() < depth {
@@ -372,44 +413,48 @@ async fn drive(
             while written < out.len() {
                 match stream.poll_write_ready(cx) {
                     Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(End::broken(e.to_string()))),
                     Poll::Pending => break,
                 }
                 match stream.try_write(&out[written..]) {
                     Ok(n) => written += n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(e.to_string())),
+                    Err(e) => return Poll::Ready(Err(End::broken(e.to_string()))),
                 }
             }
             if written == out.len() {
                 out.clear();
                 written = 0;
             }
-            // Answers, in order.
-            loop {
+            // Answers, in order, after the rest of a long body.
+            let dropped = skip.min(read.len());
+            read.advance(dropped);
+            skip -= dropped;
+            while skip == 0 {
                 match next_answer(&mut read) {
                     Next::Answer {
                         status,
                         body,
                         depth: announced,
                         close,
+                        skip: rest,
                     } => {
                         let Some((answer, _)) = waiting.pop_front() else {
-                            return Poll::Ready(Err("an answer to no call".into()));
+                            return Poll::Ready(Err(End::unframed("an answer to no call")));
                         };
+                        skip = rest;
                         in_flight.fetch_sub(1, Ordering::Relaxed);
                         let _ = answer.send(Ok(((status, body), announced)));
                         if waiting.is_empty() {
                             idle_since = Instant::now();
                         }
                         if close {
-                            return Poll::Ready(
-                                Err("the participant closed the connection".into()),
-                            );
+                            let why = "the participant closed the connection";
+                            return Poll::Ready(Err(End::broken(why)));
                         }
                     }
                     Next::Partial => break,
-                    Next::Broken(why) => return Poll::Ready(Err(why)),
+                    Next::Unframed(why) => return Poll::Ready(Err(End::unframed(why))),
                 }
             }
             if no_more_calls && waiting.is_empty() && out.is_empty() {
@@ -424,14 +469,14 @@ async fn drive(
                     Ok(0) => {
                         return Poll::Ready(match waiting.is_empty() {
                             true => Ok(()),
-                            false => Err("the participant closed the connection".into()),
+                            false => Err(End::broken("the participant closed the connection")),
                         });
                     }
                     Ok(_) => continue,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(e.to_string())),
+                    Err(e) => return Poll::Ready(Err(End::broken(e.to_string()))),
                 },
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(End::broken(e.to_string()))),
                 Poll::Pending => {}
             }
             // Nothing more to do now: wait for the first of the socket, a
@@ -446,7 +491,7 @@ async fn drive(
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(match waiting.is_empty() {
                     true => Ok(()),
-                    false => Err("no answer long after the call's deadline".into()),
+                    false => Err(End::broken("no answer long after the call's deadline")),
                 });
             }
             return Poll::Pending;
@@ -456,14 +501,21 @@ async fn drive(
     // Whatever is still on it, sent or queued, fails: its outcome is
     // unknown (or it was never sent), and the driver retries it.
     queued.close();
-    let why = ended
+    let end = ended
         .err()
-        .unwrap_or_else(|| "the connection closed".into());
+        .unwrap_or_else(|| End::broken("the connection closed"));
     for (answer, _) in waiting.drain(..) {
         in_flight.fetch_sub(1, Ordering::Relaxed);
-        let _ = answer.send(Err(Failed::Broken(why.clone())));
+        let failed = match end.unframed {
+            true => Failed::Unframed(end.why.clone()),
+            false => Failed::Broken(end.why.clone()),
+        };
+        let _ = answer.send(Err(failed));
     }
-    while let Ok(call) = queued.try_recv() {
+    // `recv`, not `try_recv`: it waits out a send under way as the channel
+    // closed, which `try_recv` would miss (its call then lost until its
+    // timeout).
+    while let Some(call) = queued.recv().await {
         in_flight.fetch_sub(1, Ordering::Relaxed);
         let _ = call.answer.send(Err(Failed::Unsent(call.request)));
     }
@@ -476,7 +528,6 @@ mod tests {
     //! not pass for answered.
 
     use super::*;
-    use bytes::Buf;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -558,7 +609,7 @@ mod tests {
     }
 
     async fn call(pipelines: &Pipelines, address: &str, body: &str) -> Result<Answer, String> {
-        let headers = [("tandem-gid", std::borrow::Cow::Borrowed(body))];
+        let headers = [("tandem-gid", std::borrow::Cow::Borrowed("g"))];
         let request = encode_request("/tandem/action", address, &headers, body.as_bytes())?;
         pipelines
             .exchange(address, request, Duration::from_secs(5), 1024)
@@ -616,6 +667,36 @@ mod tests {
             failed > 0,
             "the broken connections' calls all passed for answered"
         );
+    }
+
+    #[tokio::test]
+    async fn atomicity_a_long_answer_is_read_to_its_end_and_the_next_is_its_own() {
+        let participant = participant(true, None).await;
+        let pipelines = Pipelines::default();
+        pipelines.announce(&participant.address, Some(32));
+        // Echoed bodies of 200 KiB (more than is kept) among short ones,
+        // all on one connection (fewer than its depth).
+        let calls = (0..30).map(|i| {
+            let (pipelines, address) = (&pipelines, &participant.address);
+            let body = match i % 2 {
+                0 => format!("{i:06}").repeat((200 << 10) / 6),
+                _ => format!("call-{i}"),
+            };
+            async move {
+                let answer = call(pipelines, address, &body).await;
+                (body, answer)
+            }
+        });
+        for (body, answer) in futures::future::join_all(calls).await {
+            let (_, answered) = answer.expect("answered");
+            assert_eq!(
+                answered,
+                body.as_bytes()[..body.len().min(1024)],
+                "not its own answer"
+            );
+        }
+        assert_eq!(participant.connections.load(Ordering::Relaxed), 1);
+        assert_eq!(pipelines.depth(&participant.address), Some(32));
     }
 
     #[tokio::test]

@@ -47,9 +47,12 @@ const BODY_BYTES_MAX: usize = 2 * 1024 * 1024;
 const FIRST_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// A pipelined connection with nothing in flight is closed after this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Connections accepted and not yet handed on (to axum, or served here):
-/// beyond it the accept loop waits.
+/// Connections handed to axum and not yet taken by it.
 const HANDOFF_QUEUE: usize = 64;
+/// The bodies of a connection's calls in flight, and its answers not yet
+/// written: beyond either, it is not read until they go down.
+const BODIES_IN_FLIGHT_MAX: usize = 4 << 20;
+const ANSWERS_UNWRITTEN_MAX: usize = 1 << 20;
 
 type Stop = Shared<BoxFuture<'static, ()>>;
 
@@ -120,6 +123,14 @@ async fn accept<H: Handler>(
                     }
                 });
             }
+            // A connection gone before it was accepted: the next one.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionRefused
+                ) => {}
             // Out of file descriptors and the like: as axum does, wait a
             // moment rather than spin.
             Err(e) => {
@@ -275,8 +286,9 @@ fn encode(out: &mut Vec<u8>, (status, text): (StatusCode, String), close: bool) 
 }
 
 /// Serves a pipelined connection: reads requests while fewer than
-/// [`DEPTH`] are in flight, runs them concurrently, writes the answers in
-/// order. After a request it cannot read, a `connection: close`, the
+/// [`DEPTH`] are in flight (and their bodies and the answers not yet
+/// written stay under their bounds), runs them concurrently, writes the
+/// answers in order. After a request it cannot read, a `connection: close`, the
 /// peer's end of input or `stop`, it reads no more, answers what is in
 /// flight and closes.
 async fn serve_pipelined<H: Handler>(
@@ -291,6 +303,8 @@ async fn serve_pipelined<H: Handler>(
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut written = 0;
     let mut closing = false;
+    // Body bytes of the calls in flight.
+    let mut held = 0;
     let mut stop = pin!(stop);
     let mut idle = pin!(tokio::time::sleep(IDLE_TIMEOUT));
     poll_fn(|cx: &mut Context<'_>| {
@@ -298,25 +312,36 @@ async fn serve_pipelined<H: Handler>(
             if !closing && stop.as_mut().poll(cx).is_ready() {
                 closing = true;
             }
+            let room = |in_flight: usize, held: usize, out: &[u8]| {
+                in_flight < DEPTH
+                    && held < BODIES_IN_FLIGHT_MAX
+                    && out.len() < ANSWERS_UNWRITTEN_MAX
+            };
             // Take every complete request off the buffer.
-            while !closing && in_flight.len() < DEPTH {
+            while !closing && room(in_flight.len(), held, &out) {
                 match next_request(&mut read) {
                     Next::Request { head, body, close } => {
+                        let size = body.len();
+                        held += size;
                         let call = answer(server.clone(), head, body);
-                        in_flight.push_back(Either::Left(call.map(move |a| (a, close))));
+                        let call = call.map(move |a| (a, close, size));
+                        in_flight.push_back(Either::Left(call));
                         closing = close;
                     }
                     Next::Partial => break,
                     Next::Bad(status, why) => {
-                        let refused = ((status, why.to_string()), true);
+                        let refused = ((status, why.to_string()), true, 0);
                         in_flight.push_back(Either::Right(future::ready(refused)));
                         closing = true;
                     }
                 }
             }
             // Answers, in order, as far as they are ready.
-            while let Poll::Ready(Some((answer, close))) = in_flight.poll_next_unpin(cx) {
+            let mut answered = false;
+            while let Poll::Ready(Some((answer, close, size))) = in_flight.poll_next_unpin(cx) {
                 encode(&mut out, answer, close);
+                held -= size;
+                answered = true;
             }
             while written < out.len() {
                 match stream.poll_write_ready(cx) {
@@ -335,11 +360,15 @@ async fn serve_pipelined<H: Handler>(
                 out.clear();
                 written = 0;
             }
+            // Answers made room: requests already read may be taken now.
+            if answered && !closing && !read.is_empty() && room(in_flight.len(), held, &out) {
+                continue;
+            }
             let quiet = in_flight.is_empty() && out.is_empty();
             if closing && quiet {
                 return Poll::Ready(());
             }
-            if !closing && in_flight.len() < DEPTH {
+            if !closing && room(in_flight.len(), held, &out) {
                 // Room for a batch: an empty BytesMut would read 64 bytes at a time.
                 if read.capacity() - read.len() < READ_ROOM_MIN {
                     read.reserve(READ_ROOM);
