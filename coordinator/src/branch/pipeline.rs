@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::io::Write;
 use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -51,6 +51,9 @@ const READ_ROOM: usize = 32 << 10;
 /// A connection with nothing in flight is closed after this (a
 /// participant's server may drop it meanwhile).
 const IDLE_MAX: Duration = Duration::from_secs(30);
+/// A connection whose oldest unanswered call has waited this long takes no
+/// new calls while another can (its answers are held behind that one).
+const HELD_AFTER: Duration = Duration::from_millis(100);
 /// An answer later than its call's deadline by this much means the
 /// connection is stuck behind it: it is closed and its calls fail.
 const STUCK_AFTER: Duration = Duration::from_secs(1);
@@ -112,6 +115,16 @@ struct Connection {
     calls: mpsc::UnboundedSender<Call>,
     /// Calls sent to the task and not yet answered or failed.
     in_flight: Arc<AtomicUsize>,
+    /// Since when the oldest call written and not yet answered has waited
+    /// ([`micros`]; 0: none).
+    head_since: Arc<AtomicU64>,
+}
+
+/// Microseconds since the first use, never 0: an instant a connection's
+/// task can share through an atomic.
+fn micros(at: Instant) -> u64 {
+    static START: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    at.saturating_duration_since(*START).as_micros() as u64 + 1
 }
 
 struct Call {
@@ -191,9 +204,17 @@ impl Pipelines {
             return Connection::open(address, 1);
         };
         known.connections.retain(|c| !c.calls.is_closed());
+        // A connection whose oldest answer is late holds every answer
+        // behind it: new calls go elsewhere.
+        let now = micros(Instant::now());
+        let held = |c: &Connection| {
+            let since = c.head_since.load(Ordering::Relaxed);
+            since != 0 && now.saturating_sub(since) > HELD_AFTER.as_micros() as u64
+        };
         let least = known
             .connections
             .iter()
+            .filter(|c| !held(c))
             .min_by_key(|c| c.in_flight.load(Ordering::Relaxed))
             .filter(|c| !new && c.in_flight.load(Ordering::Relaxed) < known.depth);
         let connection = match least {
@@ -203,7 +224,8 @@ impl Pipelines {
                 known.connections.push(connection.clone());
                 connection
             }
-            // All busy and no room for more: queue on the least busy.
+            // All busy or held, and no room for more: queue on the least
+            // busy.
             None => known
                 .connections
                 .iter()
@@ -221,13 +243,19 @@ impl Connection {
     fn open(address: &str, depth: usize) -> Arc<Connection> {
         let (calls, queued) = mpsc::unbounded_channel();
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let head_since = Arc::new(AtomicU64::new(0));
         tokio::spawn(connect_and_drive(
             address.to_string(),
             queued,
             depth,
             in_flight.clone(),
+            head_since.clone(),
         ));
-        Arc::new(Connection { calls, in_flight })
+        Arc::new(Connection {
+            calls,
+            in_flight,
+            head_since,
+        })
     }
 }
 
@@ -351,6 +379,7 @@ async fn connect_and_drive(
     mut queued: mpsc::UnboundedReceiver<Call>,
     depth: usize,
     in_flight: Arc<AtomicUsize>,
+    head_since: Arc<AtomicU64>,
 ) {
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address)).await;
     let stream = match connected {
@@ -362,7 +391,7 @@ async fn connect_and_drive(
         )),
     };
     match stream {
-        Ok(stream) => drive(stream, queued, depth, in_flight).await,
+        Ok(stream) => drive(stream, queued, depth, in_flight, head_since).await,
         Err(e) => {
             queued.close();
             while let Ok(call) = queued.try_recv() {
@@ -383,11 +412,18 @@ async fn drive(
     mut queued: mpsc::UnboundedReceiver<Call>,
     depth: usize,
     in_flight: Arc<AtomicUsize>,
+    head_since: Arc<AtomicU64>,
 ) {
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut written = 0;
     let mut read = BytesMut::with_capacity(4096);
-    let mut waiting: VecDeque<(oneshot::Sender<Outcome>, Instant)> = VecDeque::new();
+    // Each call written: its answer's way back, its deadline, and since
+    // when it waits.
+    let mut waiting: VecDeque<(oneshot::Sender<Outcome>, Instant, Instant)> = VecDeque::new();
+    let note_head = |waiting: &VecDeque<(_, _, Instant)>| {
+        let since = waiting.front().map_or(0, |(_, _, since)| micros(*since));
+        head_since.store(since, Ordering::Relaxed);
+    };
     let mut no_more_calls = false;
     let mut timer = pin!(tokio::time::sleep(IDLE_MAX));
     let mut idle_since = Instant::now();
@@ -404,7 +440,10 @@ async fn drive(
                             continue;
                         }
                         out.extend_from_slice(&call.request);
-                        waiting.push_back((call.answer, call.deadline));
+                        waiting.push_back((call.answer, call.deadline, Instant::now()));
+                        if waiting.len() == 1 {
+                            note_head(&waiting);
+                        }
                     }
                     Poll::Ready(None) => no_more_calls = true,
                     Poll::Pending => break,
@@ -439,10 +478,11 @@ async fn drive(
                         close,
                         skip: rest,
                     } => {
-                        let Some((answer, _)) = waiting.pop_front() else {
+                        let Some((answer, _, _)) = waiting.pop_front() else {
                             return Poll::Ready(Err(End::unframed("an answer to no call")));
                         };
                         skip = rest;
+                        note_head(&waiting);
                         in_flight.fetch_sub(1, Ordering::Relaxed);
                         let _ = answer.send(Ok(((status, body), announced)));
                         if waiting.is_empty() {
@@ -482,7 +522,7 @@ async fn drive(
             // Nothing more to do now: wait for the first of the socket, a
             // new call, or the timer (a stuck answer, or idleness).
             let wake_at = match waiting.front() {
-                Some((_, deadline)) => *deadline + STUCK_AFTER,
+                Some((_, deadline, _)) => *deadline + STUCK_AFTER,
                 None => idle_since + IDLE_MAX,
             };
             if timer.deadline() != wake_at {
@@ -504,7 +544,8 @@ async fn drive(
     let end = ended
         .err()
         .unwrap_or_else(|| End::broken("the connection closed"));
-    for (answer, _) in waiting.drain(..) {
+    head_since.store(0, Ordering::Relaxed);
+    for (answer, _, _) in waiting.drain(..) {
         in_flight.fetch_sub(1, Ordering::Relaxed);
         let failed = match end.unframed {
             true => Failed::Unframed(end.why.clone()),
@@ -538,8 +579,9 @@ mod tests {
     }
 
     /// A participant that answers 409 with the request's own body, in
-    /// order, as many in one write as it read; announcing pipelining if
-    /// `announce`, closing each connection after `answers_per_connection`.
+    /// order, as many in one write as it read (a body starting `slow` after
+    /// a second); announcing pipelining if `announce`, closing each
+    /// connection after `answers_per_connection`.
     async fn participant(announce: bool, answers_per_connection: Option<usize>) -> Participant {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
@@ -576,6 +618,11 @@ mod tests {
                             }
                             let body = read[head..head + length].to_vec();
                             read.advance(head + length);
+                            if body.starts_with(b"slow") {
+                                let _ = stream.write_all(&out).await;
+                                out.clear();
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
                             let announced = match announce {
                                 true => "tandem-pipeline: 32\r\n",
                                 false => "",
@@ -697,6 +744,30 @@ mod tests {
         }
         assert_eq!(participant.connections.load(Ordering::Relaxed), 1);
         assert_eq!(pipelines.depth(&participant.address), Some(32));
+    }
+
+    #[tokio::test]
+    async fn no_blocking_new_calls_avoid_a_connection_held_by_a_late_answer() {
+        let participant = participant(true, None).await;
+        let pipelines = Pipelines::default();
+        pipelines.announce(&participant.address, Some(32));
+        let slow = call(&pipelines, &participant.address, "slow-1");
+        let fast = async {
+            tokio::time::sleep(HELD_AFTER * 2).await;
+            let started = std::time::Instant::now();
+            let calls = (0..10).map(|_| call(&pipelines, &participant.address, "fast"));
+            for answer in futures::future::join_all(calls).await {
+                assert_eq!(answer.expect("answered").1, "fast");
+            }
+            started.elapsed()
+        };
+        let (slow, took) = tokio::join!(slow, fast);
+        assert_eq!(slow.expect("answered").1, "slow-1");
+        assert!(
+            took < Duration::from_millis(500),
+            "held behind the slow answer: {took:?}"
+        );
+        assert_eq!(participant.connections.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
