@@ -33,8 +33,14 @@ use super::http1::Answer;
 /// Connections per participant address; beyond it calls queue on the
 /// least busy one.
 const CONNECTIONS_PER_ADDRESS_MAX: usize = 8;
-/// Addresses remembered as pipelining (each with its connections).
-const ADDRESSES_MAX: usize = 1024;
+/// Addresses remembered as pipelining (each with its connections): with
+/// [`CONNECTIONS_PER_ADDRESS_MAX`], at most 1,024 pipelined connections.
+/// Beyond it a participant's calls take the path of one call per
+/// connection.
+const ADDRESSES_MAX: usize = 128;
+/// A connection's write buffer keeps at most this much room between
+/// bursts (a burst of large payloads would otherwise keep its size).
+const OUT_KEPT_MAX: usize = 256 << 10;
 /// Calls in flight per connection at most, whatever a participant
 /// announces.
 pub const DEPTH_MAX: usize = 64;
@@ -463,6 +469,7 @@ async fn drive(
             }
             if written == out.len() {
                 out.clear();
+                out.shrink_to(OUT_KEPT_MAX);
                 written = 0;
             }
             // Answers, in order, after the rest of a long body.
