@@ -51,6 +51,13 @@ fn request(branch: &str, pipelined: bool) -> String {
     )
 }
 
+/// A connection to `address` on which `requests` were written.
+async fn sent(address: &str, requests: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream.write_all(requests.as_bytes()).await.expect("write");
+    stream
+}
+
 /// Reads `n` answers (each with a content-length): (status, body, head).
 async fn answers(stream: &mut TcpStream, n: usize) -> Vec<(u16, String, String)> {
     let mut read = Vec::new();
@@ -118,11 +125,7 @@ async fn atomicity_pipelined_calls_run_concurrently_and_are_answered_in_order() 
 #[tokio::test]
 async fn other_connections_are_served_as_before_and_told_of_pipelining() {
     let (address, _stop) = serve().await;
-    let mut stream = TcpStream::connect(&address).await.expect("connect");
-    stream
-        .write_all(request("plain", false).as_bytes())
-        .await
-        .expect("write");
+    let mut stream = sent(&address, &request("plain", false)).await;
     let answered = answers(&mut stream, 1).await;
     assert_eq!(answered[0].0, 409);
     assert_eq!(answered[0].1, "plain");
@@ -131,8 +134,7 @@ async fn other_connections_are_served_as_before_and_told_of_pipelining() {
     // connection carries on.
     let unknown = request("x", true).replace("/tandem/action", "/elsewhere");
     let both = format!("{unknown}{}", request("after", true));
-    let mut stream = TcpStream::connect(&address).await.expect("connect");
-    stream.write_all(both.as_bytes()).await.expect("write");
+    let mut stream = sent(&address, &both).await;
     let answered = answers(&mut stream, 2).await;
     assert_eq!((answered[0].0, answered[1].0), (404, 409));
     assert_eq!(answered[1].1, "after");
@@ -141,7 +143,6 @@ async fn other_connections_are_served_as_before_and_told_of_pipelining() {
 #[tokio::test]
 async fn a_request_that_cannot_be_framed_is_refused_and_the_connection_closed() {
     let (address, _stop) = serve().await;
-    let mut stream = TcpStream::connect(&address).await.expect("connect");
     let chunked = request("c", true).replace(
         "content-length: 2\r\n\r\n{}",
         "transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
@@ -151,7 +152,7 @@ async fn a_request_that_cannot_be_framed_is_refused_and_the_connection_closed() 
         request("before", true),
         request("never", true)
     );
-    stream.write_all(both.as_bytes()).await.expect("write");
+    let mut stream = sent(&address, &both).await;
     let answered = answers(&mut stream, 2).await;
     assert_eq!(answered[0].1, "before");
     assert_eq!(answered[1].0, 501);
@@ -165,11 +166,7 @@ async fn a_request_that_cannot_be_framed_is_refused_and_the_connection_closed() 
 #[tokio::test]
 async fn shutdown_lets_the_calls_in_flight_answer() {
     let (address, stop) = serve().await;
-    let mut stream = TcpStream::connect(&address).await.expect("connect");
-    stream
-        .write_all(request("slow-1", true).as_bytes())
-        .await
-        .expect("write");
+    let mut stream = sent(&address, &request("slow-1", true)).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let _ = stop.send(());
     let answered = answers(&mut stream, 1).await;

@@ -27,6 +27,28 @@ pub mod headers {
     pub const PIPELINE: &str = "tandem-pipeline";
 }
 
+/// Pipelined HTTP/1.1 (`headers::PIPELINE`): what both ends read off a
+/// message's head, parsed by httparse.
+pub mod http1 {
+    /// A header's value by (case-insensitive) name.
+    pub fn header<'a>(headers: &[httparse::Header<'a>], name: &str) -> Option<&'a [u8]> {
+        headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+
+    /// Whether the message ends its connection (`connection: close`).
+    pub fn closes(headers: &[httparse::Header<'_>]) -> bool {
+        header(headers, "connection").is_some_and(|v| {
+            std::str::from_utf8(v).is_ok_and(|v| {
+                v.split(',')
+                    .any(|token| token.trim().eq_ignore_ascii_case("close"))
+            })
+        })
+    }
+}
+
 /// Signed calls to participants: with a key shared by the cluster and its
 /// participants, each call carries `tandem-timestamp` and
 /// `tandem-signature` = hex HMAC-SHA256(key, `v1`, gid, branch id, op,

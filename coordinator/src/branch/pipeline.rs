@@ -28,6 +28,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use tandem_proto::wire::http1;
+
 use super::http1::Answer;
 
 /// Connections per participant address; beyond it calls queue on the
@@ -337,13 +339,7 @@ fn next_answer(read: &mut BytesMut) -> Next {
         Some(Ok(status)) if status.as_u16() >= 200 => status,
         _ => return Next::Unframed(format!("unexpected status {:?}", response.code)),
     };
-    let value = |name: &str| {
-        response
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
-    };
+    let value = |name: &str| http1::header(response.headers, name);
     let unframed = || Next::Unframed("a pipelined answer must have a content-length".into());
     if value("transfer-encoding").is_some() {
         return unframed();
@@ -354,12 +350,7 @@ fn next_answer(read: &mut BytesMut) -> Next {
         return unframed();
     };
     let depth = announced(value(tandem_proto::wire::headers::PIPELINE));
-    let close = value("connection").is_some_and(|v| {
-        std::str::from_utf8(v).is_ok_and(|v| {
-            v.split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case("close"))
-        })
-    });
+    let close = http1::closes(response.headers);
     let kept = body_len.min(BODY_KEPT_MAX);
     if read.len() < head_len + kept {
         read.reserve(head_len + kept - read.len());
@@ -662,6 +653,14 @@ mod tests {
         }
     }
 
+    /// Pipelines that know `participant` as announcing a depth of 32.
+    fn pipelining_to(participant: &Participant) -> Pipelines {
+        let pipelines = Pipelines::default();
+        pipelines.announce(&participant.address, Some(32));
+        pipelines
+    }
+
+    /// `body` to `address` (echoed back by the test participant).
     async fn call(pipelines: &Pipelines, address: &str, body: &str) -> Result<Answer, String> {
         let headers = [("tandem-gid", std::borrow::Cow::Borrowed("g"))];
         let request = encode_request("/tandem/action", address, &headers, body.as_bytes())?;
@@ -673,8 +672,7 @@ mod tests {
     #[tokio::test]
     async fn atomicity_pipelined_answers_reach_their_own_calls() {
         let participant = participant(true, None).await;
-        let pipelines = Pipelines::default();
-        pipelines.announce(&participant.address, Some(32));
+        let pipelines = pipelining_to(&participant);
         let calls = (0..2_000).map(|i| {
             let (pipelines, address) = (&pipelines, &participant.address);
             async move { (i, call(pipelines, address, &format!("call-{i}")).await) }
@@ -704,8 +702,7 @@ mod tests {
     async fn atomicity_a_broken_connection_fails_every_call_on_it_unanswered() {
         // Each connection answers 3 calls, then closes with more in flight.
         let participant = participant(true, Some(3)).await;
-        let pipelines = Pipelines::default();
-        pipelines.announce(&participant.address, Some(32));
+        let pipelines = pipelining_to(&participant);
         let calls = (0..200).map(|i| {
             let (pipelines, address) = (&pipelines, &participant.address);
             async move { (i, call(pipelines, address, &format!("call-{i}")).await) }
@@ -726,8 +723,7 @@ mod tests {
     #[tokio::test]
     async fn atomicity_a_long_answer_is_read_to_its_end_and_the_next_is_its_own() {
         let participant = participant(true, None).await;
-        let pipelines = Pipelines::default();
-        pipelines.announce(&participant.address, Some(32));
+        let pipelines = pipelining_to(&participant);
         // Echoed bodies of 200 KiB (more than is kept) among short ones,
         // all on one connection (fewer than its depth).
         let calls = (0..30).map(|i| {
@@ -756,8 +752,7 @@ mod tests {
     #[tokio::test]
     async fn no_blocking_new_calls_avoid_a_connection_held_by_a_late_answer() {
         let participant = participant(true, None).await;
-        let pipelines = Pipelines::default();
-        pipelines.announce(&participant.address, Some(32));
+        let pipelines = pipelining_to(&participant);
         let slow = call(&pipelines, &participant.address, "slow-1");
         let fast = async {
             tokio::time::sleep(HELD_AFTER * 2).await;
@@ -780,8 +775,7 @@ mod tests {
     #[tokio::test]
     async fn a_participant_that_stops_announcing_is_no_longer_pipelined() {
         let participant = participant(false, None).await;
-        let pipelines = Pipelines::default();
-        pipelines.announce(&participant.address, Some(32));
+        let pipelines = pipelining_to(&participant);
         let (_, body) = call(&pipelines, &participant.address, "once")
             .await
             .unwrap();

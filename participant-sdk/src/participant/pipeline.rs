@@ -29,6 +29,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::server::{ParticipantServer, http_request};
+use tandem_proto::wire::http1;
+
 use super::{Handler, headers};
 
 /// Calls in flight on one pipelined connection; beyond it the connection
@@ -155,10 +157,9 @@ async fn first_head(mut stream: TcpStream) -> Option<(TcpStream, BytesMut, bool)
         let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
         let mut request = httparse::Request::new(&mut headers);
         let pipelined = match request.parse(&read) {
-            Ok(httparse::Status::Complete(_)) => request
-                .headers
-                .iter()
-                .any(|h| h.name.eq_ignore_ascii_case(headers::PIPELINE)),
+            Ok(httparse::Status::Complete(_)) => {
+                http1::header(request.headers, headers::PIPELINE).is_some()
+            }
             Ok(httparse::Status::Partial) if read.len() < HEAD_BYTES_MAX => continue,
             // HTTP/2's preface, or something axum will refuse in its words.
             Ok(httparse::Status::Partial) | Err(_) => false,
@@ -194,13 +195,7 @@ fn next_request(read: &mut BytesMut) -> Next {
         }
         Err(_) => return Next::Bad(StatusCode::BAD_REQUEST, "malformed request"),
     };
-    let value = |name: &str| {
-        request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
-    };
+    let value = |name: &str| http1::header(request.headers, name);
     if value("transfer-encoding").is_some() {
         return Next::Bad(
             StatusCode::NOT_IMPLEMENTED,
@@ -215,12 +210,7 @@ fn next_request(read: &mut BytesMut) -> Next {
             None => return Next::Bad(StatusCode::BAD_REQUEST, "bad content-length"),
         },
     };
-    let close = value("connection").is_some_and(|v| {
-        std::str::from_utf8(v).is_ok_and(|v| {
-            v.split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case("close"))
-        })
-    });
+    let close = http1::closes(request.headers);
     if read.len() < head_len + body_len {
         read.reserve(head_len + body_len - read.len());
         return Next::Partial;
@@ -252,11 +242,8 @@ async fn answer<H: Handler>(
         match (request.method, route) {
             (Some("POST"), Some(op)) => {
                 let get = |name: &str| {
-                    request
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| std::str::from_utf8(h.value).unwrap_or_default())
+                    http1::header(request.headers, name)
+                        .map(|v| std::str::from_utf8(v).unwrap_or_default())
                 };
                 http_request(&server, op.to_string(), &get, body)
             }
