@@ -184,21 +184,49 @@ pub async fn serve(
             transport.close();
         }
     };
+    // Peer-wire connections (raft/wire.rs) are taken off the port here:
+    // by their first bytes in plaintext, by the protocol their TLS
+    // handshake agreed on otherwise. The rest is tonic's.
     let served = match grpc_tls {
         None => {
             use futures::StreamExt;
+            let transport = transport.clone();
             let speaking = incoming
-                .map(crate::limits::first_bytes)
+                .map(move |io| {
+                    let transport = transport.clone();
+                    async move {
+                        let io = crate::limits::first_bytes(io).await?;
+                        if let Ok(tcp) = &io
+                            && crate::raft::wire::starts_with_magic(tcp.get_ref()).await
+                        {
+                            transport.serve_wire(io.ok()?, None);
+                            return None;
+                        }
+                        Some(io)
+                    }
+                })
                 .buffer_unordered(crate::tls::HANDSHAKES_AT_ONCE)
                 .filter_map(std::future::ready);
             router.serve_with_incoming_shutdown(speaking, stop).await
         }
         Some(acceptor) => {
             use futures::StreamExt;
+            let transport = transport.clone();
             let secured = incoming
                 .map(move |io| {
                     let acceptor = acceptor.clone();
-                    async move { crate::tls::accept(&acceptor, io).await }
+                    let transport = transport.clone();
+                    async move {
+                        let io = crate::tls::accept(&acceptor, io).await?;
+                        if let Ok(tls) = &io
+                            && tls.get_ref().1.alpn_protocol() == Some(crate::raft::wire::ALPN)
+                        {
+                            let certs = tls.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+                            transport.serve_wire(io.ok()?, certs);
+                            return None;
+                        }
+                        Some(io)
+                    }
                 })
                 .buffer_unordered(crate::tls::HANDSHAKES_AT_ONCE)
                 .filter_map(std::future::ready);

@@ -64,8 +64,25 @@ impl Tls {
     /// The gRPC port's TLS (rustls): this node's certificate; a client
     /// certificate is asked for and, when one is presented, must chain to
     /// the CA (the peer transport then requires one and checks its name).
+    /// The peer wire is agreed on by its own protocol name.
     pub fn rustls_grpc_server(&self) -> Result<rustls::ServerConfig, TlsError> {
-        self.rustls_server_config(true, &[b"h2"])
+        self.rustls_server_config(true, &[b"h2", crate::raft::wire::ALPN])
+    }
+
+    /// A client of other nodes (rustls) offering `alpn`: the server's
+    /// certificate checked against the CA, this node's certificate
+    /// presented.
+    pub fn rustls_peer_client(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
+        let (certs, key) = self.rustls_identity()?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(e.to_string()))?
+            .with_root_certificates(self.rustls_roots()?)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| TlsError(format!("--tls-cert/--tls-key: {e}")))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(config)
     }
 
     /// The HTTP API's TLS (rustls): this node's certificate; clients are
@@ -79,26 +96,15 @@ impl Tls {
         ask_client_certificate: bool,
         alpn: &[&[u8]],
     ) -> Result<rustls::ServerConfig, TlsError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let pem = |flag: &str, e: &dyn std::fmt::Display| TlsError(format!("{flag}: {e}"));
-        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem("--tls-cert", &e))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
-            .map_err(|e| pem("--tls-key", &e))?;
+        let (certs, key) = self.rustls_identity()?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError(e.to_string()))?;
         let builder = if ask_client_certificate {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
-                let cert = cert.map_err(|e| pem("--tls-ca", &e))?;
-                roots.add(cert).map_err(|e| pem("--tls-ca", &e))?;
-            }
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
+                Arc::new(self.rustls_roots()?),
                 provider,
             )
             .allow_unauthenticated()
@@ -113,6 +119,40 @@ impl Tls {
             .map_err(|e| pem("--tls-cert/--tls-key", &e))?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(config)
+    }
+
+    /// This node's certificate chain and key, for rustls.
+    fn rustls_identity(
+        &self,
+    ) -> Result<
+        (
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        TlsError,
+    > {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError(format!("--tls-cert: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| TlsError(format!("--tls-key: {e}")))?;
+        Ok((certs, key))
+    }
+
+    /// The CA's certificates, as the roots a peer's certificate must chain to.
+    fn rustls_roots(&self) -> Result<rustls::RootCertStore, TlsError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            let cert = cert.map_err(|e| TlsError(format!("--tls-ca: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| TlsError(format!("--tls-ca: {e}")))?;
+        }
+        Ok(roots)
     }
 
     /// A client of another node at `address` (HOST:PORT): TLS checked

@@ -492,7 +492,8 @@ async fn gc_collects_finished_transactions_after_retention_on_every_node() {
 }
 
 /// Durability: a node of another cluster (say, a stale process on a reused
-/// port) must not feed this cluster's log, over either transport call.
+/// port) must not feed this cluster's log, over either transport call or
+/// the peer wire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durability_a_foreign_cluster_cannot_feed_raft_messages() {
     use tandem_proto::v1::RaftBatch;
@@ -515,7 +516,7 @@ async fn durability_a_foreign_cluster_cannot_feed_raft_messages() {
         .expect_err("send refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
     let refused = client
-        .stream(futures::stream::iter([foreign]))
+        .stream(futures::stream::iter([foreign.clone()]))
         .await
         .expect_err("stream refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
@@ -535,6 +536,15 @@ async fn durability_a_foreign_cluster_cannot_feed_raft_messages() {
         .await
         .expect_err("misrouted refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    // Over the peer wire: refused at its handshake, told why.
+    let refused = tandem_coordinator::raft::wire::connect(&cluster.node(1).address, None, &foreign)
+        .await
+        .map(drop)
+        .expect_err("the wire's handshake refused");
+    assert!(
+        matches!(&refused, tandem_coordinator::raft::wire::LinkError::Refused(why) if why.contains("FailedPrecondition")),
+        "{refused:?}"
+    );
     assert_eq!(
         cluster.wait_leader(LEADER_TIMEOUT).await,
         (1, term),

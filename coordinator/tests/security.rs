@@ -217,6 +217,16 @@ async fn a_cluster_with_dev_certificates_runs_sagas_over_mutual_tls_through_a_le
         .is_err(),
         "no plaintext HTTP"
     );
+    // The nodes reached each other over the peer wire, under TLS, not
+    // over the gRPC stream kept for older nodes.
+    for node in &cluster.nodes {
+        let log = std::fs::read_to_string(&node.log).unwrap();
+        assert!(
+            !log.contains("over its gRPC stream"),
+            "node {}: {log}",
+            node.id
+        );
+    }
 }
 
 /// Raft traffic: from a certificate of another CA, the handshake fails;
@@ -275,7 +285,10 @@ async fn raft_traffic_needs_a_member_certificate_from_the_clusters_ca() {
         ca_pem: read(certs.path(), "ca.pem"),
         ..peer(other.path(), "node-2.pem", "node-2.key")
     };
-    assert!(send(foreign, 2).await.is_err(), "another CA's certificate");
+    assert!(
+        send(foreign.clone(), 2).await.is_err(),
+        "another CA's certificate"
+    );
     let e = send(peer(certs.path(), "node-3.pem", "node-3.key"), 2)
         .await
         .unwrap_err();
@@ -287,6 +300,41 @@ async fn raft_traffic_needs_a_member_certificate_from_the_clusters_ca() {
         .await
         .unwrap_err();
     assert!(e.contains("PermissionDenied"), "{e}");
+    // The same over the peer wire, at its handshake.
+    let over_wire = |tls: tandem_coordinator::tls::Tls, from: u64| {
+        let address = address.clone();
+        let hello = pb::RaftBatch {
+            messages: Vec::new(),
+            ..batch(from)
+        };
+        async move {
+            let connector = tandem_coordinator::raft::wire::TlsConnector::new(&tls).unwrap();
+            tandem_coordinator::raft::wire::connect(&address, Some(&connector), &hello)
+                .await
+                .map(drop)
+                .map_err(|e| format!("{e:?}"))
+        }
+    };
+    let e = over_wire(foreign, 2).await.unwrap_err();
+    assert!(e.starts_with("Unreachable") && e.contains("TLS"), "{e}");
+    let e = over_wire(peer(certs.path(), "node-3.pem", "node-3.key"), 2)
+        .await
+        .unwrap_err();
+    assert!(
+        e.starts_with("Refused") && e.contains("PermissionDenied") && e.contains("node-2"),
+        "{e}"
+    );
+    let e = over_wire(peer(certs.path(), "client.pem", "client.key"), 2)
+        .await
+        .unwrap_err();
+    assert!(
+        e.starts_with("Refused") && e.contains("PermissionDenied"),
+        "{e}"
+    );
+    // A member's own certificate is admitted.
+    over_wire(peer(certs.path(), "node-2.pem", "node-2.key"), 2)
+        .await
+        .unwrap();
     // The refusals are in the node's log: the other CA's handshake, and
     // the certificates that speak for another member.
     let log = std::fs::read_to_string(&cluster.node(1).log).unwrap();

@@ -24,6 +24,7 @@ mod status;
 pub mod storage;
 mod sync_mark;
 pub mod transport;
+pub mod wire;
 
 #[cfg(feature = "sim")]
 pub(crate) use handle::Input;

@@ -1,14 +1,17 @@
-//! Raft messages between nodes over gRPC (`tandem.v1.RaftTransport`).
+//! Raft messages between nodes.
 //!
 //! Each peer has a bounded queue and one task that drains it into batches:
 //! whatever waits when the task wakes leaves together, so batching grows with
-//! load. Ordinary messages flow over one long-lived client stream per peer
-//! (`Stream`), so no batch waits for the previous one's answer and no call
-//! setup is paid per batch; snapshots, which can be large, go in a call of
-//! their own (`Send`) with a longer deadline. A failed stream or call reports
-//! the peer unreachable to raft (which retransmits) and backs off
-//! exponentially up to a quarter second; channels reconnect by themselves. Messages
-//! are raft-rs protobuf bytes.
+//! load. Ordinary messages flow over one long-lived connection per peer: the
+//! peer wire (`wire.rs`: frames on a plain or TLS stream, admitted once),
+//! or, towards a node that does not speak it (an older version during a
+//! rolling upgrade), a gRPC client stream (`tandem.v1.RaftTransport.Stream`).
+//! Either way no batch waits for the previous one's answer and no call
+//! setup is paid per batch. Snapshots, which can be large, go in a gRPC
+//! call of their own (`Send`) with a longer deadline. A failed connection
+//! or call reports the peer unreachable to raft (which retransmits) and
+//! backs off exponentially up to a quarter second; the next batch connects
+//! again. Messages are raft-rs protobuf bytes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -103,6 +106,9 @@ struct Inner {
     /// Set when the node stops serving: ends the peers' open streams, which
     /// a graceful server shutdown would otherwise wait on forever.
     closing: tokio::sync::watch::Sender<bool>,
+    /// TLS for the peer wire (with `tls`); an error (the node's TLS files
+    /// do not make a client configuration) leaves peers on gRPC.
+    wire_tls: Result<Option<super::wire::TlsConnector>, String>,
 }
 
 struct Peer {
@@ -118,6 +124,15 @@ impl Transport {
         tls: Option<Arc<crate::tls::Tls>>,
         runtime: tokio::runtime::Handle,
     ) -> Transport {
+        let wire_tls = match &tls {
+            None => Ok(None),
+            Some(tls) => super::wire::TlsConnector::new(tls)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = &wire_tls {
+            tracing::error!(error = %e, "no TLS client for the peer wire; peers are reached over gRPC");
+        }
         Transport {
             inner: Arc::new(Inner {
                 id,
@@ -130,6 +145,7 @@ impl Transport {
                 learnt: RwLock::new(HashMap::new()),
                 peers: Mutex::new(HashMap::new()),
                 closing: tokio::sync::watch::channel(false).0,
+                wire_tls,
             }),
         }
     }
@@ -137,6 +153,30 @@ impl Transport {
     /// Ends every open stream from a peer; call when the server stops.
     pub fn close(&self) {
         self.inner.closing.send_replace(true);
+    }
+
+    /// Whether the node is stopping (see [`Transport::close`]).
+    pub(super) fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.closing.subscribe()
+    }
+
+    /// Whether the isolating failpoint is set (tests).
+    pub(super) fn isolated(&self) -> bool {
+        fail::eval(FAILPOINT_ISOLATE, |_| ()).is_some()
+    }
+
+    /// Serves a peer-wire connection that arrived on the gRPC port (see
+    /// `wire.rs`), with the TLS client certificate, if any.
+    pub fn serve_wire<IO>(
+        &self,
+        io: IO,
+        certs: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        self.inner
+            .runtime
+            .spawn(super::wire::serve(self.clone(), io, certs));
     }
 
     /// Where peer events go (the Raft loop); set once, before serving.
@@ -174,7 +214,7 @@ impl Transport {
 
     /// Queues messages for their peers. Never blocks.
     pub fn send(&self, messages: Vec<Message>) {
-        if messages.is_empty() || fail::eval(FAILPOINT_ISOLATE, |_| ()).is_some() {
+        if messages.is_empty() || self.isolated() {
             return;
         }
         let mut peers = self.inner.peers.lock().expect("peer table lock");
@@ -234,7 +274,7 @@ impl Transport {
             .without_max_times();
         let mut backoff = schedule.build();
         let mut failures = 0u64;
-        let mut stream: Option<PeerStream> = None;
+        let mut route: Option<Route> = None;
         let mut batch = Vec::with_capacity(64);
         while let Some(first) = rx.recv().await {
             batch.clear();
@@ -245,7 +285,7 @@ impl Transport {
                     Err(_) => break,
                 }
             }
-            if fail::eval(FAILPOINT_ISOLATE, |_| ()).is_some() {
+            if self.isolated() {
                 continue;
             }
             let (snapshots, ordinary): (Vec<Message>, Vec<Message>) = batch
@@ -253,10 +293,20 @@ impl Transport {
                 .partition(|m| m.get_msg_type() == MessageType::MsgSnapshot);
             let mut outcome = Ok(());
             if !ordinary.is_empty() {
-                let open = stream.get_or_insert_with(|| PeerStream::open(&client));
-                outcome = open.send(self.batch(&ordinary)).await;
+                if route.is_none() {
+                    match self.open_route(&address, &client).await {
+                        Ok(open) => route = Some(open),
+                        Err(e) => outcome = Err(e),
+                    }
+                }
+                if let Some(open) = &mut route {
+                    outcome = match open {
+                        Route::Wire(link) => link.send(&ordinary).await,
+                        Route::Grpc(stream) => stream.send(self.batch(&ordinary)).await,
+                    };
+                }
                 if outcome.is_err() {
-                    stream = None;
+                    route = None;
                 }
             }
             if !snapshots.is_empty() {
@@ -295,6 +345,29 @@ impl Transport {
         }
     }
 
+    /// A connection to the peer at `address` for ordinary messages: the
+    /// peer wire, or the gRPC stream when the peer does not speak it (an
+    /// older node). Tried afresh after every failure, so a node upgraded
+    /// in place is reached over the wire once it is back.
+    async fn open_route(
+        &self,
+        address: &str,
+        client: &RaftTransportClient<Channel>,
+    ) -> Result<Route, String> {
+        let tls = match &self.inner.wire_tls {
+            Ok(tls) => tls.as_ref(),
+            Err(_) => return Ok(Route::Grpc(PeerStream::open(client))),
+        };
+        match super::wire::connect(address, tls, &self.batch(&[])).await {
+            Ok(link) => Ok(Route::Wire(link)),
+            Err(super::wire::LinkError::NotSpoken(why)) => {
+                tracing::info!(%address, %why, "reaching the peer over its gRPC stream");
+                Ok(Route::Grpc(PeerStream::open(client)))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     fn batch(&self, messages: &[Message]) -> RaftBatch {
         RaftBatch {
             cluster_name: self.inner.cluster_name.clone(),
@@ -315,6 +388,12 @@ impl Transport {
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
     }
+}
+
+/// How ordinary messages reach one peer.
+enum Route {
+    Wire(super::wire::Link),
+    Grpc(PeerStream),
 }
 
 /// One open `Stream` call to a peer: batches go into `queue`; the call runs
@@ -370,7 +449,8 @@ impl RaftTransport for RaftService {
     ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
         let certs = request.peer_certs();
         let batch = request.into_inner();
-        self.admit(&batch, certs.as_deref().map(Vec::as_slice))?;
+        self.transport
+            .admit(&batch, certs.as_deref().map(Vec::as_slice))?;
         if !self.deliver(&batch.messages, batch.from_id)? {
             return Err(tonic::Status::resource_exhausted("raft loop saturated"));
         }
@@ -395,7 +475,8 @@ impl RaftTransport for RaftService {
             let Some(batch) = batch else { break };
             // A stream comes from one sender: check who it is once.
             if !admitted {
-                self.admit(&batch, certs.as_deref().map(Vec::as_slice))?;
+                self.transport
+                    .admit(&batch, certs.as_deref().map(Vec::as_slice))?;
                 admitted = true;
             }
             if !self.deliver(&batch.messages, batch.from_id)? {
@@ -407,16 +488,16 @@ impl RaftTransport for RaftService {
     }
 }
 
-impl RaftService {
+impl Transport {
     /// Refuses a sender from another cluster and, with TLS, one whose
     /// certificate (already checked against the CA) does not name the
     /// member it claims to be; learns where it serves.
-    fn admit(
+    pub(super) fn admit(
         &self,
         batch: &RaftBatch,
         certs: Option<&[tonic::transport::CertificateDer<'static>]>,
     ) -> Result<(), tonic::Status> {
-        let inner = &self.transport.inner;
+        let inner = &self.inner;
         if batch.cluster_name != inner.cluster_name {
             return Err(tonic::Status::failed_precondition(format!(
                 "node {} belongs to cluster {:?}, not {:?}",
@@ -464,11 +545,41 @@ impl RaftService {
         Ok(())
     }
 
+    /// Refuses a message that is not for this node or not from `from` (the
+    /// sender admitted).
+    pub(super) fn accepts(&self, message: &Message, from: u64) -> Result<(), tonic::Status> {
+        if message.to != self.inner.id {
+            return Err(tonic::Status::invalid_argument(format!(
+                "message for node {} reached node {}",
+                message.to, self.inner.id
+            )));
+        }
+        // A sender speaks for itself only (its certificate was checked
+        // for `from` once per stream).
+        if message.from != from {
+            return Err(tonic::Status::permission_denied(format!(
+                "node {from} sent a message from node {}",
+                message.from
+            )));
+        }
+        Ok(())
+    }
+
+    /// Hands messages to the Raft loop; false when it was too busy to take
+    /// them.
+    pub(super) fn hand_over(&self, messages: Vec<Message>) -> bool {
+        self.inner
+            .inputs
+            .get()
+            .is_none_or(|inputs| inputs.try_send(PeerEvent::Raft(messages)).is_ok())
+    }
+}
+
+impl RaftService {
     /// Decodes messages and hands them to the Raft loop; false when the
     /// loop was too busy to take them.
     fn deliver(&self, encoded: &[Vec<u8>], from: u64) -> Result<bool, tonic::Status> {
-        let inner = &self.transport.inner;
-        if fail::eval(FAILPOINT_ISOLATE, |_| ()).is_some() {
+        if self.transport.isolated() {
             return Err(tonic::Status::unavailable("isolated by failpoint"));
         }
         let mut messages = Vec::with_capacity(encoded.len());
@@ -477,25 +588,9 @@ impl RaftService {
             message
                 .merge_from_bytes(bytes)
                 .map_err(|e| tonic::Status::invalid_argument(format!("bad raft message: {e}")))?;
-            if message.to != inner.id {
-                return Err(tonic::Status::invalid_argument(format!(
-                    "message for node {} reached node {}",
-                    message.to, inner.id
-                )));
-            }
-            // A sender speaks for itself only (its certificate was checked
-            // for `from` once per stream).
-            if message.from != from {
-                return Err(tonic::Status::permission_denied(format!(
-                    "node {from} sent a message from node {}",
-                    message.from
-                )));
-            }
+            self.transport.accepts(&message, from)?;
             messages.push(message);
         }
-        Ok(inner
-            .inputs
-            .get()
-            .is_none_or(|inputs| inputs.try_send(PeerEvent::Raft(messages)).is_ok()))
+        Ok(self.transport.hand_over(messages))
     }
 }
