@@ -655,9 +655,75 @@ mod tests {
 
     /// Pipelines that know `participant` as announcing a depth of 32.
     fn pipelining_to(participant: &Participant) -> Pipelines {
+        pipelining_at(&participant.address)
+    }
+
+    fn pipelining_at(address: &str) -> Pipelines {
         let pipelines = Pipelines::default();
-        pipelines.announce(&participant.address, Some(32));
+        pipelines.announce(address, Some(32));
         pipelines
+    }
+
+    /// A participant that reads calls and never answers them.
+    struct Silent {
+        address: String,
+        /// Whole requests read, over every connection.
+        requests: Arc<AtomicUsize>,
+        /// When the other end first closed a connection.
+        closed_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    }
+
+    /// A participant that reads calls and never answers; it closes a
+    /// connection itself once it has read `close_after` requests on it.
+    async fn silent(close_after: Option<usize>) -> Silent {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let closed_at = Arc::new(std::sync::Mutex::new(None));
+        let (counted, closed) = (requests.clone(), closed_at.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (counted, closed) = (counted.clone(), closed.clone());
+                tokio::spawn(async move {
+                    let mut read = BytesMut::with_capacity(64 << 10);
+                    let mut here = 0;
+                    loop {
+                        read.reserve(64 << 10);
+                        if stream.read_buf(&mut read).await.unwrap_or(0) == 0 {
+                            closed.lock().unwrap().get_or_insert_with(Instant::now);
+                            return;
+                        }
+                        loop {
+                            let mut headers = [httparse::EMPTY_HEADER; 32];
+                            let mut request = httparse::Request::new(&mut headers);
+                            let Ok(httparse::Status::Complete(head)) = request.parse(&read) else {
+                                break;
+                            };
+                            let length: usize = tandem_proto::wire::http1::header(
+                                request.headers,
+                                "content-length",
+                            )
+                            .map(|v| std::str::from_utf8(v).unwrap().parse().unwrap())
+                            .unwrap();
+                            if read.len() < head + length {
+                                break;
+                            }
+                            read.advance(head + length);
+                            counted.fetch_add(1, Ordering::Relaxed);
+                            here += 1;
+                            if Some(here) == close_after {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Silent {
+            address,
+            requests,
+            closed_at,
+        }
     }
 
     /// `body` to `address` (echoed back by the test participant).
@@ -770,6 +836,55 @@ mod tests {
             "held behind the slow answer: {took:?}"
         );
         assert_eq!(participant.connections.load(Ordering::Relaxed), 2);
+    }
+
+    /// Idempotency: a call written on a connection that then breaks fails,
+    /// as a transient outcome the driver retries under fencing; the
+    /// transport itself never writes it again (only a call it never wrote
+    /// goes on another connection).
+    #[tokio::test]
+    async fn idempotency_a_written_call_is_not_sent_again_when_its_connection_breaks() {
+        let participant = silent(Some(1)).await;
+        let pipelines = pipelining_at(&participant.address);
+        let answer = call(&pipelines, &participant.address, "once").await;
+        assert!(answer.is_err(), "{answer:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            participant.requests.load(Ordering::Relaxed),
+            1,
+            "the transport wrote the call again"
+        );
+    }
+
+    /// No blocking: an answer still missing a second past its call's
+    /// deadline closes the connection, so whatever is queued behind it is
+    /// failed (and retried by the driver) rather than held.
+    #[tokio::test]
+    async fn no_blocking_an_answer_stuck_past_its_deadline_closes_the_connection() {
+        let participant = silent(None).await;
+        let pipelines = pipelining_at(&participant.address);
+        let headers = [("tandem-gid", std::borrow::Cow::Borrowed("g"))];
+        let request =
+            encode_request("/tandem/action", &participant.address, &headers, b"stuck").unwrap();
+        let timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let exchange = pipelines.exchange(&participant.address, request, timeout, 1024);
+        // As the branch caller does: the call itself ends at its deadline.
+        assert!(tokio::time::timeout(timeout, exchange).await.is_err());
+        let mut closed = None;
+        for _ in 0..100 {
+            closed = *participant.closed_at.lock().unwrap();
+            if closed.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after = closed.expect("the connection was never closed") - started;
+        assert!(
+            after >= timeout + STUCK_AFTER && after < timeout + STUCK_AFTER * 3,
+            "closed {after:?} after the call"
+        );
+        assert_eq!(participant.requests.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
