@@ -34,6 +34,7 @@ pub const RAFT_PROPOSALS: &str = "tandem_raft_proposals_total";
 pub const RAFT_COMMIT_SECONDS: &str = "tandem_raft_commit_seconds";
 pub const RAFT_FSYNC_SECONDS: &str = "tandem_raft_fsync_seconds";
 pub const RAFT_GROUP_COMMIT_WAITS: &str = "tandem_raft_group_commit_waits_total";
+pub const RAFT_SLOW_TURNS: &str = "tandem_raft_slow_turns_total";
 pub const RAFT_COMMIT_INDEX: &str = "tandem_raft_commit_index";
 pub const RAFT_APPLIED_INDEX: &str = "tandem_raft_applied_index";
 pub const RAFT_APPLY_LAG: &str = "tandem_raft_apply_lag_entries";
@@ -170,6 +171,10 @@ fn describe() {
         RAFT_GROUP_COMMIT_WAITS,
         "Log writes the leader held back for the group-commit gap"
     );
+    describe_counter!(
+        RAFT_SLOW_TURNS,
+        "Turns of the Raft loop that took 50 ms or more (each holds every proposal behind it)"
+    );
     describe_gauge!(RAFT_COMMIT_INDEX, "Highest committed log index");
     describe_gauge!(RAFT_APPLIED_INDEX, "Highest applied log index");
     describe_gauge!(RAFT_APPLY_LAG, "Committed entries not applied yet");
@@ -271,6 +276,10 @@ pub fn group_commit_wait() {
     if let Some(hot) = HOT.get() {
         hot.group_commit_waits.increment(1);
     }
+}
+
+pub fn slow_turn() {
+    counter!(RAFT_SLOW_TURNS).increment(1);
 }
 
 pub fn snapshot_written() {

@@ -60,6 +60,11 @@ pub(super) use crate::codec;
 const INPUTS_PER_TURN: usize = 4096;
 /// Capacity of the input channel; beyond it callers get `Overloaded`.
 pub const INPUT_QUEUE_MAX: usize = 65_536;
+/// A turn of the loop this long holds every proposal and peer message
+/// behind it: it is counted and reported (at most once per
+/// [`SLOW_TURN_REPORT_EVERY`]), with where its time went.
+const SLOW_TURN: Duration = Duration::from_millis(50);
+const SLOW_TURN_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Minimum gap between two status publications when nothing important changed.
 pub(super) const STATUS_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -254,6 +259,10 @@ pub(crate) struct Loop<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet
     /// carried (for the group-commit gap and its measure of load).
     pub(super) last_sync: Instant,
     pub(super) last_sync_entries: usize,
+    /// The last turn's log write (with its fsync, if any) and entries
+    /// applied: what a slow turn is reported with.
+    pub(super) turn_write: Duration,
+    pub(super) turn_applied: usize,
     pub(super) last_status: Instant,
     /// (role, term, leader) when status was last published.
     pub(super) last_role: (StateRole, u64, u64),
@@ -269,10 +278,12 @@ pub(crate) struct Loop<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet
 impl<S: Replicated, O: Observer<S>> Thread<S, O> {
     fn run(mut self) {
         let mut next_tick = Instant::now() + self.core.config.tick;
+        let mut last_report: Option<Instant> = None;
         'outer: loop {
             let Ok(first) = self.next_input(next_tick) else {
                 break 'outer;
             };
+            let turn_started = Instant::now();
             if let Some(input) = first
                 && (!self.core.handle(input) || !self.take_waiting())
             {
@@ -286,9 +297,24 @@ impl<S: Replicated, O: Observer<S>> Thread<S, O> {
             if !self.gather_for_group_commit() {
                 break 'outer;
             }
+            let ending = Instant::now();
             if let Err(e) = self.core.end_turn() {
                 // Acknowledging anything after a failed write would break durability.
                 panic!("writing the raft log failed: {e}");
+            }
+            let took = turn_started.elapsed();
+            if took >= SLOW_TURN {
+                crate::metrics::slow_turn();
+                if last_report.is_none_or(|at| at.elapsed() >= SLOW_TURN_REPORT_EVERY) {
+                    last_report = Some(Instant::now());
+                    tracing::warn!(
+                        took_ms = took.as_millis() as u64,
+                        inputs_ms = (ending - turn_started).as_millis() as u64,
+                        log_write_ms = self.core.turn_write.as_millis() as u64,
+                        applied = self.core.turn_applied,
+                        "a turn of the raft loop took long; proposals waited behind it"
+                    );
+                }
             }
             if let Some(job) = self.core.take_snapshot_job() {
                 self.write_snapshot(job);
@@ -460,6 +486,8 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             log_bytes_at_snapshot: 0,
             last_sync: Instant::now(),
             last_sync_entries: 0,
+            turn_write: Duration::ZERO,
+            turn_applied: 0,
             last_status: Instant::now() - STATUS_INTERVAL,
             last_role: (StateRole::Follower, 0, 0),
             status_stale: false,
@@ -502,6 +530,8 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
     /// the Ready contract, leadership, reads, snapshots, status. An error
     /// is a failed log write: the node must stop.
     pub(crate) fn end_turn(&mut self) -> Result<(), StoreError> {
+        self.turn_write = Duration::ZERO;
+        self.turn_applied = 0;
         self.request_read_index();
         self.on_ready()?;
         self.track_leadership();
@@ -711,6 +741,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             .raw
             .mut_store()
             .persist(ready.entries(), ready.hs(), must_sync);
+        self.turn_write = write_started.elapsed();
         if must_sync {
             crate::metrics::fsync(write_started.elapsed());
             self.last_sync = Instant::now();
@@ -736,6 +767,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             if entry.index <= self.applied {
                 continue;
             }
+            self.turn_applied += 1;
             self.applied = entry.index;
             self.applied_term = entry.term;
             self.observer.entry_applied(entry.index, entry.term);
