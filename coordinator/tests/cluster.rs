@@ -107,6 +107,49 @@ async fn durability_with_a_group_commit_gap_every_node_killed_loses_nothing_ackn
     every_node_killed_loses_nothing_acknowledged(options, "gap", 400, true).await;
 }
 
+/// No blocking, seen by operators: a turn of the Raft loop held up by a
+/// slow log write (here a failpoint sleeping 80 ms in it) is counted in
+/// `tandem_raft_slow_turns_total` and reported in the log with where its
+/// time went, so a stall shows where it happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_blocking_a_slow_log_write_is_counted_and_reported() {
+    let cluster = Cluster::start(1);
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let slow_turns = || async {
+        let url = format!("{}/metrics", cluster.node(1).http_url());
+        let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        metric(&page, "tandem_raft_slow_turns_total")
+    };
+    let before = slow_turns().await;
+    cluster
+        .set_failpoint(1, "raft-slow-log-write", "sleep(80)")
+        .await;
+    cluster
+        .client()
+        .begin("slow-write", pb::Protocol::Tcc)
+        .await
+        .expect("begin with a slow disk");
+    cluster.set_failpoint(1, "raft-slow-log-write", "off").await;
+    assert!(slow_turns().await > before, "no slow turn counted");
+    let log = std::fs::read_to_string(&cluster.node(1).log).unwrap();
+    let report = log
+        .lines()
+        .find(|l| l.contains("a turn of the raft loop took long"))
+        .expect("the slow turn is in the node's log");
+    // The node's log is colored: drop the escape sequences.
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in report.chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (false, c) => plain.push(c),
+            (true, _) => {}
+        }
+    }
+    assert!(plain.contains("log_write_ms=8"), "{plain}");
+}
+
 /// Begins `count` transactions, kills every node (-9) at once, restarts
 /// them: the new leader holds exactly what was acknowledged, and takes
 /// writes again. With `gap`, first checks that the leader held writes

@@ -65,6 +65,8 @@ pub const INPUT_QUEUE_MAX: usize = 65_536;
 /// [`SLOW_TURN_REPORT_EVERY`]), with where its time went.
 const SLOW_TURN: Duration = Duration::from_millis(50);
 const SLOW_TURN_REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Delays the log write of a turn (tests: a slow disk).
+pub const FAILPOINT_SLOW_LOG_WRITE: &str = "raft-slow-log-write";
 /// Minimum gap between two status publications when nothing important changed.
 pub(super) const STATUS_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -737,6 +739,8 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
         let must_sync = ready.must_sync();
         let entries = ready.entries().len();
         let write_started = std::time::Instant::now();
+        // A slow disk, for tests (`sleep(ms)`).
+        fail::fail_point!(FAILPOINT_SLOW_LOG_WRITE);
         let written = self
             .raw
             .mut_store()
