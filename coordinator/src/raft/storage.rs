@@ -23,7 +23,6 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -169,8 +168,10 @@ pub const BOOTSTRAP_TERM: u64 = 1;
 pub struct LogStore {
     /// Shared with the thread that purges old log files.
     engine: Arc<Engine>,
-    /// A purge of old log files is running (see `purge_in_background`).
-    purging: Arc<AtomicBool>,
+    /// The purge of old log files started last (see `purge_in_background`);
+    /// the store waits for it when dropped, so the engine (and its lock on
+    /// the directory) goes with the store.
+    purge: Option<std::thread::JoinHandle<()>>,
     /// The Raft group this store holds in the engine (raft-engine
     /// multiplexes groups by id).
     group: u64,
@@ -194,6 +195,14 @@ pub struct LogStore {
     batch: LogBatch,
 }
 
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        if let Some(running) = self.purge.take() {
+            let _ = running.join();
+        }
+    }
+}
+
 impl LogStore {
     /// Lets raft-engine recycle the log files compaction emptied (and
     /// rewrite what little older files still hold), on a thread of its
@@ -202,23 +211,27 @@ impl LogStore {
     /// at a time: files a running purge misses go with the next one. A
     /// failed purge leaves files behind, nothing else, so it is reported,
     /// not fatal.
-    fn purge_in_background(&self) {
-        if self.purging.swap(true, Ordering::AcqRel) {
+    fn purge_in_background(&mut self) {
+        if self.purge.as_ref().is_some_and(|p| !p.is_finished()) {
             return;
         }
-        let (engine, purging) = (self.engine.clone(), self.purging.clone());
+        if let Some(done) = self.purge.take() {
+            let _ = done.join();
+        }
+        let engine = self.engine.clone();
         let purge = move || {
             if let Err(e) = engine.purge_expired_files() {
                 tracing::warn!(error = %e, "could not purge the raft log's old files");
             }
-            purging.store(false, Ordering::Release);
         };
-        if let Err(e) = std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name("log-purge".into())
             .spawn(purge)
         {
-            tracing::warn!(error = %e, "cannot start the log purge thread; old log files stay");
-            self.purging.store(false, Ordering::Release);
+            Ok(running) => self.purge = Some(running),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the log purge thread; old log files stay")
+            }
         }
     }
 
@@ -258,7 +271,7 @@ impl LogStore {
         let snapshot = load_newest_snapshot(&snap_dir)?.unwrap_or_default();
         let mut store = LogStore {
             engine,
-            purging: Arc::new(AtomicBool::new(false)),
+            purge: None,
             group,
             hard_state,
             truncated,
