@@ -576,6 +576,25 @@ mod tests {
         most_in_one_read: Arc<AtomicUsize>,
     }
 
+    /// The body of the first whole request in `read`, taken off it; `None`
+    /// while the request is not whole (the test participants' framing).
+    fn take_request(read: &mut BytesMut) -> Option<Vec<u8>> {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(head)) = request.parse(read) else {
+            return None;
+        };
+        let length: usize = tandem_proto::wire::http1::header(request.headers, "content-length")
+            .map(|v| std::str::from_utf8(v).unwrap().parse().unwrap())
+            .unwrap();
+        if read.len() < head + length {
+            return None;
+        }
+        let body = read[head..head + length].to_vec();
+        read.advance(head + length);
+        Some(body)
+    }
+
     /// A participant that answers 409 with the request's own body, in
     /// order, as many in one write as it read (a body starting `slow` after
     /// a second); announcing pipelining if `announce`, closing each
@@ -599,23 +618,7 @@ mod tests {
                             return;
                         }
                         let (mut out, mut in_this_read) = (Vec::new(), 0);
-                        loop {
-                            let mut headers = [httparse::EMPTY_HEADER; 32];
-                            let mut request = httparse::Request::new(&mut headers);
-                            let Ok(httparse::Status::Complete(head)) = request.parse(&read) else {
-                                break;
-                            };
-                            let length: usize = request
-                                .headers
-                                .iter()
-                                .find(|h| h.name == "content-length")
-                                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
-                                .unwrap();
-                            if read.len() < head + length {
-                                break;
-                            }
-                            let body = read[head..head + length].to_vec();
-                            read.advance(head + length);
+                        while let Some(body) = take_request(&mut read) {
                             if body.starts_with(b"slow") {
                                 let _ = stream.write_all(&out).await;
                                 out.clear();
@@ -693,22 +696,7 @@ mod tests {
                             closed.lock().unwrap().get_or_insert_with(Instant::now);
                             return;
                         }
-                        loop {
-                            let mut headers = [httparse::EMPTY_HEADER; 32];
-                            let mut request = httparse::Request::new(&mut headers);
-                            let Ok(httparse::Status::Complete(head)) = request.parse(&read) else {
-                                break;
-                            };
-                            let length: usize = tandem_proto::wire::http1::header(
-                                request.headers,
-                                "content-length",
-                            )
-                            .map(|v| std::str::from_utf8(v).unwrap().parse().unwrap())
-                            .unwrap();
-                            if read.len() < head + length {
-                                break;
-                            }
-                            read.advance(head + length);
+                        while take_request(&mut read).is_some() {
                             counted.fetch_add(1, Ordering::Relaxed);
                             here += 1;
                             if Some(here) == close_after {

@@ -747,7 +747,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             .persist(ready.entries(), ready.hs(), must_sync);
         self.turn_write = write_started.elapsed();
         if must_sync {
-            crate::metrics::fsync(write_started.elapsed());
+            crate::metrics::fsync(self.turn_write);
             self.last_sync = Instant::now();
             self.last_sync_entries = entries;
         }

@@ -1095,6 +1095,22 @@ mod tests {
         let files = snapshot_files(dir.path()).unwrap();
         assert_eq!(files.len(), 1, "{files:?}");
         assert!(spare.exists(), "the snapshot at 8 is the spare now");
+        // A crash while the next snapshot is written over the spare: the
+        // half-written file is dropped on open, the newest is what loads.
+        let torn = dir
+            .path()
+            .join(snapshot_file_name(20, 2))
+            .with_extension("tmp");
+        fs::rename(&spare, &torn).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&torn)
+            .unwrap()
+            .write_all(b"half a snapshot")
+            .unwrap();
+        let loaded = load_newest_snapshot(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.get_data(), b"twelve");
+        assert!(!torn.exists());
     }
 
     #[test]

@@ -106,9 +106,8 @@ struct Inner {
     /// Set when the node stops serving: ends the peers' open streams, which
     /// a graceful server shutdown would otherwise wait on forever.
     closing: tokio::sync::watch::Sender<bool>,
-    /// TLS for the peer wire (with `tls`); an error (the node's TLS files
-    /// do not make a client configuration) leaves peers on gRPC.
-    wire_tls: Result<Option<super::wire::TlsConnector>, String>,
+    /// How this node opens peer-wire connections.
+    wire: WireClient,
 }
 
 struct Peer {
@@ -124,15 +123,16 @@ impl Transport {
         tls: Option<Arc<crate::tls::Tls>>,
         runtime: tokio::runtime::Handle,
     ) -> Transport {
-        let wire_tls = match &tls {
-            None => Ok(None),
-            Some(tls) => super::wire::TlsConnector::new(tls)
-                .map(Some)
-                .map_err(|e| e.to_string()),
+        let wire = match &tls {
+            None => WireClient::Plain,
+            Some(tls) => match super::wire::TlsConnector::new(tls) {
+                Ok(connector) => WireClient::Tls(connector),
+                Err(e) => {
+                    tracing::error!(error = %e, "no TLS client for the peer wire; peers are reached over gRPC");
+                    WireClient::Off
+                }
+            },
         };
-        if let Err(e) = &wire_tls {
-            tracing::error!(error = %e, "no TLS client for the peer wire; peers are reached over gRPC");
-        }
         Transport {
             inner: Arc::new(Inner {
                 id,
@@ -145,7 +145,7 @@ impl Transport {
                 learnt: RwLock::new(HashMap::new()),
                 peers: Mutex::new(HashMap::new()),
                 closing: tokio::sync::watch::channel(false).0,
-                wire_tls,
+                wire,
             }),
         }
     }
@@ -354,9 +354,10 @@ impl Transport {
         address: &str,
         client: &RaftTransportClient<Channel>,
     ) -> Result<Route, String> {
-        let tls = match &self.inner.wire_tls {
-            Ok(tls) => tls.as_ref(),
-            Err(_) => return Ok(Route::Grpc(PeerStream::open(client))),
+        let tls = match &self.inner.wire {
+            WireClient::Plain => None,
+            WireClient::Tls(connector) => Some(connector),
+            WireClient::Off => return Ok(Route::Grpc(PeerStream::open(client))),
         };
         match super::wire::connect(address, tls, &self.batch(&[])).await {
             Ok(link) => Ok(Route::Wire(link)),
@@ -388,6 +389,15 @@ impl Transport {
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
     }
+}
+
+/// How a node opens peer-wire connections: in plaintext, over TLS, or not
+/// at all (its TLS files did not make a client configuration: its peers are
+/// reached over gRPC).
+enum WireClient {
+    Plain,
+    Tls(super::wire::TlsConnector),
+    Off,
 }
 
 /// How ordinary messages reach one peer.

@@ -316,12 +316,11 @@ pub async fn starts_with_magic(tcp: &tokio::net::TcpStream) -> bool {
 /// peer closes, the node stops or a frame is bad.
 pub async fn serve<IO>(
     transport: Transport,
-    io: IO,
+    mut io: IO,
     certs: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
 ) where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let mut io = io;
     let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_greeting(&mut io)).await {
         Ok(Ok(body)) => body,
         Ok(Err(Unheard::Bad(e))) => {
