@@ -195,6 +195,40 @@ async fn postgres_prepare_transaction_can_answer_without_error_and_prepare_nothi
     assert!(xa.prepared().await.unwrap().is_empty());
 }
 
+/// Atomicity (no half-done work left behind): a prepare whose caller gives
+/// up in the middle of its work — as when the coordinator's connection
+/// breaks — still ends its transaction (`prepare` runs it on a task of its
+/// own) before the pooled connection is used again; the next user of the
+/// pool's only connection works normally.
+#[tokio::test]
+async fn atomicity_a_cancelled_prepare_leaves_no_transaction_on_the_pool() {
+    let pool = pool(1).await;
+    let xa = PgXa::new(pool.clone(), ClusterId::from_uuid(uuid::Uuid::new_v4()))
+        .await
+        .unwrap();
+    let gid = tandem_sdk::new_gid();
+    let c = ctx(&gid, "pg");
+    let prepare = xa.prepare(&c, |conn| {
+        Box::pin(async move {
+            // A failed statement the work goes past, then a long wait.
+            let _ = exec(conn, "SELECT 1/0").await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok(())
+        })
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), prepare)
+            .await
+            .is_err(),
+        "the prepare was to be cancelled mid-work"
+    );
+    sqlx::query("SELECT 1")
+        .execute(&pool)
+        .await
+        .expect("the pool's connection is not left in the cancelled transaction");
+    assert!(xa.prepared().await.unwrap().is_empty());
+}
+
 async fn commit_until_done(xa: &PgXa, ctx: &BranchContext) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
