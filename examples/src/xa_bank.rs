@@ -581,8 +581,17 @@ async fn run_on(
     }
     let sum_after = pg.sum(&run).await.context("PostgreSQL sum after")?
         + my.sum(&run).await.context("MariaDB sum after")?;
-    let prepared_left = pg.prepared().await.map_err(anyhow::Error::msg)?.len()
-        + my.prepared().await.map_err(anyhow::Error::msg)?.len();
+    let prepared_left = pg
+        .prepared()
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("PostgreSQL's prepared branches after the run")?
+        .len()
+        + my.prepared()
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("MariaDB's prepared branches after the run")?
+            .len();
     let accounts_broken = check_accounts(&pg, &my, &run, config.accounts)
         .await
         .context("checking accounts")?;

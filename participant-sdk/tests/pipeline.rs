@@ -172,3 +172,47 @@ async fn shutdown_lets_the_calls_in_flight_answer() {
     let answered = answers(&mut stream, 1).await;
     assert_eq!(answered[0].1, "slow-1");
 }
+
+/// Counts the calls whose handler ran to its end (each sleeps first).
+#[derive(Clone, Default)]
+struct Finishes(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Handler for Finishes {
+    async fn handle(&self, _request: BranchRequest) -> Result<(), BranchError> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Atomicity (no half-done work): a call whose coordinator hangs up while
+/// the handler runs — the connection reset, as when the node dies — still
+/// runs its handler to the end, on a pipelined connection and on a plain
+/// one; it is not cancelled at an await point in the middle of its work.
+#[tokio::test]
+async fn atomicity_a_handler_runs_to_its_end_when_the_caller_hangs_up() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    let finished = Finishes::default();
+    tokio::spawn(tandem_sdk::participant::serve(
+        listener,
+        ParticipantServer::new(finished.clone()),
+        std::future::pending(),
+    ));
+    for pipelined in [true, false] {
+        let before = finished.0.load(std::sync::atomic::Ordering::SeqCst);
+        let stream = sent(&address, &request("b-1", pipelined)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A reset, not a polite close: what a killed process's peer sees.
+        stream.set_zero_linger().expect("linger");
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while finished.0.load(std::sync::atomic::Ordering::SeqCst) == before {
+            assert!(
+                Instant::now() < deadline,
+                "the handler was cancelled with its connection (pipelined: {pipelined})"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -9,12 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::within;
 use futures::StreamExt;
 use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
 use sqlx::{Connection, Row};
 use tandem_sdk::ClusterId;
 use tandem_sdk::participant::{BranchContext, BranchError, Fence};
 use tandem_sdk::xa::{HoldOptions, MySqlXa, PROBE_PACE, SessionProbe, XaStore};
+
+mod common;
 
 const URL: &str = "mysql://root@127.0.0.1:3306/test";
 
@@ -473,6 +476,50 @@ async fn atomicity_mariadb_takeover_race_reproduced_and_the_takeover_condition_i
         lost_missed, 0,
         "a commit was lost although the takeover condition held"
     );
+}
+
+/// Atomicity (no half-done work left behind): commits and rollbacks whose
+/// caller gives up at every instant of their work — as when a coordinator
+/// node dies with calls in flight — never hand the pool a session inside a
+/// transaction (the helper runs them on a task of their own).
+#[tokio::test]
+async fn atomicity_commits_and_rollbacks_given_up_at_any_instant_leave_no_transaction_on_the_pool()
+{
+    let pool = pool(1).await;
+    let xa = MySqlXa::new(pool.clone(), cluster()).await.unwrap();
+    // Cuts spread over the length of a whole call.
+    let mut whole = Duration::MAX;
+    for _ in 0..5 {
+        let started = Instant::now();
+        XaStore::rollback(&xa, &ctx(&tandem_sdk::new_gid(), "my"))
+            .await
+            .unwrap();
+        whole = whole.min(started.elapsed());
+    }
+    let mut cut = 0;
+    for step in 0..300u32 {
+        let c = ctx(&tandem_sdk::new_gid(), "my");
+        let call = async {
+            if step % 3 == 0 {
+                let _ = XaStore::commit(&xa, &c).await;
+            } else {
+                let _ = XaStore::rollback(&xa, &c).await;
+            }
+        };
+        if !within(whole * step / 250, call).await {
+            cut += 1;
+        }
+        // The pool's only session: outside any transaction, and working.
+        let open: u64 = sqlx::query_scalar("SELECT @@in_transaction")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("step {step}: the pool's session is broken: {e}"));
+        assert_eq!(
+            open, 0,
+            "step {step}: the pool's session was handed back inside a transaction"
+        );
+    }
+    assert!(cut > 100, "only {cut} of 300 calls were cut short");
 }
 
 async fn commit_until_done(xa: &MySqlXa, ctx: &BranchContext) {

@@ -7,12 +7,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::within;
 use futures::StreamExt;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
 use tandem_sdk::ClusterId;
 use tandem_sdk::participant::{BranchContext, BranchError, Fence};
 use tandem_sdk::xa::{PgXa, XaStore};
+
+mod common;
 
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -227,6 +230,59 @@ async fn atomicity_a_cancelled_prepare_leaves_no_transaction_on_the_pool() {
         .await
         .expect("the pool's connection is not left in the cancelled transaction");
     assert!(xa.prepared().await.unwrap().is_empty());
+}
+
+/// Atomicity (no half-done work left behind): commits and rollbacks whose
+/// caller gives up at every instant of their work — as when a coordinator
+/// node dies with calls in flight — never hand the pool a connection inside
+/// a transaction. (sqlx's `begin` cancelled after `BEGIN` went out leaves
+/// the session in a transaction its guard does not know about; the next
+/// user of the connection then works inside it, and after one failed
+/// statement every statement fails with "current transaction is aborted".)
+#[tokio::test]
+async fn atomicity_commits_and_rollbacks_given_up_at_any_instant_leave_no_transaction_on_the_pool()
+{
+    let pool = pool(1).await;
+    let xa = PgXa::new(pool.clone(), ClusterId::from_uuid(uuid::Uuid::new_v4()))
+        .await
+        .unwrap();
+    // Cuts spread over the length of a whole call.
+    let mut whole = Duration::MAX;
+    for _ in 0..5 {
+        let started = Instant::now();
+        XaStore::rollback(&xa, &ctx(&tandem_sdk::new_gid(), "pg"))
+            .await
+            .unwrap();
+        whole = whole.min(started.elapsed());
+    }
+    let mut cut = 0;
+    for step in 0..300u32 {
+        let c = ctx(&tandem_sdk::new_gid(), "pg");
+        let give_up_after = whole * step / 250;
+        let call = async {
+            if step % 3 == 0 {
+                let _ = XaStore::commit(&xa, &c).await;
+            } else {
+                let _ = XaStore::rollback(&xa, &c).await;
+            }
+        };
+        if !within(give_up_after, call).await {
+            cut += 1;
+        }
+        // The pool's only connection: outside any transaction, and working.
+        // (SAVEPOINT is refused outside a transaction block.)
+        let mut conn = pool.acquire().await.unwrap();
+        match exec(&mut conn, "SAVEPOINT tandem_probe").await {
+            Err(e)
+                if e.to_string()
+                    .contains("can only be used in transaction blocks") => {}
+            Err(e) => panic!("step {step}: the pool's connection is in a failed transaction: {e}"),
+            Ok(()) => {
+                panic!("step {step}: the pool's connection was handed back inside a transaction")
+            }
+        }
+    }
+    assert!(cut > 100, "only {cut} of 300 calls were cut short");
 }
 
 async fn commit_until_done(xa: &PgXa, ctx: &BranchContext) {

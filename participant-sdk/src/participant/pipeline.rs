@@ -252,7 +252,9 @@ async fn answer<H: Handler>(
         }
     };
     match parsed {
-        Ok((request, traceparent)) => server.http_answer(request, traceparent).await,
+        Ok((request, traceparent)) => {
+            super::server::http_answer(server.call_traced(request, traceparent.as_deref()).await)
+        }
         Err(refused) => refused,
     }
 }
@@ -387,6 +389,12 @@ async fn serve_pipelined<H: Handler>(
         }
     })
     .await;
+    // The connection is gone with calls still running: they run to their
+    // end, unanswered, rather than being cancelled half-way (see
+    // `ParticipantServer::call_to_the_end`).
+    if !in_flight.is_empty() {
+        tokio::spawn(async move { while in_flight.next().await.is_some() {} });
+    }
 }
 
 /// The connections [`accept`] hands to axum.

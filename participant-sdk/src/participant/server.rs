@@ -169,7 +169,7 @@ impl<H: Handler> ParticipantServer<H> {
     /// W3C trace context: with the `otel` feature, the handler runs in a
     /// span that joins the coordinator's trace (the application installs
     /// the tracer and `opentelemetry::global`'s propagator).
-    async fn call_traced(
+    pub(super) async fn call_traced(
         &self,
         request: BranchRequest,
         traceparent: Option<&str>,
@@ -185,6 +185,28 @@ impl<H: Handler> ParticipantServer<H> {
             let _ = traceparent;
             self.call(request).await
         }
+    }
+}
+
+impl<H: Handler> ParticipantServer<H> {
+    /// [`ParticipantServer::call_traced`] on a task of its own, so that a
+    /// caller who hangs up — a coordinator node that dies with the call in
+    /// flight — does not cancel the handler at one of its await points.
+    /// Cancelled mid-way, a handler can leave half-done work behind: a sqlx
+    /// `begin` cancelled after its `BEGIN` went out hands the pool a
+    /// connection inside a transaction that nobody ends. The coordinator
+    /// calls again; fencing and the handler's idempotency absorb the
+    /// repeat. (The pipelined server gets the same by finishing its calls
+    /// in flight after the connection is gone.)
+    pub(super) async fn call_to_the_end(
+        &self,
+        request: BranchRequest,
+        traceparent: Option<String>,
+    ) -> Result<(), BranchError> {
+        let this = self.clone();
+        tokio::spawn(async move { this.call_traced(request, traceparent.as_deref()).await })
+            .await
+            .unwrap_or_else(|e| Err(BranchError::Transient(format!("the handler failed: {e}"))))
     }
 }
 
@@ -282,18 +304,12 @@ pub(super) fn http_request<H>(
     Ok((BranchRequest { ctx, payload: body }, traceparent))
 }
 
-impl<H: Handler> ParticipantServer<H> {
-    /// The handler's answer to an HTTP call, as status and body.
-    pub(super) async fn http_answer(
-        &self,
-        request: BranchRequest,
-        traceparent: Option<String>,
-    ) -> (StatusCode, String) {
-        match self.call_traced(request, traceparent.as_deref()).await {
-            Ok(()) => (StatusCode::OK, String::new()),
-            Err(BranchError::Failure(message)) => (StatusCode::CONFLICT, message),
-            Err(BranchError::Transient(message)) => (StatusCode::SERVICE_UNAVAILABLE, message),
-        }
+/// The handler's answer as an HTTP status and body.
+pub(super) fn http_answer(result: Result<(), BranchError>) -> (StatusCode, String) {
+    match result {
+        Ok(()) => (StatusCode::OK, String::new()),
+        Err(BranchError::Failure(message)) => (StatusCode::CONFLICT, message),
+        Err(BranchError::Transient(message)) => (StatusCode::SERVICE_UNAVAILABLE, message),
     }
 }
 
@@ -309,7 +325,9 @@ async fn http_call<H: Handler>(
 ) {
     let get = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or_default());
     let (status, text) = match http_request(&server, op, &get, body) {
-        Ok((request, traceparent)) => server.http_answer(request, traceparent).await,
+        Ok((request, traceparent)) => {
+            http_answer(server.call_to_the_end(request, traceparent).await)
+        }
         Err(refused) => refused,
     };
     let advertised = server
@@ -361,12 +379,12 @@ impl<H: Handler> Participant for ParticipantServer<H> {
             return Err(tonic::Status::unauthenticated(reason));
         }
         match self
-            .call_traced(
+            .call_to_the_end(
                 BranchRequest {
                     ctx,
                     payload: r.payload.into(),
                 },
-                traceparent.as_deref(),
+                traceparent,
             )
             .await
         {

@@ -77,7 +77,7 @@ pub trait XaStore: Send + Sync {
 /// written once, over this. Prepare stays each dialect's own: what proves a
 /// branch prepared, and who may finish it, differs between the databases
 /// (ARCHITECTURE.md, "What XA on the databases promises").
-pub trait Dialect: Send + Sync + 'static {
+pub trait Dialect: Clone + Send + Sync + 'static {
     /// Where the database lists its prepared transactions, for the log.
     const LISTING: &'static str;
     /// Every prepared transaction in the database: this cluster's branches,
@@ -112,11 +112,11 @@ impl<D: Dialect> XaStore for D {
     }
 
     async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
-        self.commit_prepared(ctx).await
+        to_the_end(self, ctx, Outcome::Commit).await
     }
 
     async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
-        self.rollback_prepared(ctx).await
+        to_the_end(self, ctx, Outcome::Rollback).await
     }
 }
 
@@ -132,12 +132,41 @@ impl<D: Dialect> TwoPhaseResource for D {
     }
 
     async fn commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
-        self.commit_prepared(ctx).await
+        to_the_end(self, ctx, Outcome::Commit).await
     }
 
     async fn rollback(&self, ctx: &BranchContext) -> Result<(), BranchError> {
-        self.rollback_prepared(ctx).await
+        to_the_end(self, ctx, Outcome::Rollback).await
     }
+}
+
+#[derive(Clone, Copy)]
+enum Outcome {
+    Commit,
+    Rollback,
+}
+
+/// Commits or rolls back on a task of its own, so that a caller who gives
+/// up — a coordinator node that dies with the call in flight drops its HTTP
+/// request — cannot cancel it half-way. A cancelled sqlx `begin` whose
+/// `BEGIN` already went out hands the pool a connection inside a
+/// transaction nobody ends; the next users of that connection then work
+/// inside it, and fail with "current transaction is aborted" after the
+/// first error. (Prepare is spawned by each dialect for the same reason.)
+async fn to_the_end<D: Dialect>(
+    dialect: &D,
+    ctx: &BranchContext,
+    outcome: Outcome,
+) -> Result<(), BranchError> {
+    let (dialect, ctx) = (dialect.clone(), ctx.clone());
+    tokio::spawn(async move {
+        match outcome {
+            Outcome::Commit => dialect.commit_prepared(&ctx).await,
+            Outcome::Rollback => dialect.rollback_prepared(&ctx).await,
+        }
+    })
+    .await
+    .map_err(transient)?
 }
 
 /// A commit of a branch that is not (or no longer) prepared: its row tells
