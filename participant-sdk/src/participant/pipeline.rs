@@ -389,12 +389,11 @@ async fn serve_pipelined<H: Handler>(
         }
     })
     .await;
-    // The connection is gone with calls still running: they run to their
-    // end, unanswered, rather than being cancelled half-way (see
-    // `ParticipantServer::call_to_the_end`).
-    if !in_flight.is_empty() {
-        tokio::spawn(async move { while in_flight.next().await.is_some() {} });
-    }
+    // The connection may be gone with calls still running: they run to
+    // their end, unanswered, rather than being cancelled half-way (see
+    // `ParticipantServer::call_to_the_end`). On this connection's task, so
+    // that a shutdown still waits for them.
+    while in_flight.next().await.is_some() {}
 }
 
 /// The connections [`accept`] hands to axum.

@@ -186,9 +186,7 @@ impl<H: Handler> ParticipantServer<H> {
             self.call(request).await
         }
     }
-}
 
-impl<H: Handler> ParticipantServer<H> {
     /// [`ParticipantServer::call_traced`] on a task of its own, so that a
     /// caller who hangs up — a coordinator node that dies with the call in
     /// flight — does not cancel the handler at one of its await points.
