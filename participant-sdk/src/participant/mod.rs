@@ -72,6 +72,10 @@ pub enum BranchError {
 /// Serves every operation of a participant. The role adapters
 /// ([`TwoPhase`], [`Tcc`]) implement it from role traits; implement it
 /// directly to route operations yourself.
+///
+/// Served by [`ParticipantServer`], a call runs to its end even when the
+/// coordinator hangs up in the middle of it (its node died): it is never
+/// cancelled at one of its await points with a local transaction open.
 pub trait Handler: Send + Sync + 'static {
     fn handle(
         &self,
