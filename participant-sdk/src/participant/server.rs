@@ -231,7 +231,7 @@ fn participant_span(ctx: &BranchContext, traceparent: Option<&str>) -> tracing::
 
 /// Serves `handler` on `listener` until `shutdown` resolves: gRPC and
 /// HTTP as [`ParticipantServer::router`] does, and pipelined HTTP/1.1
-/// connections from coordinators ([`super::pipeline`]). On shutdown it
+/// connections from coordinators (docs/http-participants.md). On shutdown it
 /// stops accepting, lets the calls in flight answer, and returns once every
 /// connection has closed.
 pub async fn serve<H: Handler>(
