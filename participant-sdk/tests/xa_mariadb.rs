@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::within;
+use common::{ctx, give_up_at_every_instant};
 use futures::StreamExt;
 use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
 use sqlx::{Connection, Row};
 use tandem_sdk::ClusterId;
-use tandem_sdk::participant::{BranchContext, BranchError, Fence};
+use tandem_sdk::participant::{BranchContext, BranchError};
 use tandem_sdk::xa::{HoldOptions, MySqlXa, PROBE_PACE, SessionProbe, XaStore};
 
 mod common;
@@ -49,16 +49,6 @@ fn probe_id() -> i64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let base = (uuid::Uuid::new_v4().as_u128() as i64 & 0x3fff_ffff_ffff) << 16;
     base + NEXT.fetch_add(1, Ordering::Relaxed) as i64 % 65_536
-}
-
-fn ctx(gid: &str, branch: &str) -> BranchContext {
-    BranchContext {
-        gid: gid.into(),
-        branch_id: branch.into(),
-        op: "prepare".into(),
-        protocol: "xa".into(),
-        fence: Fence::default(),
-    }
 }
 
 async fn exec(conn: &mut MySqlConnection, sql: &str) -> Result<(), sqlx::Error> {
@@ -487,28 +477,7 @@ async fn atomicity_commits_and_rollbacks_given_up_at_any_instant_leave_no_transa
 {
     let pool = pool(1).await;
     let xa = MySqlXa::new(pool.clone(), cluster()).await.unwrap();
-    // Cuts spread over the length of a whole call.
-    let mut whole = Duration::MAX;
-    for _ in 0..5 {
-        let started = Instant::now();
-        XaStore::rollback(&xa, &ctx(&tandem_sdk::new_gid(), "my"))
-            .await
-            .unwrap();
-        whole = whole.min(started.elapsed());
-    }
-    let mut cut = 0;
-    for step in 0..300u32 {
-        let c = ctx(&tandem_sdk::new_gid(), "my");
-        let call = async {
-            if step % 3 == 0 {
-                let _ = XaStore::commit(&xa, &c).await;
-            } else {
-                let _ = XaStore::rollback(&xa, &c).await;
-            }
-        };
-        if !within(whole * step / 250, call).await {
-            cut += 1;
-        }
+    give_up_at_every_instant(&xa, "my", async |step| {
         // The pool's only session: outside any transaction, and working.
         let open: u64 = sqlx::query_scalar("SELECT @@in_transaction")
             .fetch_one(&pool)
@@ -518,8 +487,8 @@ async fn atomicity_commits_and_rollbacks_given_up_at_any_instant_leave_no_transa
             open, 0,
             "step {step}: the pool's session was handed back inside a transaction"
         );
-    }
-    assert!(cut > 100, "only {cut} of 300 calls were cut short");
+    })
+    .await;
 }
 
 async fn commit_until_done(xa: &MySqlXa, ctx: &BranchContext) {

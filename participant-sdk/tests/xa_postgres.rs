@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::within;
+use common::{ctx, give_up_at_every_instant};
 use futures::StreamExt;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
 use tandem_sdk::ClusterId;
-use tandem_sdk::participant::{BranchContext, BranchError, Fence};
+use tandem_sdk::participant::{BranchContext, BranchError};
 use tandem_sdk::xa::{PgXa, XaStore};
 
 mod common;
@@ -36,16 +36,6 @@ async fn pool(max: u32) -> PgPool {
 
 fn probe_id() -> i64 {
     (uuid::Uuid::new_v4().as_u128() as i64) & i64::MAX
-}
-
-fn ctx(gid: &str, branch: &str) -> BranchContext {
-    BranchContext {
-        gid: gid.into(),
-        branch_id: branch.into(),
-        op: "prepare".into(),
-        protocol: "xa".into(),
-        fence: Fence::default(),
-    }
 }
 
 async fn exec(conn: &mut PgConnection, sql: &str) -> Result<(), sqlx::Error> {
@@ -246,29 +236,7 @@ async fn atomicity_commits_and_rollbacks_given_up_at_any_instant_leave_no_transa
     let xa = PgXa::new(pool.clone(), ClusterId::from_uuid(uuid::Uuid::new_v4()))
         .await
         .unwrap();
-    // Cuts spread over the length of a whole call.
-    let mut whole = Duration::MAX;
-    for _ in 0..5 {
-        let started = Instant::now();
-        XaStore::rollback(&xa, &ctx(&tandem_sdk::new_gid(), "pg"))
-            .await
-            .unwrap();
-        whole = whole.min(started.elapsed());
-    }
-    let mut cut = 0;
-    for step in 0..300u32 {
-        let c = ctx(&tandem_sdk::new_gid(), "pg");
-        let give_up_after = whole * step / 250;
-        let call = async {
-            if step % 3 == 0 {
-                let _ = XaStore::commit(&xa, &c).await;
-            } else {
-                let _ = XaStore::rollback(&xa, &c).await;
-            }
-        };
-        if !within(give_up_after, call).await {
-            cut += 1;
-        }
+    give_up_at_every_instant(&xa, "pg", async |step| {
         // The pool's only connection: outside any transaction, and working.
         // (SAVEPOINT is refused outside a transaction block.)
         let mut conn = pool.acquire().await.unwrap();
@@ -281,8 +249,8 @@ async fn atomicity_commits_and_rollbacks_given_up_at_any_instant_leave_no_transa
                 panic!("step {step}: the pool's connection was handed back inside a transaction")
             }
         }
-    }
-    assert!(cut > 100, "only {cut} of 300 calls were cut short");
+    })
+    .await;
 }
 
 async fn commit_until_done(xa: &PgXa, ctx: &BranchContext) {

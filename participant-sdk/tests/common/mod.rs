@@ -2,6 +2,19 @@
 
 use std::time::{Duration, Instant};
 
+use tandem_sdk::participant::{BranchContext, Fence};
+use tandem_sdk::xa::XaStore;
+
+pub fn ctx(gid: &str, branch: &str) -> BranchContext {
+    BranchContext {
+        gid: gid.into(),
+        branch_id: branch.into(),
+        op: "prepare".into(),
+        protocol: "xa".into(),
+        fence: Fence::default(),
+    }
+}
+
 /// Runs `call` until it ends or `limit` has passed, and drops it there;
 /// whether it ended. Finer than a tokio timer (whose grain is 1 ms): it
 /// polls until the instant.
@@ -19,4 +32,39 @@ pub async fn within(limit: Duration, call: impl Future<Output = ()>) -> bool {
         std::task::Poll::Pending
     })
     .await
+}
+
+/// 300 commits (one in three) and rollbacks of new branches of `xa`, each
+/// given up at an instant spread over the length of a whole call (the
+/// fastest of five rollbacks); after each, `probe(step)` checks what it
+/// left behind. More than 100 must have been cut short.
+pub async fn give_up_at_every_instant(
+    xa: &impl XaStore,
+    branch: &str,
+    mut probe: impl AsyncFnMut(u32),
+) {
+    let mut whole = Duration::MAX;
+    for _ in 0..5 {
+        let started = Instant::now();
+        xa.rollback(&ctx(&tandem_sdk::new_gid(), branch))
+            .await
+            .unwrap();
+        whole = whole.min(started.elapsed());
+    }
+    let mut cut = 0;
+    for step in 0..300u32 {
+        let c = ctx(&tandem_sdk::new_gid(), branch);
+        let call = async {
+            if step % 3 == 0 {
+                let _ = xa.commit(&c).await;
+            } else {
+                let _ = xa.rollback(&c).await;
+            }
+        };
+        if !within(whole * step / 250, call).await {
+            cut += 1;
+        }
+        probe(step).await;
+    }
+    assert!(cut > 100, "only {cut} of 300 calls were cut short");
 }
