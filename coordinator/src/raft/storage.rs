@@ -1015,10 +1015,10 @@ mod tests {
         assert!(why.contains("corrupt") && why.contains("..=40"), "{why}");
     }
 
-    #[test]
-    fn compaction_behind_a_snapshot_keeps_later_entries_and_terms() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
+    /// A bootstrapped store holding entries 2..=10 of term 2, and a snapshot
+    /// at 8 written to its directory but not adopted yet.
+    fn entries_to_10_and_a_snapshot_at_8(dir: &Path) -> (LogStore, Snapshot) {
+        let mut store = LogStore::open(dir, 1, bootstrap()).unwrap();
         let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
         store.persist(&entries, None, true).unwrap();
         let mut snap = Snapshot::default();
@@ -1029,6 +1029,13 @@ mod tests {
             .set_voters(vec![1, 2, 3]);
         snap.set_data(b"at 8".to_vec().into());
         write_snapshot_file(store.snapshot_dir(), &snap).unwrap();
+        (store, snap)
+    }
+
+    #[test]
+    fn compaction_behind_a_snapshot_keeps_later_entries_and_terms() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, snap) = entries_to_10_and_a_snapshot_at_8(dir.path());
         store.adopt_snapshot(snap, 6).unwrap();
         assert_eq!(store.first_index().unwrap(), 6);
         assert_eq!(store.term(5).unwrap(), 2);
@@ -1058,17 +1065,7 @@ mod tests {
     #[test]
     fn no_blocking_the_purge_after_a_compaction_runs_off_the_caller() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = LogStore::open(dir.path(), 1, bootstrap()).unwrap();
-        let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
-        store.persist(&entries, None, true).unwrap();
-        let mut snap = Snapshot::default();
-        snap.mut_metadata().index = 8;
-        snap.mut_metadata().term = 2;
-        snap.mut_metadata()
-            .mut_conf_state()
-            .set_voters(vec![1, 2, 3]);
-        snap.set_data(b"at 8".to_vec().into());
-        write_snapshot_file(store.snapshot_dir(), &snap).unwrap();
+        let (mut store, snap) = entries_to_10_and_a_snapshot_at_8(dir.path());
         fail::cfg(FAILPOINT_SLOW_PURGE, "sleep(600)").unwrap();
         let started = Instant::now();
         store.adopt_snapshot(snap, 6).unwrap();
