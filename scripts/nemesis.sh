@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The long nemesis: 3 real tandem nodes running, one after another, runs of
-# 200 XA transfers (PostgreSQL <-> MariaDB), saga orders and TCC bookings,
+# 200 XA transfers (PostgreSQL <-> MariaDB), saga orders, TCC bookings, 3PC
+# orders and order events (transactional messages to NATS, RabbitMQ and a
+# webhook),
 # while a nemesis kills (-9) and restarts, pauses past the election timeout,
 # or cuts off one node at a time, every 0.5-1.5 s. Checks every run from the
 # databases' rows, then that every transaction ended and every node holds

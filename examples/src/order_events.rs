@@ -16,7 +16,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use anyhow::Context;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use rand::Rng;
@@ -54,6 +53,11 @@ pub struct Delivered {
 pub struct Report {
     pub orders_committed: u64,
     pub orders_rolled_back: u64,
+    /// Orders whose message Prepare got no answer: the producer gave up
+    /// before its local transaction. Had the Prepare landed, the
+    /// check-back finds no order and drops the message; a delivery for
+    /// one counts in `for_rolled_back`.
+    pub not_prepared: u64,
     /// Unique message ids each consumer read.
     pub delivered: Delivered,
     /// Deliveries of orders that are not in the database.
@@ -134,11 +138,14 @@ async fn one(
                 }
             }
         }
-        Fate::CrashBeforeCommit => {
-            message.prepare().await.context("prepare")?;
-        }
-        Fate::CrashBeforeSubmit => {
-            message.prepare().await.context("prepare")?;
+        Fate::CrashBeforeCommit | Fate::CrashBeforeSubmit => {
+            if let Err(e) = message.prepare().await {
+                tracing::warn!(%gid, error = %e, "not prepared");
+                return Ok(None);
+            }
+            if matches!(fate, Fate::CrashBeforeCommit) {
+                return Ok(Some(gid));
+            }
             outbox
                 .commit_local(&gid, place(&gid, false))
                 .await
@@ -164,28 +171,32 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let nats = JetStreamSink::create(&config.nats_url, &format!("orders_{run}")).await?;
     let rabbit = RabbitSink::create(&config.amqp_url, &format!("orders-{run}")).await?;
     let report = async {
-        let mut rng = rand::rng();
-        let plans: Vec<(tandem_sdk::MessageBuilder, Fate)> = (0..config.orders)
-            .map(|_| {
-                let fate = if rng.random_bool(config.fail_rate.clamp(0.0, 1.0)) {
-                    match rng.random_range(0..3) {
-                        0 => Fate::Declined,
-                        1 => Fate::CrashBeforeCommit,
-                        _ => Fate::CrashBeforeSubmit,
-                    }
-                } else {
-                    Fate::Placed
-                };
-                let event = br#"{"event":"OrderPlaced","item":"book","qty":1}"#.to_vec();
-                let message = client
-                    .message(&check_back.base)
-                    .timeout(MESSAGE_TIMEOUT)
-                    .to_named("nats", &nats.destination("placed"), event.clone())
-                    .to_named("rabbitmq", &rabbit.destination(), event.clone())
-                    .to_named("http", &hook.url, event);
-                (message, fate)
-            })
-            .collect();
+        // In a block of its own: the thread's generator is not `Send`, and
+        // must be gone before the first await.
+        let plans: Vec<(tandem_sdk::MessageBuilder, Fate)> = {
+            let mut rng = rand::rng();
+            (0..config.orders)
+                .map(|_| {
+                    let fate = if rng.random_bool(config.fail_rate.clamp(0.0, 1.0)) {
+                        match rng.random_range(0..3) {
+                            0 => Fate::Declined,
+                            1 => Fate::CrashBeforeCommit,
+                            _ => Fate::CrashBeforeSubmit,
+                        }
+                    } else {
+                        Fate::Placed
+                    };
+                    let event = br#"{"event":"OrderPlaced","item":"book","qty":1}"#.to_vec();
+                    let message = client
+                        .message(&check_back.base)
+                        .timeout(MESSAGE_TIMEOUT)
+                        .to_named("nats", &nats.destination("placed"), event.clone())
+                        .to_named("rabbitmq", &rabbit.destination(), event.clone())
+                        .to_named("http", &hook.url, event);
+                    (message, fate)
+                })
+                .collect()
+        };
         let results: Vec<anyhow::Result<Option<String>>> = futures::stream::iter(plans)
             .map(|(message, fate)| {
                 let (client, outbox) = (&client, &outbox);
@@ -195,9 +206,11 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             .collect()
             .await;
         let mut gids = Vec::new();
+        let mut not_prepared = 0;
         for result in results {
-            if let Some(gid) = result? {
-                gids.push(gid);
+            match result? {
+                Some(gid) => gids.push(gid),
+                None => not_prepared += 1,
             }
         }
         settle(&client, &gids).await?;
@@ -222,7 +235,10 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                 ("rabbitmq", taken.iter().cloned().collect()),
                 ("http", hook.ids().into_iter().collect()),
             ];
-            let report = tally(&gids, &committed, &sets);
+            let report = Report {
+                not_prepared,
+                ..tally(&gids, &committed, &sets)
+            };
             if report.is_ok() || tokio::time::Instant::now() > deadline {
                 break report;
             }

@@ -42,6 +42,9 @@ pub struct Config {
 pub struct Report {
     pub committed: u64,
     pub aborted: u64,
+    /// Orders the coordinator never had (their Begin did not take effect):
+    /// nothing was tried for them.
+    pub not_begun: u64,
     /// Orders whose two databases disagree, or disagree with the
     /// coordinator, plus totals that do not add up.
     pub violations: u64,
@@ -390,7 +393,10 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             }
             other => match services::settle(&client, &gid, Duration::from_secs(90)).await {
                 services::Settled::Ended(tx) => *tx,
-                services::Settled::Absent => continue,
+                services::Settled::Absent => {
+                    report.not_begun += 1;
+                    continue;
+                }
                 services::Settled::Unknown => {
                     tracing::warn!(%gid, answer = ?other.map(|t| t.state), "an order did not end in time");
                     report.violations += 1;

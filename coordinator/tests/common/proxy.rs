@@ -17,7 +17,13 @@ pub struct Proxy {
 impl Proxy {
     /// Forwards a new loopback port to `target`, open.
     pub async fn start(target: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        Proxy::start_on("127.0.0.1", target).await
+    }
+
+    /// Forwards a new port on `host` (a local address, such as the bridge
+    /// of `netns::Net` that namespaced nodes reach) to `target`, open.
+    pub async fn start_on(host: &str, target: &str) -> Proxy {
+        let listener = TcpListener::bind((host, 0)).await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let (open, _) = watch::channel(true);
         let open = Arc::new(open);

@@ -1,7 +1,7 @@
 //! Orders in PostgreSQL, `OrderPlaced` to NATS JetStream, RabbitMQ and an
 //! HTTP webhook through Tandem's transactional messages; some orders fail
 //! or "crash" on purpose at --fail-rate. Last stdout line:
-//! `{"orders_committed":…, "orders_rolled_back":…, "delivered":{"nats":…,
+//! `{"orders_committed":…, "orders_rolled_back":…, "not_prepared":…, "delivered":{"nats":…,
 //! "rabbitmq":…, "http":…}, "for_rolled_back":…, "missing":…}` (unique
 //! message ids); exit non-zero unless for_rolled_back and missing are 0.
 
