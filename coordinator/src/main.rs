@@ -20,8 +20,9 @@ use cli::Cli;
 /// allocator purges and takes back is zeroed again, 2 MiB at a time, on
 /// whichever thread touches it. A follower spent ~5 % of its CPU there,
 /// and with them off a 3-node cluster's p99 at 5,500 sagas/s (open loop)
-/// fell from 24–35 ms to 17–27 ms, throughput unchanged (BENCHMARKS.md,
-/// fifteenth session). It is what `MIMALLOC_ALLOW_THP=0` does.
+/// fell from 27–44 ms to 12–17 ms, throughput and memory unchanged
+/// (BENCHMARKS.md, fifteenth session). It is what `MIMALLOC_ALLOW_THP=0`
+/// does.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     {

@@ -206,11 +206,9 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             .collect()
             .await;
         let mut gids = Vec::new();
-        let mut not_prepared = 0;
         for result in results {
-            match result? {
-                Some(gid) => gids.push(gid),
-                None => not_prepared += 1,
+            if let Some(gid) = result? {
+                gids.push(gid);
             }
         }
         settle(&client, &gids).await?;
@@ -235,10 +233,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                 ("rabbitmq", taken.iter().cloned().collect()),
                 ("http", hook.ids().into_iter().collect()),
             ];
-            let report = Report {
-                not_prepared,
-                ..tally(&gids, &committed, &sets)
-            };
+            let report = tally(config.orders, &gids, &committed, &sets);
             if report.is_ok() || tokio::time::Instant::now() > deadline {
                 break report;
             }
@@ -275,8 +270,9 @@ async fn settle(client: &Client, gids: &[String]) -> anyhow::Result<()> {
 }
 
 /// Counts from the database's committed orders and each consumer's ids
-/// (`{gid}/{consumer}`).
+/// (`{gid}/{consumer}`); `gids` are the prepared of the `orders` placed.
 fn tally(
+    orders: usize,
     gids: &[String],
     committed: &BTreeSet<String>,
     sets: &[(&str, BTreeSet<String>); 3],
@@ -285,6 +281,7 @@ fn tally(
     let mut report = Report {
         orders_committed: committed.len() as u64,
         orders_rolled_back: (gids.len() - committed.len()) as u64,
+        not_prepared: (orders - gids.len()) as u64,
         ..Report::default()
     };
     for (name, ids) in sets {
