@@ -10,10 +10,13 @@
 //! * `status.rs` — what a node says about itself
 //! * `storage.rs` — raft-engine log and snapshot files
 //! * `sync_mark.rs` — what the log held after its last fsync, checked on open
-//! * `transport.rs` — peer messages over gRPC
+//! * `transport.rs` — peer messages: a task per peer, its connection
+//! * `wire.rs` — the peer wire: frames on a stream of their own
+//! * `lane.rs` — the loop writing to a peer's socket itself
 
 mod entry_cache;
 mod handle;
+mod lane;
 pub mod logger;
 mod membership;
 pub mod node;

@@ -2,7 +2,8 @@
 //!
 //! Each peer has a bounded queue and one task that drains it into batches:
 //! whatever waits when the task wakes leaves together, so batching grows with
-//! load. Ordinary messages flow over one long-lived connection per peer: the
+//! load. While the task has nothing queued, the Raft loop writes a turn's
+//! messages to a plaintext peer-wire link itself (`lane.rs`). Ordinary messages flow over one long-lived connection per peer: the
 //! peer wire (`wire.rs`: frames on a plain or TLS stream, admitted once),
 //! or, towards a node that does not speak it (an older version during a
 //! rolling upgrade), a gRPC client stream (`tandem.v1.RaftTransport.Stream`).
@@ -26,6 +27,8 @@ use tandem_proto::v1::raft_transport_server::{RaftTransport, RaftTransportServer
 use tandem_proto::v1::{RaftAck, RaftBatch};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
+
+use super::lane::{Lane, Out};
 
 /// Messages waiting per peer; beyond this they are dropped (raft resends).
 const PEER_QUEUE_MAX: usize = 4096;
@@ -112,7 +115,14 @@ struct Inner {
 
 struct Peer {
     address: String,
-    queue: mpsc::Sender<Message>,
+    queue: mpsc::Sender<Out>,
+    lane: Arc<Mutex<Lane>>,
+}
+
+impl Peer {
+    fn lane(&self) -> std::sync::MutexGuard<'_, Lane> {
+        self.lane.lock().expect("peer lane lock")
+    }
 }
 
 impl Transport {
@@ -218,6 +228,8 @@ impl Transport {
             return;
         }
         let mut peers = self.inner.peers.lock().expect("peer table lock");
+        // Ordinary messages by peer, in the order given: one write each.
+        let mut ordinary: Vec<(u64, Vec<Message>)> = Vec::new();
         for message in messages {
             let to = message.to;
             let Some(address) = self.address_of(to) else {
@@ -233,27 +245,58 @@ impl Transport {
             let peer = peers
                 .entry(to)
                 .or_insert_with(|| self.spawn_peer(to, address));
-            let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
-            if peer.queue.try_send(message).is_err() && is_snapshot {
+            if message.get_msg_type() != MessageType::MsgSnapshot {
+                match ordinary.iter_mut().find(|(peer, _)| *peer == to) {
+                    Some((_, batch)) => batch.push(message),
+                    None => ordinary.push((to, vec![message])),
+                }
+                continue;
+            }
+            if !peer.lane().queue(&peer.queue, Out::Message(message)) {
                 self.report(PeerEvent::SnapshotSent {
                     to,
                     delivered: false,
                 });
             }
         }
+        for (to, batch) in ordinary {
+            if let Some(peer) = peers.get(&to) {
+                peer.lane().send(&peer.queue, batch);
+            }
+        }
+    }
+
+    /// Batches written directly to peer `to`, and those finished by its
+    /// task (tests).
+    #[cfg(test)]
+    pub(super) fn lane_counts(&self, to: u64) -> (usize, usize) {
+        let peers = self.inner.peers.lock().expect("peer table lock");
+        peers.get(&to).map_or((0, 0), |peer| peer.lane().counts)
     }
 
     fn spawn_peer(&self, to: u64, address: String) -> Peer {
         let (queue, rx) = mpsc::channel(PEER_QUEUE_MAX);
         let transport = self.clone();
         let peer_address = address.clone();
+        let lane = Arc::new(Mutex::new(Lane::default()));
+        let task_lane = lane.clone();
         self.inner
             .runtime
-            .spawn(async move { transport.run_peer(to, peer_address, rx).await });
-        Peer { address, queue }
+            .spawn(async move { transport.run_peer(to, peer_address, rx, task_lane).await });
+        Peer {
+            address,
+            queue,
+            lane,
+        }
     }
 
-    async fn run_peer(self, to: u64, address: String, mut rx: mpsc::Receiver<Message>) {
+    async fn run_peer(
+        self,
+        to: u64,
+        address: String,
+        mut rx: mpsc::Receiver<Out>,
+        lane: Arc<Mutex<Lane>>,
+    ) {
         let endpoint = match crate::tls::endpoint(&address, self.inner.tls.as_deref()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(1))
@@ -274,7 +317,9 @@ impl Transport {
             .without_max_times();
         let mut backoff = schedule.build();
         let mut failures = 0u64;
-        let mut route: Option<Route> = None;
+        // The open route and its number (what a direct write's rest names).
+        let mut route: Option<(u64, Route)> = None;
+        let mut links = 0u64;
         let mut batch = Vec::with_capacity(64);
         while let Some(first) = rx.recv().await {
             batch.clear();
@@ -285,28 +330,68 @@ impl Transport {
                     Err(_) => break,
                 }
             }
+            let taken = batch.len();
+            // Written (or given up) only when this iteration ends: until
+            // then the Raft loop queues behind it rather than writing.
+            let lane = || lane.lock().expect("peer lane lock");
+            let written = || lane().written(taken);
             if self.isolated() {
+                written();
                 continue;
             }
-            let (snapshots, ordinary): (Vec<Message>, Vec<Message>) = batch
-                .drain(..)
-                .partition(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+            let mut rest = None;
+            let mut snapshots = Vec::new();
+            let mut ordinary = Vec::new();
+            for out in batch.drain(..) {
+                match out {
+                    // Only ever first: the loop writes directly only when
+                    // nothing is queued.
+                    Out::Rest { link, bytes } => rest = Some((link, bytes)),
+                    Out::Message(m) if m.get_msg_type() == MessageType::MsgSnapshot => {
+                        snapshots.push(m)
+                    }
+                    Out::Message(m) => ordinary.push(m),
+                }
+            }
             let mut outcome = Ok(());
+            if let Some((link, bytes)) = rest {
+                outcome = match &mut route {
+                    Some((open, Route::Wire(wire))) if *open == link => {
+                        wire.send_framed(&bytes).await
+                    }
+                    // The link it began on is gone, and the lane with it.
+                    _ => Err("a direct write's link closed before its end".to_string()),
+                };
+                if outcome.is_err() {
+                    route = None;
+                    lane().close();
+                }
+            }
             if !ordinary.is_empty() {
                 if route.is_none() {
                     match self.open_route(&address, &client).await {
-                        Ok(open) => route = Some(open),
-                        Err(e) => outcome = Err(e),
+                        Ok(mut open) => {
+                            links += 1;
+                            let direct = match &mut open {
+                                Route::Wire(wire) => wire.take_direct(),
+                                Route::Grpc(_) => None,
+                            };
+                            lane().open(links, direct);
+                            route = Some((links, open));
+                        }
+                        Err(e) => outcome = outcome.and(Err(e)),
                     }
                 }
-                if let Some(open) = &mut route {
-                    outcome = match open {
+                if let Some((_, open)) = &mut route {
+                    let sent = match open {
                         Route::Wire(link) => link.send(&ordinary).await,
                         Route::Grpc(stream) => stream.send(self.batch(&ordinary)).await,
                     };
-                }
-                if outcome.is_err() {
-                    route = None;
+                    if sent.is_err() {
+                        route = None;
+                        lane().close();
+                    }
+                    outcome = outcome.and(sent);
                 }
             }
             if !snapshots.is_empty() {
@@ -328,6 +413,7 @@ impl Transport {
                 }
                 outcome = outcome.and(result);
             }
+            written();
             let Err(error) = outcome else {
                 if failures > 0 {
                     tracing::info!(to, %address, "peer reachable again");

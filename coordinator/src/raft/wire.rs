@@ -23,13 +23,15 @@
 //! connection task on the sender, HTTP/2 framing and flow control on both
 //! ends, and the same two hops on the receiver, so a follower spent about
 //! a quarter of its CPU on its transport (BENCHMARKS.md, thirteenth
-//! session). Here the sender's peer task writes the frames itself and the
-//! receiver's connection task decodes them and hands them to the Raft
-//! loop. The admission checks are the gRPC path's (`Transport::admit`),
+//! session). Here the sender's Raft loop writes the frames itself when the
+//! peer's task has nothing queued (the direct lane, `lane.rs`), the task
+//! otherwise, and the receiver's connection task decodes them and hands
+//! them to the Raft loop. The admission checks are the gRPC path's (`Transport::admit`),
 //! made once per connection, and each message's sender is checked as
 //! there.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -38,6 +40,7 @@ use raft::eraftpb::Message;
 use tandem_proto::v1::RaftBatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::lane::DirectSocket;
 use super::transport::{PEER_MESSAGE_BYTES_MAX, Transport};
 
 /// A peer-wire connection's first bytes, both ways.
@@ -82,6 +85,9 @@ pub struct Link {
     /// Reads the other half until the peer closes: done means closed.
     watch: tokio::task::JoinHandle<()>,
     out: Vec<u8>,
+    /// In plaintext, the socket for the Raft loop to write to itself (the
+    /// direct lane, `lane.rs`); taken once.
+    direct: Option<DirectSocket>,
 }
 
 /// What a link runs over: TCP, or TLS over TCP.
@@ -98,10 +104,31 @@ impl Link {
         for message in messages {
             encode(&mut self.out, message);
         }
-        let written = tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&self.out)).await;
-        if self.out.capacity() > WRITE_BUFFER_KEPT {
-            self.out = Vec::with_capacity(WRITE_BUFFER_KEPT);
+        let out = std::mem::take(&mut self.out);
+        let written = self.write(&out).await;
+        self.out = out;
+        keep_buffer_small(&mut self.out);
+        written
+    }
+
+    /// Writes bytes already framed: the rest of a write the Raft loop
+    /// began on this link's socket (the direct lane).
+    pub async fn send_framed(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if self.watch.is_finished() {
+            return Err("the peer closed the connection".into());
         }
+        self.write(bytes).await
+    }
+
+    /// The socket under a plaintext link, for the Raft loop to write to
+    /// without waking this link's task; `None` under TLS (its bytes must
+    /// go through the session) or once taken.
+    pub fn take_direct(&mut self) -> Option<DirectSocket> {
+        self.direct.take()
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let written = tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(bytes)).await;
         match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -119,8 +146,15 @@ impl Drop for Link {
     }
 }
 
+/// A write buffer that held a large batch goes back to its usual size.
+pub(super) fn keep_buffer_small(out: &mut Vec<u8>) {
+    if out.capacity() > WRITE_BUFFER_KEPT {
+        *out = Vec::with_capacity(WRITE_BUFFER_KEPT);
+    }
+}
+
 /// Appends `message` as a frame.
-fn encode(out: &mut Vec<u8>, message: &Message) {
+pub(super) fn encode(out: &mut Vec<u8>, message: &Message) {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
     // Writing a message into memory cannot fail.
@@ -183,6 +217,16 @@ pub async fn connect(
         .map_err(|e| LinkError::Unreachable(format!("connecting to {address}: {e}")))?;
     let _ = tcp.set_nodelay(true);
     let secured = tls.is_some();
+    // A second descriptor of the same socket (non-blocking, as tokio set
+    // it); under TLS the session owns every byte, so there is none.
+    let closed = Arc::new(AtomicBool::new(false));
+    let direct = match tls {
+        None => std::os::fd::AsFd::as_fd(&tcp)
+            .try_clone_to_owned()
+            .ok()
+            .map(|fd| DirectSocket::new(std::net::TcpStream::from(fd), closed.clone())),
+        Some(_) => None,
+    };
     let io: Box<dyn Stream> = match tls {
         None => Box::new(tcp),
         Some(tls) => Box::new(tls.connect(address, tcp).await?),
@@ -223,11 +267,13 @@ pub async fn connect(
         // Nothing comes this way after the handshake; a read that returns
         // is the connection's end.
         let _ = reader.read(&mut sink).await;
+        closed.store(true, Ordering::Relaxed);
     });
     Ok(Link {
         writer,
         watch,
         out: Vec::with_capacity(64 << 10),
+        direct,
     })
 }
 
@@ -542,6 +588,49 @@ mod tests {
             link.send(batch).await.unwrap();
         }
         assert_eq!(received(&inputs, sent.len()), sent);
+    }
+
+    /// Atomicity (the log a follower builds is the leader's): messages the
+    /// Raft loop sends reach the peer whole and in the order sent, whether
+    /// the loop wrote them to the socket itself, began and left the rest
+    /// to the peer's task (a batch larger than the socket takes at once),
+    /// or queued them behind such a rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn atomicity_messages_reach_the_peer_in_order_written_directly_or_by_the_task() {
+        let (address, inputs) = wire_node("c").await;
+        let (sender, _) = node(2, "127.0.0.1:7002", "c");
+        sender.set_addresses(BTreeMap::from([(1, address)]));
+        let sent: Vec<Message> = (0..3_000)
+            .map(|i| {
+                let mut m = message(i);
+                if i % 500 == 250 {
+                    // Far more than a loopback socket takes in one write.
+                    m.mut_entries()[0].data = vec![7u8; 8 << 20].into();
+                }
+                m
+            })
+            .collect();
+        let batches: Vec<Vec<Message>> = sent.chunks(7).map(<[Message]>::to_vec).collect();
+        let loop_side = sender.clone();
+        // As the Raft loop does: from a thread of its own, never waiting.
+        let sending = std::thread::spawn(move || {
+            for batch in batches {
+                crate::raft::transport::PeerNet::send(&loop_side, batch);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        let count = sent.len();
+        let got = tokio::task::spawn_blocking(move || received(&inputs, count))
+            .await
+            .unwrap();
+        sending.join().unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "the messages arrived changed or out of order");
+        let (direct, finished_by_task) = sender.lane_counts(1);
+        assert!(
+            direct > 0 && finished_by_task > 0,
+            "the run took only one way: {direct} direct, {finished_by_task} finished by the task"
+        );
     }
 
     /// Durability: a node of another cluster is refused at the handshake,
