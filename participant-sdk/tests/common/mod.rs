@@ -16,17 +16,18 @@ pub fn ctx(gid: &str, branch: &str) -> BranchContext {
 }
 
 /// Runs `call` until it ends or `limit` has passed, and drops it there;
-/// whether it ended. Finer than a tokio timer (whose grain is 1 ms): it
-/// polls until the instant.
-pub async fn within(limit: Duration, call: impl Future<Output = ()>) -> bool {
-    let deadline = Instant::now() + limit;
+/// how long it took if it ended. Finer than a tokio timer (whose grain is
+/// 1 ms): it polls until the instant.
+pub async fn within(limit: Duration, call: impl Future<Output = ()>) -> Option<Duration> {
+    let started = Instant::now();
+    let deadline = started + limit;
     let mut call = std::pin::pin!(call);
     std::future::poll_fn(|cx| {
         if call.as_mut().poll(cx).is_ready() {
-            return std::task::Poll::Ready(true);
+            return std::task::Poll::Ready(Some(started.elapsed()));
         }
         if Instant::now() >= deadline {
-            return std::task::Poll::Ready(false);
+            return std::task::Poll::Ready(None);
         }
         cx.waker().wake_by_ref();
         std::task::Poll::Pending
@@ -36,8 +37,10 @@ pub async fn within(limit: Duration, call: impl Future<Output = ()>) -> bool {
 
 /// 300 commits (one in three) and rollbacks of new branches of `xa`, each
 /// given up at an instant spread over the length of a whole call (the
-/// fastest of five rollbacks); after each, `probe(step)` checks what it
-/// left behind. More than 100 must have been cut short.
+/// fastest call that ended so far, five rollbacks first: on a machine
+/// whose speed drifts, as under the whole suite, a length measured once
+/// left too few calls cut); after each, `probe(step)` checks what it left
+/// behind. More than 100 must have been cut short.
 pub async fn give_up_at_every_instant(
     xa: &impl XaStore,
     branch: &str,
@@ -61,8 +64,9 @@ pub async fn give_up_at_every_instant(
                 let _ = xa.rollback(&c).await;
             }
         };
-        if !within(whole * step / 250, call).await {
-            cut += 1;
+        match within(whole * step / 250, call).await {
+            Some(took) => whole = whole.min(took),
+            None => cut += 1,
         }
         probe(step).await;
     }
