@@ -3,7 +3,8 @@
 //! Each peer has a bounded queue and one task that drains it into batches:
 //! whatever waits when the task wakes leaves together, so batching grows with
 //! load. While the task has nothing queued, the Raft loop writes a turn's
-//! messages to a plaintext peer-wire link itself (`lane.rs`). Ordinary messages flow over one long-lived connection per peer: the
+//! messages to a plaintext peer-wire link itself (`lane.rs`). Ordinary
+//! messages flow over one long-lived connection per peer: the
 //! peer wire (`wire.rs`: frames on a plain or TLS stream, admitted once),
 //! or, towards a node that does not speak it (an older version during a
 //! rolling upgrade), a gRPC client stream (`tandem.v1.RaftTransport.Stream`).
