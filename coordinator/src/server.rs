@@ -69,6 +69,7 @@ pub async fn serve(
     };
     let metrics = crate::metrics::install();
     let node_config = config.node.clone();
+    crate::raft::lane::enable_from_env();
     let transport = Transport::new(
         node_config.id,
         node_config.address.clone(),

@@ -16,7 +16,7 @@
 
 mod entry_cache;
 mod handle;
-mod lane;
+pub mod lane;
 pub mod logger;
 mod membership;
 pub mod node;

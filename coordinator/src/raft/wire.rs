@@ -221,11 +221,11 @@ pub async fn connect(
     // it); under TLS the session owns every byte, so there is none.
     let closed = Arc::new(AtomicBool::new(false));
     let direct = match tls {
-        None => std::os::fd::AsFd::as_fd(&tcp)
+        None if super::lane::enabled() => std::os::fd::AsFd::as_fd(&tcp)
             .try_clone_to_owned()
             .ok()
             .map(|fd| DirectSocket::new(std::net::TcpStream::from(fd), closed.clone())),
-        Some(_) => None,
+        _ => None,
     };
     let io: Box<dyn Stream> = match tls {
         None => Box::new(tcp),
@@ -597,6 +597,7 @@ mod tests {
     /// or queued them behind such a rest.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn atomicity_messages_reach_the_peer_in_order_written_directly_or_by_the_task() {
+        crate::raft::lane::enable(true);
         let (address, inputs) = wire_node("c").await;
         let (sender, _) = node(2, "127.0.0.1:7002", "c");
         sender.set_addresses(BTreeMap::from([(1, address)]));
