@@ -50,6 +50,8 @@ struct Store {
     /// Be cut off right after acknowledging the next pre-commit (a crash
     /// just after the answer left).
     crash_after_pre_commit_ack: Arc<AtomicBool>,
+    /// Answer DoCommit only after this long (milliseconds; 0: at once).
+    do_commit_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn key(ctx: &BranchContext) -> (String, String) {
@@ -110,6 +112,10 @@ impl ThreePhaseResource for Store {
     }
 
     async fn do_commit(&self, ctx: &BranchContext) -> Result<(), BranchError> {
+        let delay = self.do_commit_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.reachable()?;
         let mut b = self.branches.lock().unwrap();
         let state = b.entry(key(ctx)).or_insert(Branch::Voted);
@@ -296,6 +302,15 @@ async fn leader_dies(failpoint: &str) {
     let mut cluster = Cluster::start(3);
     cluster.wait_leader(LEADER_TIMEOUT).await;
     let (a, b) = (Participant::start().await, Participant::start().await);
+    // "In the middle of DoCommit" needs a middle: one branch's answer
+    // applied while the other's is still out. When both answers land in
+    // the same Raft turn, the transaction is Committed the moment either
+    // is applied, its driver stops, and no instant between them exists
+    // for the failpoint (a fast round — the direct lane — made that the
+    // common case: the failpoint then never fired). b answers later.
+    if failpoint == "driver-mid-fanout" {
+        b.store.do_commit_delay_ms.store(100, Ordering::SeqCst);
+    }
     let client = cluster.client();
     let count = 12;
     let mut gids = Vec::new();
