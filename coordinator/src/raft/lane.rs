@@ -13,13 +13,11 @@
 //! peer-wire links only: under TLS the session owns every byte, over gRPC
 //! the stream does (BENCHMARKS.md, sixteenth session).
 //!
-//! **Off unless `TANDEM_RAFT_DIRECT_LANE=1`** is in a node's environment.
-//! `three_phase::atomicity_3pc_holds_when_leader_dies_in_the_middle_of_do_commit`
-//! fails now and then without a fault: its failpoint (after a DoCommit
-//! answer is applied) never fires, while every transaction ends correctly.
-//! With the lane on that happened in about one run in fourteen, with it
-//! off in one of 105. Until that test is understood the lane stays off
-//! (ARCHITECTURE.md, "The direct lane").
+//! **Off unless `TANDEM_RAFT_DIRECT_LANE=1`** is in a node's environment,
+//! for now: with it on, a 3PC test's failpoint often had no instant to
+//! fire at (ARCHITECTURE.md, "The direct lane"); the test is mended, and
+//! the lane waits for a full suite run with it on before it becomes the
+//! default.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
