@@ -15,9 +15,9 @@
 //!
 //! **Off unless `TANDEM_RAFT_DIRECT_LANE=1`** is in a node's environment,
 //! for now: with it on, a 3PC test's failpoint often had no instant to
-//! fire at (ARCHITECTURE.md, "The direct lane"); the test is mended, and
-//! the lane waits for a full suite run with it on before it becomes the
-//! default.
+//! fire at (ARCHITECTURE.md, "The direct lane"); the test is mended and
+//! a full suite has passed with the lane on, which becomes the default
+//! once the README's demo has run on it too.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
