@@ -151,6 +151,11 @@ impl<T> Limited<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// The connection, and the place it holds (to keep while it is open).
+    pub fn into_parts(self) -> (T, tokio::sync::OwnedSemaphorePermit) {
+        (self.inner, self._place)
+    }
 }
 
 impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Limited<T> {

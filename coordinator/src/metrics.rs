@@ -40,6 +40,7 @@ pub const RAFT_APPLIED_INDEX: &str = "tandem_raft_applied_index";
 pub const RAFT_APPLY_LAG: &str = "tandem_raft_apply_lag_entries";
 pub const RAFT_LOG_ENTRIES: &str = "tandem_raft_log_entries";
 pub const RAFT_SNAPSHOTS: &str = "tandem_raft_snapshots_total";
+pub const RAFT_PEER_BATCHES: &str = "tandem_raft_peer_batches_total";
 
 /// Latency buckets, in seconds: 100 µs to 30 s.
 const BUCKETS: &[f64] = &[
@@ -58,6 +59,8 @@ struct Hot {
     commit_seconds: metrics::Histogram,
     fsync_seconds: metrics::Histogram,
     group_commit_waits: metrics::Counter,
+    /// By way, in `PeerBatch::ALL` order.
+    peer_batches: Vec<metrics::Counter>,
     /// By protocol, in `Protocol::ALL` order.
     begun: Vec<metrics::Counter>,
     /// The labelled series recorded per call or per finished transaction,
@@ -113,6 +116,10 @@ pub fn install() -> Option<PrometheusHandle> {
                 commit_seconds: histogram!(RAFT_COMMIT_SECONDS),
                 fsync_seconds: histogram!(RAFT_FSYNC_SECONDS),
                 group_commit_waits: counter!(RAFT_GROUP_COMMIT_WAITS),
+                peer_batches: PeerBatch::ALL
+                    .iter()
+                    .map(|w| counter!(RAFT_PEER_BATCHES, "way" => w.name()))
+                    .collect(),
                 begun: Protocol::ALL
                     .iter()
                     .map(|p| counter!(TX_BEGUN, "protocol" => p.name()))
@@ -180,6 +187,10 @@ fn describe() {
     describe_gauge!(RAFT_APPLY_LAG, "Committed entries not applied yet");
     describe_gauge!(RAFT_LOG_ENTRIES, "Log entries after the last snapshot");
     describe_counter!(RAFT_SNAPSHOTS, "Snapshots this node wrote");
+    describe_counter!(
+        RAFT_PEER_BATCHES,
+        "A Raft turn's messages for one peer, by how they left: direct (the Raft loop wrote them to the socket), part (it wrote some, the peer's task the rest), queued (the peer's task wrote them)"
+    );
 }
 
 /// A transaction began here (as applied).
@@ -275,6 +286,32 @@ pub fn fsync(took: Duration) {
 pub fn group_commit_wait() {
     if let Some(hot) = HOT.get() {
         hot.group_commit_waits.increment(1);
+    }
+}
+
+/// How a Raft turn's messages for one peer left (the direct lane).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerBatch {
+    Direct,
+    Part,
+    Queued,
+}
+
+impl PeerBatch {
+    const ALL: [PeerBatch; 3] = [PeerBatch::Direct, PeerBatch::Part, PeerBatch::Queued];
+
+    fn name(self) -> &'static str {
+        match self {
+            PeerBatch::Direct => "direct",
+            PeerBatch::Part => "part",
+            PeerBatch::Queued => "queued",
+        }
+    }
+}
+
+pub fn peer_batch(way: PeerBatch) {
+    if let Some(hot) = HOT.get() {
+        hot.peer_batches[index_of(&PeerBatch::ALL, &way)].increment(1);
     }
 }
 

@@ -200,7 +200,8 @@ pub async fn serve(
                         if let Ok(tcp) = &io
                             && crate::raft::wire::starts_with_magic(tcp.get_ref()).await
                         {
-                            transport.serve_wire(io.ok()?, None);
+                            let (tcp, place) = io.ok()?.into_parts();
+                            transport.serve_wire_tcp(tcp, Some(place));
                             return None;
                         }
                         Some(io)

@@ -184,6 +184,21 @@ async fn every_node_killed_loses_nothing_acknowledged(
             "no write was held back for the gap: the test did not exercise it"
         );
     }
+    // The direct lane is on unless the nodes' environment turns it off:
+    // then what is checked below held with the Raft loop writing to its
+    // peers' sockets itself.
+    if std::env::var("TANDEM_RAFT_DIRECT_LANE").map_or(true, |v| v != "0") {
+        let mut direct = 0.0;
+        for id in 1..=3 {
+            let url = format!("{}/metrics", cluster.node(id).http_url());
+            let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
+            direct += metric(&page, r#"tandem_raft_peer_batches_total{way="direct"}"#);
+        }
+        assert!(
+            direct > 0.0,
+            "no Raft batch went by the direct lane: the test did not exercise it"
+        );
+    }
     for id in 1..=3 {
         cluster.kill(id);
     }

@@ -5,10 +5,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 use raft::eraftpb::{ConfState, Snapshot};
 use tokio::sync::{oneshot, watch};
 
+use super::inbound::Inputs;
 use super::replicated::Replicated;
 use super::status::{NodeStatus, Role};
 use super::transport::PeerEvent;
@@ -86,7 +87,7 @@ pub(crate) enum Input<S: Replicated> {
 
 /// The async face of the node, cloned freely by the API and the driver.
 pub struct NodeHandle<S: Replicated> {
-    pub(super) inputs: Sender<Input<S>>,
+    pub(super) inputs: Inputs<Input<S>>,
     pub(super) status: watch::Receiver<Arc<NodeStatus>>,
     pub(super) id: u64,
     /// How long a caller waits for a proposal or read before giving up.
@@ -108,12 +109,12 @@ impl<S: Replicated> NodeHandle<S> {
     /// The handle of a loop the simulation drives: it drains `inputs`.
     #[cfg(feature = "sim")]
     pub(crate) fn simulated(
-        inputs: Sender<Input<S>>,
+        inputs: crossbeam_channel::Sender<Input<S>>,
         status: watch::Receiver<Arc<NodeStatus>>,
         id: u64,
     ) -> NodeHandle<S> {
         NodeHandle {
-            inputs,
+            inputs: Inputs::new(inputs, None),
             status,
             id,
             request_timeout: Duration::from_secs(10),

@@ -13,11 +13,10 @@
 //! peer-wire links only: under TLS the session owns every byte, over gRPC
 //! the stream does (BENCHMARKS.md, sixteenth session).
 //!
-//! **Off unless `TANDEM_RAFT_DIRECT_LANE=1`** is in a node's environment,
-//! for now: with it on, a 3PC test's failpoint often had no instant to
-//! fire at (ARCHITECTURE.md, "The direct lane"); the test is mended and
-//! a full suite has passed with the lane on, which becomes the default
-//! once the README's demo has run on it too.
+//! **On by default**; `TANDEM_RAFT_DIRECT_LANE=0` in a node's environment
+//! turns it off (every batch then goes through the peer's task, as before
+//! the lane). How batches leave is counted in
+//! `tandem_raft_peer_batches_total{way}`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,22 +25,34 @@ use raft::eraftpb::Message;
 use tokio::sync::mpsc;
 
 use super::wire;
+use crate::metrics::PeerBatch;
 
 /// Whether links offer the loop their socket (see the module's note).
-static ENABLED: AtomicBool = AtomicBool::new(false);
+static ENABLED: AtomicBool = AtomicBool::new(true);
+/// Whether the loop reads admitted plaintext links itself (`inbound.rs`).
+static READS: AtomicBool = AtomicBool::new(true);
 
 /// Turns the direct lane on or off for links opened from now on.
 pub fn enable(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Reads `TANDEM_RAFT_DIRECT_LANE` (`1`: on) once, at a node's start.
+/// Reads `TANDEM_RAFT_DIRECT_LANE` once, at a node's start: `0` turns
+/// the lane off both ways, `write` leaves the loop writing but not
+/// reading; anything else, or nothing, is both.
 pub fn enable_from_env() {
-    enable(std::env::var("TANDEM_RAFT_DIRECT_LANE").is_ok_and(|v| v == "1"));
+    let setting = std::env::var("TANDEM_RAFT_DIRECT_LANE").unwrap_or_default();
+    enable(setting != "0");
+    READS.store(setting != "0" && setting != "write", Ordering::Relaxed);
 }
 
 pub(super) fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
+}
+
+/// Whether a node's Raft loop reads its peers' plaintext links itself.
+pub(super) fn reads() -> bool {
+    READS.load(Ordering::Relaxed)
 }
 
 /// What a peer's task is given to send.
@@ -157,6 +168,7 @@ impl Lane {
     /// when nothing queued is unwritten, queued for the task otherwise (a
     /// full queue drops them, and raft sends them again).
     pub(super) fn send(&mut self, queue: &mpsc::Sender<Out>, messages: Vec<Message>) {
+        let mut way = PeerBatch::Queued;
         if self.queued == 0
             && let Some((link, direct)) = &self.socket
         {
@@ -166,34 +178,36 @@ impl Lane {
                 wire::encode(&mut self.out, message);
             }
             let written = direct.write(&self.out);
-            let rest = match written {
-                Written::Part(n) => Some(self.out[n..].to_vec()),
-                _ => None,
-            };
-            wire::keep_buffer_small(&mut self.out);
             #[cfg(test)]
             {
                 self.counts.0 += usize::from(matches!(written, Written::All));
                 self.counts.1 += usize::from(matches!(written, Written::Part(_)));
             }
             match written {
-                Written::All => return,
-                Written::Part(_) => {
-                    let rest = rest.expect("the rest of a part-written batch");
-                    if !self.queue(queue, Out::Rest { link, bytes: rest }) {
+                Written::All => way = PeerBatch::Direct,
+                Written::Part(n) => {
+                    way = PeerBatch::Part;
+                    let rest = Out::Rest {
+                        link,
+                        bytes: self.out[n..].to_vec(),
+                    };
+                    if !self.queue(queue, rest) {
                         // The task is gone, and its link with it.
                         self.close();
                     }
-                    return;
                 }
                 Written::Nothing => {}
                 // The task finds the link broken, opens another and sends
                 // these there; raft takes a message received twice as once.
                 Written::Failed => self.close(),
             }
+            wire::keep_buffer_small(&mut self.out);
         }
-        for message in messages {
-            self.queue(queue, Out::Message(message));
+        crate::metrics::peer_batch(way);
+        if way == PeerBatch::Queued {
+            for message in messages {
+                self.queue(queue, Out::Message(message));
+            }
         }
     }
 }

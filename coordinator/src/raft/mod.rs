@@ -13,9 +13,11 @@
 //! * `transport.rs` — peer messages: a task per peer, its connection
 //! * `wire.rs` — the peer wire: frames on a stream of their own
 //! * `lane.rs` — the loop writing to a peer's socket itself
+//! * `inbound.rs` — the loop reading its peers' links itself, and its wait
 
 mod entry_cache;
 mod handle;
+mod inbound;
 pub mod lane;
 pub mod logger;
 mod membership;

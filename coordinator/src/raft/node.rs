@@ -42,12 +42,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use raft::eraftpb::{ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use tokio::sync::watch;
 
 use super::handle::{Input, NodeError, NodeHandle, Reply};
+use super::inbound::{Inbound, InboundLink, Inputs};
 use super::reads::ReadBatch;
 use super::replicated::{Observer, Replicated};
 use super::status::NodeStatus;
@@ -60,6 +61,8 @@ pub(super) use crate::codec;
 const INPUTS_PER_TURN: usize = 4096;
 /// Capacity of the input channel; beyond it callers get `Overloaded`.
 pub const INPUT_QUEUE_MAX: usize = 65_536;
+/// Admitted peer-wire links waiting for the loop to take them.
+const LINKS_QUEUE_MAX: usize = 64;
 /// A turn of the loop this long holds every proposal and peer message
 /// behind it: it is counted and reported (at most once per
 /// [`SLOW_TURN_REPORT_EVERY`]), with where its time went.
@@ -111,9 +114,6 @@ pub struct NodeConfig {
     pub group_commit_min_entries: usize,
 }
 
-/// The node's input channel has no senders left.
-struct Closed;
-
 /// Runs the calling thread at the lowest priority (nice 19): for work that
 /// can wait, such as writing a snapshot. Encoding and writing one takes a
 /// core for up to hundreds of milliseconds, and on a loaded machine every
@@ -159,9 +159,19 @@ pub fn start<S: Replicated, O: Observer<S>>(
     transport: Transport,
     observer: O,
 ) -> Result<(NodeHandle<S>, std::thread::JoinHandle<()>), StartError> {
+    let inbound = Inbound::new()
+        .map_err(|e| StartError::Config(format!("cannot make the raft loop's poll: {e}")))?;
+    let bell = Some(inbound.bell());
     let (inputs_tx, inputs_rx) = crossbeam_channel::bounded(INPUT_QUEUE_MAX);
+    let inputs_tx = Inputs::new(inputs_tx, bell.clone());
     let (peers_tx, peers_rx) = crossbeam_channel::bounded(INPUT_QUEUE_MAX);
-    transport.set_inputs(peers_tx);
+    let peers_tx = Inputs::new(peers_tx, bell.clone());
+    let (links_tx, links_rx) = crossbeam_channel::bounded(LINKS_QUEUE_MAX);
+    if super::lane::reads() {
+        transport.set_loop(peers_tx, Inputs::new(links_tx, bell));
+    } else {
+        transport.set_loop_inputs(peers_tx);
+    }
     let bootstrap = if config.join {
         None
     } else {
@@ -196,6 +206,8 @@ pub fn start<S: Replicated, O: Observer<S>>(
         core,
         inputs_rx,
         peers_rx,
+        links_rx,
+        inbound,
         inputs_tx,
     };
     let thread = std::thread::Builder::new()
@@ -222,8 +234,12 @@ struct Thread<S: Replicated, O: Observer<S>> {
     /// A channel of its own, so that the transport knows nothing of the
     /// loop's inputs.
     peers_rx: Receiver<PeerEvent>,
+    /// Plaintext peer-wire links, admitted, for the loop to read.
+    links_rx: Receiver<InboundLink>,
+    /// What the loop waits on: its links, and a doorbell its inputs ring.
+    inbound: Inbound,
     /// For the snapshot writer thread to report back.
-    inputs_tx: Sender<Input<S>>,
+    inputs_tx: Inputs<Input<S>>,
 }
 
 /// One node's Raft state and everything a turn does with it (see the
@@ -282,13 +298,13 @@ impl<S: Replicated, O: Observer<S>> Thread<S, O> {
         let mut next_tick = Instant::now() + self.core.config.tick;
         let mut last_report: Option<Instant> = None;
         'outer: loop {
-            let Ok(first) = self.next_input(next_tick) else {
-                break 'outer;
-            };
+            self.wait(next_tick);
             let turn_started = Instant::now();
-            if let Some(input) = first
-                && (!self.core.handle(input) || !self.take_waiting())
-            {
+            let messages = self.inbound.read(&self.core.transport);
+            if !messages.is_empty() && !self.core.handle(Input::Peer(PeerEvent::Raft(messages))) {
+                break 'outer;
+            }
+            if !self.take_waiting() {
                 break 'outer;
             }
             let now = Instant::now();
@@ -325,9 +341,12 @@ impl<S: Replicated, O: Observer<S>> Thread<S, O> {
         self.core.stop();
     }
 
-    /// Handles the inputs already waiting, up to a turn's worth. Returns
-    /// false when the loop must stop.
+    /// Handles the inputs already waiting, up to a turn's worth, and takes
+    /// the links handed over. Returns false when the loop must stop.
     fn take_waiting(&mut self) -> bool {
+        while let Ok(link) = self.links_rx.try_recv() {
+            self.inbound.adopt(link);
+        }
         for _ in 0..INPUTS_PER_TURN {
             let input = match self.inputs_rx.try_recv() {
                 Ok(input) => input,
@@ -373,16 +392,14 @@ impl<S: Replicated, O: Observer<S>> Thread<S, O> {
         true
     }
 
-    /// The next input from clients or peers, waiting until `until` at most
-    /// (`None` then, or when the transport has gone); `Closed` once the
-    /// node's input channel has no senders left (the loop must stop).
-    fn next_input(&self, until: Instant) -> Result<Option<Input<S>>, Closed> {
+    /// Waits until an input, a link's bytes or `until`, whichever is
+    /// first (not at all if inputs are waiting).
+    fn wait(&mut self, until: Instant) {
         let timeout = until.saturating_duration_since(Instant::now());
-        crossbeam_channel::select! {
-            recv(self.inputs_rx) -> input => input.map(Some).map_err(|_| Closed),
-            recv(self.peers_rx) -> event => Ok(event.ok().map(Input::Peer)),
-            default(timeout) => Ok(None),
-        }
+        let (inputs, peers, links) = (&self.inputs_rx, &self.peers_rx, &self.links_rx);
+        self.inbound.wait(timeout, || {
+            inputs.is_empty() && peers.is_empty() && links.is_empty()
+        });
     }
 
     /// Encodes and writes a snapshot on a thread of its own; the loop hears

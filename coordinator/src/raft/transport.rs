@@ -29,6 +29,7 @@ use tandem_proto::v1::{RaftAck, RaftBatch};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
+use super::inbound::{InboundLink, Inputs};
 use super::lane::{Lane, Out};
 
 /// Messages waiting per peer; beyond this they are dropped (raft resends).
@@ -100,7 +101,10 @@ struct Inner {
     tls: Option<Arc<crate::tls::Tls>>,
     runtime: tokio::runtime::Handle,
     /// Where received messages and delivery reports go (the Raft loop).
-    inputs: OnceLock<Sender<PeerEvent>>,
+    inputs: OnceLock<Inputs<PeerEvent>>,
+    /// Where plaintext peer-wire links go once admitted, when the Raft
+    /// loop reads them itself (`inbound.rs`); unset, tokio reads them.
+    links: OnceLock<Inputs<InboundLink>>,
     /// Node id → address, as membership and configuration say.
     addresses: RwLock<BTreeMap<u64, String>>,
     /// Addresses learnt from peers' own batches, for nodes membership does
@@ -152,6 +156,7 @@ impl Transport {
                 tls,
                 runtime,
                 inputs: OnceLock::new(),
+                links: OnceLock::new(),
                 addresses: RwLock::new(BTreeMap::new()),
                 learnt: RwLock::new(HashMap::new()),
                 peers: Mutex::new(HashMap::new()),
@@ -190,9 +195,48 @@ impl Transport {
             .spawn(super::wire::serve(self.clone(), io, certs));
     }
 
+    /// Serves a plaintext peer-wire connection (see `wire.rs`); `place`
+    /// is the listener's, held while the connection is open.
+    pub fn serve_wire_tcp(
+        &self,
+        tcp: tokio::net::TcpStream,
+        place: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        self.inner
+            .runtime
+            .spawn(super::wire::serve_tcp(self.clone(), tcp, place));
+    }
+
     /// Where peer events go (the Raft loop); set once, before serving.
     pub fn set_inputs(&self, inputs: Sender<PeerEvent>) {
+        let _ = self.inner.inputs.set(Inputs::new(inputs, None));
+    }
+
+    /// Where peer events go, and where admitted plaintext links go for the
+    /// Raft loop to read (`inbound.rs`); set once, before serving.
+    pub(super) fn set_loop(&self, inputs: Inputs<PeerEvent>, links: Inputs<InboundLink>) {
         let _ = self.inner.inputs.set(inputs);
+        let _ = self.inner.links.set(links);
+    }
+
+    /// Where peer events go, when tokio reads every link; set once.
+    pub(super) fn set_loop_inputs(&self, inputs: Inputs<PeerEvent>) {
+        let _ = self.inner.inputs.set(inputs);
+    }
+
+    /// Whether admitted plaintext links go to the Raft loop.
+    pub(super) fn adopts_links(&self) -> bool {
+        self.inner.links.get().is_some()
+    }
+
+    /// Gives an admitted link to the Raft loop (closed if it cannot take
+    /// it: the peer reconnects).
+    pub(super) fn adopt(&self, link: InboundLink) {
+        if let Some(links) = self.inner.links.get()
+            && links.try_send(link).is_err()
+        {
+            tracing::debug!("the raft loop took no more links; one was closed");
+        }
     }
 
     fn report(&self, input: PeerEvent) {

@@ -40,6 +40,7 @@ use raft::eraftpb::Message;
 use tandem_proto::v1::RaftBatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::inbound::InboundLink;
 use super::lane::DirectSocket;
 use super::transport::{PEER_MESSAGE_BYTES_MAX, Transport};
 
@@ -367,16 +368,62 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_greeting(&mut io)).await {
+    let Some(from) = handshake(&transport, &mut io, certs).await else {
+        return;
+    };
+    if let Err(e) = receive(&transport, &mut io, from).await {
+        tracing::debug!(from, error = %e, "a peer-wire connection ended");
+    }
+}
+
+/// [`serve`] for a plaintext connection: once admitted, it goes to the
+/// Raft loop to read itself (`inbound.rs`) when the loop takes links; it
+/// holds the listener's `place` while open.
+pub async fn serve_tcp(
+    transport: Transport,
+    mut tcp: tokio::net::TcpStream,
+    place: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let Some(from) = handshake(&transport, &mut tcp, None).await else {
+        return;
+    };
+    if transport.adopts_links() {
+        match tcp.into_std() {
+            Ok(socket) => transport.adopt(InboundLink {
+                from,
+                socket,
+                place,
+            }),
+            Err(e) => tracing::debug!(from, error = %e, "a peer-wire connection ended"),
+        }
+        return;
+    }
+    if let Err(e) = receive(&transport, &mut tcp, from).await {
+        tracing::debug!(from, error = %e, "a peer-wire connection ended");
+    }
+}
+
+/// The node's side of the handshake: the sender's id once admitted
+/// (answered), `None` when the connection is done with (refused, with the
+/// reason sent, or gone).
+async fn handshake<IO>(
+    transport: &Transport,
+    io: &mut IO,
+    certs: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+) -> Option<u64>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_greeting(io)).await {
         Ok(Ok(body)) => body,
         Ok(Err(Unheard::Bad(e))) => {
             tracing::debug!(error = %e, "a peer-wire connection without a proper handshake");
-            return;
+            return None;
         }
-        Ok(Err(_)) => return,
+        Ok(Err(_)) => return None,
         Err(_) => {
             tracing::debug!("a peer-wire connection sent no handshake in time");
-            return;
+            return None;
         }
     };
     let admitted = <RaftBatch as prost::Message>::decode(hello.as_slice())
@@ -392,20 +439,20 @@ pub async fn serve<IO>(
         Err(why) => greeting(why.as_bytes()),
     };
     if io.write_all(&answer).await.is_err() {
-        return;
+        return None;
     }
-    let Ok(from) = admitted else {
-        let _ = io.shutdown().await;
-        return;
-    };
-    if let Err(e) = receive(&transport, &mut io, from).await {
-        tracing::debug!(from, error = %e, "a peer-wire connection ended");
+    match admitted {
+        Ok(from) => Some(from),
+        Err(_) => {
+            let _ = io.shutdown().await;
+            None
+        }
     }
 }
 
 /// Takes the first whole frame off `buffer` and decodes it; `None` when
 /// the frame is not whole yet (room for the rest is then reserved).
-fn next_frame(buffer: &mut BytesMut) -> Result<Option<Message>, String> {
+pub(super) fn next_frame(buffer: &mut BytesMut) -> Result<Option<Message>, String> {
     if buffer.len() < 4 {
         return Ok(None);
     }
