@@ -25,10 +25,11 @@
 //! a quarter of its CPU on its transport (BENCHMARKS.md, thirteenth
 //! session). Here the sender's Raft loop writes the frames itself when the
 //! peer's task has nothing queued (the direct lane, `lane.rs`), the task
-//! otherwise, and the receiver's connection task decodes them and hands
-//! them to the Raft loop. The admission checks are the gRPC path's
-//! (`Transport::admit`), made once per connection, and each message's
-//! sender is checked as there.
+//! otherwise; the receiver's Raft loop reads a plaintext link itself once
+//! it is admitted (`inbound.rs`), and under TLS the connection's task
+//! decodes the frames and hands them over. The admission checks are the
+//! gRPC path's (`Transport::admit`), made once per connection, and each
+//! message's sender is checked as there.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
