@@ -44,6 +44,8 @@ const READ_PER_TURN: usize = 1 << 20;
 const LINKS_MAX: usize = 32;
 /// What one read takes at most.
 const READ_ROOM: usize = 64 << 10;
+/// A link's buffer, once empty, goes back to nothing past this size.
+const BUFFER_KEPT: usize = 1 << 20;
 
 /// Wakes the Raft loop when it sleeps and something was sent to it.
 pub struct Doorbell {
@@ -245,9 +247,10 @@ impl Inbound {
     }
 
     /// Reads the links that have bytes and returns the messages in them,
-    /// each link's in the order sent. A link that fails (closed, a bad
-    /// frame, a message not from its sender, isolated by the failpoint)
-    /// is closed.
+    /// each link's in the order sent. A link that ends (the peer closed,
+    /// the connection failed: what it sent before is kept) or fails (a
+    /// bad frame, a message not from its sender, isolated by the
+    /// failpoint: nothing of that read is kept) is closed.
     pub(super) fn read(&mut self, transport: &Transport) -> Vec<Message> {
         let mut messages = Vec::new();
         let tokens = std::mem::take(&mut self.ready);
@@ -256,9 +259,9 @@ impl Inbound {
                 continue;
             };
             match reader.read(transport, &mut self.scratch, &mut messages) {
-                Ok(true) => {}
-                Ok(false) => self.ready.push(token),
-                Err(why) => self.close(token, &why),
+                Ok(Read::Drained) => {}
+                Ok(Read::More) => self.ready.push(token),
+                Ok(Read::Ended(why)) | Err(why) => self.close(token, &why),
             }
         }
         messages
@@ -280,35 +283,46 @@ impl Inbound {
     }
 }
 
+/// How a link's read ended.
+enum Read {
+    /// The socket has nothing more now.
+    Drained,
+    /// The turn's share was read; more may wait (read next turn).
+    More,
+    /// The peer closed, or the connection failed: what came before is
+    /// good, the link is done.
+    Ended(String),
+}
+
 impl Reader {
     /// Reads what the socket holds, up to a turn's worth, and decodes the
-    /// whole frames. `Ok(true)`: drained (the socket would block).
+    /// whole frames into `messages`. An error is a bad frame or a message
+    /// not from the link's sender: then nothing of this read is kept.
     fn read(
         &mut self,
         transport: &Transport,
         scratch: &mut [u8],
         messages: &mut Vec<Message>,
-    ) -> Result<bool, String> {
+    ) -> Result<Read, String> {
         let mut taken = 0;
-        let drained = loop {
+        let end = loop {
             if taken >= READ_PER_TURN {
-                break false;
+                break Read::More;
             }
             match self.socket.read(scratch) {
-                Ok(0) => return Err("the peer closed the connection".into()),
+                Ok(0) => break Read::Ended("the peer closed the connection".into()),
                 Ok(n) => {
                     self.buffer.extend_from_slice(&scratch[..n]);
                     taken += n;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Read::Drained,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => break Read::Ended(e.to_string()),
             }
         };
         if transport.isolated() {
             return Err("isolated by failpoint".into());
         }
-        // Nothing of a read with a bad frame in it is handed over.
         let start = messages.len();
         let decoded = (|| {
             while let Some(message) = wire::next_frame(&mut self.buffer)? {
@@ -323,7 +337,11 @@ impl Reader {
             messages.truncate(start);
             return Err(why);
         }
-        Ok(drained)
+        if self.buffer.is_empty() && self.buffer.capacity() > BUFFER_KEPT {
+            // A large message came through; do not hold its room.
+            self.buffer = BytesMut::new();
+        }
+        Ok(end)
     }
 }
 
@@ -490,6 +508,32 @@ mod tests {
             got.is_empty(),
             "a message of that read reached the loop: {got:?}"
         );
+    }
+
+    /// No blocking: what a peer sent just before it closed reaches the
+    /// loop (read with the close, it is not dropped with the link: raft
+    /// would only resend it a heartbeat later), and the link is let go.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_blocking_what_a_peer_sent_before_closing_reaches_the_loop() {
+        let (address, transport, links, inbound) = loop_node().await;
+        let mut link = connect(&address, None, &hello(2)).await.unwrap();
+        let sent: Vec<Message> = (0..50).map(message).collect();
+        link.send(&sent).await.unwrap();
+        drop(link);
+        // The bytes and the close are both there before the first read.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let reading = read_on_a_thread(
+            transport,
+            links,
+            inbound,
+            sent.len(),
+            Duration::from_secs(5),
+        );
+        let (got, open) = tokio::task::spawn_blocking(move || reading.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(got, sent);
+        assert_eq!(open, 0, "a closed link was kept");
     }
 
     /// No blocking: a sender that reconnects replaces its older link (the
