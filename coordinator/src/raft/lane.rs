@@ -13,10 +13,11 @@
 //! peer-wire links only: under TLS the session owns every byte, over gRPC
 //! the stream does (BENCHMARKS.md, sixteenth session).
 //!
-//! **On by default**; `TANDEM_RAFT_DIRECT_LANE=0` in a node's environment
-//! turns it off (every batch then goes through the peer's task, as before
-//! the lane). How batches leave is counted in
-//! `tandem_raft_peer_batches_total{way}`.
+//! Its other end is `inbound.rs`: the receiving node's loop reads the
+//! link itself. **Both on by default**; `TANDEM_RAFT_DIRECT_LANE=0` in a
+//! node's environment turns both off (every batch then goes through the
+//! peers' tasks, as before the lane), `=write` keeps this half only. How
+//! batches leave is counted in `tandem_raft_peer_batches_total{way}`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
