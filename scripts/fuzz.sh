@@ -15,8 +15,9 @@ fi
 # cargo-fuzz passes the sanitizer and coverage flags that rustc keeps
 # behind its unstable switch; the stable toolchain takes them with this.
 export RUSTC_BOOTSTRAP=1
-# No AddressSanitizer: the targets are safe Rust (the node's one `unsafe` is a
-# setpriority call no target reaches), and what they hunt is a panic, a hang
+# No AddressSanitizer: the targets are safe Rust (the node's `unsafe` blocks
+# are plain system calls with no pointers — setpriority, prctl,
+# sync_file_range — that no target reaches), and what they hunt is a panic, a hang
 # or unbounded memory, which libFuzzer catches by itself. Many codegen units:
 # the instrumented release build of the whole dependency tree was 80 % of
 # this script's time with one unit per crate on two cores (10.5 min against
