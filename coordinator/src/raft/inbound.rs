@@ -349,12 +349,11 @@ impl Reader {
 mod tests {
     use super::*;
     use crate::raft::transport::PeerNet;
+    use crate::raft::wire::tests::{closed_soon, hello, message};
     use crate::raft::wire::{connect, starts_with_magic};
     use crossbeam_channel::Receiver;
-    use raft::eraftpb::{Entry, MessageType};
     use std::collections::BTreeMap;
     use std::time::Instant;
-    use tandem_proto::v1::RaftBatch;
 
     /// Node 1 of cluster `c` on a loopback port, its plaintext links
     /// going to a loop of its own (as `server.rs` and `node.rs` do).
@@ -373,7 +372,7 @@ mod tests {
         let (links_tx, links_rx) = crossbeam_channel::bounded(16);
         transport.set_loop(
             Inputs::new(peers, Some(inbound.bell())),
-            Inputs::new(links_tx, Some(inbound.bell())),
+            Some(Inputs::new(links_tx, Some(inbound.bell()))),
         );
         let serving = transport.clone();
         tokio::spawn(async move {
@@ -407,29 +406,6 @@ mod tests {
             }
             (got, inbound.links())
         })
-    }
-
-    fn hello(from: u64) -> RaftBatch {
-        RaftBatch {
-            cluster_name: "c".into(),
-            from_id: from,
-            from_address: format!("127.0.0.1:{}", 7000 + from),
-            messages: Vec::new(),
-        }
-    }
-
-    fn message(index: u64) -> Message {
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgAppend);
-        m.from = 2;
-        m.to = 1;
-        m.index = index;
-        let entry = Entry {
-            data: vec![index as u8; (index % 300) as usize].into(),
-            ..Default::default()
-        };
-        m.entries = vec![entry].into();
-        m
     }
 
     /// Atomicity (the log a follower builds is the leader's): what a peer's
@@ -488,19 +464,11 @@ mod tests {
     async fn durability_a_forged_sender_closes_a_link_the_loop_reads() {
         let (address, transport, links, inbound) = loop_node().await;
         let reading = read_on_a_thread(transport, links, inbound, 1, Duration::from_secs(3));
-        let mut link = connect(&address, None, &hello(2)).await.unwrap();
+        let mut link = connect(&address, None, &hello("c", 2)).await.unwrap();
         let mut forged = message(1);
         forged.from = 3;
         link.send(&[message(0), forged]).await.unwrap();
-        let mut closed = false;
-        for _ in 0..100 {
-            if link.send(&[message(2)]).await.is_err() {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(closed, "the loop kept the link open");
+        assert!(closed_soon(&mut link).await, "the loop kept the link open");
         let (got, _) = tokio::task::spawn_blocking(move || reading.join().unwrap())
             .await
             .unwrap();
@@ -516,7 +484,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_blocking_what_a_peer_sent_before_closing_reaches_the_loop() {
         let (address, transport, links, inbound) = loop_node().await;
-        let mut link = connect(&address, None, &hello(2)).await.unwrap();
+        let mut link = connect(&address, None, &hello("c", 2)).await.unwrap();
         let sent: Vec<Message> = (0..50).map(message).collect();
         link.send(&sent).await.unwrap();
         drop(link);
@@ -542,25 +510,20 @@ mod tests {
     async fn no_blocking_a_newer_link_from_a_sender_replaces_its_older_one() {
         let (address, transport, links, inbound) = loop_node().await;
         let reading = read_on_a_thread(transport, links, inbound, 2, Duration::from_secs(20));
-        let mut first = connect(&address, None, &hello(2)).await.unwrap();
+        let mut first = connect(&address, None, &hello("c", 2)).await.unwrap();
         first.send(&[message(0)]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut second = connect(&address, None, &hello(2)).await.unwrap();
+        let mut second = connect(&address, None, &hello("c", 2)).await.unwrap();
         second.send(&[message(1)]).await.unwrap();
         let (got, open) = tokio::task::spawn_blocking(move || reading.join().unwrap())
             .await
             .unwrap();
         assert_eq!(got, vec![message(0), message(1)]);
         assert_eq!(open, 1, "the older link was kept");
-        let mut closed = false;
-        for _ in 0..100 {
-            if first.send(&[message(2)]).await.is_err() {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(closed, "the older link was not closed");
+        assert!(
+            closed_soon(&mut first).await,
+            "the older link was not closed"
+        );
     }
 
     /// No blocking: an input sent while the loop sleeps wakes it at once,

@@ -178,13 +178,7 @@ impl Lane {
             for message in &messages {
                 wire::encode(&mut self.out, message);
             }
-            let written = direct.write(&self.out);
-            #[cfg(test)]
-            {
-                self.counts.0 += usize::from(matches!(written, Written::All));
-                self.counts.1 += usize::from(matches!(written, Written::Part(_)));
-            }
-            match written {
+            match direct.write(&self.out) {
                 Written::All => way = PeerBatch::Direct,
                 Written::Part(n) => {
                     way = PeerBatch::Part;
@@ -205,6 +199,11 @@ impl Lane {
             wire::keep_buffer_small(&mut self.out);
         }
         crate::metrics::peer_batch(way);
+        #[cfg(test)]
+        {
+            self.counts.0 += usize::from(way == PeerBatch::Direct);
+            self.counts.1 += usize::from(way == PeerBatch::Part);
+        }
         if way == PeerBatch::Queued {
             for message in messages {
                 self.queue(queue, Out::Message(message));

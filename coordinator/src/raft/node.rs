@@ -167,11 +167,8 @@ pub fn start<S: Replicated, O: Observer<S>>(
     let (peers_tx, peers_rx) = crossbeam_channel::bounded(INPUT_QUEUE_MAX);
     let peers_tx = Inputs::new(peers_tx, bell.clone());
     let (links_tx, links_rx) = crossbeam_channel::bounded(LINKS_QUEUE_MAX);
-    if super::lane::reads() {
-        transport.set_loop(peers_tx, Inputs::new(links_tx, bell));
-    } else {
-        transport.set_loop_inputs(peers_tx);
-    }
+    let links_tx = super::lane::reads().then(|| Inputs::new(links_tx, bell));
+    transport.set_loop(peers_tx, links_tx);
     let bootstrap = if config.join {
         None
     } else {

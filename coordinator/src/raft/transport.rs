@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use crossbeam_channel::Sender;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tandem_proto::v1::raft_transport_client::RaftTransportClient;
@@ -207,21 +206,14 @@ impl Transport {
             .spawn(super::wire::serve_tcp(self.clone(), tcp, place));
     }
 
-    /// Where peer events go (the Raft loop); set once, before serving.
-    pub fn set_inputs(&self, inputs: Sender<PeerEvent>) {
-        let _ = self.inner.inputs.set(Inputs::new(inputs, None));
-    }
-
-    /// Where peer events go, and where admitted plaintext links go for the
-    /// Raft loop to read (`inbound.rs`); set once, before serving.
-    pub(super) fn set_loop(&self, inputs: Inputs<PeerEvent>, links: Inputs<InboundLink>) {
+    /// Where peer events go (the Raft loop), and — when the loop reads
+    /// them itself (`inbound.rs`) — where admitted plaintext links go
+    /// (`None`: tokio reads every link); set once, before serving.
+    pub(super) fn set_loop(&self, inputs: Inputs<PeerEvent>, links: Option<Inputs<InboundLink>>) {
         let _ = self.inner.inputs.set(inputs);
-        let _ = self.inner.links.set(links);
-    }
-
-    /// Where peer events go, when tokio reads every link; set once.
-    pub(super) fn set_loop_inputs(&self, inputs: Inputs<PeerEvent>) {
-        let _ = self.inner.inputs.set(inputs);
+        if let Some(links) = links {
+            let _ = self.inner.links.set(links);
+        }
     }
 
     /// Whether admitted plaintext links go to the Raft loop.

@@ -511,7 +511,7 @@ async fn receive<R: AsyncRead + Unpin>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::raft::transport::PeerEvent;
     use std::collections::BTreeMap;
@@ -545,17 +545,28 @@ mod tests {
             tokio::runtime::Handle::current(),
         );
         let (tx, rx) = crossbeam_channel::bounded(1 << 16);
-        transport.set_inputs(tx);
+        transport.set_loop(crate::raft::inbound::Inputs::new(tx, None), None);
         (transport, rx)
     }
 
-    fn hello(cluster: &str, from: u64) -> RaftBatch {
+    pub(in crate::raft) fn hello(cluster: &str, from: u64) -> RaftBatch {
         RaftBatch {
             cluster_name: cluster.into(),
             from_id: from,
             from_address: format!("127.0.0.1:{}", 7000 + from),
             messages: Vec::new(),
         }
+    }
+
+    /// Whether the other end closes `link` within 2 s (a write fails).
+    pub(in crate::raft) async fn closed_soon(link: &mut Link) -> bool {
+        for _ in 0..100 {
+            if link.send(&[message(2)]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     /// Waits (boundedly) for `count` messages from the loop's inputs.
@@ -571,7 +582,7 @@ mod tests {
         got
     }
 
-    fn message(index: u64) -> Message {
+    pub(in crate::raft) fn message(index: u64) -> Message {
         let mut m = Message::default();
         m.set_msg_type(raft::eraftpb::MessageType::MsgAppend);
         m.from = 2;
@@ -707,15 +718,10 @@ mod tests {
         let mut forged = message(1);
         forged.from = 3;
         link.send(&[message(0), forged]).await.unwrap();
-        let mut closed = false;
-        for _ in 0..100 {
-            if link.send(&[message(2)]).await.is_err() {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(closed, "the node kept the connection open");
+        assert!(
+            closed_soon(&mut link).await,
+            "the node kept the connection open"
+        );
         assert!(
             inputs.try_recv().is_err(),
             "a message of that read was handed over"
