@@ -10,7 +10,7 @@ profile=default
 if cargo nextest --version >/dev/null 2>&1; then
   # The simulation's checker must catch a bug put in on purpose: the same
   # tests, built with each injected bug, must find it.
-  for bug in inject-bug-commit-on-first-vote inject-bug-apply-before-commit inject-bug-stale-read inject-bug-deliver-on-timeout; do
+  for bug in inject-bug-commit-on-first-vote inject-bug-apply-before-commit inject-bug-stale-read inject-bug-deliver-on-timeout inject-bug-ack-before-durable; do
     cargo nextest run -p tandem-coordinator --test simulation --features "$bug" --profile "$profile"
   done
   cargo nextest run --workspace --profile "$profile" "$@"

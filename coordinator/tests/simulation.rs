@@ -220,6 +220,16 @@ fn simulation_finds_the_injected_bug_deliver_on_timeout() {
     );
 }
 
+#[cfg(feature = "inject-bug-ack-before-durable")]
+#[test]
+fn simulation_finds_the_injected_bug_ack_before_durable() {
+    let found = seeds_finding(&["before it was durable", "before the vote was durable"]);
+    assert!(
+        found > 20,
+        "the checker found the injected bug in only {found} of 200 seeds"
+    );
+}
+
 /// Shrinking a failing seed keeps its failure, replays exactly, and drops
 /// scheduled faults the failure does not need (in some of the seeds: a bug
 /// that needs no fault at all keeps none).

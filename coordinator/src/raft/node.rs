@@ -749,6 +749,10 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
                 batch.read_index = Some(state.index);
             }
         }
+        // The bug the simulation's checker must catch (tests/simulation.rs):
+        // what promises the write leaves before it.
+        #[cfg(feature = "inject-bug-ack-before-durable")]
+        self.transport.send(ready.take_persisted_messages());
         // 4. One durable write for the new entries and the hard state.
         let must_sync = ready.must_sync();
         let entries = ready.entries().len();

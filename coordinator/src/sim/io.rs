@@ -94,9 +94,17 @@ struct DiskState {
     /// The node crashed in its last write: whether the write was kept.
     torn: Option<bool>,
     tears: Arc<Mutex<Tears>>,
+    /// Promises the node sent that its disk did not hold yet (see
+    /// `broken_promise`), for the checker.
+    broken: Vec<String>,
 }
 
 impl Disk {
+    /// Promises the node sent before its disk held them.
+    pub(super) fn take_broken(&self) -> Vec<String> {
+        std::mem::take(&mut self.lock().broken)
+    }
+
     /// An empty disk (a node that joins later), or a founding member's,
     /// with the bootstrap snapshot `LogStore` writes (index 1, `voters`).
     pub(super) fn new(voters: Option<&[u64]>, tears: Arc<Mutex<Tears>>) -> Disk {
@@ -110,6 +118,7 @@ impl Disk {
             synced: false,
             torn: None,
             tears,
+            broken: Vec::new(),
         };
         if let Some(voters) = voters {
             let mut snap = Snapshot::default();
@@ -162,6 +171,41 @@ impl Disk {
 }
 
 impl DiskState {
+    /// Durability (§4.4) at the instant of the promise: a node that
+    /// acknowledges an append, or grants a vote, must hold what it promises
+    /// on its disk already — a crash right after must not take it back.
+    /// (Whether such a crash then loses a committed entry takes a rarer
+    /// run of faults; this sees the broken promise itself, in any run.)
+    /// Everything but the commit index is synced here, so what the disk
+    /// holds is what the loop wrote.
+    fn broken_promise(&self, m: &Message) -> Option<String> {
+        use raft::eraftpb::MessageType;
+        match m.get_msg_type() {
+            MessageType::MsgAppendResponse if !m.reject => {
+                let held = m.index <= self.last_index();
+                (!held).then(|| {
+                    format!(
+                        "durability: node {} acknowledged entry {} before it was durable (its log ends at {})",
+                        m.from,
+                        m.index,
+                        self.last_index()
+                    )
+                })
+            }
+            MessageType::MsgRequestVoteResponse if !m.reject => {
+                let hs = &self.hard_state;
+                let held = hs.term == m.term && hs.vote == m.to;
+                (!held).then(|| {
+                    format!(
+                        "durability: node {} granted its vote to {} in term {} before the vote was durable",
+                        m.from, m.to, m.term
+                    )
+                })
+            }
+            _ => None,
+        }
+    }
+
     fn first_index(&self) -> u64 {
         self.truncated.0 + 1
     }
@@ -344,7 +388,14 @@ pub(super) struct Net {
 
 impl PeerNet for Net {
     fn send(&self, messages: Vec<Message>) {
-        let after_sync = self.disk.lock().synced;
+        let mut disk = self.disk.lock();
+        for m in &messages {
+            if let Some(broken) = disk.broken_promise(m) {
+                disk.broken.push(broken);
+            }
+        }
+        let after_sync = disk.synced;
+        drop(disk);
         self.out
             .lock()
             .expect("one thread")

@@ -1402,6 +1402,8 @@ impl World {
     fn after_turn(&mut self, id: u64) {
         let disk_ms = self.faults.disk_ms;
         let idx = (id - 1) as usize;
+        let broken = self.nodes[idx].disk.take_broken();
+        self.violations.extend(broken);
         let out = std::mem::take(&mut *self.nodes[idx].out.lock().expect("one thread"));
         for (m, after_sync) in out {
             self.send_raft(id, m, if after_sync { disk_ms } else { 0 });
