@@ -165,47 +165,40 @@ fn bug_options() -> Options {
     }
 }
 
-/// How many of 200 seeds report a violation of one of these kinds.
+/// Asserts that more than `at_least` of 200 seeds report a violation of
+/// one of these kinds.
 #[cfg(feature = "injected-bug")]
-fn seeds_finding(kinds: &[&str]) -> usize {
-    run(0..200, &bug_options())
+fn assert_seeds_find(kinds: &[&str], at_least: usize) {
+    let found = run(0..200, &bug_options())
         .iter()
         .filter(|r| {
             r.violations
                 .iter()
                 .any(|v| kinds.iter().any(|k| v.contains(k)))
         })
-        .count()
+        .count();
+    assert!(
+        found > at_least,
+        "the checker found the injected bug in only {found} of 200 seeds"
+    );
 }
 
 #[cfg(feature = "inject-bug-commit-on-first-vote")]
 #[test]
 fn simulation_finds_the_injected_bug_commit_on_first_vote() {
-    let found = seeds_finding(&["never prepared", "atomicity"]);
-    assert!(
-        found > 20,
-        "the checker found the injected bug in only {found} of 200 seeds"
-    );
+    assert_seeds_find(&["never prepared", "atomicity"], 20);
 }
 
 #[cfg(feature = "inject-bug-apply-before-commit")]
 #[test]
 fn simulation_finds_the_injected_bug_apply_before_commit() {
-    let found = seeds_finding(&["commit point first", "durability"]);
-    assert!(
-        found > 20,
-        "the checker found the injected bug in only {found} of 200 seeds"
-    );
+    assert_seeds_find(&["commit point first", "durability"], 20);
 }
 
 #[cfg(feature = "inject-bug-stale-read")]
 #[test]
 fn simulation_finds_the_injected_bug_stale_read() {
-    let found = seeds_finding(&["linearizability"]);
-    assert!(
-        found > 20,
-        "the checker found the injected bug in only {found} of 200 seeds"
-    );
+    assert_seeds_find(&["linearizability"], 20);
 }
 
 #[cfg(feature = "inject-bug-deliver-on-timeout")]
@@ -213,20 +206,15 @@ fn simulation_finds_the_injected_bug_stale_read() {
 fn simulation_finds_the_injected_bug_deliver_on_timeout() {
     // It shows only where a message's producer rolled back (or is slower
     // than the timeout) and the timeout fires first: about one seed in ten.
-    let found = seeds_finding(&["messages"]);
-    assert!(
-        found > 10,
-        "the checker found the injected bug in only {found} of 200 seeds"
-    );
+    assert_seeds_find(&["messages"], 10);
 }
 
 #[cfg(feature = "inject-bug-ack-before-durable")]
 #[test]
 fn simulation_finds_the_injected_bug_ack_before_durable() {
-    let found = seeds_finding(&["before it was durable", "before the vote was durable"]);
-    assert!(
-        found > 20,
-        "the checker found the injected bug in only {found} of 200 seeds"
+    assert_seeds_find(
+        &["before it was durable", "before the vote was durable"],
+        20,
     );
 }
 
