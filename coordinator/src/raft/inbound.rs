@@ -408,6 +408,16 @@ mod tests {
         })
     }
 
+    /// What a [`read_on_a_thread`] got and the links it kept open, waited
+    /// for without holding up the runtime.
+    async fn joined(
+        reading: std::thread::JoinHandle<(Vec<Message>, usize)>,
+    ) -> (Vec<Message>, usize) {
+        tokio::task::spawn_blocking(move || reading.join().unwrap())
+            .await
+            .unwrap()
+    }
+
     /// Atomicity (the log a follower builds is the leader's): what a peer's
     /// loop writes (directly, or finished by its task) reaches this loop's
     /// own reads whole and in the order sent — frames cut across reads,
@@ -450,9 +460,7 @@ mod tests {
                 std::thread::sleep(Duration::from_micros(200));
             }
         });
-        let (got, _) = tokio::task::spawn_blocking(move || reading.join().unwrap())
-            .await
-            .unwrap();
+        let (got, _) = joined(reading).await;
         sending.join().unwrap();
         assert_eq!(got.len(), sent.len());
         assert!(got == sent, "the messages arrived changed or out of order");
@@ -469,9 +477,7 @@ mod tests {
         forged.from = 3;
         link.send(&[message(0), forged]).await.unwrap();
         assert!(closed_soon(&mut link).await, "the loop kept the link open");
-        let (got, _) = tokio::task::spawn_blocking(move || reading.join().unwrap())
-            .await
-            .unwrap();
+        let (got, _) = joined(reading).await;
         assert!(
             got.is_empty(),
             "a message of that read reached the loop: {got:?}"
@@ -497,9 +503,7 @@ mod tests {
             sent.len(),
             Duration::from_secs(5),
         );
-        let (got, open) = tokio::task::spawn_blocking(move || reading.join().unwrap())
-            .await
-            .unwrap();
+        let (got, open) = joined(reading).await;
         assert_eq!(got, sent);
         assert_eq!(open, 0, "a closed link was kept");
     }
@@ -515,9 +519,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut second = connect(&address, None, &hello("c", 2)).await.unwrap();
         second.send(&[message(1)]).await.unwrap();
-        let (got, open) = tokio::task::spawn_blocking(move || reading.join().unwrap())
-            .await
-            .unwrap();
+        let (got, open) = joined(reading).await;
         assert_eq!(got, vec![message(0), message(1)]);
         assert_eq!(open, 1, "the older link was kept");
         assert!(
