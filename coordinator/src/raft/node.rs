@@ -25,7 +25,10 @@
 //! 2. installs `snapshot()` if there is one: the file durably, the log replaced,
 //!    the state machine rebuilt from it;
 //! 3. applies `committed_entries()` (already durable on a quorum), answering the
-//!    proposers whose entries they are;
+//!    proposers whose entries they are — a leader here, before its write
+//!    (its proposers wait); a follower after step 5 instead, since the
+//!    leader's commit waits on its acknowledgement and nobody on the
+//!    follower waits on its apply;
 //! 4. writes `entries()` and `hs()` in **one** raft-engine batch, fsync'd when
 //!    `must_sync()` — the group commit every proposal of the turn shares;
 //! 5. sends `persisted_messages()`, which must not leave before step 4 (votes,
@@ -739,8 +742,15 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             let snapshot = ready.snapshot().clone();
             self.install_snapshot(&snapshot);
         }
-        // 3. Committed entries (durable on a quorum already).
-        self.apply(ready.take_committed_entries());
+        // 3. Committed entries (durable on a quorum already) — now, or
+        // after step 5 when a peer waits on this node's write (a
+        // follower's acknowledgement, a vote): nobody on a follower waits
+        // on its apply, while the leader's commit waits on that
+        // acknowledgement. The leader applies first: its proposers wait.
+        let mut committed = Some(ready.take_committed_entries());
+        if ready.persisted_messages().is_empty() {
+            self.apply(committed.take().unwrap_or_default());
+        }
         // Linearizable reads whose leadership check completed.
         for state in ready.take_read_states() {
             let ctx =
@@ -771,8 +781,12 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
         }
         // Nothing of this Ready may go further after a failed write.
         written?;
-        // 5. Messages that promise what step 4 made durable.
+        // 5. Messages that promise what step 4 made durable, then what
+        // step 3 left to apply.
         self.transport.send(ready.take_persisted_messages());
+        if let Some(committed) = committed {
+            self.apply(committed);
+        }
         // 6. Advance.
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
