@@ -747,9 +747,9 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
         // follower's acknowledgement, a vote): nobody on a follower waits
         // on its apply, while the leader's commit waits on that
         // acknowledgement. The leader applies first: its proposers wait.
-        let mut committed = Some(ready.take_committed_entries());
+        let mut committed = ready.take_committed_entries();
         if ready.persisted_messages().is_empty() {
-            self.apply(committed.take().unwrap_or_default());
+            self.apply(std::mem::take(&mut committed));
         }
         // Linearizable reads whose leadership check completed.
         for state in ready.take_read_states() {
@@ -784,9 +784,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
         // 5. Messages that promise what step 4 made durable, then what
         // step 3 left to apply.
         self.transport.send(ready.take_persisted_messages());
-        if let Some(committed) = committed {
-            self.apply(committed);
-        }
+        self.apply(committed);
         // 6. Advance.
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
