@@ -91,10 +91,10 @@ async fn outbox() -> PgOutbox {
         .connect(tandem_examples::DEFAULT_PG_URL)
         .await
         .expect("PostgreSQL at 127.0.0.1:5432");
-    sqlx::query(&format!(
-        "CREATE TABLE IF NOT EXISTS {ORDERS} (gid VARCHAR(128) PRIMARY KEY)"
-    ))
-    .execute(&pool)
+    tandem_examples::services::pg_ddl(
+        &pool,
+        &format!("CREATE TABLE IF NOT EXISTS {ORDERS} (gid VARCHAR(128) PRIMARY KEY)"),
+    )
     .await
     .expect("orders table");
     PgOutbox::new(pool).await.expect("outbox migrations")

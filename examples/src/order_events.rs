@@ -158,10 +158,12 @@ async fn one(
 pub async fn run(config: Config) -> anyhow::Result<Report> {
     let client = Client::connect(config.endpoints.iter().map(String::as_str))?;
     let pool = services::postgres(&config.pg_url, config.concurrency as u32 + 4).await?;
-    sqlx::query(&format!(
-        "CREATE TABLE IF NOT EXISTS {ORDERS_TABLE} (gid VARCHAR(128) PRIMARY KEY, item TEXT NOT NULL, qty INT NOT NULL)"
-    ))
-    .execute(&pool)
+    services::pg_ddl(
+        &pool,
+        &format!(
+            "CREATE TABLE IF NOT EXISTS {ORDERS_TABLE} (gid VARCHAR(128) PRIMARY KEY, item TEXT NOT NULL, qty INT NOT NULL)"
+        ),
+    )
     .await?;
     let outbox = PgOutbox::new(pool.clone()).await?;
     let check_back = services::serve(outbox.clone()).await?;

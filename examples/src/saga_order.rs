@@ -325,11 +325,11 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let run = uuid::Uuid::now_v7().simple().to_string();
     let lite_path = std::env::temp_dir().join(format!("tandem-saga-order-{run}.db"));
     let lite = services::sqlite(&lite_path).await?;
-    sqlx::raw_sql(
+    services::pg_ddl(
+        &pg,
         "CREATE TABLE IF NOT EXISTS saga_orders (run VARCHAR(40), gid VARCHAR(128), status VARCHAR(16), PRIMARY KEY (run, gid));
          CREATE TABLE IF NOT EXISTS saga_shipments (run VARCHAR(40), gid VARCHAR(128), cancelled BOOLEAN, PRIMARY KEY (run, gid));",
     )
-    .execute(&pg)
     .await?;
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS saga_stock (run VARCHAR(40) PRIMARY KEY, stock BIGINT NOT NULL);

@@ -23,6 +23,25 @@ pub async fn mysql(url: &str, max: u32) -> anyhow::Result<sqlx::MySqlPool> {
         .with_context(|| format!("connecting to MariaDB at {url}"))
 }
 
+/// Runs PostgreSQL DDL such as `CREATE TABLE IF NOT EXISTS …` under a
+/// transaction-scoped advisory lock. PostgreSQL's `IF NOT EXISTS` does not
+/// hold against a concurrent creator: two sessions creating the same table
+/// at once can fail with a unique violation on `pg_type` (seen when the
+/// test suite first ran against a new database). MariaDB and SQLite need
+/// no such lock.
+pub async fn pg_ddl(pool: &sqlx::PgPool, sql: &str) -> Result<(), sqlx::Error> {
+    /// One key for every example's DDL: it runs once per process start.
+    const DDL_LOCK: i64 = 0x7461_6e64_656d_6464; // "tandemdd"
+    let mut tx = pool.begin().await?;
+    sqlx::Executor::execute(
+        &mut *tx,
+        sqlx::raw_sql(&format!("SELECT pg_advisory_xact_lock({DDL_LOCK})")),
+    )
+    .await?;
+    sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(sql)).await?;
+    tx.commit().await
+}
+
 /// A SQLite database in a file (created if missing).
 pub async fn sqlite(path: &std::path::Path) -> anyhow::Result<sqlx::SqlitePool> {
     let options = sqlx::sqlite::SqliteConnectOptions::new()

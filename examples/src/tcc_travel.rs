@@ -202,7 +202,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             "CREATE TABLE IF NOT EXISTS {name} (run VARCHAR(40), gid VARCHAR(128), status VARCHAR(16), PRIMARY KEY (run, gid))"
         )
     };
-    sqlx::raw_sql(&table("travel_flights")).execute(&pg).await?;
+    services::pg_ddl(&pg, &table("travel_flights")).await?;
     sqlx::raw_sql(&table("travel_hotels")).execute(&my).await?;
     sqlx::raw_sql(&table("travel_payments"))
         .execute(&lite)

@@ -316,11 +316,13 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let my = services::mysql(&config.mysql_url, pool_size).await?;
     let run = uuid::Uuid::now_v7().simple().to_string();
     let branches = "CREATE TABLE IF NOT EXISTS three_phase_branches (run VARCHAR(40), gid VARCHAR(128), branch VARCHAR(32), status VARCHAR(16) NOT NULL, amount BIGINT NOT NULL, PRIMARY KEY (run, gid, branch))";
-    sqlx::raw_sql(branches).execute(&pg).await?;
+    services::pg_ddl(&pg, branches).await?;
     sqlx::raw_sql(branches).execute(&my).await?;
-    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS three_phase_stock (run VARCHAR(40) PRIMARY KEY, stock BIGINT NOT NULL)")
-        .execute(&pg)
-        .await?;
+    services::pg_ddl(
+        &pg,
+        "CREATE TABLE IF NOT EXISTS three_phase_stock (run VARCHAR(40) PRIMARY KEY, stock BIGINT NOT NULL)",
+    )
+    .await?;
     sqlx::raw_sql("CREATE TABLE IF NOT EXISTS three_phase_balances (run VARCHAR(40) PRIMARY KEY, balance BIGINT NOT NULL)")
         .execute(&my)
         .await?;

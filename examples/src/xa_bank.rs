@@ -107,10 +107,10 @@ fn db_error(e: sqlx::Error) -> BranchError {
 
 impl Accounts for PgXa {
     async fn setup(&self, run: &str, accounts: u32) -> anyhow::Result<()> {
-        sqlx::raw_sql(
+        services::pg_ddl(
+            self.pool(),
             "CREATE TABLE IF NOT EXISTS tandem_bank_accounts (run VARCHAR(40) NOT NULL, id INT NOT NULL, balance BIGINT NOT NULL, PRIMARY KEY (run, id))",
         )
-        .execute(self.pool())
         .await?;
         for id in 0..accounts as i32 {
             sqlx::query("INSERT INTO tandem_bank_accounts (run, id, balance) VALUES ($1, $2, $3)")

@@ -5,6 +5,9 @@
 
 use tandem_sdk::participant::{BranchContext, BranchError, Fence};
 
+#[allow(dead_code)]
+mod common;
+
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
 
@@ -29,12 +32,11 @@ macro_rules! suite {
 
             async fn barrier() -> $barrier {
                 let pool = $setup.await;
-                sqlx::raw_sql(
+                crate::common::create_table(
+                    &pool,
                     "CREATE TABLE IF NOT EXISTS tandem_test_effects (gid VARCHAR(64) NOT NULL, op VARCHAR(16) NOT NULL)",
                 )
-                .execute(&pool)
-                .await
-                .expect("effects table");
+                .await;
                 <$barrier>::new(pool).await.expect("barrier migrations")
             }
 

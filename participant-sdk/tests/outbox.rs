@@ -11,6 +11,9 @@ use std::time::Duration;
 use tandem_sdk::outbox::OutboxError;
 use tandem_sdk::participant::BranchError;
 
+#[allow(dead_code)]
+mod common;
+
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
 
@@ -23,12 +26,11 @@ macro_rules! suite {
 
             async fn outbox() -> $outbox {
                 let pool = $setup.await;
-                sqlx::raw_sql(
+                crate::common::create_table(
+                    &pool,
                     "CREATE TABLE IF NOT EXISTS tandem_test_orders (gid VARCHAR(64) NOT NULL)",
                 )
-                .execute(&pool)
-                .await
-                .expect("orders table");
+                .await;
                 <$outbox>::new(pool).await.expect("outbox migrations")
             }
 

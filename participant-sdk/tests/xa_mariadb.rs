@@ -27,12 +27,11 @@ async fn pool(max: u32) -> MySqlPool {
         .connect(URL)
         .await
         .expect("MariaDB (run scripts/prepare-services.sh)");
-    sqlx::raw_sql(
+    common::create_table(
+        &pool,
         "CREATE TABLE IF NOT EXISTS tandem_xa_probe (id BIGINT PRIMARY KEY, v BIGINT NOT NULL) ENGINE = InnoDB",
     )
-    .execute(&pool)
-    .await
-    .expect("probe table");
+    .await;
     pool
 }
 

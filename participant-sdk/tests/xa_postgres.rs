@@ -25,12 +25,11 @@ async fn pool(max: u32) -> PgPool {
         .connect(URL)
         .await
         .expect("PostgreSQL (run scripts/prepare-services.sh)");
-    sqlx::raw_sql(
+    common::create_table(
+        &pool,
         "CREATE TABLE IF NOT EXISTS tandem_xa_probe (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)",
     )
-    .execute(&pool)
-    .await
-    .expect("probe table");
+    .await;
     pool
 }
 

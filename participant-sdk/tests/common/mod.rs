@@ -1,9 +1,30 @@
-//! Helpers shared by the XA helper tests.
+//! Helpers shared by the SDK's tests against the real databases.
 
 use std::time::{Duration, Instant};
 
 use tandem_sdk::participant::{BranchContext, Fence};
 use tandem_sdk::xa::XaStore;
+
+/// Runs `CREATE TABLE IF NOT EXISTS …`, again after a pause if it fails:
+/// PostgreSQL's `IF NOT EXISTS` does not hold against a concurrent
+/// creator (a unique violation on `pg_type`), and the tests of one binary
+/// create their tables at once against a new database.
+pub async fn create_table<'p, DB>(pool: &'p sqlx::Pool<DB>, sql: &'static str)
+where
+    DB: sqlx::Database,
+    &'p sqlx::Pool<DB>: sqlx::Executor<'p, Database = DB>,
+{
+    for attempt in 1.. {
+        match sqlx::raw_sql(sql).execute(pool).await {
+            Ok(_) => return,
+            Err(e) if attempt < 5 => {
+                eprintln!("{sql}: {e}; again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{sql}: {e}"),
+        }
+    }
+}
 
 pub fn ctx(gid: &str, branch: &str) -> BranchContext {
     BranchContext {
