@@ -4,10 +4,18 @@
 # per account pair and every transfer's branch rows checked against the
 # coordinator's outcome — on a fresh 1- or 3-node cluster. With
 # --kill-leader, the leader is killed (SIGKILL) at a random instant of every
-# run and restarted once the run is over.
+# run and restarted once the run is over. With --kill-db, a database
+# server is killed (SIGKILL) in the middle of every run's transfers —
+# MariaDB in odd runs, PostgreSQL in even ones — and started again after
+# a second or so (crash recovery; prepared branches must survive it, and
+# phase two must finish them once the server is back).
 #
 #   bash scripts/xa-soak.sh --runs 200                      # one node
 #   bash scripts/xa-soak.sh --runs 200 --nodes 3 --kill-leader
+#   bash scripts/xa-soak.sh --runs 20 --kill-db             # kills the machine's databases
+#
+# --debug uses the debug build (what `cargo nextest` built already; the
+# test suite runs a short --kill-db soak that way, scripts/test.sh).
 #
 # Prints, last, one JSON line:
 #   {"runs":…,"failed_runs":…,"committed":…,"aborted":…,"nodes":…,"kill_leader":…}
@@ -18,12 +26,16 @@ cd "$(dirname "$0")/.."
 runs=200
 nodes=1
 kill_leader=false
+kill_db=false
+profile=release
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=$2; shift 2 ;;
     --nodes) nodes=$2; shift 2 ;;
     --kill-leader) kill_leader=true; shift ;;
-    *) echo "unknown argument $1 (expected --runs N, --nodes 1|3, --kill-leader)" >&2; exit 2 ;;
+    --kill-db) kill_db=true; shift ;;
+    --debug) profile=debug; shift ;;
+    *) echo "unknown argument $1 (expected --runs N, --nodes 1|3, --kill-leader, --kill-db, --debug)" >&2; exit 2 ;;
   esac
 done
 if [ "$kill_leader" = true ] && [ "$nodes" -lt 3 ]; then
@@ -32,8 +44,12 @@ if [ "$kill_leader" = true ] && [ "$nodes" -lt 3 ]; then
 fi
 
 bash scripts/prepare-services.sh
-cargo build --release -q -p tandem-coordinator -p tandem-examples
-bin=./target/release/tandem
+if [ "$profile" = release ]; then
+  cargo build --release -q -p tandem-coordinator -p tandem-examples
+else
+  cargo build -q -p tandem-coordinator -p tandem-examples
+fi
+bin=./target/$profile/tandem
 dir=$(mktemp -d)
 peers=""
 for i in $(seq 1 "$nodes"); do peers+="${peers:+,}$i=127.0.0.1:$((7270 + i))"; done
@@ -76,8 +92,28 @@ for run in $(seq 1 "$runs"); do
     ) &
     killer=$!
   fi
+  db_killer=""
+  if [ "$kill_db" = true ]; then
+    # After the run's set-up (it reads both databases first), during its
+    # transfers; down for 0.5-1.5 s, then started again.
+    if [ $((run % 2)) = 1 ]; then db=mariadb; else db=postgres; fi
+    (
+      sleep "0.$((2 + RANDOM % 4))$((RANDOM % 10))"
+      case $db in
+        mariadb) process=mariadbd ;;
+        postgres) process=postgres ;;
+      esac
+      pkill -9 -x "$process" || true
+      # Started again only once every process of the old one is gone (a
+      # postmaster refuses to start while its predecessor holds the socket).
+      for _ in $(seq 1 100); do pgrep -x "$process" > /dev/null || break; sleep 0.1; done
+      sleep "$((RANDOM % 2)).$((RANDOM % 10))"
+      bash scripts/prepare-services.sh > "$dir/restart-$run.log" 2>&1
+    ) &
+    db_killer=$!
+  fi
   out="$dir/run-$run.out"
-  if ./target/release/xa-bank --endpoint "$endpoints" --transfers 200 --concurrency 16 \
+  if "./target/$profile/xa-bank" --endpoint "$endpoints" --transfers 200 --concurrency 16 \
       --fail-rate 0.1 --accounts 50 > "$out" 2>&1; then
     line=$(tail -1 "$out")
     committed=$((committed + $(echo "$line" | sed -n 's/.*"committed":\([0-9]*\).*/\1/p')))
@@ -87,6 +123,9 @@ for run in $(seq 1 "$runs"); do
     failed=$((failed + 1))
     echo "run $run FAILED; output kept in $out" >&2
     grep -E "VIOLATION|Error" "$out" | head -5 >&2 || true
+  fi
+  if [ -n "$db_killer" ]; then
+    wait "$db_killer" || { echo "run $run: $db did not come back (see $dir/restart-$run.log)" >&2; exit 1; }
   fi
   if [ -n "$killer" ]; then
     wait "$killer" || true
@@ -103,5 +142,5 @@ for run in $(seq 1 "$runs"); do
 done
 kept=""
 if [ "$failed" = 0 ]; then rm -rf "$dir"; else kept=",\"kept\":\"$dir\""; fi
-echo "{\"runs\":$runs,\"failed_runs\":$failed,\"committed\":$committed,\"aborted\":$aborted,\"nodes\":$nodes,\"kill_leader\":$kill_leader$kept}"
+echo "{\"runs\":$runs,\"failed_runs\":$failed,\"committed\":$committed,\"aborted\":$aborted,\"nodes\":$nodes,\"kill_leader\":$kill_leader,\"kill_db\":$kill_db$kept}"
 [ "$failed" = 0 ]
