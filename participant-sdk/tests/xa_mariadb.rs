@@ -490,6 +490,34 @@ async fn atomicity_commits_and_rollbacks_given_up_at_any_instant_leave_no_transa
     .await;
 }
 
+/// A helper that holds no prepared session: its prepares close their
+/// session, so every commit of theirs is a takeover.
+async fn holding_nothing(pool: &MySqlPool, cluster: ClusterId) -> MySqlXa {
+    let no_hold = HoldOptions {
+        max: 0,
+        ..HoldOptions::default()
+    };
+    MySqlXa::with_hold(pool.clone(), cluster, no_hold)
+        .await
+        .unwrap()
+}
+
+/// Prepares `ctx` through the helper `xa`, its work one probe row.
+async fn prepare_probe(xa: &MySqlXa, ctx: &BranchContext, probe: i64) {
+    xa.prepare(ctx, move |conn| {
+        Box::pin(async move {
+            sqlx::query("INSERT INTO tandem_xa_probe (id, v) VALUES (?, 1)")
+                .bind(probe)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| BranchError::Transient(e.to_string()))?;
+            Ok(())
+        })
+    })
+    .await
+    .expect("prepare");
+}
+
 async fn commit_until_done(xa: &MySqlXa, ctx: &BranchContext) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -513,13 +541,7 @@ async fn atomicity_mariadb_helper_loses_no_commit_in_5000_prepare_commit_cycles(
     const HELD: u64 = 1_000;
     let pool = pool(48).await;
     let cluster = cluster();
-    let no_hold = HoldOptions {
-        max: 0,
-        ..HoldOptions::default()
-    };
-    let preparer = MySqlXa::with_hold(pool.clone(), cluster, no_hold)
-        .await
-        .unwrap();
+    let preparer = holding_nothing(&pool, cluster).await;
     let holder = MySqlXa::new(pool.clone(), cluster).await.unwrap();
     let committer = MySqlXa::new(pool.clone(), cluster).await.unwrap();
     let probes = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -539,19 +561,7 @@ async fn atomicity_mariadb_helper_loses_no_commit_in_5000_prepare_commit_cycles(
                 } else {
                     (&holder, &holder)
                 };
-                prepare_with
-                    .prepare(&c, move |conn| {
-                        Box::pin(async move {
-                            sqlx::query("INSERT INTO tandem_xa_probe (id, v) VALUES (?, 1)")
-                                .bind(probe)
-                                .execute(&mut *conn)
-                                .await
-                                .map_err(|e| BranchError::Transient(e.to_string()))?;
-                            Ok(())
-                        })
-                    })
-                    .await
-                    .expect("prepare");
+                prepare_probe(prepare_with, &c, probe).await;
                 commit_until_done(commit_with, &c).await;
                 probes.lock().unwrap().push((c.gid, probe));
             }
@@ -656,28 +666,10 @@ async fn no_blocking_mariadb_takeover_after_a_restart_waits_for_no_new_session_w
         }
     }
     let before = pool(2).await;
-    let no_hold = HoldOptions {
-        max: 0,
-        ..HoldOptions::default()
-    };
-    let preparer = MySqlXa::with_hold(before.clone(), cluster, no_hold)
-        .await
-        .unwrap();
+    let preparer = holding_nothing(&before, cluster).await;
     let probe = probe_id();
     let c = ctx(&tandem_sdk::new_gid(), "maria");
-    preparer
-        .prepare(&c, move |conn| {
-            Box::pin(async move {
-                sqlx::query("INSERT INTO tandem_xa_probe (id, v) VALUES (?, 1)")
-                    .bind(probe)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| BranchError::Transient(e.to_string()))?;
-                Ok(())
-            })
-        })
-        .await
-        .expect("prepare");
+    prepare_probe(&preparer, &c, probe).await;
     let session = preparer_of(&mut connect().await, &c.gid).await;
     drop(preparer);
     before.close().await;
