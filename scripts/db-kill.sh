@@ -34,10 +34,7 @@ for round in $(seq 1 "$rounds"); do
     for process in mariadbd postgres; do
       (
         sleep 0.3
-        pkill -9 -x "$process"
-        for _ in $(seq 1 100); do pgrep -x "$process" > /dev/null || break; sleep 0.1; done
-        sleep 1
-        bash scripts/prepare-services.sh > "$dir/restart.log" 2>&1
+        bash scripts/crash-db.sh "$process" 1 > "$dir/restart.log" 2>&1
       ) &
       killer=$!
       out="$dir/$round-$example-$process.out"

@@ -96,19 +96,10 @@ for run in $(seq 1 "$runs"); do
   if [ "$kill_db" = true ]; then
     # After the run's set-up (it reads both databases first), during its
     # transfers; down for 0.5-1.5 s, then started again.
-    if [ $((run % 2)) = 1 ]; then db=mariadb; else db=postgres; fi
+    if [ $((run % 2)) = 1 ]; then db=mariadbd; else db=postgres; fi
     (
       sleep "0.$((2 + RANDOM % 4))$((RANDOM % 10))"
-      case $db in
-        mariadb) process=mariadbd ;;
-        postgres) process=postgres ;;
-      esac
-      pkill -9 -x "$process" || true
-      # Started again only once every process of the old one is gone (a
-      # postmaster refuses to start while its predecessor holds the socket).
-      for _ in $(seq 1 100); do pgrep -x "$process" > /dev/null || break; sleep 0.1; done
-      sleep "$((RANDOM % 2)).$((RANDOM % 10))"
-      bash scripts/prepare-services.sh > "$dir/restart-$run.log" 2>&1
+      bash scripts/crash-db.sh "$db" "$((RANDOM % 2)).$((RANDOM % 10))" > "$dir/restart-$run.log" 2>&1
     ) &
     db_killer=$!
   fi

@@ -614,25 +614,14 @@ async fn preparer_of(conn: &mut MySqlConnection, gid: &str) -> u64 {
         .unwrap_or_else(|| panic!("{gid} is not prepared"))
 }
 
-/// SIGKILLs the machine's MariaDB server and starts it again the way the
-/// test suite's set-up does.
+/// SIGKILLs the machine's MariaDB server and starts it again
+/// (`scripts/crash-db.sh`, as the soaks do).
 fn crash_and_restart_mariadb() {
-    use std::process::Command;
-    let _ = Command::new("pkill")
-        .args(["-9", "-x", "mariadbd"])
-        .status();
-    for _ in 0..100 {
-        let alive = Command::new("pgrep").args(["-x", "mariadbd"]).status();
-        if !alive.is_ok_and(|s| s.success()) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../scripts/prepare-services.sh"
-    );
-    let started = Command::new("bash").arg(script).status().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/crash-db.sh");
+    let started = std::process::Command::new("bash")
+        .args([script, "mariadbd", "0"])
+        .status()
+        .unwrap();
     assert!(started.success(), "MariaDB did not come back");
 }
 
