@@ -37,12 +37,31 @@
 //! state `committed`. An OK from the server without that evidence is an
 //! error, never a silent success.
 //!
+//! # After a server restart
+//! MariaDB numbers sessions from 1 again when it starts, so after a crash a
+//! new session can carry the number of the session that prepared a branch
+//! before it, and the `PROCESSLIST` half of the condition would wait for
+//! that stranger to leave. A restart ends every session, so the xid also
+//! records the instant the server that prepared it started (read on the
+//! preparing session, `UNIX_TIMESTAMP() - Uptime`, which is the server's
+//! fixed `server_start_time`); a takeover that finds the server started
+//! later skips the `PROCESSLIST` half and keeps the `INNODB_TRX` one.
+//!
 //! # The xid
-//! gtrid = the gid; bqual = the branch id, a zero byte, the preparing
-//! session's id (8 bytes, big-endian); formatID = the cluster's format id.
-//! Written as hex literals, so no character needs escaping. MySQL limits
-//! gtrid and bqual to 64 bytes each: gids up to 64 bytes, branch ids up to
-//! 55.
+//! gtrid = the gid; formatID = the cluster's format id; bqual = the branch
+//! id, then
+//! * the server's start (4 bytes, big-endian seconds), a one byte, the
+//!   preparing session's id (8 bytes, big-endian) — branch ids up to 51
+//!   bytes;
+//! * or, for branch ids of 52 to 55 bytes and in xids written before the
+//!   start was recorded, a zero byte and the session's id. Such branches
+//!   wait out a new session with the preparer's number after a restart.
+//!
+//! The byte ninth from the end tells the two apart; the SDK before this
+//! format requires a zero there, so it leaves the new xids alone (reports
+//! them as foreign) rather than misread them. Written as hex literals, so
+//! no character needs escaping. MySQL limits gtrid and bqual to 64 bytes
+//! each: gids up to 64 bytes, branch ids up to 55.
 //!
 //! Takeover needs the `PROCESS` privilege (to read INNODB_TRX).
 //!
@@ -67,8 +86,14 @@ use crate::participant::{BranchContext, BranchError};
 
 /// MySQL's limit on gtrid and on bqual.
 const PART_BYTES_MAX: usize = 64;
-/// The bqual's tail: a zero byte and the session id.
+/// The bqual's tail without the server's start: a zero byte and the
+/// session id.
 const SESSION_SUFFIX_BYTES: usize = 9;
+/// The bqual's tail with it: the start (4 bytes), a one byte, the session.
+const STARTED_SUFFIX_BYTES: usize = 13;
+/// The byte that separates the branch id (or the start) from the session.
+const OLD_FORMAT: u8 = 0;
+const STARTED_FORMAT: u8 = 1;
 /// Seconds a rollback waits for a concurrent prepare's row lock.
 const LOCK_WAIT_SECONDS: u32 = 2;
 
@@ -125,13 +150,22 @@ struct Xid {
     branch_id: String,
     /// `CONNECTION_ID()` of the session that prepared it.
     session: u64,
+    /// When the server that prepared it started ([`session_and_start`]);
+    /// `None` in the old format.
+    server_started: Option<u32>,
     format_id: i32,
 }
 
 impl Xid {
     fn bqual(&self) -> Vec<u8> {
         let mut bqual = self.branch_id.as_bytes().to_vec();
-        bqual.push(0);
+        match self.server_started {
+            Some(started) => {
+                bqual.extend_from_slice(&started.to_be_bytes());
+                bqual.push(STARTED_FORMAT);
+            }
+            None => bqual.push(OLD_FORMAT),
+        }
         bqual.extend_from_slice(&self.session.to_be_bytes());
         bqual
     }
@@ -149,16 +183,21 @@ impl Xid {
     /// Reads an `XA RECOVER` row's parts back; `None` for xids this helper
     /// did not write.
     fn parse(format_id: i32, gtrid: &[u8], bqual: &[u8]) -> Option<Xid> {
-        let (branch, suffix) =
-            bqual.split_at_checked(bqual.len().checked_sub(SESSION_SUFFIX_BYTES)?)?;
-        let (zero, session) = suffix.split_first()?;
-        if *zero != 0 {
-            return None;
-        }
+        let (rest, session) = bqual.split_at_checked(bqual.len().checked_sub(8)?)?;
+        let (format, rest) = rest.split_last()?;
+        let (branch, server_started) = match *format {
+            OLD_FORMAT => (rest, None),
+            STARTED_FORMAT => {
+                let (branch, started) = rest.split_at_checked(rest.len().checked_sub(4)?)?;
+                (branch, Some(u32::from_be_bytes(started.try_into().ok()?)))
+            }
+            _ => return None,
+        };
         Some(Xid {
             gid: String::from_utf8(gtrid.to_vec()).ok()?,
             branch_id: String::from_utf8(branch.to_vec()).ok()?,
             session: u64::from_be_bytes(session.try_into().ok()?),
+            server_started,
             format_id,
         })
     }
@@ -333,6 +372,17 @@ impl SessionProbe {
             if open > 0 {
                 return Ok(Err(format!("database session {session} is still open")));
             }
+            self.detached(session).await
+        })
+    }
+
+    /// The second half of [`SessionProbe::session_gone`] alone: a fresh
+    /// INNODB_TRX snapshot, taken after this call began, shows no InnoDB
+    /// transaction attached to session `session`. On its own it proves the
+    /// takeover condition only where the session cannot be the preparer's
+    /// any more — the server restarted since the prepare.
+    pub fn detached(&self, session: u64) -> BoxFuture<'_, Result<Result<(), String>, BranchError>> {
+        Box::pin(async move {
             let asked = Instant::now();
             let mut state = self.state.lock().await;
             for _ in 0..PROBE_ATTEMPTS {
@@ -608,14 +658,15 @@ impl MySqlXa {
                 Some(_) => return Err(late_prepare(ctx)),
                 None => {}
             }
-            let session: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
-                .fetch_one(&mut conn)
-                .await
-                .map_err(transient)?;
+            // On this very session, so that both name the server instance
+            // that prepares.
+            let (session, server_started) = session_and_start(&mut conn).await?;
             let xid = Xid {
                 gid: ctx.gid.clone(),
                 branch_id: ctx.branch_id.clone(),
                 session,
+                server_started: server_started
+                    .filter(|_| ctx.branch_id.len() <= PART_BYTES_MAX - STARTED_SUFFIX_BYTES),
                 format_id: self.inner.format_id,
             };
             let sql = xid.sql();
@@ -703,7 +754,9 @@ impl MySqlXa {
     }
 
     /// Commits a prepared branch from another session, once the session
-    /// that prepared it is provably gone.
+    /// that prepared it is provably gone: absent and detached, or — if the
+    /// server started since the prepare, so that a session with its number
+    /// is someone else — detached.
     fn take_over<'a>(
         &'a self,
         conn: &'a mut MySqlConnection,
@@ -711,7 +764,19 @@ impl MySqlXa {
         commit: bool,
     ) -> BoxFuture<'a, Result<(), BranchError>> {
         Box::pin(async move {
-            if let Err(why) = self.inner.probe.session_gone(conn, xid.session).await? {
+            let restarted = match xid.server_started {
+                Some(then) => session_and_start(conn)
+                    .await?
+                    .1
+                    .is_some_and(|now| now > then),
+                None => false,
+            };
+            let gone = if restarted {
+                self.inner.probe.detached(xid.session).await?
+            } else {
+                self.inner.probe.session_gone(conn, xid.session).await?
+            };
+            if let Err(why) = gone {
                 return Err(BranchError::Transient(format!(
                     "branch {} of transaction {} is prepared by another session; waiting until it is gone before taking over: {why}",
                     xid.branch_id, xid.gid
@@ -814,6 +879,48 @@ fn verify_committed<'a>(
     })
 }
 
+/// `CONNECTION_ID()`, and when the server started (`None` where the server
+/// does not say).
+///
+/// `UNIX_TIMESTAMP()` and `Uptime`, read in one statement, are both taken
+/// from the statement's start, and `Uptime` is that minus the server's
+/// `server_start_time`, which it sets once as it starts — so the difference
+/// is that instant exactly, whatever the clock did since. A session's `SET
+/// timestamp` moves both alike (the server's subtraction wraps; so does this
+/// one).
+fn session_and_start(
+    conn: &mut MySqlConnection,
+) -> BoxFuture<'_, Result<(u64, Option<u32>), BranchError>> {
+    Box::pin(async move {
+        let read = sqlx::query_as::<_, (u64, i64, u64)>(
+            "SELECT CONNECTION_ID(), CAST(FLOOR(UNIX_TIMESTAMP()) AS SIGNED), \
+                    CAST(VARIABLE_VALUE AS UNSIGNED) \
+             FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'UPTIME'",
+        )
+        .fetch_optional(&mut *conn)
+        .await;
+        let row = match read {
+            Ok(row) => row,
+            // A server without that table (MySQL 8): the session alone, and
+            // the xid in the old format.
+            Err(sqlx::Error::Database(e)) => {
+                tracing::debug!(error = %e, "the server's start instant is not readable");
+                None
+            }
+            Err(e) => return Err(transient(e)),
+        };
+        if let Some((session, now, uptime)) = row {
+            let started = (now as u64).wrapping_sub(uptime);
+            return Ok((session, u32::try_from(started).ok()));
+        }
+        let session: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(transient)?;
+        Ok((session, None))
+    })
+}
+
 /// Closes a connection in the background (a clean `COM_QUIT`).
 fn close(conn: MySqlConnection) {
     tokio::spawn(async move {
@@ -857,20 +964,46 @@ mod tests {
 
     #[test]
     fn xids_round_trip_through_their_parts_and_foreign_ones_are_ignored() {
-        let xid = Xid {
-            gid: "0199-abc".into(),
-            branch_id: "maria".into(),
-            session: 0x0102_0304_0506_0708,
-            format_id: 7,
-        };
-        assert_eq!(
-            Xid::parse(7, xid.gid.as_bytes(), &xid.bqual()),
-            Some(xid.clone())
-        );
-        assert!(xid.sql().ends_with(",7"));
+        for server_started in [Some(0x0a0b_0c0d), Some(0), None] {
+            let xid = Xid {
+                gid: "0199-abc".into(),
+                branch_id: "maria".into(),
+                session: 0x0102_0304_0506_0708,
+                server_started,
+                format_id: 7,
+            };
+            assert_eq!(
+                Xid::parse(7, xid.gid.as_bytes(), &xid.bqual()),
+                Some(xid.clone())
+            );
+            assert!(xid.sql().ends_with(",7"));
+        }
         // Written by someone else: no zero byte and session suffix.
         assert_eq!(Xid::parse(7, b"g", b"maria"), None);
+        assert_eq!(Xid::parse(7, b"g", b"maria\x02\0\0\0\0\0\0\0\x65"), None);
         assert_eq!(Xid::parse(7, b"g", b""), None);
+        assert_eq!(Xid::parse(7, b"g", b"\x01\0\0\0\0\0\0\0\x65"), None);
+    }
+
+    /// Rolling upgrades: the SDK before the start was recorded parses an
+    /// xid by its last nine bytes and needs a zero byte first. It must find
+    /// none in an xid of the new format, whatever the start and session, so
+    /// that it leaves the branch alone rather than misread its session.
+    #[test]
+    fn the_previous_format_reader_rejects_every_new_xid() {
+        let previous_reader_accepts = |bqual: &[u8]| bqual[bqual.len() - 9] == 0;
+        for session in [0, 1, 101, u64::from(u32::MAX), u64::MAX] {
+            for started in [0, 1, 0x6a00_0000, u32::MAX] {
+                let xid = Xid {
+                    gid: "g".into(),
+                    branch_id: "b".into(),
+                    session,
+                    server_started: Some(started),
+                    format_id: 7,
+                };
+                assert!(!previous_reader_accepts(&xid.bqual()));
+            }
+        }
     }
 
     #[test]
@@ -885,5 +1018,16 @@ mod tests {
         assert!(check_lengths(&ctx(&"g".repeat(64), &"b".repeat(55))).is_ok());
         assert!(check_lengths(&ctx(&"g".repeat(65), "b")).is_err());
         assert!(check_lengths(&ctx("g", &"b".repeat(56))).is_err());
+        // The longest branch id of each format fills bqual exactly.
+        for (branch_bytes, server_started) in [(51, Some(1)), (55, None)] {
+            let xid = Xid {
+                gid: "g".into(),
+                branch_id: "b".repeat(branch_bytes),
+                session: 1,
+                server_started,
+                format_id: 7,
+            };
+            assert_eq!(xid.bqual().len(), PART_BYTES_MAX);
+        }
     }
 }
