@@ -593,10 +593,8 @@ async fn atomicity_mariadb_helper_loses_no_commit_in_5000_prepare_commit_cycles(
     assert_eq!(holder.held_sessions(), 0);
 }
 
-/// The preparing session's id of `gid`'s prepared branch, read back from
-/// the xid's branch qualifier (its last 8 bytes, big-endian) in `XA
-/// RECOVER`.
-async fn preparer_of(conn: &mut MySqlConnection, gid: &str) -> u64 {
+/// The branch qualifier of `gid`'s prepared branch, as `XA RECOVER` lists it.
+async fn bqual_of(conn: &mut MySqlConnection, gid: &str) -> Vec<u8> {
     let rows = sqlx::raw_sql("XA RECOVER")
         .fetch_all(&mut *conn)
         .await
@@ -608,10 +606,78 @@ async fn preparer_of(conn: &mut MySqlConnection, gid: &str) -> u64 {
                 .unwrap_or_else(|_| r.get::<String, _>(3).into_bytes());
             let gtrid_len: i64 = r.get(1);
             let (gtrid, bqual) = data.split_at(gtrid_len as usize);
-            (gtrid == gid.as_bytes())
-                .then(|| u64::from_be_bytes(bqual[bqual.len() - 8..].try_into().unwrap()))
+            (gtrid == gid.as_bytes()).then(|| bqual.to_vec())
         })
         .unwrap_or_else(|| panic!("{gid} is not prepared"))
+}
+
+/// The preparing session's id of `gid`'s prepared branch: the xid's branch
+/// qualifier's last 8 bytes, big-endian.
+async fn preparer_of(conn: &mut MySqlConnection, gid: &str) -> u64 {
+    let bqual = bqual_of(conn, gid).await;
+    u64::from_be_bytes(bqual[bqual.len() - 8..].try_into().unwrap())
+}
+
+/// When the server started, by its own account.
+async fn server_started(conn: &mut MySqlConnection) -> u32 {
+    let started: i64 = sqlx::query_scalar(
+        "SELECT CAST(UNIX_TIMESTAMP() - VARIABLE_VALUE AS SIGNED) \
+         FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'UPTIME'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    u32::try_from(started).unwrap()
+}
+
+/// Atomicity: within one life of the server, the session number in an xid
+/// is the preparer's, and a takeover waits while that session is open —
+/// the shortcut taken after a restart must never be taken without one. The
+/// xid records the server's start exactly (the byte before the session is
+/// 1, the four before it the start), even when the preparing session runs
+/// under a `SET timestamp` far in the past, which makes `Uptime` negative.
+#[tokio::test]
+async fn atomicity_mariadb_xid_records_the_servers_start_and_a_takeover_waits_while_the_preparer_lives()
+ {
+    let fake_clock = MySqlPoolOptions::new()
+        .max_connections(2)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::Executor::execute(conn, "SET timestamp = 1000000000").await?;
+                Ok(())
+            })
+        })
+        .connect(URL)
+        .await
+        .unwrap();
+    let cluster = cluster();
+    let preparer = MySqlXa::new(fake_clock.clone(), cluster).await.unwrap();
+    let probe = probe_id();
+    let c = ctx(&tandem_sdk::new_gid(), "maria");
+    prepare_probe(&preparer, &c, probe).await;
+    let mut conn = connect().await;
+    let bqual = bqual_of(&mut conn, &c.gid).await;
+    let n = bqual.len();
+    assert_eq!(bqual[n - 9], 1, "the xid records the start: {bqual:?}");
+    let recorded = u32::from_be_bytes(bqual[n - 13..n - 9].try_into().unwrap());
+    assert_eq!(recorded, server_started(&mut conn).await);
+
+    let other = pool(2).await;
+    let committer = MySqlXa::new(other.clone(), cluster).await.unwrap();
+    let deadline = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < deadline {
+        match XaStore::commit(&committer, &c).await {
+            Err(BranchError::Transient(why)) => assert!(
+                why.contains("is still open"),
+                "a takeover while the preparer lives must wait for it to leave: {why}"
+            ),
+            other => panic!("a takeover while the preparer lives: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(probe_rows(&other, probe).await, 0);
+    commit_until_done(&preparer, &c).await;
+    assert_eq!(probe_rows(&other, probe).await, 1);
 }
 
 /// SIGKILLs the machine's MariaDB server and starts it again
