@@ -5,14 +5,23 @@
 # twice — once with MariaDB, once with PostgreSQL killed (SIGKILL) 0.3 s in
 # and started again a second after its last process is gone. Each example
 # checks its own invariants at the end and exits non-zero on a violation.
-# The XA workload has its own: scripts/xa-soak.sh --kill-db.
+# The XA workload has its own: scripts/xa-soak.sh --kill-db. With --stall,
+# the server is frozen instead (SIGSTOP for 2-9 s, then SIGCONT,
+# scripts/stall-db.sh): open connections that answer nothing.
 #
-#   bash scripts/db-kill.sh 5        # kills this machine's database servers
+#   bash scripts/db-kill.sh 5          # kills this machine's database servers
+#   bash scripts/db-kill.sh 5 --stall  # freezes them
 #
 # Prints one line per run and, last, {"runs":…,"failed_runs":…}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
+fault=killed
+case "${2:-}" in
+  "") ;;
+  --stall) fault=stalled ;;
+  *) echo "db-kill.sh: unknown argument $2 (expected --stall)" >&2; exit 2 ;;
+esac
 
 bash scripts/prepare-services.sh > /dev/null
 cargo build --release -q -p tandem-coordinator -p tandem-examples || exit 1
@@ -34,7 +43,11 @@ for round in $(seq 1 "$rounds"); do
     for process in mariadbd postgres; do
       (
         sleep 0.3
-        bash scripts/crash-db.sh "$process" 1 > "$dir/restart.log" 2>&1
+        if [ "$fault" = killed ]; then
+          bash scripts/crash-db.sh "$process" 1 > "$dir/restart.log" 2>&1
+        else
+          bash scripts/stall-db.sh "$process" "$((2 + RANDOM % 8)).$((RANDOM % 10))" > "$dir/restart.log" 2>&1
+        fi
       ) &
       killer=$!
       out="$dir/$round-$example-$process.out"
@@ -43,11 +56,11 @@ for round in $(seq 1 "$rounds"); do
       wait "$killer" || { echo "$process did not come back (see $dir/restart.log)" >&2; exit 1; }
       runs=$((runs + 1))
       if [ "$rc" = 0 ]; then
-        echo "round $round, $example, $process killed: $(tail -1 "$out")"
+        echo "round $round, $example, $process $fault: $(tail -1 "$out")"
         rm -f "$out"
       else
         failed=$((failed + 1))
-        echo "round $round, $example, $process killed: FAILED (exit $rc); output kept in $out" >&2
+        echo "round $round, $example, $process $fault: FAILED (exit $rc); output kept in $out" >&2
       fi
     done
   done

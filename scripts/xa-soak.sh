@@ -8,11 +8,14 @@
 # server is killed (SIGKILL) in the middle of every run's transfers —
 # MariaDB in odd runs, PostgreSQL in even ones — and started again after
 # a second or so (crash recovery; prepared branches must survive it, and
-# phase two must finish them once the server is back).
+# phase two must finish them once the server is back). With --stall-db, the
+# server is frozen instead (SIGSTOP, 2-9 s, then SIGCONT): connections stay
+# open and nothing answers, the fault a crash does not show.
 #
 #   bash scripts/xa-soak.sh --runs 200                      # one node
 #   bash scripts/xa-soak.sh --runs 200 --nodes 3 --kill-leader
 #   bash scripts/xa-soak.sh --runs 20 --kill-db             # kills the machine's databases
+#   bash scripts/xa-soak.sh --runs 20 --stall-db            # freezes them
 #
 # --debug uses the debug build (what `cargo nextest` built already; the
 # test suite runs a short --kill-db soak that way, scripts/test.sh).
@@ -27,6 +30,7 @@ runs=200
 nodes=1
 kill_leader=false
 kill_db=false
+stall_db=false
 profile=release
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,10 +38,15 @@ while [ $# -gt 0 ]; do
     --nodes) nodes=$2; shift 2 ;;
     --kill-leader) kill_leader=true; shift ;;
     --kill-db) kill_db=true; shift ;;
+    --stall-db) stall_db=true; shift ;;
     --debug) profile=debug; shift ;;
-    *) echo "unknown argument $1 (expected --runs N, --nodes 1|3, --kill-leader, --kill-db, --debug)" >&2; exit 2 ;;
+    *) echo "unknown argument $1 (expected --runs N, --nodes 1|3, --kill-leader, --kill-db, --stall-db, --debug)" >&2; exit 2 ;;
   esac
 done
+if [ "$kill_db" = true ] && [ "$stall_db" = true ]; then
+  echo "--kill-db or --stall-db, not both" >&2
+  exit 2
+fi
 if [ "$kill_leader" = true ] && [ "$nodes" -lt 3 ]; then
   echo "--kill-leader needs --nodes 3 (a single node has nobody to take over)" >&2
   exit 2
@@ -93,13 +102,17 @@ for run in $(seq 1 "$runs"); do
     killer=$!
   fi
   db_killer=""
-  if [ "$kill_db" = true ]; then
+  if [ "$kill_db" = true ] || [ "$stall_db" = true ]; then
     # After the run's set-up (it reads both databases first), during its
     # transfers; down for 0.5-1.5 s, then started again.
     if [ $((run % 2)) = 1 ]; then db=mariadbd; else db=postgres; fi
     (
       sleep "0.$((2 + RANDOM % 4))$((RANDOM % 10))"
-      bash scripts/crash-db.sh "$db" "$((RANDOM % 2)).$((RANDOM % 10))" > "$dir/restart-$run.log" 2>&1
+      if [ "$kill_db" = true ]; then
+        bash scripts/crash-db.sh "$db" "$((RANDOM % 2)).$((RANDOM % 10))" > "$dir/restart-$run.log" 2>&1
+      else
+        bash scripts/stall-db.sh "$db" "$((2 + RANDOM % 8)).$((RANDOM % 10))" > "$dir/restart-$run.log" 2>&1
+      fi
     ) &
     db_killer=$!
   fi
@@ -133,5 +146,5 @@ for run in $(seq 1 "$runs"); do
 done
 kept=""
 if [ "$failed" = 0 ]; then rm -rf "$dir"; else kept=",\"kept\":\"$dir\""; fi
-echo "{\"runs\":$runs,\"failed_runs\":$failed,\"committed\":$committed,\"aborted\":$aborted,\"nodes\":$nodes,\"kill_leader\":$kill_leader,\"kill_db\":$kill_db$kept}"
+echo "{\"runs\":$runs,\"failed_runs\":$failed,\"committed\":$committed,\"aborted\":$aborted,\"nodes\":$nodes,\"kill_leader\":$kill_leader,\"kill_db\":$kill_db,\"stall_db\":$stall_db$kept}"
 [ "$failed" = 0 ]
