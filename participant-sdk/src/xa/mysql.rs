@@ -42,20 +42,21 @@
 //! new session can carry the number of the session that prepared a branch
 //! before it, and the `PROCESSLIST` half of the condition would wait for
 //! that stranger to leave. A restart ends every session, so the xid also
-//! records the instant the server that prepared it started (read on the
-//! preparing session, `UNIX_TIMESTAMP() - Uptime`, which is the server's
-//! fixed `server_start_time`); a takeover that finds the server started
-//! later skips the `PROCESSLIST` half and keeps the `INNODB_TRX` one.
+//! records which life of the server prepared it: a random token in the
+//! MEMORY table `tandem_xa_incarnation`, whose row the server loses when it
+//! stops, read on the preparing session itself (the first prepare of a new
+//! life writes a new token). A takeover that finds another token skips the
+//! `PROCESSLIST` half and keeps the `INNODB_TRX` one.
 //!
 //! # The xid
 //! gtrid = the gid; formatID = the cluster's format id; bqual = the branch
 //! id, then
-//! * the server's start (4 bytes, big-endian seconds), a one byte, the
-//!   preparing session's id (8 bytes, big-endian) — branch ids up to 51
-//!   bytes;
-//! * or, for branch ids of 52 to 55 bytes and in xids written before the
-//!   start was recorded, a zero byte and the session's id. Such branches
-//!   wait out a new session with the preparer's number after a restart.
+//! * the server's token (4 bytes), a one byte, the preparing session's id
+//!   (8 bytes, big-endian) — branch ids up to 51 bytes;
+//! * or, for branch ids of 52 to 55 bytes, on a server where the token
+//!   cannot be kept, and in xids written before it was, a zero byte and the
+//!   session's id. Such branches wait out a new session with the
+//!   preparer's number after a restart.
 //!
 //! The byte ninth from the end tells the two apart; the SDK before this
 //! format requires a zero there, so it leaves the new xids alone (reports
@@ -86,12 +87,12 @@ use crate::participant::{BranchContext, BranchError};
 
 /// MySQL's limit on gtrid and on bqual.
 const PART_BYTES_MAX: usize = 64;
-/// The bqual's tail without the server's start: a zero byte and the
+/// The bqual's tail without the server's token: a zero byte and the
 /// session id.
 const SESSION_SUFFIX_BYTES: usize = 9;
-/// The bqual's tail with it: the start (4 bytes), a one byte, the session.
+/// The bqual's tail with the server's token (4 bytes), a one byte, the session.
 const STARTED_SUFFIX_BYTES: usize = 13;
-/// The byte that separates the branch id (or the start) from the session.
+/// The byte that separates the branch id (or the token) from the session.
 const OLD_FORMAT: u8 = 0;
 const STARTED_FORMAT: u8 = 1;
 /// Seconds a rollback waits for a concurrent prepare's row lock.
@@ -150,18 +151,18 @@ struct Xid {
     branch_id: String,
     /// `CONNECTION_ID()` of the session that prepared it.
     session: u64,
-    /// When the server that prepared it started ([`session_and_start`]);
+    /// The life of the server that prepared it ([`session_and_life`]);
     /// `None` in the old format.
-    server_started: Option<u32>,
+    server_life: Option<u32>,
     format_id: i32,
 }
 
 impl Xid {
     fn bqual(&self) -> Vec<u8> {
         let mut bqual = self.branch_id.as_bytes().to_vec();
-        match self.server_started {
-            Some(started) => {
-                bqual.extend_from_slice(&started.to_be_bytes());
+        match self.server_life {
+            Some(life) => {
+                bqual.extend_from_slice(&life.to_be_bytes());
                 bqual.push(STARTED_FORMAT);
             }
             None => bqual.push(OLD_FORMAT),
@@ -185,11 +186,11 @@ impl Xid {
     fn parse(format_id: i32, gtrid: &[u8], bqual: &[u8]) -> Option<Xid> {
         let (rest, session) = bqual.split_at_checked(bqual.len().checked_sub(8)?)?;
         let (format, rest) = rest.split_last()?;
-        let (branch, server_started) = match *format {
+        let (branch, server_life) = match *format {
             OLD_FORMAT => (rest, None),
             STARTED_FORMAT => {
-                let (branch, started) = rest.split_at_checked(rest.len().checked_sub(4)?)?;
-                (branch, Some(u32::from_be_bytes(started.try_into().ok()?)))
+                let (branch, life) = rest.split_at_checked(rest.len().checked_sub(4)?)?;
+                (branch, Some(u32::from_be_bytes(life.try_into().ok()?)))
             }
             _ => return None,
         };
@@ -197,7 +198,7 @@ impl Xid {
             gid: String::from_utf8(gtrid.to_vec()).ok()?,
             branch_id: String::from_utf8(branch.to_vec()).ok()?,
             session: u64::from_be_bytes(session.try_into().ok()?),
-            server_started,
+            server_life,
             format_id,
         })
     }
@@ -532,6 +533,15 @@ impl MySqlXa {
         hold: HoldOptions,
     ) -> Result<MySqlXa, sqlx::Error> {
         sqlx::migrate!("../migrations/mysql").run(&pool).await?;
+        // Not a migration: an instance of an earlier SDK refuses to start on
+        // a database that has a migration it does not know, and a rolling
+        // upgrade has both at once. Idempotent, and MariaDB's `IF NOT
+        // EXISTS` holds against concurrent creators. Without it the xids
+        // keep the old layout (a server with the MEMORY engine disabled).
+        if let Err(e) = sqlx::query(INCARNATION_TABLE).execute(&pool).await {
+            tracing::warn!(error = %e, "cannot create tandem_xa_incarnation: after a database \
+                restart, a takeover may wait for a new session numbered like the crashed preparer");
+        }
         let probe = SessionProbe::new((*pool.connect_options()).clone());
         Ok(MySqlXa {
             inner: Arc::new(Inner {
@@ -660,12 +670,12 @@ impl MySqlXa {
             }
             // On this very session, so that both name the server instance
             // that prepares.
-            let (session, server_started) = session_and_start(&mut conn).await?;
+            let (session, server_life) = session_and_life(&mut conn).await?;
             let xid = Xid {
                 gid: ctx.gid.clone(),
                 branch_id: ctx.branch_id.clone(),
                 session,
-                server_started: server_started
+                server_life: server_life
                     .filter(|_| ctx.branch_id.len() <= PART_BYTES_MAX - STARTED_SUFFIX_BYTES),
                 format_id: self.inner.format_id,
             };
@@ -755,7 +765,7 @@ impl MySqlXa {
 
     /// Commits a prepared branch from another session, once the session
     /// that prepared it is provably gone: absent and detached, or — if the
-    /// server started since the prepare, so that a session with its number
+    /// server restarted since the prepare, so that a session with its number
     /// is someone else — detached.
     fn take_over<'a>(
         &'a self,
@@ -764,11 +774,11 @@ impl MySqlXa {
         commit: bool,
     ) -> BoxFuture<'a, Result<(), BranchError>> {
         Box::pin(async move {
-            let restarted = match xid.server_started {
-                Some(then) => session_and_start(conn)
+            let restarted = match xid.server_life {
+                Some(then) => session_and_life(conn)
                     .await?
                     .1
-                    .is_some_and(|now| now > then),
+                    .is_some_and(|now| now != then),
                 None => false,
             };
             let gone = if restarted {
@@ -879,39 +889,61 @@ fn verify_committed<'a>(
     })
 }
 
-/// `CONNECTION_ID()`, and when the server started (`None` where the server
-/// does not say).
-///
-/// `UNIX_TIMESTAMP()` and `Uptime`, read in one statement, are both taken
-/// from the statement's start, and `Uptime` is that minus the server's
-/// `server_start_time`, which it sets once as it starts — so the difference
-/// is that instant exactly, whatever the clock did since. A session's `SET
-/// timestamp` moves both alike (the server's subtraction wraps; so does this
-/// one).
-fn session_and_start(
+/// One row naming the current life of the server: a random token, written
+/// by the first prepare after the server starts. A MEMORY table, so the row
+/// is gone when the server stops or crashes and its next life gets a new
+/// token.
+const INCARNATION_TABLE: &str = "CREATE TABLE IF NOT EXISTS tandem_xa_incarnation (\
+     id TINYINT UNSIGNED NOT NULL PRIMARY KEY, token INT UNSIGNED NOT NULL) ENGINE = MEMORY";
+
+/// `CONNECTION_ID()`, and the token of the server's current life (`None`
+/// where the server cannot keep it): the row of `tandem_xa_incarnation`,
+/// written here with a new random token if the server has none yet — it
+/// loses the row whenever it stops. Both read on `conn`, so they name the
+/// same server. Costs one primary-key read beside `CONNECTION_ID()`; an
+/// earlier version read `Uptime` from `GLOBAL_STATUS` instead, which sums
+/// every session's counters — ~0.2 ms of the server's CPU per prepare,
+/// growing with its connections.
+fn session_and_life(
     conn: &mut MySqlConnection,
 ) -> BoxFuture<'_, Result<(u64, Option<u32>), BranchError>> {
     Box::pin(async move {
-        let read = sqlx::query_as::<_, (u64, i64, u64)>(
-            "SELECT CONNECTION_ID(), CAST(FLOOR(UNIX_TIMESTAMP()) AS SIGNED), \
-                    CAST(VARIABLE_VALUE AS UNSIGNED) \
-             FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'UPTIME'",
-        )
-        .fetch_optional(&mut *conn)
-        .await;
-        let row = match read {
-            Ok(row) => row,
-            // A server without that table (MySQL 8): the session alone, and
-            // the xid in the old format.
+        const READ: &str =
+            "SELECT CONNECTION_ID(), (SELECT token FROM tandem_xa_incarnation WHERE id = 1)";
+        let read = || sqlx::query_as::<_, (u64, Option<u32>)>(READ);
+        match read().fetch_one(&mut *conn).await {
+            Ok((session, Some(life))) => return Ok((session, Some(life))),
+            Ok((_, None)) => {
+                let token = u32::from_be_bytes(
+                    uuid::Uuid::new_v4().as_bytes()[..4]
+                        .try_into()
+                        .expect("4 bytes"),
+                );
+                // The first writer of this life wins; everyone reads its token.
+                let written = sqlx::query(
+                    "INSERT IGNORE INTO tandem_xa_incarnation (id, token) VALUES (1, ?)",
+                )
+                .bind(token)
+                .execute(&mut *conn)
+                .await;
+                match written {
+                    Ok(_) => {
+                        let (session, life) =
+                            read().fetch_one(&mut *conn).await.map_err(transient)?;
+                        return Ok((session, life));
+                    }
+                    Err(sqlx::Error::Database(e)) => {
+                        tracing::debug!(error = %e, "cannot write the server's token");
+                    }
+                    Err(e) => return Err(transient(e)),
+                }
+            }
+            // No such table (a server without the MEMORY engine, or the
+            // table dropped since): the xid in the old format.
             Err(sqlx::Error::Database(e)) => {
-                tracing::debug!(error = %e, "the server's start instant is not readable");
-                None
+                tracing::debug!(error = %e, "cannot read the server's token");
             }
             Err(e) => return Err(transient(e)),
-        };
-        if let Some((session, now, uptime)) = row {
-            let started = (now as u64).wrapping_sub(uptime);
-            return Ok((session, u32::try_from(started).ok()));
         }
         let session: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
             .fetch_one(&mut *conn)
@@ -964,12 +996,12 @@ mod tests {
 
     #[test]
     fn xids_round_trip_through_their_parts_and_foreign_ones_are_ignored() {
-        for server_started in [Some(0x0a0b_0c0d), Some(0), None] {
+        for server_life in [Some(0x0a0b_0c0d), Some(0), None] {
             let xid = Xid {
                 gid: "0199-abc".into(),
                 branch_id: "maria".into(),
                 session: 0x0102_0304_0506_0708,
-                server_started,
+                server_life,
                 format_id: 7,
             };
             assert_eq!(
@@ -985,20 +1017,20 @@ mod tests {
         assert_eq!(Xid::parse(7, b"g", b"\x01\0\0\0\0\0\0\0\x65"), None);
     }
 
-    /// Rolling upgrades: the SDK before the start was recorded parses an
+    /// Rolling upgrades: the SDK before the server's token was recorded parses an
     /// xid by its last nine bytes and needs a zero byte first. It must find
-    /// none in an xid of the new format, whatever the start and session, so
+    /// none in an xid of the new format, whatever the token and session, so
     /// that it leaves the branch alone rather than misread its session.
     #[test]
     fn the_previous_format_reader_rejects_every_new_xid() {
         let previous_reader_accepts = |bqual: &[u8]| bqual[bqual.len() - 9] == 0;
         for session in [0, 1, 101, u64::from(u32::MAX), u64::MAX] {
-            for started in [0, 1, 0x6a00_0000, u32::MAX] {
+            for life in [0, 1, 0x6a00_0000, u32::MAX] {
                 let xid = Xid {
                     gid: "g".into(),
                     branch_id: "b".into(),
                     session,
-                    server_started: Some(started),
+                    server_life: Some(life),
                     format_id: 7,
                 };
                 assert!(!previous_reader_accepts(&xid.bqual()));
@@ -1019,12 +1051,12 @@ mod tests {
         assert!(check_lengths(&ctx(&"g".repeat(65), "b")).is_err());
         assert!(check_lengths(&ctx("g", &"b".repeat(56))).is_err());
         // The longest branch id of each format fills bqual exactly.
-        for (branch_bytes, server_started) in [(51, Some(1)), (55, None)] {
+        for (branch_bytes, server_life) in [(51, Some(1)), (55, None)] {
             let xid = Xid {
                 gid: "g".into(),
                 branch_id: "b".repeat(branch_bytes),
                 session: 1,
-                server_started,
+                server_life,
                 format_id: 7,
             };
             assert_eq!(xid.bqual().len(), PART_BYTES_MAX);
