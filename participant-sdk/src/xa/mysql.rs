@@ -91,10 +91,10 @@ const PART_BYTES_MAX: usize = 64;
 /// session id.
 const SESSION_SUFFIX_BYTES: usize = 9;
 /// The bqual's tail with the server's token (4 bytes), a one byte, the session.
-const STARTED_SUFFIX_BYTES: usize = 13;
+const LIFE_SUFFIX_BYTES: usize = 13;
 /// The byte that separates the branch id (or the token) from the session.
 const OLD_FORMAT: u8 = 0;
-const STARTED_FORMAT: u8 = 1;
+const LIFE_FORMAT: u8 = 1;
 /// Seconds a rollback waits for a concurrent prepare's row lock.
 const LOCK_WAIT_SECONDS: u32 = 2;
 
@@ -163,7 +163,7 @@ impl Xid {
         match self.server_life {
             Some(life) => {
                 bqual.extend_from_slice(&life.to_be_bytes());
-                bqual.push(STARTED_FORMAT);
+                bqual.push(LIFE_FORMAT);
             }
             None => bqual.push(OLD_FORMAT),
         }
@@ -188,7 +188,7 @@ impl Xid {
         let (format, rest) = rest.split_last()?;
         let (branch, server_life) = match *format {
             OLD_FORMAT => (rest, None),
-            STARTED_FORMAT => {
+            LIFE_FORMAT => {
                 let (branch, life) = rest.split_at_checked(rest.len().checked_sub(4)?)?;
                 (branch, Some(u32::from_be_bytes(life.try_into().ok()?)))
             }
@@ -676,7 +676,7 @@ impl MySqlXa {
                 branch_id: ctx.branch_id.clone(),
                 session,
                 server_life: server_life
-                    .filter(|_| ctx.branch_id.len() <= PART_BYTES_MAX - STARTED_SUFFIX_BYTES),
+                    .filter(|_| ctx.branch_id.len() <= PART_BYTES_MAX - LIFE_SUFFIX_BYTES),
                 format_id: self.inner.format_id,
             };
             let sql = xid.sql();
