@@ -79,7 +79,13 @@ macro_rules! barrier {
             /// The barrier in the database behind `pool`; applies the
             /// migrations that create its table.
             pub async fn new(pool: $pool) -> Result<Self, sqlx::Error> {
-                sqlx::migrate!($migrations).run(&pool).await?;
+                // Migrations a later SDK applied to this database are no
+                // error: during a rolling upgrade both versions run against
+                // it, and sqlx would otherwise refuse (`VersionMissing`).
+                // The SDK's schema changes only ever add.
+                let mut migrator = sqlx::migrate!($migrations);
+                migrator.set_ignore_missing(true);
+                migrator.run(&pool).await?;
                 Ok($name { pool })
             }
 

@@ -490,6 +490,34 @@ async fn atomicity_commits_and_rollbacks_given_up_at_any_instant_leave_no_transa
     .await;
 }
 
+/// No blocking across a rolling upgrade: a database that a later SDK has
+/// migrated (a migration this one does not know is recorded as applied)
+/// still lets this SDK's XA helper start — sqlx refuses such a database
+/// by default (`VersionMissing`), which would stop every older instance of
+/// a service at once.
+#[tokio::test]
+async fn no_blocking_the_helper_starts_on_a_database_a_later_sdk_migrated() {
+    const LATER: i64 = 9_000_000_000_001;
+    let pool = pool(2).await;
+    MySqlXa::new(pool.clone(), cluster()).await.unwrap();
+    sqlx::query(
+        "INSERT IGNORE INTO _sqlx_migrations \
+         (version, description, success, checksum, execution_time) \
+         VALUES (?, 'from a later sdk', TRUE, X'00', 0)",
+    )
+    .bind(LATER)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let started = MySqlXa::new(pool.clone(), cluster()).await;
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ?")
+        .bind(LATER)
+        .execute(&pool)
+        .await
+        .unwrap();
+    started.expect("the helper starts on a database with a later migration");
+}
+
 /// A helper that holds no prepared session: its prepares close their
 /// session, so every commit of theirs is a takeover.
 async fn holding_nothing(pool: &MySqlPool, cluster: ClusterId) -> MySqlXa {
