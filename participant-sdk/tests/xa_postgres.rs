@@ -323,3 +323,30 @@ async fn atomicity_postgres_helper_loses_no_commit_in_5000_prepare_commit_cycles
     );
     assert!(committer.prepared().await.unwrap().is_empty());
 }
+
+/// No blocking across a rolling upgrade: a database that a later SDK has
+/// migrated (a migration this one does not know is recorded as applied)
+/// still lets this SDK's XA helper start — sqlx refuses such a database
+/// by default (`VersionMissing`).
+#[tokio::test]
+async fn no_blocking_the_postgres_helper_starts_on_a_database_a_later_sdk_migrated() {
+    const LATER: i64 = 9_000_000_000_002;
+    let pool = pool(2).await;
+    let cluster = ClusterId::from_uuid(uuid::Uuid::new_v4());
+    PgXa::new(pool.clone(), cluster).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES ($1, 'from a later sdk', TRUE, '\\x00', 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(LATER)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let started = PgXa::new(pool.clone(), cluster).await;
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+        .bind(LATER)
+        .execute(&pool)
+        .await
+        .unwrap();
+    started.expect("the helper starts on a database with a later migration");
+}
