@@ -3,32 +3,42 @@
 //! `apply` from the facts it proposes — so a deposed leader's late proposals
 //! are harmless facts.
 //!
-//! One worker task per unfinished transaction. A worker reads the latest
-//! applied state of its transaction, asks its [`worker::WorkerState`] (over
-//! the pure [`plan::plan`]) which calls to start, whether to propose a
-//! timeout and when to look again, carries that out (calls run
-//! concurrently), waits for a result, a change or its wake time, and
-//! repeats until the transaction is terminal. The state is pure: the
-//! simulation drives the same one. An op that is still open after its answer was recorded
-//! (pending, or refused in phase two) is retried after
-//! [`crate::protocol::retry::backoff`]; failures are recorded in the log sparsely
-//! ([`crate::protocol::retry::should_record`]), not one entry per attempt. An undecided
-//! transaction past its deadline gets a Timeout proposal.
+//! One task drives every unfinished transaction: an event loop over the
+//! pure per-transaction state ([`worker::WorkerState`], over the pure
+//! [`plan::plan`]), the calls and proposals in flight (futures of this
+//! task, not tasks), and one timer ordered by instant. Three kinds of event
+//! reach it — a change from the feed, a call or proposal that ended, a
+//! transaction's wake time — and each does the same thing: update that
+//! transaction's state, ask it which calls to start, whether to propose a
+//! timeout and when to look again, start them, and file the wake time.
+//! The state is pure: the simulation drives the same one. An op that is
+//! still open after its answer was recorded (pending, or refused in phase
+//! two) is retried after [`crate::protocol::retry::backoff`]; failures are
+//! recorded in the log sparsely ([`crate::protocol::retry::should_record`]),
+//! not one entry per attempt. An undecided transaction past its deadline
+//! gets a Timeout proposal.
 //!
-//! On becoming leader the loop hands over every unfinished transaction
-//! (`LeaderEvent::Lead`); on losing leadership every worker is stopped.
-//! The commit point holds by construction: phase-two calls come only from
-//! applied state, and a decision is applied only once committed.
+//! Why one loop and not a task per transaction (as before): each change
+//! then cost a channel send, a task wake-up and hand-over between threads,
+//! and each turn a timer entry registered and cleared in the runtime's
+//! timer wheel — the largest share of the driver's own time at peak
+//! (BENCHMARKS.md). Here a change is a map lookup, and a turn files its
+//! wake time in an ordered map only when it is earlier than the one filed.
+//!
+//! On becoming leader the loop takes over every unfinished transaction
+//! (`LeaderEvent::Lead`); on losing leadership everything in flight is
+//! dropped. The commit point holds by construction: phase-two calls come
+//! only from applied state, and a decision is applied only once committed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -50,6 +60,10 @@ use crate::replica::feed::{LeaderEvent, LeaderFeed};
 /// Calls in flight across all transactions; beyond it new calls wait.
 pub const CALLS_IN_FLIGHT_MAX: usize = 8192;
 
+/// Ended calls and proposals taken in one go after each event, so that a
+/// busy feed never keeps them (or the timer) waiting.
+const DRAIN_MAX: usize = 256;
+
 /// Failpoints at the instants where a coordinator crash is most dangerous.
 pub mod failpoints {
     /// After a prepare (2PC) or can-commit (3PC) answer arrived, before it
@@ -63,33 +77,70 @@ pub mod failpoints {
     pub const MID_FANOUT: &str = "driver-mid-fanout";
 }
 
-pub struct Driver<T: BranchTransport> {
+/// What every call and proposal in flight shares.
+struct Shared<T: BranchTransport> {
     node: Replica,
     caller: Arc<T>,
     clock: Arc<dyn Clock>,
-    calls: Arc<Semaphore>,
-    workers: HashMap<String, watch::Sender<Arc<Transaction>>>,
-    tasks: JoinSet<()>,
+    calls: Semaphore,
+}
+
+/// A call or proposal in flight: which transaction it is for, and what it
+/// reports when over.
+type InFlight = BoxFuture<'static, (String, Done)>;
+
+/// One unfinished transaction the driver drives.
+struct Slot {
+    state: WorkerState,
+    /// Its wake time as filed in [`Driver::timers`] (`None`: not filed).
+    timer: Option<(Instant, u64)>,
+    /// Set when the driver lets go of it (it ended): its calls still out
+    /// then propose nothing.
+    released: Arc<AtomicBool>,
+}
+
+pub struct Driver<T: BranchTransport> {
+    shared: Arc<Shared<T>>,
+    slots: HashMap<String, Slot>,
+    /// Wake times, earliest first; the number only tells equal instants
+    /// apart.
+    timers: BTreeMap<(Instant, u64), String>,
+    filed: u64,
+    in_flight: FuturesUnordered<InFlight>,
 }
 
 impl<T: BranchTransport> Driver<T> {
     pub fn new(node: Replica, caller: Arc<T>, clock: Arc<dyn Clock>) -> Driver<T> {
         Driver {
-            node,
-            caller,
-            clock,
-            calls: Arc::new(Semaphore::new(CALLS_IN_FLIGHT_MAX)),
-            workers: HashMap::new(),
-            tasks: JoinSet::new(),
+            shared: Arc::new(Shared {
+                node,
+                caller,
+                clock,
+                calls: Semaphore::new(CALLS_IN_FLIGHT_MAX),
+            }),
+            slots: HashMap::new(),
+            timers: BTreeMap::new(),
+            filed: 0,
+            in_flight: FuturesUnordered::new(),
         }
     }
 
     pub async fn run(mut self, events: Arc<LeaderFeed>) {
         let mut leading = false;
+        let sleep = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(sleep);
+        // When the sleep is set to go off. It is moved only earlier: a
+        // wake time unfiled before it (its transaction ended) makes it go
+        // off for nothing once, and it is set again then — not at every
+        // transaction's end.
+        let mut armed: Option<Instant> = None;
         loop {
-            // Reap every finished worker first, so the set does not grow
-            // however busy the feed is (the select below prefers it).
-            while self.tasks.try_join_next().is_some() {}
+            if let Some(&(first, _)) = self.timers.keys().next()
+                && armed.is_none_or(|at| first < at)
+            {
+                sleep.as_mut().reset(first);
+                armed = Some(first);
+            }
             // In order, not at random: the simulation replays runs exactly.
             tokio::select! {
                 biased;
@@ -111,7 +162,7 @@ impl<T: BranchTransport> Driver<T> {
                     }
                     Some(LeaderEvent::Follow) => {
                         leading = false;
-                        tracing::info!("driver: no longer leader; stopping every worker");
+                        tracing::info!("driver: no longer leader; stopping every transaction's calls");
                         self.stop_all();
                     }
                     None => {
@@ -119,54 +170,155 @@ impl<T: BranchTransport> Driver<T> {
                         return;
                     }
                 },
-                // A worker ended while the feed was quiet.
-                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+                Some((gid, done)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.ended(gid, done);
+                }
+                () = &mut sleep, if armed.is_some() => armed = None,
             }
+            // Whatever else is ready too: under load the feed is ready
+            // almost always, and the branches after it must not starve.
+            for _ in 0..DRAIN_MAX {
+                match self.in_flight.next().now_or_never() {
+                    Some(Some((gid, done))) => self.ended(gid, done),
+                    _ => break,
+                }
+            }
+            self.wake_due(Instant::now());
         }
     }
 
+    /// Drops every transaction and everything in flight (leadership lost).
     fn stop_all(&mut self) {
-        self.workers.clear();
-        self.tasks.abort_all();
+        for slot in self.slots.values() {
+            slot.released.store(true, Ordering::Relaxed);
+        }
+        self.slots.clear();
+        self.timers.clear();
+        self.in_flight = FuturesUnordered::new();
     }
 
+    /// A version of a transaction from the feed.
     fn dispatch(&mut self, tx: Arc<Transaction>) {
         if tx.state.is_terminal() {
-            // The worker sees it too and ends.
-            if let Some(worker) = self.workers.remove(&tx.gid) {
-                let _ = worker.send(tx);
+            self.release(&tx.gid);
+            return;
+        }
+        let gid = tx.gid.clone();
+        match self.slots.get_mut(&gid) {
+            Some(slot) => slot.state.update(tx),
+            None => {
+                let state = WorkerState::new(tx, Instant::now(), self.shared.clock.now_ms());
+                let slot = Slot {
+                    state,
+                    timer: None,
+                    released: Arc::new(AtomicBool::new(false)),
+                };
+                self.slots.insert(gid.clone(), slot);
             }
-            return;
         }
-        if let Some(worker) = self.workers.get(&tx.gid)
-            && !worker.is_closed()
-        {
-            worker.send_if_modified(|current| {
-                let newer = tx.version > current.version;
-                if newer {
-                    *current = tx.clone();
-                }
-                newer
-            });
-            return;
-        }
-        let (sender, receiver) = watch::channel(tx.clone());
-        self.workers.insert(tx.gid.clone(), sender);
-        let worker = Worker {
-            node: self.node.clone(),
-            caller: self.caller.clone(),
-            clock: self.clock.clone(),
-            calls: self.calls.clone(),
-        };
-        self.tasks.spawn(worker.run(receiver));
+        self.turn(&gid);
     }
-}
 
-struct Worker<T: BranchTransport> {
-    node: Replica,
-    caller: Arc<T>,
-    clock: Arc<dyn Clock>,
-    calls: Arc<Semaphore>,
+    /// A call or proposal of `gid`'s ended.
+    fn ended(&mut self, gid: String, done: Done) {
+        let Some(slot) = self.slots.get_mut(&gid) else {
+            // It ended meanwhile (or leadership changed hands and back).
+            return;
+        };
+        let now = Instant::now();
+        match done {
+            Done::Over { key, tx, failing } => slot.state.finished(key, tx, failing, now),
+            Done::Answered {
+                key,
+                outcome,
+                failing,
+            } => {
+                if let Some(flush) = slot.state.answered(key, outcome, failing, now) {
+                    let shared = self.shared.clone();
+                    let gid = gid.clone();
+                    self.in_flight
+                        .push(Box::pin(async move { shared.flush(gid, flush).await }));
+                }
+            }
+            Done::Flushed { keys, tx } => slot.state.flushed(keys, tx, now),
+        }
+        self.turn(&gid);
+    }
+
+    /// Turns every transaction whose wake time has come.
+    fn wake_due(&mut self, now: Instant) {
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let gid = entry.remove();
+            if let Some(slot) = self.slots.get_mut(&gid) {
+                slot.timer = None;
+            }
+            self.turn(&gid);
+        }
+    }
+
+    /// One turn of `gid`'s: what to start now, started; its wake time filed.
+    fn turn(&mut self, gid: &str) {
+        let Some(slot) = self.slots.get_mut(gid) else {
+            return;
+        };
+        if slot.state.is_done() {
+            self.release(gid);
+            return;
+        }
+        let next = slot.state.next(Instant::now(), self.shared.clock.now_ms());
+        if let Some(now_ms) = next.timeout {
+            let shared = self.shared.clone();
+            let gid = gid.to_string();
+            self.in_flight.push(Box::pin(async move {
+                let command = Command::TimeoutV2 {
+                    gid: gid.clone(),
+                    now_ms,
+                };
+                let tx = propose(&shared.node, command).await;
+                let over = Done::Over {
+                    key: None,
+                    tx,
+                    failing: Failing::default(),
+                };
+                (gid, over)
+            }));
+        }
+        if next.fanning_out {
+            fail::fail_point!(failpoints::BEFORE_FANOUT);
+        }
+        for (call, so_far) in next.start {
+            let answers_back = slot.state.records_answers_to(call.op);
+            let spec = CallSpec::new(slot.state.current(), call, answers_back);
+            let shared = self.shared.clone();
+            let released = slot.released.clone();
+            self.in_flight
+                .push(Box::pin(shared.call(spec, so_far, released)));
+        }
+        // A wake filed earlier stays: the turn it brings files the next one.
+        if slot.timer.is_none_or(|(at, _)| next.wake_at < at) {
+            if let Some(old) = slot.timer.take() {
+                self.timers.remove(&old);
+            }
+            self.filed += 1;
+            let key = (next.wake_at, self.filed);
+            self.timers.insert(key, gid.to_string());
+            slot.timer = Some(key);
+        }
+    }
+
+    /// Lets go of `gid` (it ended): its wake time unfiled, its calls still
+    /// out told to propose nothing.
+    fn release(&mut self, gid: &str) {
+        if let Some(slot) = self.slots.remove(gid) {
+            slot.released.store(true, Ordering::Relaxed);
+            if let Some(key) = slot.timer {
+                self.timers.remove(&key);
+            }
+        }
+    }
 }
 
 /// What a call task needs: copied out of the transaction, so that a call in
@@ -184,7 +336,7 @@ struct CallSpec {
     attempts_limit: Option<u32>,
     /// The transaction's trace context (`None`: it has none).
     trace_parent: Option<String>,
-    /// The answer goes back to the worker (`Done::Answered`) instead of
+    /// The answer goes back to the driver (`Done::Answered`) instead of
     /// being proposed by the call.
     answers_back: bool,
 }
@@ -209,7 +361,7 @@ impl CallSpec {
     }
 }
 
-/// What a finished call or proposal task reports to its worker.
+/// What a finished call or proposal reports to the driver.
 enum Done {
     /// A call or a Timeout proposal is over.
     Over {
@@ -234,101 +386,34 @@ enum Done {
     },
 }
 
-impl<T: BranchTransport> Clone for Worker<T> {
-    fn clone(&self) -> Self {
-        Worker {
-            node: self.node.clone(),
-            caller: self.caller.clone(),
-            clock: self.clock.clone(),
-            calls: self.calls.clone(),
-        }
-    }
-}
-
-impl<T: BranchTransport> Worker<T> {
-    async fn run(self, mut updates: watch::Receiver<Arc<Transaction>>) {
-        let first = updates.borrow_and_update().clone();
-        let mut state = WorkerState::new(first, Instant::now(), self.clock.now_ms());
-        // Polled by this task, not spawned: a call is a future of the
-        // worker's, so it costs no task, no hand-over between threads and
-        // no join (and ends with the worker when leadership is lost).
-        let mut calls: FuturesUnordered<BoxFuture<'static, Done>> = FuturesUnordered::new();
-        loop {
-            if state.is_done() {
-                return;
-            }
-            let next = state.next(Instant::now(), self.clock.now_ms());
-            if let Some(now_ms) = next.timeout {
-                let node = self.node.clone();
-                let gid = state.current().gid.clone();
-                calls.push(Box::pin(async move {
-                    let command = Command::TimeoutV2 { gid, now_ms };
-                    let tx = propose(&node, command).await;
-                    Done::Over {
-                        key: None,
-                        tx,
-                        failing: Failing::default(),
-                    }
-                }));
-            }
-            if next.fanning_out {
-                fail::fail_point!(failpoints::BEFORE_FANOUT);
-            }
-            for (call, so_far) in next.start {
-                let answers_back = state.records_answers_to(call.op);
-                let spec = CallSpec::new(state.current(), call, answers_back);
-                calls.push(Box::pin(self.clone().call(spec, so_far)));
-            }
-            tokio::select! {
-                biased;
-                changed = updates.changed() => {
-                    if changed.is_err() {
-                        // The driver stopped this worker (leadership lost).
-                        return;
-                    }
-                    let tx = updates.borrow_and_update().clone();
-                    state.update(tx);
-                }
-                Some(done) = calls.next(), if !calls.is_empty() => {
-                    match done {
-                        Done::Over { key, tx, failing } => {
-                            state.finished(key, tx, failing, Instant::now());
-                        }
-                        Done::Answered { key, outcome, failing } => {
-                            if let Some(flush) = state.answered(key, outcome, failing, Instant::now()) {
-                                let gid = state.current().gid.clone();
-                                calls.push(Box::pin(self.clone().flush(gid, flush)));
-                            }
-                        }
-                        Done::Flushed { keys, tx } => state.flushed(keys, tx, Instant::now()),
-                    }
-                }
-                _ = tokio::time::sleep_until(next.wake_at) => {}
-            }
-        }
-    }
-
+impl<T: BranchTransport> Shared<T> {
     /// Proposes a saga's answers together.
-    async fn flush(self, gid: String, flush: Flush) -> Done {
+    async fn flush(self: Arc<Self>, gid: String, flush: Flush) -> (String, Done) {
         let Flush {
             results,
             keys,
             exact,
         } = flush;
         let command = Command::OpResults {
-            gid,
+            gid: gid.clone(),
             results,
             exact,
             now_ms: self.clock.now_ms(),
         };
         let tx = propose(&self.node, command).await;
-        Done::Flushed { keys, tx }
+        (gid, Done::Flushed { keys, tx })
     }
 
     /// Makes one call and proposes what came back: a success or a phase-one
     /// "no" always; a failure that leaves the op open only when
-    /// [`plan::to_record`] says the log needs it.
-    async fn call(self, spec: CallSpec, mut failing: Failing) -> Done {
+    /// [`plan::to_record`] says the log needs it — unless the driver let go
+    /// of the transaction meanwhile (`released`: it ended).
+    async fn call(
+        self: Arc<Self>,
+        spec: CallSpec,
+        mut failing: Failing,
+        released: Arc<AtomicBool>,
+    ) -> (String, Done) {
         let CallSpec {
             gid,
             protocol,
@@ -341,12 +426,13 @@ impl<T: BranchTransport> Worker<T> {
             answers_back,
         } = spec;
         let key = Some((call.branch_id.clone(), call.op));
-        let Ok(_permit) = self.calls.clone().acquire_owned().await else {
-            return Done::Over {
+        let Ok(_permit) = self.calls.acquire().await else {
+            let over = Done::Over {
                 key,
                 tx: None,
                 failing,
             };
+            return (gid, over);
         };
         // One span per call, a child of the transaction's context; its
         // context goes to the participant (none made when tracing is off:
@@ -412,23 +498,26 @@ impl<T: BranchTransport> Worker<T> {
             self.clock.now_ms(),
         );
         if answers_back {
-            return Done::Answered {
+            let answered = Done::Answered {
                 key: (call.branch_id, call.op),
                 outcome,
                 failing,
             };
+            return (gid, answered);
         }
+        let outcome = outcome.filter(|_| !released.load(Ordering::Relaxed));
         let Some(outcome) = outcome else {
-            return Done::Over {
+            let over = Done::Over {
                 key,
                 tx: None,
                 failing,
             };
+            return (gid, over);
         };
         let succeeded_phase_two = phase_two && outcome == OpOutcome::Succeeded;
         let pre_committed = call.op == Op::PreCommit && outcome == OpOutcome::Succeeded;
         let command = Command::OpResult {
-            gid,
+            gid: gid.clone(),
             branch_id: call.branch_id.clone(),
             op: call.op,
             outcome,
@@ -441,11 +530,12 @@ impl<T: BranchTransport> Worker<T> {
         if pre_committed && applied.is_some() {
             fail::fail_point!(failpoints::AFTER_PRE_COMMIT);
         }
-        Done::Over {
+        let over = Done::Over {
             key,
             tx: applied,
             failing,
-        }
+        };
+        (gid, over)
     }
 }
 

@@ -1,9 +1,8 @@
-//! One transaction's worker without its task: what the driver keeps for a
-//! transaction it drives — its latest version, the calls in flight, the
-//! retries due, each op's failures so far, the deadline — and what each
-//! event does to it. No I/O and no clock of its own (the time is given), so
-//! the simulation drives the very bookkeeping the node's worker task
-//! (`mod.rs`) does; the task only makes the calls and proposals it asks for.
+//! One transaction's worker: what the driver keeps for a transaction it
+//! drives — its latest version, the calls in flight, the retries due, each
+//! op's failures so far, the deadline — and what each event does to it. No
+//! I/O and no clock of its own (the time is given); the driver's event loop
+//! (`mod.rs`) only makes the calls and proposals it asks for.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

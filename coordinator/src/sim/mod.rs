@@ -3,7 +3,7 @@
 //! contract, proposals, reads, snapshots, membership changes) over a
 //! simulated disk and network ([`io`]), the real state machine
 //! (`Replicated::apply` of `StateMachine`, so every protocol's rules), each
-//! node's real driver (`driver::Driver`, its worker tasks, the replica's
+//! node's real driver (`driver::Driver`, its event loop, the replica's
 //! feed and handle) and service layer (`service::Transactions`, which the
 //! clients' requests reach) on a tokio runtime whose paused clock only the
 //! world moves, the SDK's fencing table in front of simulated participants,
