@@ -3,7 +3,8 @@
 # PROCESS (mariadbd or postgres), SECONDS seconds frozen — connections stay
 # open, nothing answers, nothing resets — then SIGCONT. The fault a crash
 # does not show: a server that hangs rather than dies (a stuck disk, a
-# paused VM). Used by scripts/xa-soak.sh --stall-db.
+# paused VM). Used by scripts/xa-soak.sh --stall-db and scripts/db-kill.sh
+# ROUNDS --stall.
 #
 #   bash scripts/stall-db.sh mariadbd 8
 set -uo pipefail
