@@ -9,6 +9,8 @@ pub mod codec;
 pub mod config;
 pub mod driver;
 pub mod http;
+#[cfg(feature = "injected-bug")]
+pub mod injected;
 pub mod limits;
 pub mod metrics;
 pub mod model;

@@ -1,9 +1,9 @@
 //! The deterministic simulation (`src/sim/`) over many seeds: every
 //! invariant of DESIGN.md §4 that its checker knows, judged from the
 //! participants' own records, under faults drawn from each seed. A failing
-//! seed names the command that replays it. Built with one of the
-//! `inject-bug-*` features, the same tests must find the bug instead —
-//! which shows the checker can fail.
+//! seed names the command that replays it. Built with the `injected-bug`
+//! feature, tests that each turn one bug on must find it instead — which
+//! shows the checker can fail.
 
 use tandem_coordinator::sim::{self, Options, Report};
 
@@ -183,47 +183,64 @@ fn assert_seeds_find(kinds: &[&str], at_least: usize) {
     );
 }
 
-#[cfg(feature = "inject-bug-commit-on-first-vote")]
-#[test]
-fn simulation_finds_the_injected_bug_commit_on_first_vote() {
-    assert_seeds_find(&["never prepared", "atomicity"], 20);
+/// One module per injected bug (`src/injected.rs`), each test choosing
+/// its bug first: the checker must find it in more than `at_least` of 200
+/// seeds, and shrinking one of its failing seeds must keep the failure.
+/// nextest runs each test in a process of its own, as the choice needs.
+#[cfg(feature = "injected-bug")]
+macro_rules! injected_bug {
+    ($module:ident, $bug:ident, $kinds:expr, $at_least:expr) => {
+        mod $module {
+            use tandem_coordinator::injected::{self, Bug};
+
+            #[test]
+            fn simulation_finds_the_injected_bug() {
+                injected::select(Bug::$bug);
+                super::assert_seeds_find($kinds, $at_least);
+            }
+
+            #[test]
+            fn simulation_shrinking_keeps_the_failure_with_fewer_faults() {
+                injected::select(Bug::$bug);
+                super::shrinking_keeps_the_failure_with_fewer_faults();
+            }
+        }
+    };
 }
 
-#[cfg(feature = "inject-bug-apply-before-commit")]
-#[test]
-fn simulation_finds_the_injected_bug_apply_before_commit() {
-    assert_seeds_find(&["commit point first", "durability"], 20);
-}
-
-#[cfg(feature = "inject-bug-stale-read")]
-#[test]
-fn simulation_finds_the_injected_bug_stale_read() {
-    assert_seeds_find(&["linearizability"], 20);
-}
-
-#[cfg(feature = "inject-bug-deliver-on-timeout")]
-#[test]
-fn simulation_finds_the_injected_bug_deliver_on_timeout() {
-    // It shows only where a message's producer rolled back (or is slower
-    // than the timeout) and the timeout fires first: about one seed in ten.
-    assert_seeds_find(&["messages"], 10);
-}
-
-#[cfg(feature = "inject-bug-ack-before-durable")]
-#[test]
-fn simulation_finds_the_injected_bug_ack_before_durable() {
-    assert_seeds_find(
-        &["before it was durable", "before the vote was durable"],
-        20,
-    );
-}
+#[cfg(feature = "injected-bug")]
+injected_bug!(
+    commit_on_first_vote,
+    CommitOnFirstVote,
+    &["never prepared", "atomicity"],
+    20
+);
+#[cfg(feature = "injected-bug")]
+injected_bug!(
+    apply_before_commit,
+    ApplyBeforeCommit,
+    &["commit point first", "durability"],
+    20
+);
+#[cfg(feature = "injected-bug")]
+injected_bug!(stale_read, StaleRead, &["linearizability"], 20);
+// It shows only where a message's producer rolled back (or is slower than
+// the timeout) and the timeout fires first: about one seed in ten.
+#[cfg(feature = "injected-bug")]
+injected_bug!(deliver_on_timeout, DeliverOnTimeout, &["messages"], 10);
+#[cfg(feature = "injected-bug")]
+injected_bug!(
+    ack_before_durable,
+    AckBeforeDurable,
+    &["before it was durable", "before the vote was durable"],
+    20
+);
 
 /// Shrinking a failing seed keeps its failure, replays exactly, and drops
 /// scheduled faults the failure does not need (in some of the seeds: a bug
 /// that needs no fault at all keeps none).
 #[cfg(feature = "injected-bug")]
-#[test]
-fn simulation_shrinking_keeps_the_failure_with_fewer_faults() {
+fn shrinking_keeps_the_failure_with_fewer_faults() {
     let opts = bug_options();
     let (mut shrunk, mut dropped) = (0, 0);
     for seed in 0..200 {

@@ -142,7 +142,8 @@ impl Rules for Msg {
         if tx.state != TxState::Active || now_ms < tx.deadline_ms {
             return Ok(false);
         }
-        if cfg!(feature = "inject-bug-deliver-on-timeout") {
+        #[cfg(feature = "injected-bug")]
+        if crate::injected::on(crate::injected::Bug::DeliverOnTimeout) {
             // The bug: presume the producer committed instead of asking.
             decide(
                 tx,

@@ -117,8 +117,11 @@ fn on_result(
         return Ok(false);
     };
     // The bug the simulation must catch (tests/simulation.rs).
-    #[cfg(feature = "inject-bug-commit-on-first-vote")]
-    let all_prepared = all_prepared || (outcome == &OpOutcome::Succeeded && tx.branches.len() > 1);
+    #[cfg(feature = "injected-bug")]
+    let all_prepared = all_prepared
+        || (crate::injected::on(crate::injected::Bug::CommitOnFirstVote)
+            && outcome == &OpOutcome::Succeeded
+            && tx.branches.len() > 1);
     if all_prepared {
         decide(
             tx,

@@ -582,8 +582,8 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             // The bug the simulation's checker must catch
             // (tests/simulation.rs): a node answers from its own state
             // without asking the leader.
-            #[cfg(feature = "inject-bug-stale-read")]
-            Input::Read { reply, .. } => {
+            #[cfg(feature = "injected-bug")]
+            Input::Read { reply, .. } if crate::injected::on(crate::injected::Bug::StaleRead) => {
                 let _ = reply.send(Ok(Arc::new(self.machine.view(self.applied))));
             }
             Input::Read { reply, deadline } => self.reads_waiting.push((reply, deadline)),
@@ -689,17 +689,22 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             reply_err(pending, self.not_leader());
             return;
         }
-        #[cfg(feature = "inject-bug-apply-before-commit")]
-        let data_copy = data.clone();
+        #[cfg(feature = "injected-bug")]
+        let data_copy =
+            crate::injected::on(crate::injected::Bug::ApplyBeforeCommit).then(|| data.clone());
         match self.raw.propose(Vec::new(), data) {
             // The bug the simulation's checker must catch
             // (tests/simulation.rs): the leader applies and answers before
             // the entry is committed.
-            #[cfg(feature = "inject-bug-apply-before-commit")]
-            Ok(()) if self.applied + 1 == self.raw.raft.raft_log.last_index() => {
+            #[cfg(feature = "injected-bug")]
+            Ok(())
+                if data_copy.is_some()
+                    && self.applied + 1 == self.raw.raft.raft_log.last_index() =>
+            {
                 let index = self.applied + 1;
                 let term = self.raw.raft.term;
-                let output = self.machine.apply(&data_copy, index, term);
+                let data = data_copy.expect("the bug is on");
+                let output = self.machine.apply(&data, index, term);
                 self.applied = index;
                 self.applied_term = term;
                 if let Pending::Command(reply) = pending {
@@ -761,8 +766,10 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
         }
         // The bug the simulation's checker must catch (tests/simulation.rs):
         // what promises the write leaves before it.
-        #[cfg(feature = "inject-bug-ack-before-durable")]
-        self.transport.send(ready.take_persisted_messages());
+        #[cfg(feature = "injected-bug")]
+        if crate::injected::on(crate::injected::Bug::AckBeforeDurable) {
+            self.transport.send(ready.take_persisted_messages());
+        }
         // 4. One durable write for the new entries and the hard state.
         let must_sync = ready.must_sync();
         let entries = ready.entries().len();

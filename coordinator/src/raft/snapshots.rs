@@ -89,8 +89,10 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
     pub(super) fn maybe_snapshot(&mut self) {
         // With the injected bug, the leader applies ahead of the commit; a
         // snapshot past it would compact what raft still needs.
-        #[cfg(feature = "inject-bug-apply-before-commit")]
-        if self.applied > self.raw.raft.raft_log.applied {
+        #[cfg(feature = "injected-bug")]
+        if crate::injected::on(crate::injected::Bug::ApplyBeforeCommit)
+            && self.applied > self.raw.raft.raft_log.applied
+        {
             return;
         }
         let last = self.raw.store().snapshot_index();
