@@ -24,7 +24,7 @@ fn ctx(gid: &str, op: &str) -> BranchContext {
 /// One barrier suite per database. The business change appends a row to
 /// `tandem_test_effects` (no key: a second run shows as a second row).
 macro_rules! suite {
-    ($module:ident, $barrier:ty, $conn:ty, $setup:expr, $insert:literal, $count:literal) => {
+    ($module:ident, $barrier:ty, $conn:ty, $setup:expr, $insert:literal, $count:literal, $mark:literal, $unmark:literal) => {
         mod $module {
             use super::*;
             use futures::future::BoxFuture;
@@ -133,6 +133,20 @@ macro_rules! suite {
                 call(&b, &gid, "action").await.unwrap();
                 assert_eq!(count(&b, &gid, "action").await, 1);
             }
+
+            /// No blocking (DESIGN.md §4, 3) across a rolling upgrade: a
+            /// database where a later SDK recorded a migration this one
+            /// does not know still takes this SDK's barrier (sqlx refuses
+            /// such a database by default: `VersionMissing`).
+            #[tokio::test]
+            async fn no_blocking_the_barrier_starts_on_a_database_a_later_sdk_migrated() {
+                const LATER: i64 = 9_000_000_000_003;
+                let b = barrier().await;
+                sqlx::query($mark).bind(LATER).execute(b.pool()).await.unwrap();
+                let started = <$barrier>::new(b.pool().clone()).await;
+                sqlx::query($unmark).bind(LATER).execute(b.pool()).await.unwrap();
+                started.expect("the barrier starts on a database with a later migration");
+            }
         }
     };
 }
@@ -147,7 +161,10 @@ suite!(
             .expect("PostgreSQL (run scripts/prepare-services.sh)")
     },
     "INSERT INTO tandem_test_effects (gid, op) VALUES ($1, $2)",
-    "SELECT COUNT(*)::BIGINT FROM tandem_test_effects WHERE gid = $1 AND op = $2"
+    "SELECT COUNT(*)::BIGINT FROM tandem_test_effects WHERE gid = $1 AND op = $2",
+    "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+     VALUES ($1, 'from a later sdk', TRUE, '\\x00', 0) ON CONFLICT DO NOTHING",
+    "DELETE FROM _sqlx_migrations WHERE version = $1"
 );
 
 suite!(
@@ -160,7 +177,10 @@ suite!(
             .expect("MariaDB (run scripts/prepare-services.sh)")
     },
     "INSERT INTO tandem_test_effects (gid, op) VALUES (?, ?)",
-    "SELECT COUNT(*) FROM tandem_test_effects WHERE gid = ? AND op = ?"
+    "SELECT COUNT(*) FROM tandem_test_effects WHERE gid = ? AND op = ?",
+    "INSERT IGNORE INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+     VALUES (?, 'from a later sdk', TRUE, X'00', 0)",
+    "DELETE FROM _sqlx_migrations WHERE version = ?"
 );
 
 suite!(
@@ -179,5 +199,8 @@ suite!(
             .expect("SQLite")
     },
     "INSERT INTO tandem_test_effects (gid, op) VALUES (?, ?)",
-    "SELECT COUNT(*) FROM tandem_test_effects WHERE gid = ? AND op = ?"
+    "SELECT COUNT(*) FROM tandem_test_effects WHERE gid = ? AND op = ?",
+    "INSERT OR IGNORE INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+     VALUES (?, 'from a later sdk', TRUE, X'00', 0)",
+    "DELETE FROM _sqlx_migrations WHERE version = ?"
 );
