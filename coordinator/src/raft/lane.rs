@@ -95,28 +95,25 @@ enum Written {
 }
 
 impl DirectSocket {
-    /// Writes `bytes` as far as the socket takes them now.
+    /// Writes `bytes` as far as the socket takes them in one write: a
+    /// short write means its buffer is full, and the rest is the task's —
+    /// the loop never writes on while a reader drains (it has a Raft
+    /// round to run).
     fn write(&self, bytes: &[u8]) -> Written {
         use std::io::Write as _;
         if self.closed.load(Ordering::Relaxed) {
             return Written::Failed;
         }
-        let mut written = 0;
-        while written < bytes.len() {
-            match (&self.socket).write(&bytes[written..]) {
-                Ok(0) => return Written::Failed,
-                Ok(n) => written += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return match written {
-                        0 => Written::Nothing,
-                        n => Written::Part(n),
-                    };
-                }
-                Err(_) => return Written::Failed,
-            }
+        loop {
+            return match (&self.socket).write(bytes) {
+                Ok(n) if n == bytes.len() => Written::All,
+                Ok(0) => Written::Failed,
+                Ok(n) => Written::Part(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Written::Nothing,
+                Err(_) => Written::Failed,
+            };
         }
-        Written::All
     }
 }
 

@@ -660,12 +660,17 @@ pub(super) mod tests {
         let (address, inputs) = wire_node("c").await;
         let (sender, _) = node(2, "127.0.0.1:7002", "c");
         sender.set_addresses(BTreeMap::from([(1, address)]));
+        // More than a socket's send buffer can ever hold, so more than one
+        // write takes (however fast the reader drains).
+        let large = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+            .ok()
+            .and_then(|s| s.split_whitespace().last()?.parse::<usize>().ok())
+            .map_or(8 << 20, |max| (2 * max).max(8 << 20));
         let sent: Vec<Message> = (0..3_000)
             .map(|i| {
                 let mut m = message(i);
                 if i % 500 == 250 {
-                    // Far more than a loopback socket takes in one write.
-                    m.mut_entries()[0].data = vec![7u8; 8 << 20].into();
+                    m.mut_entries()[0].data = vec![7u8; large].into();
                 }
                 m
             })
