@@ -10,7 +10,9 @@
 //! reach it — a change from the feed, a call or proposal that ended, a
 //! transaction's wake time — and each does the same thing: update that
 //! transaction's state, ask it which calls to start, whether to propose a
-//! timeout and when to look again, start them, and file the wake time.
+//! timeout and when to look again, start them, and file the wake time. A
+//! call only answers: the loop proposes what it brought back, so an answer
+//! for a transaction that ended meanwhile finds no slot and is dropped.
 //! The state is pure: the simulation drives the same one. An op that is
 //! still open after its answer was recorded (pending, or refused in phase
 //! two) is retried after [`crate::protocol::retry::backoff`]; failures are
@@ -30,9 +32,8 @@
 //! dropped. The commit point holds by construction: phase-two calls come
 //! only from applied state, and a decision is applied only once committed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -85,27 +86,32 @@ struct Shared<T: BranchTransport> {
     calls: Semaphore,
 }
 
+/// A transaction's number in the loop, never reused: what a call or
+/// proposal in flight says it was for. One that comes back after its
+/// transaction ended finds no slot, and nothing is done with it.
+type SlotId = u64;
+
 /// A call or proposal in flight: which transaction it is for, and what it
 /// reports when over.
-type InFlight = BoxFuture<'static, (String, Done)>;
+type InFlight = BoxFuture<'static, (SlotId, Done)>;
 
 /// One unfinished transaction the driver drives.
 struct Slot {
+    /// Its gid, shared with its calls in flight.
+    gid: Arc<str>,
     state: WorkerState,
     /// Its wake time as filed in [`Driver::timers`] (`None`: not filed).
-    timer: Option<(Instant, u64)>,
-    /// Set when the driver lets go of it (it ended): its calls still out
-    /// then propose nothing.
-    released: Arc<AtomicBool>,
+    timer: Option<Instant>,
 }
 
 pub struct Driver<T: BranchTransport> {
     shared: Arc<Shared<T>>,
-    slots: HashMap<String, Slot>,
-    /// Wake times, earliest first; the number only tells equal instants
-    /// apart.
-    timers: BTreeMap<(Instant, u64), String>,
-    filed: u64,
+    /// The slot of each unfinished transaction, by gid (for the feed).
+    ids: HashMap<String, SlotId>,
+    slots: HashMap<SlotId, Slot>,
+    next_id: SlotId,
+    /// Wake times, earliest first (a slot has at most one).
+    timers: BTreeSet<(Instant, SlotId)>,
     in_flight: FuturesUnordered<InFlight>,
 }
 
@@ -118,9 +124,10 @@ impl<T: BranchTransport> Driver<T> {
                 clock,
                 calls: Semaphore::new(CALLS_IN_FLIGHT_MAX),
             }),
+            ids: HashMap::new(),
             slots: HashMap::new(),
-            timers: BTreeMap::new(),
-            filed: 0,
+            next_id: 0,
+            timers: BTreeSet::new(),
             in_flight: FuturesUnordered::new(),
         }
     }
@@ -135,7 +142,7 @@ impl<T: BranchTransport> Driver<T> {
         // transaction's end.
         let mut armed: Option<Instant> = None;
         loop {
-            if let Some(&(first, _)) = self.timers.keys().next()
+            if let Some(&(first, _)) = self.timers.first()
                 && armed.is_none_or(|at| first < at)
             {
                 sleep.as_mut().reset(first);
@@ -170,8 +177,8 @@ impl<T: BranchTransport> Driver<T> {
                         return;
                     }
                 },
-                Some((gid, done)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    self.ended(gid, done);
+                Some((id, done)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.ended(id, done);
                 }
                 () = &mut sleep, if armed.is_some() => armed = None,
             }
@@ -179,7 +186,7 @@ impl<T: BranchTransport> Driver<T> {
             // almost always, and the branches after it must not starve.
             for _ in 0..DRAIN_MAX {
                 match self.in_flight.next().now_or_never() {
-                    Some(Some((gid, done))) => self.ended(gid, done),
+                    Some(Some((id, done))) => self.ended(id, done),
                     _ => break,
                 }
             }
@@ -189,9 +196,7 @@ impl<T: BranchTransport> Driver<T> {
 
     /// Drops every transaction and everything in flight (leadership lost).
     fn stop_all(&mut self) {
-        for slot in self.slots.values() {
-            slot.released.store(true, Ordering::Relaxed);
-        }
+        self.ids.clear();
         self.slots.clear();
         self.timers.clear();
         self.in_flight = FuturesUnordered::new();
@@ -199,133 +204,166 @@ impl<T: BranchTransport> Driver<T> {
 
     /// A version of a transaction from the feed.
     fn dispatch(&mut self, tx: Arc<Transaction>) {
+        let known = self.ids.get(&tx.gid).copied();
         if tx.state.is_terminal() {
-            self.release(&tx.gid);
+            if let Some(id) = known {
+                self.release(id);
+            }
             return;
         }
-        let gid = tx.gid.clone();
-        match self.slots.get_mut(&gid) {
-            Some(slot) => slot.state.update(tx),
+        let id = match known {
+            Some(id) => {
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    slot.state.update(tx);
+                }
+                id
+            }
             None => {
+                let id = self.next_id;
+                self.next_id += 1;
+                let gid: Arc<str> = Arc::from(tx.gid.as_str());
+                self.ids.insert(tx.gid.clone(), id);
                 let state = WorkerState::new(tx, Instant::now(), self.shared.clock.now_ms());
                 let slot = Slot {
+                    gid,
                     state,
                     timer: None,
-                    released: Arc::new(AtomicBool::new(false)),
                 };
-                self.slots.insert(gid.clone(), slot);
+                self.slots.insert(id, slot);
+                id
             }
-        }
-        self.turn(&gid);
+        };
+        self.turn(id);
     }
 
-    /// A call or proposal of `gid`'s ended.
-    fn ended(&mut self, gid: String, done: Done) {
-        let Some(slot) = self.slots.get_mut(&gid) else {
-            // It ended meanwhile (or leadership changed hands and back).
+    /// A call or proposal of slot `id`'s ended.
+    fn ended(&mut self, id: SlotId, done: Done) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            // It ended meanwhile (or leadership changed hands and back):
+            // what came back is not proposed.
             return;
         };
         let now = Instant::now();
         match done {
-            Done::Over { key, tx, failing } => slot.state.finished(key, tx, failing, now),
             Done::Answered {
                 key,
                 outcome,
                 failing,
-            } => {
+            } if slot.state.records_answers_to(key.1) => {
                 if let Some(flush) = slot.state.answered(key, outcome, failing, now) {
                     let shared = self.shared.clone();
-                    let gid = gid.clone();
-                    self.in_flight
-                        .push(Box::pin(async move { shared.flush(gid, flush).await }));
+                    let gid = slot.gid.to_string();
+                    self.in_flight.push(Box::pin(
+                        async move { (id, shared.flush(gid, flush).await) },
+                    ));
                 }
             }
-            Done::Flushed { keys, tx } => slot.state.flushed(keys, tx, now),
+            Done::Answered {
+                key,
+                outcome: Some(outcome),
+                failing,
+            } => {
+                let shared = self.shared.clone();
+                let gid = slot.gid.to_string();
+                let phase_two = crate::protocol::is_phase_two(slot.state.current(), key.1);
+                self.in_flight.push(Box::pin(async move {
+                    let done = shared.record(gid, key, outcome, failing, phase_two).await;
+                    (id, done)
+                }));
+            }
+            Done::Answered {
+                key,
+                outcome: None,
+                failing,
+            } => slot.state.finished(Some(key), None, failing, now),
+            Done::Over { key, tx, failing } => {
+                let tx = landed(&slot.gid, tx);
+                slot.state.finished(key, tx, failing, now);
+            }
+            Done::Flushed { keys, tx } => {
+                let tx = landed(&slot.gid, tx);
+                slot.state.flushed(keys, tx, now);
+            }
         }
-        self.turn(&gid);
+        self.turn(id);
     }
 
     /// Turns every transaction whose wake time has come.
     fn wake_due(&mut self, now: Instant) {
-        while let Some(entry) = self.timers.first_entry() {
-            if entry.key().0 > now {
+        while let Some(&(at, id)) = self.timers.first() {
+            if at > now {
                 break;
             }
-            let gid = entry.remove();
-            if let Some(slot) = self.slots.get_mut(&gid) {
+            self.timers.pop_first();
+            if let Some(slot) = self.slots.get_mut(&id) {
                 slot.timer = None;
             }
-            self.turn(&gid);
+            self.turn(id);
         }
     }
 
-    /// One turn of `gid`'s: what to start now, started; its wake time filed.
-    fn turn(&mut self, gid: &str) {
-        let Some(slot) = self.slots.get_mut(gid) else {
+    /// One turn of slot `id`'s: what to start now, started; its wake time
+    /// filed.
+    fn turn(&mut self, id: SlotId) {
+        let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
         if slot.state.is_done() {
-            self.release(gid);
+            self.release(id);
             return;
         }
         let next = slot.state.next(Instant::now(), self.shared.clock.now_ms());
         if let Some(now_ms) = next.timeout {
             let shared = self.shared.clone();
-            let gid = gid.to_string();
+            let gid = slot.gid.to_string();
             self.in_flight.push(Box::pin(async move {
-                let command = Command::TimeoutV2 {
-                    gid: gid.clone(),
-                    now_ms,
-                };
+                let command = Command::TimeoutV2 { gid, now_ms };
                 let tx = propose(&shared.node, command).await;
                 let over = Done::Over {
                     key: None,
                     tx,
                     failing: Failing::default(),
                 };
-                (gid, over)
+                (id, over)
             }));
         }
         if next.fanning_out {
             fail::fail_point!(failpoints::BEFORE_FANOUT);
         }
         for (call, so_far) in next.start {
-            let answers_back = slot.state.records_answers_to(call.op);
-            let spec = CallSpec::new(slot.state.current(), call, answers_back);
+            let spec = CallSpec::new(&slot.gid, slot.state.current(), call);
             let shared = self.shared.clone();
-            let released = slot.released.clone();
-            self.in_flight
-                .push(Box::pin(shared.call(spec, so_far, released)));
+            self.in_flight.push(Box::pin(
+                async move { (id, shared.call(spec, so_far).await) },
+            ));
         }
         // A wake filed earlier stays: the turn it brings files the next one.
-        if slot.timer.is_none_or(|(at, _)| next.wake_at < at) {
+        if slot.timer.is_none_or(|at| next.wake_at < at) {
             if let Some(old) = slot.timer.take() {
-                self.timers.remove(&old);
+                self.timers.remove(&(old, id));
             }
-            self.filed += 1;
-            let key = (next.wake_at, self.filed);
-            self.timers.insert(key, gid.to_string());
-            slot.timer = Some(key);
+            self.timers.insert((next.wake_at, id));
+            slot.timer = Some(next.wake_at);
         }
     }
 
-    /// Lets go of `gid` (it ended): its wake time unfiled, its calls still
-    /// out told to propose nothing.
-    fn release(&mut self, gid: &str) {
-        if let Some(slot) = self.slots.remove(gid) {
-            slot.released.store(true, Ordering::Relaxed);
-            if let Some(key) = slot.timer {
-                self.timers.remove(&key);
+    /// Lets go of slot `id` (its transaction ended): its wake time unfiled;
+    /// what its calls still out bring back finds no slot.
+    fn release(&mut self, id: SlotId) {
+        if let Some(slot) = self.slots.remove(&id) {
+            self.ids.remove(&*slot.gid);
+            if let Some(at) = slot.timer {
+                self.timers.remove(&(at, id));
             }
         }
     }
 }
 
-/// What a call task needs: copied out of the transaction, so that a call in
+/// What a call needs: copied out of the transaction, so that a call in
 /// flight keeps no version of the transaction alive (a saga of a thousand
 /// steps has a thousand calls in flight, and a new version per answer).
 struct CallSpec {
-    gid: String,
+    gid: Arc<str>,
     protocol: crate::model::types::Protocol,
     call: Call,
     payload: crate::model::types::Payload,
@@ -336,16 +374,13 @@ struct CallSpec {
     attempts_limit: Option<u32>,
     /// The transaction's trace context (`None`: it has none).
     trace_parent: Option<String>,
-    /// The answer goes back to the driver (`Done::Answered`) instead of
-    /// being proposed by the call.
-    answers_back: bool,
 }
 
 impl CallSpec {
-    fn new(tx: &Transaction, call: Call, answers_back: bool) -> CallSpec {
+    fn new(gid: &Arc<str>, tx: &Transaction, call: Call) -> CallSpec {
         let (phase_two, attempts_limit) = plan::call_terms(tx, &call);
         CallSpec {
-            gid: tx.gid.clone(),
+            gid: gid.clone(),
             protocol: tx.protocol,
             payload: tx
                 .branch(&call.branch_id)
@@ -355,65 +390,107 @@ impl CallSpec {
             phase_two,
             attempts_limit,
             trace_parent: (!tx.trace_parent.is_empty()).then(|| tx.trace_parent.clone()),
-            answers_back,
             call,
         }
     }
 }
 
-/// What a finished call or proposal reports to the driver.
+/// What a finished call or proposal reports to the driver's loop.
 enum Done {
-    /// A call or a Timeout proposal is over.
-    Over {
-        /// The call this was; `None` for a Timeout proposal.
-        key: Option<Key>,
-        /// The transaction after the proposal, when it was applied.
-        tx: Option<Arc<Transaction>>,
-        /// The op's failures so far, as this worker counts them.
-        failing: Failing,
-    },
-    /// A saga action answered; the worker records it (`None`: the answer
-    /// is not worth an entry).
+    /// A call answered: what to record of it (`None`: nothing is worth an
+    /// entry), and the op's failures so far. The loop proposes it — unless
+    /// the transaction ended meanwhile.
     Answered {
         key: Key,
         outcome: Option<OpOutcome>,
         failing: Failing,
     },
-    /// Answers proposed together are in (`tx`) or not (`None`).
+    /// A call's answer or a Timeout was proposed.
+    Over {
+        /// The call this was; `None` for a Timeout proposal.
+        key: Option<Key>,
+        /// How the proposal went.
+        tx: Proposed,
+        /// The op's failures so far, as this worker counts them.
+        failing: Failing,
+    },
+    /// Saga answers proposed together.
     Flushed {
         keys: Vec<(Key, Failing)>,
-        tx: Option<Arc<Transaction>>,
+        tx: Proposed,
     },
+}
+
+/// How a proposal went: the transaction after it, or why it did not get in.
+type Proposed = Result<Arc<Transaction>, Missed>;
+
+enum Missed {
+    /// Applied, but it changed no transaction (cannot happen for the
+    /// driver's commands; kept total).
+    NoTransaction,
+    /// `apply` refused it.
+    Refused(String),
+    /// It did not get into the log (not leader, overloaded, shutting down).
+    NotIn(NodeError),
 }
 
 impl<T: BranchTransport> Shared<T> {
     /// Proposes a saga's answers together.
-    async fn flush(self: Arc<Self>, gid: String, flush: Flush) -> (String, Done) {
+    async fn flush(self: Arc<Self>, gid: String, flush: Flush) -> Done {
         let Flush {
             results,
             keys,
             exact,
         } = flush;
         let command = Command::OpResults {
-            gid: gid.clone(),
+            gid,
             results,
             exact,
             now_ms: self.clock.now_ms(),
         };
         let tx = propose(&self.node, command).await;
-        (gid, Done::Flushed { keys, tx })
+        Done::Flushed { keys, tx }
     }
 
-    /// Makes one call and proposes what came back: a success or a phase-one
-    /// "no" always; a failure that leaves the op open only when
-    /// [`plan::to_record`] says the log needs it — unless the driver let go
-    /// of the transaction meanwhile (`released`: it ended).
-    async fn call(
+    /// Proposes one call's answer (a success or a phase-one "no" always; a
+    /// failure that leaves the op open only when [`plan::to_record`] says
+    /// the log needs it). `phase_two`: the op is the transaction's phase
+    /// two (for the failpoint after one such answer is in).
+    async fn record(
         self: Arc<Self>,
-        spec: CallSpec,
-        mut failing: Failing,
-        released: Arc<AtomicBool>,
-    ) -> (String, Done) {
+        gid: String,
+        key: Key,
+        outcome: OpOutcome,
+        failing: Failing,
+        phase_two: bool,
+    ) -> Done {
+        let op = key.1;
+        let succeeded = outcome == OpOutcome::Succeeded;
+        let command = Command::OpResult {
+            gid,
+            branch_id: key.0.clone(),
+            op,
+            outcome,
+            now_ms: self.clock.now_ms(),
+        };
+        let tx = propose(&self.node, command).await;
+        if tx.is_ok() && succeeded {
+            if phase_two {
+                fail::fail_point!(failpoints::MID_FANOUT);
+            }
+            if op == Op::PreCommit {
+                fail::fail_point!(failpoints::AFTER_PRE_COMMIT);
+            }
+        }
+        Done::Over {
+            key: Some(key),
+            tx,
+            failing,
+        }
+    }
+
+    /// Makes one call; what came back goes to the loop, which proposes it.
+    async fn call(self: Arc<Self>, spec: CallSpec, mut failing: Failing) -> Done {
         let CallSpec {
             gid,
             protocol,
@@ -423,16 +500,13 @@ impl<T: BranchTransport> Shared<T> {
             phase_two,
             attempts_limit,
             trace_parent,
-            answers_back,
         } = spec;
-        let key = Some((call.branch_id.clone(), call.op));
         let Ok(_permit) = self.calls.acquire().await else {
-            let over = Done::Over {
-                key,
-                tx: None,
+            return Done::Answered {
+                key: (call.branch_id, call.op),
+                outcome: None,
                 failing,
             };
-            return (gid, over);
         };
         // One span per call, a child of the transaction's context; its
         // context goes to the participant (none made when tracing is off:
@@ -443,7 +517,7 @@ impl<T: BranchTransport> Shared<T> {
                     "tandem.branch_call",
                     otel.name = %format_args!("{} {}", call.op.name(), call.branch_id),
                     otel.kind = "client",
-                    gid = %gid,
+                    gid = %&*gid,
                     branch = %call.branch_id,
                     op = call.op.name(),
                     attempt = failing.attempts + 1,
@@ -497,61 +571,36 @@ impl<T: BranchTransport> Shared<T> {
             attempts_limit,
             self.clock.now_ms(),
         );
-        if answers_back {
-            let answered = Done::Answered {
-                key: (call.branch_id, call.op),
-                outcome,
-                failing,
-            };
-            return (gid, answered);
-        }
-        let outcome = outcome.filter(|_| !released.load(Ordering::Relaxed));
-        let Some(outcome) = outcome else {
-            let over = Done::Over {
-                key,
-                tx: None,
-                failing,
-            };
-            return (gid, over);
-        };
-        let succeeded_phase_two = phase_two && outcome == OpOutcome::Succeeded;
-        let pre_committed = call.op == Op::PreCommit && outcome == OpOutcome::Succeeded;
-        let command = Command::OpResult {
-            gid: gid.clone(),
-            branch_id: call.branch_id.clone(),
-            op: call.op,
+        Done::Answered {
+            key: (call.branch_id, call.op),
             outcome,
-            now_ms: self.clock.now_ms(),
-        };
-        let applied = propose(&self.node, command).await;
-        if succeeded_phase_two && applied.is_some() {
-            fail::fail_point!(failpoints::MID_FANOUT);
-        }
-        if pre_committed && applied.is_some() {
-            fail::fail_point!(failpoints::AFTER_PRE_COMMIT);
-        }
-        let over = Done::Over {
-            key,
-            tx: applied,
             failing,
-        };
-        (gid, over)
+        }
     }
 }
 
-/// Proposes a command; the transaction after it, or `None` if it did not
-/// get in (not leader, overloaded, refused — the worker will look again).
-async fn propose(node: &Replica, command: Command) -> Option<Arc<Transaction>> {
-    let gid = command.gid().unwrap_or_default().to_string();
+/// Proposes a command: the transaction after it, or why not (the worker
+/// looks again either way).
+async fn propose(node: &Replica, command: Command) -> Proposed {
     match node.propose(command).await {
-        Ok(Ok(Applied::Updated { tx } | Applied::Begun { tx, .. })) => Some(tx),
-        Ok(Ok(Applied::Collected { .. } | Applied::ClusterId { .. })) => None,
-        Ok(Err(rejection)) => {
+        Ok(Ok(Applied::Updated { tx } | Applied::Begun { tx, .. })) => Ok(tx),
+        Ok(Ok(Applied::Collected { .. } | Applied::ClusterId { .. })) => Err(Missed::NoTransaction),
+        Ok(Err(rejection)) => Err(Missed::Refused(rejection.to_string())),
+        Err(e) => Err(Missed::NotIn(e)),
+    }
+}
+
+/// What a proposal of `gid`'s left: the transaction after it, if applied;
+/// why not, logged.
+fn landed(gid: &str, proposed: Proposed) -> Option<Arc<Transaction>> {
+    match proposed {
+        Ok(tx) => Some(tx),
+        Err(Missed::NoTransaction | Missed::NotIn(NodeError::NotLeader { .. })) => None,
+        Err(Missed::Refused(rejection)) => {
             tracing::warn!(%gid, %rejection, "the driver's proposal was refused");
             None
         }
-        Err(NodeError::NotLeader { .. }) => None,
-        Err(e) => {
+        Err(Missed::NotIn(e)) => {
             tracing::debug!(%gid, error = %e, "the driver's proposal did not get in");
             None
         }

@@ -85,8 +85,9 @@ impl WorkerState {
         }
     }
 
-    /// Whether the answers to `op` come back to the worker to record
-    /// (a saga's actions), instead of being proposed by the call.
+    /// Whether the worker records the answers to `op` itself (a saga's
+    /// actions: held, or proposed together — [`WorkerState::answered`]),
+    /// instead of the driver proposing each as it comes.
     pub fn records_answers_to(&self, op: Op) -> bool {
         self.current.protocol == Protocol::Saga && op == Op::Action
     }
