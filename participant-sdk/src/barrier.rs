@@ -32,6 +32,15 @@ fn origin_of(op: &str) -> Option<&'static str> {
     }
 }
 
+/// The SDK's migrations as a rolling upgrade needs them run: those a later
+/// SDK already applied to the database are no error — both versions run
+/// against it meanwhile, and sqlx would otherwise refuse
+/// (`VersionMissing`). The SDK's schema changes only ever add.
+pub(crate) fn tolerant(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
 fn transient(e: impl std::fmt::Display) -> BranchError {
     BranchError::Transient(e.to_string())
 }
@@ -79,13 +88,9 @@ macro_rules! barrier {
             /// The barrier in the database behind `pool`; applies the
             /// migrations that create its table.
             pub async fn new(pool: $pool) -> Result<Self, sqlx::Error> {
-                // Migrations a later SDK applied to this database are no
-                // error: during a rolling upgrade both versions run against
-                // it, and sqlx would otherwise refuse (`VersionMissing`).
-                // The SDK's schema changes only ever add.
-                let mut migrator = sqlx::migrate!($migrations);
-                migrator.set_ignore_missing(true);
-                migrator.run(&pool).await?;
+                $crate::barrier::tolerant(sqlx::migrate!($migrations))
+                    .run(&pool)
+                    .await?;
                 Ok($name { pool })
             }
 

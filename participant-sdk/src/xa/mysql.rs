@@ -532,11 +532,9 @@ impl MySqlXa {
         cluster: ClusterId,
         hold: HoldOptions,
     ) -> Result<MySqlXa, sqlx::Error> {
-        // A later SDK's migrations already applied are no error: a rolling
-        // upgrade runs both versions against one database (`crate::barrier`).
-        let mut migrator = sqlx::migrate!("../migrations/mysql");
-        migrator.set_ignore_missing(true);
-        migrator.run(&pool).await?;
+        crate::barrier::tolerant(sqlx::migrate!("../migrations/mysql"))
+            .run(&pool)
+            .await?;
         // Not a migration: an instance of an earlier SDK refuses to start on
         // a database that has a migration it does not know, and a rolling
         // upgrade has both at once. Idempotent, and MariaDB's `IF NOT

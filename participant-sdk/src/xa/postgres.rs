@@ -46,11 +46,9 @@ impl PgXa {
     /// cluster `cluster` ([`crate::Client::cluster_id`]). Applies
     /// `migrations/postgres`.
     pub async fn new(pool: PgPool, cluster: ClusterId) -> Result<PgXa, sqlx::Error> {
-        // A later SDK's migrations already applied are no error: a rolling
-        // upgrade runs both versions against one database (`crate::barrier`).
-        let mut migrator = sqlx::migrate!("../migrations/postgres");
-        migrator.set_ignore_missing(true);
-        migrator.run(&pool).await?;
+        crate::barrier::tolerant(sqlx::migrate!("../migrations/postgres"))
+            .run(&pool)
+            .await?;
         Ok(PgXa {
             pool,
             prefix: format!("tdm:{}:", cluster.short_hex()),
