@@ -34,8 +34,11 @@ pub struct StateMachine {
     /// Gids of unfinished transactions: what the driver resumes on becoming
     /// leader, and what the admission limit counts. Derived from `txs`.
     active: BTreeSet<String>,
-    /// Terminal transactions by finish time, oldest first, for Gc. Derived.
-    finished: BTreeSet<(i64, String)>,
+    /// Terminal transactions by finish time, oldest first, for Gc, each
+    /// with what it is charged ([`Transaction::retained_bytes`] when it was
+    /// filed): computed once, not again at each Gc look or at its removal.
+    /// Derived.
+    finished: BTreeMap<(i64, String), usize>,
     /// Sum of the footprints of unfinished transactions (the API's budget
     /// `--active-bytes-max`). Derived.
     active_bytes: usize,
@@ -377,29 +380,49 @@ impl StateMachine {
         *slot = tx.clone();
         self.unaccount(&current);
         self.account(&tx);
-        if let (None, Some(at)) = (current.finished_at_ms, tx.finished_at_ms) {
-            self.active.remove(gid);
-            self.finished.insert((at, tx.gid.clone()));
-        }
         debug_assert!(
             current.finished_at_ms.is_none() || current.finished_at_ms == tx.finished_at_ms
         );
+        if let Some(at) = tx.finished_at_ms {
+            if current.finished_at_ms.is_none() {
+                self.active.remove(gid);
+            }
+            // Filed anew when a finished one changes (an operator's repair):
+            // its charge replaced.
+            self.file_finished(at, &tx);
+        }
         Ok(Applied::Updated { tx })
     }
 
     /// An unfinished transaction is charged its footprint (everything it
-    /// may still record), a finished one what it holds.
+    /// may still record); a finished one what it holds, when it is filed
+    /// among the finished ([`StateMachine::file_finished`]).
     fn account(&mut self, tx: &Transaction) {
-        match tx.finished_at_ms {
-            None => self.active_bytes += tx.footprint_bytes(),
-            Some(_) => self.finished_bytes += tx.retained_bytes(),
+        if tx.finished_at_ms.is_none() {
+            self.active_bytes += tx.footprint_bytes();
         }
     }
 
     fn unaccount(&mut self, tx: &Transaction) {
-        match tx.finished_at_ms {
-            None => self.active_bytes -= tx.footprint_bytes(),
-            Some(_) => self.finished_bytes -= tx.retained_bytes(),
+        if tx.finished_at_ms.is_none() {
+            self.active_bytes -= tx.footprint_bytes();
+        }
+    }
+
+    /// Files `tx`, finished at `at`, for Gc, charged what it holds.
+    fn file_finished(&mut self, at: i64, tx: &Transaction) {
+        let charged = tx.retained_bytes();
+        self.finished_bytes += charged;
+        if let Some(before) = self.finished.insert((at, tx.gid.clone()), charged) {
+            self.finished_bytes -= before;
+        }
+    }
+
+    /// Takes `gid`, finished at `at`, out of the Gc index, and its charge
+    /// with it.
+    fn unfile_finished(&mut self, at: i64, gid: String) {
+        if let Some(charged) = self.finished.remove(&(at, gid)) {
+            self.finished_bytes -= charged;
         }
     }
 
@@ -408,14 +431,14 @@ impl StateMachine {
         if let Some(old) = self.txs.get(&tx.gid).cloned() {
             self.unaccount(&old);
             if let Some(at) = old.finished_at_ms {
-                self.finished.remove(&(at, old.gid.clone()));
+                self.unfile_finished(at, old.gid.clone());
             }
         }
         self.account(&tx);
         match tx.finished_at_ms {
             Some(at) => {
                 self.active.remove(&tx.gid);
-                self.finished.insert((at, tx.gid.clone()));
+                self.file_finished(at, &tx);
             }
             None => {
                 self.active.insert(tx.gid.clone());
@@ -429,7 +452,7 @@ impl StateMachine {
             self.unaccount(&old);
             self.active.remove(gid);
             if let Some(at) = old.finished_at_ms {
-                self.finished.remove(&(at, old.gid.clone()));
+                self.unfile_finished(at, old.gid.clone());
             }
         }
     }
@@ -510,16 +533,16 @@ impl StateMachine {
         self.finished
             .iter()
             .enumerate()
-            .take_while(|(i, (at, gid))| {
+            .take_while(|(i, ((at, _), charged))| {
                 let collect =
                     *i < excess || *at < finished_before_ms || bytes_left > finished_bytes_max;
                 if collect {
-                    bytes_left -= self.txs.get(gid).map_or(0, |t| t.retained_bytes());
+                    bytes_left -= **charged;
                 }
                 collect
             })
             .take(limit.min(GC_BATCH_MAX))
-            .map(|(_, (_, gid))| gid.clone())
+            .map(|(_, ((_, gid), _))| gid.clone())
             .collect()
     }
 
