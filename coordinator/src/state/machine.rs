@@ -1123,6 +1123,40 @@ mod tests {
         );
     }
 
+    /// A finished transaction that changes (an operator's repair adds a
+    /// record) is charged anew: the count and Gc's byte budget follow what
+    /// it holds now, not what it held when it finished.
+    #[test]
+    fn a_finished_transaction_that_changes_is_charged_anew() {
+        let mut m = StateMachine::default();
+        for gid in ["a", "b"] {
+            m.apply(begin(gid, Protocol::Saga, 1), ctx()).unwrap();
+        }
+        finish(&mut m, "a", 10);
+        finish(&mut m, "b", 20);
+        let kept = m.get("b").unwrap().retained_bytes();
+        m.update("a", ctx(), 30, |tx| {
+            tx.error = "x".repeat(500);
+            Ok(true)
+        })
+        .unwrap();
+        let grown = m.get("a").unwrap().retained_bytes();
+        assert_eq!(grown, kept + 500);
+        assert_eq!(m.finished_bytes(), grown + kept);
+        // Within a budget of both as they are now, nothing goes; one byte
+        // less, the oldest does.
+        assert!(m.gc_candidates(0, 100, grown + kept, 100).is_empty());
+        assert_eq!(m.gc_candidates(0, 100, grown + kept - 1, 100), vec!["a"]);
+        m.apply(
+            Command::Gc {
+                gids: vec!["a".into()],
+            },
+            ctx(),
+        )
+        .unwrap();
+        assert_eq!(m.finished_bytes(), kept);
+    }
+
     /// The byte limits (`--active-bytes-max`, `--finished-bytes-max`) bound
     /// memory only if what is counted covers what is held; a snapshot is
     /// the table written out, so its encoding must fit in the count. The
