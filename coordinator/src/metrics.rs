@@ -40,6 +40,7 @@ pub const RAFT_APPLIED_INDEX: &str = "tandem_raft_applied_index";
 pub const RAFT_APPLY_LAG: &str = "tandem_raft_apply_lag_entries";
 pub const RAFT_LOG_ENTRIES: &str = "tandem_raft_log_entries";
 pub const RAFT_SNAPSHOTS: &str = "tandem_raft_snapshots_total";
+pub const RAFT_SNAPSHOT_FAILURES: &str = "tandem_raft_snapshot_failures_total";
 pub const RAFT_PEER_BATCHES: &str = "tandem_raft_peer_batches_total";
 
 /// Latency buckets, in seconds: 100 µs to 30 s.
@@ -188,6 +189,10 @@ fn describe() {
     describe_gauge!(RAFT_LOG_ENTRIES, "Log entries after the last snapshot");
     describe_counter!(RAFT_SNAPSHOTS, "Snapshots this node wrote");
     describe_counter!(
+        RAFT_SNAPSHOT_FAILURES,
+        "Snapshots this node failed to write (each retried later, with a growing wait)"
+    );
+    describe_counter!(
         RAFT_PEER_BATCHES,
         "A Raft turn's messages for one peer, by how they left: direct (the Raft loop wrote them to the socket), part (it wrote some, the peer's task the rest), queued (the peer's task wrote them)"
     );
@@ -321,6 +326,10 @@ pub fn slow_turn() {
 
 pub fn snapshot_written() {
     counter!(RAFT_SNAPSHOTS).increment(1);
+}
+
+pub fn snapshot_failed() {
+    counter!(RAFT_SNAPSHOT_FAILURES).increment(1);
 }
 
 pub fn leader_changed() {

@@ -158,6 +158,72 @@ async fn no_blocking_a_slow_log_write_is_counted_and_reported() {
     assert!((80..10_000).contains(&write_ms), "{plain}");
 }
 
+/// No blocking, and the log's bound: a snapshot that cannot be written
+/// (here its fsync fails, as on a full or failing disk) is retried after a
+/// wait that grows — not at every turn, where each attempt re-encodes the
+/// whole state and logs an error line — is counted in
+/// `tandem_raft_snapshot_failures_total`, leaves no partial file, and once
+/// the disk is good a snapshot is written again. With the wait removed the
+/// failures number in the hundreds over the same seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_blocking_a_failing_snapshot_write_is_retried_after_a_growing_wait() {
+    let cluster = Cluster::start_with(
+        1,
+        Options {
+            snapshot_interval_entries: 100,
+            ..Options::default()
+        },
+    );
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    let counter = |series: &'static str| {
+        let url = format!("{}/metrics", cluster.node(1).http_url());
+        async move {
+            let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
+            metric(&page, series)
+        }
+    };
+    cluster
+        .set_failpoint(1, "raft-snapshot-write", "return")
+        .await;
+    // Entries enough for a snapshot to be due at every turn, for 4.5 s:
+    // the waits 1 s, 2 s (, 4 s) leave room for three attempts.
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_millis(4_500) {
+        begin_many(&cluster, &format!("snap-fail-{round}-"), 100, 8).await;
+        round += 1;
+    }
+    let failures = counter("tandem_raft_snapshot_failures_total").await;
+    assert!(
+        (1.0..=4.0).contains(&failures),
+        "{failures} failed snapshots in 4.5 s of load ({round} rounds of 100 begins)"
+    );
+    let snapshots = cluster.node(1).data_dir.join("snapshots");
+    let partial: Vec<_> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        partial.is_empty(),
+        "partial snapshot files left: {partial:?}"
+    );
+    cluster.set_failpoint(1, "raft-snapshot-write", "off").await;
+    // The next attempt comes after the wait then running (at most 4 s).
+    let healed = Instant::now();
+    while counter("tandem_raft_snapshots_total").await < 1.0 {
+        assert!(
+            healed.elapsed() < Duration::from_secs(20),
+            "no snapshot written in 20 s once the disk was good"
+        );
+        begin_many(&cluster, &format!("snap-ok-{round}-"), 50, 8).await;
+        round += 1;
+    }
+    let after = counter("tandem_raft_snapshot_failures_total").await;
+    assert!(after <= failures + 1.0, "{failures} failures, then {after}");
+}
+
 /// Begins `count` transactions, kills every node (-9) at once, restarts
 /// them: the new leader holds exactly what was acknowledged, and takes
 /// writes again. With `gap`, first checks that the leader held writes

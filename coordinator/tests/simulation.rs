@@ -67,6 +67,11 @@ mod clean {
         let torn = reports.iter().filter(|r| r.torn_writes > 0).count();
         assert!(reads > 20_000, "only {reads} reads answered");
         assert!(snapshots > 100, "only {snapshots} snapshots installed");
+        let refused = reports.iter().filter(|r| r.snapshots_failed > 0).count();
+        assert!(
+            refused > 100,
+            "only {refused} runs had a snapshot write fail"
+        );
         assert!(torn > 100, "only {torn} runs crashed a node mid-write");
         let unsynced = reports.iter().filter(|r| r.unsynced_lost > 0).count();
         assert!(
@@ -114,8 +119,10 @@ mod clean {
     /// Seeds whose operator removed the node that led when the removal
     /// committed (proposed under an earlier leader). raft-rs keeps such a
     /// leader leading without a progress of its own: its next persisted
-    /// write panics (seed 947) or the cluster blocks under a leader it no
-    /// longer has (10, 396, 1512). `raft::step_down_if_removed` makes it step
+    /// write panics (seed 1221) or the cluster blocks under a leader it no
+    /// longer has (10, 1512, 1784; chosen again on 2026-12-07, when failed
+    /// snapshot writes joined the faults, each shown failing with the
+    /// step-down off). `raft::step_down_if_removed` makes it step
     /// down; the simulation runs the real loop, so these seeds fail without
     /// it. The seeds change whenever the simulation or the driver changes
     /// what a run does: pick again from `tandem-sim --seeds 3000 --verbose
@@ -124,7 +131,7 @@ mod clean {
     #[test]
     fn no_blocking_a_leader_that_applies_its_own_removal_steps_down() {
         let opts = Options::default();
-        for seed in [10, 396, 947, 1512] {
+        for seed in [10, 1221, 1512, 1784] {
             let report = sim::run(seed, &opts);
             assert!(
                 report.violations.is_empty(),

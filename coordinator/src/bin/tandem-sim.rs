@@ -71,13 +71,14 @@ fn main() {
         let report = sim::run(seed, &opts);
         if args.verbose || args.seed.is_some() {
             eprintln!(
-                "seed {seed}: {} transactions ({} committed, {} aborted), {} leaders, {} reads, {} snapshots installed, {} membership changes (members {:?}), {} leaders removed under their feet, {} crashes mid-write, {} unsynced writes lost, {} events, {} ms simulated, trace {:016x}",
+                "seed {seed}: {} transactions ({} committed, {} aborted), {} leaders, {} reads, {} snapshots installed, {} snapshot writes failed, {} membership changes (members {:?}), {} leaders removed under their feet, {} crashes mid-write, {} unsynced writes lost, {} events, {} ms simulated, trace {:016x}",
                 report.txs,
                 report.committed,
                 report.aborted,
                 report.leaders,
                 report.reads,
                 report.snapshots_installed,
+                report.snapshots_failed,
                 report.membership_changes,
                 report.members,
                 report.removed_leaders,

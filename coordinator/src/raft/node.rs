@@ -269,6 +269,10 @@ pub(crate) struct Loop<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet
     pub(super) snapshot_in_flight: Option<u64>,
     /// A snapshot taken this turn, for the shell to finish.
     pub(super) snapshot_job: Option<SnapshotJob>,
+    /// Snapshots failed in a row since the last one written, and the ticks
+    /// left before the next may be taken ([`Loop::snapshot_failed`]).
+    pub(super) snapshot_failures: u32,
+    pub(super) snapshot_wait_ticks: u64,
     /// Log bytes applied since the node started (entry data and overhead).
     pub(super) log_bytes_applied: u64,
     /// `log_bytes_applied` at the newest snapshot's point.
@@ -501,6 +505,8 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
             next_read_ctx: 0,
             snapshot_in_flight: None,
             snapshot_job: None,
+            snapshot_failures: 0,
+            snapshot_wait_ticks: 0,
             log_bytes_applied: 0,
             log_bytes_at_snapshot: 0,
             last_sync: Instant::now(),
@@ -534,6 +540,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
     /// reads past their deadline, the observer's housekeeping.
     pub(crate) fn tick(&mut self, now: Instant) {
         self.raw.tick();
+        self.snapshot_wait_ticks = self.snapshot_wait_ticks.saturating_sub(1);
         self.expire_reads(now);
         let housekeeping = self
             .observer
@@ -608,10 +615,7 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
                 crate::metrics::snapshot_written();
                 self.adopt_snapshot(*snapshot)
             }
-            Input::SnapshotFailed(error) => {
-                self.snapshot_in_flight = None;
-                tracing::error!(%error, "taking a snapshot failed; will retry");
-            }
+            Input::SnapshotFailed(error) => self.snapshot_failed(&error),
             Input::Shutdown => return false,
         }
         true

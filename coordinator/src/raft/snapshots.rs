@@ -3,6 +3,8 @@
 //! adopted (and the log compacted behind it) once durable; and installed
 //! when the leader sends one.
 
+use std::time::Duration;
+
 use raft::eraftpb::Snapshot;
 
 use super::handle::NodeError;
@@ -22,6 +24,10 @@ pub(super) const SNAPSHOT_STAGGER_STEPS: u64 = 3;
 /// What an entry costs the log beyond its data (raft-engine's record and
 /// index, the entry's own header): counted so that tiny entries count.
 pub(super) const ENTRY_OVERHEAD_BYTES: u64 = 32;
+/// After a snapshot fails, the next waits this long, doubled with each
+/// failure in a row up to [`SNAPSHOT_RETRY_MAX`].
+pub(super) const SNAPSHOT_RETRY_FIRST: Duration = Duration::from_secs(1);
+pub(super) const SNAPSHOT_RETRY_MAX: Duration = Duration::from_secs(32);
 
 impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N> {
     pub(super) fn install_snapshot(&mut self, snapshot: &Snapshot) {
@@ -99,7 +105,11 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
         // Raft needed a snapshot the newest one cannot serve (a node added
         // since): take one now rather than at the next interval.
         let wanted = self.raw.store().take_snapshot_wanted() && self.applied > last;
-        if self.snapshot_in_flight.is_some() || !(wanted || self.snapshot_due(last)) {
+        if self.snapshot_in_flight.is_some()
+            || self.snapshot_wait_ticks > 0
+            || !(wanted || self.snapshot_due(last))
+        {
+            // Raft asks again (`snapshot()`) when it next needs one.
             return;
         }
 
@@ -114,7 +124,34 @@ impl<S: Replicated, O: Observer<S>, St: LogStorage, N: PeerNet> Loop<S, O, St, N
         self.snapshot_job = Some(SnapshotJob { snapshot, encode });
     }
 
+    /// A snapshot could not be written (a full or failing disk, the
+    /// directory gone). Nothing was adopted: the log stays as it was, and
+    /// the snapshot is due again — but not at once. Every attempt encodes
+    /// the whole state, so retrying each turn would spend a core and write
+    /// an error line many times a second for as long as the disk stays
+    /// bad; the wait doubles from [`SNAPSHOT_RETRY_FIRST`] to
+    /// [`SNAPSHOT_RETRY_MAX`], and each failure is logged and counted
+    /// (`tandem_raft_snapshot_failures_total`). Meanwhile the log is not
+    /// compacted, so it grows: the metric is what to alert on.
+    pub(super) fn snapshot_failed(&mut self, error: &str) {
+        self.snapshot_in_flight = None;
+        self.snapshot_failures = self.snapshot_failures.saturating_add(1);
+        let wait = SNAPSHOT_RETRY_FIRST
+            .saturating_mul(1 << (self.snapshot_failures - 1).min(16))
+            .min(SNAPSHOT_RETRY_MAX);
+        let tick = self.config.tick.max(Duration::from_millis(1));
+        self.snapshot_wait_ticks = wait.as_nanos().div_ceil(tick.as_nanos()) as u64;
+        crate::metrics::snapshot_failed();
+        tracing::error!(
+            %error,
+            failures_in_a_row = self.snapshot_failures,
+            retry_in_ms = wait.as_millis() as u64,
+            "taking a snapshot failed; the log is not compacted until one is written"
+        );
+    }
+
     pub(super) fn adopt_snapshot(&mut self, snapshot: Snapshot) {
+        self.snapshot_failures = 0;
         if let Some(at) = self.snapshot_in_flight.take() {
             self.log_bytes_at_snapshot = at;
         }

@@ -34,6 +34,8 @@ use super::sync_mark::{Mark, SyncMark};
 
 /// Delays the purge of the log's old files (tests: a slow disk).
 pub const FAILPOINT_SLOW_PURGE: &str = "raft-slow-log-purge";
+/// Fails a snapshot's write (tests: a full or failing disk).
+pub const FAILPOINT_SNAPSHOT_WRITE: &str = "raft-snapshot-write";
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_TRUNCATED: &[u8] = b"truncated";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TNDMSNP1";
@@ -688,6 +690,21 @@ pub fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<PathBuf, S
     let meta = snapshot.get_metadata();
     let final_path = dir.join(snapshot_file_name(meta.index, meta.term));
     let tmp_path = final_path.with_extension("tmp");
+    write_snapshot_tmp(dir, snapshot, &tmp_path).inspect_err(|_| {
+        // A failed write leaves no partial file holding the space a full
+        // disk needs (the next attempt writes under another name).
+        let _ = fs::remove_file(&tmp_path);
+    })?;
+    fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(final_path)
+}
+
+/// [`write_snapshot_file`]'s bytes, fsync'd, under `tmp_path`.
+fn write_snapshot_tmp(dir: &Path, snapshot: &Snapshot, tmp_path: &Path) -> Result<(), StoreError> {
+    let meta = snapshot.get_metadata();
     let conf = meta.get_conf_state().write_to_bytes()?;
     let data = snapshot.get_data();
     // The data (megabytes) is written from where it is, not copied behind
@@ -706,28 +723,26 @@ pub fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<PathBuf, S
     // Into the spare's blocks when there is one: a file written over needs
     // no new blocks, and the old one needs no freeing (see
     // `remove_snapshots_before`).
-    let mut file = match fs::rename(dir.join(SPARE_SNAPSHOT), &tmp_path) {
-        Ok(()) => fs::OpenOptions::new().write(true).open(&tmp_path),
-        Err(_) => fs::File::create(&tmp_path),
+    let mut file = match fs::rename(dir.join(SPARE_SNAPSHOT), tmp_path) {
+        Ok(()) => fs::OpenOptions::new().write(true).open(tmp_path),
+        Err(_) => fs::File::create(tmp_path),
     }
-    .map_err(io_err(&tmp_path))?;
+    .map_err(io_err(tmp_path))?;
     let mut written = 0;
     for part in [&head[..], data, &crc.to_le_bytes()] {
         for chunk in part.chunks(SNAPSHOT_WRITE_BEHIND_BYTES) {
-            file.write_all(chunk).map_err(io_err(&tmp_path))?;
+            file.write_all(chunk).map_err(io_err(tmp_path))?;
             write_behind(&file, written, chunk.len());
             written += chunk.len();
         }
     }
     // What is left of a longer spare goes.
-    file.set_len(written as u64).map_err(io_err(&tmp_path))?;
-    file.sync_all().map_err(io_err(&tmp_path))?;
-    drop(file);
-    fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
-    Ok(final_path)
+    file.set_len(written as u64).map_err(io_err(tmp_path))?;
+    fail::fail_point!(FAILPOINT_SNAPSHOT_WRITE, |_| Err(StoreError::Io {
+        path: tmp_path.to_path_buf(),
+        source: std::io::Error::other("failpoint: the snapshot's fsync fails"),
+    }));
+    file.sync_all().map_err(io_err(tmp_path))
 }
 
 fn read_snapshot_file(path: &Path) -> Result<Snapshot, StoreError> {
@@ -1147,6 +1162,41 @@ mod tests {
         let loaded = load_newest_snapshot(dir.path()).unwrap().unwrap();
         assert_eq!(loaded.get_data(), b"twelve");
         assert!(!torn.exists());
+    }
+
+    /// Durability (and a full disk's space): a snapshot whose write fails
+    /// (here its fsync) leaves no temporary file, not even the spare it was
+    /// being written over; the newest good snapshot is still the one loaded,
+    /// and the next write succeeds.
+    #[test]
+    fn durability_a_failed_snapshot_write_leaves_no_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = |index: u64, data: &[u8]| {
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().index = index;
+            snap.mut_metadata().term = 2;
+            snap.mut_metadata().mut_conf_state().set_voters(vec![1]);
+            snap.set_data(data.to_vec().into());
+            snap
+        };
+        write_snapshot_file(dir.path(), &snap(5, b"five")).unwrap();
+        write_snapshot_file(dir.path(), &snap(8, b"eight")).unwrap();
+        remove_snapshots_before(dir.path(), 8);
+        assert!(dir.path().join(SPARE_SNAPSHOT).exists());
+        fail::cfg(FAILPOINT_SNAPSHOT_WRITE, "return").unwrap();
+        let failed = write_snapshot_file(dir.path(), &snap(12, &[7; 200_000]));
+        fail::remove(FAILPOINT_SNAPSHOT_WRITE);
+        let error = failed.unwrap_err().to_string();
+        assert!(error.contains("fsync fails"), "{error}");
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![snapshot_file_name(8, 2)], "left behind");
+        let loaded = load_newest_snapshot(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.get_data(), b"eight");
+        let next = write_snapshot_file(dir.path(), &snap(12, b"twelve")).unwrap();
+        assert_eq!(read_snapshot_file(&next).unwrap().get_data(), b"twelve");
     }
 
     #[test]

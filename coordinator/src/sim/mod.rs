@@ -117,6 +117,9 @@ pub struct Report {
     pub reads: usize,
     /// Snapshots a node took in place of its state from the leader.
     pub snapshots_installed: usize,
+    /// Snapshot writes the disk refused (a transient fault), each retried
+    /// by the node after its wait.
+    pub snapshots_failed: usize,
     /// Membership changes committed (joint consensus: entering and leaving
     /// count one each).
     pub membership_changes: usize,
@@ -232,6 +235,12 @@ enum Ev {
         life: u64,
         snapshot: Box<Snapshot>,
     },
+    /// A snapshot's write failed (a transient disk fault): the loop hears
+    /// of it as from its writer thread, unless the node restarted since.
+    SnapshotFailed {
+        node: u64,
+        life: u64,
+    },
     Cut(Addr, Addr, bool),
     /// The operator's next membership change (by its place in the plan):
     /// made at the leader as `raft/membership.rs` makes it, checked again
@@ -268,6 +277,7 @@ impl Ev {
             Ev::Membership(i) => 23 + ((*i as u64) << 8),
             Ev::SnapshotWritten { node, .. } => 24 + (node << 8),
             Ev::Unreachable { from, .. } => 25 + (from << 8),
+            Ev::SnapshotFailed { node, .. } => 26 + (node << 8),
         }
     }
 }
@@ -488,6 +498,7 @@ pub(crate) struct World {
     snapshot_every: Option<u64>,
     log_retain: u64,
     snapshots_installed: usize,
+    snapshots_failed: usize,
     /// The operator's membership changes, made one after the other.
     plan: Vec<Change>,
     plan_at: usize,
@@ -634,6 +645,7 @@ impl World {
             snapshot_every,
             log_retain,
             snapshots_installed: 0,
+            snapshots_failed: 0,
             plan: Vec::new(),
             plan_at: 0,
             conf_at: BTreeMap::new(),
@@ -1038,6 +1050,7 @@ impl World {
         }
         report.reads = self.observed.iter().filter(|o| o.what == "Get").count();
         report.snapshots_installed = self.snapshots_installed;
+        report.snapshots_failed = self.snapshots_failed;
         report.membership_changes = self.conf_at.len();
         report.members = self
             .conf_at
@@ -1230,6 +1243,12 @@ impl World {
                     self.turn(node, vec![Input::SnapshotWritten(snapshot)], false);
                 }
             }
+            Ev::SnapshotFailed { node, life } => {
+                if self.node(node).life == life {
+                    let error = "simulated: the snapshot's write failed".to_string();
+                    self.turn(node, vec![Input::SnapshotFailed(error)], false);
+                }
+            }
             Ev::Membership(i) => self.membership(i),
             Ev::Cut(a, b, on) => {
                 if on && self.faults.active {
@@ -1382,7 +1401,22 @@ impl World {
         }
         if let Some(job) = job {
             // The snapshot thread encodes and writes it; the loop hears of
-            // it a little later.
+            // it a little later — or hears that the disk refused it.
+            // Drawn from the seed and the snapshot, not from the run's
+            // generator: the fault leaves every other draw of a run as it
+            // was (seeds chosen for what they exercise keep it).
+            let index = job.snapshot.get_metadata().index;
+            let draw = mix(
+                self.seed,
+                &["snapshot", &id.to_string(), &index.to_string()],
+            );
+            if self.faults.active && ((draw % 1000) as f64) < self.faults.transient * 1000.0 {
+                let life = self.node(id).life;
+                let took = 1 + self.faults.disk_ms;
+                self.snapshots_failed += 1;
+                self.at(self.now + took, Ev::SnapshotFailed { node: id, life });
+                return;
+            }
             let mut snapshot = job.snapshot;
             snapshot.set_data((job.encode)().into());
             let life = self.node(id).life;
