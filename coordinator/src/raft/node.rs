@@ -437,8 +437,9 @@ impl<S: Replicated, O: Observer<S>> Thread<S, O> {
                 let _ = inputs.send(input);
             });
         if let Err(e) = spawned {
-            self.core.snapshot_in_flight = None;
-            tracing::error!(error = %e, "cannot start the snapshot thread");
+            // Out of threads or memory: waited out like a failed write.
+            self.core
+                .snapshot_failed(&format!("cannot start the snapshot thread: {e}"));
         }
     }
 }
