@@ -1098,6 +1098,16 @@ mod tests {
         );
     }
 
+    /// A snapshot at `index` (term 2, voter 1) holding `data`.
+    fn snap(index: u64, data: &[u8]) -> Snapshot {
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = index;
+        snap.mut_metadata().term = 2;
+        snap.mut_metadata().mut_conf_state().set_voters(vec![1]);
+        snap.set_data(data.to_vec().into());
+        snap
+    }
+
     /// Durability: a superseded snapshot file is kept as the spare and
     /// written over by the next snapshot (no new blocks, none freed), and
     /// what it held never leaks into the new one or into recovery.
@@ -1105,14 +1115,6 @@ mod tests {
     fn durability_a_superseded_snapshot_is_written_over_not_deleted() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let snap = |index: u64, data: &[u8]| {
-            let mut snap = Snapshot::default();
-            snap.mut_metadata().index = index;
-            snap.mut_metadata().term = 2;
-            snap.mut_metadata().mut_conf_state().set_voters(vec![1]);
-            snap.set_data(data.to_vec().into());
-            snap
-        };
         let old = write_snapshot_file(dir.path(), &snap(5, &[7; 300_000])).unwrap();
         let inode = fs::metadata(&old).unwrap().ino();
         write_snapshot_file(dir.path(), &snap(8, b"eight")).unwrap();
@@ -1171,14 +1173,6 @@ mod tests {
     #[test]
     fn durability_a_failed_snapshot_write_leaves_no_partial_file() {
         let dir = tempfile::tempdir().unwrap();
-        let snap = |index: u64, data: &[u8]| {
-            let mut snap = Snapshot::default();
-            snap.mut_metadata().index = index;
-            snap.mut_metadata().term = 2;
-            snap.mut_metadata().mut_conf_state().set_voters(vec![1]);
-            snap.set_data(data.to_vec().into());
-            snap
-        };
         write_snapshot_file(dir.path(), &snap(5, b"five")).unwrap();
         write_snapshot_file(dir.path(), &snap(8, b"eight")).unwrap();
         remove_snapshots_before(dir.path(), 8);
