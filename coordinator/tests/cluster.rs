@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Options, begin_many, list_all_from, metric, try_list_all_from, wait_for};
+use common::{Cluster, Options, begin_many, list_all_from, try_list_all_from, wait_for};
 use tandem_proto::v1 as pb;
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,11 +115,7 @@ async fn durability_with_a_group_commit_gap_every_node_killed_loses_nothing_ackn
 async fn no_blocking_a_slow_log_write_is_counted_and_reported() {
     let cluster = Cluster::start(1);
     cluster.wait_leader(LEADER_TIMEOUT).await;
-    let slow_turns = || async {
-        let url = format!("{}/metrics", cluster.node(1).http_url());
-        let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
-        metric(&page, "tandem_raft_slow_turns_total")
-    };
+    let slow_turns = || cluster.metric(1, "tandem_raft_slow_turns_total");
     let before = slow_turns().await;
     cluster
         .set_failpoint(1, "raft-slow-log-write", "sleep(80)")
@@ -175,13 +171,7 @@ async fn no_blocking_a_failing_snapshot_write_is_retried_after_a_growing_wait() 
         },
     );
     cluster.wait_leader(LEADER_TIMEOUT).await;
-    let counter = |series: &'static str| {
-        let url = format!("{}/metrics", cluster.node(1).http_url());
-        async move {
-            let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
-            metric(&page, series)
-        }
-    };
+    let counter = |series| cluster.metric(1, series);
     cluster
         .set_failpoint(1, "raft-snapshot-write", "return")
         .await;
@@ -241,9 +231,9 @@ async fn every_node_killed_loses_nothing_acknowledged(
     if gap {
         let mut waits = 0.0;
         for id in 1..=3 {
-            let url = format!("{}/metrics", cluster.node(id).http_url());
-            let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
-            waits += metric(&page, "tandem_raft_group_commit_waits_total");
+            waits += cluster
+                .metric(id, "tandem_raft_group_commit_waits_total")
+                .await;
         }
         assert!(
             waits > 0.0,
@@ -256,9 +246,9 @@ async fn every_node_killed_loses_nothing_acknowledged(
     if std::env::var("TANDEM_RAFT_DIRECT_LANE").map_or(true, |v| v != "0") {
         let mut direct = 0.0;
         for id in 1..=3 {
-            let url = format!("{}/metrics", cluster.node(id).http_url());
-            let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
-            direct += metric(&page, r#"tandem_raft_peer_batches_total{way="direct"}"#);
+            direct += cluster
+                .metric(id, r#"tandem_raft_peer_batches_total{way="direct"}"#)
+                .await;
         }
         assert!(
             direct > 0.0,

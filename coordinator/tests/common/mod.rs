@@ -445,6 +445,13 @@ impl Cluster {
         .await
     }
 
+    /// Node `id`'s value of one `/metrics` series (0 when absent).
+    pub async fn metric(&self, id: u64, series: &str) -> f64 {
+        let url = format!("{}/metrics", self.node(id).http_url());
+        let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        metric(&page, series)
+    }
+
     pub async fn set_failpoint(&self, id: u64, name: &str, actions: &str) {
         let address = format!("http://{}", self.node(id).address);
         let mut client = DebugClient::connect(address)
