@@ -690,12 +690,13 @@ pub fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<PathBuf, S
     let meta = snapshot.get_metadata();
     let final_path = dir.join(snapshot_file_name(meta.index, meta.term));
     let tmp_path = final_path.with_extension("tmp");
-    write_snapshot_tmp(dir, snapshot, &tmp_path).inspect_err(|_| {
-        // A failed write leaves no partial file holding the space a full
-        // disk needs (the next attempt writes under another name).
-        let _ = fs::remove_file(&tmp_path);
-    })?;
-    fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))?;
+    write_snapshot_tmp(dir, snapshot, &tmp_path)
+        .and_then(|()| fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path)))
+        .inspect_err(|_| {
+            // A failed write (or rename) leaves no file holding the space a
+            // full disk needs (the next attempt writes under another name).
+            let _ = fs::remove_file(&tmp_path);
+        })?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))?;
