@@ -170,7 +170,7 @@ impl Observer<StateMachine> for ReplicaObserver {
     fn lead(&mut self, state: &StateMachine, term: u64) -> Vec<Vec<u8>> {
         let txs: Vec<_> = state
             .active_gids()
-            .filter_map(|gid| state.get(gid).cloned())
+            .filter_map(|gid| state.get(gid))
             .collect();
         tracing::info!(
             term,

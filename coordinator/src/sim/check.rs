@@ -46,6 +46,7 @@ pub(crate) fn check(world: &World) -> Vec<String> {
 
     for (gid, recs) in &by_gid {
         let tx = final_sm.get(gid);
+        let tx = tx.as_ref();
         let saga = tx.is_some_and(|t| t.protocol == Protocol::Saga);
         let msg = tx.is_some_and(|t| t.protocol == Protocol::Msg);
         // Messages: delivered only if the local transaction committed.

@@ -8,12 +8,14 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use imbl::OrdMap;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::model::command::{Applied, ApplyContext, ApplyResult, Command, Rejection};
 use crate::model::types::{Branch, Fence, Op, Protocol, Transaction, TxOptions, TxState};
 use crate::model::validate::{self, GC_BATCH_MAX, PAYLOAD_BYTES_HARD_MAX};
 use crate::protocol;
+
+use super::stored::Stored;
 
 /// Unfinished transactions `apply` accepts at most, whatever a node's
 /// configuration says (the configurable, lower limit is checked before
@@ -24,12 +26,13 @@ pub const ACTIVE_HARD_MAX: usize = 4_000_000;
 /// that matches little cannot make one call walk the whole table.
 pub const LIST_SCAN_MAX: usize = 100_000;
 
-type TxTable = OrdMap<String, Arc<Transaction>>;
+type TxTable = OrdMap<String, Stored>;
 
 #[derive(Clone, Debug, Default)]
 pub struct StateMachine {
-    /// Every transaction by gid. A persistent map: cloning it for a read view
-    /// or a snapshot is O(1), so neither blocks the Raft loop.
+    /// Every transaction by gid, the finished ones sealed ([`Stored`]). A
+    /// persistent map: cloning it for a read view or a snapshot is O(1),
+    /// so neither blocks the Raft loop.
     txs: TxTable,
     /// Gids of unfinished transactions: what the driver resumes on becoming
     /// leader, and what the admission limit counts. Derived from `txs`.
@@ -51,6 +54,9 @@ pub struct StateMachine {
     /// Minted by the cluster's first leader (`Command::InitCluster`); `None`
     /// until that entry is applied.
     cluster_id: Option<uuid::Uuid>,
+    /// Where a finishing transaction is encoded before it is sealed: one
+    /// buffer, reused, so a seal allocates only what it keeps.
+    scratch: Vec<u8>,
 }
 
 impl StateMachine {
@@ -99,16 +105,16 @@ impl StateMachine {
                         problem: format!("protocol {protocol} does not start with Begin"),
                     }));
                 }
-                if let Some(tx) = self.txs.get(&gid) {
-                    if tx.protocol != protocol {
+                if let Some(stored) = self.txs.get(&gid) {
+                    if stored.protocol() != protocol {
                         return Err(Rejection::ProtocolMismatch {
                             gid,
-                            existing: tx.protocol,
+                            existing: stored.protocol(),
                             requested: protocol,
                         });
                     }
                     return Ok(Applied::Begun {
-                        tx: tx.clone(),
+                        tx: stored.transaction(),
                         created: false,
                     });
                 }
@@ -217,7 +223,7 @@ impl StateMachine {
             Command::Gc { gids } => {
                 let mut removed = 0;
                 for gid in gids.iter().take(GC_BATCH_MAX) {
-                    let terminal = self.txs.get(gid).is_some_and(|tx| tx.state.is_terminal());
+                    let terminal = self.txs.get(gid).is_some_and(|s| s.state().is_terminal());
                     if terminal {
                         self.remove(gid);
                         removed += 1;
@@ -292,23 +298,22 @@ impl StateMachine {
         same: impl FnOnce(&Transaction) -> bool,
         other: &str,
     ) -> Option<ApplyResult> {
-        let tx = self.txs.get(gid)?;
-        Some(if tx.protocol != protocol {
-            Err(Rejection::ProtocolMismatch {
+        let stored = self.txs.get(gid)?;
+        if stored.protocol() != protocol {
+            return Some(Err(Rejection::ProtocolMismatch {
                 gid: gid.to_string(),
-                existing: tx.protocol,
+                existing: stored.protocol(),
                 requested: protocol,
-            })
-        } else if !same(tx) {
+            }));
+        }
+        let tx = stored.transaction();
+        Some(if !same(&tx) {
             Err(Rejection::Invalid(validate::InvalidInput::Other {
                 gid: gid.to_string(),
                 problem: other.to_string(),
             }))
         } else {
-            Ok(Applied::Begun {
-                tx: tx.clone(),
-                created: false,
-            })
+            Ok(Applied::Begun { tx, created: false })
         })
     }
 
@@ -347,7 +352,8 @@ impl StateMachine {
         debug_assert!(!self.txs.contains_key(&tx.gid));
         self.account(&tx);
         self.active.insert(tx.gid.clone());
-        self.txs.insert(tx.gid.clone(), tx.clone());
+        let stored = Stored::keep(tx.clone(), &mut self.scratch);
+        self.txs.insert(tx.gid.clone(), stored);
         Ok(Applied::Begun { tx, created: true })
     }
 
@@ -364,7 +370,7 @@ impl StateMachine {
         let slot = self.txs.get_mut(gid).ok_or_else(|| Rejection::NotFound {
             gid: gid.to_string(),
         })?;
-        let current = slot.clone();
+        let current = slot.transaction();
         let mut tx = (*current).clone();
         if !change(&mut tx)? {
             return Ok(Applied::Updated { tx: current });
@@ -377,7 +383,7 @@ impl StateMachine {
         let tx = Arc::new(tx);
         // In place: no key to clone, and the indexes change only when the
         // transaction finishes (it never becomes unfinished again).
-        *slot = tx.clone();
+        *slot = Stored::keep(tx.clone(), &mut self.scratch);
         self.unaccount(&current);
         self.account(&tx);
         debug_assert!(
@@ -429,9 +435,11 @@ impl StateMachine {
     /// Puts a transaction in the table, keeping the derived indexes in step.
     fn insert(&mut self, tx: Arc<Transaction>) {
         if let Some(old) = self.txs.get(&tx.gid).cloned() {
-            self.unaccount(&old);
-            if let Some(at) = old.finished_at_ms {
-                self.unfile_finished(at, old.gid.clone());
+            if let Some(open) = old.open() {
+                self.unaccount(open);
+            }
+            if let Some(at) = old.finished_at_ms() {
+                self.unfile_finished(at, tx.gid.clone());
             }
         }
         self.account(&tx);
@@ -444,21 +452,25 @@ impl StateMachine {
                 self.active.insert(tx.gid.clone());
             }
         }
-        self.txs.insert(tx.gid.clone(), tx);
+        let gid = tx.gid.clone();
+        self.txs.insert(gid, Stored::keep(tx, &mut self.scratch));
     }
 
     fn remove(&mut self, gid: &str) {
         if let Some(old) = self.txs.remove(gid) {
-            self.unaccount(&old);
+            if let Some(open) = old.open() {
+                self.unaccount(open);
+            }
             self.active.remove(gid);
-            if let Some(at) = old.finished_at_ms {
-                self.unfile_finished(at, old.gid.clone());
+            if let Some(at) = old.finished_at_ms() {
+                self.unfile_finished(at, gid.to_string());
             }
         }
     }
 
-    pub fn get(&self, gid: &str) -> Option<&Arc<Transaction>> {
-        self.txs.get(gid)
+    /// The transaction `gid` names; a finished one is decoded (a copy).
+    pub fn get(&self, gid: &str) -> Option<Arc<Transaction>> {
+        self.txs.get(gid).map(Stored::transaction)
     }
 
     pub fn members(&self) -> &BTreeMap<u64, String> {
@@ -508,7 +520,7 @@ impl StateMachine {
     pub fn stuck_count(&self) -> usize {
         self.active
             .iter()
-            .filter_map(|gid| self.txs.get(gid))
+            .filter_map(|gid| self.txs.get(gid).and_then(Stored::open))
             .filter(|tx| is_stuck(tx))
             .count()
     }
@@ -637,36 +649,21 @@ pub struct SnapshotSource {
 }
 
 impl SnapshotSource {
+    /// Format 3 (format 1 had no cluster id, format 2 no repair records),
+    /// laid out as [`SnapshotIn`] reads it: the members, the cluster id,
+    /// then the transactions as a sequence. postcard writes a struct as
+    /// its fields in order and a sequence as its length then its elements,
+    /// so the head goes out as one tuple and each transaction as its own
+    /// record — a sealed one's bytes copied as they are, not re-encoded.
     pub fn encode(&self) -> Vec<u8> {
-        let out = SnapshotOut {
-            members: &self.members,
-            cluster_id: self.cluster_id,
-            txs: TxSeq(&self.txs),
-        };
-        crate::codec::encode_sized(crate::codec::FORMAT_V3, &out, self.size_hint)
-    }
-}
-
-/// Snapshot layout, format 3 (format 1 had no cluster id, format 2 no
-/// repair records).
-#[derive(Serialize)]
-struct SnapshotOut<'a> {
-    members: &'a BTreeMap<u64, String>,
-    cluster_id: Option<uuid::Uuid>,
-    txs: TxSeq<'a>,
-}
-
-/// Serializes the table's transactions as a sequence without copying them.
-struct TxSeq<'a>(&'a TxTable);
-
-impl Serialize for TxSeq<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
-        for tx in self.0.values() {
-            seq.serialize_element(tx.as_ref())?;
+        let mut out = Vec::with_capacity(self.size_hint.max(1));
+        out.push(crate::codec::FORMAT_V3);
+        let head = (&self.members, self.cluster_id, self.txs.len());
+        postcard::to_io(&head, &mut out).expect("postcard serialization into memory");
+        for stored in self.txs.values() {
+            stored.encode_into(&mut out);
         }
-        seq.end()
+        out
     }
 }
 
@@ -678,7 +675,7 @@ struct SnapshotIn {
 }
 
 #[derive(Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct SnapshotInV2 {
     members: BTreeMap<u64, String>,
     cluster_id: Option<uuid::Uuid>,
@@ -693,7 +690,7 @@ struct SnapshotInV1 {
 
 /// A transaction as snapshots of formats 1 and 2 laid it out: no repairs.
 #[derive(Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct TransactionV2 {
     gid: String,
     protocol: Protocol,
@@ -759,11 +756,15 @@ pub struct ListFilter {
 pub const STUCK_ATTEMPTS: u32 = 5;
 
 impl ListFilter {
-    pub fn matches(&self, tx: &Transaction) -> bool {
-        self.state.is_none_or(|s| s == tx.state)
-            && self.protocol.is_none_or(|p| p == tx.protocol)
-            && self.updated_since_ms.is_none_or(|t| tx.updated_at_ms >= t)
-            && (!self.stuck || is_stuck(tx))
+    /// Looks at a sealed transaction without decoding it: a finished one
+    /// is never stuck.
+    fn matches(&self, stored: &Stored) -> bool {
+        self.state.is_none_or(|s| s == stored.state())
+            && self.protocol.is_none_or(|p| p == stored.protocol())
+            && self
+                .updated_since_ms
+                .is_none_or(|t| stored.updated_at_ms() >= t)
+            && (!self.stuck || stored.open().is_some_and(|tx| is_stuck(tx)))
     }
 }
 
@@ -785,7 +786,7 @@ pub struct ListPage {
 
 impl ReadView {
     pub fn get(&self, gid: &str) -> Option<Arc<Transaction>> {
-        self.txs.get(gid).cloned()
+        self.txs.get(gid).map(Stored::transaction)
     }
 
     /// Transactions in gid order after `page_token`, at most `limit`, scanning
@@ -806,7 +807,7 @@ impl ReadView {
             }
             last_seen = Some(gid.clone());
             if filter.matches(tx) {
-                txs.push(tx.clone());
+                txs.push(tx.transaction());
             }
         }
         ListPage {
@@ -873,7 +874,7 @@ mod tests {
             .apply(begin("msg-1", Protocol::Saga, 1), ctx())
             .unwrap_err();
         assert!(matches!(e, Rejection::ProtocolMismatch { .. }), "{e}");
-        assert_eq!(m.get("msg-1").unwrap(), &before, "nothing changed");
+        assert_eq!(m.get("msg-1").unwrap(), before, "nothing changed");
     }
 
     /// Durability of a transaction's trace context: a traced Begin read back
@@ -969,7 +970,7 @@ mod tests {
 
     /// Marks a transaction terminal, as later protocol commands will.
     fn finish(machine: &mut StateMachine, gid: &str, at: i64) {
-        let mut tx = (**machine.get(gid).unwrap()).clone();
+        let mut tx = (*machine.get(gid).unwrap()).clone();
         tx.state = TxState::Committed;
         tx.finished_at_ms = Some(at);
         machine.insert(Arc::new(tx));
@@ -1008,14 +1009,14 @@ mod tests {
     fn idempotency_begin_with_another_protocol_is_refused_and_changes_nothing() {
         let mut m = StateMachine::default();
         m.apply(begin("g1", Protocol::Tcc, 1), ctx()).unwrap();
-        let before = m.get("g1").cloned();
+        let before = m.get("g1");
         let err = m.apply(begin("g1", Protocol::Saga, 2), ctx()).unwrap_err();
         assert!(matches!(err, Rejection::ProtocolMismatch { .. }));
         assert_eq!(
             err.to_string(),
             "transaction g1 already exists with protocol tcc, not saga"
         );
-        assert_eq!(m.get("g1").cloned(), before);
+        assert_eq!(m.get("g1"), before);
     }
 
     #[test]
@@ -1250,7 +1251,7 @@ mod tests {
 
     #[test]
     fn a_format_1_snapshot_still_decodes_without_a_cluster_id() {
-        #[derive(Serialize)]
+        #[derive(serde::Serialize)]
         struct V1<'a> {
             members: &'a BTreeMap<u64, String>,
             txs: Vec<Transaction>,
@@ -1259,7 +1260,7 @@ mod tests {
         m.apply(begin("a", Protocol::Xa, 1), ctx()).unwrap();
         let old = crate::codec::encode(&V1 {
             members: m.members(),
-            txs: vec![(**m.get("a").unwrap()).clone()],
+            txs: vec![(*m.get("a").unwrap()).clone()],
         });
         let restored = StateMachine::decode_snapshot(&old).unwrap();
         assert_eq!(restored.cluster_id(), None);
@@ -1295,5 +1296,160 @@ mod tests {
         let gids: Vec<_> = page.txs.iter().map(|t| t.gid.as_str()).collect();
         assert_eq!(gids, ["c", "e"]);
         assert_eq!(page.next_page_token, None);
+    }
+
+    /// A two-step saga, submitted through `apply` and finished by its
+    /// steps' results, as the driver proposes them.
+    fn saga_through_apply(m: &mut StateMachine, gid: &str, now_ms: i64) -> Arc<Transaction> {
+        use crate::model::command::OpOutcome;
+        let steps = ["a", "b"]
+            .iter()
+            .map(|id| SagaStepSpec {
+                branch_id: (*id).to_string(),
+                action: format!("http://127.0.0.1:1/{id}/action"),
+                compensate: format!("http://127.0.0.1:1/{id}/compensate"),
+                payload: bytes::Bytes::from_static(b"step"),
+                after: Vec::new(),
+                retry: None,
+            })
+            .collect();
+        let submit = Command::SubmitSaga {
+            gid: gid.to_string(),
+            options: options(),
+            steps,
+            payload: bytes::Bytes::from_static(b"saga"),
+            now_ms,
+        };
+        m.apply(submit, ctx()).unwrap();
+        let results = Command::OpResults {
+            gid: gid.to_string(),
+            results: ["a", "b"]
+                .iter()
+                .map(|id| ((*id).to_string(), Op::Action, OpOutcome::Succeeded))
+                .collect(),
+            exact: true,
+            now_ms: now_ms + 3,
+        };
+        let Ok(Applied::Updated { tx }) = m.apply(results, ctx()) else {
+            panic!("results refused")
+        };
+        tx
+    }
+
+    /// A finished transaction is kept sealed (its encoding); what reads it
+    /// back — a status call, a List page, a repeated submission — must see
+    /// exactly what the last change produced.
+    #[test]
+    fn durability_a_sealed_transaction_reads_back_as_it_finished() {
+        let mut m = StateMachine::default();
+        let finished = saga_through_apply(&mut m, "s1", 1_000);
+        assert_eq!(finished.state, TxState::Committed);
+        assert!(
+            matches!(m.txs.get("s1"), Some(Stored::Sealed(_))),
+            "a finished transaction is sealed"
+        );
+        assert_eq!(m.get("s1"), Some(finished.clone()));
+        assert_eq!(m.view(1).get("s1"), Some(finished.clone()));
+        let filter = ListFilter {
+            state: Some(TxState::Committed),
+            protocol: Some(Protocol::Saga),
+            updated_since_ms: Some(finished.updated_at_ms),
+            stuck: false,
+        };
+        assert_eq!(
+            m.view(1).list(&filter, 10, None).txs,
+            vec![finished.clone()]
+        );
+        let stuck = ListFilter {
+            stuck: true,
+            ..ListFilter::default()
+        };
+        assert!(m.view(1).list(&stuck, 10, None).txs.is_empty());
+        // A repeated submission answers with the sealed transaction.
+        let Ok(Applied::Begun { tx, created }) = m.apply(
+            Command::SubmitSaga {
+                gid: "s1".into(),
+                options: options(),
+                steps: finished
+                    .branches
+                    .iter()
+                    .map(|b| SagaStepSpec {
+                        branch_id: b.branch_id.clone(),
+                        action: b.op(Op::Action).unwrap().endpoint.clone(),
+                        compensate: b.op(Op::Compensate).unwrap().endpoint.clone(),
+                        payload: b.payload.clone(),
+                        after: Vec::new(),
+                        retry: None,
+                    })
+                    .collect(),
+                payload: bytes::Bytes::from_static(b"saga"),
+                now_ms: 9_000,
+            },
+            ctx(),
+        ) else {
+            panic!("the repeat was refused")
+        };
+        assert!(!created);
+        assert_eq!(tx, finished);
+    }
+
+    /// Sealing changes how a finished transaction is held, not the
+    /// snapshot: the records written are byte for byte what format 3
+    /// wrote before (serde over every transaction), so nodes of either
+    /// build read each other's snapshots.
+    #[test]
+    fn durability_a_snapshot_with_sealed_transactions_keeps_format_3() {
+        #[derive(serde::Serialize)]
+        struct Format3<'a> {
+            members: &'a BTreeMap<u64, String>,
+            cluster_id: Option<uuid::Uuid>,
+            txs: Vec<Arc<Transaction>>,
+        }
+        let mut m = StateMachine::new(BTreeMap::from([(1, "127.0.0.1:1".to_string())]));
+        m.apply(
+            Command::InitCluster {
+                cluster_id: uuid::Uuid::from_u128(7),
+            },
+            ctx(),
+        )
+        .unwrap();
+        for n in 0..40 {
+            let gid = format!("g-{n:03}");
+            match n % 3 {
+                0 => {
+                    saga_through_apply(&mut m, &gid, n);
+                }
+                1 => {
+                    m.apply(begin(&gid, Protocol::Tcc, n), ctx()).unwrap();
+                }
+                _ => {
+                    m.apply(begin(&gid, Protocol::Xa, n), ctx()).unwrap();
+                    finish(&mut m, &gid, n + 1);
+                }
+            }
+        }
+        let sealed = m
+            .txs
+            .values()
+            .filter(|s| matches!(s, Stored::Sealed(_)))
+            .count();
+        assert_eq!(sealed, 27, "the finished ones are sealed, the others open");
+        let reference = Format3 {
+            members: m.members(),
+            cluster_id: m.cluster_id(),
+            txs: m.txs.keys().map(|gid| m.get(gid).unwrap()).collect(),
+        };
+        let encoded = m.snapshot_source().encode();
+        assert_eq!(
+            encoded,
+            crate::codec::encode_as(crate::codec::FORMAT_V3, &reference)
+        );
+        let restored = StateMachine::decode_snapshot(&encoded).unwrap();
+        for gid in m.txs.keys() {
+            assert_eq!(restored.get(gid), m.get(gid), "{gid}");
+        }
+        assert_eq!(restored.active_count(), m.active_count());
+        assert_eq!(restored.finished_bytes(), m.finished_bytes());
+        assert_eq!(restored.snapshot_source().encode(), encoded);
     }
 }

@@ -3,5 +3,6 @@
 //! (`protocol/`). Pure: nothing here touches a clock, a socket or a disk.
 
 pub mod machine;
+mod stored;
 
 pub use machine::{ListFilter, ListPage, ReadView, StateMachine};
