@@ -32,13 +32,16 @@ pub const TX_OVERHEAD_BYTES: usize = 512 + 2 * REASON_BYTES_MAX;
 pub const BRANCH_OVERHEAD_BYTES: usize = 256 + 2 * ERROR_BYTES_MAX;
 
 /// A finished transaction's fixed cost in what retention charges it
-/// ([`crate::model::Transaction::retained_bytes`]): its struct, its entry
-/// in the table and indexes, and the node's other memory per finished
-/// transaction as measured (BENCHMARKS.md, "Memory per retained finished
-/// transaction"), with a margin.
-pub const RETAINED_TX_BYTES: usize = 1536;
-/// A finished branch's fixed cost in the same: the struct and its ops.
-pub const RETAINED_BRANCH_BYTES: usize = 256;
+/// ([`crate::model::Transaction::retained_bytes`]): its sealed record
+/// beyond its texts, its entries in the table and the Gc index, and the
+/// node's other memory per finished transaction as measured
+/// (`scripts/bench-memory.sh`: ~1,150 bytes for a two-step saga sealed,
+/// charged ~1,500 with these), with a margin. Was 1,536 (and 256 per
+/// branch) while a finished transaction was kept unsealed (~1.9 KiB).
+pub const RETAINED_TX_BYTES: usize = 896;
+/// A finished branch's fixed cost in the same: its ops' fields in the
+/// record.
+pub const RETAINED_BRANCH_BYTES: usize = 192;
 /// An operator's repair record's fixed cost in the same.
 pub const RETAINED_REPAIR_BYTES: usize = 64;
 
