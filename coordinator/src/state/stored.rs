@@ -15,6 +15,9 @@ use std::sync::Arc;
 
 use crate::model::types::{Protocol, Transaction, TxState};
 
+/// The encoding buffer is kept between seals up to this size.
+const SCRATCH_KEPT_MAX: usize = 1 << 20;
+
 #[derive(Clone, Debug)]
 pub(super) enum Stored {
     /// Unfinished (or restored unfinished): changed in place by `apply`.
@@ -43,13 +46,19 @@ impl Stored {
         scratch.clear();
         // Plain data into memory: cannot fail.
         postcard::to_io(tx.as_ref(), &mut *scratch).expect("postcard serialization into memory");
-        Stored::Sealed(Arc::new(Sealed {
+        let sealed = Stored::Sealed(Arc::new(Sealed {
             protocol: tx.protocol,
             state: tx.state,
             updated_at_ms: tx.updated_at_ms,
             finished_at_ms,
             encoded: scratch.as_slice().into(),
-        }))
+        }));
+        // A large transaction (up to the 16 MiB hard limit) does not leave
+        // its size behind in the buffer.
+        if scratch.capacity() > SCRATCH_KEPT_MAX {
+            *scratch = Vec::new();
+        }
+        sealed
     }
 
     /// The transaction, decoded if it is sealed (a new copy each time).
