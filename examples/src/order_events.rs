@@ -146,10 +146,21 @@ async fn one(
             if matches!(fate, Fate::CrashBeforeCommit) {
                 return Ok(Some(gid));
             }
-            outbox
-                .commit_local(&gid, place(&gid, false))
-                .await
-                .map_err(|e| anyhow::anyhow!("{gid}: {e}"))?;
+            match outbox.commit_local(&gid, place(&gid, false)).await {
+                Ok(()) => {}
+                // The coordinator's check-back came first (this producer
+                // was slower than the check-back's delay: a paused node, a
+                // loaded machine) and marked the message rolled back, so
+                // the order cannot commit any more — an outcome, not an
+                // error: the tally below expects no delivery for it.
+                Err(OutboxError::RolledBack(e)) => {
+                    tracing::warn!(%gid, error = %e, "rolled back: the check-back was first");
+                }
+                Err(e @ OutboxError::Unknown(_)) => {
+                    tracing::warn!(%gid, error = %e, "the check-back settles it");
+                }
+                Err(e) => return Err(anyhow::anyhow!("{gid}: {e}")),
+            }
         }
     }
     Ok(Some(gid))
