@@ -39,9 +39,15 @@ pub fn encode_as<T: Serialize + ?Sized>(format: u8, value: &T) -> Vec<u8> {
 pub fn encode_sized<T: Serialize + ?Sized>(format: u8, value: &T, capacity_hint: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(capacity_hint.max(1));
     out.push(format);
-    // Serializing plain data into a Vec cannot fail.
-    postcard::to_io(value, &mut out).expect("postcard serialization into memory");
+    append(value, &mut out);
     out
+}
+
+/// Appends `value`'s body (no format byte) to `out`: a part of a record
+/// written piece by piece (a snapshot's head, each of its transactions).
+pub fn append<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    // Serializing plain data into a Vec cannot fail.
+    postcard::to_io(value, out).expect("postcard serialization into memory");
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {

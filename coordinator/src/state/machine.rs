@@ -659,7 +659,7 @@ impl SnapshotSource {
         let mut out = Vec::with_capacity(self.size_hint.max(1));
         out.push(crate::codec::FORMAT_V3);
         let head = (&self.members, self.cluster_id, self.txs.len());
-        postcard::to_io(&head, &mut out).expect("postcard serialization into memory");
+        crate::codec::append(&head, &mut out);
         for stored in self.txs.values() {
             stored.encode_into(&mut out);
         }

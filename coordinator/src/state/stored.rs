@@ -44,8 +44,7 @@ impl Stored {
             return Stored::Open(tx);
         };
         scratch.clear();
-        // Plain data into memory: cannot fail.
-        postcard::to_io(tx.as_ref(), &mut *scratch).expect("postcard serialization into memory");
+        crate::codec::append(tx.as_ref(), scratch);
         let sealed = Stored::Sealed(Arc::new(Sealed {
             protocol: tx.protocol,
             state: tx.state,
@@ -114,10 +113,7 @@ impl Stored {
     /// are, an open transaction encoded now.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         match self {
-            Stored::Open(tx) => {
-                postcard::to_io(tx.as_ref(), &mut *out)
-                    .expect("postcard serialization into memory");
-            }
+            Stored::Open(tx) => crate::codec::append(tx.as_ref(), out),
             Stored::Sealed(s) => out.extend_from_slice(&s.encoded),
         }
     }
