@@ -9,13 +9,13 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use tandem_coordinator::raft::storage::{decode_snapshot_file, seal_snapshot_file};
+use tandem_coordinator::raft::storage::{decode_snapshot_file, frame_snapshot_file};
 use tandem_coordinator::state::{ListFilter, StateMachine};
 
 fuzz_target!(|data: &[u8]| {
     let path = Path::new("fuzz.snap");
     let _ = decode_snapshot_file(path, data);
-    if let Ok(snapshot) = decode_snapshot_file(path, &seal_snapshot_file(data)) {
+    if let Ok(snapshot) = decode_snapshot_file(path, &frame_snapshot_file(data)) {
         let _ = StateMachine::decode_snapshot(snapshot.get_data());
     }
     if let Ok(sm) = StateMachine::decode_snapshot(data) {

@@ -815,9 +815,9 @@ pub fn decode_snapshot_file(path: &Path, buf: &[u8]) -> Result<Snapshot, StoreEr
     Ok(snapshot)
 }
 
-/// `body` sealed as a snapshot file: magic in front, its checksum behind —
+/// `body` framed as a snapshot file: magic in front, its checksum behind —
 /// so a fuzzer's bytes get past the checksum to the parser.
-pub fn seal_snapshot_file(body: &[u8]) -> Vec<u8> {
+pub fn frame_snapshot_file(body: &[u8]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(body.len() + 12);
     buf.extend_from_slice(SNAPSHOT_MAGIC);
     buf.extend_from_slice(body);
