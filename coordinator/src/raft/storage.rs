@@ -30,6 +30,7 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 use raft_engine::{Command as EngineCommand, Engine, LogBatch, MessageExt};
 
 use super::entry_cache::EntryCache;
+use super::log_files::LogFiles;
 use super::sync_mark::{Mark, SyncMark};
 
 /// Delays the purge of the log's old files (tests: a slow disk).
@@ -171,7 +172,7 @@ pub const BOOTSTRAP_TERM: u64 = 1;
 
 pub struct LogStore {
     /// Shared with the thread that purges old log files.
-    engine: Arc<Engine>,
+    engine: Arc<Engine<LogFiles>>,
     /// The purge of old log files started last (see `purge_in_background`);
     /// the store waits for it when dropped, so the engine (and its lock on
     /// the directory) goes with the store.
@@ -264,7 +265,10 @@ impl LogStore {
 
             ..Default::default()
         };
-        let engine = Arc::new(Engine::open(config)?);
+        let engine = Arc::new(Engine::open_with_file_system(
+            config,
+            Arc::new(LogFiles::default()),
+        )?);
         let hard_state = engine
             .get_message::<HardState>(group, KEY_HARD_STATE)?
             .unwrap_or_default();
