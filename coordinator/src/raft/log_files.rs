@@ -666,4 +666,62 @@ mod tests {
         let other = no_space(Error::from_raw_os_error(libc::EIO));
         assert!(!other.to_string().contains("nospace"));
     }
+
+    /// 4 Durability across an upgrade and back: a log raft-engine's own
+    /// files wrote is read and continued by these, and what these wrote
+    /// is read by raft-engine's own files again.
+    #[test]
+    fn durability_a_log_crosses_to_and_from_raft_engines_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = raft_engine::Config {
+            dir: dir.path().to_string_lossy().into_owned(),
+            target_file_size: raft_engine::ReadableSize::kb(64),
+            purge_threshold: raft_engine::ReadableSize::mb(4),
+            batch_compression_threshold: raft_engine::ReadableSize(0),
+            ..Default::default()
+        };
+        let value = |i: usize| record(i, 1 + (i * 7_919) % 9_000);
+        let write = |engine: &dyn Fn(&mut raft_engine::LogBatch), from: usize, to: usize| {
+            for i in from..to {
+                let mut batch = raft_engine::LogBatch::default();
+                batch.put(1, i.to_be_bytes().to_vec(), value(i)).unwrap();
+                engine(&mut batch);
+            }
+        };
+        let own = || raft_engine::Engine::open(config.clone()).unwrap();
+        let ours = || {
+            raft_engine::Engine::open_with_file_system(
+                config.clone(),
+                Arc::new(LogFiles::default()),
+            )
+            .unwrap()
+        };
+        {
+            let e = own();
+            write(
+                &|b| {
+                    e.write(b, true).unwrap();
+                },
+                0,
+                150,
+            );
+        }
+        {
+            let e = ours();
+            for i in 0..150usize {
+                assert_eq!(e.get(1, &i.to_be_bytes()), Some(value(i)), "record {i}");
+            }
+            write(
+                &|b| {
+                    e.write(b, true).unwrap();
+                },
+                150,
+                300,
+            );
+        }
+        let e = own();
+        for i in 0..300usize {
+            assert_eq!(e.get(1, &i.to_be_bytes()), Some(value(i)), "record {i}");
+        }
+    }
 }
