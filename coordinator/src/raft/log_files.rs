@@ -53,6 +53,10 @@ use raft_engine::env::{FileSystem, Handle, Permission, WriteExt};
 /// devices we run on, and the page size.
 const BLOCK: usize = 4096;
 
+/// Failpoint: a direct write refused with `EINVAL`, as a file system
+/// that took the `O_DIRECT` open but not the write would.
+pub const FAILPOINT_DIRECT_WRITE_REFUSED: &str = "raft-log-direct-write-refused";
+
 /// The zeros `allocate` writes, a piece at a time.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
@@ -76,6 +80,10 @@ pub struct LogFile {
     /// The same file `O_DIRECT | O_DSYNC`, for writes; `None` when the file
     /// is read-only or its file system refuses `O_DIRECT`.
     direct: Option<File>,
+    /// Cleared for good when the file system took the `O_DIRECT` open but
+    /// refused a direct write (some FUSE file systems, devices whose blocks
+    /// are larger than [`BLOCK`]): the page cache's way from then on.
+    direct_works: AtomicBool,
     /// Something went through the page cache since the last `sync`.
     dirty: AtomicBool,
 }
@@ -107,8 +115,16 @@ impl LogFile {
         Ok(LogFile {
             file,
             direct,
+            direct_works: AtomicBool::new(true),
             dirty: AtomicBool::new(false),
         })
+    }
+
+    /// The direct descriptor, while direct writes work.
+    fn direct(&self) -> Option<&File> {
+        self.direct
+            .as_ref()
+            .filter(|_| self.direct_works.load(Ordering::Acquire))
     }
 
     fn size(&self) -> Result<usize> {
@@ -129,7 +145,7 @@ impl Handle for LogFile {
 
     fn sync(&self) -> Result<()> {
         let pending = self.dirty.swap(false, Ordering::AcqRel);
-        if self.direct.is_some() && !pending {
+        if self.direct().is_some() && !pending {
             // Every write since the last sync was durable when it returned.
             return Ok(());
         }
@@ -200,7 +216,7 @@ impl Aligned {
             return;
         }
         let mut bytes = vec![0u8; len.next_power_of_two().max(BLOCK) + BLOCK];
-        let start = bytes.as_ptr().align_offset(BLOCK);
+        let start = (BLOCK - bytes.as_ptr() as usize % BLOCK) % BLOCK;
         bytes[start..start + self.len]
             .copy_from_slice(&self.bytes[self.start..self.start + self.len]);
         self.bytes = bytes;
@@ -274,6 +290,9 @@ impl LogWriter {
         let buf = self.tail.slice(padded);
         buf[end - data.len()..end].copy_from_slice(data);
         buf[end..].fill(0);
+        fail::fail_point!(FAILPOINT_DIRECT_WRITE_REFUSED, |_| {
+            Err(Error::from_raw_os_error(libc::EINVAL))
+        });
         if let Err(e) = direct.write_all_at(buf, start as u64) {
             // The tail is as before the write; what reached the file past
             // `offset` raft-engine writes over or cuts.
@@ -307,18 +326,29 @@ impl Write for LogWriter {
             return Ok(0);
         }
         let handle = self.handle.clone();
-        match handle.direct.as_ref() {
-            Some(direct) => self.write_direct(direct, data)?,
-            None => {
-                handle
-                    .file
-                    .write_all_at(data, self.offset as u64)
-                    .map_err(no_space)?;
-                handle.dirty.store(true, Ordering::Release);
-                self.offset += data.len();
-                self.size = self.size.max(self.offset);
+        if let Some(direct) = handle.direct() {
+            match self.write_direct(direct, data) {
+                Ok(()) => return Ok(data.len()),
+                // Refused before any byte was written: the page cache's
+                // way, for this file, from now on (`LogFile::direct_works`).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(
+                        error = %e,
+                        "the raft log's file system refused a direct write; \
+                         writing this file through the page cache"
+                    );
+                    handle.direct_works.store(false, Ordering::Release);
+                }
+                Err(e) => return Err(e),
             }
         }
+        handle
+            .file
+            .write_all_at(data, self.offset as u64)
+            .map_err(no_space)?;
+        handle.dirty.store(true, Ordering::Release);
+        self.offset += data.len();
+        self.size = self.size.max(self.offset);
         Ok(data.len())
     }
 
@@ -348,21 +378,41 @@ impl WriteExt for LogWriter {
     }
 
     /// With a direct descriptor: writes the zeros and syncs them, so that
-    /// records overwrite blocks the file already has (module doc). Never
-    /// below `offset`, where records may lie. Without: `fallocate`, as
+    /// records overwrite blocks the file already has (module doc); only
+    /// past the file's end, where no record lies. Without: `fallocate`, as
     /// raft-engine does.
     fn allocate(&mut self, offset: usize, size: usize) -> Result<()> {
         let end = offset + size;
         if end <= self.size {
             return Ok(());
         }
-        let from = offset.max(self.size);
-        if self.handle.direct.is_none() {
-            fallocate(&self.handle.file, from, end - from)?;
-            self.size = end;
-            return Ok(());
+        // From the file's end, not from `offset`: after an allocation that
+        // failed, raft-engine counts space the file never got.
+        let from = self.size;
+        let done = if self.handle.direct().is_none() {
+            fallocate(&self.handle.file, from, end - from)
+        } else {
+            self.write_zeros(from, end)
+        };
+        if let Err(e) = done {
+            // Whatever part reached the file: a size read back, and a sync
+            // owed for it.
+            self.handle.dirty.store(true, Ordering::Release);
+            self.size = self.handle.size().unwrap_or(self.size);
+            return Err(e);
         }
-        let mut at = from;
+        self.size = end;
+        Ok(())
+    }
+}
+
+impl LogWriter {
+    /// Makes `[from, end)` zeros in written blocks and syncs them. The block
+    /// `from` lies in holds acknowledged bytes before `from`: it is left to
+    /// the direct writes (past the file's end it reads as zeros anyway), so
+    /// the page cache never writes a block a direct write also writes.
+    fn write_zeros(&mut self, from: usize, end: usize) -> Result<()> {
+        let mut at = from.div_ceil(BLOCK) * BLOCK;
         while at < end {
             let n = (end - at).min(ZEROS.len());
             self.handle
@@ -371,9 +421,11 @@ impl WriteExt for LogWriter {
                 .map_err(no_space)?;
             at += n;
         }
-        self.handle.file.sync_data()?;
-        self.size = end;
-        Ok(())
+        if self.handle.size()? < end {
+            // All of it within `from`'s block: only the size moves.
+            self.handle.file.set_len(end as u64).map_err(no_space)?;
+        }
+        self.handle.file.sync_data()
     }
 }
 
@@ -421,6 +473,20 @@ impl FileSystem for LogFiles {
 
     fn rename<P: AsRef<Path>>(&self, src_path: P, dst_path: P) -> Result<()> {
         std::fs::rename(src_path, dst_path)
+    }
+
+    /// A purged file taken for a new one: the rename is made durable
+    /// before raft-engine writes the new header. A whole-block write puts
+    /// zeros over the old file's first records; were the rename lost in a
+    /// power cut, the old file would come back under its old name, among
+    /// the files replayed, broken — and the node would refuse to start.
+    /// (raft-engine's own files write only the header's bytes, the same
+    /// as before, and sync the directory after.)
+    fn reuse<P: AsRef<Path>>(&self, src_path: P, dst_path: P) -> Result<()> {
+        let dst = dst_path.as_ref();
+        std::fs::rename(src_path.as_ref(), dst)?;
+        let dir = dst.parent().filter(|d| !d.as_os_str().is_empty());
+        File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
     }
 
     fn new_reader(&self, handle: Arc<LogFile>) -> Result<LogReader> {
@@ -722,6 +788,77 @@ mod tests {
         let e = own();
         for i in 0..300usize {
             assert_eq!(e.get(1, &i.to_be_bytes()), Some(value(i)), "record {i}");
+        }
+    }
+
+    /// 4 Durability: where the file system takes the `O_DIRECT` open but
+    /// refuses the write, the record goes through the page cache instead,
+    /// and `sync` is an `fdatasync` again — nothing lost, nothing refused.
+    #[test]
+    fn durability_a_refused_direct_write_falls_back_to_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Engineish::open(dir.path(), 1 << 16);
+        let a = record(1, 5_000);
+        e.append(&a);
+        fail::cfg(FAILPOINT_DIRECT_WRITE_REFUSED, "return").unwrap();
+        let b = record(2, 3_000);
+        e.append(&b);
+        fail::remove(FAILPOINT_DIRECT_WRITE_REFUSED);
+        let handle = e.writer.handle.clone();
+        assert!(handle.direct().is_none(), "direct writes turned off");
+        assert!(handle.dirty.load(Ordering::Acquire), "a sync is owed");
+        handle.sync().unwrap();
+        let c = record(3, 700);
+        e.append(&c);
+        e.close();
+        check(dir.path(), &e, &[a, b, c].concat());
+    }
+
+    /// 4 Durability: files raft-engine purged and takes again for new ones
+    /// (recycling, on by default) read back right after many rounds and a
+    /// reopening; `reuse` makes each rename durable before the new header
+    /// is written over the old records.
+    #[test]
+    fn durability_recycled_files_hold_what_was_written_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = raft_engine::Config {
+            dir: dir.path().to_string_lossy().into_owned(),
+            target_file_size: raft_engine::ReadableSize::kb(64),
+            purge_threshold: raft_engine::ReadableSize::kb(512),
+            batch_compression_threshold: raft_engine::ReadableSize(0),
+            ..Default::default()
+        };
+        let open = || {
+            raft_engine::Engine::open_with_file_system(
+                config.clone(),
+                Arc::new(LogFiles::default()),
+            )
+            .unwrap()
+        };
+        let value = |round: usize, key: usize| {
+            record(round * 100 + key, 1 + (round * 7_919 + key * 131) % 9_000)
+        };
+        let rounds = 40;
+        {
+            let engine = open();
+            for round in 0..rounds {
+                for key in 0..20usize {
+                    let mut batch = raft_engine::LogBatch::default();
+                    batch
+                        .put(1, key.to_be_bytes().to_vec(), value(round, key))
+                        .unwrap();
+                    engine.write(&mut batch, true).unwrap();
+                }
+                engine.purge_expired_files().unwrap();
+            }
+        }
+        let engine = open();
+        for key in 0..20usize {
+            assert_eq!(
+                engine.get(1, &key.to_be_bytes()),
+                Some(value(rounds - 1, key)),
+                "key {key}"
+            );
         }
     }
 }
