@@ -668,26 +668,30 @@ mod tests {
         assert!(bytes[..3_333] == *record(7, 3_333));
     }
 
+    /// raft-engine with 64 KiB files, so that a test fills and closes many.
+    fn small_files(dir: &Path, purge_threshold: raft_engine::ReadableSize) -> raft_engine::Config {
+        raft_engine::Config {
+            dir: dir.to_string_lossy().into_owned(),
+            target_file_size: raft_engine::ReadableSize::kb(64),
+            purge_threshold,
+            batch_compression_threshold: raft_engine::ReadableSize(0),
+            ..Default::default()
+        }
+    }
+
+    fn open_ours(config: &raft_engine::Config) -> raft_engine::Engine<LogFiles> {
+        raft_engine::Engine::open_with_file_system(config.clone(), Arc::new(LogFiles::default()))
+            .unwrap()
+    }
+
     /// 4 Durability, through raft-engine itself: after many files were
     /// filled, closed and opened again, every record reads back — a closed
     /// file left longer than its records would be refused on open.
     #[test]
     fn durability_raft_engine_reopens_every_file_it_filled() {
         let dir = tempfile::tempdir().unwrap();
-        let config = raft_engine::Config {
-            dir: dir.path().to_string_lossy().into_owned(),
-            target_file_size: raft_engine::ReadableSize::kb(64),
-            purge_threshold: raft_engine::ReadableSize::mb(4),
-            batch_compression_threshold: raft_engine::ReadableSize(0),
-            ..Default::default()
-        };
-        let open = || {
-            raft_engine::Engine::open_with_file_system(
-                config.clone(),
-                Arc::new(LogFiles::default()),
-            )
-            .unwrap()
-        };
+        let config = small_files(dir.path(), raft_engine::ReadableSize::mb(4));
+        let open = || open_ours(&config);
         let value = |i: usize| record(i, 1 + (i * 7_919) % 9_000);
         let writes: usize = 400;
         for round in 0..2 {
@@ -739,13 +743,7 @@ mod tests {
     #[test]
     fn durability_a_log_crosses_to_and_from_raft_engines_own_files() {
         let dir = tempfile::tempdir().unwrap();
-        let config = raft_engine::Config {
-            dir: dir.path().to_string_lossy().into_owned(),
-            target_file_size: raft_engine::ReadableSize::kb(64),
-            purge_threshold: raft_engine::ReadableSize::mb(4),
-            batch_compression_threshold: raft_engine::ReadableSize(0),
-            ..Default::default()
-        };
+        let config = small_files(dir.path(), raft_engine::ReadableSize::mb(4));
         let value = |i: usize| record(i, 1 + (i * 7_919) % 9_000);
         let write = |engine: &dyn Fn(&mut raft_engine::LogBatch), from: usize, to: usize| {
             for i in from..to {
@@ -755,13 +753,7 @@ mod tests {
             }
         };
         let own = || raft_engine::Engine::open(config.clone()).unwrap();
-        let ours = || {
-            raft_engine::Engine::open_with_file_system(
-                config.clone(),
-                Arc::new(LogFiles::default()),
-            )
-            .unwrap()
-        };
+        let ours = || open_ours(&config);
         {
             let e = own();
             write(
@@ -821,20 +813,8 @@ mod tests {
     #[test]
     fn durability_recycled_files_hold_what_was_written_last() {
         let dir = tempfile::tempdir().unwrap();
-        let config = raft_engine::Config {
-            dir: dir.path().to_string_lossy().into_owned(),
-            target_file_size: raft_engine::ReadableSize::kb(64),
-            purge_threshold: raft_engine::ReadableSize::kb(512),
-            batch_compression_threshold: raft_engine::ReadableSize(0),
-            ..Default::default()
-        };
-        let open = || {
-            raft_engine::Engine::open_with_file_system(
-                config.clone(),
-                Arc::new(LogFiles::default()),
-            )
-            .unwrap()
-        };
+        let config = small_files(dir.path(), raft_engine::ReadableSize::kb(512));
+        let open = || open_ours(&config);
         let value = |round: usize, key: usize| {
             record(round * 100 + key, 1 + (round * 7_919 + key * 131) % 9_000)
         };
