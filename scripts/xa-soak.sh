@@ -136,6 +136,15 @@ for run in $(seq 1 "$runs"); do
     if [ -f "$dir/killed" ]; then
       victim=$(cat "$dir/killed")
       rm -f "$dir/killed"
+      # A killed process holds its ports until it has exited, which waits
+      # for any I/O it is in the middle of: restarting before then fails
+      # with "address already in use" and leaves the node down (seen once,
+      # 2026-12-07). Wait until it is gone or a zombie, at most 10 s.
+      for _ in $(seq 1 100); do
+        state=$(awk '/^State:/ { print $2 }' "/proc/${pid[$victim]}/status" 2>/dev/null || true)
+        { [ -z "$state" ] || [ "$state" = Z ]; } && break
+        sleep 0.1
+      done
       start_node "$victim"
       for _ in $(seq 1 100); do [ -n "$(leader)" ] && [ "$(leader)" != 0 ] && break; sleep 0.1; done
     fi
