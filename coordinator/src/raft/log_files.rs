@@ -28,9 +28,11 @@
 //!   past its last record when it closes a file only if it allocated more
 //!   than it wrote, and on open it refuses a *closed* file whose tail does
 //!   not parse. So a whole-block write never leaves the file longer than
-//!   before plus the record: where the padding would reach past the end,
-//!   the file is cut back to the record's end (rare: a file's header, the
-//!   record that crosses the target size).
+//!   what was allocated or the record's end, whichever is further: where
+//!   the padding reaches past that, the file is cut back (rare: a file's
+//!   header, the record that crosses the target size).
+//! - **A recycled file is renamed durably** before its first block is
+//!   written over (`FileSystem::reuse` below).
 //! - **Reads see the writes.** Reads go through the ordinary descriptor; a
 //!   direct write drops the cached pages it covers, so a read after it
 //!   comes from the device.
@@ -421,8 +423,9 @@ impl LogWriter {
                 .map_err(no_space)?;
             at += n;
         }
-        if self.handle.size()? < end {
-            // All of it within `from`'s block: only the size moves.
+        if from.div_ceil(BLOCK) * BLOCK >= end {
+            // All of it within `from`'s block, so no zeros were written:
+            // only the size moves.
             self.handle.file.set_len(end as u64).map_err(no_space)?;
         }
         self.handle.file.sync_data()

@@ -19,7 +19,7 @@ mod entry_cache;
 mod handle;
 mod inbound;
 pub mod lane;
-pub mod log_files;
+mod log_files;
 pub mod logger;
 mod membership;
 pub mod node;
