@@ -57,6 +57,7 @@ const BLOCK: usize = 4096;
 
 /// Failpoint: a direct write refused with `EINVAL`, as a file system
 /// that took the `O_DIRECT` open but not the write would.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 pub const FAILPOINT_DIRECT_WRITE_REFUSED: &str = "raft-log-direct-write-refused";
 
 /// The zeros `allocate` writes, a piece at a time.
