@@ -41,9 +41,10 @@ pub struct Load {
     #[arg(long)]
     json: bool,
     /// Also print when the calls slower than this many milliseconds
-    /// ended, in 100 ms bins from the start of the measurement: a tail
-    /// that comes in bursts is a stall (one pause holds every caller),
-    /// one spread over the run is queueing.
+    /// ended, in 100 ms bins from the start of the measurement (its
+    /// wall-clock time printed, to match the bins with the nodes' logs):
+    /// a tail that comes in bursts is a stall (one pause holds every
+    /// caller), one spread over the run is queueing.
     #[arg(long, value_name = "MS")]
     tail_ms: Option<u64>,
 }
@@ -645,6 +646,9 @@ pub struct Report {
     /// With `--tail-ms`: when each slower call ended (from the start of
     /// the measurement), at most [`TAIL_KEPT_MAX`] of them.
     tail: Option<(Duration, Vec<Duration>)>,
+    /// The wall-clock time the measurement started, so the tail's bins
+    /// can be matched with the nodes' logs and traces.
+    measured_from: std::time::SystemTime,
 }
 
 /// Slow calls `--tail-ms` keeps per caller.
@@ -701,9 +705,10 @@ impl Report {
                 .map(|(bin, n)| format!("{:.1}s:{n}", *bin as f64 / 10.0))
                 .collect();
             eprintln!(
-                "calls over {} ms: {}, ended in (100 ms bins) {}",
+                "calls over {} ms: {}, ended in (100 ms bins from {}) {}",
                 over.as_millis(),
                 ended.len(),
+                humantime::format_rfc3339_millis(self.measured_from),
                 bins.join(" ")
             );
         }
@@ -735,6 +740,7 @@ where
     let op = Arc::new(op);
     let start = Instant::now();
     let measure_from = start + warmup;
+    let measured_from = std::time::SystemTime::now() + warmup;
     let stop_at = measure_from + duration;
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
@@ -801,6 +807,7 @@ where
         histogram: total,
         last_error,
         tail: tail.map(|over| (over, slow)),
+        measured_from,
     }
 }
 
