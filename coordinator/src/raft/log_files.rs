@@ -871,6 +871,9 @@ mod tests {
         }
     }
 
+    /// The keys the crash test writes over and over.
+    const KEYS: usize = 12;
+
     /// What a run wrote and had acknowledged, for the checks made at every
     /// change to its files.
     #[derive(Default)]
@@ -925,8 +928,6 @@ mod tests {
             }
         }
     }
-
-    const KEYS: usize = 12;
 
     /// 4 Durability, at every instant a killed process could stop in: after
     /// each change this module makes to the files (each block written,
