@@ -147,6 +147,12 @@ for run in $(seq 1 "$runs"); do
       done
       start_node "$victim"
       for _ in $(seq 1 100); do [ -n "$(leader)" ] && [ "$(leader)" != 0 ] && break; sleep 0.1; done
+      # A node that did not come back would leave the next kill with no
+      # majority, and the soak would report that as lost outcomes: say so.
+      if ! kill -0 "${pid[$victim]}" 2>/dev/null; then
+        echo "run $run: node $victim did not restart: $(tail -1 "$dir/node-$victim.log")" >&2
+        exit 1
+      fi
     fi
   fi
   if [ $((run % 10)) = 0 ]; then
