@@ -74,6 +74,16 @@ start_node() {
   disown "${pid[$i]}"
 }
 
+# True once every thread of process $1 has exited (a zombie, or reaped).
+all_gone() {
+  local task state
+  for task in /proc/"$1"/task/*/status; do
+    state=$(awk '/^State:/ { print $2 }' "$task" 2>/dev/null || true)
+    [ -n "$state" ] && [ "$state" != Z ] && return 1
+  done
+  return 0
+}
+
 leader() {
   "$bin" cluster status --endpoint "$endpoints" --json 2>/dev/null |
     sed -n 's/.*"leader":\([0-9]*\).*/\1/p'
@@ -136,13 +146,14 @@ for run in $(seq 1 "$runs"); do
     if [ -f "$dir/killed" ]; then
       victim=$(cat "$dir/killed")
       rm -f "$dir/killed"
-      # A killed process holds its ports until it has exited, which waits
-      # for any I/O it is in the middle of: restarting before then fails
-      # with "address already in use" and leaves the node down (seen once,
-      # 2026-12-07). Wait until it is gone or a zombie, at most 10 s.
+      # A killed process holds its ports until its last thread has exited
+      # (one in the middle of a disk write finishes it first): restarting
+      # before then fails with "address already in use" and leaves the
+      # node down (seen 2026-12-07 and -08). The main thread shows as a
+      # zombie while others still run, so wait for every thread, at most
+      # 10 s.
       for _ in $(seq 1 100); do
-        state=$(awk '/^State:/ { print $2 }' "/proc/${pid[$victim]}/status" 2>/dev/null || true)
-        { [ -z "$state" ] || [ "$state" = Z ]; } && break
+        all_gone "${pid[$victim]}" && break
         sleep 0.1
       done
       start_node "$victim"
@@ -151,6 +162,8 @@ for run in $(seq 1 "$runs"); do
       # majority, and the soak would report that as lost outcomes: say so.
       if ! kill -0 "${pid[$victim]}" 2>/dev/null; then
         echo "run $run: node $victim did not restart: $(tail -1 "$dir/node-$victim.log")" >&2
+        echo "listening on its port now: $(ss -Hltnp "sport = :$((7270 + victim))" 2>&1)" >&2
+        ps -o pid,stat,lstart,args -C tandem >&2 || true
         exit 1
       fi
     fi
