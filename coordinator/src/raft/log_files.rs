@@ -409,11 +409,10 @@ impl WriteExt for LogWriter {
         // failed, raft-engine counts space the file never got.
         let from = self.size;
         let done = if self.handle.direct().is_none() {
-            fallocate(&self.handle.file, from, end - from)
+            fallocate(&self.handle.file, from, end - from).inspect(|()| changed())
         } else {
             self.write_zeros(from, end)
         };
-        changed();
         if let Err(e) = done {
             // Whatever part reached the file: a size read back, and a sync
             // owed for it.
@@ -432,7 +431,8 @@ impl LogWriter {
     /// the direct writes (past the file's end it reads as zeros anyway), so
     /// the page cache never writes a block a direct write also writes.
     fn write_zeros(&mut self, from: usize, end: usize) -> Result<()> {
-        let mut at = from.div_ceil(BLOCK) * BLOCK;
+        let zeros_from = from.div_ceil(BLOCK) * BLOCK;
+        let mut at = zeros_from;
         while at < end {
             let n = (end - at).min(ZEROS.len());
             self.handle
@@ -442,10 +442,11 @@ impl LogWriter {
             changed();
             at += n;
         }
-        if from.div_ceil(BLOCK) * BLOCK >= end {
+        if zeros_from >= end {
             // All of it within `from`'s block, so no zeros were written:
             // only the size moves.
             self.handle.file.set_len(end as u64).map_err(no_space)?;
+            changed();
         }
         self.handle.file.sync_data()
     }
@@ -708,9 +709,14 @@ mod tests {
         }
     }
 
-    fn open_ours(config: &raft_engine::Config) -> raft_engine::Engine<LogFiles> {
+    fn try_open_ours(
+        config: &raft_engine::Config,
+    ) -> raft_engine::Result<raft_engine::Engine<LogFiles>> {
         raft_engine::Engine::open_with_file_system(config.clone(), Arc::new(LogFiles::default()))
-            .unwrap()
+    }
+
+    fn open_ours(config: &raft_engine::Config) -> raft_engine::Engine<LogFiles> {
+        try_open_ours(config).unwrap()
     }
 
     /// 4 Durability, through raft-engine itself: after many files were
@@ -901,16 +907,14 @@ mod tests {
         }
         let mut config = config.clone();
         config.dir = copy.path().to_string_lossy().into_owned();
-        let engine =
-            match raft_engine::Engine::open_with_file_system(config, Arc::new(LogFiles::default()))
-            {
-                Ok(engine) => engine,
-                Err(e) => {
-                    ack.failures
-                        .push(format!("instant {instant}: cannot open: {e}"));
-                    return;
-                }
-            };
+        let engine = match try_open_ours(&config) {
+            Ok(engine) => engine,
+            Err(e) => {
+                ack.failures
+                    .push(format!("instant {instant}: cannot open: {e}"));
+                return;
+            }
+        };
         for key in 0..KEYS {
             let found = engine.get(1, &key.to_be_bytes());
             let acknowledged = ack.values.get(&key);
